@@ -1,0 +1,13 @@
+//! update-agent: keeps embedded Linux gateways up to date, safely.
+//!
+//! See `ARCHITECTURE.md` for the bird's-eye view. Layout, one concept a module:
+//!
+//! - [`reason`]: stable reason codes for every refusal and failure.
+//! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
+//! - [`anchor`]: the read-only trust anchor (a directory of public keys).
+//! - [`release`]: the signed release envelope, the manifest, verification and creation.
+
+pub mod anchor;
+pub mod keys;
+pub mod reason;
+pub mod release;

@@ -1,0 +1,92 @@
+//! Stable reason codes: the one word that operators (MQTT), users (D-Bus, CLI) and the journal see
+//! for every refusal or failure. The strings are part of the wire format: never rename one.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a release was refused or an install failed.
+///
+/// Grouped by who is at fault, as rustls does: the release (a bad or hostile input), the transfer
+/// (the network or the server), the device (local IO), the trial boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReasonCode {
+    // --- the release itself ---
+    /// The envelope or manifest is larger than the parser accepts.
+    TooLarge,
+    /// Not the JSON shape of a release or manifest (syntax, missing/extra/mistyped field, bad value).
+    Malformed,
+    /// The manifest declares a format version this agent does not understand.
+    UnsupportedFormat,
+    /// A signature by a trusted key does not verify: the release was altered or forged.
+    BadSignature,
+    /// No signature is by a key in the trust anchor.
+    UntrustedKey,
+    /// Fewer distinct trusted keys signed than the configured threshold.
+    BelowThreshold,
+    /// The release is for another product (`compatible` differs).
+    Incompatible,
+    /// The security version is below the device's floor (anti-rollback).
+    Downgrade,
+    /// The release's `expires` time has passed.
+    Expired,
+    /// An image URL uses a scheme the agent does not fetch from.
+    UnsupportedUrl,
+}
+
+impl ReasonCode {
+    /// Every code, for documentation and exhaustive tests.
+    pub const ALL: &'static [ReasonCode] = &[
+        ReasonCode::TooLarge,
+        ReasonCode::Malformed,
+        ReasonCode::UnsupportedFormat,
+        ReasonCode::BadSignature,
+        ReasonCode::UntrustedKey,
+        ReasonCode::BelowThreshold,
+        ReasonCode::Incompatible,
+        ReasonCode::Downgrade,
+        ReasonCode::Expired,
+        ReasonCode::UnsupportedUrl,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::TooLarge => "too-large",
+            ReasonCode::Malformed => "malformed",
+            ReasonCode::UnsupportedFormat => "unsupported-format",
+            ReasonCode::BadSignature => "bad-signature",
+            ReasonCode::UntrustedKey => "untrusted-key",
+            ReasonCode::BelowThreshold => "below-threshold",
+            ReasonCode::Incompatible => "incompatible",
+            ReasonCode::Downgrade => "downgrade",
+            ReasonCode::Expired => "expired",
+            ReasonCode::UnsupportedUrl => "unsupported-url",
+        }
+    }
+
+    /// True when the code means someone may have tampered with a release: the operators, the
+    /// user and the journal are alerted (EN 303 645 5.7-2), not just told.
+    pub fn is_tamper_alert(self) -> bool {
+        matches!(self, ReasonCode::BadSignature)
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_name_matches_as_str_for_every_code() {
+        for code in ReasonCode::ALL {
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The manifest: the signed part of a release. Parsed strictly — unknown fields, wrong types and
+//! out-of-range values are refused — and only after its signatures were verified.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::reason::ReasonCode;
+use crate::release::Refusal;
+
+/// The manifest format this agent reads and writes.
+pub const FORMAT: u32 = 1;
+
+/// Largest image the agent will consider (1 TiB): a bound on arithmetic, not on real slots.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 40;
+pub const MIN_CHUNK_SIZE: u64 = 4 * 1024;
+pub const MAX_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+const MAX_VERSION_LEN: usize = 64;
+const MAX_COMPATIBLE_LEN: usize = 128;
+const MAX_ADVISORY_LEN: usize = 8 * 1024;
+const MAX_URL_LEN: usize = 2048;
+const MAX_IMAGES: usize = 8;
+const MAX_DOWNTIME_SECONDS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    /// Shown to people; never compared. Ordering is `security_version`'s job.
+    pub version: String,
+    pub security_version: u64,
+    pub compatible: String,
+    pub created: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<Timestamp>,
+    #[serde(default)]
+    pub security: bool,
+    #[serde(default)]
+    pub severity: Severity,
+    /// What risks the update mitigates, for the user (EN 303 645 5.3-11).
+    #[serde(default)]
+    pub advisory: String,
+    /// What the install will do to the device (EN 303 645 5.3-12).
+    #[serde(default)]
+    pub disruption: Disruption,
+    /// Latest time to install: postponement never goes past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// One image per slot class, e.g. `rootfs`.
+    pub images: BTreeMap<String, Image>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    None,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::None => "none",
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disruption {
+    #[serde(default)]
+    pub reboot: bool,
+    #[serde(default)]
+    pub downtime_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    pub url: String,
+    /// Bytes as written to the slot.
+    pub size: u64,
+    /// Hex SHA-256 of the bytes as written to the slot.
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Size of the bytes on the wire, when compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_size: Option<u64>,
+    /// Hex SHA-256 of the bytes on the wire, when compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunkIndexRef>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+}
+
+/// Where to find the per-chunk hashes of an image (for delta downloads): a separate file of raw
+/// 32-byte SHA-256 digests, one per `chunk_size` bytes of the image, the last chunk possibly short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkIndexRef {
+    pub url: String,
+    pub sha256: String,
+    pub chunk_size: u64,
+}
+
+impl Manifest {
+    /// Strict parse of manifest bytes whose signatures have already been verified.
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, Refusal> {
+        // Look at `format` first, so a newer manifest is refused as such rather than as malformed.
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: serde_json::Value,
+        }
+        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(bytes) {
+            if format.as_u64() != Some(u64::from(FORMAT)) && format.is_u64() {
+                return Err(Refusal::new(
+                    ReasonCode::UnsupportedFormat,
+                    format!("manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"),
+                ));
+            }
+        }
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("manifest: {e}")))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the values serde cannot: ranges, lengths, hex digests and URL schemes.
+    pub fn validate(&self) -> Result<(), Refusal> {
+        let malformed = |msg: String| Err(Refusal::new(ReasonCode::Malformed, msg));
+        if self.format != FORMAT {
+            return Err(Refusal::new(
+                ReasonCode::UnsupportedFormat,
+                format!("manifest format {} is not supported (this agent reads format {FORMAT})", self.format),
+            ));
+        }
+        check_text("version", &self.version, MAX_VERSION_LEN)?;
+        check_text("compatible", &self.compatible, MAX_COMPATIBLE_LEN)?;
+        if self.advisory.len() > MAX_ADVISORY_LEN {
+            return malformed(format!("advisory is longer than {MAX_ADVISORY_LEN} bytes"));
+        }
+        if self.advisory.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            return malformed("advisory contains control characters".into());
+        }
+        if self.disruption.downtime_seconds > MAX_DOWNTIME_SECONDS {
+            return malformed(format!(
+                "disruption.downtime_seconds {} exceeds a week",
+                self.disruption.downtime_seconds
+            ));
+        }
+        if let Some(expires) = self.expires {
+            if expires <= self.created {
+                return malformed("expires is not after created".into());
+            }
+        }
+        if let Some(deadline) = self.deadline {
+            if deadline < self.created {
+                return malformed("deadline is before created".into());
+            }
+        }
+        if self.images.is_empty() {
+            return malformed("images is empty: a release must carry at least one image".into());
+        }
+        if self.images.len() > MAX_IMAGES {
+            return malformed(format!("more than {MAX_IMAGES} images"));
+        }
+        for (class, image) in &self.images {
+            check_slot_class(class)?;
+            image.validate(class)?;
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    fn validate(&self, class: &str) -> Result<(), Refusal> {
+        let malformed = |msg: String| Err(Refusal::new(ReasonCode::Malformed, msg));
+        check_url(&format!("images.{class}.url"), &self.url)?;
+        if self.size == 0 || self.size > MAX_IMAGE_SIZE {
+            return malformed(format!(
+                "images.{class}.size {} is out of range (1 byte to 1 TiB)",
+                self.size
+            ));
+        }
+        check_sha256(&format!("images.{class}.sha256"), &self.sha256)?;
+        match (self.compression, self.transport_size, &self.transport_sha256) {
+            (None, None, None) => {}
+            (Some(_), Some(size), Some(hash)) => {
+                if size == 0 || size > MAX_IMAGE_SIZE {
+                    return malformed(format!(
+                        "images.{class}.transport_size {size} is out of range"
+                    ));
+                }
+                check_sha256(&format!("images.{class}.transport_sha256"), hash)?;
+            }
+            _ => {
+                return malformed(format!(
+                    "images.{class}: compression, transport_size and transport_sha256 go together"
+                ));
+            }
+        }
+        if let Some(chunks) = &self.chunks {
+            check_url(&format!("images.{class}.chunks.url"), &chunks.url)?;
+            check_sha256(&format!("images.{class}.chunks.sha256"), &chunks.sha256)?;
+            if !chunks.chunk_size.is_power_of_two()
+                || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunks.chunk_size)
+            {
+                return malformed(format!(
+                    "images.{class}.chunks.chunk_size {} is not a power of two from 4 KiB to 64 MiB",
+                    chunks.chunk_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw SHA-256 of the image as written to the slot (validated at parse time).
+    pub fn sha256_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.sha256, &mut out).expect("validated at parse time");
+        out
+    }
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), Refusal> {
+    if value.is_empty() || value.len() > max {
+        return Err(Refusal::new(
+            ReasonCode::Malformed,
+            format!("{field} must be 1 to {max} bytes long"),
+        ));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Refusal::new(
+            ReasonCode::Malformed,
+            format!("{field} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_slot_class(class: &str) -> Result<(), Refusal> {
+    let ok = !class.is_empty()
+        && class.len() <= 32
+        && class
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            ReasonCode::Malformed,
+            "an image's slot class must be 1 to 32 characters of letters, digits, '-' and '_'",
+        ))
+    }
+}
+
+pub(crate) fn check_sha256(field: &str, value: &str) -> Result<(), Refusal> {
+    let ok = value.len() == 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            ReasonCode::Malformed,
+            format!("{field} must be 64 lower-case hex digits"),
+        ))
+    }
+}
+
+/// The schemes images may come from; anything else is refused before any connection is made.
+pub const URL_SCHEMES: &[&str] = &["https", "http", "file"];
+
+fn check_url(field: &str, value: &str) -> Result<(), Refusal> {
+    if value.len() > MAX_URL_LEN {
+        return Err(Refusal::new(
+            ReasonCode::Malformed,
+            format!("{field} is longer than {MAX_URL_LEN} bytes"),
+        ));
+    }
+    let url = url::Url::parse(value)
+        .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("{field} is not a URL: {e}")))?;
+    if !URL_SCHEMES.contains(&url.scheme()) {
+        return Err(Refusal::new(
+            ReasonCode::UnsupportedUrl,
+            format!(
+                "{field} uses the scheme {:?}; images are fetched only over https, http or file",
+                crate::release::escape_for_log(url.scheme(), 16)
+            ),
+        ));
+    }
+    if url.scheme() != "file" && url.host_str().is_none_or(str::is_empty) {
+        return Err(Refusal::new(
+            ReasonCode::Malformed,
+            format!("{field} has no host"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! Releases: the signed JSON document that announces one update.
+//!
+//! The wire format (see `shared/DESIGN.md`): `{"manifest": "<base64 of the exact manifest bytes>",
+//! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
+//! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
+//!
+//! - [`envelope`]: the bounded outer parse.
+//! - [`manifest`]: the strict inner parse, after signatures were checked.
+//! - [`verify`]: the order of checks that decides whether the device may act on a release.
+//! - [`build`]: the operator side — create and sign.
+
+pub mod build;
+pub mod envelope;
+pub mod manifest;
+pub mod verify;
+
+use std::fmt;
+
+use crate::reason::ReasonCode;
+
+pub use envelope::{Envelope, MAX_RELEASE_SIZE};
+pub use manifest::Manifest;
+pub use verify::{Policy, VerifiedRelease, verify};
+
+/// A release the device must not act on: a stable code plus a sentence naming what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ReasonCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ReasonCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Makes a string that came from outside safe to put in a log line or a message: control
+/// characters and non-ASCII are escaped, and it is cut to `max` characters.
+pub fn escape_for_log(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push('…');
+            break;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_for_log;
+
+    #[test]
+    fn escape_for_log_neutralises_newlines_and_bounds_length() {
+        assert_eq!(escape_for_log("a\nb", 10), "a\\nb");
+        assert_eq!(escape_for_log("\u{1b}[31m", 10), "\\u{1b}[31m");
+        assert_eq!(escape_for_log("abcdef", 3), "abc…");
+    }
+}
