@@ -20,14 +20,12 @@ pub struct ImageDigest {
     pub chunk_hashes: Vec<u8>,
 }
 
-pub fn digest_image(path: &Path, chunk_size: u64) -> io::Result<ImageDigest> {
-    assert!(chunk_size > 0, "chunk size is validated by the caller");
+/// Reads the image once; `chunk_size` `None` skips the chunk index.
+pub fn digest_image(path: &Path, chunk_size: Option<u64>) -> io::Result<ImageDigest> {
     let mut file = File::open(path)?;
     let mut whole = Sha256::new();
-    let mut chunk = Sha256::new();
-    let mut in_chunk = 0u64;
+    let mut chunker = chunk_size.map(ChunkHasher::new);
     let mut size = 0u64;
-    let mut chunk_hashes = Vec::new();
     let mut buf = vec![0u8; 128 * 1024];
     loop {
         let n = file.read(&mut buf)?;
@@ -36,26 +34,56 @@ pub fn digest_image(path: &Path, chunk_size: u64) -> io::Result<ImageDigest> {
         }
         whole.update(&buf[..n]);
         size += n as u64;
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let take = rest.len().min((chunk_size - in_chunk) as usize);
-            chunk.update(&rest[..take]);
-            in_chunk += take as u64;
-            rest = &rest[take..];
-            if in_chunk == chunk_size {
-                chunk_hashes.extend_from_slice(&chunk.finalize_reset());
-                in_chunk = 0;
-            }
+        if let Some(chunker) = &mut chunker {
+            chunker.update(&buf[..n]);
         }
-    }
-    if in_chunk > 0 {
-        chunk_hashes.extend_from_slice(&chunk.finalize());
     }
     Ok(ImageDigest {
         size,
         sha256: whole.finalize().into(),
-        chunk_hashes,
+        chunk_hashes: chunker.map(ChunkHasher::finish).unwrap_or_default(),
     })
+}
+
+struct ChunkHasher {
+    chunk_size: u64,
+    in_chunk: u64,
+    current: Sha256,
+    hashes: Vec<u8>,
+}
+
+impl ChunkHasher {
+    fn new(chunk_size: u64) -> ChunkHasher {
+        assert!(chunk_size > 0, "chunk size is validated by the caller");
+        ChunkHasher {
+            chunk_size,
+            in_chunk: 0,
+            current: Sha256::new(),
+            hashes: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = self.chunk_size - self.in_chunk;
+            let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            self.current.update(&bytes[..take]);
+            self.in_chunk += take as u64;
+            bytes = &bytes[take..];
+            if self.in_chunk == self.chunk_size {
+                self.hashes
+                    .extend_from_slice(&self.current.finalize_reset());
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.in_chunk > 0 {
+            self.hashes.extend_from_slice(&self.current.finalize());
+        }
+        self.hashes
+    }
 }
 
 /// Serialises and signs a manifest. The manifest is validated first, so the tool cannot produce
@@ -84,6 +112,10 @@ pub fn add_signature(envelope: &mut Envelope, key: &SigningKey) {
     });
 }
 
+pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,7 +126,7 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         file.write_all(&data).unwrap();
-        let digest = digest_image(file.path(), 4096).unwrap();
+        let digest = digest_image(file.path(), Some(4096)).unwrap();
         assert_eq!(digest.size, 10_000);
         assert_eq!(digest.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
         assert_eq!(digest.chunk_hashes.len(), 3 * 32);

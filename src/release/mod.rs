@@ -64,6 +64,17 @@ pub fn escape_for_log(text: &str, max: usize) -> String {
     out
 }
 
+/// Reads a release file, never more than one byte past [`MAX_RELEASE_SIZE`] (so that an oversized
+/// file is refused as `too-large` by [`Envelope::parse`] without being read whole).
+pub fn read_release_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_RELEASE_SIZE as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::escape_for_log;

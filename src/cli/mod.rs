@@ -1,0 +1,52 @@
+//! Command-line front end: argument parsing and human/JSON output. No update logic lives here;
+//! each subcommand calls into the library.
+
+mod keygen;
+mod release;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a release or input the device refuses (the reason code is printed).
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code for everything else that went wrong (usage, IO, configuration).
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "update-agent",
+    version,
+    about = "Keeps embedded Linux gateways up to date, safely"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make an Ed25519 release signing key pair: PREFIX.key (private, 0600) and PREFIX.pub
+    Keygen(keygen::Args),
+    /// Create, sign, inspect and verify releases (operator tooling)
+    #[command(subcommand)]
+    Release(release::Command),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Output commands die quietly when their reader goes away (`update-agent … | head`), as
+    // other Unix tools do, instead of panicking on a failed print.
+    restore_default_sigpipe();
+    match cli.command {
+        Command::Keygen(args) => keygen::run(args),
+        Command::Release(command) => release::run(command),
+    }
+}
+
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: no other thread exists yet and the default disposition installs no handler code.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}

@@ -1,0 +1,396 @@
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use jiff::Timestamp;
+use serde_json::json;
+use update_agent::anchor::{Protection, TrustAnchor};
+use update_agent::keys::{self, KeyId};
+use update_agent::release::build::{self, ImageDigest};
+use update_agent::release::manifest::{
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Severity,
+};
+use update_agent::release::{self, Envelope, Manifest, Policy, escape_for_log};
+
+use super::EXIT_REFUSED;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Hash an image, write its manifest and sign it
+    Create(Box<CreateArgs>),
+    /// Add one more signature to a release (k-of-n signing, offline signing machines)
+    Sign(SignArgs),
+    /// Show a release for a human, without checking its signatures
+    Inspect(InspectArgs),
+    /// Check a release as a device would: exit 0 when it would be accepted
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    /// Private signing key (PKCS#8 PEM)
+    #[arg(long)]
+    key: PathBuf,
+    /// The image as it is to be written to the slot
+    #[arg(long)]
+    image: PathBuf,
+    /// Version shown to people, e.g. 2026.11.1
+    #[arg(long)]
+    version: String,
+    /// Monotonic anti-rollback number; devices refuse releases below their floor
+    #[arg(long)]
+    security_version: u64,
+    /// Product string the release is for; devices of another product refuse it
+    #[arg(long)]
+    compatible: String,
+    /// Where devices download the image (https, http or file); with --compress, the compressed file
+    #[arg(long)]
+    url: String,
+    /// What the update fixes, for the person who owns the device
+    #[arg(long, default_value = "")]
+    advisory: String,
+    /// The release fixes a security problem
+    #[arg(long)]
+    security: bool,
+    #[arg(long, value_enum, default_value = "none")]
+    severity: SeverityArg,
+    /// Latest install time (RFC 3339); users cannot postpone past it
+    #[arg(long)]
+    deadline: Option<Timestamp>,
+    /// Devices refuse the release after this time (RFC 3339)
+    #[arg(long)]
+    expires: Option<Timestamp>,
+    /// Installing needs a reboot
+    #[arg(long)]
+    reboot: bool,
+    /// Expected downtime in seconds
+    #[arg(long, default_value_t = 0)]
+    downtime: u64,
+    #[arg(long, default_value = "rootfs")]
+    slot_class: String,
+    /// Compress the image for transport; writes IMAGE.zst, to be served at --url
+    #[arg(long, value_enum)]
+    compress: Option<CompressArg>,
+    /// Chunk size of the chunk index, in bytes (power of two, 4 KiB to 64 MiB)
+    #[arg(long, default_value_t = 1024 * 1024)]
+    chunk_size: u64,
+    /// Where devices find the chunk index; defaults to the image URL with ".chunks" appended
+    #[arg(long)]
+    chunks_url: Option<String>,
+    /// Do not write a chunk index
+    #[arg(long)]
+    no_chunks: bool,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SeverityArg {
+    None,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    Zstd,
+}
+
+#[derive(clap::Args)]
+pub struct SignArgs {
+    #[arg(long)]
+    key: PathBuf,
+    release: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    #[arg(long)]
+    json: bool,
+    release: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Directory of trusted public keys (SPKI PEM), as on the device
+    #[arg(long)]
+    keys: PathBuf,
+    /// Distinct trusted signatures required
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// The device's compatible string
+    #[arg(long)]
+    compatible: Option<String>,
+    /// The device's security version floor
+    #[arg(long, default_value_t = 0)]
+    floor: u64,
+    #[arg(long)]
+    json: bool,
+    release: PathBuf,
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Create(args) => create(*args),
+        Command::Sign(args) => sign(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Verify(args) => verify(args),
+    }
+}
+
+fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
+    let key = keys::load_signing_key(&args.key)?;
+    let chunk_size = (!args.no_chunks).then_some(args.chunk_size);
+    let valid_chunk_size = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
+    if chunk_size.is_some_and(|c| !c.is_power_of_two() || !valid_chunk_size.contains(&c)) {
+        anyhow::bail!("--chunk-size must be a power of two from 4096 to 67108864");
+    }
+    let digest = build::digest_image(&args.image, chunk_size)
+        .with_context(|| format!("cannot read image {}", args.image.display()))?;
+    let transport = match args.compress {
+        None => None,
+        Some(CompressArg::Zstd) => Some(compress_zstd(&args.image)?),
+    };
+    let chunks = if args.no_chunks {
+        None
+    } else {
+        let path = with_extension(transport.as_ref().map_or(&args.image, |(p, _)| p), "chunks");
+        fs::write(&path, &digest.chunk_hashes)
+            .with_context(|| format!("cannot write chunk index {}", path.display()))?;
+        Some(ChunkIndexRef {
+            url: args
+                .chunks_url
+                .unwrap_or_else(|| format!("{}.chunks", args.url)),
+            sha256: hex::encode(build::sha256_of(&digest.chunk_hashes)),
+            chunk_size: args.chunk_size,
+        })
+    };
+    let image = Image {
+        url: args.url,
+        size: digest.size,
+        sha256: hex::encode(digest.sha256),
+        compression: transport.as_ref().map(|_| Compression::Zstd),
+        transport_size: transport.as_ref().map(|(_, d)| d.size),
+        transport_sha256: transport.as_ref().map(|(_, d)| hex::encode(d.sha256)),
+        chunks,
+    };
+    let manifest = Manifest {
+        format: FORMAT,
+        version: args.version,
+        security_version: args.security_version,
+        compatible: args.compatible,
+        created: Timestamp::now(),
+        expires: args.expires,
+        security: args.security,
+        severity: match args.severity {
+            SeverityArg::None => Severity::None,
+            SeverityArg::Low => Severity::Low,
+            SeverityArg::Medium => Severity::Medium,
+            SeverityArg::High => Severity::High,
+            SeverityArg::Critical => Severity::Critical,
+        },
+        advisory: args.advisory,
+        disruption: Disruption {
+            reboot: args.reboot,
+            downtime_seconds: args.downtime,
+        },
+        deadline: args.deadline,
+        images: [(args.slot_class, image)].into_iter().collect(),
+    };
+    let envelope = build::sign_manifest(&manifest, &key)
+        .map_err(|refusal| anyhow::anyhow!("the release would be refused by devices: {refusal}"))?;
+    write_atomically(&args.out, envelope.to_json().as_bytes())?;
+    if let Some((path, _)) = &transport {
+        println!(
+            "compressed image: {} (serve it at the image URL)",
+            path.display()
+        );
+    }
+    println!("release: {}", args.out.display());
+    print_summary(&manifest, &envelope);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compress_zstd(image: &Path) -> anyhow::Result<(PathBuf, ImageDigest)> {
+    let out = with_extension(image, "zst");
+    let input =
+        fs::File::open(image).with_context(|| format!("cannot read {}", image.display()))?;
+    let output =
+        fs::File::create(&out).with_context(|| format!("cannot write {}", out.display()))?;
+    zstd::stream::copy_encode(input, output, 10)
+        .with_context(|| format!("cannot compress {} into {}", image.display(), out.display()))?;
+    let digest = build::digest_image(&out, None)
+        .with_context(|| format!("cannot read {}", out.display()))?;
+    Ok((out, digest))
+}
+
+fn sign(args: SignArgs) -> anyhow::Result<ExitCode> {
+    let key = keys::load_signing_key(&args.key)?;
+    let mut envelope = read_envelope(&args.release)?;
+    // Never sign what a device would refuse to read: the signer vouches for these contents.
+    let manifest = Manifest::parse(&envelope.manifest_bytes)
+        .map_err(|refusal| anyhow::anyhow!("refusing to sign: {refusal}"))?;
+    build::add_signature(&mut envelope, &key);
+    write_atomically(&args.release, envelope.to_json().as_bytes())?;
+    println!(
+        "signed {} with key {}",
+        args.release.display(),
+        KeyId::of(&key.verifying_key())
+    );
+    print_summary(&manifest, &envelope);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let envelope = read_envelope(&args.release)?;
+    let manifest = Manifest::parse(&envelope.manifest_bytes)
+        .map_err(|refusal| anyhow::anyhow!("{}: {refusal}", args.release.display()))?;
+    if args.json {
+        let out = json!({
+            "id": hex::encode(build::sha256_of(&envelope.manifest_bytes)),
+            "manifest": manifest,
+            "signatures": envelope.signatures.iter().map(|s| s.keyid.to_hex()).collect::<Vec<_>>(),
+            "signatures_checked": false,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_summary(&manifest, &envelope);
+        println!("(signatures not checked; use `update-agent release verify --keys DIR`)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    // Operator tooling runs on workstations, where the key directory is writable: the device-side
+    // protection check applies to devices, not here.
+    let anchor = TrustAnchor::load(&args.keys, Protection::AllowWritable)?;
+    let bytes = release::read_release_file(&args.release)
+        .with_context(|| format!("cannot read {}", args.release.display()))?;
+    let policy = Policy {
+        threshold: args.threshold,
+        compatible: args.compatible,
+        floor: args.floor,
+        now: Timestamp::now(),
+    };
+    match release::verify(&bytes, &anchor, &policy) {
+        Ok(verified) => {
+            if args.json {
+                let out = json!({
+                    "accepted": true,
+                    "id": verified.id_hex(),
+                    "version": verified.manifest.version,
+                    "security_version": verified.manifest.security_version,
+                    "compatible": verified.manifest.compatible,
+                    "signers": verified.signers.iter().map(KeyId::to_hex).collect::<Vec<_>>(),
+                });
+                println!("{out}");
+            } else {
+                println!(
+                    "accepted: {} (security version {}) for {}, signed by {} trusted key(s); release id {}",
+                    escape_for_log(&verified.manifest.version, 64),
+                    verified.manifest.security_version,
+                    escape_for_log(&verified.manifest.compatible, 64),
+                    verified.signers.len(),
+                    verified.id_hex()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(refusal) => {
+            if args.json {
+                let out = json!({
+                    "accepted": false,
+                    "reason": refusal.code,
+                    "message": refusal.message,
+                });
+                println!("{out}");
+            } else {
+                eprintln!("refused: {refusal}");
+            }
+            Ok(ExitCode::from(EXIT_REFUSED))
+        }
+    }
+}
+
+fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
+    let bytes = release::read_release_file(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Envelope::parse(&bytes).map_err(|refusal| anyhow::anyhow!("{}: {refusal}", path.display()))
+}
+
+fn print_summary(manifest: &Manifest, envelope: &Envelope) {
+    let show = |text: &str| escape_for_log(text, 200);
+    println!("  version:          {}", show(&manifest.version));
+    println!("  security version: {}", manifest.security_version);
+    println!("  compatible:       {}", show(&manifest.compatible));
+    println!("  created:          {}", manifest.created);
+    if let Some(expires) = manifest.expires {
+        println!("  expires:          {expires}");
+    }
+    if let Some(deadline) = manifest.deadline {
+        println!("  deadline:         {deadline}");
+    }
+    println!(
+        "  security fix:     {} (severity {})",
+        if manifest.security { "yes" } else { "no" },
+        manifest.severity.as_str()
+    );
+    if !manifest.advisory.is_empty() {
+        println!("  advisory:         {}", show(&manifest.advisory));
+    }
+    println!(
+        "  disruption:       {}, about {} s downtime",
+        if manifest.disruption.reboot {
+            "reboot"
+        } else {
+            "no reboot"
+        },
+        manifest.disruption.downtime_seconds
+    );
+    for (class, image) in &manifest.images {
+        println!(
+            "  image {}:  {} bytes, sha256 {}{}",
+            show(class),
+            image.size,
+            image.sha256,
+            match image.compression {
+                Some(Compression::Zstd) => ", zstd in transport",
+                None => "",
+            }
+        );
+        println!("    from {}", show(&image.url));
+    }
+    for entry in &envelope.signatures {
+        println!("  signed by key:    {}", entry.keyid);
+    }
+}
+
+fn with_extension(path: &Path, extension: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(extension);
+    PathBuf::from(name)
+}
+
+/// Writes `path` through a temporary file in the same directory, so a crash leaves either the
+/// old release or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    // A release is public; the temporary file's private mode would make serving it fail.
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
