@@ -6,8 +6,10 @@
 //! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
 //! - [`anchor`]: the read-only trust anchor (a directory of public keys).
 //! - [`release`]: the signed release envelope, the manifest, verification and creation.
+//! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
 
 pub mod anchor;
+pub mod engine;
 pub mod keys;
 pub mod reason;
 pub mod release;

@@ -33,6 +33,26 @@ pub enum ReasonCode {
     Expired,
     /// An image URL uses a scheme the agent does not fetch from.
     UnsupportedUrl,
+
+    // --- the transaction ---
+    /// Another transaction is in progress; the release will be looked at again later.
+    Busy,
+    /// The agent does not yet know which slot is booted.
+    NotReady,
+    /// This release rolled back on this device before and is not retried automatically.
+    PreviouslyRolledBack,
+    /// The bootloader environment could not be read or changed.
+    BootloaderFailed,
+    /// A slot could not be opened, written or read back.
+    SlotIo,
+    /// The device booted a slot the transaction did not expect.
+    UnexpectedBoot,
+
+    // --- the trial boot ---
+    /// A health check failed during the trial boot of the new slot.
+    HealthCheckFailed,
+    /// The device came back in the old slot: the bootloader gave up on the new one.
+    FellBack,
 }
 
 impl ReasonCode {
@@ -48,6 +68,14 @@ impl ReasonCode {
         ReasonCode::Downgrade,
         ReasonCode::Expired,
         ReasonCode::UnsupportedUrl,
+        ReasonCode::Busy,
+        ReasonCode::NotReady,
+        ReasonCode::PreviouslyRolledBack,
+        ReasonCode::BootloaderFailed,
+        ReasonCode::SlotIo,
+        ReasonCode::UnexpectedBoot,
+        ReasonCode::HealthCheckFailed,
+        ReasonCode::FellBack,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +90,14 @@ impl ReasonCode {
             ReasonCode::Downgrade => "downgrade",
             ReasonCode::Expired => "expired",
             ReasonCode::UnsupportedUrl => "unsupported-url",
+            ReasonCode::Busy => "busy",
+            ReasonCode::NotReady => "not-ready",
+            ReasonCode::PreviouslyRolledBack => "previously-rolled-back",
+            ReasonCode::BootloaderFailed => "bootloader-failed",
+            ReasonCode::SlotIo => "slot-io",
+            ReasonCode::UnexpectedBoot => "unexpected-boot",
+            ReasonCode::HealthCheckFailed => "health-check-failed",
+            ReasonCode::FellBack => "fell-back",
         }
     }
 

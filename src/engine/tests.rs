@@ -1,0 +1,341 @@
+//! Whole transactions driven through the core with a fake clock: no files, no sockets, no sleeps.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::SigningKey;
+use jiff::{SignedDuration, Timestamp};
+
+use super::*;
+use crate::anchor::TrustAnchor;
+use crate::release::build::sign_manifest;
+use crate::release::manifest::{Disruption, FORMAT, Severity};
+use crate::release::{Manifest, Policy, verify};
+
+const BOOT_1: &str = "boot-1";
+const BOOT_2: &str = "boot-2";
+
+fn release(version: &str, security_version: u64) -> VerifiedRelease {
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let manifest = Manifest {
+        format: FORMAT,
+        version: version.into(),
+        security_version,
+        compatible: "acme-gw".into(),
+        created: "2026-01-01T00:00:00Z".parse().unwrap(),
+        expires: None,
+        security: false,
+        severity: Severity::None,
+        advisory: String::new(),
+        disruption: Disruption::default(),
+        deadline: None,
+        images: BTreeMap::from([(
+            "rootfs".to_string(),
+            Image {
+                url: "http://127.0.0.1/image".into(),
+                size: 4096,
+                sha256: "ab".repeat(32),
+                compression: None,
+                transport_size: None,
+                transport_sha256: None,
+                chunks: None,
+            },
+        )]),
+    };
+    let envelope = sign_manifest(&manifest, &key).unwrap();
+    let anchor = TrustAnchor::from_keys([key.verifying_key()]);
+    let policy = Policy {
+        threshold: 1,
+        compatible: Some("acme-gw".into()),
+        floor: 0,
+        now: "2026-06-01T00:00:00Z".parse().unwrap(),
+    };
+    verify(envelope.to_json().as_bytes(), &anchor, &policy).unwrap()
+}
+
+struct Harness {
+    engine: Engine,
+    now: Timestamp,
+    events: Vec<Event>,
+    persisted: Vec<PersistentState>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::restore(PersistentState::default())
+    }
+
+    fn restore(state: PersistentState) -> Harness {
+        let slots = SlotPair {
+            class: "rootfs".into(),
+            bootnames: ["A".into(), "B".into()],
+        };
+        Harness {
+            engine: Engine::new(slots, state),
+            now: "2026-06-01T00:00:00Z".parse().unwrap(),
+            events: Vec::new(),
+            persisted: Vec::new(),
+        }
+    }
+
+    /// Feeds one input and returns the job actions (not Persist/Report, which are recorded).
+    fn feed(&mut self, input: Input) -> Vec<Action> {
+        self.now += SignedDuration::from_secs(1);
+        let mut jobs = Vec::new();
+        for action in self.engine.handle(input, self.now) {
+            match action {
+                Action::Persist => self.persisted.push(self.engine.state().clone()),
+                Action::Report(event) => self.events.push(event),
+                Action::ReportProgress(_) => {}
+                job => jobs.push(job),
+            }
+        }
+        jobs
+    }
+
+    fn states(&self) -> Vec<TxnState> {
+        self.events.iter().map(|e| e.state).collect()
+    }
+
+    /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
+    fn install_until_reboot(&mut self, release: VerifiedRelease) {
+        let jobs = self.feed(Input::ReleaseVerified(Box::new(release)));
+        assert_eq!(jobs, vec![Action::PrepareTarget { slot: "B".into() }]);
+        let jobs = self.feed(Input::TargetPrepared(Ok(())));
+        assert!(
+            matches!(&jobs[..], [Action::StartWrite { slot, resume_from: 0, .. }] if slot == "B")
+        );
+        assert!(
+            self.feed(Input::WriteCheckpoint { durable: 2048 })
+                .is_empty()
+        );
+        let jobs = self.feed(Input::WriteFinished(Ok(())));
+        assert_eq!(jobs, vec![Action::Activate { slot: "B".into() }]);
+        let jobs = self.feed(Input::BootloaderDone(Ok(())));
+        assert_eq!(jobs, vec![Action::Reboot]);
+    }
+}
+
+#[test]
+fn install_reboot_trial_commit() {
+    let mut h = Harness::new();
+    assert!(h.feed(boot(BOOT_1, "A")).is_empty());
+    h.install_until_reboot(release("2.0", 5));
+    let jobs = h.feed(boot(BOOT_2, "B"));
+    assert_eq!(jobs, vec![Action::RunHealthChecks]);
+    let jobs = h.feed(Input::HealthFinished(Ok(())));
+    assert_eq!(jobs, vec![Action::MarkGood { slot: "B".into() }]);
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    use TxnState::*;
+    assert_eq!(
+        h.states(),
+        [
+            Accepted, Writing, Written, Activated, Rebooting, TrialBoot, Committed
+        ]
+    );
+    let state = h.engine.state();
+    assert_eq!(state.phase, Phase::Idle);
+    assert_eq!(state.floor, 5);
+    assert!(state.slots["B"].committed);
+    assert_eq!(h.engine.booted_version(), Some("2.0"));
+    let seqs: Vec<u64> = h.events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+}
+
+#[test]
+fn state_is_persisted_before_every_irreversible_job() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    let actions = h
+        .engine
+        .handle(Input::ReleaseVerified(Box::new(release("2.0", 1))), h.now);
+    let persist = actions.iter().position(|a| *a == Action::Persist).unwrap();
+    let prepare = actions
+        .iter()
+        .position(|a| matches!(a, Action::PrepareTarget { .. }))
+        .unwrap();
+    assert!(persist < prepare);
+    h.engine.handle(Input::TargetPrepared(Ok(())), h.now);
+    let actions = h.engine.handle(Input::WriteFinished(Ok(())), h.now);
+    assert_eq!(actions.first(), Some(&Action::Persist));
+    assert!(matches!(actions.last(), Some(Action::Activate { .. })));
+    let actions = h.engine.handle(Input::BootloaderDone(Ok(())), h.now);
+    assert_eq!(actions.first(), Some(&Action::Persist));
+    assert_eq!(actions.last(), Some(&Action::Reboot));
+}
+
+#[test]
+fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    let rel = release("2.0", 1);
+    h.install_until_reboot(rel.clone());
+    // The new slot never came up healthy: the bootloader went back to A.
+    let jobs = h.feed(boot(BOOT_2, "A"));
+    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
+    let last = h.events.last().unwrap();
+    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.reason, Some(ReasonCode::FellBack));
+    assert_eq!(
+        h.engine.state().floor,
+        0,
+        "a rolled-back release must not raise the floor"
+    );
+    h.feed(Input::BootloaderDone(Ok(())));
+    // The same release, delivered again, is refused and not installed.
+    let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
+    assert!(jobs.is_empty());
+    let last = h.events.last().unwrap();
+    assert_eq!(last.state, TxnState::Refused);
+    assert_eq!(last.reason, Some(ReasonCode::PreviouslyRolledBack));
+}
+
+#[test]
+fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
+    let jobs = h.feed(Input::HealthFinished(Err(failure)));
+    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
+    assert_eq!(h.feed(Input::BootloaderDone(Ok(()))), vec![Action::Reboot]);
+    let jobs = h.feed(boot("boot-3", "A"));
+    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
+    let last = h.events.last().unwrap();
+    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
+    assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
+}
+
+#[test]
+fn restart_during_write_resumes_from_the_durable_checkpoint() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    h.feed(Input::WriteCheckpoint { durable: 1024 });
+    h.feed(Input::WriteProgress {
+        written: 3000,
+        total: 4096,
+    });
+    // Power cut: only what was persisted survives.
+    let saved = h.persisted.last().unwrap().clone();
+    let mut h = Harness::restore(saved);
+    let jobs = h.feed(boot(BOOT_2, "A"));
+    assert_eq!(jobs, vec![Action::PrepareTarget { slot: "B".into() }]);
+    let jobs = h.feed(Input::TargetPrepared(Ok(())));
+    assert!(matches!(
+        &jobs[..],
+        [Action::StartWrite {
+            resume_from: 1024,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn restart_while_reboot_pending_in_the_same_boot_asks_for_the_reboot_again() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Action::Reboot]);
+}
+
+#[test]
+fn restart_after_activation_was_persisted_activates_again() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    h.feed(Input::WriteFinished(Ok(())));
+    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::Activate { slot: "B".into() }]
+    );
+}
+
+#[test]
+fn failed_write_ends_the_transaction_with_its_reason() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    let jobs = h.feed(Input::WriteFinished(Err(Failure::new(
+        ReasonCode::SlotIo,
+        "short write",
+    ))));
+    assert!(jobs.is_empty());
+    let state = h.engine.state();
+    assert_eq!(state.phase, Phase::Idle);
+    assert!(!state.slots.contains_key("B"));
+    assert_eq!(
+        state.last.as_ref().unwrap().reason,
+        Some(ReasonCode::SlotIo)
+    );
+    assert_eq!(h.events.last().unwrap().state, TxnState::Failed);
+}
+
+#[test]
+fn a_second_release_during_a_transaction_is_refused_as_busy_and_the_same_one_ignored() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    let first = release("2.0", 1);
+    h.feed(Input::ReleaseVerified(Box::new(first.clone())));
+    let count = h.events.len();
+    assert!(h.feed(Input::ReleaseVerified(Box::new(first))).is_empty());
+    assert_eq!(h.events.len(), count, "a repeated delivery is not news");
+    assert!(
+        h.feed(Input::ReleaseVerified(Box::new(release("3.0", 1))))
+            .is_empty()
+    );
+    assert_eq!(h.events.last().unwrap().reason, Some(ReasonCode::Busy));
+}
+
+#[test]
+fn the_running_release_delivered_again_is_ignored() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    let rel = release("2.0", 1);
+    h.install_until_reboot(rel.clone());
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    h.feed(Input::BootloaderDone(Ok(())));
+    let count = h.events.len();
+    assert!(h.feed(Input::ReleaseVerified(Box::new(rel))).is_empty());
+    assert_eq!(h.events.len(), count);
+}
+
+#[test]
+fn progress_is_rate_limited_by_injected_time() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    let now = h.now;
+    let mut reports = 0;
+    for i in 0..100u64 {
+        // 100 progress inputs over 10 simulated seconds.
+        let at = now + SignedDuration::from_millis(100 * i as i64);
+        let actions = h.engine.handle(
+            Input::WriteProgress {
+                written: i,
+                total: 4096,
+            },
+            at,
+        );
+        reports += actions
+            .iter()
+            .filter(|a| matches!(a, Action::ReportProgress(_)))
+            .count();
+    }
+    assert!((5..=6).contains(&reports), "got {reports} progress reports");
+}
+
+fn boot(boot_id: &str, booted: &str) -> Input {
+    Input::BootObserved {
+        boot_id: boot_id.into(),
+        booted: booted.into(),
+    }
+}
