@@ -6,10 +6,18 @@
 //! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
 //! - [`anchor`]: the read-only trust anchor (a directory of public keys).
 //! - [`release`]: the signed release envelope, the manifest, verification and creation.
+//! - [`state_store`]: the engine's persisted state and the local event log.
+//! - [`system`]: facts about the running system: boot id, booted slot.
+//! - [`config`]: the agent's TOML configuration, parsed strictly.
+//! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
 
 pub mod anchor;
+pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod keys;
 pub mod reason;
 pub mod release;
+pub mod state_store;
+pub mod system;

@@ -1,5 +1,4 @@
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,6 +6,7 @@ use anyhow::Context;
 use jiff::Timestamp;
 use serde_json::json;
 use update_agent::anchor::{Protection, TrustAnchor};
+use update_agent::durable;
 use update_agent::keys::{self, KeyId};
 use update_agent::release::build::{self, ImageDigest};
 use update_agent::release::manifest::{
@@ -376,21 +376,8 @@ fn with_extension(path: &Path, extension: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Writes `path` through a temporary file in the same directory, so a crash leaves either the
-/// old release or the new one, never half of one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    // A release is public; the temporary file's private mode would make serving it fail.
-    tmp.as_file()
-        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    // A release is public: mode 0644, so that it can be served as it is.
+    durable::write_atomically(path, bytes, 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,0 +1,329 @@
+//! The agent's configuration file (`/etc/update-agent/agent.toml`), parsed strictly: an unknown
+//! key is an error, so a typo never silently turns a safety setting off. `config/agent.toml` in
+//! the repository is the annotated example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
+const MAX_CONFIG_SIZE: u64 = 256 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device: Device,
+    pub trust: Trust,
+    pub bootloader: BootloaderConfig,
+    /// Exactly one A/B pair in this version; see ARCHITECTURE.md.
+    pub slots: SlotClass,
+    #[serde(default)]
+    pub install: Install,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub system: System,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Product string; releases for another product are refused.
+    pub compatible: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Version of the software the device shipped with, shown until the agent installs one.
+    #[serde(default)]
+    pub factory_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trust {
+    #[serde(default = "default_keys_dir")]
+    pub keys_dir: PathBuf,
+    /// Distinct trusted signatures a release needs (k of n).
+    #[serde(default = "one")]
+    pub threshold: usize,
+    /// The lowest security version ever accepted, whatever the state says (e.g. set per image).
+    #[serde(default)]
+    pub floor: u64,
+    /// Development only: accept a trust anchor that someone could modify.
+    #[serde(default)]
+    pub insecure_writable_anchor: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BootloaderConfig {
+    /// U-Boot through libubootenv's fw_printenv/fw_setenv.
+    Uboot {
+        /// `fw_env.config` to pass as `-c`; the tools' default (/etc/fw_env.config) when absent.
+        #[serde(default)]
+        fw_env_config: Option<PathBuf>,
+        #[serde(default = "default_attempts")]
+        attempts: u32,
+        #[serde(default = "default_fw_printenv")]
+        fw_printenv: PathBuf,
+        #[serde(default = "default_fw_setenv")]
+        fw_setenv: PathBuf,
+    },
+    /// GRUB through grub-editenv on a grubenv file.
+    Grub {
+        grubenv: PathBuf,
+        #[serde(default = "default_grub_editenv")]
+        grub_editenv: PathBuf,
+    },
+    /// A key=value file with U-Boot's semantics, for tests and the demo.
+    File {
+        path: PathBuf,
+        #[serde(default = "default_attempts")]
+        attempts: u32,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotClass {
+    /// The slot class images are given for in manifests, e.g. `rootfs`.
+    #[serde(default = "default_class")]
+    pub class: String,
+    pub a: Slot,
+    pub b: Slot,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slot {
+    /// Block device or, for tests and the demo, a regular file.
+    pub device: PathBuf,
+    /// The name the bootloader knows the slot by (`A`, `B`).
+    pub bootname: String,
+    /// Capacity in bytes for a regular-file slot; a block device's size is read from the device.
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// Bytes between durable checkpoints (fdatasync + persisted offset).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// A download that delivers no byte for this long fails.
+    #[serde(default = "default_stall_timeout", with = "seconds")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for Install {
+    fn default() -> Install {
+        Install {
+            checkpoint_interval: default_checkpoint_interval(),
+            stall_timeout: default_stall_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Commands (argv) that must exit 0 during the trial boot.
+    #[serde(default)]
+    pub commands: Vec<Vec<String>>,
+    /// systemd units that must be active during the trial boot.
+    #[serde(default)]
+    pub units: Vec<String>,
+    /// How long all checks together may take before the trial counts as failed.
+    #[serde(default = "default_health_timeout", with = "seconds")]
+    pub timeout: Duration,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            commands: Vec::new(),
+            units: Vec::new(),
+            timeout: default_health_timeout(),
+        }
+    }
+}
+
+/// Where the agent reads facts about the running system. The defaults are the kernel's files;
+/// tests point them at files of their own to simulate boots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct System {
+    #[serde(default = "default_boot_id_path")]
+    pub boot_id_path: PathBuf,
+    #[serde(default = "default_cmdline_path")]
+    pub cmdline_path: PathBuf,
+    /// Bootname of the booted slot, overriding detection (for tests and unusual boards).
+    #[serde(default)]
+    pub booted_slot: Option<String>,
+    /// The command that reboots the device.
+    #[serde(default = "default_reboot_command")]
+    pub reboot_command: Vec<String>,
+}
+
+impl Default for System {
+    fn default() -> System {
+        System {
+            boot_id_path: default_boot_id_path(),
+            cmdline_path: default_cmdline_path(),
+            booted_slot: None,
+            reboot_command: default_reboot_command(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is larger than {MAX_CONFIG_SIZE} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        if std::fs::metadata(path).map_err(read_err)?.len() > MAX_CONFIG_SIZE {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let (a, b) = (&self.slots.a, &self.slots.b);
+        for slot in [a, b] {
+            let name_ok = !slot.bootname.is_empty()
+                && slot.bootname.len() <= 16
+                && slot
+                    .bootname
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_');
+            if !name_ok {
+                return Err(format!(
+                    "slot bootname {:?} must be 1 to 16 letters, digits or '_'",
+                    slot.bootname
+                ));
+            }
+        }
+        if a.bootname == b.bootname {
+            return Err("slots a and b have the same bootname".into());
+        }
+        if a.device == b.device {
+            return Err("slots a and b name the same device".into());
+        }
+        if self.trust.threshold == 0 {
+            return Err("trust.threshold must be at least 1".into());
+        }
+        if self.install.checkpoint_interval < 1024 * 1024 {
+            return Err("install.checkpoint_interval must be at least 1 MiB".into());
+        }
+        if self.system.reboot_command.is_empty() {
+            return Err("system.reboot_command must name a program".into());
+        }
+        Ok(())
+    }
+
+    pub fn slot_by_bootname(&self, bootname: &str) -> Option<&Slot> {
+        [&self.slots.a, &self.slots.b]
+            .into_iter()
+            .find(|slot| slot.bootname == bootname)
+    }
+}
+
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/update-agent".into()
+}
+fn default_keys_dir() -> PathBuf {
+    "/usr/share/update-agent/keys.d".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_fw_printenv() -> PathBuf {
+    "fw_printenv".into()
+}
+fn default_fw_setenv() -> PathBuf {
+    "fw_setenv".into()
+}
+fn default_grub_editenv() -> PathBuf {
+    "grub-editenv".into()
+}
+fn default_class() -> String {
+    "rootfs".into()
+}
+fn default_checkpoint_interval() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_boot_id_path() -> PathBuf {
+    "/proc/sys/kernel/random/boot_id".into()
+}
+fn default_cmdline_path() -> PathBuf {
+    "/proc/cmdline".into()
+}
+fn default_reboot_command() -> Vec<String> {
+    vec!["systemctl".into(), "reboot".into()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../config/agent.toml");
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.slots.class, "rootfs");
+        assert!(matches!(config.bootloader, BootloaderConfig::Uboot { .. }));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text =
+            include_str!("../config/agent.toml").replace("[trust]", "[trust]\nthreshhold = 2");
+        assert!(Config::parse(&text).unwrap_err().contains("threshhold"));
+    }
+}
