@@ -6,8 +6,10 @@
 //! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
 //! - [`anchor`]: the read-only trust anchor (a directory of public keys).
 //! - [`release`]: the signed release envelope, the manifest, verification and creation.
+//! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
 
 pub mod anchor;
+pub mod bootloader;
 pub mod keys;
 pub mod reason;
 pub mod release;
