@@ -6,13 +6,15 @@
 //! `<name>_OK`/`<name>_TRY` to 0 before `load_env`, so the reads here treat unset the same way.
 //! An `ORDER` that is set but empty stays empty, as it does in the script.
 
+use std::borrow::Cow;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use super::slots::{Slots, order_with_first};
-use super::store::{Change, ChangeLock, EnvStore, Vars, apply};
+use super::BootloaderError;
+use super::chooser::{Scheme, Tries};
+use super::slots::Slots;
+use super::store::{Change, EnvStore, Vars};
 use super::tool::Tool;
-use super::{Bootloader, BootloaderError, BootloaderKind, SlotBootState};
 use crate::release::escape_for_log;
 
 pub const ORDER_VAR: &str = "ORDER";
@@ -90,100 +92,62 @@ impl EnvStore for GrubEnv {
     }
 }
 
-pub struct GrubBootloader {
-    pub store: GrubEnv,
-    pub slots: Slots,
-    pub lock: ChangeLock,
+/// RAUC's GRUB variables: `ORDER`, `<name>_OK`, `<name>_TRY`.
+pub struct OkTry;
+
+/// `<name>_OK` or `<name>_TRY` as a number; unset is 0, as the script presets it.
+fn flag(vars: &Vars, var: &str, origin: &str) -> Result<u32, BootloaderError> {
+    let Some(value) = vars.get(var) else {
+        return Ok(0);
+    };
+    if (1..=9).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(n) = value.parse() {
+            return Ok(n);
+        }
+    }
+    Err(BootloaderError::Malformed {
+        store: origin.to_owned(),
+        what: format!(
+            "{var} is \"{}\", not 0 or 1; mark the slot good, bad or active to rewrite it",
+            escape_for_log(value, 32)
+        ),
+    })
 }
 
-impl GrubBootloader {
-    fn order<'v>(&'v self, vars: &'v Vars) -> std::borrow::Cow<'v, str> {
+impl Scheme for OkTry {
+    fn order_var(&self) -> &'static str {
+        ORDER_VAR
+    }
+
+    fn order<'v>(&self, vars: &'v Vars, slots: &'v Slots) -> Cow<'v, str> {
         match vars.get(ORDER_VAR) {
             Some(order) => order.into(),
-            None => self.slots.default_order().into(),
+            None => slots.default_order().into(),
         }
     }
 
-    /// `<name>_OK` or `<name>_TRY` as a number; unset is 0, as the script presets it.
-    fn flag(&self, vars: &Vars, var: &str) -> Result<u32, BootloaderError> {
-        let Some(value) = vars.get(var) else {
-            return Ok(0);
-        };
-        if (1..=9).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) {
-            if let Ok(n) = value.parse() {
-                return Ok(n);
-            }
-        }
-        Err(BootloaderError::Malformed {
-            store: self.store.describe(),
-            what: format!(
-                "{var} is \"{}\", not 0 or 1; mark the slot good, bad or active to rewrite it",
-                escape_for_log(value, 32)
-            ),
+    /// The script boots a slot only when it is OK and not yet tried, and then only once: an OK,
+    /// untried slot has one try left, any other none.
+    fn tries(&self, vars: &Vars, name: &str, origin: &str) -> Result<Tries, BootloaderError> {
+        let bootable =
+            flag(vars, &ok_var(name), origin)? == 1 && flag(vars, &try_var(name), origin)? == 0;
+        let tries = u32::from(bootable);
+        Ok(Tries {
+            effective: tries,
+            reported: Some(tries),
         })
     }
 
-    /// What the script would do with this slot if it came to it in `ORDER`: boot it only when
-    /// it is OK and not yet tried.
-    fn bootable(&self, vars: &Vars, name: &str) -> Result<bool, BootloaderError> {
-        Ok(self.flag(vars, &ok_var(name))? == 1 && self.flag(vars, &try_var(name))? == 0)
-    }
-}
-
-impl Bootloader for GrubBootloader {
-    fn kind(&self) -> BootloaderKind {
-        BootloaderKind::Grub
-    }
-
-    fn primary(&self) -> Result<Option<String>, BootloaderError> {
-        let vars = self.store.read()?;
-        for name in self.slots.walk(&self.order(&vars)) {
-            if self.bootable(&vars, name)? {
-                return Ok(Some(name.to_owned()));
-            }
-        }
-        Ok(None)
-    }
-
-    fn mark_active(&self, name: &str) -> Result<(), BootloaderError> {
-        self.slots.check(name)?;
-        let _change = self.lock.hold();
-        let vars = self.store.read()?;
-        let change = Change::default()
-            .set(ORDER_VAR, order_with_first(&self.order(&vars), name))
+    fn good(&self, name: &str) -> Change {
+        Change::default()
             .set(ok_var(name), "1")
-            .set(try_var(name), "0");
-        apply(&self.store, &change)
+            .set(try_var(name), "0")
     }
 
-    fn mark_good(&self, name: &str) -> Result<(), BootloaderError> {
-        self.slots.check(name)?;
-        let _change = self.lock.hold();
-        let change = Change::default()
-            .set(ok_var(name), "1")
-            .set(try_var(name), "0");
-        apply(&self.store, &change)
-    }
-
-    fn mark_bad(&self, name: &str) -> Result<(), BootloaderError> {
-        self.slots.check(name)?;
-        let _change = self.lock.hold();
-        let change = Change::default()
+    /// The order is left alone, as RAUC does: `<name>_OK=0` is enough for the script.
+    fn bad(&self, _order: &str, name: &str) -> Change {
+        Change::default()
             .set(ok_var(name), "0")
-            .set(try_var(name), "0");
-        apply(&self.store, &change)
-    }
-
-    fn slot_state(&self, name: &str) -> Result<SlotBootState, BootloaderError> {
-        self.slots.check(name)?;
-        let vars = self.store.read()?;
-        let in_order = self.order(&vars).split_whitespace().any(|w| w == name);
-        let bootable = self.bootable(&vars, name)?;
-        Ok(SlotBootState {
-            in_order,
-            good: in_order && bootable,
-            // The script gives a slot one try per mark: untried and OK is one left.
-            tries_left: Some(u32::from(bootable)),
-        })
+            .set(try_var(name), "0")
     }
 }

@@ -39,7 +39,15 @@
 //! Note the two schemes differ during a trial boot: U-Boot keeps the trial slot primary while it
 //! has tries left, GRUB gives it exactly one try, so right after that try `primary()` already
 //! names the fallback.
+//!
+//! # Inside
+//!
+//! `chooser` does what all backends share (check the bootname, serialise changes, read, write
+//! one change, read back); a scheme says what the variables mean (`counter`: U-Boot's
+//! `BOOT_ORDER`/`BOOT_x_LEFT`, `grub`: `ORDER`/`x_OK`/`x_TRY`); a store reads and writes them
+//! (`uboot`, `grub`, `file`), the tools through `tool`, which bounds what they may print.
 
+mod chooser;
 mod counter;
 mod file;
 mod grub;
@@ -56,8 +64,7 @@ use serde::{Deserialize, Serialize};
 pub use file::MAX_ENV_FILE;
 pub use tool::MAX_TOOL_OUTPUT;
 
-use self::counter::CounterBootloader;
-use self::grub::GrubBootloader;
+use self::chooser::EnvBootloader;
 use self::slots::Slots;
 
 /// The most tries a slot may get. Scripts test the counter either as `0x${BOOT_x_LEFT}` or as
@@ -163,6 +170,9 @@ pub fn from_config(
             params.attempts
         )));
     }
+    let counter = counter::Counter {
+        attempts: params.attempts,
+    };
     Ok(match kind {
         BootloaderKind::UBoot => {
             tool::require_program(&params.fw_printenv, "fw_printenv", "libubootenv-tool")?;
@@ -175,25 +185,22 @@ pub fn from_config(
                     )));
                 }
             }
-            Box::new(CounterBootloader {
-                kind,
-                store: uboot::UBootEnv::new(
-                    params.fw_printenv.clone(),
-                    params.fw_setenv.clone(),
-                    params.fw_env_config.as_deref(),
-                ),
-                slots,
-                attempts: params.attempts,
-                lock: Default::default(),
-            })
+            let store = uboot::UBootEnv::new(
+                params.fw_printenv.clone(),
+                params.fw_setenv.clone(),
+                params.fw_env_config.as_deref(),
+            );
+            Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
         }
         BootloaderKind::Grub => {
             tool::require_program(&params.grub_editenv, "grub_editenv", "grub-common")?;
-            Box::new(GrubBootloader {
-                store: grub::GrubEnv::new(params.grub_editenv.clone(), params.grubenv.clone()),
+            let store = grub::GrubEnv::new(params.grub_editenv.clone(), params.grubenv.clone());
+            Box::new(EnvBootloader::new(
+                kind,
+                grub::OkTry,
+                Box::new(store),
                 slots,
-                lock: Default::default(),
-            })
+            ))
         }
         BootloaderKind::File => {
             let Some(path) = &params.env_file else {
@@ -201,13 +208,8 @@ pub fn from_config(
                     "bootloader kind \"file\" needs `bootloader.env_file`".to_owned(),
                 ));
             };
-            Box::new(CounterBootloader {
-                kind,
-                store: file::FileEnv { path: path.clone() },
-                slots,
-                attempts: params.attempts,
-                lock: Default::default(),
-            })
+            let store = file::FileEnv { path: path.clone() };
+            Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
         }
     })
 }

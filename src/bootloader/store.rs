@@ -92,6 +92,11 @@ impl Change {
         self.0.push((name.into(), value.into()));
         self
     }
+
+    pub fn and(mut self, more: Change) -> Change {
+        self.0.extend(more.0);
+        self
+    }
 }
 
 /// One environment: read all of it, write one change in one write.
