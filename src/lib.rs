@@ -11,8 +11,10 @@
 //! - [`config`]: the agent's TOML configuration, parsed strictly.
 //! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
+//! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
 
 pub mod anchor;
+pub mod bootloader;
 pub mod config;
 pub mod durable;
 pub mod engine;

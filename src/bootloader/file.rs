@@ -1,0 +1,126 @@
+//! A plain file of `NAME=value` lines with the U-Boot variables, for tests and the demo. It is
+//! replaced atomically on every change (temporary file in the same directory, fsync, rename,
+//! fsync of the directory), so a power cut leaves the old or the new file, never half of one.
+//!
+//! A missing file reads as an empty environment, as an erased U-Boot environment does with an
+//! empty default: the boot script's defaults apply.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::BootloaderError;
+use super::store::{Change, EnvStore, Vars};
+use super::tool::MAX_TOOL_OUTPUT;
+
+/// The file is held to the same bound as a tool's listing.
+pub const MAX_ENV_FILE: usize = MAX_TOOL_OUTPUT;
+
+pub struct FileEnv {
+    pub path: PathBuf,
+}
+
+impl FileEnv {
+    fn read_text(&self) -> Result<Vec<u8>, BootloaderError> {
+        let read_err = |source| BootloaderError::Read {
+            path: self.path.clone(),
+            source,
+            hint: "check the path in `bootloader.env_file`".to_owned(),
+        };
+        let file = match fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(read_err(e)),
+        };
+        let mut text = Vec::new();
+        file.take(MAX_ENV_FILE as u64 + 1)
+            .read_to_end(&mut text)
+            .map_err(read_err)?;
+        if text.len() > MAX_ENV_FILE {
+            return Err(BootloaderError::Malformed {
+                store: self.path.display().to_string(),
+                what: format!("it is larger than {MAX_ENV_FILE} bytes"),
+            });
+        }
+        Ok(text)
+    }
+}
+
+impl EnvStore for FileEnv {
+    fn read(&self) -> Result<Vars, BootloaderError> {
+        Vars::parse(&self.read_text()?, &self.path.display().to_string())
+    }
+
+    fn write(&self, change: &Change) -> Result<(), BootloaderError> {
+        let mut vars = self.read()?;
+        for (name, value) in &change.0 {
+            vars.set(name, value);
+        }
+        let mut text = String::new();
+        for (name, value) in vars.iter() {
+            text.push_str(name);
+            text.push('=');
+            text.push_str(value);
+            text.push('\n');
+        }
+        write_atomically(&self.path, text.as_bytes()).map_err(|source| BootloaderError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".bootenv.")
+        .permissions(fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_is_merged_into_the_file_and_removal_drops_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileEnv {
+            path: dir.path().join("boot.env"),
+        };
+        assert_eq!(store.read().unwrap(), Vars::default());
+        store
+            .write(&Change::default().set("BOOT_ORDER", "A B").set("X", "1"))
+            .unwrap();
+        store
+            .write(&Change::default().set("X", "").set("BOOT_A_LEFT", "3"))
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(&store.path).unwrap(),
+            "BOOT_ORDER=A B\nBOOT_A_LEFT=3\n"
+        );
+        let leftovers = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn oversized_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boot.env");
+        fs::write(&path, "X=".to_owned() + &"y".repeat(MAX_ENV_FILE)).unwrap();
+        let err = FileEnv { path }.read().unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+}

@@ -1,0 +1,268 @@
+//! Bootloader backends: how the agent tells U-Boot, GRUB or a plain file which slot to boot
+//! next, and reads back what the bootloader will do. The backend is chosen once, at start-up,
+//! by [`from_config`]; everything after that goes through the [`Bootloader`] trait.
+//!
+//! Slots are named by their **bootname** (`A`, `B`, `system0`), the word the boot script uses.
+//! The variables and their meaning are RAUC's, so a board set up for RAUC works unchanged.
+//!
+//! # What each operation writes
+//!
+//! Every operation is a single write of the environment: one `fw_setenv -s SCRIPT`, one
+//! `grub-editenv FILE set A=… B=…`, or one atomic rename of the file. The result is read back
+//! and compared, so a tool that reports success without writing is an error, not a silent
+//! no-op.
+//!
+//! | operation        | U-Boot and file                                          | GRUB                                           |
+//! |------------------|----------------------------------------------------------|------------------------------------------------|
+//! | `mark_active(x)` | `BOOT_ORDER` = x, then the rest of the order; `BOOT_x_LEFT` = attempts | `ORDER` = x, then the rest of the order; `x_OK=1`; `x_TRY=0` |
+//! | `mark_good(x)`   | `BOOT_x_LEFT` = attempts                                 | `x_OK=1`; `x_TRY=0`                            |
+//! | `mark_bad(x)`    | `BOOT_ORDER` = the order without x; `BOOT_x_LEFT=0`      | `x_OK=0`; `x_TRY=0`                            |
+//!
+//! "The rest of the order" is the current order (or, when unset, the configured slots) without
+//! x, repeats, words that cannot be bootnames, and entries past
+//! [`slots::MAX_ORDER_ENTRIES`]; names the agent does not manage, such as a recovery slot,
+//! stay. `BOOT_x_LEFT` is written in hex without `0x`, as RAUC and U-Boot's `setexpr` do.
+//! Mark-good and mark-bad leave the order alone on GRUB (as RAUC does); on U-Boot, mark-good
+//! does not put a slot back into `BOOT_ORDER` (also as RAUC does).
+//!
+//! # What the reads mean
+//!
+//! [`Bootloader::primary`] is the slot the boot script will pick at the next boot: the first
+//! configured slot in the order that is bootable — on U-Boot with `BOOT_x_LEFT` > 0, on GRUB
+//! with `x_OK=1` and `x_TRY=0`. Unset variables get the defaults the scripts in `config/boot/`
+//! give them (order: the configured slots; U-Boot counter: `attempts`; GRUB: `OK=0`, `TRY=0`).
+//! `None` means no slot is bootable by these rules: the scripts then fall back (U-Boot resets
+//! every counter and resets the board; GRUB clears the TRY flags of OK slots and boots its first
+//! entry). A counter or flag that is not a number is an error naming the variable, not a
+//! guess; marking the slot rewrites it.
+//!
+//! Note the two schemes differ during a trial boot: U-Boot keeps the trial slot primary while it
+//! has tries left, GRUB gives it exactly one try, so right after that try `primary()` already
+//! names the fallback.
+//!
+//! # Inside
+//!
+//! `chooser` does what all backends share (check the bootname, serialise changes, read, write
+//! one change, read back); a scheme says what the variables mean (`counter`: U-Boot's
+//! `BOOT_ORDER`/`BOOT_x_LEFT`, `grub`: `ORDER`/`x_OK`/`x_TRY`); a store reads and writes them
+//! (`uboot`, `grub`, `file`), the tools through `tool`, which bounds what they may print.
+
+mod chooser;
+mod counter;
+mod file;
+mod grub;
+pub mod slots;
+mod store;
+mod tool;
+mod uboot;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use file::MAX_ENV_FILE;
+pub use tool::MAX_TOOL_OUTPUT;
+
+use self::chooser::EnvBootloader;
+use self::slots::Slots;
+
+/// The most tries a slot may get. Scripts test the counter either as `0x${BOOT_x_LEFT}` or as
+/// plain `${BOOT_x_LEFT}` (decimal); with one digit both read the same.
+pub const MAX_ATTEMPTS: u32 = 9;
+
+/// The operations the agent needs from a bootloader, by slot bootname.
+pub trait Bootloader: Send + Sync {
+    fn kind(&self) -> BootloaderKind;
+
+    /// The slot the bootloader will try at the next boot, if any is bootable.
+    fn primary(&self) -> Result<Option<String>, BootloaderError>;
+
+    /// Makes `name` the first slot in the boot order, with a fresh try budget.
+    fn mark_active(&self, name: &str) -> Result<(), BootloaderError>;
+
+    /// Keeps `name` bootable with its full try budget (after a successful boot).
+    fn mark_good(&self, name: &str) -> Result<(), BootloaderError>;
+
+    /// Makes `name` unbootable until it is marked active again.
+    fn mark_bad(&self, name: &str) -> Result<(), BootloaderError>;
+
+    /// What the environment says about one slot, for `status`.
+    fn slot_state(&self, name: &str) -> Result<SlotBootState, BootloaderError>;
+}
+
+/// One slot as the bootloader environment describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotBootState {
+    /// Listed in `BOOT_ORDER` / `ORDER` (or, when that is unset, among the configured slots).
+    pub in_order: bool,
+    /// RAUC's "good": in the order and bootable (U-Boot: tries left; GRUB: OK and not tried).
+    pub good: bool,
+    /// U-Boot and file: `BOOT_x_LEFT` as stored, `None` when unset (the script then starts at
+    /// the attempt budget). GRUB: 1 when OK and untried, else 0 — its script allows one try.
+    pub tries_left: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootloaderKind {
+    #[serde(rename = "uboot")]
+    UBoot,
+    #[serde(rename = "grub")]
+    Grub,
+    #[serde(rename = "file")]
+    File,
+}
+
+impl fmt::Display for BootloaderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BootloaderKind::UBoot => "uboot",
+            BootloaderKind::Grub => "grub",
+            BootloaderKind::File => "file",
+        })
+    }
+}
+
+/// The `[bootloader]` settings. Only the fields of the chosen kind are used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootloaderParams {
+    /// The slots' bootnames, in the order the boot script uses when the environment has none.
+    pub slots: Vec<String>,
+    /// Tries a slot gets from mark-active and mark-good (U-Boot, file), 1 to [`MAX_ATTEMPTS`].
+    /// Must match the default in the board's boot script.
+    pub attempts: u32,
+    pub fw_printenv: PathBuf,
+    pub fw_setenv: PathBuf,
+    /// Passed as `-c`; unset, the tools read `/etc/fw_env.config`.
+    pub fw_env_config: Option<PathBuf>,
+    pub grub_editenv: PathBuf,
+    pub grubenv: PathBuf,
+    /// The environment file of the `file` kind.
+    pub env_file: Option<PathBuf>,
+}
+
+impl Default for BootloaderParams {
+    fn default() -> BootloaderParams {
+        BootloaderParams {
+            slots: vec!["A".to_owned(), "B".to_owned()],
+            attempts: 3,
+            fw_printenv: PathBuf::from("/usr/bin/fw_printenv"),
+            fw_setenv: PathBuf::from("/usr/bin/fw_setenv"),
+            fw_env_config: None,
+            grub_editenv: PathBuf::from("/usr/bin/grub-editenv"),
+            grubenv: PathBuf::from("/boot/grub/grubenv"),
+            env_file: None,
+        }
+    }
+}
+
+/// Chooses and checks the backend once: a missing program or a bad setting is reported here,
+/// at start-up, rather than at the first switch.
+pub fn from_config(
+    kind: BootloaderKind,
+    params: &BootloaderParams,
+) -> Result<Box<dyn Bootloader>, BootloaderError> {
+    let slots = Slots::new(&params.slots)?;
+    if !(1..=MAX_ATTEMPTS).contains(&params.attempts) {
+        return Err(BootloaderError::Config(format!(
+            "`bootloader.attempts` is {}; it must be 1 to {MAX_ATTEMPTS} (the boot scripts read one digit)",
+            params.attempts
+        )));
+    }
+    let counter = counter::Counter {
+        attempts: params.attempts,
+    };
+    Ok(match kind {
+        BootloaderKind::UBoot => {
+            tool::require_program(&params.fw_printenv, "fw_printenv", "libubootenv-tool")?;
+            tool::require_program(&params.fw_setenv, "fw_setenv", "libubootenv-tool")?;
+            if let Some(config) = &params.fw_env_config {
+                if !config.is_file() {
+                    return Err(BootloaderError::Config(format!(
+                        "`bootloader.fw_env_config` {} does not exist; it must describe where the U-Boot environment is",
+                        config.display()
+                    )));
+                }
+            }
+            let store = uboot::UBootEnv::new(
+                params.fw_printenv.clone(),
+                params.fw_setenv.clone(),
+                params.fw_env_config.as_deref(),
+            );
+            Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
+        }
+        BootloaderKind::Grub => {
+            tool::require_program(&params.grub_editenv, "grub_editenv", "grub-common")?;
+            let store = grub::GrubEnv::new(params.grub_editenv.clone(), params.grubenv.clone());
+            Box::new(EnvBootloader::new(
+                kind,
+                grub::OkTry,
+                Box::new(store),
+                slots,
+            ))
+        }
+        BootloaderKind::File => {
+            let Some(path) = &params.env_file else {
+                return Err(BootloaderError::Config(
+                    "bootloader kind \"file\" needs `bootloader.env_file`".to_owned(),
+                ));
+            };
+            let store = file::FileEnv { path: path.clone() };
+            Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
+        }
+    })
+}
+
+/// Why a bootloader operation failed; each message names the command or file and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum BootloaderError {
+    #[error("invalid bootloader setting: {0}")]
+    Config(String),
+    #[error("\"{name}\" cannot be a slot bootname: {why}")]
+    BadBootname { name: String, why: String },
+    #[error(
+        "slot {name} is not one of the configured slots ({configured}); check `bootloader.slots`"
+    )]
+    UnknownSlot { name: String, configured: String },
+    #[error("cannot run `{command}`: {source}; {hint}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("`{command}` failed ({status}): {stderr}; {hint}")]
+    ToolFailed {
+        command: String,
+        status: String,
+        stderr: String,
+        hint: String,
+    },
+    #[error(
+        "`{command}` printed more than {limit} bytes, more than any bootloader environment; check that it is the right program"
+    )]
+    OutputTooLarge { command: String, limit: usize },
+    #[error("bootloader environment from {store} is unusable: {what}")]
+    Malformed { store: String, what: String },
+    #[error("cannot read {path}: {source}; {hint}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+        hint: String,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the change did not reach the environment ({store}): {name} is \"{found}\", expected \"{expected}\"; \
+         check that the tool is libubootenv's or GRUB's and that the environment is writable"
+    )]
+    NotApplied {
+        store: String,
+        name: String,
+        expected: String,
+        found: String,
+    },
+}

@@ -1,0 +1,782 @@
+//! The bootloader backends against the real tools (libubootenv's fw_printenv/fw_setenv, GRUB's
+//! grub-editenv) on environments in temporary files, and whole update cycles with the boot
+//! simulator standing in for the boot scripts in `config/boot/`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use common::boot_sim::{BootSim, SimEnv};
+use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile};
+use update_agent::bootloader::{
+    Bootloader, BootloaderError, BootloaderKind, BootloaderParams, SlotBootState, from_config,
+};
+
+const ATTEMPTS: u32 = 3;
+
+enum Env {
+    UBoot(UBootEnvFile),
+    Grub(GrubEnvFile),
+    File(PathBuf),
+}
+
+/// One device: a backend, the simulator on the same environment, and direct access to it.
+struct Rig {
+    bl: Box<dyn Bootloader>,
+    sim: BootSim,
+    env: Env,
+    _dir: tempfile::TempDir,
+}
+
+fn params() -> BootloaderParams {
+    BootloaderParams {
+        attempts: ATTEMPTS,
+        ..BootloaderParams::default()
+    }
+}
+
+impl Rig {
+    fn uboot() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
+        Rig::on_uboot(dir, env)
+    }
+
+    fn on_uboot(dir: tempfile::TempDir, env: UBootEnvFile) -> Rig {
+        let bl = from_config(
+            BootloaderKind::UBoot,
+            &BootloaderParams {
+                fw_printenv: env.fw_printenv.clone(),
+                fw_setenv: env.fw_setenv.clone(),
+                fw_env_config: Some(env.config.clone()),
+                ..params()
+            },
+        )
+        .unwrap();
+        let sim = BootSim::new(
+            SimEnv::UBoot {
+                fw_printenv: env.fw_printenv.clone(),
+                fw_setenv: env.fw_setenv.clone(),
+                config: env.config.clone(),
+            },
+            &["A", "B"],
+            ATTEMPTS,
+        );
+        Rig {
+            bl,
+            sim,
+            env: Env::UBoot(env),
+            _dir: dir,
+        }
+    }
+
+    fn grub() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let env = GrubEnvFile::create(dir.path());
+        let bl = from_config(
+            BootloaderKind::Grub,
+            &BootloaderParams {
+                grub_editenv: env.editenv.clone(),
+                grubenv: env.grubenv.clone(),
+                ..params()
+            },
+        )
+        .unwrap();
+        let sim = BootSim::new(
+            SimEnv::Grub {
+                editenv: env.editenv.clone(),
+                grubenv: env.grubenv.clone(),
+            },
+            &["A", "B"],
+            ATTEMPTS,
+        );
+        Rig {
+            bl,
+            sim,
+            env: Env::Grub(env),
+            _dir: dir,
+        }
+    }
+
+    fn file() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boot.env");
+        let bl = from_config(
+            BootloaderKind::File,
+            &BootloaderParams {
+                env_file: Some(path.clone()),
+                ..params()
+            },
+        )
+        .unwrap();
+        let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], ATTEMPTS);
+        Rig {
+            bl,
+            sim,
+            env: Env::File(path),
+            _dir: dir,
+        }
+    }
+
+    /// A variable as the tool (or the file) shows it, bypassing the agent's parser.
+    fn get(&self, name: &str) -> Option<String> {
+        match &self.env {
+            Env::UBoot(env) => env.get(name),
+            Env::Grub(env) => env.get(name),
+            Env::File(path) => {
+                let prefix = format!("{name}=");
+                fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            }
+        }
+    }
+
+    /// Sets a variable behind the agent's back.
+    fn set(&self, name: &str, value: &str) {
+        match &self.env {
+            Env::UBoot(env) => env.set(name, value),
+            Env::Grub(env) => env.set(name, value),
+            Env::File(path) => {
+                let prefix = format!("{name}=");
+                let mut text: String = fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.starts_with(&prefix))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                text.push_str(&format!("{name}={value}\n"));
+                fs::write(path, text).unwrap();
+            }
+        }
+    }
+
+    fn boot(&self) -> String {
+        self.sim.boot().expect("the simulated board boots")
+    }
+
+    fn primary(&self) -> Option<String> {
+        self.bl.primary().unwrap()
+    }
+
+    /// How many boots a freshly activated slot gets before the script falls back.
+    fn trial_boots(&self) -> usize {
+        match self.env {
+            Env::Grub(_) => 1,
+            _ => ATTEMPTS as usize,
+        }
+    }
+}
+
+// --- the operations write exactly RAUC's variables -------------------------------------------
+
+fn counter_operations(rig: &Rig) {
+    let bl = &rig.bl;
+    // Nothing set yet: the script's defaults (configured order, full budget).
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+    assert_eq!(
+        bl.slot_state("B").unwrap(),
+        SlotBootState {
+            in_order: true,
+            good: true,
+            tries_left: None
+        }
+    );
+
+    bl.mark_active("A").unwrap();
+    assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("A B"));
+    assert_eq!(rig.get("BOOT_A_LEFT").as_deref(), Some("3"));
+    assert_eq!(rig.get("BOOT_B_LEFT"), None);
+
+    bl.mark_active("B").unwrap();
+    assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("B A"));
+    assert_eq!(rig.get("BOOT_B_LEFT").as_deref(), Some("3"));
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    assert_eq!(
+        bl.slot_state("B").unwrap(),
+        SlotBootState {
+            in_order: true,
+            good: true,
+            tries_left: Some(3)
+        }
+    );
+
+    rig.set("BOOT_B_LEFT", "1");
+    bl.mark_good("B").unwrap();
+    assert_eq!(rig.get("BOOT_B_LEFT").as_deref(), Some("3"));
+    assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("B A"));
+
+    bl.mark_bad("B").unwrap();
+    assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("A"));
+    assert_eq!(rig.get("BOOT_B_LEFT").as_deref(), Some("0"));
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+    assert_eq!(
+        bl.slot_state("B").unwrap(),
+        SlotBootState {
+            in_order: false,
+            good: false,
+            tries_left: Some(0)
+        }
+    );
+
+    // Activating a slot that was marked bad puts it back in front.
+    bl.mark_active("B").unwrap();
+    assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("B A"));
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+}
+
+#[test]
+fn uboot_operations_write_boot_order_and_counters() {
+    let rig = Rig::uboot();
+    counter_operations(&rig);
+    let Env::UBoot(env) = &rig.env else {
+        unreachable!()
+    };
+    assert_eq!(
+        env.printenv(),
+        "BOOT_A_LEFT=3\nBOOT_B_LEFT=3\nBOOT_ORDER=B A\nbootdelay=2\n",
+        "nothing else was written and the board's own variables are kept"
+    );
+}
+
+#[test]
+fn file_operations_write_boot_order_and_counters() {
+    let rig = Rig::file();
+    counter_operations(&rig);
+    let Env::File(path) = &rig.env else {
+        unreachable!()
+    };
+    assert_eq!(
+        fs::read_to_string(path).unwrap(),
+        "BOOT_ORDER=B A\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n"
+    );
+}
+
+#[test]
+fn grub_operations_write_order_ok_and_try() {
+    let rig = Rig::grub();
+    let bl = &rig.bl;
+    // A fresh grubenv: every slot is OK=0 as the script presets it, so none is bootable.
+    assert_eq!(rig.primary(), None);
+    assert_eq!(
+        bl.slot_state("A").unwrap(),
+        SlotBootState {
+            in_order: true,
+            good: false,
+            tries_left: Some(0)
+        }
+    );
+
+    bl.mark_active("A").unwrap();
+    assert_eq!(rig.get("ORDER").as_deref(), Some("A B"));
+    assert_eq!(rig.get("A_OK").as_deref(), Some("1"));
+    assert_eq!(rig.get("A_TRY").as_deref(), Some("0"));
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+
+    bl.mark_active("B").unwrap();
+    assert_eq!(rig.get("ORDER").as_deref(), Some("B A"));
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    assert_eq!(
+        bl.slot_state("B").unwrap(),
+        SlotBootState {
+            in_order: true,
+            good: true,
+            tries_left: Some(1)
+        }
+    );
+
+    // After its one try B is no longer primary: GRUB would fall back to A next.
+    rig.set("B_TRY", "1");
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+    assert!(!bl.slot_state("B").unwrap().good);
+
+    bl.mark_good("B").unwrap();
+    assert_eq!(rig.get("B_OK").as_deref(), Some("1"));
+    assert_eq!(rig.get("B_TRY").as_deref(), Some("0"));
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+
+    bl.mark_bad("B").unwrap();
+    assert_eq!(rig.get("B_OK").as_deref(), Some("0"));
+    assert_eq!(rig.get("B_TRY").as_deref(), Some("0"));
+    assert_eq!(
+        rig.get("ORDER").as_deref(),
+        Some("B A"),
+        "mark-bad keeps ORDER"
+    );
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+
+    let Env::Grub(env) = &rig.env else {
+        unreachable!()
+    };
+    assert_eq!(
+        env.list(),
+        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n",
+        "nothing else was written"
+    );
+}
+
+// --- whole cycles with the boot simulator ----------------------------------------------------
+
+/// The device runs on A, committed.
+fn start_on_a(rig: &Rig) {
+    rig.bl.mark_active("A").unwrap();
+    assert_eq!(rig.boot(), "A");
+    rig.bl.mark_good("A").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+}
+
+fn trial_then_commit(rig: &Rig) {
+    start_on_a(rig);
+    rig.bl.mark_active("B").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    assert_eq!(rig.boot(), "B", "the trial boot");
+    rig.bl.mark_good("B").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    // Every healthy boot is marked good, as rauc-mark-good does.
+    for _ in 0..5 {
+        assert_eq!(rig.boot(), "B");
+        rig.bl.mark_good("B").unwrap();
+    }
+    assert!(rig.bl.slot_state("B").unwrap().good);
+}
+
+/// Boots until something other than `slot` comes up; returns it and how many boots it took.
+fn boot_until_not(rig: &Rig, slot: &str) -> (String, usize) {
+    for boots in 0..20 {
+        let booted = rig.boot();
+        if booted != slot {
+            return (booted, boots);
+        }
+    }
+    panic!("{slot} kept booting: the script never fell back");
+}
+
+fn failed_trial_falls_back(rig: &Rig) {
+    start_on_a(rig);
+    rig.bl.mark_active("B").unwrap();
+    // B never comes up healthy: nobody marks it good.
+    let (fallback, trial_boots) = boot_until_not(rig, "B");
+    assert_eq!(fallback, "A");
+    assert_eq!(trial_boots, rig.trial_boots());
+    // The agent, running on A again, records the outcome.
+    rig.bl.mark_good("A").unwrap();
+    rig.bl.mark_bad("B").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("A"));
+    assert!(!rig.bl.slot_state("B").unwrap().good);
+    for _ in 0..5 {
+        assert_eq!(rig.boot(), "A");
+        rig.bl.mark_good("A").unwrap();
+    }
+}
+
+/// What the scripts do when the agent records nothing after a fallback: sooner or later the
+/// failed slot is tried again. The agent must mark it bad.
+fn unmarked_failed_slot_is_tried_again(rig: &Rig) {
+    start_on_a(rig);
+    rig.bl.mark_active("B").unwrap();
+    let (fallback, _) = boot_until_not(rig, "B");
+    assert_eq!(fallback, "A");
+    let (retried, _) = boot_until_not(rig, "A");
+    assert_eq!(retried, "B");
+}
+
+#[test]
+fn uboot_trial_boot_then_mark_good_stays_on_new_slot() {
+    trial_then_commit(&Rig::uboot());
+}
+
+#[test]
+fn grub_trial_boot_then_mark_good_stays_on_new_slot() {
+    trial_then_commit(&Rig::grub());
+}
+
+#[test]
+fn file_trial_boot_then_mark_good_stays_on_new_slot() {
+    trial_then_commit(&Rig::file());
+}
+
+#[test]
+fn uboot_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away() {
+    failed_trial_falls_back(&Rig::uboot());
+}
+
+#[test]
+fn grub_failed_trial_falls_back_after_one_try_and_mark_bad_keeps_it_away() {
+    failed_trial_falls_back(&Rig::grub());
+}
+
+#[test]
+fn file_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away() {
+    failed_trial_falls_back(&Rig::file());
+}
+
+#[test]
+fn uboot_unmarked_failed_slot_is_tried_again() {
+    unmarked_failed_slot_is_tried_again(&Rig::uboot());
+}
+
+#[test]
+fn grub_unmarked_failed_slot_is_tried_again() {
+    unmarked_failed_slot_is_tried_again(&Rig::grub());
+}
+
+#[test]
+fn fresh_environments_boot_the_first_slot() {
+    for rig in [Rig::uboot(), Rig::file()] {
+        assert_eq!(rig.primary().as_deref(), Some("A"));
+        assert_eq!(rig.boot(), "A");
+        assert_eq!(rig.get("BOOT_A_LEFT").as_deref(), Some("2"));
+    }
+    // GRUB has no bootable slot in a fresh grubenv and boots menu entry 0.
+    let rig = Rig::grub();
+    assert_eq!(rig.primary(), None);
+    assert_eq!(rig.boot(), "A");
+}
+
+// --- hostile and broken environments ---------------------------------------------------------
+
+fn hostile_boot_order(rig: &Rig) {
+    let junk: Vec<String> = (0..2000).map(|i| format!("X{i}")).collect();
+    let order = format!("{} ;reset $(reboot) A=B B A", junk.join(" "));
+    assert!(order.len() > 10 * 1024);
+    rig.set("BOOT_ORDER", &order);
+    rig.set("BOOT_B_LEFT", "2");
+    // Words that are not configured slots are passed over, as the script does.
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    assert_eq!(
+        rig.bl.slot_state("B").unwrap(),
+        SlotBootState {
+            in_order: true,
+            good: true,
+            tries_left: Some(2)
+        }
+    );
+    assert_eq!(rig.boot(), "B");
+
+    rig.bl.mark_active("A").unwrap();
+    let written = rig.get("BOOT_ORDER").unwrap();
+    assert!(written.starts_with("A X0 X1 "), "{written}");
+    assert_eq!(written.split(' ').count(), 16, "{written}");
+    assert!(!written.contains(';') && !written.contains('$'));
+    assert_eq!(rig.boot(), "A");
+}
+
+#[test]
+fn uboot_hostile_boot_order_is_walked_safely_and_rewritten_bounded() {
+    hostile_boot_order(&Rig::uboot());
+}
+
+#[test]
+fn file_hostile_boot_order_is_walked_safely_and_rewritten_bounded() {
+    hostile_boot_order(&Rig::file());
+}
+
+fn counters_that_are_not_numbers(rig: &Rig) {
+    rig.bl.mark_active("B").unwrap();
+    for bad in ["zz", "0x3", "-1", "3 tries", &"3".repeat(10 * 1024)] {
+        rig.set("BOOT_B_LEFT", bad);
+        let err = rig.bl.primary().unwrap_err();
+        assert!(
+            matches!(err, BootloaderError::Malformed { .. }),
+            "{bad:?}: {err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("BOOT_B_LEFT"), "{text}");
+        assert!(text.len() < 600, "the message is bounded: {text}");
+        assert!(rig.bl.slot_state("B").is_err());
+        assert!(rig.bl.slot_state("A").is_ok());
+    }
+    // Marking rewrites the counter, and everything works again.
+    rig.bl.mark_good("B").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+}
+
+#[test]
+fn uboot_counter_that_is_not_a_number_is_a_clean_error() {
+    counters_that_are_not_numbers(&Rig::uboot());
+}
+
+#[test]
+fn file_counter_that_is_not_a_number_is_a_clean_error() {
+    counters_that_are_not_numbers(&Rig::file());
+}
+
+#[test]
+fn grub_hostile_values_are_clean_errors_or_passed_over() {
+    let rig = Rig::grub();
+    rig.bl.mark_active("B").unwrap();
+    rig.set("B_OK", "yes");
+    let err = rig.bl.primary().unwrap_err();
+    assert!(err.to_string().contains("B_OK"), "{err}");
+    rig.bl.mark_good("B").unwrap();
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+
+    // As much junk as fits in the 1 KiB block.
+    let junk: Vec<String> = (0..150).map(|i| format!("J{i}")).collect();
+    rig.set("ORDER", &format!("{} B A", junk.join(" ")));
+    assert_eq!(rig.primary().as_deref(), Some("B"));
+    rig.bl.mark_active("A").unwrap();
+    let written = rig.get("ORDER").unwrap();
+    assert!(written.starts_with("A J0 "), "{written}");
+    assert_eq!(written.split(' ').count(), 16);
+}
+
+#[test]
+fn uboot_value_imitating_a_variable_is_refused() {
+    let rig = Rig::uboot();
+    rig.bl.mark_active("B").unwrap();
+    // A newline in some other value makes fw_printenv print a second BOOT_B_LEFT line.
+    rig.set("hostname", "gw\nBOOT_B_LEFT=9");
+    let err = rig.bl.primary().unwrap_err();
+    assert!(err.to_string().contains("listed twice"), "{err}");
+}
+
+#[test]
+fn uboot_environment_listing_larger_than_the_bound_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = UBootEnvFile::create(dir.path(), 0x20000);
+    let script = dir.path().join("fill");
+    let line = "v".repeat(900);
+    let text: String = (0..100).map(|i| format!("FILL{i}={line}\n")).collect();
+    fs::write(&script, text).unwrap();
+    common::run_ok(
+        std::process::Command::new(&env.fw_setenv)
+            .arg("-c")
+            .arg(&env.config)
+            .arg("-s")
+            .arg(&script),
+    );
+    assert!(env.printenv().len() > update_agent::bootloader::MAX_TOOL_OUTPUT);
+    let rig = Rig::on_uboot(dir, env);
+    assert!(matches!(
+        rig.bl.primary(),
+        Err(BootloaderError::OutputTooLarge { .. })
+    ));
+}
+
+#[test]
+fn file_garbage_is_a_clean_error() {
+    let rig = Rig::file();
+    let Env::File(path) = &rig.env else {
+        unreachable!()
+    };
+    for garbage in [
+        &b"\xff\xfe\x00garbage"[..],
+        b"BOOT_ORDER=A B\nBOOT_ORDER=B A\n",
+    ] {
+        fs::write(path, garbage).unwrap();
+        assert!(matches!(
+            rig.bl.primary(),
+            Err(BootloaderError::Malformed { .. })
+        ));
+    }
+    fs::write(path, vec![b'x'; update_agent::bootloader::MAX_ENV_FILE + 1]).unwrap();
+    assert!(rig.bl.primary().is_err());
+}
+
+#[test]
+fn uboot_unreadable_environment_is_a_clean_error_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = UBootEnvFile::erased(dir.path(), UBOOT_ENV_SIZE);
+    let config = env.config.display().to_string();
+    let rig = Rig::on_uboot(dir, env);
+    let err = rig.bl.primary().unwrap_err();
+    assert!(matches!(err, BootloaderError::ToolFailed { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("check {config}")), "{text}");
+    assert!(text.contains("Cannot read"), "the tool's own words: {text}");
+}
+
+#[test]
+fn grub_missing_grubenv_is_reported_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let editenv = common::require_tool("grub-editenv", "grub-common");
+    let grubenv = dir.path().join("boot/grub/grubenv");
+    let bl = from_config(
+        BootloaderKind::Grub,
+        &BootloaderParams {
+            grub_editenv: editenv,
+            grubenv: grubenv.clone(),
+            ..params()
+        },
+    )
+    .unwrap();
+    let err = bl.mark_active("B").unwrap_err();
+    assert!(err.to_string().contains("create"), "{err}");
+    assert!(bl.primary().is_err());
+    assert!(!grubenv.exists());
+}
+
+#[test]
+fn a_tool_that_reports_success_without_writing_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
+    let fake = dir.path().join("fw_setenv");
+    fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let bl = from_config(
+        BootloaderKind::UBoot,
+        &BootloaderParams {
+            fw_printenv: env.fw_printenv.clone(),
+            fw_setenv: fake,
+            fw_env_config: Some(env.config.clone()),
+            ..params()
+        },
+    )
+    .unwrap();
+    let err = bl.mark_active("B").unwrap_err();
+    assert!(matches!(err, BootloaderError::NotApplied { .. }), "{err}");
+}
+
+#[test]
+fn bad_or_unknown_bootnames_are_refused_before_anything_is_written() {
+    let rig = Rig::uboot();
+    let Env::UBoot(env) = &rig.env else {
+        unreachable!()
+    };
+    let before = env.printenv();
+    for name in ["C", "A\nBOOT_B_LEFT=9", "A B", "", "A=1", "B;reset"] {
+        assert!(rig.bl.mark_active(name).is_err(), "{name:?}");
+        assert!(rig.bl.mark_good(name).is_err(), "{name:?}");
+        assert!(rig.bl.mark_bad(name).is_err(), "{name:?}");
+        assert!(rig.bl.slot_state(name).is_err(), "{name:?}");
+    }
+    assert!(matches!(
+        rig.bl.mark_active("C"),
+        Err(BootloaderError::UnknownSlot { .. })
+    ));
+    assert_eq!(env.printenv(), before);
+}
+
+#[test]
+fn from_config_refuses_bad_settings_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothere");
+    let cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
+        (
+            BootloaderKind::UBoot,
+            BootloaderParams {
+                fw_printenv: missing.clone(),
+                ..params()
+            },
+            "libubootenv-tool",
+        ),
+        (
+            BootloaderKind::UBoot,
+            BootloaderParams {
+                fw_env_config: Some(missing.clone()),
+                ..params()
+            },
+            "fw_env_config",
+        ),
+        (
+            BootloaderKind::Grub,
+            BootloaderParams {
+                grub_editenv: missing.clone(),
+                ..params()
+            },
+            "grub-common",
+        ),
+        (BootloaderKind::File, params(), "env_file"),
+        (
+            BootloaderKind::File,
+            BootloaderParams {
+                attempts: 0,
+                env_file: Some(missing.clone()),
+                ..params()
+            },
+            "attempts",
+        ),
+        (
+            BootloaderKind::File,
+            BootloaderParams {
+                attempts: 10,
+                env_file: Some(missing.clone()),
+                ..params()
+            },
+            "attempts",
+        ),
+        (
+            BootloaderKind::File,
+            BootloaderParams {
+                slots: vec!["A".into(), "A".into()],
+                env_file: Some(missing.clone()),
+                ..params()
+            },
+            "twice",
+        ),
+        (
+            BootloaderKind::File,
+            BootloaderParams {
+                slots: vec![],
+                env_file: Some(missing.clone()),
+                ..params()
+            },
+            "slots",
+        ),
+        (
+            BootloaderKind::File,
+            BootloaderParams {
+                slots: vec!["A".into(), "B;reset".into()],
+                env_file: Some(missing.clone()),
+                ..params()
+            },
+            "letters and digits",
+        ),
+    ];
+    for (kind, params, expected) in cases {
+        let err = from_config(kind, &params).err().expect("refused");
+        assert!(err.to_string().contains(expected), "{kind}: {err}");
+    }
+}
+
+#[test]
+fn params_read_from_toml_with_defaults() {
+    let params: BootloaderParams = toml::from_str(
+        "slots = [\"system0\", \"system1\"]\nfw_env_config = \"/etc/fw_env.config\"\n",
+    )
+    .unwrap();
+    assert_eq!(params.slots, ["system0", "system1"]);
+    assert_eq!(params.attempts, 3);
+    assert_eq!(params.fw_printenv, PathBuf::from("/usr/bin/fw_printenv"));
+    assert!(toml::from_str::<BootloaderParams>("atempts = 3\n").is_err());
+    let kinds: std::collections::BTreeMap<String, BootloaderKind> =
+        toml::from_str("a = \"uboot\"\nb = \"grub\"\nc = \"file\"\n").unwrap();
+    assert_eq!(
+        kinds.into_values().collect::<Vec<_>>(),
+        [
+            BootloaderKind::UBoot,
+            BootloaderKind::Grub,
+            BootloaderKind::File
+        ]
+    );
+}
+
+// --- the shipped boot scripts ----------------------------------------------------------------
+
+#[test]
+fn shipped_grub_cfg_is_a_valid_grub_script() {
+    let check = common::require_tool("grub-script-check", "grub-common");
+    common::run_ok(
+        std::process::Command::new(check)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/boot/grub.cfg")),
+    );
+}
+
+#[test]
+fn shipped_uboot_script_uses_the_default_attempts() {
+    let script = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/boot/uboot-boot.cmd"
+    ))
+    .unwrap();
+    let attempts = BootloaderParams::default().attempts;
+    for slot in ["A", "B"] {
+        let line = format!("setenv BOOT_{slot}_LEFT {attempts}");
+        // Once as the default for an unset counter, once when no slot has a try left.
+        assert_eq!(script.matches(&line).count(), 2, "{line}");
+    }
+}
