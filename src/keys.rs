@@ -9,7 +9,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -130,9 +132,15 @@ pub fn generate_signing_key() -> Result<SigningKey, KeyError> {
 pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
     let private_path = with_suffix(prefix, "key");
     let public_path = with_suffix(prefix, "pub");
-    let private_pem = key
-        .to_pkcs8_pem(LineEnding::LF)
-        .expect("encoding a 32-byte Ed25519 key as PKCS#8 cannot fail");
+    // PKCS#8 v1 (RFC 5208), without the optional public key that ed25519-dalek would add by
+    // default (v2, RFC 5958): OpenSSL 3.0 cannot read v2 Ed25519 keys, and v1 is exactly what
+    // `openssl genpkey -algorithm ed25519` writes.
+    let private_pem = KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(LineEnding::LF)
+    .expect("encoding a 32-byte Ed25519 key as PKCS#8 cannot fail");
     let public_pem = key
         .verifying_key()
         .to_public_key_pem(LineEnding::LF)
@@ -197,5 +205,16 @@ mod tests {
             write_key_pair(&key, &dir.path().join("k")),
             Err(KeyError::Write { .. })
         ));
+    }
+
+    #[test]
+    fn private_key_is_pkcs8_v1_as_openssl_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9u8; 32]);
+        let (private, _) = write_key_pair(&key, &dir.path().join("k")).unwrap();
+        let pem = fs::read_to_string(&private).unwrap();
+        // openssl genpkey's layout: 48 bytes of DER (version 0, no public key) on one PEM line.
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.starts_with("MC4CAQAw"), "not a PKCS#8 v1 key: {pem}");
     }
 }
