@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -90,13 +90,30 @@ fn read_small(path: &Path) -> Result<String, KeyError> {
         path: path.to_owned(),
         source,
     };
-    let meta = fs::metadata(path).map_err(read_err)?;
-    if meta.len() > MAX_KEY_FILE {
+    // Only regular files: a FIFO would block the open, and a device (`/dev/zero` linked as a key)
+    // reports size 0 and never ends. The read is bounded too, since the size can change between
+    // the metadata and the read.
+    if !fs::metadata(path).map_err(read_err)?.is_file() {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|file| file.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
         return Err(KeyError::TooLarge {
             path: path.to_owned(),
         });
     }
-    fs::read_to_string(path).map_err(read_err)
+    String::from_utf8(bytes).map_err(|e| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.utf8_error(),
+        ))
+    })
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
@@ -205,6 +222,22 @@ mod tests {
             write_key_pair(&key, &dir.path().join("k")),
             Err(KeyError::Write { .. })
         ));
+    }
+
+    #[test]
+    fn key_file_read_is_bounded_and_regular_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pub");
+        fs::write(&big, vec![b'A'; MAX_KEY_FILE as usize + 1]).unwrap();
+        assert!(matches!(
+            load_verifying_key(&big),
+            Err(KeyError::TooLarge { .. })
+        ));
+        // A device reports size 0 and never ends: refused, not read until memory runs out.
+        let zero = dir.path().join("zero.pub");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let err = load_verifying_key(&zero).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]
