@@ -56,7 +56,7 @@ impl Envelope {
             ));
         }
         let wire: Wire = serde_json::from_slice(bytes)
-            .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("release envelope: {e}")))?;
+            .map_err(|e| crate::release::malformed_json("release envelope", &e))?;
         if wire.signatures.is_empty() {
             return Err(Refusal::new(
                 ReasonCode::UntrustedKey,
@@ -127,4 +127,30 @@ fn decode_signature(index: usize, entry: &WireSignature) -> Result<SignatureEntr
         keyid,
         sig: Signature::from_bytes(&bytes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_messages_escape_attacker_text() {
+        // serde's messages quote the offending key or value: a terminal escape or a newline in
+        // an unknown field name must not reach a log line or a terminal as it is.
+        let long = "x".repeat(10_000);
+        for input in [
+            r#"{"manifest": "", "\u001b[2J\nFAKE LOG LINE": 1}"#.to_string(),
+            format!(r#"{{"{long}": 1}}"#),
+            format!(r#"{{"manifest": 1, "signatures": [{{"keyid": "{long}", "sig": 5}}]}}"#),
+        ] {
+            let refusal = Envelope::parse(input.as_bytes()).unwrap_err();
+            assert_eq!(refusal.code, ReasonCode::Malformed);
+            assert!(
+                !refusal.message.chars().any(char::is_control),
+                "{:?}",
+                refusal.message
+            );
+            assert!(refusal.message.len() < 400, "{}", refusal.message.len());
+        }
+    }
 }

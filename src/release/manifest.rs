@@ -138,7 +138,7 @@ impl Manifest {
             }
         }
         let manifest: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("manifest: {e}")))?;
+            .map_err(|e| crate::release::malformed_json("manifest", &e))?;
         manifest.validate()?;
         Ok(manifest)
     }
