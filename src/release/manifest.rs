@@ -47,7 +47,8 @@ pub struct Manifest {
     /// Latest time to install: postponement never goes past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
-    /// One image per slot class, e.g. `rootfs`.
+    /// One image per slot class, e.g. `rootfs`. A class named twice is refused, not resolved.
+    #[serde(deserialize_with = "images_without_duplicates")]
     pub images: BTreeMap<String, Image>,
 }
 
@@ -117,6 +118,41 @@ pub struct ChunkIndexRef {
     pub url: String,
     pub sha256: String,
     pub chunk_size: u64,
+}
+
+/// serde_json keeps the last of two equal keys in a map without a word. Two images for one slot
+/// class would let the signed bytes mean different things to different readers (a reviewer's
+/// tool that keeps the first, the device that keeps the last), so they are refused. Struct fields
+/// need no such care: serde already refuses a duplicate field.
+fn images_without_duplicates<'de, D>(deserializer: D) -> Result<BTreeMap<String, Image>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Images;
+    impl<'de> serde::de::Visitor<'de> for Images {
+        type Value = BTreeMap<String, Image>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map from slot class to image")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut images = BTreeMap::new();
+            while let Some((class, image)) = map.next_entry::<String, Image>()? {
+                if images.contains_key(&class) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "images: slot class {class:?} is given twice"
+                    )));
+                }
+                images.insert(class, image);
+            }
+            Ok(images)
+        }
+    }
+    deserializer.deserialize_map(Images)
 }
 
 impl Manifest {
@@ -326,4 +362,50 @@ fn check_url(field: &str, value: &str) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn manifest_with_images(images: &str) -> String {
+        format!(
+            r#"{{"format": 1, "version": "1", "security_version": 1, "compatible": "c",
+                "created": "2026-01-01T00:00:00Z", "images": {images}}}"#
+        )
+    }
+
+    #[test]
+    fn duplicate_slot_class_is_refused_not_resolved() {
+        let one = format!(r#"{{"url": "https://a.example/1", "size": 1, "sha256": "{SHA}"}}"#);
+        let two = format!(r#"{{"url": "https://b.example/2", "size": 2, "sha256": "{SHA}"}}"#);
+        let single = manifest_with_images(&format!(r#"{{"rootfs": {one}}}"#));
+        assert!(Manifest::parse(single.as_bytes()).is_ok());
+        let twice = manifest_with_images(&format!(r#"{{"rootfs": {one}, "rootfs": {two}}}"#));
+        let refusal = Manifest::parse(twice.as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed);
+        assert!(
+            refusal.message.contains("given twice"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn duplicate_field_is_refused() {
+        let doubled = manifest_with_images("{}").replacen(
+            r#""version": "1","#,
+            r#""version": "1", "version": "2","#,
+            1,
+        );
+        let refusal = Manifest::parse(doubled.as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed);
+        assert!(
+            refusal.message.contains("duplicate field"),
+            "{}",
+            refusal.message
+        );
+    }
 }
