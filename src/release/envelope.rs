@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::keys::KeyId;
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
+use crate::release::json::{self, Object};
 
 /// A release is at most 64 KiB on the wire (MQTT payload, file, HTTP body).
 pub const MAX_RELEASE_SIZE: usize = 64 * 1024;
@@ -34,6 +35,7 @@ pub struct SignatureEntry {
 #[serde(deny_unknown_fields)]
 struct Wire {
     manifest: String,
+    #[serde(deserialize_with = "json::objects")]
     signatures: Vec<WireSignature>,
 }
 
@@ -55,7 +57,7 @@ impl Envelope {
                 ),
             ));
         }
-        let wire: Wire = serde_json::from_slice(bytes)
+        let Object(wire) = serde_json::from_slice::<Object<Wire>>(bytes)
             .map_err(|e| crate::release::malformed_json("release envelope", &e))?;
         if wire.signatures.is_empty() {
             return Err(Refusal::new(

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
+use crate::release::json::{self, Object};
 
 /// The manifest format this agent reads and writes.
 pub const FORMAT: u32 = 1;
@@ -36,13 +37,13 @@ pub struct Manifest {
     pub expires: Option<Timestamp>,
     #[serde(default)]
     pub security: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::string_enum")]
     pub severity: Severity,
     /// What risks the update mitigates, for the user (EN 303 645 5.3-11).
     #[serde(default)]
     pub advisory: String,
     /// What the install will do to the device (EN 303 645 5.3-12).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::object")]
     pub disruption: Disruption,
     /// Latest time to install: postponement never goes past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,7 +93,11 @@ pub struct Image {
     pub size: u64,
     /// Hex SHA-256 of the bytes as written to the slot.
     pub sha256: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "json::optional_string_enum"
+    )]
     pub compression: Option<Compression>,
     /// Size of the bytes on the wire, when compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,7 +105,11 @@ pub struct Image {
     /// Hex SHA-256 of the bytes on the wire, when compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport_sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "json::optional_object"
+    )]
     pub chunks: Option<ChunkIndexRef>,
 }
 
@@ -141,7 +150,7 @@ where
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
             let mut images = BTreeMap::new();
-            while let Some((class, image)) = map.next_entry::<String, Image>()? {
+            while let Some((class, Object(image))) = map.next_entry::<String, Object<Image>>()? {
                 if images.contains_key(&class) {
                     return Err(serde::de::Error::custom(format_args!(
                         "images: slot class {class:?} is given twice"
@@ -163,7 +172,9 @@ impl Manifest {
         struct FormatOnly {
             format: serde_json::Value,
         }
-        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(bytes) {
+        if let Ok(Object(FormatOnly { format })) =
+            serde_json::from_slice::<Object<FormatOnly>>(bytes)
+        {
             if format.as_u64() != Some(u64::from(FORMAT)) && format.is_u64() {
                 return Err(Refusal::new(
                     ReasonCode::UnsupportedFormat,
@@ -173,7 +184,7 @@ impl Manifest {
                 ));
             }
         }
-        let manifest: Manifest = serde_json::from_slice(bytes)
+        let Object(manifest) = serde_json::from_slice::<Object<Manifest>>(bytes)
             .map_err(|e| crate::release::malformed_json("manifest", &e))?;
         manifest.validate()?;
         Ok(manifest)

@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod envelope;
+mod json;
 pub mod manifest;
 pub mod verify;
 
