@@ -38,7 +38,10 @@ fn check(result: Result<VerifiedRelease, Refusal>) {
     match result {
         Ok(verified) => {
             assert!(!verified.signers.is_empty());
-            verified.manifest.validate().expect("an accepted manifest is valid");
+            verified
+                .manifest
+                .validate()
+                .expect("an accepted manifest is valid");
             assert!(verified.manifest.security_version >= POLICY.floor);
         }
         Err(refusal) => {
