@@ -70,8 +70,8 @@ impl TrustAnchor {
             path: dir.to_owned(),
             source,
         };
-        let mut problems = Vec::new();
-        check_protected(dir, &mut problems).map_err(read_err)?;
+        let mut problems = Problems::default();
+        problems.check(dir).map_err(read_err)?;
         let mut paths = Vec::new();
         for entry in fs::read_dir(dir).map_err(read_err)? {
             let path = entry.map_err(read_err)?.path();
@@ -91,7 +91,7 @@ impl TrustAnchor {
         paths.sort();
         let mut anchor = TrustAnchor::default();
         for path in &paths {
-            check_protected(path, &mut problems).map_err(|source| AnchorError::Read {
+            problems.check(path).map_err(|source| AnchorError::Read {
                 path: path.clone(),
                 source,
             })?;
@@ -103,6 +103,7 @@ impl TrustAnchor {
                 path: dir.to_owned(),
             });
         }
+        let problems = problems.notes;
         if !problems.is_empty() {
             match protection {
                 Protection::Enforce => {
@@ -134,20 +135,33 @@ impl TrustAnchor {
     }
 }
 
-/// Records why `path` could be changed by someone: its filesystem is writable, it is not owned
-/// by root, or group/others may write it.
-fn check_protected(path: &Path, problems: &mut Vec<String>) -> std::io::Result<()> {
-    let meta = fs::metadata(path)?;
-    let flags = statvfs(path).map_err(std::io::Error::from)?.flags();
-    if !flags.contains(FsFlags::ST_RDONLY) {
-        let note = format!(
-            "the filesystem holding {} is mounted read-write",
-            path.display()
-        );
-        if !problems.contains(&note) {
-            problems.push(note);
+/// Why the anchor could be changed by someone, one note per problem.
+#[derive(Default)]
+struct Problems {
+    notes: Vec<String>,
+    /// Filesystems already reported as read-write: one note each, not one per key file.
+    writable_devices: Vec<u64>,
+}
+
+impl Problems {
+    /// Records why `path` could be changed by someone: its filesystem is writable, it is not
+    /// owned by root, or group/others may write it.
+    fn check(&mut self, path: &Path) -> std::io::Result<()> {
+        let meta = fs::metadata(path)?;
+        let flags = statvfs(path).map_err(std::io::Error::from)?.flags();
+        if !flags.contains(FsFlags::ST_RDONLY) && !self.writable_devices.contains(&meta.dev()) {
+            self.writable_devices.push(meta.dev());
+            self.notes.push(format!(
+                "the filesystem holding {} is mounted read-write",
+                path.display()
+            ));
         }
+        check_owner_and_mode(path, &meta, &mut self.notes);
+        Ok(())
     }
+}
+
+fn check_owner_and_mode(path: &Path, meta: &fs::Metadata, problems: &mut Vec<String>) {
     if meta.uid() != 0 {
         problems.push(format!(
             "{} is owned by uid {}, not root",
@@ -162,5 +176,4 @@ fn check_protected(path: &Path, problems: &mut Vec<String>) -> std::io::Result<(
             meta.mode() & 0o7777
         ));
     }
-    Ok(())
 }

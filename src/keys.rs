@@ -4,12 +4,14 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -88,13 +90,30 @@ fn read_small(path: &Path) -> Result<String, KeyError> {
         path: path.to_owned(),
         source,
     };
-    let meta = fs::metadata(path).map_err(read_err)?;
-    if meta.len() > MAX_KEY_FILE {
+    // Only regular files: a FIFO would block the open, and a device (`/dev/zero` linked as a key)
+    // reports size 0 and never ends. The read is bounded too, since the size can change between
+    // the metadata and the read.
+    if !fs::metadata(path).map_err(read_err)?.is_file() {
+        return Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|file| file.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
         return Err(KeyError::TooLarge {
             path: path.to_owned(),
         });
     }
-    fs::read_to_string(path).map_err(read_err)
+    String::from_utf8(bytes).map_err(|e| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.utf8_error(),
+        ))
+    })
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
@@ -130,9 +149,15 @@ pub fn generate_signing_key() -> Result<SigningKey, KeyError> {
 pub fn write_key_pair(key: &SigningKey, prefix: &Path) -> Result<(PathBuf, PathBuf), KeyError> {
     let private_path = with_suffix(prefix, "key");
     let public_path = with_suffix(prefix, "pub");
-    let private_pem = key
-        .to_pkcs8_pem(LineEnding::LF)
-        .expect("encoding a 32-byte Ed25519 key as PKCS#8 cannot fail");
+    // PKCS#8 v1 (RFC 5208), without the optional public key that ed25519-dalek would add by
+    // default (v2, RFC 5958): OpenSSL 3.0 cannot read v2 Ed25519 keys, and v1 is exactly what
+    // `openssl genpkey -algorithm ed25519` writes.
+    let private_pem = KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(LineEnding::LF)
+    .expect("encoding a 32-byte Ed25519 key as PKCS#8 cannot fail");
     let public_pem = key
         .verifying_key()
         .to_public_key_pem(LineEnding::LF)
@@ -197,5 +222,32 @@ mod tests {
             write_key_pair(&key, &dir.path().join("k")),
             Err(KeyError::Write { .. })
         ));
+    }
+
+    #[test]
+    fn key_file_read_is_bounded_and_regular_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.pub");
+        fs::write(&big, vec![b'A'; MAX_KEY_FILE as usize + 1]).unwrap();
+        assert!(matches!(
+            load_verifying_key(&big),
+            Err(KeyError::TooLarge { .. })
+        ));
+        // A device reports size 0 and never ends: refused, not read until memory runs out.
+        let zero = dir.path().join("zero.pub");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let err = load_verifying_key(&zero).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn private_key_is_pkcs8_v1_as_openssl_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[9u8; 32]);
+        let (private, _) = write_key_pair(&key, &dir.path().join("k")).unwrap();
+        let pem = fs::read_to_string(&private).unwrap();
+        // openssl genpkey's layout: 48 bytes of DER (version 0, no public key) on one PEM line.
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.starts_with("MC4CAQAw"), "not a PKCS#8 v1 key: {pem}");
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::keys::KeyId;
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
+use crate::release::json::{self, Object};
 
 /// A release is at most 64 KiB on the wire (MQTT payload, file, HTTP body).
 pub const MAX_RELEASE_SIZE: usize = 64 * 1024;
@@ -34,6 +35,7 @@ pub struct SignatureEntry {
 #[serde(deny_unknown_fields)]
 struct Wire {
     manifest: String,
+    #[serde(deserialize_with = "json::objects")]
     signatures: Vec<WireSignature>,
 }
 
@@ -55,8 +57,8 @@ impl Envelope {
                 ),
             ));
         }
-        let wire: Wire = serde_json::from_slice(bytes)
-            .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("release envelope: {e}")))?;
+        let Object(wire) = serde_json::from_slice::<Object<Wire>>(bytes)
+            .map_err(|e| crate::release::malformed_json("release envelope", &e))?;
         if wire.signatures.is_empty() {
             return Err(Refusal::new(
                 ReasonCode::UntrustedKey,
@@ -127,4 +129,30 @@ fn decode_signature(index: usize, entry: &WireSignature) -> Result<SignatureEntr
         keyid,
         sig: Signature::from_bytes(&bytes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_messages_escape_attacker_text() {
+        // serde's messages quote the offending key or value: a terminal escape or a newline in
+        // an unknown field name must not reach a log line or a terminal as it is.
+        let long = "x".repeat(10_000);
+        for input in [
+            r#"{"manifest": "", "\u001b[2J\nFAKE LOG LINE": 1}"#.to_string(),
+            format!(r#"{{"{long}": 1}}"#),
+            format!(r#"{{"manifest": 1, "signatures": [{{"keyid": "{long}", "sig": 5}}]}}"#),
+        ] {
+            let refusal = Envelope::parse(input.as_bytes()).unwrap_err();
+            assert_eq!(refusal.code, ReasonCode::Malformed);
+            assert!(
+                !refusal.message.chars().any(char::is_control),
+                "{:?}",
+                refusal.message
+            );
+            assert!(refusal.message.len() < 400, "{}", refusal.message.len());
+        }
+    }
 }

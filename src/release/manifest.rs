@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
+use crate::release::json::{self, Object};
 
 /// The manifest format this agent reads and writes.
 pub const FORMAT: u32 = 1;
@@ -36,18 +37,19 @@ pub struct Manifest {
     pub expires: Option<Timestamp>,
     #[serde(default)]
     pub security: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::string_enum")]
     pub severity: Severity,
     /// What risks the update mitigates, for the user (EN 303 645 5.3-11).
     #[serde(default)]
     pub advisory: String,
     /// What the install will do to the device (EN 303 645 5.3-12).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json::object")]
     pub disruption: Disruption,
     /// Latest time to install: postponement never goes past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
-    /// One image per slot class, e.g. `rootfs`.
+    /// One image per slot class, e.g. `rootfs`. A class named twice is refused, not resolved.
+    #[serde(deserialize_with = "images_without_duplicates")]
     pub images: BTreeMap<String, Image>,
 }
 
@@ -91,7 +93,11 @@ pub struct Image {
     pub size: u64,
     /// Hex SHA-256 of the bytes as written to the slot.
     pub sha256: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "json::optional_string_enum"
+    )]
     pub compression: Option<Compression>,
     /// Size of the bytes on the wire, when compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,7 +105,11 @@ pub struct Image {
     /// Hex SHA-256 of the bytes on the wire, when compressed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport_sha256: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "json::optional_object"
+    )]
     pub chunks: Option<ChunkIndexRef>,
 }
 
@@ -119,6 +129,41 @@ pub struct ChunkIndexRef {
     pub chunk_size: u64,
 }
 
+/// serde_json keeps the last of two equal keys in a map without a word. Two images for one slot
+/// class would let the signed bytes mean different things to different readers (a reviewer's
+/// tool that keeps the first, the device that keeps the last), so they are refused. Struct fields
+/// need no such care: serde already refuses a duplicate field.
+fn images_without_duplicates<'de, D>(deserializer: D) -> Result<BTreeMap<String, Image>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Images;
+    impl<'de> serde::de::Visitor<'de> for Images {
+        type Value = BTreeMap<String, Image>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map from slot class to image")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut images = BTreeMap::new();
+            while let Some((class, Object(image))) = map.next_entry::<String, Object<Image>>()? {
+                if images.contains_key(&class) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "images: slot class {class:?} is given twice"
+                    )));
+                }
+                images.insert(class, image);
+            }
+            Ok(images)
+        }
+    }
+    deserializer.deserialize_map(Images)
+}
+
 impl Manifest {
     /// Strict parse of manifest bytes whose signatures have already been verified.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, Refusal> {
@@ -127,7 +172,9 @@ impl Manifest {
         struct FormatOnly {
             format: serde_json::Value,
         }
-        if let Ok(FormatOnly { format }) = serde_json::from_slice::<FormatOnly>(bytes) {
+        if let Ok(Object(FormatOnly { format })) =
+            serde_json::from_slice::<Object<FormatOnly>>(bytes)
+        {
             if format.as_u64() != Some(u64::from(FORMAT)) && format.is_u64() {
                 return Err(Refusal::new(
                     ReasonCode::UnsupportedFormat,
@@ -137,8 +184,8 @@ impl Manifest {
                 ));
             }
         }
-        let manifest: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| Refusal::new(ReasonCode::Malformed, format!("manifest: {e}")))?;
+        let Object(manifest) = serde_json::from_slice::<Object<Manifest>>(bytes)
+            .map_err(|e| crate::release::malformed_json("manifest", &e))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -326,4 +373,50 @@ fn check_url(field: &str, value: &str) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn manifest_with_images(images: &str) -> String {
+        format!(
+            r#"{{"format": 1, "version": "1", "security_version": 1, "compatible": "c",
+                "created": "2026-01-01T00:00:00Z", "images": {images}}}"#
+        )
+    }
+
+    #[test]
+    fn duplicate_slot_class_is_refused_not_resolved() {
+        let one = format!(r#"{{"url": "https://a.example/1", "size": 1, "sha256": "{SHA}"}}"#);
+        let two = format!(r#"{{"url": "https://b.example/2", "size": 2, "sha256": "{SHA}"}}"#);
+        let single = manifest_with_images(&format!(r#"{{"rootfs": {one}}}"#));
+        assert!(Manifest::parse(single.as_bytes()).is_ok());
+        let twice = manifest_with_images(&format!(r#"{{"rootfs": {one}, "rootfs": {two}}}"#));
+        let refusal = Manifest::parse(twice.as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed);
+        assert!(
+            refusal.message.contains("given twice"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn duplicate_field_is_refused() {
+        let doubled = manifest_with_images("{}").replacen(
+            r#""version": "1","#,
+            r#""version": "1", "version": "2","#,
+            1,
+        );
+        let refusal = Manifest::parse(doubled.as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed);
+        assert!(
+            refusal.message.contains("duplicate field"),
+            "{}",
+            refusal.message
+        );
+    }
 }

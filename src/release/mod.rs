@@ -11,6 +11,7 @@
 
 pub mod build;
 pub mod envelope;
+mod json;
 pub mod manifest;
 pub mod verify;
 
@@ -47,21 +48,34 @@ impl fmt::Display for Refusal {
 impl std::error::Error for Refusal {}
 
 /// Makes a string that came from outside safe to put in a log line or a message: control
-/// characters and non-ASCII are escaped, and it is cut to `max` characters.
+/// characters and non-ASCII are escaped, and the result is cut to at most `max` characters (plus
+/// a final `…` when cut; an escape sequence is never split).
 pub fn escape_for_log(text: &str, max: usize) -> String {
     let mut out = String::new();
-    for (count, c) in text.chars().enumerate() {
-        if count == max {
+    let mut len = 0;
+    for c in text.chars() {
+        let escaped: String = if c.is_ascii_graphic() || c == ' ' {
+            c.into()
+        } else {
+            c.escape_default().collect()
+        };
+        if len + escaped.len() > max {
             out.push('…');
             break;
         }
-        if c.is_ascii_graphic() || c == ' ' {
-            out.push(c);
-        } else {
-            out.extend(c.escape_default());
-        }
+        len += escaped.len();
+        out.push_str(&escaped);
     }
     out
+}
+
+/// A refusal for JSON that serde would not take. serde's message quotes the offending key or
+/// value, which is attacker-controlled: it is escaped and bounded like any outside text.
+pub(crate) fn malformed_json(what: &str, error: &serde_json::Error) -> Refusal {
+    Refusal::new(
+        ReasonCode::Malformed,
+        format!("{what}: {}", escape_for_log(&error.to_string(), 240)),
+    )
 }
 
 /// Reads a release file, never more than one byte past [`MAX_RELEASE_SIZE`] (so that an oversized
@@ -84,5 +98,9 @@ mod tests {
         assert_eq!(escape_for_log("a\nb", 10), "a\\nb");
         assert_eq!(escape_for_log("\u{1b}[31m", 10), "\\u{1b}[31m");
         assert_eq!(escape_for_log("abcdef", 3), "abc…");
+        assert_eq!(escape_for_log("abc", 3), "abc");
+        // The bound is on the output: escapes count at their escaped length and are not split.
+        assert_eq!(escape_for_log("\u{1b}\u{1b}", 12), "\\u{1b}\\u{1b}");
+        assert_eq!(escape_for_log("\u{1b}\u{1b}", 11), "\\u{1b}…");
     }
 }

@@ -1,8 +1,11 @@
-//! Helpers for the integration tests: real bootloader environments in a temporary directory and
-//! a simulator of the boot scripts. Each test crate that says `mod common;` uses only part of it.
+//! Helpers for the integration tests: real bootloader environments in a temporary directory, the
+//! boot scripts' simulator, and (in `releases`) fixed keys and hand-assembled releases. Each test crate that says `mod common;` uses only part of it.
 #![allow(dead_code)]
 
-pub mod boot_sim;
+pub use update_agent::bootloader::simulator as boot_sim;
+
+mod releases;
+pub use releases::*;
 
 use std::fs;
 use std::path::{Path, PathBuf};
