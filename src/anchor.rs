@@ -51,7 +51,10 @@ pub enum AnchorError {
         "trust anchor {path} is not protected: {}; put it on the read-only root filesystem (e.g. /usr/share/update-agent/keys.d) owned by root, or for development only start with --insecure-writable-anchor",
         problems.join("; ")
     )]
-    Writable { path: PathBuf, problems: Vec<String> },
+    Writable {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl TrustAnchor {

@@ -8,8 +8,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -188,7 +188,10 @@ mod tests {
             fs::metadata(&private).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(load_signing_key(&private).unwrap().to_bytes(), key.to_bytes());
+        assert_eq!(
+            load_signing_key(&private).unwrap().to_bytes(),
+            key.to_bytes()
+        );
         assert_eq!(load_verifying_key(&public).unwrap(), key.verifying_key());
         assert!(matches!(
             write_key_pair(&key, &dir.path().join("k")),

@@ -33,6 +33,33 @@ pub enum ReasonCode {
     Expired,
     /// An image URL uses a scheme the agent does not fetch from.
     UnsupportedUrl,
+
+    // --- the transfer: fetching an image and writing it into a slot (`crate::transfer`) ---
+    /// The image could not be fetched: no connection, the connection broke, a local source file
+    /// is unreadable. Usually temporary; a retry resumes from the last checkpoint.
+    DownloadFailed,
+    /// The server answered with an HTTP status other than 200/206.
+    HttpStatus,
+    /// No byte arrived for longer than the stall timeout.
+    StallTimeout,
+    /// The redirects did not end: a loop, or more than the agent follows.
+    RedirectLoop,
+    /// An https URL redirected to plain http.
+    InsecureRedirect,
+    /// The server sent more or fewer bytes than the release declares.
+    SizeMismatch,
+    /// The bytes fetched do not have the SHA-256 the signed release declares.
+    HashMismatch,
+    /// The image does not fit in the slot; refused before writing.
+    ImageTooLarge,
+    /// The slot, read back from the medium after writing, does not hold the image.
+    ReadbackMismatch,
+    /// The compressed image is not a valid zstd stream (or needs more memory than allowed).
+    DecompressFailed,
+    /// Opening, writing, syncing or reading the slot failed.
+    SlotIo,
+    /// The agent stopped the install (its progress or checkpoint handler failed).
+    Cancelled,
 }
 
 impl ReasonCode {
@@ -48,6 +75,19 @@ impl ReasonCode {
         ReasonCode::Downgrade,
         ReasonCode::Expired,
         ReasonCode::UnsupportedUrl,
+        // transfer
+        ReasonCode::DownloadFailed,
+        ReasonCode::HttpStatus,
+        ReasonCode::StallTimeout,
+        ReasonCode::RedirectLoop,
+        ReasonCode::InsecureRedirect,
+        ReasonCode::SizeMismatch,
+        ReasonCode::HashMismatch,
+        ReasonCode::ImageTooLarge,
+        ReasonCode::ReadbackMismatch,
+        ReasonCode::DecompressFailed,
+        ReasonCode::SlotIo,
+        ReasonCode::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,13 +102,28 @@ impl ReasonCode {
             ReasonCode::Downgrade => "downgrade",
             ReasonCode::Expired => "expired",
             ReasonCode::UnsupportedUrl => "unsupported-url",
+            // transfer
+            ReasonCode::DownloadFailed => "download-failed",
+            ReasonCode::HttpStatus => "http-status",
+            ReasonCode::StallTimeout => "stall-timeout",
+            ReasonCode::RedirectLoop => "redirect-loop",
+            ReasonCode::InsecureRedirect => "insecure-redirect",
+            ReasonCode::SizeMismatch => "size-mismatch",
+            ReasonCode::HashMismatch => "hash-mismatch",
+            ReasonCode::ImageTooLarge => "image-too-large",
+            ReasonCode::ReadbackMismatch => "readback-mismatch",
+            ReasonCode::DecompressFailed => "decompress-failed",
+            ReasonCode::SlotIo => "slot-io",
+            ReasonCode::Cancelled => "cancelled",
         }
     }
 
-    /// True when the code means someone may have tampered with a release: the operators, the
-    /// user and the journal are alerted (EN 303 645 5.7-2), not just told.
+    /// True when the code means someone may have tampered with a release or its image: the
+    /// operators, the user and the journal are alerted (EN 303 645 5.7-2), not just told.
     pub fn is_tamper_alert(self) -> bool {
-        matches!(self, ReasonCode::BadSignature)
+        // An image whose hash differs from the signed one was altered after signing (or broken
+        // in transit): either way the integrity check failed, which 5.7-2 asks to report.
+        matches!(self, ReasonCode::BadSignature | ReasonCode::HashMismatch)
     }
 }
 

@@ -115,8 +115,8 @@ fn decode_signature(index: usize, entry: &WireSignature) -> Result<SignatureEntr
             format!("signatures[{index}]: {what}"),
         )
     };
-    let keyid = KeyId::from_hex(&entry.keyid)
-        .ok_or_else(|| malformed("keyid is not 64 hex digits"))?;
+    let keyid =
+        KeyId::from_hex(&entry.keyid).ok_or_else(|| malformed("keyid is not 64 hex digits"))?;
     let raw = STANDARD
         .decode(entry.sig.as_bytes())
         .map_err(|_| malformed("sig is not valid base64"))?;

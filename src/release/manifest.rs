@@ -131,7 +131,9 @@ impl Manifest {
             if format.as_u64() != Some(u64::from(FORMAT)) && format.is_u64() {
                 return Err(Refusal::new(
                     ReasonCode::UnsupportedFormat,
-                    format!("manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"),
+                    format!(
+                        "manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"
+                    ),
                 ));
             }
         }
@@ -147,7 +149,10 @@ impl Manifest {
         if self.format != FORMAT {
             return Err(Refusal::new(
                 ReasonCode::UnsupportedFormat,
-                format!("manifest format {} is not supported (this agent reads format {FORMAT})", self.format),
+                format!(
+                    "manifest format {} is not supported (this agent reads format {FORMAT})",
+                    self.format
+                ),
             ));
         }
         check_text("version", &self.version, MAX_VERSION_LEN)?;
@@ -155,7 +160,11 @@ impl Manifest {
         if self.advisory.len() > MAX_ADVISORY_LEN {
             return malformed(format!("advisory is longer than {MAX_ADVISORY_LEN} bytes"));
         }
-        if self.advisory.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        if self
+            .advisory
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
             return malformed("advisory contains control characters".into());
         }
         if self.disruption.downtime_seconds > MAX_DOWNTIME_SECONDS {
@@ -199,7 +208,11 @@ impl Image {
             ));
         }
         check_sha256(&format!("images.{class}.sha256"), &self.sha256)?;
-        match (self.compression, self.transport_size, &self.transport_sha256) {
+        match (
+            self.compression,
+            self.transport_size,
+            &self.transport_sha256,
+        ) {
             (None, None, None) => {}
             (Some(_), Some(size), Some(hash)) => {
                 if size == 0 || size > MAX_IMAGE_SIZE {
