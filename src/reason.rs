@@ -38,6 +38,8 @@ pub enum ReasonCode {
     /// The image could not be fetched: no connection, the connection broke, a local source file
     /// is unreadable. Usually temporary; a retry resumes from the last checkpoint.
     DownloadFailed,
+    /// The TLS handshake failed: an untrusted or expired certificate (or a wrong device clock).
+    TlsFailed,
     /// The server answered with an HTTP status other than 200/206.
     HttpStatus,
     /// No byte arrived for longer than the stall timeout.
@@ -77,6 +79,7 @@ impl ReasonCode {
         ReasonCode::UnsupportedUrl,
         // transfer
         ReasonCode::DownloadFailed,
+        ReasonCode::TlsFailed,
         ReasonCode::HttpStatus,
         ReasonCode::StallTimeout,
         ReasonCode::RedirectLoop,
@@ -104,6 +107,7 @@ impl ReasonCode {
             ReasonCode::UnsupportedUrl => "unsupported-url",
             // transfer
             ReasonCode::DownloadFailed => "download-failed",
+            ReasonCode::TlsFailed => "tls-failed",
             ReasonCode::HttpStatus => "http-status",
             ReasonCode::StallTimeout => "stall-timeout",
             ReasonCode::RedirectLoop => "redirect-loop",

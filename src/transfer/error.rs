@@ -28,6 +28,11 @@ pub enum TransferError {
     )]
     Download { url: String, detail: String },
 
+    #[error(
+        "no trusted tls connection to {url}: {detail}; check the device's clock and that the server's CA is trusted (system roots or the configured extra roots)"
+    )]
+    Tls { url: String, detail: String },
+
     #[error("{url} answered HTTP {status}; check that the server publishes the image at this url")]
     HttpStatus { url: String, status: u16 },
 
@@ -108,6 +113,7 @@ impl TransferError {
             TransferError::UnsupportedUrl { .. } => ReasonCode::UnsupportedUrl,
             TransferError::BadImage { .. } => ReasonCode::Malformed,
             TransferError::Download { .. } => ReasonCode::DownloadFailed,
+            TransferError::Tls { .. } => ReasonCode::TlsFailed,
             TransferError::HttpStatus { .. } => ReasonCode::HttpStatus,
             TransferError::Stall { .. } => ReasonCode::StallTimeout,
             TransferError::RedirectLoop { .. } => ReasonCode::RedirectLoop,

@@ -56,7 +56,11 @@ fn read_back(path: &Path, size: u64) -> Result<[u8; 32], TransferError> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
         Err(e) => return Err(TransferError::slot_io(path, "open for read-back", e)),
     }
+    read_back_uncached(path, size)
+}
 
+/// The fallback for filesystems without `O_DIRECT`.
+fn read_back_uncached(path: &Path, size: u64) -> Result<[u8; 32], TransferError> {
     let file =
         File::open(path).map_err(|e| TransferError::slot_io(path, "open for read-back", e))?;
     file.sync_data()
@@ -113,4 +117,24 @@ fn hash_region(file: &File, path: &Path, size: u64) -> Result<[u8; 32], Unread> 
         }
     }
     Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_without_o_direct_hashes_the_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let data: Vec<u8> = (0..3 * READ_BUFFER + 17).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let size = data.len() as u64 - 5;
+        let expected: [u8; 32] = Sha256::digest(&data[..size as usize]).into();
+
+        assert_eq!(read_back_uncached(&path, size).unwrap(), expected);
+        assert_eq!(read_back(&path, size).unwrap(), expected);
+        let err = read_back_uncached(&path, data.len() as u64 + 1).unwrap_err();
+        assert!(matches!(err, TransferError::ReadbackMismatch { .. }));
+    }
 }

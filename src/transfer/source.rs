@@ -337,6 +337,12 @@ fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
         }
         cause = err.source();
     }
+    if let Some(tls) = tls_cause(&error) {
+        return TransferError::Tls {
+            url: shown.to_string(),
+            detail: esc(&tls.to_string()),
+        };
+    }
     let what = if error.is_connect() {
         "cannot connect"
     } else if error.is_timeout() {
@@ -348,6 +354,25 @@ fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
         url: shown.to_string(),
         detail: format!("{what}: {}", chain(&error.without_url())),
     }
+}
+
+/// The rustls error behind a failed request, if that is what failed. hyper-rustls wraps it in
+/// `io::Error`s, whose `source()` skips the wrapped error, hence the look inside them.
+fn tls_cause(error: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = cause {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// Accepts `Content-Range: bytes start-(total-1)/total` (or `/*`): anything else means the
