@@ -360,11 +360,7 @@ impl Slots {
         let booted = dir.path().join("slot-a");
         std::fs::write(&slot, b"").unwrap();
         std::fs::write(&booted, BOOTED).unwrap();
-        Slots {
-            dir: dir,
-            slot,
-            booted,
-        }
+        Slots { dir, slot, booted }
     }
 
     fn request(&self, image: Image) -> WriteRequest {
