@@ -158,7 +158,7 @@ pub(crate) enum SinkOutcome {
 /// `checkpoints` receives each durable offset after its `fdatasync`.
 pub(crate) fn run_sink(
     file: File,
-    config: SinkConfig,
+    mut config: SinkConfig,
     mut queue: tokio::sync::mpsc::Receiver<Msg>,
     written: Arc<AtomicU64>,
     checkpoints: std::sync::mpsc::Sender<u64>,
@@ -167,7 +167,15 @@ pub(crate) fn run_sink(
         Some(expected) => Some(Unzstd::new(expected, &config.shown)?),
         None => None,
     };
+    let state = std::mem::take(&mut config.hasher);
+    let hash = match unzstd {
+        // Decompressed output lives in a reused buffer: nothing to share with another thread,
+        // and the decoder is the slow part anyway.
+        Some(_) => ImageHash::Inline(state),
+        None => ImageHash::threaded(state),
+    };
     let mut slot = SlotWriter {
+        hash,
         next_checkpoint: next_multiple(config.start, config.checkpoint_interval),
         file,
         buf: Vec::with_capacity(WRITE_BUFFER),
@@ -181,7 +189,7 @@ pub(crate) fn run_sink(
         match msg {
             Msg::Data(chunk) => match &mut unzstd {
                 Some(unzstd) => unzstd.feed(&chunk, &mut slot)?,
-                None => slot.accept(&chunk)?,
+                None => slot.accept_shared(chunk)?,
             },
             Msg::End => {
                 if let Some(unzstd) = &mut unzstd {
@@ -210,6 +218,7 @@ fn next_multiple(offset: u64, interval: u64) -> Option<u64> {
 
 struct SlotWriter {
     file: File,
+    hash: ImageHash,
     config: SinkConfig,
     buf: Vec<u8>,
     /// Slot offset where `buf` starts: everything before it was handed to the kernel.
@@ -226,11 +235,9 @@ impl SlotWriter {
         self.flushed + self.buf.len() as u64
     }
 
-    /// Hashes and writes image bytes; refuses, before writing any of them, bytes that would go
-    /// past the declared size.
-    fn accept(&mut self, mut data: &[u8]) -> Result<(), TransferError> {
-        let room = self.config.size - self.accepted();
-        if data.len() as u64 > room {
+    /// Refuses, before any of them is written, bytes that would go past the declared size.
+    fn check_room(&self, len: usize) -> Result<(), TransferError> {
+        if len as u64 > self.config.size - self.accepted() {
             return Err(TransferError::SizeMismatch {
                 url: self.config.shown.clone(),
                 detail: format!(
@@ -239,7 +246,24 @@ impl SlotWriter {
                 ),
             });
         }
-        self.config.hasher.update(data);
+        Ok(())
+    }
+
+    /// Hashes and writes image bytes.
+    fn accept(&mut self, data: &[u8]) -> Result<(), TransferError> {
+        self.check_room(data.len())?;
+        self.hash.update(data);
+        self.write(data)
+    }
+
+    /// [`SlotWriter::accept`] for a chunk the hashing thread can share without a copy.
+    fn accept_shared(&mut self, chunk: Bytes) -> Result<(), TransferError> {
+        self.check_room(chunk.len())?;
+        self.hash.update_shared(chunk.clone());
+        self.write(&chunk)
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> Result<(), TransferError> {
         while !data.is_empty() {
             let mut take = (WRITE_BUFFER - self.buf.len()).min(data.len());
             if let Some(at) = self.next_checkpoint {
@@ -303,7 +327,7 @@ impl SlotWriter {
                 ),
             });
         }
-        let actual: [u8; 32] = self.config.hasher.clone().finalize().into();
+        let actual = self.hash.finalize();
         if actual != self.config.expected {
             return Err(TransferError::HashMismatch {
                 url: self.config.shown.clone(),
@@ -317,6 +341,75 @@ impl SlotWriter {
             let _ = checkpoints.send(self.durable);
         }
         Ok(())
+    }
+}
+
+/// The image hash: inline, or on a thread of its own so that hashing and writing use both cores.
+enum ImageHash {
+    Inline(Sha256),
+    Thread {
+        chunks: Option<std::sync::mpsc::SyncSender<Bytes>>,
+        worker: Option<std::thread::JoinHandle<Sha256>>,
+    },
+}
+
+/// Chunks queued for the hashing thread.
+const HASH_QUEUE: usize = 8;
+
+impl ImageHash {
+    fn threaded(state: Sha256) -> ImageHash {
+        let (chunks, queue) = std::sync::mpsc::sync_channel::<Bytes>(HASH_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("image-hash".into())
+            .spawn({
+                let mut state = state.clone();
+                move || {
+                    for chunk in queue {
+                        state.update(&chunk);
+                    }
+                    state
+                }
+            });
+        match spawned {
+            Ok(worker) => ImageHash::Thread {
+                chunks: Some(chunks),
+                worker: Some(worker),
+            },
+            // No thread to be had: hash inline, only slower.
+            Err(_) => ImageHash::Inline(state),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            ImageHash::Inline(state) => state.update(data),
+            ImageHash::Thread { .. } => self.update_shared(Bytes::copy_from_slice(data)),
+        }
+    }
+
+    fn update_shared(&mut self, chunk: Bytes) {
+        match self {
+            ImageHash::Inline(state) => state.update(&chunk),
+            ImageHash::Thread { chunks, .. } => chunks
+                .as_ref()
+                .expect("no update after finalize")
+                .send(chunk)
+                .expect("the hashing thread runs until its queue closes"),
+        }
+    }
+
+    fn finalize(&mut self) -> [u8; 32] {
+        match self {
+            ImageHash::Inline(state) => state.clone().finalize().into(),
+            ImageHash::Thread { chunks, worker } => {
+                drop(chunks.take());
+                let worker = worker.take().expect("finalize once");
+                match worker.join() {
+                    Ok(state) => state.finalize().into(),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        }
     }
 }
 
