@@ -945,3 +945,102 @@ fn verify_slot_works_on_tmpfs() {
 
     verify_slot(&slot, SIZE as u64, &digest).unwrap();
 }
+
+// ------------------------------------------------------------------------------------------
+// Block-device slots (loop devices; skipped where they cannot be had)
+
+/// A loop device over a sparse file, detached on drop.
+struct LoopDevice {
+    dev: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn attach(size: u64) -> Option<LoopDevice> {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let output = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(output.stdout).ok()?.trim().to_string();
+        Some(LoopDevice {
+            dev: PathBuf::from(dev),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
+    let Some(device) = LoopDevice::attach(2 * 1024 * 1024) else {
+        eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
+        return;
+    };
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.slot_path = device.dev.clone();
+    req.slot_capacity = 1 << 40;
+
+    install(&req).await.0.unwrap();
+    let written = std::fs::read(&device.dev).unwrap();
+    assert_eq!(written[..SIZE], data[..]);
+    assert!(written[SIZE..].iter().all(|&b| b == 0));
+
+    // The configured capacity is generous; the device's own size still refuses a larger image.
+    let big = image_bytes(3 * 1024 * 1024);
+    req.image = image(&server.url("/img"), &big);
+    let (result, _) = install(&req).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, TransferError::ImageTooLarge { capacity, .. } if capacity == 2 * 1024 * 1024),
+        "{err}"
+    );
+
+    // A device someone holds exclusively (as a mount does) is never written.
+    use std::os::unix::fs::OpenOptionsExt;
+    let _held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&device.dev)
+        .unwrap();
+    req.image = image(&server.url("/img"), &data);
+    let (result, _) = install(&req).await;
+    let err = result.unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::SlotIo, "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn compressed_image_ignores_resume_from() {
+    let data = image_bytes(SIZE);
+    let compressed = zstd::encode_all(&data[..], 3).unwrap();
+    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    std::fs::write(&slots.slot, &data[..SIZE / 2]).unwrap();
+    let mut req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
+    req.resume_from = (SIZE / 2) as u64;
+
+    install(&req).await.0.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+    assert_eq!(server.seen()[0].range, None);
+}
