@@ -8,7 +8,7 @@
 //! 2. Peak RSS (VmHWM) of a child process doing one install, for 128 MiB and 1 GiB images.
 //!
 //! Knobs for finding where time goes: `BENCH_SOURCE=file` (no network), `BENCH_CHECKPOINT_MIB`
-//! (0: no intermediate syncs).
+//! (0: no intermediate syncs), `BENCH_RSS=0` (skip the memory part).
 //!
 //! Data lives in a temporary directory under the target directory and is deleted at the end.
 
@@ -96,7 +96,11 @@ fn main() {
     );
     std::fs::remove_file(&image_path).unwrap();
 
-    for rss_mib in [128u64, 1024] {
+    let rss_sizes: &[u64] = match std::env::var("BENCH_RSS").as_deref() {
+        Ok("0") => &[],
+        _ => &[128, 1024],
+    };
+    for &rss_mib in rss_sizes {
         let name = format!("image-{rss_mib}.raw");
         let path = dir.path().join(&name);
         let sha = make_image(&path, rss_mib * MIB);

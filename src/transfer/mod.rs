@@ -128,11 +128,13 @@ pub struct Written {
 
 /// Fetches `req.image` and writes it into `req.slot_path`; see the module documentation.
 ///
+/// The future is `Send`, so the engine can `tokio::spawn` it as the adapter job.
+///
 /// The slot is opened only after the image was found to fit, and only `[0, size)` of it is ever
 /// written. On success every byte was hashed on the way in and again read back from the medium.
 pub async fn install_image(
     req: &WriteRequest,
-    events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
 ) -> Result<Written, TransferError> {
     let image = &req.image;
     let plan = Plan::new(image)?;
@@ -354,7 +356,7 @@ fn decode_sha256(text: &str) -> Option<[u8; 32]> {
 async fn read_back(
     req: &WriteRequest,
     plan: &Plan,
-    events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
 ) -> Result<Written, TransferError> {
     call(events, TransferEvent::Verifying)?;
     let path = req.slot_path.clone();
@@ -368,7 +370,7 @@ async fn read_back(
 
 /// Passes sink news on to the caller's handler, at the pace the caller was promised.
 struct Reporter<'a> {
-    events: &'a mut dyn FnMut(TransferEvent) -> io::Result<()>,
+    events: &'a mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     checkpoints: std::sync::mpsc::Receiver<u64>,
     written: Arc<AtomicU64>,
     total: u64,
@@ -400,7 +402,7 @@ impl Reporter<'_> {
 }
 
 fn call(
-    events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     event: TransferEvent,
 ) -> Result<(), TransferError> {
     events(event).map_err(|source| TransferError::Cancelled { source })
@@ -421,5 +423,29 @@ fn join_error(e: tokio::task::JoinError) -> TransferError {
         Err(e) => TransferError::Cancelled {
             source: io::Error::other(e.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn install_future_can_be_spawned() {
+        let image = Image {
+            url: "file:///nonexistent".into(),
+            size: 1,
+            sha256: "00".repeat(32),
+            compression: None,
+            transport_size: None,
+            transport_sha256: None,
+            chunks: None,
+        };
+        let req = WriteRequest::new(image, "/nonexistent", 1);
+        let mut events = |_| Ok(());
+        let future = install_image(&req, &mut events);
+        assert_send(&future);
     }
 }
