@@ -20,10 +20,10 @@ use super::error::TransferError;
 
 /// Bytes per read: a multiple of every logical block size, so `O_DIRECT` offsets and lengths
 /// stay aligned.
-const READ_BUFFER: usize = 1024 * 1024;
+const READ_BUFFER: usize = 2 * 1024 * 1024;
 
 /// Buffers in flight between the reading and the hashing thread.
-const BUFFERS: usize = 3;
+const BUFFERS: usize = 2;
 
 /// Memory alignment for `O_DIRECT` buffers: the largest logical block size in common use.
 const ALIGN: usize = 4096;
