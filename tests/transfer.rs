@@ -258,7 +258,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             stream.write_all(&data[..after]).await?;
             stream.flush().await?;
             // Let the client read what was sent: an RST drops data still unread in its buffer.
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(Ending::Reset);
         }
         Act::ResetOnce { .. } => unreachable!(),
