@@ -12,6 +12,8 @@
 //! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
+//! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
+//!   resumably, with hash checks on the way in and a read-back past the page cache.
 
 pub mod anchor;
 pub mod bootloader;
@@ -23,3 +25,4 @@ pub mod reason;
 pub mod release;
 pub mod state_store;
 pub mod system;
+pub mod transfer;

@@ -34,6 +34,35 @@ pub enum ReasonCode {
     /// An image URL uses a scheme the agent does not fetch from.
     UnsupportedUrl,
 
+    // --- the transfer: fetching an image and writing it into a slot (`crate::transfer`) ---
+    /// The image could not be fetched: no connection, the connection broke, a local source file
+    /// is unreadable. Usually temporary; a retry resumes from the last checkpoint.
+    DownloadFailed,
+    /// The TLS handshake failed: an untrusted or expired certificate (or a wrong device clock).
+    TlsFailed,
+    /// The server answered with an HTTP status other than 200/206.
+    HttpStatus,
+    /// No byte arrived for longer than the stall timeout.
+    StallTimeout,
+    /// The redirects did not end: a loop, or more than the agent follows.
+    RedirectLoop,
+    /// An https URL redirected to plain http.
+    InsecureRedirect,
+    /// The server sent more or fewer bytes than the release declares.
+    SizeMismatch,
+    /// The bytes fetched do not have the SHA-256 the signed release declares.
+    HashMismatch,
+    /// The image does not fit in the slot; refused before writing.
+    ImageTooLarge,
+    /// The slot, read back from the medium after writing, does not hold the image.
+    ReadbackMismatch,
+    /// The compressed image is not a valid zstd stream (or needs more memory than allowed).
+    DecompressFailed,
+    /// Opening, writing, syncing or reading the slot failed.
+    SlotIo,
+    /// The agent stopped the install (its progress or checkpoint handler failed).
+    Cancelled,
+
     // --- the transaction ---
     /// Another transaction is in progress; the release will be looked at again later.
     Busy,
@@ -43,8 +72,6 @@ pub enum ReasonCode {
     PreviouslyRolledBack,
     /// The bootloader environment could not be read or changed.
     BootloaderFailed,
-    /// A slot could not be opened, written or read back.
-    SlotIo,
     /// The device booted a slot the transaction did not expect.
     UnexpectedBoot,
 
@@ -68,11 +95,24 @@ impl ReasonCode {
         ReasonCode::Downgrade,
         ReasonCode::Expired,
         ReasonCode::UnsupportedUrl,
+        // transfer
+        ReasonCode::DownloadFailed,
+        ReasonCode::TlsFailed,
+        ReasonCode::HttpStatus,
+        ReasonCode::StallTimeout,
+        ReasonCode::RedirectLoop,
+        ReasonCode::InsecureRedirect,
+        ReasonCode::SizeMismatch,
+        ReasonCode::HashMismatch,
+        ReasonCode::ImageTooLarge,
+        ReasonCode::ReadbackMismatch,
+        ReasonCode::DecompressFailed,
+        ReasonCode::SlotIo,
+        ReasonCode::Cancelled,
         ReasonCode::Busy,
         ReasonCode::NotReady,
         ReasonCode::PreviouslyRolledBack,
         ReasonCode::BootloaderFailed,
-        ReasonCode::SlotIo,
         ReasonCode::UnexpectedBoot,
         ReasonCode::HealthCheckFailed,
         ReasonCode::FellBack,
@@ -90,21 +130,37 @@ impl ReasonCode {
             ReasonCode::Downgrade => "downgrade",
             ReasonCode::Expired => "expired",
             ReasonCode::UnsupportedUrl => "unsupported-url",
+            // transfer
+            ReasonCode::DownloadFailed => "download-failed",
+            ReasonCode::TlsFailed => "tls-failed",
+            ReasonCode::HttpStatus => "http-status",
+            ReasonCode::StallTimeout => "stall-timeout",
+            ReasonCode::RedirectLoop => "redirect-loop",
+            ReasonCode::InsecureRedirect => "insecure-redirect",
+            ReasonCode::SizeMismatch => "size-mismatch",
+            ReasonCode::HashMismatch => "hash-mismatch",
+            ReasonCode::ImageTooLarge => "image-too-large",
+            ReasonCode::ReadbackMismatch => "readback-mismatch",
+            ReasonCode::DecompressFailed => "decompress-failed",
+            ReasonCode::SlotIo => "slot-io",
+            ReasonCode::Cancelled => "cancelled",
+
             ReasonCode::Busy => "busy",
             ReasonCode::NotReady => "not-ready",
             ReasonCode::PreviouslyRolledBack => "previously-rolled-back",
             ReasonCode::BootloaderFailed => "bootloader-failed",
-            ReasonCode::SlotIo => "slot-io",
             ReasonCode::UnexpectedBoot => "unexpected-boot",
             ReasonCode::HealthCheckFailed => "health-check-failed",
             ReasonCode::FellBack => "fell-back",
         }
     }
 
-    /// True when the code means someone may have tampered with a release: the operators, the
-    /// user and the journal are alerted (EN 303 645 5.7-2), not just told.
+    /// True when the code means someone may have tampered with a release or its image: the
+    /// operators, the user and the journal are alerted (EN 303 645 5.7-2), not just told.
     pub fn is_tamper_alert(self) -> bool {
-        matches!(self, ReasonCode::BadSignature)
+        // An image whose hash differs from the signed one was altered after signing (or broken
+        // in transit): either way the integrity check failed, which 5.7-2 asks to report.
+        matches!(self, ReasonCode::BadSignature | ReasonCode::HashMismatch)
     }
 }
 

@@ -2,7 +2,6 @@
 //! assembled by hand (not by the library under test), so a test can build any shape, hostile
 //! or not.
 
-
 use std::path::PathBuf;
 
 use base64::Engine;

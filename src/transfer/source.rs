@@ -1,0 +1,465 @@
+//! Where image bytes come from: `https://` and `http://` through reqwest (rustls with the ring
+//! provider, system roots plus any the caller adds), or a `file://` path.
+//!
+//! A source is opened at an offset (a `Range` request for http) and then yields chunks, each
+//! within the stall timeout. It checks what the transport itself tells about lengths (a
+//! `Content-Length` or file size that disagrees with the release is refused before any byte is
+//! taken); counting the bytes as they arrive is the caller's job, so the same check covers every
+//! source.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_RANGE, HeaderMap, RANGE};
+use reqwest::redirect;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use url::Url;
+
+use super::error::{TransferError, chain, esc};
+
+/// Most redirects followed for one request (curl's default is 50; a release URL needs one or two).
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Bytes read from a `file://` source at a time.
+const FILE_CHUNK: usize = 256 * 1024;
+
+/// How to reach an http(s) server.
+pub(crate) struct HttpOptions<'a> {
+    pub connect_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub extra_roots: &'a [CertificateDer<'static>],
+}
+
+pub(crate) struct Source {
+    /// The URL as it may be shown: escaped.
+    shown: String,
+    stall_timeout: Duration,
+    /// Where the bytes this source yields start in the transport stream: the requested offset,
+    /// or 0 when a server answered a range request with the whole body.
+    start: u64,
+    received: u64,
+    body: Body,
+}
+
+enum Body {
+    Http(reqwest::Response),
+    File(tokio::fs::File),
+}
+
+impl Source {
+    /// Opens `url` to read the transport bytes `[start, total)`.
+    pub(crate) async fn open(
+        url: &Url,
+        start: u64,
+        total: u64,
+        http: &HttpOptions<'_>,
+    ) -> Result<Source, TransferError> {
+        let shown = esc(url.as_str());
+        match url.scheme() {
+            "http" | "https" => open_http(url, shown, start, total, http).await,
+            "file" => open_file(url, shown, start, total, http.stall_timeout).await,
+            other => Err(TransferError::UnsupportedUrl {
+                url: shown,
+                detail: format!(
+                    "the scheme {:?} is not one of https, http, file",
+                    esc(other)
+                ),
+            }),
+        }
+    }
+
+    pub(crate) fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The next chunk, `None` at the end of the body; an error when nothing arrives within the
+    /// stall timeout.
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransferError> {
+        let next = async {
+            match &mut self.body {
+                Body::Http(response) => {
+                    response.chunk().await.map_err(|e| TransferError::Download {
+                        url: self.shown.clone(),
+                        detail: format!(
+                            "connection lost after {} bytes: {}",
+                            self.start + self.received,
+                            chain(&e.without_url())
+                        ),
+                    })
+                }
+                Body::File(file) => {
+                    let mut buf = BytesMut::with_capacity(FILE_CHUNK);
+                    match file.read_buf(&mut buf).await {
+                        Ok(0) => Ok(None),
+                        Ok(_) => Ok(Some(buf.freeze())),
+                        Err(e) => Err(TransferError::Download {
+                            url: self.shown.clone(),
+                            detail: format!("cannot read the source file: {e}"),
+                        }),
+                    }
+                }
+            }
+        };
+        let chunk = tokio::time::timeout(self.stall_timeout, next)
+            .await
+            .map_err(|_| TransferError::Stall {
+                url: self.shown.clone(),
+                after: self.stall_timeout,
+                received: self.start + self.received,
+            })??;
+        if let Some(chunk) = &chunk {
+            self.received += chunk.len() as u64;
+        }
+        Ok(chunk)
+    }
+}
+
+async fn open_http(
+    url: &Url,
+    shown: String,
+    start: u64,
+    total: u64,
+    options: &HttpOptions<'_>,
+) -> Result<Source, TransferError> {
+    let client = client(url, &shown, options)?;
+    // identity: the hashes are over the bytes as published; a server-side gzip layer would
+    // only make them disagree.
+    let mut request = client.get(url.clone()).header(ACCEPT_ENCODING, "identity");
+    if start > 0 {
+        request = request.header(RANGE, format!("bytes={start}-"));
+    }
+    let response = tokio::time::timeout(options.stall_timeout, request.send())
+        .await
+        .map_err(|_| TransferError::Stall {
+            url: shown.clone(),
+            after: options.stall_timeout,
+            received: start,
+        })?
+        .map_err(|e| request_error(e, &shown))?;
+
+    let start = match response.status().as_u16() {
+        206 if start > 0 => {
+            check_content_range(response.headers(), start, total, &shown)?;
+            start
+        }
+        // A server without range support sends everything: start over rather than fail, the
+        // image hash still decides.
+        200 => 0,
+        status => {
+            return Err(TransferError::HttpStatus { url: shown, status });
+        }
+    };
+    if let Some(length) = response.content_length() {
+        let expected = total - start;
+        if length != expected {
+            return Err(TransferError::SizeMismatch {
+                url: shown,
+                detail: format!(
+                    "the server announces {length} bytes from offset {start}, the release declares {expected}"
+                ),
+            });
+        }
+    }
+    Ok(Source {
+        shown,
+        stall_timeout: options.stall_timeout,
+        start,
+        received: 0,
+        body: Body::Http(response),
+    })
+}
+
+async fn open_file(
+    url: &Url,
+    shown: String,
+    start: u64,
+    total: u64,
+    stall_timeout: Duration,
+) -> Result<Source, TransferError> {
+    let path = url
+        .to_file_path()
+        .map_err(|()| TransferError::UnsupportedUrl {
+            url: shown.clone(),
+            detail: "a file url must name an absolute local path (file:///...)".into(),
+        })?;
+    let fail = |what: &str, e: std::io::Error| TransferError::Download {
+        url: shown.clone(),
+        detail: format!("cannot {what} the source file: {e}"),
+    };
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| fail("open", e))?;
+    let meta = file.metadata().await.map_err(|e| fail("inspect", e))?;
+    // Pipes and devices have no length to compare; their bytes are counted as they come.
+    if meta.is_file() && meta.len() != total {
+        return Err(TransferError::SizeMismatch {
+            url: shown,
+            detail: format!(
+                "the file holds {} bytes, the release declares {total}",
+                meta.len()
+            ),
+        });
+    }
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| fail("seek in", e))?;
+    }
+    Ok(Source {
+        shown,
+        stall_timeout,
+        start,
+        received: 0,
+        body: Body::File(file),
+    })
+}
+
+/// A reqwest client that speaks TLS 1.2/1.3 through rustls with the ring provider and verifies
+/// servers against the system's roots plus `extra_roots` — never against nothing.
+fn client(
+    url: &Url,
+    shown: &str,
+    options: &HttpOptions<'_>,
+) -> Result<reqwest::Client, TransferError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransferError::Download {
+            url: shown.to_string(),
+            detail: format!("cannot set up tls: {e}"),
+        })?;
+    let tls = match rustls_platform_verifier::Verifier::new_with_extra_roots(
+        options.extra_roots.iter().cloned(),
+        provider,
+    ) {
+        // `dangerous()` is only rustls' door to a custom verifier; this one is WebPKI over the
+        // platform's roots, as reqwest itself would build it.
+        Ok(verifier) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth(),
+        Err(e) if url.scheme() == "https" => {
+            return Err(TransferError::Download {
+                url: shown.to_string(),
+                detail: format!(
+                    "no trusted CA certificates ({e}); install the system's CA certificates or configure the update server's CA"
+                ),
+            });
+        }
+        // Plain http needs no roots; an https redirect from it then fails verification.
+        Err(_) => builder
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(redirect_policy())
+        .connect_timeout(options.connect_timeout)
+        .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| TransferError::Download {
+            url: shown.to_string(),
+            detail: format!("cannot set up the http client: {}", chain(&e)),
+        })
+}
+
+/// Why a redirect was not followed; found again in the reqwest error's causes.
+#[derive(Debug)]
+enum RedirectRefused {
+    Loop(Url),
+    TooMany,
+    Insecure(Url),
+    Scheme(Url),
+}
+
+impl fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedirectRefused::Loop(url) => write!(f, "redirect loop back to {}", esc(url.as_str())),
+            RedirectRefused::TooMany => write!(f, "more than {MAX_REDIRECTS} redirects"),
+            RedirectRefused::Insecure(url) => {
+                write!(f, "redirect from https to {}", esc(url.as_str()))
+            }
+            RedirectRefused::Scheme(url) => write!(f, "redirect to {}", esc(url.as_str())),
+        }
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
+fn redirect_policy() -> redirect::Policy {
+    redirect::Policy::custom(|attempt| {
+        let next = attempt.url().clone();
+        let previous = attempt.previous();
+        if previous.contains(&next) {
+            attempt.error(RedirectRefused::Loop(next))
+        } else if previous.len() > MAX_REDIRECTS {
+            // `previous` starts with the URL first asked for, so this allows MAX_REDIRECTS hops.
+            attempt.error(RedirectRefused::TooMany)
+        } else if next.scheme() != "https" && previous.iter().any(|u| u.scheme() == "https") {
+            // Once the chain was on TLS, leaving it would let anyone on the path serve the rest
+            // (the hash would catch altered bytes, but not a stall or a tracking server).
+            attempt.error(RedirectRefused::Insecure(next))
+        } else if !matches!(next.scheme(), "http" | "https") {
+            attempt.error(RedirectRefused::Scheme(next))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(err) = cause {
+        if let Some(refused) = err.downcast_ref::<RedirectRefused>() {
+            return match refused {
+                RedirectRefused::Insecure(to) => TransferError::InsecureRedirect {
+                    url: shown.to_string(),
+                    to: esc(to.as_str()),
+                },
+                RedirectRefused::Loop(_) | RedirectRefused::TooMany => {
+                    TransferError::RedirectLoop {
+                        url: shown.to_string(),
+                        detail: refused.to_string(),
+                    }
+                }
+                RedirectRefused::Scheme(_) => TransferError::UnsupportedUrl {
+                    url: shown.to_string(),
+                    detail: refused.to_string(),
+                },
+            };
+        }
+        cause = err.source();
+    }
+    if let Some(tls) = tls_cause(&error) {
+        return TransferError::Tls {
+            url: shown.to_string(),
+            detail: esc(&tls.to_string()),
+        };
+    }
+    let what = if error.is_connect() {
+        "cannot connect"
+    } else if error.is_timeout() {
+        "timed out"
+    } else {
+        "request failed"
+    };
+    TransferError::Download {
+        url: shown.to_string(),
+        detail: format!("{what}: {}", chain(&error.without_url())),
+    }
+}
+
+/// The rustls error behind a failed request, if that is what failed. hyper-rustls wraps it in
+/// `io::Error`s, whose `source()` skips the wrapped error, hence the look inside them.
+fn tls_cause(error: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(err) = cause {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cause = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// Accepts `Content-Range: bytes start-(total-1)/total` (or `/*`): anything else means the
+/// server would send other bytes than the ones asked for.
+fn check_content_range(
+    headers: &HeaderMap,
+    start: u64,
+    total: u64,
+    shown: &str,
+) -> Result<(), TransferError> {
+    let value = headers
+        .get(CONTENT_RANGE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let parsed = value.as_deref().and_then(parse_content_range);
+    let bad = |why: &str| TransferError::Download {
+        url: shown.to_string(),
+        detail: format!(
+            "asked for bytes={start}-, the server answered 206 with Content-Range {:?} ({why})",
+            esc(value.as_deref().unwrap_or("(none)"))
+        ),
+    };
+    let Some((first, last, length)) = parsed else {
+        return Err(bad("not a byte range"));
+    };
+    if let Some(length) = length {
+        if length != total {
+            return Err(TransferError::SizeMismatch {
+                url: shown.to_string(),
+                detail: format!(
+                    "the server's copy has {length} bytes (Content-Range), the release declares {total}"
+                ),
+            });
+        }
+    }
+    if first != start || last != total - 1 {
+        return Err(bad("a different range"));
+    }
+    Ok(())
+}
+
+/// `bytes first-last/length`, with `*` for an unknown length.
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, length) = rest.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (first, last) = (number(first)?, number(last)?);
+    let length = match length.trim() {
+        "*" => None,
+        n => Some(number(n)?),
+    };
+    (first <= last).then_some((first, last, length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing_is_strict() {
+        assert_eq!(
+            parse_content_range("bytes 10-99/100"),
+            Some((10, 99, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 10-99/*"), Some((10, 99, None)));
+        assert_eq!(parse_content_range("bytes 99-10/100"), None);
+        assert_eq!(parse_content_range("bytes -1-99/100"), None);
+        assert_eq!(parse_content_range("bytes +1-99/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    #[test]
+    fn content_range_must_match_the_request() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_RANGE, "bytes 10-99/100".parse().unwrap());
+        assert!(check_content_range(&headers, 10, 100, "u").is_ok());
+        let err = check_content_range(&headers, 20, 100, "u").unwrap_err();
+        assert_eq!(err.reason(), crate::reason::ReasonCode::DownloadFailed);
+        let err = check_content_range(&headers, 10, 200, "u").unwrap_err();
+        assert_eq!(err.reason(), crate::reason::ReasonCode::SizeMismatch);
+        headers.insert(CONTENT_RANGE, "bytes 10-50/100".parse().unwrap());
+        assert!(check_content_range(&headers, 10, 100, "u").is_err());
+    }
+}

@@ -1,0 +1,1046 @@
+//! Transfer tests against a real, hostile HTTP(S) server on 127.0.0.1: every way a download can
+//! go wrong ends in a clean error with its reason code, never touches anything but the slot
+//! it was given, and never writes past the image size.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use update_agent::reason::ReasonCode;
+use update_agent::release::manifest::{Compression, Image};
+use update_agent::transfer::{
+    TransferError, TransferEvent, WriteRequest, Written, install_image, verify_slot,
+};
+
+// ------------------------------------------------------------------------------------------
+// The hostile server
+
+/// What the server does for one path.
+#[derive(Clone)]
+enum Act {
+    /// Serves the data, honouring `Range: bytes=N-` with 206.
+    Serve,
+    /// Serves these bytes instead, with their Content-Length.
+    Body(Vec<u8>),
+    /// Ignores Range: always 200 with everything.
+    IgnoreRange,
+    /// Announces the full length, sends `after` bytes, closes cleanly.
+    Truncate {
+        after: usize,
+    },
+    /// No Content-Length (the end is the close): the data followed by `extra`.
+    CloseDelimited {
+        extra: Vec<u8>,
+    },
+    /// Announces a longer body than the data, then sends all of it plus `extra`.
+    LongerLength {
+        extra: Vec<u8>,
+    },
+    /// Sends headers and `after` bytes, then nothing, keeping the connection open.
+    Stall {
+        after: usize,
+    },
+    /// Sends `after` bytes, then resets the connection (TCP RST).
+    Reset {
+        after: usize,
+    },
+    /// The first request is reset after `after` bytes; later ones are served.
+    ResetOnce {
+        after: usize,
+    },
+    Status(u16),
+    Redirect(String),
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    range: Option<String>,
+}
+
+struct Server {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    tls: bool,
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+struct Shared {
+    data: Vec<u8>,
+    routes: HashMap<String, Act>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn serve(data: Vec<u8>, routes: Vec<(&str, Act)>) -> Server {
+    start(data, routes, None).await
+}
+
+async fn start(
+    data: Vec<u8>,
+    routes: Vec<(&str, Act)>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let shared = Arc::new(Shared {
+        data,
+        routes: routes
+            .into_iter()
+            .map(|(p, a)| (p.to_string(), a))
+            .collect(),
+        seen: seen.clone(),
+    });
+    let is_tls = tls.is_some();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let shared = shared.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(mut stream) = acceptor.accept(stream).await {
+                            let _ = respond(&mut stream, &shared).await;
+                            let _ = stream.shutdown().await;
+                        }
+                    }
+                    None => {
+                        let mut stream = stream;
+                        match respond(&mut stream, &shared).await {
+                            Ok(Ending::Reset) => reset(stream),
+                            _ => {
+                                let _ = stream.shutdown().await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        seen,
+        tls: is_tls,
+    }
+}
+
+fn reset(stream: TcpStream) {
+    // Zero linger makes the close an RST rather than a FIN.
+    stream.set_zero_linger().unwrap();
+    drop(stream);
+}
+
+enum Ending {
+    Close,
+    Reset,
+}
+
+async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    shared: &Shared,
+) -> io::Result<Ending> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await? == 0 || head.len() > 16 * 1024 {
+            return Ok(Ending::Close);
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+    let range = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("range")
+            .then(|| value.trim().to_string())
+    });
+    let first_time = {
+        let mut seen = shared.seen.lock().unwrap();
+        let first = !seen.iter().any(|s| s.path == path);
+        seen.push(Seen {
+            path: path.clone(),
+            range: range.clone(),
+        });
+        first
+    };
+    let data = &shared.data;
+    let act = shared
+        .routes
+        .get(&path)
+        .cloned()
+        .unwrap_or(Act::Status(404));
+    let act = match act {
+        Act::ResetOnce { after } if first_time => Act::Reset { after },
+        Act::ResetOnce { .. } => Act::Serve,
+        act => act,
+    };
+    let ok = |len: usize| {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    match act {
+        Act::Serve => {
+            let start = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|n| n.parse::<usize>().ok());
+            match start {
+                Some(start) if start < data.len() => {
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                        data.len() - start,
+                        data.len() - 1,
+                        data.len()
+                    );
+                    stream.write_all(head.as_bytes()).await?;
+                    stream.write_all(&data[start..]).await?;
+                }
+                _ => {
+                    stream.write_all(ok(data.len()).as_bytes()).await?;
+                    stream.write_all(data).await?;
+                }
+            }
+        }
+        Act::Body(body) => {
+            stream.write_all(ok(body.len()).as_bytes()).await?;
+            stream.write_all(&body).await?;
+        }
+        Act::IgnoreRange => {
+            stream.write_all(ok(data.len()).as_bytes()).await?;
+            stream.write_all(data).await?;
+        }
+        Act::Truncate { after } => {
+            stream.write_all(ok(data.len()).as_bytes()).await?;
+            stream.write_all(&data[..after]).await?;
+        }
+        Act::CloseDelimited { extra } => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                .await?;
+            stream.write_all(data).await?;
+            stream.write_all(&extra).await?;
+        }
+        Act::LongerLength { extra } => {
+            stream
+                .write_all(ok(data.len() + extra.len()).as_bytes())
+                .await?;
+            stream.write_all(data).await?;
+            stream.write_all(&extra).await?;
+        }
+        Act::Stall { after } => {
+            stream.write_all(ok(data.len()).as_bytes()).await?;
+            stream.write_all(&data[..after]).await?;
+            stream.flush().await?;
+            // Far longer than any stall timeout in these tests; the runtime ends with the test.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Act::Reset { after } => {
+            stream.write_all(ok(data.len()).as_bytes()).await?;
+            stream.write_all(&data[..after]).await?;
+            stream.flush().await?;
+            // Let the client read what was sent: an RST drops data still unread in its buffer.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return Ok(Ending::Reset);
+        }
+        Act::ResetOnce { .. } => unreachable!(),
+        Act::Status(status) => {
+            let head = format!(
+                "HTTP/1.1 {status} Oops\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops\n"
+            );
+            stream.write_all(head.as_bytes()).await?;
+        }
+        Act::Redirect(location) => {
+            let head = format!(
+                "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await?;
+        }
+    }
+    stream.flush().await?;
+    Ok(Ending::Close)
+}
+
+/// A TLS acceptor with a fresh self-signed certificate for 127.0.0.1, and that certificate for
+/// the client to trust.
+fn tls_pair() -> (
+    tokio_rustls::TlsAcceptor,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = key.cert.der().clone();
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()),
+    );
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], private)
+    .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert)
+}
+
+// ------------------------------------------------------------------------------------------
+// Fixtures
+
+const SIZE: usize = 1024 * 1024 + 4321;
+const CHECKPOINT: u64 = 64 * 1024;
+const BOOTED: &[u8] = b"the booted slot: must never change";
+
+/// Deterministic bytes that do not compress to nothing.
+fn image_bytes(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn image(url: &str, data: &[u8]) -> Image {
+    Image {
+        url: url.to_string(),
+        size: data.len() as u64,
+        sha256: sha(data),
+        compression: None,
+        transport_size: None,
+        transport_sha256: None,
+        chunks: None,
+    }
+}
+
+fn zstd_image(url: &str, data: &[u8], compressed: &[u8]) -> Image {
+    Image {
+        compression: Some(Compression::Zstd),
+        transport_size: Some(compressed.len() as u64),
+        transport_sha256: Some(sha(compressed)),
+        ..image(url, data)
+    }
+}
+
+struct Slots {
+    dir: tempfile::TempDir,
+    slot: PathBuf,
+    booted: PathBuf,
+}
+
+impl Slots {
+    /// An empty inactive slot file and a booted one with known content, side by side.
+    fn new() -> Slots {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot-b");
+        let booted = dir.path().join("slot-a");
+        std::fs::write(&slot, b"").unwrap();
+        std::fs::write(&booted, BOOTED).unwrap();
+        Slots { dir, slot, booted }
+    }
+
+    fn request(&self, image: Image) -> WriteRequest {
+        let mut req = WriteRequest::new(image, &self.slot, 4 * SIZE as u64);
+        req.checkpoint_interval = CHECKPOINT;
+        req.stall_timeout = Duration::from_secs(5);
+        req.connect_timeout = Duration::from_secs(5);
+        req
+    }
+
+    fn slot_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.slot).unwrap()
+    }
+
+    /// What every test checks: the booted slot is as it was, and nothing lies past `size`.
+    fn assert_safe(&self, size: usize) {
+        assert_eq!(std::fs::read(&self.booted).unwrap(), BOOTED);
+        let len = std::fs::metadata(&self.slot).unwrap().len();
+        assert!(len <= size as u64, "slot grew to {len}, past {size}");
+    }
+}
+
+async fn install(req: &WriteRequest) -> (Result<Written, TransferError>, Vec<TransferEvent>) {
+    let mut events = Vec::new();
+    let result = install_image(req, &mut |event| {
+        events.push(event);
+        Ok(())
+    })
+    .await;
+    (result, events)
+}
+
+fn checkpoints(events: &[TransferEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TransferEvent::Checkpoint { durable } => Some(*durable),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs a request that must fail, checks its reason and the safety invariants, and returns
+/// the error for further checks.
+async fn expect_failure(slots: &Slots, req: &WriteRequest, reason: ReasonCode) -> TransferError {
+    let (result, _) = install(req).await;
+    let err = result.expect_err("the install must fail");
+    assert_eq!(err.reason(), reason, "unexpected error: {err}");
+    let message = err.to_string();
+    eprintln!("{reason}: {message}");
+    assert!(
+        message.chars().all(|c| !c.is_control()),
+        "control characters in {message:?}"
+    );
+    assert!(!message.ends_with('.'), "trailing period: {message}");
+    slots.assert_safe(req.image.size as usize);
+    err
+}
+
+// ------------------------------------------------------------------------------------------
+// Happy paths
+
+#[tokio::test]
+async fn http_image_is_written_checkpointed_and_read_back() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let (result, events) = install(&req).await;
+    let written = result.unwrap();
+
+    assert_eq!(written.bytes, SIZE as u64);
+    assert_eq!(hex::encode(written.sha256), sha(&data));
+    assert_eq!(slots.slot_bytes(), data);
+    slots.assert_safe(SIZE);
+    let cps = checkpoints(&events);
+    let boundaries: Vec<u64> = (1..=SIZE as u64 / CHECKPOINT)
+        .map(|k| k * CHECKPOINT)
+        .collect();
+    assert_eq!(cps[..cps.len() - 1], boundaries[..]);
+    assert_eq!(*cps.last().unwrap(), SIZE as u64);
+    assert_eq!(events.last(), Some(&TransferEvent::Verifying));
+    assert!(events.contains(&TransferEvent::Progress {
+        written: SIZE as u64,
+        total: SIZE as u64
+    }));
+    assert!(server.seen().iter().all(|s| s.range.is_none()));
+}
+
+#[tokio::test]
+async fn file_url_image_is_written() {
+    let data = image_bytes(SIZE);
+    let slots = Slots::new();
+    let source = slots.dir.path().join("image.raw");
+    std::fs::write(&source, &data).unwrap();
+    let url = url::Url::from_file_path(&source).unwrap();
+    let req = slots.request(image(url.as_str(), &data));
+
+    let (result, _) = install(&req).await;
+
+    assert_eq!(result.unwrap().bytes, SIZE as u64);
+    assert_eq!(slots.slot_bytes(), data);
+}
+
+#[tokio::test]
+async fn https_image_is_written_with_an_extra_root() {
+    let data = image_bytes(SIZE);
+    let (acceptor, cert) = tls_pair();
+    let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.extra_roots = vec![cert];
+
+    let (result, _) = install(&req).await;
+
+    result.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+}
+
+#[tokio::test]
+async fn https_server_with_an_unknown_certificate_is_refused() {
+    let data = image_bytes(SIZE);
+    let (acceptor, _cert) = tls_pair();
+    let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::TlsFailed).await;
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert_eq!(slots.slot_bytes(), b"");
+}
+
+#[tokio::test]
+async fn zstd_image_is_decompressed_and_both_hashes_checked() {
+    let data = image_bytes(SIZE);
+    let compressed = zstd::encode_all(&data[..], 3).unwrap();
+    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
+
+    let (result, events) = install(&req).await;
+
+    assert_eq!(result.unwrap().bytes, SIZE as u64);
+    assert_eq!(slots.slot_bytes(), data);
+    assert!(
+        checkpoints(&events).is_empty(),
+        "compressed images are not resumable, so no checkpoints"
+    );
+}
+
+#[tokio::test]
+async fn zstd_transport_hash_mismatch_is_refused() {
+    let data = image_bytes(SIZE);
+    let compressed = zstd::encode_all(&data[..], 3).unwrap();
+    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    let mut image = zstd_image(&server.url("/img.zst"), &data, &compressed);
+    image.transport_sha256 = Some(sha(b"something else"));
+    let req = slots.request(image);
+
+    let err = expect_failure(&slots, &req, ReasonCode::HashMismatch).await;
+    assert!(err.to_string().contains("compressed image"), "{err}");
+}
+
+#[tokio::test]
+async fn redirects_within_the_limit_are_followed() {
+    let data = image_bytes(SIZE);
+    let mut routes = vec![("/img", Act::Serve)];
+    let hops = ["/r1", "/r2", "/r3", "/r4", "/r5"];
+    for (i, hop) in hops.iter().enumerate() {
+        let next = hops.get(i + 1).copied().unwrap_or("/img");
+        routes.push((hop, Act::Redirect(next.to_string())));
+    }
+    let server = serve(data.clone(), routes).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/r1"), &data));
+
+    install(&req).await.0.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+}
+
+// ------------------------------------------------------------------------------------------
+// Hostile servers
+
+#[tokio::test]
+async fn truncated_body_is_a_download_failure() {
+    let data = image_bytes(SIZE);
+    let server = serve(
+        data.clone(),
+        vec![("/img", Act::Truncate { after: SIZE / 2 })],
+    )
+    .await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn short_close_delimited_body_is_a_size_mismatch() {
+    let data = image_bytes(SIZE);
+    let server = serve(
+        data.clone(),
+        vec![("/img", Act::CloseDelimited { extra: vec![] })],
+    )
+    .await;
+    let slots = Slots::new();
+    let mut longer = data.clone();
+    longer.extend_from_slice(b"the release says there is more");
+    let req = slots.request(image(&server.url("/img"), &longer));
+
+    expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
+}
+
+#[tokio::test]
+async fn wrong_bytes_are_a_hash_mismatch() {
+    let data = image_bytes(SIZE);
+    let mut evil = data.clone();
+    evil[SIZE / 3] ^= 0x40;
+    let server = serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::HashMismatch).await;
+    assert!(err.reason().is_tamper_alert());
+}
+
+#[tokio::test]
+async fn extra_bytes_without_length_stop_at_the_first_one() {
+    let data = image_bytes(SIZE);
+    let extra = vec![0xEE; 300 * 1024];
+    let server = serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
+    // Whatever was written is a prefix of the image: not one byte of the excess.
+    let slot = slots.slot_bytes();
+    assert_eq!(slot[..], data[..slot.len()]);
+}
+
+#[tokio::test]
+async fn announced_longer_body_is_refused_before_writing() {
+    let data = image_bytes(SIZE);
+    let server = serve(
+        data.clone(),
+        vec![("/img", Act::LongerLength { extra: vec![1; 10] })],
+    )
+    .await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
+    assert_eq!(slots.slot_bytes(), b"");
+}
+
+#[tokio::test]
+async fn stalled_server_times_out() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.stall_timeout = Duration::from_secs(1);
+
+    let begun = Instant::now();
+    let (result, events) = install(&req).await;
+    let err = result.unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::StallTimeout, "{err}");
+    assert!(begun.elapsed() < Duration::from_secs(4));
+    slots.assert_safe(SIZE);
+    // What did arrive is durable and offered for a resume.
+    assert_eq!(checkpoints(&events).last(), Some(&100_000));
+}
+
+#[tokio::test]
+async fn redirect_loop_is_refused() {
+    let data = image_bytes(SIZE);
+    let server = serve(
+        data.clone(),
+        vec![
+            ("/a", Act::Redirect("/b".into())),
+            ("/b", Act::Redirect("/a".into())),
+        ],
+    )
+    .await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/a"), &data));
+
+    expect_failure(&slots, &req, ReasonCode::RedirectLoop).await;
+    assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn too_many_redirects_are_refused() {
+    let data = image_bytes(SIZE);
+    let paths: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
+    let routes = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), Act::Redirect(format!("/r{}", i + 1))))
+        .collect();
+    let server = serve(data.clone(), routes).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/r0"), &data));
+
+    expect_failure(&slots, &req, ReasonCode::RedirectLoop).await;
+    assert_eq!(
+        server.seen().len(),
+        1 + update_agent::transfer::MAX_REDIRECTS
+    );
+}
+
+#[tokio::test]
+async fn https_to_http_redirect_is_refused() {
+    let data = image_bytes(SIZE);
+    let plain = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let (acceptor, cert) = tls_pair();
+    let secure = start(
+        data.clone(),
+        vec![("/img", Act::Redirect(plain.url("/img")))],
+        Some(acceptor),
+    )
+    .await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&secure.url("/img"), &data));
+    req.extra_roots = vec![cert];
+
+    let err = expect_failure(&slots, &req, ReasonCode::InsecureRedirect).await;
+    assert!(err.to_string().contains(&plain.url("/img")), "{err}");
+    assert!(
+        plain.seen().is_empty(),
+        "the plain-http server was contacted"
+    );
+    assert_eq!(slots.slot_bytes(), b"");
+}
+
+#[tokio::test]
+async fn connection_reset_midway_is_a_download_failure() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn server_error_status_is_reported_with_the_status() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Status(500))]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::HttpStatus).await;
+    assert!(matches!(err, TransferError::HttpStatus { status: 500, .. }));
+    assert!(err.is_transient());
+    assert_eq!(slots.slot_bytes(), b"");
+}
+
+#[tokio::test]
+async fn missing_image_is_a_404() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/nope"), &data));
+
+    let err = expect_failure(&slots, &req, ReasonCode::HttpStatus).await;
+    assert!(!err.is_transient());
+}
+
+#[tokio::test]
+async fn zstd_bomb_stops_at_the_image_size() {
+    let data = vec![0u8; 64 * 1024];
+    // 64 MiB of zeros: a few KiB on the wire.
+    let bomb = zstd::encode_all(&vec![0u8; 64 * 1024 * 1024][..], 19).unwrap();
+    assert!(bomb.len() < 64 * 1024);
+    let server = serve(bomb.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &bomb));
+
+    expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
+    assert!(slots.slot_bytes().len() <= data.len());
+}
+
+#[tokio::test]
+async fn zstd_frame_with_a_huge_window_is_refused() {
+    let data = image_bytes(SIZE);
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    encoder.long_distance_matching(true).unwrap();
+    encoder.window_log(27).unwrap();
+    encoder.include_contentsize(false).unwrap();
+    io::Write::write_all(&mut encoder, &data).unwrap();
+    let compressed = encoder.finish().unwrap();
+    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
+
+    let err = expect_failure(&slots, &req, ReasonCode::DecompressFailed).await;
+    assert!(err.to_string().contains("--long"), "{err}");
+}
+
+#[tokio::test]
+async fn image_larger_than_the_slot_is_refused_before_anything() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    std::fs::write(&slots.slot, b"old system").unwrap();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.slot_capacity = SIZE as u64 - 1;
+
+    expect_failure(&slots, &req, ReasonCode::ImageTooLarge).await;
+    assert_eq!(slots.slot_bytes(), b"old system");
+    assert!(server.seen().is_empty(), "the server was contacted");
+}
+
+#[tokio::test]
+async fn missing_slot_is_not_created() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.slot_path = slots.slot.with_file_name("no-such-slot");
+
+    let (result, _) = install(&req).await;
+    assert_eq!(result.unwrap_err().reason(), ReasonCode::SlotIo);
+    assert!(!req.slot_path.exists());
+    assert!(server.seen().is_empty());
+}
+
+#[tokio::test]
+async fn failing_checkpoint_handler_cancels_the_install() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+
+    let result = install_image(&req, &mut |event| match event {
+        TransferEvent::Checkpoint { .. } => Err(io::Error::other("state store is full")),
+        _ => Ok(()),
+    })
+    .await;
+
+    let err = result.unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::Cancelled);
+    assert!(err.to_string().contains("state store is full"));
+    slots.assert_safe(SIZE);
+}
+
+// ------------------------------------------------------------------------------------------
+// Resume
+
+#[tokio::test]
+async fn resume_after_a_reset_continues_with_a_range_request() {
+    let data = image_bytes(SIZE);
+    let reset_at = 600 * 1024 + 123;
+    let server = serve(
+        data.clone(),
+        vec![("/img", Act::ResetOnce { after: reset_at })],
+    )
+    .await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+
+    let (result, events) = install(&req).await;
+    assert_eq!(result.unwrap_err().reason(), ReasonCode::DownloadFailed);
+    slots.assert_safe(SIZE);
+    // The caller persists the last checkpoint it heard of.
+    let durable = *checkpoints(&events)
+        .last()
+        .expect("a checkpoint before the reset");
+    assert!(durable > 0 && durable <= reset_at as u64, "{durable}");
+
+    req.resume_from = durable;
+    let (result, events) = install(&req).await;
+
+    result.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].range.as_deref(),
+        Some(&*format!("bytes={durable}-"))
+    );
+    assert_eq!(
+        events.first(),
+        Some(&TransferEvent::Progress {
+            written: durable,
+            total: SIZE as u64
+        })
+    );
+}
+
+#[tokio::test]
+async fn resume_answered_with_200_restarts_from_zero() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
+    let slots = Slots::new();
+    // A slot left half-written with garbage by an earlier attempt at some other image.
+    std::fs::write(&slots.slot, vec![0x55; SIZE / 2]).unwrap();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.resume_from = (SIZE / 2) as u64;
+
+    install(&req).await.0.unwrap();
+
+    assert_eq!(slots.slot_bytes(), data);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].range.as_deref(),
+        Some(&*format!("bytes={}-", SIZE / 2))
+    );
+}
+
+#[tokio::test]
+async fn resume_from_the_full_size_only_reads_back() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    std::fs::write(&slots.slot, &data).unwrap();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.resume_from = SIZE as u64;
+
+    install(&req).await.0.unwrap();
+    assert!(server.seen().is_empty());
+}
+
+#[tokio::test]
+async fn resume_past_a_truncated_slot_starts_over() {
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    std::fs::write(&slots.slot, &data[..1000]).unwrap();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.resume_from = 500_000;
+
+    install(&req).await.0.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+    assert_eq!(server.seen()[0].range, None);
+}
+
+// ------------------------------------------------------------------------------------------
+// Read-back
+
+#[test]
+fn verify_slot_catches_a_changed_byte() {
+    let data = image_bytes(SIZE);
+    let slots = Slots::new();
+    let mut stored = data.clone();
+    stored.extend_from_slice(b"bytes past the image are not part of it");
+    std::fs::write(&slots.slot, &stored).unwrap();
+    let digest: [u8; 32] = Sha256::digest(&data).into();
+
+    verify_slot(&slots.slot, SIZE as u64, &digest).unwrap();
+
+    stored[SIZE - 1] ^= 1;
+    std::fs::write(&slots.slot, &stored).unwrap();
+    let err = verify_slot(&slots.slot, SIZE as u64, &digest).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ReadbackMismatch);
+
+    let err = verify_slot(&slots.slot, stored.len() as u64 + 1, &digest).unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::ReadbackMismatch);
+    assert!(err.to_string().contains("ends after"), "{err}");
+}
+
+/// tmpfs refuses O_DIRECT before Linux 6.6 (the read-back then falls back to fadvise and plain
+/// reads, unit-tested in `readback.rs`) and accepts it since.
+#[test]
+fn verify_slot_works_on_tmpfs() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm here: nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let slot = dir.path().join("slot");
+    let data = image_bytes(SIZE);
+    std::fs::write(&slot, &data).unwrap();
+    let digest: [u8; 32] = Sha256::digest(&data).into();
+
+    verify_slot(&slot, SIZE as u64, &digest).unwrap();
+}
+
+// ------------------------------------------------------------------------------------------
+// Block-device slots (loop devices; skipped where they cannot be had)
+
+/// A loop device over a sparse file, detached on drop.
+struct LoopDevice {
+    dev: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn attach(size: u64) -> Option<LoopDevice> {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing.img");
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let output = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(output.stdout).ok()?.trim().to_string();
+        Some(LoopDevice {
+            dev: PathBuf::from(dev),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
+    let Some(device) = LoopDevice::attach(2 * 1024 * 1024) else {
+        eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
+        return;
+    };
+    let data = image_bytes(SIZE);
+    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&server.url("/img"), &data));
+    req.slot_path = device.dev.clone();
+    req.slot_capacity = 1 << 40;
+
+    install(&req).await.0.unwrap();
+    let written = std::fs::read(&device.dev).unwrap();
+    assert_eq!(written[..SIZE], data[..]);
+    assert!(written[SIZE..].iter().all(|&b| b == 0));
+
+    // The configured capacity is generous; the device's own size still refuses a larger image.
+    let big = image_bytes(3 * 1024 * 1024);
+    req.image = image(&server.url("/img"), &big);
+    let (result, _) = install(&req).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, TransferError::ImageTooLarge { capacity, .. } if capacity == 2 * 1024 * 1024),
+        "{err}"
+    );
+
+    // A device someone holds exclusively (as a mount does) is never written.
+    use std::os::unix::fs::OpenOptionsExt;
+    let _held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&device.dev)
+        .unwrap();
+    req.image = image(&server.url("/img"), &data);
+    let (result, _) = install(&req).await;
+    let err = result.unwrap_err();
+    assert_eq!(err.reason(), ReasonCode::SlotIo, "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn compressed_image_ignores_resume_from() {
+    let data = image_bytes(SIZE);
+    let compressed = zstd::encode_all(&data[..], 3).unwrap();
+    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let slots = Slots::new();
+    std::fs::write(&slots.slot, &data[..SIZE / 2]).unwrap();
+    let mut req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
+    req.resume_from = (SIZE / 2) as u64;
+
+    install(&req).await.0.unwrap();
+    assert_eq!(slots.slot_bytes(), data);
+    assert_eq!(server.seen()[0].range, None);
+}
