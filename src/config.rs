@@ -278,13 +278,13 @@ fn default_attempts() -> u32 {
     3
 }
 fn default_fw_printenv() -> PathBuf {
-    "fw_printenv".into()
+    "/usr/bin/fw_printenv".into()
 }
 fn default_fw_setenv() -> PathBuf {
-    "fw_setenv".into()
+    "/usr/bin/fw_setenv".into()
 }
 fn default_grub_editenv() -> PathBuf {
-    "grub-editenv".into()
+    "/usr/bin/grub-editenv".into()
 }
 fn default_class() -> String {
     "rootfs".into()

@@ -2,9 +2,11 @@
 //!
 //! See `ARCHITECTURE.md` for the bird's-eye view. Layout, one concept a module:
 //!
+//! - [`agent`]: the driver that carries out the engine's actions with the real adapters.
 //! - [`reason`]: stable reason codes for every refusal and failure.
 //! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
 //! - [`anchor`]: the read-only trust anchor (a directory of public keys).
+//! - [`health`]: the trial boot's health checks (commands, systemd units, timeout).
 //! - [`release`]: the signed release envelope, the manifest, verification and creation.
 //! - [`state_store`]: the engine's persisted state and the local event log.
 //! - [`system`]: facts about the running system: boot id, booted slot.
@@ -15,11 +17,13 @@
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
+pub mod agent;
 pub mod anchor;
 pub mod bootloader;
 pub mod config;
 pub mod durable;
 pub mod engine;
+pub mod health;
 pub mod keys;
 pub mod reason;
 pub mod release;

@@ -83,6 +83,20 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// The codes release verification can give (`release::verify`), for exhaustive tests.
+    pub const VERIFICATION: &'static [ReasonCode] = &[
+        ReasonCode::TooLarge,
+        ReasonCode::Malformed,
+        ReasonCode::UnsupportedFormat,
+        ReasonCode::BadSignature,
+        ReasonCode::UntrustedKey,
+        ReasonCode::BelowThreshold,
+        ReasonCode::Incompatible,
+        ReasonCode::Downgrade,
+        ReasonCode::Expired,
+        ReasonCode::UnsupportedUrl,
+    ];
+
     /// Every code, for documentation and exhaustive tests.
     pub const ALL: &'static [ReasonCode] = &[
         ReasonCode::TooLarge,

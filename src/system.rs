@@ -83,7 +83,8 @@ pub fn slot_from_cmdline(cmdline: &str) -> Option<String> {
     })
 }
 
-fn holds_root(device: &Path) -> bool {
+/// True when `device` is the block device the running system's `/` is on.
+pub fn holds_root(device: &Path) -> bool {
     let (Ok(dev), Ok(root)) = (std::fs::metadata(device), std::fs::metadata("/")) else {
         return false;
     };

@@ -46,11 +46,13 @@
 //! one change, read back); a scheme says what the variables mean (`counter`: U-Boot's
 //! `BOOT_ORDER`/`BOOT_x_LEFT`, `grub`: `ORDER`/`x_OK`/`x_TRY`); a store reads and writes them
 //! (`uboot`, `grub`, `file`), the tools through `tool`, which bounds what they may print.
+//! `simulator` plays the boot scripts for the tests and the demo; the agent never uses it.
 
 mod chooser;
 mod counter;
 mod file;
 mod grub;
+pub mod simulator;
 pub mod slots;
 mod store;
 mod tool;

@@ -1,8 +1,10 @@
 //! Command-line front end: argument parsing and human/JSON output. No update logic lives here;
 //! each subcommand calls into the library.
 
+mod install;
 mod keygen;
 mod release;
+mod status;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,14 @@ enum Command {
     /// Create, sign, inspect and verify releases (operator tooling)
     #[command(subcommand)]
     Release(release::Command),
+    /// Install a release from a file now (like `rauc install`); reboot to try it
+    Install(install::InstallArgs),
+    /// At boot: finish an interrupted install, run the trial's health checks, commit or roll back
+    BootCheck(install::BootCheckArgs),
+    /// Slots, booted and next slot, transaction in progress, last outcome
+    Status(status::StatusArgs),
+    /// Change the bootloader state of a slot by hand: mark good|bad|active booted|other
+    Mark(status::MarkArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -40,6 +50,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Keygen(args) => keygen::run(args),
         Command::Release(command) => release::run(command),
+        Command::Install(args) => install::install(args),
+        Command::BootCheck(args) => install::boot_check(args),
+        Command::Status(args) => status::status(args),
+        Command::Mark(args) => status::mark(args),
     }
 }
 

@@ -37,6 +37,11 @@ pub enum Input {
     },
     /// A release passed verification (signatures, compatible, floor, expiry).
     ReleaseVerified(Box<VerifiedRelease>),
+    /// A release was refused by verification; reported, nothing else happens.
+    ReleaseRefused {
+        reason: ReasonCode,
+        message: String,
+    },
     /// The target slot was made unbootable; writing may start.
     TargetPrepared(Result<(), Failure>),
     WriteProgress {
@@ -155,6 +160,14 @@ impl Engine {
         match input {
             Input::BootObserved { boot_id, booted } => self.on_boot(boot_id, booted, now, &mut out),
             Input::ReleaseVerified(release) => self.on_release(*release, now, &mut out),
+            Input::ReleaseRefused { reason, message } => {
+                let event = self.event(TxnState::Refused, now, None, |e| {
+                    e.reason = Some(reason);
+                    e.message = Some(message);
+                });
+                out.push(Action::Persist);
+                out.push(Action::Report(event));
+            }
             Input::TargetPrepared(result) => self.on_target_prepared(result, now, &mut out),
             Input::WriteProgress { written, total } => {
                 self.on_progress(written, total, now, &mut out)

@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: real bootloader environments in a temporary directory, the
-//! boot scripts' simulator, and (in `releases`) fixed keys and hand-assembled releases. Each test crate that says `mod common;` uses only part of it.
-#![allow(dead_code)]
+//! boot scripts' simulator, and (in `releases`) fixed keys and hand-assembled releases. Each
+//! test crate that says `mod common;` uses only part of it.
+#![allow(dead_code, unused_imports)] // each test crate uses a different part
 
 pub use update_agent::bootloader::simulator as boot_sim;
 

@@ -2,7 +2,8 @@
 //! same environment through the same tools (`fw_printenv`/`fw_setenv`, `grub-editenv`, or the
 //! file), so that a test can "reboot" the device and see which slot comes up.
 //!
-//! It parses the environment on its own, deliberately not with the agent's code: a test whose
+//! Used by the tests' whole cycles and by `update-agent demo`, never by the agent itself. It
+//! parses the environment on its own, deliberately not with the backends' code: a test whose
 //! oracle shares the code under test proves little. Numbers are read the way the bootloaders'
 //! C code reads them (leading digits, anything else stops the number, no digits is 0), not as
 //! strictly as the agent does.

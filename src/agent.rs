@@ -1,0 +1,497 @@
+//! The driver: owns the outside things (state store, bootloader, slots, network, health checks)
+//! and carries out the engine's actions in order. The one-shot commands (`install`,
+//! `boot-check`) and, later, the daemon use it; none of the update logic lives here.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::anchor::{AnchorError, Protection, TrustAnchor};
+use crate::bootloader::{self, Bootloader};
+use crate::config::Config;
+use crate::engine::{Action, Engine, Event, Failure, Input, Phase, Progress, SlotPair};
+use crate::health;
+use crate::reason::ReasonCode;
+use crate::release::{self, Policy, Refusal, VerifiedRelease};
+use crate::state_store::{StateStore, StoreError};
+use crate::system::{self, SystemError};
+use crate::transfer::{self, TransferEvent, WriteRequest};
+
+/// How often a transient download failure (reset, stall) is retried, resuming from the last
+/// checkpoint, before the transaction fails.
+const TRANSFER_ATTEMPTS: u32 = 3;
+
+/// Whether the driver may reboot the device when the engine asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootMode {
+    /// Run the configured reboot command.
+    Run,
+    /// Stop and leave the reboot to the caller (`install` without `--reboot`, like `rauc install`).
+    Defer,
+}
+
+/// What the caller sees while the driver works.
+pub trait Observer: Send {
+    fn event(&mut self, event: &Event);
+    fn progress(&mut self, progress: &Progress);
+}
+
+/// An observer that shows nothing (the event log and the state still record everything).
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&mut self, _: &Event) {}
+    fn progress(&mut self, _: &Progress) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Anchor(#[from] AnchorError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error(transparent)]
+    Bootloader(#[from] bootloader::BootloaderError),
+    #[error("cannot reboot with {command:?}: {message}")]
+    Reboot {
+        command: Vec<String>,
+        message: String,
+    },
+}
+
+/// Where the driver stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// Nothing left to do until something new arrives.
+    Idle,
+    /// The engine asked for a reboot and the reboot mode deferred it.
+    RebootNeeded { slot: String },
+    /// The reboot command was run.
+    Rebooting,
+}
+
+pub struct Agent {
+    config: Config,
+    anchor: TrustAnchor,
+    store: StateStore,
+    bootloader: Box<dyn Bootloader>,
+    engine: Engine,
+    reboot: RebootMode,
+    crash: CrashPoints,
+}
+
+impl Agent {
+    pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
+        let protection = if config.trust.insecure_writable_anchor {
+            Protection::AllowWritable
+        } else {
+            Protection::Enforce
+        };
+        let anchor = TrustAnchor::load(&config.trust.keys_dir, protection)?;
+        for warning in &anchor.warnings {
+            tracing::warn!("insecure trust anchor (development mode): {warning}");
+        }
+        let store = StateStore::open(&config.device.state_dir)?;
+        let state = store.load()?;
+        let bootloader = open_bootloader(&config)?;
+        let slots = SlotPair {
+            class: config.slots.class.clone(),
+            bootnames: [
+                config.slots.a.bootname.clone(),
+                config.slots.b.bootname.clone(),
+            ],
+        };
+        Ok(Agent {
+            engine: Engine::new(slots, state),
+            config,
+            anchor,
+            store,
+            bootloader,
+            reboot,
+            crash: CrashPoints::from_env(),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Tells the engine which boot this is; it resumes or finishes whatever a restart, power
+    /// cut or reboot interrupted.
+    pub async fn observe_boot(&mut self, observer: &mut dyn Observer) -> Result<Stop, AgentError> {
+        let boot_id = system::boot_id(&self.config)?;
+        let booted = system::booted_slot(&self.config)?;
+        self.drive(Input::BootObserved { boot_id, booted }, observer)
+            .await
+    }
+
+    /// The device's acceptance policy now: the configured floor or the one raised by commits.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            threshold: self.config.trust.threshold,
+            compatible: Some(self.config.device.compatible.clone()),
+            floor: self.config.trust.floor.max(self.engine.state().floor),
+            now: Timestamp::now(),
+        }
+    }
+
+    pub fn verify(&self, release: &[u8]) -> Result<VerifiedRelease, Refusal> {
+        release::verify(release, &self.anchor, &self.policy())
+    }
+
+    /// Verifies a release and, when the device may act on it, installs it. A refusal is
+    /// reported like every other outcome and returned.
+    pub async fn offer_release(
+        &mut self,
+        release: &[u8],
+        observer: &mut dyn Observer,
+    ) -> Result<Result<Stop, Refusal>, AgentError> {
+        match self.verify(release) {
+            Ok(verified) => Ok(Ok(self
+                .drive(Input::ReleaseVerified(Box::new(verified)), observer)
+                .await?)),
+            Err(refusal) => {
+                if refusal.code.is_tamper_alert() {
+                    tracing::error!(reason = %refusal.code, "TAMPER ALERT: {}", refusal.message);
+                }
+                self.drive(
+                    Input::ReleaseRefused {
+                        reason: refusal.code,
+                        message: refusal.message.clone(),
+                    },
+                    observer,
+                )
+                .await?;
+                Ok(Err(refusal))
+            }
+        }
+    }
+
+    /// Feeds one input and carries out the resulting actions, and the actions their results
+    /// lead to, until the engine waits for something from outside.
+    async fn drive(
+        &mut self,
+        input: Input,
+        observer: &mut dyn Observer,
+    ) -> Result<Stop, AgentError> {
+        let mut next = Some(input);
+        let mut stop = Stop::Idle;
+        while let Some(input) = next.take() {
+            for action in self.engine.handle(input, Timestamp::now()) {
+                if let Some(result) = self.act(action, observer, &mut stop).await? {
+                    next = Some(result);
+                }
+            }
+        }
+        Ok(stop)
+    }
+
+    async fn act(
+        &mut self,
+        action: Action,
+        observer: &mut dyn Observer,
+        stop: &mut Stop,
+    ) -> Result<Option<Input>, AgentError> {
+        Ok(match action {
+            Action::Persist => {
+                let phase = self.engine.state().phase.name();
+                self.crash.point(&format!("persist:{phase}:before"));
+                self.store.save(self.engine.state())?;
+                self.crash.point(&format!("persist:{phase}:after"));
+                None
+            }
+            Action::Report(event) => {
+                self.report(&event, observer);
+                None
+            }
+            Action::ReportProgress(progress) => {
+                observer.progress(&progress);
+                None
+            }
+            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(self.bootloader_op(
+                "prepare",
+                &slot,
+                |b, s| b.mark_bad(s),
+            ))),
+            Action::StartWrite {
+                slot,
+                image,
+                resume_from,
+            } => Some(Input::WriteFinished(
+                self.write(&slot, *image, resume_from, observer).await,
+            )),
+            Action::Activate { slot } => Some(Input::BootloaderDone(self.bootloader_op(
+                "activate",
+                &slot,
+                |b, s| b.mark_active(s),
+            ))),
+            Action::MarkGood { slot } => Some(Input::BootloaderDone(self.bootloader_op(
+                "mark-good",
+                &slot,
+                |b, s| b.mark_good(s),
+            ))),
+            Action::MarkBad { slot } => Some(Input::BootloaderDone(self.bootloader_op(
+                "mark-bad",
+                &slot,
+                |b, s| b.mark_bad(s),
+            ))),
+            Action::RunHealthChecks => {
+                self.crash.point("health:before");
+                let result = health::run_checks(&self.config.health).await;
+                self.crash.point("health:after");
+                Some(Input::HealthFinished(result))
+            }
+            Action::Reboot => {
+                let slot = match &self.engine.state().phase {
+                    Phase::RebootPending { txn, .. } => txn.to_slot.clone(),
+                    _ => self.engine.booted().unwrap_or_default().to_string(),
+                };
+                self.crash.point("reboot:before");
+                *stop = match self.reboot {
+                    RebootMode::Defer => Stop::RebootNeeded { slot },
+                    RebootMode::Run => {
+                        self.run_reboot()?;
+                        Stop::Rebooting
+                    }
+                };
+                None
+            }
+        })
+    }
+
+    fn report(&mut self, event: &Event, observer: &mut dyn Observer) {
+        // The event log is the device's own record; a full disk must not stop an install that
+        // is already under way, so a failed append is logged, not fatal.
+        if let Err(err) = self.store.log_event(event) {
+            tracing::error!("cannot record event {}: {err}", event.seq);
+        }
+        observer.event(event);
+    }
+
+    fn bootloader_op(
+        &mut self,
+        name: &str,
+        slot: &str,
+        op: impl FnOnce(&dyn Bootloader, &str) -> Result<(), bootloader::BootloaderError>,
+    ) -> Result<(), Failure> {
+        self.crash.point(&format!("bootloader:{name}:before"));
+        let result = op(self.bootloader.as_ref(), slot)
+            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string()));
+        self.crash.point(&format!("bootloader:{name}:after"));
+        result
+    }
+
+    async fn write(
+        &mut self,
+        slot: &str,
+        image: crate::release::manifest::Image,
+        resume_from: u64,
+        observer: &mut dyn Observer,
+    ) -> Result<(), Failure> {
+        let mut request = self.write_request(slot, image, resume_from)?;
+        let mut attempt = 1;
+        loop {
+            let result = {
+                let engine = &mut self.engine;
+                let store = &self.store;
+                let crash = &self.crash;
+                let mut on_event = |event: TransferEvent| -> std::io::Result<()> {
+                    let input = match event {
+                        TransferEvent::Progress { written, total } => {
+                            crash.bytes_written(written);
+                            Input::WriteProgress { written, total }
+                        }
+                        TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
+                        TransferEvent::Verifying => {
+                            crash.point("readback:before");
+                            return Ok(());
+                        }
+                    };
+                    for action in engine.handle(input, Timestamp::now()) {
+                        match action {
+                            Action::Persist => {
+                                store.save(engine.state()).map_err(std::io::Error::other)?;
+                                crash.checkpoint_persisted();
+                            }
+                            Action::ReportProgress(progress) => observer.progress(&progress),
+                            Action::Report(event) => {
+                                // The engine reports no transition during a write; keep any
+                                // such event rather than drop it.
+                                let _ = store.log_event(&event);
+                                observer.event(&event);
+                            }
+                            // Progress and checkpoints never start a job.
+                            other => tracing::error!("engine asked for {other:?} during a write"),
+                        }
+                    }
+                    Ok(())
+                };
+                transfer::install_image(&request, &mut on_event).await
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
+                    tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
+                    attempt += 1;
+                    if let Phase::Writing { durable, .. } = self.engine.state().phase {
+                        request.resume_from = durable;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(err) => return Err(Failure::new(err.reason(), err.to_string())),
+            }
+        }
+    }
+
+    fn write_request(
+        &self,
+        slot: &str,
+        image: crate::release::manifest::Image,
+        resume_from: u64,
+    ) -> Result<WriteRequest, Failure> {
+        let target = self.config.slot_by_bootname(slot).ok_or_else(|| {
+            Failure::new(ReasonCode::SlotIo, format!("slot {slot} is not configured"))
+        })?;
+        // Defence in depth: the engine never targets the booted slot, and the device behind
+        // the target must not be the one the running system was booted from either.
+        let booted = self.engine.booted().unwrap_or_default();
+        if slot == booted || system::holds_root(&target.device) {
+            return Err(Failure::new(
+                ReasonCode::SlotIo,
+                format!(
+                    "refusing to write {}: it is the booted slot",
+                    target.device.display()
+                ),
+            ));
+        }
+        let mut request = WriteRequest::new(image, target.device.clone(), slot_capacity(target));
+        request.resume_from = resume_from;
+        request.checkpoint_interval = self.config.install.checkpoint_interval;
+        request.stall_timeout = self.config.install.stall_timeout;
+        Ok(request)
+    }
+
+    fn run_reboot(&self) -> Result<(), AgentError> {
+        let command = &self.config.system.reboot_command;
+        let reboot_err = |message: String| AgentError::Reboot {
+            command: command.clone(),
+            message,
+        };
+        let status = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .status()
+            .map_err(|e| reboot_err(e.to_string()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(reboot_err(status.to_string()))
+        }
+    }
+}
+
+/// Chooses the bootloader backend once, from the configuration.
+pub fn open_bootloader(
+    config: &Config,
+) -> Result<Box<dyn Bootloader>, bootloader::BootloaderError> {
+    use crate::bootloader::{BootloaderKind, BootloaderParams};
+    use crate::config::BootloaderConfig;
+    let mut params = BootloaderParams {
+        slots: vec![
+            config.slots.a.bootname.clone(),
+            config.slots.b.bootname.clone(),
+        ],
+        ..BootloaderParams::default()
+    };
+    let kind = match &config.bootloader {
+        BootloaderConfig::Uboot {
+            fw_env_config,
+            attempts,
+            fw_printenv,
+            fw_setenv,
+        } => {
+            params.fw_env_config = fw_env_config.clone();
+            params.attempts = *attempts;
+            params.fw_printenv = fw_printenv.clone();
+            params.fw_setenv = fw_setenv.clone();
+            BootloaderKind::UBoot
+        }
+        BootloaderConfig::Grub {
+            grubenv,
+            grub_editenv,
+        } => {
+            params.grubenv = grubenv.clone();
+            params.grub_editenv = grub_editenv.clone();
+            BootloaderKind::Grub
+        }
+        BootloaderConfig::File { path, attempts } => {
+            params.env_file = Some(path.clone());
+            params.attempts = *attempts;
+            BootloaderKind::File
+        }
+    };
+    bootloader::from_config(kind, &params)
+}
+
+/// A file slot's capacity is configured (it may grow up to it); a block device's is its size,
+/// which the writer reads from the device.
+fn slot_capacity(slot: &crate::config::Slot) -> u64 {
+    slot.size.unwrap_or(u64::MAX)
+}
+
+/// Power-cut simulation for tests: `UPDATE_AGENT_CRASH_AT=<point>` makes the process kill itself
+/// with SIGKILL — a real `kill -9`, nothing cleaned up — when it reaches that point. Points are
+/// named after what happens next (`persist:writing:after`, `bootloader:activate:before`,
+/// `checkpoint:2`, `bytes:1048576`, …; the list is in tests/power_cut.rs). Without the variable
+/// every check is a comparison against `None`.
+struct CrashPoints {
+    at: Option<String>,
+    checkpoints: AtomicU64,
+}
+
+impl CrashPoints {
+    fn from_env() -> CrashPoints {
+        CrashPoints {
+            at: std::env::var("UPDATE_AGENT_CRASH_AT").ok(),
+            checkpoints: AtomicU64::new(0),
+        }
+    }
+
+    fn point(&self, name: &str) {
+        if self.at.as_deref() == Some(name) {
+            crash(name);
+        }
+    }
+
+    fn checkpoint_persisted(&self) {
+        let count = self.checkpoints.fetch_add(1, Ordering::Relaxed) + 1;
+        self.point(&format!("checkpoint:{count}"));
+    }
+
+    fn bytes_written(&self, written: u64) {
+        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:")) {
+            if limit.parse::<u64>().is_ok_and(|limit| written >= limit) {
+                crash(&format!("bytes:{limit}"));
+            }
+        }
+    }
+}
+
+fn crash(name: &str) -> ! {
+    eprintln!("crash point {name}: killing the agent with SIGKILL");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    unreachable!("SIGKILL cannot be caught");
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stop::Idle => f.write_str("idle"),
+            Stop::RebootNeeded { slot } => write!(f, "reboot needed to try slot {slot}"),
+            Stop::Rebooting => f.write_str("rebooting"),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `install` (one-shot local install, like `rauc install`) and `boot-check` (run at every boot by
+//! the commit unit: finishes what a reboot or power cut left, runs the trial's health checks and
+//! commits or rolls back).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use update_agent::agent::{Agent, Observer, RebootMode};
+use update_agent::config::Config;
+use update_agent::engine::{Event, Phase, Progress, TxnState};
+use update_agent::release::{self, escape_for_log};
+
+use super::EXIT_REFUSED;
+
+pub const DEFAULT_CONFIG: &str = "/etc/update-agent/agent.toml";
+
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Reboot into the new slot when it is ready (default: leave the reboot to you)
+    #[arg(long)]
+    reboot: bool,
+    /// The signed release (JSON); its image URL may be file://, http:// or https://
+    release: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct BootCheckArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Do not reboot, even when rolling back needs it (report and stop instead)
+    #[arg(long)]
+    no_reboot: bool,
+}
+
+pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let bytes = release::read_release_file(&args.release)
+        .with_context(|| format!("cannot read {}", args.release.display()))?;
+    let mode = if args.reboot {
+        RebootMode::Run
+    } else {
+        RebootMode::Defer
+    };
+    let mut agent = Agent::open(config, mode)?;
+    let mut narrator = Narrator::new();
+    runtime()?.block_on(async {
+        agent.observe_boot(&mut narrator).await?;
+        if let Err(refusal) = agent.offer_release(&bytes, &mut narrator).await? {
+            eprintln!("refused: {refusal}");
+            return Ok(ExitCode::from(EXIT_REFUSED));
+        }
+        Ok(finish(&agent, &narrator))
+    })
+}
+
+pub fn boot_check(args: BootCheckArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let mode = if args.no_reboot {
+        RebootMode::Defer
+    } else {
+        RebootMode::Run
+    };
+    let mut agent = Agent::open(config, mode)?;
+    let mut narrator = Narrator::new();
+    runtime()?.block_on(async {
+        agent.observe_boot(&mut narrator).await?;
+        Ok(finish(&agent, &narrator))
+    })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Sums up where the agent stopped; a failed transaction makes the exit code non-zero.
+fn finish(agent: &Agent, narrator: &Narrator) -> ExitCode {
+    narrator.done();
+    let state = agent.engine().state();
+    match &state.phase {
+        Phase::RebootPending { txn, .. } => {
+            println!(
+                "slot {} holds {} and is activated: reboot to try it; it is committed after a healthy boot",
+                txn.to_slot,
+                escape_for_log(txn.to_version(), 64)
+            );
+            ExitCode::SUCCESS
+        }
+        Phase::Idle => match narrator.last_outcome {
+            Some(TxnState::Failed | TxnState::RolledBack) => ExitCode::from(EXIT_REFUSED),
+            _ => ExitCode::SUCCESS,
+        },
+        phase => {
+            println!("stopped in phase {}", phase.name());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Tells a person what happens: one line per event, a progress bar while writing on a terminal.
+struct Narrator {
+    bar: Option<ProgressBar>,
+    terminal: bool,
+    last_outcome: Option<TxnState>,
+}
+
+impl Narrator {
+    fn new() -> Narrator {
+        Narrator {
+            bar: None,
+            terminal: std::io::stderr().is_terminal(),
+            last_outcome: None,
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Narrator {
+    fn event(&mut self, event: &Event) {
+        let line = describe(event);
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+        if matches!(
+            event.state,
+            TxnState::Committed | TxnState::Failed | TxnState::RolledBack
+        ) {
+            self.last_outcome = Some(event.state);
+            self.done();
+        }
+    }
+
+    fn progress(&mut self, progress: &Progress) {
+        if !self.terminal {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::new(progress.total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "  writing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("the template is valid")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        bar.set_position(progress.done);
+    }
+}
+
+pub fn describe(event: &Event) -> String {
+    let version = event.to_version.as_deref().map(|v| escape_for_log(v, 64));
+    let slot = event.slot.as_deref().unwrap_or("?");
+    let what = match event.state {
+        TxnState::Refused => "release refused".to_string(),
+        TxnState::Accepted => format!(
+            "release {} accepted; installing into slot {slot}",
+            version.as_deref().unwrap_or("?")
+        ),
+        TxnState::Writing => format!("writing slot {slot}"),
+        TxnState::Written => format!("slot {slot} written and read back; hash verified"),
+        TxnState::Activated => format!("bootloader set to try slot {slot} once"),
+        TxnState::Rebooting => "reboot requested".to_string(),
+        TxnState::TrialBoot => format!("trial boot of slot {slot}; running health checks"),
+        TxnState::Committed => format!(
+            "committed: slot {slot} runs {} and is marked good",
+            version.as_deref().unwrap_or("?")
+        ),
+        TxnState::Failed => "install failed".to_string(),
+        TxnState::RollingBack => format!("rolling back from slot {slot}"),
+        TxnState::RolledBack => format!("rolled back; slot {slot} marked bad"),
+    };
+    let mut line = format!("[{}] #{} {what}", event.at, event.seq);
+    if let Some(reason) = event.reason {
+        line.push_str(&format!(" — {reason}"));
+        if let Some(message) = &event.message {
+            line.push_str(&format!(": {}", escape_for_log(message, 300)));
+        }
+    }
+    line
+}
