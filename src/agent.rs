@@ -106,7 +106,8 @@ impl Agent {
             ],
         };
         Ok(Agent {
-            engine: Engine::new(slots, state),
+            engine: Engine::new(slots, state)
+                .with_factory_version(config.device.factory_version.clone()),
             config,
             anchor,
             store,

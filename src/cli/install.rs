@@ -104,14 +104,14 @@ fn finish(agent: &Agent, narrator: &Narrator) -> ExitCode {
 }
 
 /// Tells a person what happens: one line per event, a progress bar while writing on a terminal.
-struct Narrator {
+pub struct Narrator {
     bar: Option<ProgressBar>,
     terminal: bool,
     last_outcome: Option<TxnState>,
 }
 
 impl Narrator {
-    fn new() -> Narrator {
+    pub fn new() -> Narrator {
         Narrator {
             bar: None,
             terminal: std::io::stderr().is_terminal(),
@@ -119,7 +119,7 @@ impl Narrator {
         }
     }
 
-    fn done(&self) {
+    pub fn done(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

@@ -1,6 +1,7 @@
 //! Command-line front end: argument parsing and human/JSON output. No update logic lives here;
 //! each subcommand calls into the library.
 
+mod demo;
 mod install;
 mod keygen;
 mod release;
@@ -28,6 +29,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole update cycle on this machine: throwaway keys, file slots, local HTTP server
+    Demo(demo::DemoArgs),
     /// Make an Ed25519 release signing key pair: PREFIX.key (private, 0600) and PREFIX.pub
     Keygen(keygen::Args),
     /// Create, sign, inspect and verify releases (operator tooling)
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // other Unix tools do, instead of panicking on a failed print.
     restore_default_sigpipe();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Keygen(args) => keygen::run(args),
         Command::Release(command) => release::run(command),
         Command::Install(args) => install::install(args),

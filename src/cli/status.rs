@@ -112,8 +112,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         config.trust.floor.max(state.floor)
     );
     for slot in &slots {
+        let boot = &slot["bootloader"];
+        let boot_text = format!(
+            "{}{}",
+            if boot["good"] == true {
+                "good"
+            } else {
+                "not bootable"
+            },
+            boot["tries_left"]
+                .as_u64()
+                .map(|n| format!(", {n} tries left"))
+                .unwrap_or_default()
+        );
         println!(
-            "slot {}: {}{}{} version {} ({}) bootloader {}",
+            "slot {}: {}{}{} version {} ({}); bootloader: {}",
             slot["bootname"].as_str().unwrap_or("?"),
             slot["device"].as_str().unwrap_or("?"),
             if slot["booted"] == true {
@@ -135,7 +148,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 Some(false) => "not committed",
                 None => "not written by the agent",
             },
-            slot["bootloader"],
+            boot_text,
         );
     }
     if let Some(last) = &state.last {

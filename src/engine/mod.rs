@@ -128,6 +128,8 @@ pub struct Engine {
     state: PersistentState,
     /// Facts about the current boot, learnt from `BootObserved`.
     boot: Option<(String, String)>,
+    /// What a slot the agent never wrote runs (the image the device shipped with).
+    factory_version: Option<String>,
     last_progress_report: Option<Timestamp>,
 }
 
@@ -137,8 +139,14 @@ impl Engine {
             slots,
             state,
             boot: None,
+            factory_version: None,
             last_progress_report: None,
         }
+    }
+
+    pub fn with_factory_version(mut self, version: Option<String>) -> Engine {
+        self.factory_version = version;
+        self
     }
 
     pub fn state(&self) -> &PersistentState {
@@ -149,10 +157,14 @@ impl Engine {
         self.boot.as_ref().map(|(_, slot)| slot.as_str())
     }
 
-    /// The version running now, when the agent installed the booted slot.
+    /// The version running now: what the agent installed in the booted slot, else the factory
+    /// version.
     pub fn booted_version(&self) -> Option<&str> {
         let booted = self.booted()?;
-        self.state.slots.get(booted).map(|r| r.version.as_str())
+        match self.state.slots.get(booted) {
+            Some(record) => Some(&record.version),
+            None => self.factory_version.as_deref(),
+        }
     }
 
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Action> {
