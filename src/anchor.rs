@@ -48,7 +48,7 @@ pub enum AnchorError {
     #[error("trust anchor {path} holds more than {MAX_KEYS} keys")]
     TooManyKeys { path: PathBuf },
     #[error(
-        "trust anchor {path} is not protected: {}; put it on the read-only root filesystem (e.g. /usr/share/update-agent/keys.d) owned by root, or for development only start with --insecure-writable-anchor",
+        "trust anchor {path} is not protected: {}; put it on the read-only root filesystem (e.g. /usr/share/update-agent/keys.d) owned by root, or, for development only, set `insecure_writable_anchor = true` in the config's [trust] section",
         problems.join("; ")
     )]
     Writable {

@@ -83,20 +83,6 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
-    /// The codes release verification can give (`release::verify`), for exhaustive tests.
-    pub const VERIFICATION: &'static [ReasonCode] = &[
-        ReasonCode::TooLarge,
-        ReasonCode::Malformed,
-        ReasonCode::UnsupportedFormat,
-        ReasonCode::BadSignature,
-        ReasonCode::UntrustedKey,
-        ReasonCode::BelowThreshold,
-        ReasonCode::Incompatible,
-        ReasonCode::Downgrade,
-        ReasonCode::Expired,
-        ReasonCode::UnsupportedUrl,
-    ];
-
     /// Every code, for documentation and exhaustive tests.
     pub const ALL: &'static [ReasonCode] = &[
         ReasonCode::TooLarge,
@@ -131,6 +117,23 @@ impl ReasonCode {
         ReasonCode::HealthCheckFailed,
         ReasonCode::FellBack,
     ];
+
+    /// True for the codes release verification can give (`release::verify`).
+    pub fn is_verification(self) -> bool {
+        matches!(
+            self,
+            ReasonCode::TooLarge
+                | ReasonCode::Malformed
+                | ReasonCode::UnsupportedFormat
+                | ReasonCode::BadSignature
+                | ReasonCode::UntrustedKey
+                | ReasonCode::BelowThreshold
+                | ReasonCode::Incompatible
+                | ReasonCode::Downgrade
+                | ReasonCode::Expired
+                | ReasonCode::UnsupportedUrl
+        )
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -6,13 +6,13 @@
 //! empty default: the boot script's defaults apply.
 
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::io::{self, Read};
+use std::path::PathBuf;
 
 use super::BootloaderError;
 use super::store::{Change, EnvStore, Vars};
 use super::tool::MAX_TOOL_OUTPUT;
+use crate::durable;
 
 /// The file is held to the same bound as a tool's listing.
 pub const MAX_ENV_FILE: usize = MAX_TOOL_OUTPUT;
@@ -64,30 +64,17 @@ impl EnvStore for FileEnv {
             text.push_str(value);
             text.push('\n');
         }
-        write_atomically(&self.path, text.as_bytes()).map_err(|source| BootloaderError::Write {
-            path: self.path.clone(),
-            source,
+        durable::write_atomically(&self.path, text.as_bytes(), 0o644).map_err(|source| {
+            BootloaderError::Write {
+                path: self.path.clone(),
+                source,
+            }
         })
     }
 
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".bootenv.")
-        .permissions(fs::Permissions::from_mode(0o644))
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
