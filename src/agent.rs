@@ -11,7 +11,9 @@ use jiff::Timestamp;
 use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
-use crate::engine::{Action, Engine, Event, Failure, Input, Phase, Progress, SlotPair};
+use crate::engine::{
+    Action, Engine, Event, Failure, Input, PersistentState, Phase, Progress, SlotPair,
+};
 use crate::health;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
@@ -36,6 +38,9 @@ pub enum RebootMode {
 pub trait Observer: Send {
     fn event(&mut self, event: &Event);
     fn progress(&mut self, progress: &Progress);
+    /// The engine's state was just saved (it comes before the events it explains). The daemon
+    /// publishes it; the one-shot commands do not need it.
+    fn persisted(&mut self, _state: &PersistentState) {}
 }
 
 /// An observer that shows nothing (the event log and the state still record everything).
@@ -152,24 +157,48 @@ impl Agent {
         observer: &mut dyn Observer,
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
-            Ok(verified) => Ok(Ok(self
-                .drive(Input::ReleaseVerified(Box::new(verified)), observer)
-                .await?)),
+            Ok(verified) => Ok(Ok(self.offer_verified(verified, observer).await?)),
             Err(refusal) => {
-                if refusal.code.is_tamper_alert() {
-                    tracing::error!(reason = %refusal.code, "TAMPER ALERT: {}", refusal.message);
-                }
-                self.drive(
-                    Input::ReleaseRefused {
-                        reason: refusal.code,
-                        message: refusal.message.clone(),
-                    },
-                    observer,
-                )
-                .await?;
+                self.report_refusal(&refusal, observer).await?;
                 Ok(Err(refusal))
             }
         }
+    }
+
+    /// Hands a release that passed [`Agent::verify`] to the engine, which installs it unless
+    /// it is already installed, in progress, or rolled back before.
+    pub async fn offer_verified(
+        &mut self,
+        verified: VerifiedRelease,
+        observer: &mut dyn Observer,
+    ) -> Result<Stop, AgentError> {
+        self.drive(Input::ReleaseVerified(Box::new(verified)), observer)
+            .await
+    }
+
+    /// Records and reports a refused release (the daemon rate-limits these before calling).
+    pub async fn report_refusal(
+        &mut self,
+        refusal: &Refusal,
+        observer: &mut dyn Observer,
+    ) -> Result<(), AgentError> {
+        if refusal.code.is_tamper_alert() {
+            tracing::error!(
+                message_id = crate::logging::message_id::TAMPER_ALERT,
+                reason = %refusal.code,
+                "TAMPER ALERT: {}",
+                refusal.message
+            );
+        }
+        self.drive(
+            Input::ReleaseRefused {
+                reason: refusal.code,
+                message: refusal.message.clone(),
+            },
+            observer,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Feeds one input and carries out the resulting actions, and the actions their results
@@ -203,6 +232,7 @@ impl Agent {
                 self.crash.point(&format!("persist:{phase}:before"));
                 self.store.save(self.engine.state())?;
                 self.crash.point(&format!("persist:{phase}:after"));
+                observer.persisted(self.engine.state());
                 None
             }
             Action::Report(event) => {
@@ -255,7 +285,7 @@ impl Agent {
                 *stop = match self.reboot {
                     RebootMode::Defer => Stop::RebootNeeded { slot },
                     RebootMode::Run => {
-                        self.run_reboot()?;
+                        self.reboot()?;
                         Stop::Rebooting
                     }
                 };
@@ -376,7 +406,9 @@ impl Agent {
         Ok(request)
     }
 
-    fn run_reboot(&self) -> Result<(), AgentError> {
+    /// Runs the configured reboot command (for callers that deferred the reboot and are now
+    /// ready for it, like the daemon once its outbox is flushed).
+    pub fn reboot(&self) -> Result<(), AgentError> {
         let command = &self.config.system.reboot_command;
         let reboot_err = |message: String| AgentError::Reboot {
             command: command.clone(),

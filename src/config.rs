@@ -24,6 +24,9 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub system: System,
+    /// The fleet's broker; only `update-agent run` needs it.
+    #[serde(default)]
+    pub mqtt: Option<Mqtt>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +39,12 @@ pub struct Device {
     /// Version of the software the device shipped with, shown until the agent installs one.
     #[serde(default)]
     pub factory_version: Option<String>,
+    /// Product model, published in the retained state (EN 303 645 5.3-16).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Last day security updates are provided, published in the retained state (5.3-13).
+    #[serde(default)]
+    pub support_end: Option<jiff::civil::Date>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -177,6 +186,44 @@ impl Default for System {
     }
 }
 
+/// The MQTT connection of `update-agent run` (topics: see `mqtt::topics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    /// `mqtts://host[:port]` (TLS, port 8883 by default) or `mqtt://host[:port]` (plain TCP, for
+    /// development and tests only; 1883 by default).
+    pub broker: String,
+    /// This device's id: its MQTT client id and its topic segment (`devices/{device_id}/…`).
+    pub device_id: String,
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// PEM file with the CA certificate(s) the broker's certificate must chain to. Only these
+    /// are trusted (the system's roots are not). Required for `mqtts://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// This device's client certificate (PEM) and private key (PEM, PKCS#8/SEC1/PKCS#1) for
+    /// mutual TLS. The key file must not be readable by group or others.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_keepalive", with = "seconds")]
+    pub keepalive: Duration,
+    /// The retained releases are looked at again this often (with ±20 % jitter).
+    #[serde(default = "default_recheck_interval", with = "seconds")]
+    pub recheck_interval: Duration,
+    /// Reconnect back-off: doubles from `reconnect_min` up to `reconnect_max` (seconds,
+    /// fractions allowed), with jitter.
+    #[serde(default = "default_reconnect_min", with = "fractional_seconds")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "fractional_seconds")]
+    pub reconnect_max: Duration,
+    /// Events kept for the broker while it is unreachable; beyond, the oldest are dropped (and a
+    /// record says how many).
+    #[serde(default = "default_outbox_capacity")]
+    pub outbox_capacity: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -245,6 +292,9 @@ impl Config {
         if self.system.reboot_command.is_empty() {
             return Err("system.reboot_command must name a program".into());
         }
+        if let Some(mqtt) = &self.mqtt {
+            mqtt.validate(&self.device.compatible)?;
+        }
         Ok(())
     }
 
@@ -252,6 +302,55 @@ impl Config {
         [&self.slots.a, &self.slots.b]
             .into_iter()
             .find(|slot| slot.bootname == bootname)
+    }
+}
+
+impl Mqtt {
+    fn validate(&self, compatible: &str) -> Result<(), String> {
+        let url =
+            crate::mqtt::BrokerUrl::parse(&self.broker).map_err(|e| format!("mqtt.broker: {e}"))?;
+        crate::mqtt::topics::check_segment("mqtt.device_id", &self.device_id)?;
+        crate::mqtt::topics::check_segment(
+            "device.compatible (it is part of a topic)",
+            compatible,
+        )?;
+        crate::mqtt::topics::check_prefix(&self.topic_prefix)?;
+        if url.tls && self.ca_file.is_none() {
+            return Err("mqtt.ca_file is required for an mqtts:// broker".into());
+        }
+        if !url.tls && (self.ca_file.is_some() || self.cert_file.is_some()) {
+            return Err("mqtt.ca_file/cert_file need an mqtts:// broker".into());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("mqtt.cert_file and mqtt.key_file go together".into());
+        }
+        if self.keepalive < Duration::from_secs(5) || self.keepalive > Duration::from_secs(65535) {
+            return Err("mqtt.keepalive must be 5 to 65535 seconds".into());
+        }
+        if self.recheck_interval < Duration::from_secs(1) {
+            return Err("mqtt.recheck_interval must be at least 1 second".into());
+        }
+        if self.reconnect_min < Duration::from_millis(10) || self.reconnect_max < self.reconnect_min
+        {
+            return Err(
+                "mqtt.reconnect_min must be at least 0.01 and at most reconnect_max".into(),
+            );
+        }
+        if !(1..=100_000).contains(&self.outbox_capacity) {
+            return Err("mqtt.outbox_capacity must be 1 to 100000".into());
+        }
+        Ok(())
+    }
+}
+
+mod fractional_seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(D::Error::custom)
     }
 }
 
@@ -298,6 +397,24 @@ fn default_stall_timeout() -> Duration {
 fn default_health_timeout() -> Duration {
     Duration::from_secs(120)
 }
+fn default_topic_prefix() -> String {
+    crate::mqtt::topics::DEFAULT_PREFIX.into()
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_recheck_interval() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_outbox_capacity() -> usize {
+    256
+}
 fn default_boot_id_path() -> PathBuf {
     "/proc/sys/kernel/random/boot_id".into()
 }
@@ -318,6 +435,33 @@ mod tests {
         let config = Config::parse(text).unwrap();
         assert_eq!(config.slots.class, "rootfs");
         assert!(matches!(config.bootloader, BootloaderConfig::Uboot { .. }));
+        let mqtt = config.mqtt.unwrap();
+        assert_eq!(mqtt.topic_prefix, "update-agent/v1");
+        assert_eq!(mqtt.reconnect_min, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn mqtt_settings_are_checked() {
+        let example = include_str!("../config/agent.toml");
+        for (from, to, expect) in [
+            ("mqtts://", "ftp://", "mqtt.broker"),
+            (
+                "device_id = \"gw-0001\"",
+                "device_id = \"gw/+\"",
+                "mqtt.device_id",
+            ),
+            ("ca_file =", "# ca_file =", "ca_file is required"),
+            ("key_file =", "# key_file =", "go together"),
+            (
+                "reconnect_min = 1",
+                "reconnect_min = 0.001",
+                "reconnect_min",
+            ),
+        ] {
+            assert!(example.contains(from), "{from}");
+            let err = Config::parse(&example.replace(from, to)).unwrap_err();
+            assert!(err.contains(expect), "{from}: {err}");
+        }
     }
 
     #[test]

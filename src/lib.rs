@@ -14,6 +14,10 @@
 //! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
+//! - [`mqtt`]: the broker connection (rumqttc, MQTT 5, TLS), topics and payloads.
+//! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
+//! - [`daemon`]: `update-agent run`, the service loop around the agent.
+//! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
@@ -21,10 +25,14 @@ pub mod agent;
 pub mod anchor;
 pub mod bootloader;
 pub mod config;
+pub mod daemon;
 pub mod durable;
 pub mod engine;
 pub mod health;
 pub mod keys;
+pub mod logging;
+pub mod mqtt;
+pub mod outbox;
 pub mod reason;
 pub mod release;
 pub mod state_store;

@@ -1,10 +1,14 @@
 //! Command-line front end: argument parsing and human/JSON output. No update logic lives here;
 //! each subcommand calls into the library.
 
+mod broker;
 mod demo;
 mod install;
 mod keygen;
+mod monitor;
+mod publish;
 mod release;
+mod run;
 mod status;
 
 use std::process::ExitCode;
@@ -36,6 +40,10 @@ enum Command {
     /// Create, sign, inspect and verify releases (operator tooling)
     #[command(subcommand)]
     Release(release::Command),
+    /// Run the agent as a service: releases from MQTT in, state and events out
+    Run(run::RunArgs),
+    /// Watch the fleet: a live table of devices from their retained state, or --json events
+    Monitor(monitor::MonitorArgs),
     /// Install a release from a file now (like `rauc install`); reboot to try it
     Install(install::InstallArgs),
     /// At boot: finish an interrupted install, run the trial's health checks, commit or roll back
@@ -46,6 +54,18 @@ enum Command {
     Mark(status::MarkArgs),
 }
 
+impl Cli {
+    /// The daemon logs to the journal when there is one and at `info`; the commands a person
+    /// runs log warnings and errors to stderr, keeping stdout for their output.
+    pub fn init_logging(&self) {
+        use update_agent::logging::{LogTarget, init};
+        match &self.command {
+            Command::Run(args) => init(args.log, "info"),
+            _ => init(LogTarget::Stderr, "warn"),
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Output commands die quietly when their reader goes away (`update-agent … | head`), as
     // other Unix tools do, instead of panicking on a failed print.
@@ -54,6 +74,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args),
         Command::Keygen(args) => keygen::run(args),
         Command::Release(command) => release::run(command),
+        Command::Run(args) => run::run(args),
+        Command::Monitor(args) => monitor::run(args),
         Command::Install(args) => install::install(args),
         Command::BootCheck(args) => install::boot_check(args),
         Command::Status(args) => status::status(args),

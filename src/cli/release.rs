@@ -26,6 +26,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check a release as a device would: exit 0 when it would be accepted
     Verify(VerifyArgs),
+    /// Publish a release (retained) on the fleet's or one device's MQTT release topic
+    Publish(Box<super::publish::PublishArgs>),
 }
 
 #[derive(clap::Args)]
@@ -139,6 +141,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Sign(args) => sign(args),
         Command::Inspect(args) => inspect(args),
         Command::Verify(args) => verify(args),
+        Command::Publish(args) => super::publish::publish(*args),
     }
 }
 

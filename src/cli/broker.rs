@@ -1,0 +1,54 @@
+//! The broker options the operator tools share (`release publish`, `monitor`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use update_agent::mqtt::tls::TlsFiles;
+use update_agent::mqtt::topics::{self, DEFAULT_PREFIX};
+use update_agent::mqtt::{BrokerUrl, Endpoint};
+
+#[derive(clap::Args, Debug)]
+pub struct BrokerArgs {
+    /// mqtts://host[:port] (TLS) or mqtt://host[:port] (plain, development only)
+    #[arg(long)]
+    broker: String,
+    /// CA certificate (PEM) the broker's certificate must chain to; needed for mqtts://
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Topic prefix the devices use
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+impl BrokerArgs {
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let url = BrokerUrl::parse(&self.broker).map_err(anyhow::Error::msg)?;
+        topics::check_prefix(&self.prefix).map_err(anyhow::Error::msg)?;
+        let tls = match (&self.ca, url.tls) {
+            (Some(ca), true) => Some(TlsFiles {
+                ca: ca.clone(),
+                client: self.cert.clone().zip(self.key.clone()),
+            }),
+            (None, true) => {
+                anyhow::bail!("{} needs --ca (the broker's CA certificate)", self.broker)
+            }
+            (Some(_), false) => anyhow::bail!("--ca/--cert/--key need an mqtts:// broker"),
+            (None, false) => None,
+        };
+        Ok(Endpoint { url, tls })
+    }
+}
+
+/// A current-thread runtime for a tool.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

@@ -1,0 +1,282 @@
+//! What the agent publishes, as JSON (version 1 of the payloads under `update-agent/v1`).
+//!
+//! - `state` (retained): one [`DeviceState`] document, replaced on every change.
+//! - `events` (QoS 1): one [`Event`](crate::engine::Event) record per transition, exactly as
+//!   the engine made it (`seq`, `at`, `state`, `txn`, versions, `reason`, `message`), or a
+//!   [`Dropped`] record when the outbox overflowed while the broker was unreachable.
+//! - `online` (retained): `true` once connected and subscribed; the last will sets `false`.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Event, PersistentState, Phase, Progress, TxnState};
+use crate::reason::ReasonCode;
+use crate::release::manifest::{Disruption, Severity};
+
+pub const ONLINE: &[u8] = b"true";
+pub const OFFLINE: &[u8] = b"false";
+
+/// The format version written into every state document.
+pub const STATE_FORMAT: u32 = 1;
+
+/// The retained state of one device (`shared/DESIGN.md`: versions, booted slot, state,
+/// progress, pending release, policy, support end, model, last error).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub format: u32,
+    pub device: String,
+    pub compatible: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support_end: Option<jiff::civil::Date>,
+    /// The version running now.
+    pub version: Option<String>,
+    pub booted_slot: Option<String>,
+    /// What each slot holds, as far as the agent wrote it.
+    pub slots: BTreeMap<String, SlotState>,
+    /// The transaction phase: `idle`, `writing`, `activating`, `reboot-pending`, `trial`,
+    /// `committing`, `rolling-back`.
+    pub state: String,
+    pub progress: Option<ProgressState>,
+    /// The release being installed, with what it fixes and what it disrupts (5.3-11/12).
+    pub pending: Option<PendingRelease>,
+    pub policy: PolicyState,
+    pub last_event: Option<LastEvent>,
+    pub last_error: Option<LastError>,
+    pub updated: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    pub version: String,
+    pub committed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressState {
+    pub txn: String,
+    pub done: u64,
+    pub total: u64,
+    pub percent: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRelease {
+    pub txn: String,
+    pub version: String,
+    pub release_id: String,
+    pub security: bool,
+    pub severity: Severity,
+    pub advisory: String,
+    pub disruption: Disruption,
+    pub deadline: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub auto_install: bool,
+    pub postponed_until: Option<Timestamp>,
+    /// The lowest security version the device still accepts.
+    pub floor: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastEvent {
+    pub seq: u64,
+    pub state: TxnState,
+    pub at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    pub reason: ReasonCode,
+    pub message: Option<String>,
+    pub at: Timestamp,
+}
+
+/// What does not change while the agent runs.
+#[derive(Debug, Clone)]
+pub struct DeviceFacts {
+    pub device: String,
+    pub compatible: String,
+    pub model: Option<String>,
+    pub support_end: Option<jiff::civil::Date>,
+    pub factory_version: Option<String>,
+    /// The configured floor; the state's own floor rises with commits.
+    pub floor: u64,
+}
+
+impl DeviceState {
+    pub fn new(facts: &DeviceFacts, now: Timestamp) -> DeviceState {
+        DeviceState {
+            format: STATE_FORMAT,
+            device: facts.device.clone(),
+            compatible: facts.compatible.clone(),
+            model: facts.model.clone(),
+            support_end: facts.support_end,
+            version: facts.factory_version.clone(),
+            booted_slot: None,
+            slots: BTreeMap::new(),
+            state: Phase::Idle.name().into(),
+            progress: None,
+            pending: None,
+            policy: PolicyState {
+                auto_install: true,
+                postponed_until: None,
+                floor: facts.floor,
+            },
+            last_event: None,
+            last_error: None,
+            updated: now,
+        }
+    }
+
+    /// Takes over what the engine persisted: phase, slots, floor, the pending transaction and
+    /// the last failure.
+    pub fn apply_persisted(
+        &mut self,
+        facts: &DeviceFacts,
+        booted: Option<&str>,
+        state: &PersistentState,
+    ) {
+        self.booted_slot = booted.map(str::to_owned);
+        self.version = booted
+            .and_then(|b| state.slots.get(b))
+            .map(|record| record.version.clone())
+            .or_else(|| facts.factory_version.clone());
+        self.slots = state
+            .slots
+            .iter()
+            .map(|(name, record)| {
+                let slot = SlotState {
+                    version: record.version.clone(),
+                    committed: record.committed,
+                };
+                (name.clone(), slot)
+            })
+            .collect();
+        self.state = state.phase.name().into();
+        self.policy.floor = facts.floor.max(state.floor);
+        self.pending = state.phase.transaction().map(|txn| PendingRelease {
+            txn: txn.id.clone(),
+            version: txn.manifest.version.clone(),
+            release_id: txn.release_id.clone(),
+            security: txn.manifest.security,
+            severity: txn.manifest.severity,
+            advisory: txn.manifest.advisory.clone(),
+            disruption: txn.manifest.disruption.clone(),
+            deadline: txn.manifest.deadline,
+        });
+        if !matches!(state.phase, Phase::Writing { .. }) {
+            self.progress = None;
+        }
+        if let Some(last) = &state.last {
+            self.last_error = last.reason.map(|reason| LastError {
+                reason,
+                message: last.message.clone(),
+                at: last.at,
+            });
+        }
+    }
+
+    pub fn apply_event(&mut self, event: &Event) {
+        self.last_event = Some(LastEvent {
+            seq: event.seq,
+            state: event.state,
+            at: event.at,
+        });
+        // A refused release leaves the transaction alone but is the latest thing that went
+        // wrong; transaction failures arrive through the persisted outcome as well.
+        if let Some(reason) = event.reason {
+            self.last_error = Some(LastError {
+                reason,
+                message: event.message.clone(),
+                at: event.at,
+            });
+        }
+    }
+
+    pub fn apply_progress(&mut self, progress: &Progress) {
+        let percent = (progress.done.min(progress.total).saturating_mul(100))
+            .checked_div(progress.total)
+            .unwrap_or(100) as u8;
+        self.progress = Some(ProgressState {
+            txn: progress.txn.clone(),
+            done: progress.done,
+            total: progress.total,
+            percent,
+        });
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the state document always serialises")
+    }
+}
+
+/// The outbox overflowed: `count` events, sequence numbers `first_seq..=last_seq`, were dropped
+/// unsent. A later record may cover an earlier one's range again (counts are cumulative until
+/// one is acknowledged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub dropped: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub at: Timestamp,
+}
+
+/// One record on the events topic.
+pub fn event_json(event: &Event) -> Vec<u8> {
+    serde_json::to_vec(event).expect("events always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_document_has_the_designed_fields() {
+        let facts = DeviceFacts {
+            device: "gw-1".into(),
+            compatible: "acme".into(),
+            model: Some("ACME 1".into()),
+            support_end: Some(jiff::civil::date(2031, 12, 31)),
+            factory_version: Some("1.0".into()),
+            floor: 3,
+        };
+        let mut state = DeviceState::new(&facts, Timestamp::UNIX_EPOCH);
+        state.apply_persisted(&facts, Some("A"), &PersistentState::default());
+        state.apply_progress(&Progress {
+            txn: "1-ab".into(),
+            done: 50,
+            total: 200,
+        });
+        let json: serde_json::Value = serde_json::from_slice(&state.to_json()).unwrap();
+        for field in [
+            "format",
+            "device",
+            "compatible",
+            "model",
+            "support_end",
+            "version",
+            "booted_slot",
+            "slots",
+            "state",
+            "progress",
+            "pending",
+            "policy",
+            "last_event",
+            "last_error",
+            "updated",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing in {json}");
+        }
+        assert_eq!(json["version"], "1.0");
+        assert_eq!(json["state"], "idle");
+        assert_eq!(json["progress"]["percent"], 25);
+        assert_eq!(json["policy"]["floor"], 3);
+        assert_eq!(json["support_end"], "2031-12-31");
+    }
+}

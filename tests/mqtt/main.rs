@@ -1,0 +1,577 @@
+//! `update-agent run` against a real mosquitto (Debian's `mosquitto` and `mosquitto-clients`):
+//! plain and mutual-TLS connections under an ACL, the whole update cycle over MQTT, a broker
+//! outage in the middle of an install, and hostile input. Each test starts its own broker on a
+//! free loopback port and stops it by PID.
+
+mod harness;
+
+use std::fs;
+use std::time::Duration;
+
+use harness::*;
+use serde_json::Value;
+
+const PLAIN: &str = "allow_anonymous true";
+
+fn plain_device(dir: &std::path::Path, broker: &Mosquitto, signer: &Signer) -> Device {
+    Device::new(
+        dir,
+        signer,
+        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+    )
+}
+
+fn state(client: &ClientArgs) -> Value {
+    serde_json::from_str(&retained(client, &topic("state")).expect("a retained state")).unwrap()
+}
+
+#[test]
+fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_crash() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = plain_device(dir.path(), &broker, &signer);
+    let sub = Sub::start(&client, &[&topic("online"), &topic("state")], None);
+    device.start_agent();
+    wait_for("online=true", Duration::from_secs(10), || {
+        sub.raw(&topic("online"))
+            .contains(&"true".to_string())
+            .then_some(())
+    });
+    let state = wait_for("a state document", Duration::from_secs(5), || {
+        sub.payloads(&topic("state")).pop()
+    });
+    assert_eq!(state["device"], DEVICE);
+    assert_eq!(state["version"], "1.0");
+    assert_eq!(state["booted_slot"], "A");
+    assert_eq!(state["state"], "idle");
+    assert_eq!(state["model"], "Test Gateway");
+    assert_eq!(state["support_end"], "2031-12-31");
+    assert_eq!(state["policy"]["auto_install"], true);
+
+    // A crash leaves the broker to say it: the last will, retained.
+    device.kill_agent();
+    wait_for(
+        "the last will (online=false)",
+        Duration::from_secs(20),
+        || (retained(&client, &topic("online")).as_deref() == Some("false")).then_some(()),
+    );
+
+    // A clean stop says it itself, at once.
+    device.start_agent();
+    wait_for("online=true again", Duration::from_secs(10), || {
+        (retained(&client, &topic("online")).as_deref() == Some("true")).then_some(())
+    });
+    assert!(device.stop_agent().success(), "{}", device.logs());
+    assert_eq!(
+        retained(&client, &topic("online")).as_deref(),
+        Some("false")
+    );
+}
+
+#[test]
+fn whole_cycle_over_mqtt_retained_release_to_commit() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = plain_device(dir.path(), &broker, &signer);
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    let server = ImageServer::start(image.clone(), Duration::ZERO);
+    let release = signer.release("2.0", &image_path, &server.url);
+    // The operator publishes before the device is even up: the retained message waits.
+    let release_file = dir.path().join("release.json");
+    fs::write(&release_file, &release).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args(["release", "publish", "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+        .args(["--fleet", COMPATIBLE])
+        .arg(&release_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sub = Sub::start(&client, &[&topic("events")], None);
+
+    device.start_agent();
+    wait_for("the reboot request", Duration::from_secs(30), || {
+        device.reboot_requested().then_some(())
+    });
+    let booted = device.reboot();
+    assert_eq!(booted, "B");
+    device.start_agent();
+    let events = wait_for("the commit event", Duration::from_secs(20), || {
+        let events = sub.payloads(&topic("events"));
+        states(&events)
+            .contains(&"committed".to_string())
+            .then_some(events)
+    });
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "trial-boot",
+            "committed"
+        ],
+        "{}",
+        device.logs()
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+    let txn = &events[0]["txn"];
+    assert!(events.iter().all(|e| &e["txn"] == txn));
+    assert!(
+        events
+            .iter()
+            .all(|e| e["at"].as_str().unwrap().ends_with('Z'))
+    );
+    assert_eq!(events[6]["to_version"], "2.0");
+    assert_eq!(events[6]["from_version"], "1.0");
+
+    let state = wait_for("the committed state", Duration::from_secs(5), || {
+        let state = state(&client);
+        (state["version"] == "2.0").then_some(state)
+    });
+    assert_eq!(state["state"], "idle");
+    assert_eq!(state["booted_slot"], "B");
+    assert_eq!(state["slots"]["B"]["committed"], true);
+    assert_eq!(state["last_event"]["state"], "committed");
+    assert_eq!(state["policy"]["floor"], 2);
+    assert!(
+        fs::read(dir.path().join("slot-b.img"))
+            .unwrap()
+            .starts_with(&image)
+    );
+
+    // The retained release came again with the new connection: recognised, nothing happens.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sub.payloads(&topic("events")).len(), 7);
+    assert_eq!(device.outbox_files(), 1, "only meta.json is left");
+    assert!(device.stop_agent().success());
+}
+
+#[test]
+fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
+    let dir = test_dir();
+    let mut broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = plain_device(dir.path(), &broker, &signer);
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    // 6 MiB at 256 KiB per 60 ms: about 1.5 s of writing, long enough to cut into.
+    let server = ImageServer::start(image, Duration::from_millis(60));
+    let release = signer.release("2.0", &image_path, &server.url);
+    publish(&client, &topic("release"), &release, true);
+    // A persistent session: what is published while it is away is kept for it.
+    let sub = Sub::start(&client, &[&topic("events")], Some("observer"));
+
+    device.start_agent();
+    wait_for("the writing event", Duration::from_secs(10), || {
+        states(&sub.payloads(&topic("events")))
+            .contains(&"writing".to_string())
+            .then_some(())
+    });
+    broker.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!device.reboot_requested(), "the install finished too soon");
+    device.kill_agent();
+    // Restarted while the broker is down: it resumes the install and asks for the reboot; the
+    // events wait in the outbox.
+    device.start_agent();
+    wait_for("the reboot request", Duration::from_secs(30), || {
+        device.reboot_requested().then_some(())
+    });
+    assert!(device.outbox_files() > 1, "events wait in the outbox");
+    broker.resume();
+    let events = wait_for(
+        "every event after the broker returned",
+        Duration::from_secs(20),
+        || {
+            let events = sub.payloads(&topic("events"));
+            states(&events)
+                .contains(&"rebooting".to_string())
+                .then_some(events)
+        },
+    );
+    // At least once, each with its sequence number; none missing.
+    let mut by_seq = std::collections::BTreeMap::new();
+    for event in &events {
+        by_seq.insert(event["seq"].as_u64().unwrap(), event["state"].clone());
+    }
+    let seqs: Vec<u64> = by_seq.keys().copied().collect();
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    let unique: Vec<&str> = by_seq.values().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(
+        unique,
+        [
+            "accepted",
+            "writing",
+            "writing",
+            "written",
+            "activated",
+            "rebooting"
+        ],
+        "{}",
+        device.logs()
+    );
+    wait_for("an empty outbox", Duration::from_secs(5), || {
+        (device.outbox_files() == 1).then_some(())
+    });
+}
+
+#[test]
+fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connected() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = plain_device(dir.path(), &broker, &signer);
+    let sub = Sub::start(&client, &[&topic("events"), &topic("online")], None);
+    device.start_agent();
+    wait_for("online=true", Duration::from_secs(10), || {
+        sub.raw(&topic("online"))
+            .contains(&"true".to_string())
+            .then_some(())
+    });
+    let release_topic = topic("release");
+    let refused = |sub: &Sub| -> Vec<Value> {
+        sub.payloads(&topic("events"))
+            .into_iter()
+            .filter(|e| e["state"] == "refused")
+            .collect()
+    };
+
+    // Larger than the agent's maximum packet size: the broker drops it for the agent.
+    publish(&client, &release_topic, &vec![b'x'; 200 * 1024], false);
+    // Larger than a release may be, within the packet size: refused as too-large.
+    let mut big = b"{\"manifest\": \"".to_vec();
+    big.resize(70 * 1024, b'A');
+    publish(&client, &release_topic, &big, false);
+    wait_for("too-large", Duration::from_secs(5), || {
+        refused(&sub)
+            .iter()
+            .any(|e| e["reason"] == "too-large")
+            .then_some(())
+    });
+    publish(&client, &release_topic, b"{not json", false);
+    wait_for("malformed", Duration::from_secs(5), || {
+        refused(&sub)
+            .iter()
+            .any(|e| e["reason"] == "malformed")
+            .then_some(())
+    });
+    let image_path = dir.path().join("rootfs-2.0.img");
+    write_image(&image_path);
+    let good = signer.release("2.0", &image_path, "http://127.0.0.1:9/none");
+    publish(&client, &release_topic, &tamper(&good), false);
+    wait_for("bad-signature", Duration::from_secs(5), || {
+        refused(&sub)
+            .iter()
+            .any(|e| e["reason"] == "bad-signature")
+            .then_some(())
+    });
+    // The same bad bytes again: recognised, not reported twice.
+    publish(&client, &release_topic, b"{not json", false);
+
+    // 1,000 bad messages in a burst.
+    let burst: String = (0..1000).map(|i| format!("{{\"n\": {i}}}\n")).collect();
+    publish_lines(&client, &release_topic, &burst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let reports = refused(&sub);
+    assert_eq!(
+        reports.len(),
+        update_agent::daemon::intake::REFUSAL_BURST as usize,
+        "three distinct refusals plus the rest of the burst allowance: {reports:?}"
+    );
+
+    // Still connected (no last will, no reconnect) and responsive: a good release is acted on.
+    assert!(!sub.raw(&topic("online")).contains(&"false".to_string()));
+    let logs = device.logs();
+    assert_eq!(
+        logs.matches("connected to mqtt://").count(),
+        1,
+        "{logs}\n--- broker ---\n{}",
+        broker.log()
+    );
+    assert!(logs.contains("not reported (rate limit"), "{logs}");
+    assert!(
+        logs.lines().count() < 60,
+        "the log is rate-limited too: {logs}"
+    );
+    publish(&client, &release_topic, &good, false);
+    wait_for("the good release accepted", Duration::from_secs(10), || {
+        states(&sub.payloads(&topic("events")))
+            .contains(&"accepted".to_string())
+            .then_some(())
+    });
+
+    // Bounded: the outbox never held more than its capacity, and the state directory is small.
+    assert!(device.outbox_files() <= 256 + 1);
+    let state_bytes: u64 = walk_size(&dir.path().join("state"));
+    assert!(
+        state_bytes < 256 * 1024,
+        "state directory grew to {state_bytes} bytes"
+    );
+}
+
+fn walk_size(dir: &std::path::Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                walk_size(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+/// A test PKI: a CA, the broker's certificate, and client certificates by common name.
+struct Pki {
+    dir: std::path::PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path, name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = dir.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        Pki {
+            dir,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Writes `{name}.pem` and `{name}.key` (mode 0600); returns their paths.
+    fn issue(&self, name: &str, sans: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (
+            self.dir.join(format!("{name}.pem")),
+            self.dir.join(format!("{name}.key")),
+        );
+        fs::write(&cert_path, cert.pem()).unwrap();
+        fs::write(&key_path, key.serialize_pem()).unwrap();
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+#[test]
+fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topics() {
+    let dir = test_dir();
+    let pki = Pki::new(dir.path(), "fleet");
+    let (server_cert, server_key) = pki.issue("broker", &["localhost", "127.0.0.1"]);
+    let (device_cert, device_key) = pki.issue(DEVICE, &[]);
+    let (operator_cert, operator_key) = pki.issue("operator", &[]);
+    // The device may read its release topics and write its own state, events and online.
+    let acl = dir.path().join("acl");
+    fs::write(
+        &acl,
+        format!(
+            "user operator\n\
+             topic readwrite {PREFIX}/#\n\
+             \n\
+             pattern read {PREFIX}/fleet/{COMPATIBLE}/release\n\
+             pattern read {PREFIX}/devices/%u/release\n\
+             pattern write {PREFIX}/devices/%u/state\n\
+             pattern write {PREFIX}/devices/%u/events\n\
+             pattern write {PREFIX}/devices/%u/online\n"
+        ),
+    )
+    .unwrap();
+    let broker = Mosquitto::start(
+        dir.path(),
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\ntls_version tlsv1.2\nacl_file {}",
+            pki.ca().display(),
+            server_cert.display(),
+            server_key.display(),
+            acl.display()
+        ),
+    );
+    let operator = ClientArgs {
+        port: broker.port,
+        tls: Some((pki.ca(), operator_cert, operator_key)),
+    };
+    let signer = Signer::new();
+
+    // A device that pins another CA does not talk to this broker.
+    let other = Pki::new(dir.path(), "other");
+    let wrong_dir = dir.path().join("wrong-ca");
+    fs::create_dir_all(&wrong_dir).unwrap();
+    let mut wrong = Device::new(
+        &wrong_dir,
+        &signer,
+        &format!(
+            "broker = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            broker.port,
+            other.ca().display(),
+            device_cert.display(),
+            device_key.display()
+        ),
+    );
+    wrong.start_agent();
+    wait_for(
+        "the refused connection to be logged",
+        Duration::from_secs(10),
+        || {
+            wrong
+                .logs()
+                .contains("cannot connect to mqtts://")
+                .then_some(())
+        },
+    );
+    assert!(
+        wrong.agent_running(),
+        "a broker it cannot trust is retried, not fatal"
+    );
+    assert!(
+        wrong.logs().to_lowercase().contains("certificate"),
+        "{}",
+        wrong.logs()
+    );
+    wrong.kill_agent();
+
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+            broker.port,
+            pki.ca().display(),
+            device_cert.display(),
+            device_key.display()
+        ),
+    );
+    let sub = Sub::start(&operator, &[&topic("events"), &topic("online")], None);
+    device.start_agent();
+    wait_for(
+        "online=true over mutual TLS",
+        Duration::from_secs(10),
+        || {
+            sub.raw(&topic("online"))
+                .contains(&"true".to_string())
+                .then_some(())
+        },
+    );
+    // The fleet topic: a tampered release is read, refused, and the report is written.
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    let server = ImageServer::start(image, Duration::ZERO);
+    let good = signer.release("2.0", &image_path, &server.url);
+    publish(&operator, &fleet_topic(), &tamper(&good), true);
+    wait_for(
+        "the refusal on the events topic",
+        Duration::from_secs(10),
+        || {
+            sub.payloads(&topic("events"))
+                .iter()
+                .any(|e| e["reason"] == "bad-signature")
+                .then_some(())
+        },
+    );
+    // The device topic: a good release is installed, reported all the way to the reboot.
+    publish(&operator, &topic("release"), &good, false);
+    wait_for("the install under the ACL", Duration::from_secs(20), || {
+        states(&sub.payloads(&topic("events")))
+            .contains(&"rebooting".to_string())
+            .then_some(())
+    });
+    let state: Value =
+        serde_json::from_str(&retained(&operator, &topic("state")).unwrap()).unwrap();
+    assert_eq!(state["state"], "reboot-pending");
+    assert_eq!(state["pending"]["version"], "2.0");
+    let logs = device.logs();
+    assert!(
+        !logs.contains("refused the"),
+        "the ACL refused something: {logs}"
+    );
+
+    // The ACL holds: the device's identity cannot read another device's topics.
+    let (device_cert2, device_key2) = (
+        pki.dir.join(format!("{DEVICE}.pem")),
+        pki.dir.join(format!("{DEVICE}.key")),
+    );
+    let mut probe = std::process::Command::new(tool("mosquitto_sub", "mosquitto-clients"));
+    probe
+        .args(["-h", "localhost", "-p", &broker.port.to_string()])
+        .arg("--cafile")
+        .arg(pki.ca())
+        .arg("--cert")
+        .arg(device_cert2)
+        .arg("--key")
+        .arg(device_key2)
+        .args([
+            "-i",
+            "probe",
+            "-t",
+            &format!("{PREFIX}/devices/gw-0002/state"),
+        ])
+        .args(["-C", "1", "-W", "2", "-V", "mqttv5"]);
+    let out = probe.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.to_lowercase().contains("denied") || !out.status.success(),
+        "{text}"
+    );
+
+    assert!(device.stop_agent().success());
+    assert_eq!(
+        retained(&operator, &topic("online")).as_deref(),
+        Some("false")
+    );
+}
