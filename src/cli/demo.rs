@@ -1,7 +1,10 @@
 //! `update-agent demo`: the agent's main job, a whole update cycle, on this machine with nothing
-//! but the binary — throwaway keys, two file-backed slots, the file bootloader and a loopback
-//! HTTP server in a temporary directory. It narrates for a person and checks every outcome, so
-//! it doubles as a smoke test (CI runs it): any surprise makes it exit non-zero.
+//! but the binary — throwaway keys, an embedded MQTT broker, two file-backed slots, the file
+//! bootloader and a loopback HTTP server in a temporary directory. The operator's side publishes
+//! the release over MQTT and watches the device's topics; the device runs `update-agent run`
+//! (the daemon's own code, in this process). It narrates what the operator sees on MQTT and
+//! checks every outcome, so it doubles as a smoke test (CI runs it): any surprise makes it exit
+//! non-zero.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -14,18 +17,18 @@ use bytes::Bytes;
 use http_body_util::Full;
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
-use update_agent::agent::{Agent, RebootMode, Stop};
+use std::time::Duration;
 use update_agent::bootloader::simulator::{BootSim, SimEnv};
 use update_agent::config::Config;
-use update_agent::engine::{Phase, TxnState};
+use update_agent::engine::{Event, TxnState};
 use update_agent::keys::{self, KeyId};
+use update_agent::mqtt::oneshot::{self, Seen, Watcher};
+use update_agent::mqtt::{BrokerUrl, Endpoint, topics};
 use update_agent::reason::ReasonCode;
 use update_agent::release::Envelope;
 use update_agent::release::build::{digest_image, sign_manifest};
 use update_agent::release::manifest::{Disruption, FORMAT, Image, Manifest, Severity};
 use update_agent::state_store::StateStore;
-
-use super::install::Narrator;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -38,6 +41,7 @@ pub struct DemoArgs {
 }
 
 const COMPATIBLE: &str = "demo-gateway";
+const DEVICE_ID: &str = "demo-gw-0001";
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let temp;
@@ -63,7 +67,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     let slot_size = slot_mib.max(2) * 1024 * 1024;
     println!(
-        "update-agent demo: a whole update cycle in {}",
+        "update-agent demo: a whole update cycle over MQTT in {}",
         dir.display()
     );
 
@@ -83,6 +87,21 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     ));
 
     step(
+        "fleet",
+        "an MQTT broker (embedded rumqttd, plain TCP on loopback: a fleet's broker uses TLS)",
+    );
+    let broker = super::demo_broker::start()?;
+    let endpoint = Endpoint {
+        url: BrokerUrl {
+            host: broker.ip().to_string(),
+            port: broker.port(),
+            tls: false,
+        },
+        tls: None,
+    };
+    detail(&format!("listening on {}", endpoint.shown()));
+
+    step(
         "device",
         "two file-backed slots and the file bootloader; running 1.0 from slot A",
     );
@@ -95,9 +114,17 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     let boot = BootFacts::new(dir)?;
     boot.set("boot-1", "A")?;
     let config_path = dir.join("agent.toml");
+    let reboot_marker = dir.join("reboot-requested");
     fs::write(
         &config_path,
-        config_text(dir, &keys_dir, &slot_a, &slot_b, slot_size),
+        config_text(
+            dir,
+            &keys_dir,
+            &slot_a,
+            &slot_b,
+            slot_size,
+            &endpoint.shown(),
+        ),
     )?;
     let config = Config::load(&config_path)?;
     let slot_a_hash = sha256_file(&slot_a)?;
@@ -105,7 +132,27 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
 
     step(
         "operator",
-        "builds release 2.0 and serves its image over HTTP on 127.0.0.1",
+        "watches the fleet's topics (as `update-agent monitor` does)",
+    );
+    let mut feed = Feed::start(&endpoint)?;
+    feed.until("the subscription", Duration::from_secs(10), |f| {
+        f.subscribed
+    })
+    .await?;
+
+    step(
+        "device",
+        "update-agent run: connects, subscribes, says it is online",
+    );
+    let mut daemon = Daemon::start(config.clone());
+    feed.until("the device to come online", Duration::from_secs(10), |f| {
+        f.online == Some(true)
+    })
+    .await?;
+
+    step(
+        "operator",
+        "builds release 2.0, serves its image over HTTP on 127.0.0.1, publishes the release (retained)",
     );
     let image = dir.join("rootfs-2.0.img");
     write_pattern(&image, slot_size * 3 / 4, b"rootfs 2.0 ")?;
@@ -113,22 +160,23 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     let url = format!("http://{}/rootfs-2.0.img", server.addr);
     let release = make_release(&key, &image, &url)?;
     fs::write(dir.join("release-2.0.json"), &release)?;
+    let fleet_topic = topics::fleet_release(topics::DEFAULT_PREFIX, COMPATIBLE);
+    oneshot::publish_retained(
+        &endpoint,
+        &fleet_topic,
+        release.clone(),
+        Duration::from_secs(10),
+    )
+    .await?;
     detail(&format!(
-        "release {} ({} bytes), image at {url}",
-        dir.join("release-2.0.json").display(),
+        "{} bytes on {fleet_topic}; image at {url}",
         release.len()
     ));
-
-    step("device", "update-agent install release-2.0.json");
-    let mut narrator = Narrator::new();
-    let mut agent = Agent::open(config.clone(), RebootMode::Defer)?;
-    agent.observe_boot(&mut narrator).await?;
-    let stop = agent.offer_release(&release, &mut narrator).await?;
-    narrator.done();
-    ensure!(
-        matches!(stop, Ok(Stop::RebootNeeded { ref slot }) if slot == "B"),
-        "expected the install to ask for a reboot into B, got {stop:?}"
-    );
+    detail("what the operator sees on MQTT:");
+    feed.until("the reboot request", Duration::from_secs(120), |_| {
+        reboot_marker.exists()
+    })
+    .await?;
     ensure!(
         sha256_file(&slot_a)? == slot_a_hash,
         "slot A changed during the install"
@@ -136,8 +184,10 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
 
     step(
         "device",
-        "reboots; the boot script (simulated) picks the slot",
+        "reboots: the agent stops (online=false), the boot script (simulated) picks the slot",
     );
+    daemon.stop().await?;
+    fs::remove_file(&reboot_marker)?;
     let booted = BootSim::new(
         SimEnv::File {
             path: bootenv.clone(),
@@ -149,53 +199,75 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     ensure!(booted == "B", "the bootloader booted {booted}, expected B");
     boot.set("boot-2", &booted)?;
+    feed.until("online=false", Duration::from_secs(10), |f| {
+        f.online == Some(false)
+    })
+    .await?;
     detail(&format!("bootloader chose slot {booted} (one try used)"));
 
     step(
         "device",
-        "update-agent boot-check: trial boot, health checks, commit",
+        "update-agent run after the boot: trial boot, health checks, commit",
     );
-    let mut agent = Agent::open(config.clone(), RebootMode::Defer)?;
-    agent.observe_boot(&mut narrator).await?;
-    narrator.done();
-    let state = agent.engine().state();
-    ensure!(
-        state.phase == Phase::Idle,
-        "phase is {}",
-        state.phase.name()
-    );
-    ensure!(
-        state.last.as_ref().map(|l| l.result) == Some(TxnState::Committed),
-        "the release was not committed: {:?}",
-        state.last
-    );
+    let mut daemon = Daemon::start(config.clone());
+    feed.until("the commit", Duration::from_secs(60), |f| {
+        f.states().contains(&TxnState::Committed)
+    })
+    .await?;
 
     step(
         "attacker",
-        "changes one byte of the signed manifest and publishes it",
+        "changes one byte of the signed manifest and publishes it to the device",
     );
     let tampered = tamper(&release)?;
-    let outcome = agent.offer_release(&tampered, &mut narrator).await?;
-    match outcome {
-        Err(refusal) if refusal.code == ReasonCode::BadSignature => {
-            detail(&format!("refused: {refusal}"));
-        }
-        other => bail!("the tampered release was not refused as bad-signature: {other:?}"),
-    }
+    let device_topic = format!(
+        "{}/release",
+        topics::device_topic(topics::DEFAULT_PREFIX, DEVICE_ID)
+    );
+    oneshot::publish_retained(&endpoint, &device_topic, tampered, Duration::from_secs(10)).await?;
+    feed.until("the refusal", Duration::from_secs(20), |f| {
+        f.states().contains(&TxnState::Refused)
+    })
+    .await?;
+    let refusal = feed.events.last().cloned().context("no refusal event")?;
+    ensure!(
+        refusal.reason == Some(ReasonCode::BadSignature),
+        "the tampered release was refused as {:?}, not bad-signature",
+        refusal.reason
+    );
 
-    step("summary", "what the operators' event log holds");
-    let events = StateStore::open(&config.device.state_dir)?.events()?;
-    for event in &events {
-        detail(&super::install::describe(event));
-    }
-    let states: Vec<TxnState> = events.iter().map(|e| e.state).collect();
+    step("summary", "what the operators saw on MQTT");
+    let state = feed.state.clone().context("no retained state was seen")?;
+    detail(&format!(
+        "retained state: version {}, slot {}, {}, last event #{} {}",
+        state["version"].as_str().unwrap_or("?"),
+        state["booted_slot"].as_str().unwrap_or("?"),
+        state["state"].as_str().unwrap_or("?"),
+        state["last_event"]["seq"],
+        state["last_event"]["state"].as_str().unwrap_or("?"),
+    ));
     use TxnState::*;
+    let states = feed.states();
     ensure!(
         states
             == [
                 Accepted, Writing, Written, Activated, Rebooting, TrialBoot, Committed, Refused
             ],
-        "unexpected event sequence {states:?}"
+        "unexpected event sequence on MQTT {states:?}"
+    );
+    let seqs: Vec<u64> = feed.events.iter().map(|e| e.seq).collect();
+    ensure!(
+        seqs == (0..8).collect::<Vec<_>>(),
+        "event sequence numbers {seqs:?}"
+    );
+    ensure!(
+        state["version"] == "2.0" && state["booted_slot"] == "B" && state["state"] == "idle",
+        "unexpected retained state {state}"
+    );
+    let logged = StateStore::open(&config.device.state_dir)?.events()?;
+    ensure!(
+        logged.iter().map(|e| e.seq).eq(seqs.iter().copied()),
+        "the device's own event log differs from what MQTT carried"
     );
     ensure!(sha256_file(&slot_a)? == slot_a_hash, "slot A changed");
     ensure!(
@@ -203,11 +275,149 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
         "slot B does not hold the image"
     );
     detail("slot A (the old system) is byte-identical to before; slot B holds 2.0, committed");
+    detail("the device's event log and the events on MQTT are the same 8 records");
+    daemon.stop().await?;
     println!(
-        "demo passed: install, trial boot, commit, and a tampered release refused and reported"
+        "demo passed: install over MQTT, trial boot, commit, and a tampered release refused and reported"
     );
     server.stop();
     Ok(())
+}
+
+/// `update-agent run`, in this process: the same code as the service, stopped like systemd
+/// stops it.
+struct Daemon {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), update_agent::daemon::DaemonError>>,
+}
+
+impl Daemon {
+    fn start(config: Config) -> Daemon {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(update_agent::daemon::run(config, async move {
+            let _ = stopped.await;
+        }));
+        Daemon {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await??;
+        Ok(())
+    }
+}
+
+/// What the operator sees: the device's topics, narrated as they arrive.
+struct Feed {
+    rx: tokio::sync::mpsc::Receiver<Option<Seen>>,
+    subscribed: bool,
+    online: Option<bool>,
+    state: Option<serde_json::Value>,
+    events: Vec<Event>,
+    last_percent: Option<u64>,
+}
+
+impl Feed {
+    fn start(endpoint: &Endpoint) -> anyhow::Result<Feed> {
+        let mut watcher = Watcher::new(endpoint, topics::DEFAULT_PREFIX)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                match watcher.next().await {
+                    Ok(seen) => {
+                        if tx.send(seen).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("demo monitor: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Ok(Feed {
+            rx,
+            subscribed: false,
+            online: None,
+            state: None,
+            events: Vec::new(),
+            last_percent: None,
+        })
+    }
+
+    fn states(&self) -> Vec<TxnState> {
+        self.events.iter().map(|e| e.state).collect()
+    }
+
+    /// Shows what arrives until `done` holds; fails after `timeout`.
+    async fn until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Feed) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(self) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            match tokio::time::timeout(Duration::from_millis(50), self.rx.recv()).await {
+                Ok(Some(Some(seen))) => self.show(seen),
+                Ok(Some(None)) => self.subscribed = true,
+                Ok(None) => bail!("the monitor stopped"),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn show(&mut self, seen: Seen) {
+        match seen.leaf.as_str() {
+            "online" => {
+                let online = &seen.payload[..] == b"true";
+                if self.online != Some(online) {
+                    mqtt_line(&format!("{} online={online}", seen.device));
+                }
+                self.online = Some(online);
+            }
+            "events" => match serde_json::from_slice::<Event>(&seen.payload) {
+                // At least once: a record sent again after a reconnect has a known seq.
+                Ok(event) if self.events.iter().any(|e| e.seq == event.seq) => {}
+                Ok(event) => {
+                    mqtt_line(&super::install::describe(&event));
+                    self.events.push(event);
+                }
+                Err(_) => mqtt_line("an event record this demo cannot read"),
+            },
+            "state" => {
+                let Ok(state) = serde_json::from_slice::<serde_json::Value>(&seen.payload) else {
+                    return;
+                };
+                let percent = state["progress"]["percent"].as_u64();
+                if percent.is_some_and(|p| p > 0) && percent != self.last_percent {
+                    mqtt_line(&format!(
+                        "{} state: writing, {}% of {} MiB",
+                        seen.device,
+                        percent.unwrap_or(0),
+                        state["progress"]["total"].as_u64().unwrap_or(0) / (1024 * 1024)
+                    ));
+                }
+                self.last_percent = percent;
+                self.state = Some(state);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn mqtt_line(text: &str) {
+    println!("   mqtt | {text}");
 }
 
 fn step(who: &str, what: &str) {
@@ -218,7 +428,7 @@ fn detail(text: &str) {
     println!("   {text}");
 }
 
-fn config_text(dir: &Path, keys: &Path, a: &Path, b: &Path, size: u64) -> String {
+fn config_text(dir: &Path, keys: &Path, a: &Path, b: &Path, size: u64, broker: &str) -> String {
     let p = |path: &Path| path.display().to_string();
     format!(
         r#"# Written by `update-agent demo`: file slots and the file bootloader in {dir}.
@@ -250,7 +460,15 @@ timeout = 10
 [system]
 boot_id_path = "{boot_id}"
 cmdline_path = "{cmdline}"
-reboot_command = ["true"]
+# The demo's "reboot": a marker file; the demo then simulates the boot.
+reboot_command = ["touch", "{reboot}"]
+
+[mqtt]
+broker = "{broker}"
+device_id = "{DEVICE_ID}"
+keepalive = 10
+reconnect_min = 0.1
+reconnect_max = 2
 "#,
         dir = p(dir),
         state = p(&dir.join("state")),
@@ -260,6 +478,7 @@ reboot_command = ["true"]
         b = p(b),
         boot_id = p(&dir.join("boot_id")),
         cmdline = p(&dir.join("cmdline")),
+        reboot = p(&dir.join("reboot-requested")),
     )
 }
 

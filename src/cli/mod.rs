@@ -3,6 +3,7 @@
 
 mod broker;
 mod demo;
+mod demo_broker;
 mod install;
 mod keygen;
 mod monitor;
@@ -61,6 +62,9 @@ impl Cli {
         use update_agent::logging::{LogTarget, init};
         match &self.command {
             Command::Run(args) => init(args.log, "info"),
+            // The story is told on stdout; stderr shows only errors (a tamper alert is one), and
+            // the embedded broker's own chatter is not part of it.
+            Command::Demo(_) => init(LogTarget::Stderr, "error,rumqttd=off"),
             _ => init(LogTarget::Stderr, "warn"),
         }
     }
