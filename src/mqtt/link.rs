@@ -375,7 +375,7 @@ impl Session {
                     self.ready = true;
                     self.update_status(|s| s.subscribed = granted);
                     tracing::info!(
-                        elapsed_ms = self.started.elapsed().as_millis() as u64,
+                        since_start_us = self.started.elapsed().as_micros() as u64,
                         "connected and subscribed to {} and {}",
                         self.topics.fleet_release,
                         self.topics.device_release

@@ -34,6 +34,11 @@ use crate::release::MAX_RELEASE_SIZE;
 /// Maximum Packet Size), so it cannot disconnect the agent.
 pub const MAX_PACKET_SIZE: u32 = 2 * MAX_RELEASE_SIZE as u32;
 
+/// Outgoing QoS 1 publishes in flight at most. rumqttc allocates a slot per possible packet id
+/// up front; its default (65,535) costs about 13 MiB of RAM, more than the rest of the agent.
+/// The daemon keeps at most a dozen in flight (8 events, state, online, a subscription).
+pub const MAX_INFLIGHT: u16 = 32;
+
 /// `mqtt://host[:port]` or `mqtts://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
@@ -119,6 +124,7 @@ impl Endpoint {
         options.set_keep_alive(keepalive);
         options.set_clean_start(true);
         options.set_max_packet_size(Some(MAX_PACKET_SIZE));
+        options.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
         options.set_connection_timeout(10);
         if self.url.tls {
             let files = self.tls.as_ref().ok_or(MqttError::NoCa)?;
