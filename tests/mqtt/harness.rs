@@ -337,6 +337,8 @@ pub fn retained(client: &ClientArgs, topic: &str) -> Option<String> {
 /// an install takes long enough to interrupt).
 pub struct ImageServer {
     pub url: String,
+    /// Requests still to be answered 404 (the image "not uploaded yet").
+    pub missing: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ImageServer {
@@ -344,18 +346,27 @@ impl ImageServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/image.img", listener.local_addr().unwrap());
         let image = Arc::new(image);
+        let missing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answer_404 = missing.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let image = image.clone();
-                std::thread::spawn(move || serve(stream, &image, chunk_delay));
+                let not_found = answer_404
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok();
+                std::thread::spawn(move || serve(stream, &image, chunk_delay, not_found));
             }
         });
-        ImageServer { url }
+        ImageServer { url, missing }
     }
 }
 
-fn serve(mut stream: TcpStream, image: &[u8], chunk_delay: Duration) {
+fn serve(mut stream: TcpStream, image: &[u8], chunk_delay: Duration, not_found: bool) {
     let mut request = Vec::new();
     let mut byte = [0u8; 1];
     while !request.ends_with(b"\r\n\r\n") {
@@ -363,6 +374,11 @@ fn serve(mut stream: TcpStream, image: &[u8], chunk_delay: Duration) {
             return;
         }
         request.push(byte[0]);
+    }
+    if not_found {
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
     }
     let request = String::from_utf8_lossy(&request).to_lowercase();
     let start = request

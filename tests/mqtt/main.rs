@@ -103,6 +103,22 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
         String::from_utf8_lossy(&out.stderr)
     );
     let sub = Sub::start(&client, &[&topic("events")], None);
+    // The operator's monitor, as a JSON event stream.
+    let monitor = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args([
+            "monitor",
+            "--json",
+            "--count",
+            "7",
+            "--timeout",
+            "60",
+            "--broker",
+        ])
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
 
     device.start_agent();
     wait_for("the reboot request", Duration::from_secs(30), || {
@@ -157,6 +173,27 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
             .unwrap()
             .starts_with(&image)
     );
+
+    let out = monitor.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let streamed: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(states(&streamed), states(&events));
+    assert!(streamed.iter().all(|e| e["device"] == DEVICE));
+    // And as a table, from the retained topics.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args(["monitor", "--once", "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = table.lines().find(|l| l.starts_with(DEVICE)).expect(&table);
+    for cell in ["2.0", "idle", "#6 committed", "yes"] {
+        assert!(row.contains(cell), "{cell} missing in {table}");
+    }
 
     // The retained release came again with the new connection: recognised, nothing happens.
     std::thread::sleep(Duration::from_millis(500));
@@ -574,4 +611,59 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
         retained(&operator, &topic("online")).as_deref(),
         Some("false")
     );
+}
+
+#[test]
+fn the_periodic_check_retries_a_release_whose_install_failed() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nrecheck_interval = 1",
+            broker.port
+        ),
+    );
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    let server = ImageServer::start(image, Duration::ZERO);
+    // The image is not on the server yet when the release is first seen.
+    server.missing.store(1, std::sync::atomic::Ordering::SeqCst);
+    let release = signer.release("2.0", &image_path, &server.url);
+    publish(&client, &fleet_topic(), &release, true);
+    let sub = Sub::start(&client, &[&topic("events")], None);
+    device.start_agent();
+    let events = wait_for(
+        "the retry after the failure",
+        Duration::from_secs(20),
+        || {
+            let events = sub.payloads(&topic("events"));
+            states(&events)
+                .contains(&"rebooting".to_string())
+                .then_some(events)
+        },
+    );
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "failed",
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting"
+        ],
+        "{}",
+        device.logs()
+    );
+    assert_eq!(events[2]["reason"], "http-status");
+    assert!(device.logs().contains("periodic check"));
 }
