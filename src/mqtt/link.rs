@@ -469,7 +469,9 @@ impl Session {
                 // guess which record it was.
                 tracing::warn!("packet id {pkid} still in use; reconnecting to resynchronise");
                 self.issued.pop_front();
-                let _ = self.client.try_disconnect();
+                if self.client.try_disconnect().is_ok() {
+                    self.issued.push_back(Issued::Disconnect);
+                }
             }
             _ => {}
         }
