@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
-use crate::engine::{Action, Engine, Event, Failure, Input, Phase, Progress, SlotPair};
+use crate::engine::{Action, Engine, Event, Failure, Input, Phase, Progress, SlotPair, TxnState};
 use crate::health;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
@@ -152,9 +152,21 @@ impl Agent {
         observer: &mut dyn Observer,
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
-            Ok(verified) => Ok(Ok(self
-                .drive(Input::ReleaseVerified(Box::new(verified)), observer)
-                .await?)),
+            Ok(verified) => {
+                // The engine refuses some verified releases too (rolled back before, another
+                // transaction in progress): those are returned like the verifier's refusals.
+                let mut noted = NoteRefusal {
+                    inner: observer,
+                    refusal: None,
+                };
+                let stop = self
+                    .drive(Input::ReleaseVerified(Box::new(verified)), &mut noted)
+                    .await?;
+                Ok(match noted.refusal {
+                    Some(refusal) => Err(refusal),
+                    None => Ok(stop),
+                })
+            }
             Err(refusal) => {
                 if refusal.code.is_tamper_alert() {
                     tracing::error!(reason = %refusal.code, "TAMPER ALERT: {}", refusal.message);
@@ -391,6 +403,28 @@ impl Agent {
         } else {
             Err(reboot_err(status.to_string()))
         }
+    }
+}
+
+/// Passes everything on and keeps the refusal the engine reported, if any.
+struct NoteRefusal<'a> {
+    inner: &'a mut dyn Observer,
+    refusal: Option<Refusal>,
+}
+
+impl Observer for NoteRefusal<'_> {
+    fn event(&mut self, event: &Event) {
+        if event.state == TxnState::Refused {
+            self.refusal = Some(Refusal::new(
+                event.reason.unwrap_or(ReasonCode::NotReady),
+                event.message.clone().unwrap_or_default(),
+            ));
+        }
+        self.inner.event(event);
+    }
+
+    fn progress(&mut self, progress: &Progress) {
+        self.inner.progress(progress);
     }
 }
 

@@ -12,7 +12,10 @@
 //! - the bootloader is never told to try a slot whose content was not read back and verified:
 //!   `Activate` is only emitted from `Activating`, which is only entered after `WriteFinished(Ok)`;
 //! - the target slot is made unbootable *before* its first byte is written;
-//! - reboots are recognised by the kernel boot id and the booted slot, never by the clock.
+//! - reboots are recognised by the kernel boot id and the booted slot, never by the clock;
+//! - the slot that is meant to run is marked good at every boot (as RAUC's mark-good service
+//!   does): the boot scripts spend a try (U-Boot) or set a try flag (GRUB) at every boot, and
+//!   a slot whose budget is not given back is left by the bootloader a few boots later.
 
 pub mod state;
 
@@ -131,6 +134,10 @@ pub struct Engine {
     /// What a slot the agent never wrote runs (the image the device shipped with).
     factory_version: Option<String>,
     last_progress_report: Option<Timestamp>,
+    /// A bootloader change to ask for once the current one is done. Not persisted: it is
+    /// only ever the booted slot's mark-good, which the next boot observed in idle asks for
+    /// anyway.
+    then: Option<Action>,
 }
 
 impl Engine {
@@ -141,6 +148,7 @@ impl Engine {
             boot: None,
             factory_version: None,
             last_progress_report: None,
+            then: None,
         }
     }
 
@@ -200,7 +208,8 @@ impl Engine {
     fn on_boot(&mut self, boot_id: String, booted: String, now: Timestamp, out: &mut Vec<Action>) {
         self.boot = Some((boot_id.clone(), booted.clone()));
         match self.state.phase.clone() {
-            Phase::Idle => {}
+            // The booted slot came up: give it back the try this boot spent.
+            Phase::Idle => out.push(Action::MarkGood { slot: booted }),
             Phase::Writing { txn, .. } => {
                 if booted == txn.to_slot {
                     // The target cannot have booted: it was made unbootable before writing.
@@ -497,8 +506,9 @@ impl Engine {
                 out.push(Action::Report(event));
                 out.push(Action::Reboot);
             }
-            // MarkBad after a failure, or a stale answer: nothing more to do.
-            _ => {}
+            // MarkBad after a failure or a rollback, MarkGood of the booted slot, or a stale
+            // answer: at most the booted slot's mark-good is left to do.
+            _ => out.extend(self.then.take()),
         }
     }
 
@@ -569,6 +579,11 @@ impl Engine {
         // The bootloader may have given up on the slot only because its tries ran out; take it
         // out of the boot order for good.
         out.push(Action::MarkBad { slot });
+        // Then keep the slot that came back: its boot spent a try too (GRUB: its try flag is
+        // set, and with no untried OK slot left GRUB boots menu entry 0, whatever it holds).
+        self.then = self.booted().map(|slot| Action::MarkGood {
+            slot: slot.to_owned(),
+        });
     }
 
     fn finish_failed(

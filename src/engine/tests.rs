@@ -118,7 +118,11 @@ impl Harness {
 #[test]
 fn install_reboot_trial_commit() {
     let mut h = Harness::new();
-    assert!(h.feed(boot(BOOT_1, "A")).is_empty());
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Action::RunHealthChecks]);
@@ -180,7 +184,12 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
         0,
         "a rolled-back release must not raise the floor"
     );
-    h.feed(Input::BootloaderDone(Ok(())));
+    // Then A, which came back, gets back the try its boot spent.
+    assert_eq!(
+        h.feed(Input::BootloaderDone(Ok(()))),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
     // The same release, delivered again, is refused and not installed.
     let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
     assert!(jobs.is_empty());
@@ -205,6 +214,40 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
     assert_eq!(last.state, TxnState::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
     assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
+    // Even when marking B bad failed, A is kept.
+    let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
+    assert_eq!(
+        h.feed(Input::BootloaderDone(Err(failure))),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+}
+
+/// Regression: nothing gave the running slot back the try its boot spent, so a committed slot
+/// was left by U-Boot after `attempts` boots and by GRUB at the second (tests/install_cycle.rs,
+/// `stays_in_the_running_slot_across_reboots`).
+#[test]
+fn every_boot_in_idle_marks_the_booted_slot_good() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    let count = h.events.len();
+    for boot_id in ["boot-3", "boot-4", "boot-5"] {
+        assert_eq!(
+            h.feed(boot(boot_id, "B")),
+            vec![Action::MarkGood { slot: "B".into() }]
+        );
+        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    }
+    assert_eq!(h.events.len(), count, "an ordinary boot is not an event");
+    assert_eq!(h.persisted.last(), Some(h.engine.state()));
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! Helpers for the integration tests: real bootloader environments in a temporary directory, the
-//! boot scripts' simulator, and (in `releases`) fixed keys and hand-assembled releases. Each
-//! test crate that says `mod common;` uses only part of it.
+//! boot scripts' simulator, (in `releases`) fixed keys and hand-assembled releases, and (in
+//! `http`) a hostile HTTP server on 127.0.0.1. Each test crate that says `mod common;` uses only
+//! part of it.
 #![allow(dead_code, unused_imports)] // each test crate uses a different part
 
 pub use update_agent::bootloader::simulator as boot_sim;
 
+pub mod http;
 mod releases;
 pub use releases::*;
 
