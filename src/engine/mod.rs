@@ -482,6 +482,9 @@ impl Engine {
                 let mut event = self.txn_event(TxnState::RollingBack, &txn, now);
                 event.reason = Some(failure.reason);
                 event.message = Some(failure.message);
+                // The event took a sequence number: persist it before the event is reported, or
+                // the next boot would give the same number to another event.
+                out.push(Action::Persist);
                 out.push(Action::Report(event));
                 out.push(Action::Reboot);
             }

@@ -339,3 +339,58 @@ fn boot(boot_id: &str, booted: &str) -> Input {
         booted: booted.into(),
     }
 }
+
+/// Regression: when marking the failed slot bad failed during a rollback, the engine reported a
+/// `rolling-back` event without persisting the sequence number it took, so after the reboot the
+/// next event (`rolled-back`) was reported with the same number.
+#[test]
+fn a_sequence_number_is_persisted_before_its_event_is_reported() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
+    h.feed(Input::HealthFinished(Err(failure)));
+    let actions = h.engine.handle(
+        Input::BootloaderDone(Err(Failure::new(
+            ReasonCode::BootloaderFailed,
+            "fw_setenv failed",
+        ))),
+        h.now,
+    );
+    let reported: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(event) => Some(event.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported.len(), 1);
+    let persist = actions.iter().position(|a| *a == Action::Persist);
+    let report = actions
+        .iter()
+        .position(|a| matches!(a, Action::Report(_)))
+        .unwrap();
+    assert!(
+        persist.is_some_and(|p| p < report),
+        "the event's seq must be persisted before it is reported: {actions:?}"
+    );
+    assert_eq!(actions.last(), Some(&Action::Reboot));
+    // The reboot: what the last `Persist` wrote is all that is left.
+    let saved = match persist {
+        Some(_) => h.engine.state().clone(),
+        None => h.persisted.last().unwrap().clone(),
+    };
+    let mut h = Harness::restore(saved);
+    h.feed(boot("boot-3", "A"));
+    let rolled_back = h
+        .events
+        .iter()
+        .find(|e| e.state == TxnState::RolledBack)
+        .unwrap();
+    assert!(
+        rolled_back.seq > reported[0],
+        "seq {} was reused for another event",
+        reported[0]
+    );
+}
