@@ -7,6 +7,13 @@
 //! job it protects, so that after a power cut the engine, restored from the persisted state and
 //! told of the boot it finds itself in, redoes or finishes exactly the step that was cut.
 //!
+//! Events: a transition's events are reported after the `Persist` that records it (with the
+//! sequence numbers they took), and they stay in the persisted state until the next transition.
+//! After a restart the engine reports them again, with the same numbers: delivery is at least
+//! once, the `seq` identifies a repeat, and a number is never given to two different events. A
+//! transition that was not persisted is redone after a restart; its events were never reported
+//! and get the same numbers again.
+//!
 //! Architecture invariants:
 //! - the booted slot is never the target of a write or of `mark bad`;
 //! - the bootloader is never told to try a slot whose content was not read back and verified:
@@ -157,6 +164,7 @@ impl Engine {
 
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Action> {
         let mut out = Vec::new();
+        let first_new_seq = self.state.next_seq;
         match input {
             Input::BootObserved { boot_id, booted } => self.on_boot(boot_id, booted, now, &mut out),
             Input::ReleaseVerified(release) => self.on_release(*release, now, &mut out),
@@ -182,11 +190,31 @@ impl Engine {
             Input::BootloaderDone(result) => self.on_bootloader_done(result, now, &mut out),
             Input::HealthFinished(result) => self.on_health(result, now, &mut out),
         }
+        // The events this input made are persisted with its transition (every transition that
+        // makes events persists) and kept until the next one, so a restart can report them again.
+        let made: Vec<Event> = out
+            .iter()
+            .filter_map(|action| match action {
+                Action::Report(event) if event.seq >= first_new_seq => Some(event.clone()),
+                _ => None,
+            })
+            .collect();
+        if !made.is_empty() {
+            self.state.recent_events = made;
+        }
         out
     }
 
     fn on_boot(&mut self, boot_id: String, booted: String, now: Timestamp, out: &mut Vec<Action>) {
         self.boot = Some((boot_id.clone(), booted.clone()));
+        // The last transition was persisted, but the agent may have stopped before it reported
+        // the events: report them again (same seq; receivers drop what they have), then forget
+        // them durably so that later boots do not repeat them.
+        let replay = std::mem::take(&mut self.state.recent_events);
+        if !replay.is_empty() {
+            out.extend(replay.into_iter().map(Action::Report));
+            out.push(Action::Persist);
+        }
         match self.state.phase.clone() {
             Phase::Idle => {}
             Phase::Writing { txn, .. } => {
