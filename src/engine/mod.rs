@@ -216,7 +216,15 @@ impl Engine {
             out.push(Action::Persist);
         }
         match self.state.phase.clone() {
-            Phase::Idle => {}
+            Phase::Idle => {
+                // The boot scripts count every boot against the booted slot (U-Boot's
+                // BOOT_x_LEFT, GRUB's x_TRY): the running system is marked good at each boot,
+                // as RAUC's mark-good service does, or the bootloader falls back to the other
+                // slot after a few ordinary reboots (GRUB: the second one).
+                if self.slots.other(&booted).is_some() {
+                    out.push(Action::MarkGood { slot: booted });
+                }
+            }
             Phase::Writing { txn, .. } => {
                 if booted == txn.to_slot {
                     // The target cannot have booted: it was made unbootable before writing.
@@ -516,7 +524,8 @@ impl Engine {
                 out.push(Action::Report(event));
                 out.push(Action::Reboot);
             }
-            // MarkBad after a failure, or a stale answer: nothing more to do.
+            // MarkBad after a failure, MarkGood of the booted slot at an idle boot, or a stale
+            // answer: nothing more to do.
             _ => {}
         }
     }

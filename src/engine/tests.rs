@@ -123,7 +123,10 @@ impl Harness {
 #[test]
 fn install_reboot_trial_commit() {
     let mut h = Harness::new();
-    assert!(h.feed(boot(BOOT_1, "A")).is_empty());
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Action::RunHealthChecks]);
@@ -482,4 +485,29 @@ fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
             assert!(event.seq < state.next_seq);
         }
     }
+}
+
+/// Regression: an idle boot did nothing, so the booted slot was never marked good after its
+/// trial. The boot scripts count every boot against the booted slot, so a committed slot fell
+/// back to the old one after ordinary reboots: on GRUB at the second (x_TRY stays 1), on U-Boot
+/// once BOOT_x_LEFT ran out.
+#[test]
+fn every_idle_boot_marks_the_booted_slot_good() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    h.feed(Input::BootloaderDone(Ok(())));
+    assert_eq!(h.engine.state().phase, Phase::Idle);
+    for (i, slot) in ["B", "B", "A"].into_iter().enumerate() {
+        let jobs = h.feed(boot(&format!("boot-{}", i + 3), slot));
+        assert_eq!(jobs, vec![Action::MarkGood { slot: slot.into() }]);
+        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+        let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
+        assert!(h.feed(Input::BootloaderDone(Err(failed))).is_empty());
+        assert_eq!(h.engine.state().phase, Phase::Idle);
+    }
+    // A slot the configuration does not know is left alone.
+    assert!(h.feed(boot("boot-9", "recovery")).is_empty());
 }
