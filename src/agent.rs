@@ -15,7 +15,7 @@ use crate::engine::{Action, Engine, Event, Failure, Input, Phase, Progress, Slot
 use crate::health;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
-use crate::state_store::{StateStore, StoreError};
+use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
 use crate::transfer::{self, TransferEvent, WriteRequest};
 
@@ -279,8 +279,12 @@ impl Agent {
     fn report(&mut self, event: &Event, observer: &mut dyn Observer) {
         // The event log is the device's own record; a full disk must not stop an install that
         // is already under way, so a failed append is logged, not fatal.
-        if let Err(err) = self.store.log_event(event) {
-            tracing::error!("cannot record event {}: {err}", event.seq);
+        match self.store.log_event(event) {
+            Ok(Logged::Appended) => {}
+            // Reported again after a restart (engine::PersistentState::recent_events), and
+            // already told the first time.
+            Ok(Logged::AlreadyLogged) => return,
+            Err(err) => tracing::error!("cannot record event {}: {err}", event.seq),
         }
         observer.event(event);
     }

@@ -7,6 +7,13 @@
 //! job it protects, so that after a power cut the engine, restored from the persisted state and
 //! told of the boot it finds itself in, redoes or finishes exactly the step that was cut.
 //!
+//! Events: a transition's events are reported after the `Persist` that records it (with the
+//! sequence numbers they took), and they stay in the persisted state until the next transition.
+//! After a restart the engine reports them again, with the same numbers: delivery is at least
+//! once, the `seq` identifies a repeat, and a number is never given to two different events. A
+//! transition that was not persisted is redone after a restart; its events were never reported
+//! and get the same numbers again.
+//!
 //! Architecture invariants:
 //! - the booted slot is never the target of a write or of `mark bad`;
 //! - the bootloader is never told to try a slot whose content was not read back and verified:
@@ -177,6 +184,7 @@ impl Engine {
 
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Action> {
         let mut out = Vec::new();
+        let first_new_seq = self.state.next_seq;
         match input {
             Input::BootObserved { boot_id, booted } => self.on_boot(boot_id, booted, now, &mut out),
             Input::ReleaseVerified(release) => self.on_release(*release, now, &mut out),
@@ -202,14 +210,41 @@ impl Engine {
             Input::BootloaderDone(result) => self.on_bootloader_done(result, now, &mut out),
             Input::HealthFinished(result) => self.on_health(result, now, &mut out),
         }
+        // The events this input made are persisted with its transition (every transition that
+        // makes events persists) and kept until the next one, so a restart can report them again.
+        let made: Vec<Event> = out
+            .iter()
+            .filter_map(|action| match action {
+                Action::Report(event) if event.seq >= first_new_seq => Some(event.clone()),
+                _ => None,
+            })
+            .collect();
+        if !made.is_empty() {
+            self.state.recent_events = made;
+        }
         out
     }
 
     fn on_boot(&mut self, boot_id: String, booted: String, now: Timestamp, out: &mut Vec<Action>) {
         self.boot = Some((boot_id.clone(), booted.clone()));
+        // The last transition was persisted, but the agent may have stopped before it reported
+        // the events: report them again (same seq; receivers drop what they have), then forget
+        // them durably so that later boots do not repeat them.
+        let replay = std::mem::take(&mut self.state.recent_events);
+        if !replay.is_empty() {
+            out.extend(replay.into_iter().map(Action::Report));
+            out.push(Action::Persist);
+        }
         match self.state.phase.clone() {
-            // The booted slot came up: give it back the try this boot spent.
-            Phase::Idle => out.push(Action::MarkGood { slot: booted }),
+            Phase::Idle => {
+                // The boot scripts count every boot against the booted slot (U-Boot's
+                // BOOT_x_LEFT, GRUB's x_TRY): the running system is marked good at each boot,
+                // as RAUC's mark-good service does, or the bootloader falls back to the other
+                // slot after a few ordinary reboots (GRUB: the second one).
+                if self.slots.other(&booted).is_some() {
+                    out.push(Action::MarkGood { slot: booted });
+                }
+            }
             Phase::Writing { txn, .. } => {
                 if booted == txn.to_slot {
                     // The target cannot have booted: it was made unbootable before writing.
@@ -503,6 +538,9 @@ impl Engine {
                 let mut event = self.txn_event(TxnState::RollingBack, &txn, now);
                 event.reason = Some(failure.reason);
                 event.message = Some(failure.message);
+                // The event took a sequence number: persist it before the event is reported, or
+                // the next boot would give the same number to another event.
+                out.push(Action::Persist);
                 out.push(Action::Report(event));
                 out.push(Action::Reboot);
             }
