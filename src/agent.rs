@@ -296,8 +296,12 @@ impl Agent {
         op: impl FnOnce(&dyn Bootloader, &str) -> Result<(), bootloader::BootloaderError>,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
-        let result = op(self.bootloader.as_ref(), slot)
-            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string()));
+        let result = op(self.bootloader.as_ref(), slot).map_err(|err| {
+            // Some of these failures end no transaction (the running slot's mark-good at an
+            // idle boot), so the journal must hear of every one.
+            tracing::error!("bootloader {name} of slot {slot} failed: {err}");
+            Failure::new(ReasonCode::BootloaderFailed, err.to_string())
+        });
         self.crash.point(&format!("bootloader:{name}:after"));
         result
     }

@@ -264,7 +264,20 @@ impl Engine {
                     out.push(Action::PrepareTarget { slot: txn.to_slot });
                 }
             }
-            Phase::Activating { txn } => out.push(Action::Activate { slot: txn.to_slot }),
+            Phase::Activating { txn } => {
+                if booted == txn.to_slot {
+                    // The power failed after the bootloader was switched but before that was
+                    // persisted, and the bootloader tried the new slot: this is its trial boot.
+                    let activated = self.txn_event(TxnState::Activated, &txn, now);
+                    let start = out.len();
+                    self.enter_trial(txn, boot_id, now, out);
+                    // Reported after the Persist that enter_trial starts with, like every event.
+                    debug_assert_eq!(out.get(start), Some(&Action::Persist));
+                    out.insert(start + 1, Action::Report(activated));
+                } else {
+                    out.push(Action::Activate { slot: txn.to_slot });
+                }
+            }
             Phase::RebootPending {
                 txn,
                 boot_id_at_activation,

@@ -305,6 +305,32 @@ fn restart_after_activation_was_persisted_activates_again() {
 }
 
 #[test]
+fn booting_the_new_slot_while_activating_is_its_trial_boot() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    h.feed(Input::WriteFinished(Ok(())));
+    // Cut after the bootloader switched, before RebootPending was persisted; B came up.
+    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    let actions = h.engine.handle(boot(BOOT_2, "B"), h.now);
+    let kinds: Vec<_> = actions
+        .iter()
+        .map(|a| match a {
+            Action::Report(e) => e.state.as_str(),
+            Action::Persist => "persist",
+            Action::RunHealthChecks => "health",
+            _ => "other",
+        })
+        .collect();
+    // First the replay of the last persisted transition's events, then the trial.
+    assert!(
+        kinds.ends_with(&["persist", "activated", "trial-boot", "health"]),
+        "{kinds:?}"
+    );
+}
+
+#[test]
 fn failed_write_ends_the_transaction_with_its_reason() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
