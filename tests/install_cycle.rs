@@ -22,9 +22,8 @@ use std::process::{Command, Output};
 
 use common::boot_sim::{BootSim, SimEnv};
 use common::http::{Act, BackgroundServer};
-use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile, run_ok};
+use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile, pattern, run_ok, sha256_hex};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 const COMPATIBLE: &str = "acme-gw-cycle";
@@ -68,23 +67,6 @@ struct Device {
     server: BackgroundServer,
     image: Vec<u8>,
     boots: u32,
-}
-
-/// Deterministic bytes that differ per `seed` and do not compress to nothing.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn toml_str(text: &str) -> String {
@@ -375,7 +357,7 @@ reboot_command = {reboot}
     }
 
     fn slot_hash(&self, name: &str) -> String {
-        sha256(&self.slot(name))
+        sha256_hex(&self.slot(name))
     }
 
     /// Every variable, read with the real tool (the file backend: the file itself).
@@ -630,13 +612,13 @@ fn happy_path(backend: Backend) {
     assert_eq!(slot_b["bootname"], "B");
     assert_eq!(slot_b["committed"], true, "{status:#}");
     assert_eq!(slot_b["version"], "2026.06.1", "{status:#}");
-    assert_eq!(slot_b["sha256"], sha256(&dev.image), "{status:#}");
+    assert_eq!(slot_b["sha256"], sha256_hex(&dev.image), "{status:#}");
 
     assert_eq!(dev.slot_hash("A"), a_before, "the booted slot was written");
     let b = dev.slot("B");
     assert_eq!(
-        sha256(&b[..IMAGE_LEN]),
-        sha256(&dev.image),
+        sha256_hex(&b[..IMAGE_LEN]),
+        sha256_hex(&dev.image),
         "slot B holds the image"
     );
     assert_eq!(b.len(), FACTORY_B_LEN, "slot B grew or shrank");

@@ -59,9 +59,8 @@ use std::time::Duration;
 use Outcome::{Committed, RolledBack};
 use Victim::{BootCheck, Install};
 use common::boot_sim::{BootSim, SimEnv};
-use common::{GrubEnvFile, UBootEnvFile};
+use common::{GrubEnvFile, UBootEnvFile, pattern, sha256_hex};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
 
@@ -338,10 +337,6 @@ fn holds_image(slot: &[u8]) -> bool {
     slot[..IMAGE_LEN] == bytes().image[..]
 }
 
-fn sha_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 /// The bytes every test uses, made once: the image, what the slots hold before the install, and
 /// the garbage a power cut leaves.
 struct Bytes {
@@ -359,20 +354,6 @@ fn bytes() -> &'static Bytes {
         b: Arc::new(pattern(SLOT_SIZE, 0xbbbb)),
         garbage: pattern(SLOT_SIZE, 0xdead),
     })
-}
-
-/// Deterministic bytes that differ from slot to slot and from the garbage.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn run_bin(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
@@ -438,7 +419,7 @@ impl Device {
             .to_owned();
         assert_eq!(
             image_sha,
-            sha_hex(&image),
+            sha256_hex(&image),
             "the release names the image's hash"
         );
 
@@ -626,7 +607,7 @@ reboot_command = ["sh", "-c", "echo reboot >> {reboots}"]
     /// The SHA-256 of slot B's first `IMAGE_LEN` bytes, read from the file.
     fn b_sha(&self) -> String {
         let b = fs::read(&self.slot_b).unwrap();
-        sha_hex(&b[..IMAGE_LEN])
+        sha256_hex(&b[..IMAGE_LEN])
     }
 
     fn state(&self) -> Value {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::http::{Act, serve, start, tls_pair};
+use common::{pattern, sha256_hex};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::manifest::{Compression, Image};
@@ -23,28 +24,11 @@ const SIZE: usize = 1024 * 1024 + 4321;
 const CHECKPOINT: u64 = 64 * 1024;
 const BOOTED: &[u8] = b"the booted slot: must never change";
 
-/// Deterministic bytes that do not compress to nothing.
-fn image_bytes(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 fn image(url: &str, data: &[u8]) -> Image {
     Image {
         url: url.to_string(),
         size: data.len() as u64,
-        sha256: sha(data),
+        sha256: sha256_hex(data),
         compression: None,
         transport_size: None,
         transport_sha256: None,
@@ -56,7 +40,7 @@ fn zstd_image(url: &str, data: &[u8], compressed: &[u8]) -> Image {
     Image {
         compression: Some(Compression::Zstd),
         transport_size: Some(compressed.len() as u64),
-        transport_sha256: Some(sha(compressed)),
+        transport_sha256: Some(sha256_hex(compressed)),
         ..image(url, data)
     }
 }
@@ -140,7 +124,7 @@ async fn expect_failure(slots: &Slots, req: &WriteRequest, reason: ReasonCode) -
 
 #[tokio::test]
 async fn http_image_is_written_checkpointed_and_read_back() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -149,7 +133,7 @@ async fn http_image_is_written_checkpointed_and_read_back() {
     let written = result.unwrap();
 
     assert_eq!(written.bytes, SIZE as u64);
-    assert_eq!(hex::encode(written.sha256), sha(&data));
+    assert_eq!(hex::encode(written.sha256), sha256_hex(&data));
     assert_eq!(slots.slot_bytes(), data);
     slots.assert_safe(SIZE);
     let cps = checkpoints(&events);
@@ -168,7 +152,7 @@ async fn http_image_is_written_checkpointed_and_read_back() {
 
 #[tokio::test]
 async fn file_url_image_is_written() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let slots = Slots::new();
     let source = slots.dir.path().join("image.raw");
     std::fs::write(&source, &data).unwrap();
@@ -183,7 +167,7 @@ async fn file_url_image_is_written() {
 
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let (acceptor, cert) = tls_pair();
     let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
     let slots = Slots::new();
@@ -198,7 +182,7 @@ async fn https_image_is_written_with_an_extra_root() {
 
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let (acceptor, _cert) = tls_pair();
     let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
     let slots = Slots::new();
@@ -211,7 +195,7 @@ async fn https_server_with_an_unknown_certificate_is_refused() {
 
 #[tokio::test]
 async fn zstd_image_is_decompressed_and_both_hashes_checked() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
@@ -229,12 +213,12 @@ async fn zstd_image_is_decompressed_and_both_hashes_checked() {
 
 #[tokio::test]
 async fn zstd_transport_hash_mismatch_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let mut image = zstd_image(&server.url("/img.zst"), &data, &compressed);
-    image.transport_sha256 = Some(sha(b"something else"));
+    image.transport_sha256 = Some(sha256_hex(b"something else"));
     let req = slots.request(image);
 
     let err = expect_failure(&slots, &req, ReasonCode::HashMismatch).await;
@@ -243,7 +227,7 @@ async fn zstd_transport_hash_mismatch_is_refused() {
 
 #[tokio::test]
 async fn redirects_within_the_limit_are_followed() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut routes = vec![("/img", Act::Serve)];
     let hops = ["/r1", "/r2", "/r3", "/r4", "/r5"];
     for (i, hop) in hops.iter().enumerate() {
@@ -263,7 +247,7 @@ async fn redirects_within_the_limit_are_followed() {
 
 #[tokio::test]
 async fn truncated_body_is_a_download_failure() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::Truncate { after: SIZE / 2 })],
@@ -278,7 +262,7 @@ async fn truncated_body_is_a_download_failure() {
 
 #[tokio::test]
 async fn short_close_delimited_body_is_a_size_mismatch() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::CloseDelimited { extra: vec![] })],
@@ -294,7 +278,7 @@ async fn short_close_delimited_body_is_a_size_mismatch() {
 
 #[tokio::test]
 async fn wrong_bytes_are_a_hash_mismatch() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut evil = data.clone();
     evil[SIZE / 3] ^= 0x40;
     let server = serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
@@ -307,7 +291,7 @@ async fn wrong_bytes_are_a_hash_mismatch() {
 
 #[tokio::test]
 async fn extra_bytes_without_length_stop_at_the_first_one() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let extra = vec![0xEE; 300 * 1024];
     let server = serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
     let slots = Slots::new();
@@ -321,7 +305,7 @@ async fn extra_bytes_without_length_stop_at_the_first_one() {
 
 #[tokio::test]
 async fn announced_longer_body_is_refused_before_writing() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::LongerLength { extra: vec![1; 10] })],
@@ -336,7 +320,7 @@ async fn announced_longer_body_is_refused_before_writing() {
 
 #[tokio::test]
 async fn stalled_server_times_out() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -354,7 +338,7 @@ async fn stalled_server_times_out() {
 
 #[tokio::test]
 async fn redirect_loop_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![
@@ -372,7 +356,7 @@ async fn redirect_loop_is_refused() {
 
 #[tokio::test]
 async fn too_many_redirects_are_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let paths: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
     let routes = paths
         .iter()
@@ -392,7 +376,7 @@ async fn too_many_redirects_are_refused() {
 
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let plain = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let (acceptor, cert) = tls_pair();
     let secure = start(
@@ -416,7 +400,7 @@ async fn https_to_http_redirect_is_refused() {
 
 #[tokio::test]
 async fn connection_reset_midway_is_a_download_failure() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -427,7 +411,7 @@ async fn connection_reset_midway_is_a_download_failure() {
 
 #[tokio::test]
 async fn server_error_status_is_reported_with_the_status() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Status(500))]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -440,7 +424,7 @@ async fn server_error_status_is_reported_with_the_status() {
 
 #[tokio::test]
 async fn missing_image_is_a_404() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/nope"), &data));
@@ -465,7 +449,7 @@ async fn zstd_bomb_stops_at_the_image_size() {
 
 #[tokio::test]
 async fn zstd_frame_with_a_huge_window_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
     encoder.long_distance_matching(true).unwrap();
     encoder.window_log(27).unwrap();
@@ -482,7 +466,7 @@ async fn zstd_frame_with_a_huge_window_is_refused() {
 
 #[tokio::test]
 async fn image_larger_than_the_slot_is_refused_before_anything() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, b"old system").unwrap();
@@ -496,7 +480,7 @@ async fn image_larger_than_the_slot_is_refused_before_anything() {
 
 #[tokio::test]
 async fn missing_slot_is_not_created() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -510,7 +494,7 @@ async fn missing_slot_is_not_created() {
 
 #[tokio::test]
 async fn failing_checkpoint_handler_cancels_the_install() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -532,7 +516,7 @@ async fn failing_checkpoint_handler_cancels_the_install() {
 
 #[tokio::test]
 async fn resume_after_a_reset_continues_with_a_range_request() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let reset_at = 600 * 1024 + 123;
     let server = serve(
         data.clone(),
@@ -573,7 +557,7 @@ async fn resume_after_a_reset_continues_with_a_range_request() {
 
 #[tokio::test]
 async fn resume_answered_with_200_restarts_from_zero() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
     let slots = Slots::new();
     // A slot left half-written with garbage by an earlier attempt at some other image.
@@ -594,7 +578,7 @@ async fn resume_answered_with_200_restarts_from_zero() {
 
 #[tokio::test]
 async fn resume_from_the_full_size_only_reads_back() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data).unwrap();
@@ -607,7 +591,7 @@ async fn resume_from_the_full_size_only_reads_back() {
 
 #[tokio::test]
 async fn resume_past_a_truncated_slot_starts_over() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data[..1000]).unwrap();
@@ -624,7 +608,7 @@ async fn resume_past_a_truncated_slot_starts_over() {
 
 #[test]
 fn verify_slot_catches_a_changed_byte() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let slots = Slots::new();
     let mut stored = data.clone();
     stored.extend_from_slice(b"bytes past the image are not part of it");
@@ -654,7 +638,7 @@ fn verify_slot_works_on_tmpfs() {
     }
     let dir = tempfile::tempdir_in(shm).unwrap();
     let slot = dir.path().join("slot");
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     std::fs::write(&slot, &data).unwrap();
     let digest: [u8; 32] = Sha256::digest(&data).into();
 
@@ -709,7 +693,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
         eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
         return;
     };
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -722,7 +706,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
     assert!(written[SIZE..].iter().all(|&b| b == 0));
 
     // The configured capacity is generous; the device's own size still refuses a larger image.
-    let big = image_bytes(3 * 1024 * 1024);
+    let big = pattern(3 * 1024 * 1024, 0x2545);
     req.image = image(&server.url("/img"), &big);
     let (result, _) = install(&req).await;
     let err = result.unwrap_err();
@@ -747,7 +731,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
 
 #[tokio::test]
 async fn compressed_image_ignores_resume_from() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
