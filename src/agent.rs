@@ -12,12 +12,12 @@ use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Engine, Event, Failure, Input, PersistentState, Phase, Progress, SlotPair,
+    Action, Engine, Event, Failure, Input, PersistentState, Phase, Progress, SlotPair, TxnState,
 };
 use crate::health;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
-use crate::state_store::{StateStore, StoreError};
+use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
 use crate::transfer::{self, TransferEvent, WriteRequest};
 
@@ -157,7 +157,19 @@ impl Agent {
         observer: &mut dyn Observer,
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
-            Ok(verified) => Ok(Ok(self.offer_verified(verified, observer).await?)),
+            Ok(verified) => {
+                // The engine refuses some verified releases too (rolled back before, another
+                // transaction in progress): those are returned like the verifier's refusals.
+                let mut noted = NoteRefusal {
+                    inner: observer,
+                    refusal: None,
+                };
+                let stop = self.offer_verified(verified, &mut noted).await?;
+                Ok(match noted.refusal {
+                    Some(refusal) => Err(refusal),
+                    None => Ok(stop),
+                })
+            }
             Err(refusal) => {
                 self.report_refusal(&refusal, observer).await?;
                 Ok(Err(refusal))
@@ -297,8 +309,12 @@ impl Agent {
     fn report(&mut self, event: &Event, observer: &mut dyn Observer) {
         // The event log is the device's own record; a full disk must not stop an install that
         // is already under way, so a failed append is logged, not fatal.
-        if let Err(err) = self.store.log_event(event) {
-            tracing::error!("cannot record event {}: {err}", event.seq);
+        match self.store.log_event(event) {
+            Ok(Logged::Appended) => {}
+            // Reported again after a restart (engine::PersistentState::recent_events), and
+            // already told the first time.
+            Ok(Logged::AlreadyLogged) => return,
+            Err(err) => tracing::error!("cannot record event {}: {err}", event.seq),
         }
         observer.event(event);
     }
@@ -310,8 +326,12 @@ impl Agent {
         op: impl FnOnce(&dyn Bootloader, &str) -> Result<(), bootloader::BootloaderError>,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
-        let result = op(self.bootloader.as_ref(), slot)
-            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string()));
+        let result = op(self.bootloader.as_ref(), slot).map_err(|err| {
+            // Some of these failures end no transaction (the running slot's mark-good at an
+            // idle boot), so the journal must hear of every one.
+            tracing::error!("bootloader {name} of slot {slot} failed: {err}");
+            Failure::new(ReasonCode::BootloaderFailed, err.to_string())
+        });
         self.crash.point(&format!("bootloader:{name}:after"));
         result
     }
@@ -423,6 +443,32 @@ impl Agent {
         } else {
             Err(reboot_err(status.to_string()))
         }
+    }
+}
+
+/// Passes everything on and keeps the refusal the engine reported, if any.
+struct NoteRefusal<'a> {
+    inner: &'a mut dyn Observer,
+    refusal: Option<Refusal>,
+}
+
+impl Observer for NoteRefusal<'_> {
+    fn event(&mut self, event: &Event) {
+        if event.state == TxnState::Refused {
+            self.refusal = Some(Refusal::new(
+                event.reason.unwrap_or(ReasonCode::NotReady),
+                event.message.clone().unwrap_or_default(),
+            ));
+        }
+        self.inner.event(event);
+    }
+
+    fn progress(&mut self, progress: &Progress) {
+        self.inner.progress(progress);
+    }
+
+    fn persisted(&mut self, state: &PersistentState) {
+        self.inner.persisted(state);
     }
 }
 

@@ -436,6 +436,25 @@ fn fresh_environments_boot_the_first_slot() {
     assert_eq!(rig.boot(), "A");
 }
 
+/// A device running B installs into A: A is marked bad before its first byte is written. If
+/// B's try flag is still set when the power fails mid-write (say a cut in the boot before
+/// `boot-check` marked it good), no slot qualifies at the next power-on. GRUB's last resort
+/// must be the good slot B, not menu entry 0 — the half-written A.
+#[test]
+fn grub_last_resort_never_boots_a_slot_marked_bad() {
+    let rig = Rig::grub();
+    rig.bl.mark_active("B").unwrap();
+    assert_eq!(rig.boot(), "B");
+    rig.bl.mark_bad("A").unwrap();
+    assert_eq!(rig.get("B_TRY").as_deref(), Some("1"));
+    for _ in 0..3 {
+        assert_eq!(rig.boot(), "B", "{:?}", rig.get("A_OK"));
+    }
+    // With no good slot at all, entry 0 is all GRUB has left.
+    rig.bl.mark_bad("B").unwrap();
+    assert_eq!(rig.boot(), "A");
+}
+
 // --- hostile and broken environments ---------------------------------------------------------
 
 fn hostile_boot_order(rig: &Rig) {

@@ -2,304 +2,20 @@
 //! go wrong ends in a clean error with its reason code, never touches anything but the slot
 //! it was given, and never writes past the image size.
 
-use std::collections::HashMap;
+mod common;
+
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::{Act, serve, start, tls_pair};
+use common::{pattern, sha256_hex};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use update_agent::reason::ReasonCode;
 use update_agent::release::manifest::{Compression, Image};
 use update_agent::transfer::{
     TransferError, TransferEvent, WriteRequest, Written, install_image, verify_slot,
 };
-
-// ------------------------------------------------------------------------------------------
-// The hostile server
-
-/// What the server does for one path.
-#[derive(Clone)]
-enum Act {
-    /// Serves the data, honouring `Range: bytes=N-` with 206.
-    Serve,
-    /// Serves these bytes instead, with their Content-Length.
-    Body(Vec<u8>),
-    /// Ignores Range: always 200 with everything.
-    IgnoreRange,
-    /// Announces the full length, sends `after` bytes, closes cleanly.
-    Truncate {
-        after: usize,
-    },
-    /// No Content-Length (the end is the close): the data followed by `extra`.
-    CloseDelimited {
-        extra: Vec<u8>,
-    },
-    /// Announces a longer body than the data, then sends all of it plus `extra`.
-    LongerLength {
-        extra: Vec<u8>,
-    },
-    /// Sends headers and `after` bytes, then nothing, keeping the connection open.
-    Stall {
-        after: usize,
-    },
-    /// Sends `after` bytes, then resets the connection (TCP RST).
-    Reset {
-        after: usize,
-    },
-    /// The first request is reset after `after` bytes; later ones are served.
-    ResetOnce {
-        after: usize,
-    },
-    Status(u16),
-    Redirect(String),
-}
-
-#[derive(Clone, Debug)]
-struct Seen {
-    path: String,
-    range: Option<String>,
-}
-
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    tls: bool,
-}
-
-impl Server {
-    fn url(&self, path: &str) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}{path}", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-struct Shared {
-    data: Vec<u8>,
-    routes: HashMap<String, Act>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-async fn serve(data: Vec<u8>, routes: Vec<(&str, Act)>) -> Server {
-    start(data, routes, None).await
-}
-
-async fn start(
-    data: Vec<u8>,
-    routes: Vec<(&str, Act)>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let shared = Arc::new(Shared {
-        data,
-        routes: routes
-            .into_iter()
-            .map(|(p, a)| (p.to_string(), a))
-            .collect(),
-        seen: seen.clone(),
-    });
-    let is_tls = tls.is_some();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let shared = shared.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                match tls {
-                    Some(acceptor) => {
-                        if let Ok(mut stream) = acceptor.accept(stream).await {
-                            let _ = respond(&mut stream, &shared).await;
-                            let _ = stream.shutdown().await;
-                        }
-                    }
-                    None => {
-                        let mut stream = stream;
-                        match respond(&mut stream, &shared).await {
-                            Ok(Ending::Reset) => reset(stream),
-                            _ => {
-                                let _ = stream.shutdown().await;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Server {
-        addr,
-        seen,
-        tls: is_tls,
-    }
-}
-
-fn reset(stream: TcpStream) {
-    // Zero linger makes the close an RST rather than a FIN.
-    stream.set_zero_linger().unwrap();
-    drop(stream);
-}
-
-enum Ending {
-    Close,
-    Reset,
-}
-
-async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    shared: &Shared,
-) -> io::Result<Ending> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await? == 0 || head.len() > 16 * 1024 {
-            return Ok(Ending::Close);
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let path = head.split(' ').nth(1).unwrap_or("").to_string();
-    let range = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("range")
-            .then(|| value.trim().to_string())
-    });
-    let first_time = {
-        let mut seen = shared.seen.lock().unwrap();
-        let first = !seen.iter().any(|s| s.path == path);
-        seen.push(Seen {
-            path: path.clone(),
-            range: range.clone(),
-        });
-        first
-    };
-    let data = &shared.data;
-    let act = shared
-        .routes
-        .get(&path)
-        .cloned()
-        .unwrap_or(Act::Status(404));
-    let act = match act {
-        Act::ResetOnce { after } if first_time => Act::Reset { after },
-        Act::ResetOnce { .. } => Act::Serve,
-        act => act,
-    };
-    let ok = |len: usize| {
-        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
-    };
-    match act {
-        Act::Serve => {
-            let start = range
-                .as_deref()
-                .and_then(|r| r.strip_prefix("bytes="))
-                .and_then(|r| r.strip_suffix('-'))
-                .and_then(|n| n.parse::<usize>().ok());
-            match start {
-                Some(start) if start < data.len() => {
-                    let head = format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
-                        data.len() - start,
-                        data.len() - 1,
-                        data.len()
-                    );
-                    stream.write_all(head.as_bytes()).await?;
-                    stream.write_all(&data[start..]).await?;
-                }
-                _ => {
-                    stream.write_all(ok(data.len()).as_bytes()).await?;
-                    stream.write_all(data).await?;
-                }
-            }
-        }
-        Act::Body(body) => {
-            stream.write_all(ok(body.len()).as_bytes()).await?;
-            stream.write_all(&body).await?;
-        }
-        Act::IgnoreRange => {
-            stream.write_all(ok(data.len()).as_bytes()).await?;
-            stream.write_all(data).await?;
-        }
-        Act::Truncate { after } => {
-            stream.write_all(ok(data.len()).as_bytes()).await?;
-            stream.write_all(&data[..after]).await?;
-        }
-        Act::CloseDelimited { extra } => {
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-                .await?;
-            stream.write_all(data).await?;
-            stream.write_all(&extra).await?;
-        }
-        Act::LongerLength { extra } => {
-            stream
-                .write_all(ok(data.len() + extra.len()).as_bytes())
-                .await?;
-            stream.write_all(data).await?;
-            stream.write_all(&extra).await?;
-        }
-        Act::Stall { after } => {
-            stream.write_all(ok(data.len()).as_bytes()).await?;
-            stream.write_all(&data[..after]).await?;
-            stream.flush().await?;
-            // Far longer than any stall timeout in these tests; the runtime ends with the test.
-            tokio::time::sleep(Duration::from_secs(60)).await;
-        }
-        Act::Reset { after } => {
-            stream.write_all(ok(data.len()).as_bytes()).await?;
-            stream.write_all(&data[..after]).await?;
-            stream.flush().await?;
-            // Let the client read what was sent: an RST drops data still unread in its buffer.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            return Ok(Ending::Reset);
-        }
-        Act::ResetOnce { .. } => unreachable!(),
-        Act::Status(status) => {
-            let head = format!(
-                "HTTP/1.1 {status} Oops\r\nContent-Length: 5\r\nConnection: close\r\n\r\noops\n"
-            );
-            stream.write_all(head.as_bytes()).await?;
-        }
-        Act::Redirect(location) => {
-            let head = format!(
-                "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            stream.write_all(head.as_bytes()).await?;
-        }
-    }
-    stream.flush().await?;
-    Ok(Ending::Close)
-}
-
-/// A TLS acceptor with a fresh self-signed certificate for 127.0.0.1, and that certificate for
-/// the client to trust.
-fn tls_pair() -> (
-    tokio_rustls::TlsAcceptor,
-    rustls::pki_types::CertificateDer<'static>,
-) {
-    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let cert = key.cert.der().clone();
-    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()),
-    );
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.clone()], private)
-    .unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert)
-}
 
 // ------------------------------------------------------------------------------------------
 // Fixtures
@@ -308,28 +24,11 @@ const SIZE: usize = 1024 * 1024 + 4321;
 const CHECKPOINT: u64 = 64 * 1024;
 const BOOTED: &[u8] = b"the booted slot: must never change";
 
-/// Deterministic bytes that do not compress to nothing.
-fn image_bytes(len: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 fn image(url: &str, data: &[u8]) -> Image {
     Image {
         url: url.to_string(),
         size: data.len() as u64,
-        sha256: sha(data),
+        sha256: sha256_hex(data),
         compression: None,
         transport_size: None,
         transport_sha256: None,
@@ -341,7 +40,7 @@ fn zstd_image(url: &str, data: &[u8], compressed: &[u8]) -> Image {
     Image {
         compression: Some(Compression::Zstd),
         transport_size: Some(compressed.len() as u64),
-        transport_sha256: Some(sha(compressed)),
+        transport_sha256: Some(sha256_hex(compressed)),
         ..image(url, data)
     }
 }
@@ -425,7 +124,7 @@ async fn expect_failure(slots: &Slots, req: &WriteRequest, reason: ReasonCode) -
 
 #[tokio::test]
 async fn http_image_is_written_checkpointed_and_read_back() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -434,7 +133,7 @@ async fn http_image_is_written_checkpointed_and_read_back() {
     let written = result.unwrap();
 
     assert_eq!(written.bytes, SIZE as u64);
-    assert_eq!(hex::encode(written.sha256), sha(&data));
+    assert_eq!(hex::encode(written.sha256), sha256_hex(&data));
     assert_eq!(slots.slot_bytes(), data);
     slots.assert_safe(SIZE);
     let cps = checkpoints(&events);
@@ -453,7 +152,7 @@ async fn http_image_is_written_checkpointed_and_read_back() {
 
 #[tokio::test]
 async fn file_url_image_is_written() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let slots = Slots::new();
     let source = slots.dir.path().join("image.raw");
     std::fs::write(&source, &data).unwrap();
@@ -468,7 +167,7 @@ async fn file_url_image_is_written() {
 
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let (acceptor, cert) = tls_pair();
     let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
     let slots = Slots::new();
@@ -483,7 +182,7 @@ async fn https_image_is_written_with_an_extra_root() {
 
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let (acceptor, _cert) = tls_pair();
     let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
     let slots = Slots::new();
@@ -496,7 +195,7 @@ async fn https_server_with_an_unknown_certificate_is_refused() {
 
 #[tokio::test]
 async fn zstd_image_is_decompressed_and_both_hashes_checked() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
@@ -514,12 +213,12 @@ async fn zstd_image_is_decompressed_and_both_hashes_checked() {
 
 #[tokio::test]
 async fn zstd_transport_hash_mismatch_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let mut image = zstd_image(&server.url("/img.zst"), &data, &compressed);
-    image.transport_sha256 = Some(sha(b"something else"));
+    image.transport_sha256 = Some(sha256_hex(b"something else"));
     let req = slots.request(image);
 
     let err = expect_failure(&slots, &req, ReasonCode::HashMismatch).await;
@@ -528,7 +227,7 @@ async fn zstd_transport_hash_mismatch_is_refused() {
 
 #[tokio::test]
 async fn redirects_within_the_limit_are_followed() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut routes = vec![("/img", Act::Serve)];
     let hops = ["/r1", "/r2", "/r3", "/r4", "/r5"];
     for (i, hop) in hops.iter().enumerate() {
@@ -548,7 +247,7 @@ async fn redirects_within_the_limit_are_followed() {
 
 #[tokio::test]
 async fn truncated_body_is_a_download_failure() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::Truncate { after: SIZE / 2 })],
@@ -563,7 +262,7 @@ async fn truncated_body_is_a_download_failure() {
 
 #[tokio::test]
 async fn short_close_delimited_body_is_a_size_mismatch() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::CloseDelimited { extra: vec![] })],
@@ -579,7 +278,7 @@ async fn short_close_delimited_body_is_a_size_mismatch() {
 
 #[tokio::test]
 async fn wrong_bytes_are_a_hash_mismatch() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut evil = data.clone();
     evil[SIZE / 3] ^= 0x40;
     let server = serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
@@ -592,7 +291,7 @@ async fn wrong_bytes_are_a_hash_mismatch() {
 
 #[tokio::test]
 async fn extra_bytes_without_length_stop_at_the_first_one() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let extra = vec![0xEE; 300 * 1024];
     let server = serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
     let slots = Slots::new();
@@ -606,7 +305,7 @@ async fn extra_bytes_without_length_stop_at_the_first_one() {
 
 #[tokio::test]
 async fn announced_longer_body_is_refused_before_writing() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![("/img", Act::LongerLength { extra: vec![1; 10] })],
@@ -621,7 +320,7 @@ async fn announced_longer_body_is_refused_before_writing() {
 
 #[tokio::test]
 async fn stalled_server_times_out() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -639,7 +338,7 @@ async fn stalled_server_times_out() {
 
 #[tokio::test]
 async fn redirect_loop_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(
         data.clone(),
         vec![
@@ -657,7 +356,7 @@ async fn redirect_loop_is_refused() {
 
 #[tokio::test]
 async fn too_many_redirects_are_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let paths: Vec<String> = (0..10).map(|i| format!("/r{i}")).collect();
     let routes = paths
         .iter()
@@ -677,7 +376,7 @@ async fn too_many_redirects_are_refused() {
 
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let plain = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let (acceptor, cert) = tls_pair();
     let secure = start(
@@ -701,7 +400,7 @@ async fn https_to_http_redirect_is_refused() {
 
 #[tokio::test]
 async fn connection_reset_midway_is_a_download_failure() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -712,7 +411,7 @@ async fn connection_reset_midway_is_a_download_failure() {
 
 #[tokio::test]
 async fn server_error_status_is_reported_with_the_status() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Status(500))]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -725,7 +424,7 @@ async fn server_error_status_is_reported_with_the_status() {
 
 #[tokio::test]
 async fn missing_image_is_a_404() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/nope"), &data));
@@ -750,7 +449,7 @@ async fn zstd_bomb_stops_at_the_image_size() {
 
 #[tokio::test]
 async fn zstd_frame_with_a_huge_window_is_refused() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
     encoder.long_distance_matching(true).unwrap();
     encoder.window_log(27).unwrap();
@@ -767,7 +466,7 @@ async fn zstd_frame_with_a_huge_window_is_refused() {
 
 #[tokio::test]
 async fn image_larger_than_the_slot_is_refused_before_anything() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, b"old system").unwrap();
@@ -781,7 +480,7 @@ async fn image_larger_than_the_slot_is_refused_before_anything() {
 
 #[tokio::test]
 async fn missing_slot_is_not_created() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -795,7 +494,7 @@ async fn missing_slot_is_not_created() {
 
 #[tokio::test]
 async fn failing_checkpoint_handler_cancels_the_install() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
@@ -817,7 +516,7 @@ async fn failing_checkpoint_handler_cancels_the_install() {
 
 #[tokio::test]
 async fn resume_after_a_reset_continues_with_a_range_request() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let reset_at = 600 * 1024 + 123;
     let server = serve(
         data.clone(),
@@ -858,7 +557,7 @@ async fn resume_after_a_reset_continues_with_a_range_request() {
 
 #[tokio::test]
 async fn resume_answered_with_200_restarts_from_zero() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
     let slots = Slots::new();
     // A slot left half-written with garbage by an earlier attempt at some other image.
@@ -879,7 +578,7 @@ async fn resume_answered_with_200_restarts_from_zero() {
 
 #[tokio::test]
 async fn resume_from_the_full_size_only_reads_back() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data).unwrap();
@@ -892,7 +591,7 @@ async fn resume_from_the_full_size_only_reads_back() {
 
 #[tokio::test]
 async fn resume_past_a_truncated_slot_starts_over() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data[..1000]).unwrap();
@@ -909,7 +608,7 @@ async fn resume_past_a_truncated_slot_starts_over() {
 
 #[test]
 fn verify_slot_catches_a_changed_byte() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let slots = Slots::new();
     let mut stored = data.clone();
     stored.extend_from_slice(b"bytes past the image are not part of it");
@@ -939,7 +638,7 @@ fn verify_slot_works_on_tmpfs() {
     }
     let dir = tempfile::tempdir_in(shm).unwrap();
     let slot = dir.path().join("slot");
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     std::fs::write(&slot, &data).unwrap();
     let digest: [u8; 32] = Sha256::digest(&data).into();
 
@@ -994,7 +693,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
         eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
         return;
     };
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -1007,7 +706,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
     assert!(written[SIZE..].iter().all(|&b| b == 0));
 
     // The configured capacity is generous; the device's own size still refuses a larger image.
-    let big = image_bytes(3 * 1024 * 1024);
+    let big = pattern(3 * 1024 * 1024, 0x2545);
     req.image = image(&server.url("/img"), &big);
     let (result, _) = install(&req).await;
     let err = result.unwrap_err();
@@ -1032,7 +731,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
 
 #[tokio::test]
 async fn compressed_image_ignores_resume_from() {
-    let data = image_bytes(SIZE);
+    let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
     let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();

@@ -20,8 +20,9 @@
 //! 1. unset `ORDER` is the slots in order; unset `<x>_OK` and `<x>_TRY` are 0;
 //! 2. walking `ORDER`, every known slot looked at gets `TRY=1`; the first whose `OK` was 1 and
 //!    `TRY` was 0 boots;
-//! 3. if none qualifies, every slot with `OK=1` and `TRY=1` gets `TRY=0`, and menu entry 0 (the
-//!    first slot) boots;
+//! 3. if none qualifies, every slot with `OK=1` and `TRY=1` gets `TRY=0`, and the first slot in
+//!    `ORDER` with `OK=1` boots and gets `TRY=1`; only when no slot is OK does menu entry 0 (the
+//!    first slot) boot;
 //! 4. only the `<x>_TRY` flags are saved.
 
 use std::fs;
@@ -168,6 +169,13 @@ impl BootSim {
                 if *ok == 1 && leading_number(tried, 10) == 1 {
                     *tried = "0".to_owned();
                 }
+            }
+            chosen = order
+                .split_whitespace()
+                .filter_map(|word| self.slots.iter().position(|s| s == word))
+                .find(|&i| ok[i] == 1);
+            if let Some(i) = chosen {
+                tried[i] = "1".to_owned();
             }
         }
         let save: Vec<(String, String)> = self

@@ -122,21 +122,31 @@ impl ChangeLock {
 /// Writes `change` and reads the environment back to check that it holds. The tools can
 /// report success without having written (libubootenv's `fw_setenv -s` skips lines it does not
 /// understand), and a switch that did not happen must not be reported as done.
+///
+/// A change the environment already holds is not written: every boot marks the running slot
+/// good, and an environment write costs a flash erase cycle.
 pub fn apply(store: &dyn EnvStore, change: &Change) -> Result<(), BootloaderError> {
-    store.write(change)?;
-    let vars = store.read()?;
-    for (name, expected) in &change.0 {
-        let found = vars.get(name).unwrap_or("");
-        if found != expected {
-            return Err(BootloaderError::NotApplied {
-                store: store.describe(),
-                name: name.clone(),
-                expected: expected.clone(),
-                found: escape_for_log(found, 64),
-            });
-        }
+    if first_difference(&store.read()?, change).is_none() {
+        return Ok(());
     }
-    Ok(())
+    store.write(change)?;
+    match first_difference(&store.read()?, change) {
+        None => Ok(()),
+        Some((name, expected, found)) => Err(BootloaderError::NotApplied {
+            store: store.describe(),
+            name: name.to_owned(),
+            expected: expected.to_owned(),
+            found: escape_for_log(found, 64),
+        }),
+    }
+}
+
+/// The first variable of `change` whose value in `vars` differs: (name, wanted, found).
+fn first_difference<'a>(vars: &'a Vars, change: &'a Change) -> Option<(&'a str, &'a str, &'a str)> {
+    change.0.iter().find_map(|(name, expected)| {
+        let found = vars.get(name).unwrap_or("");
+        (found != expected).then_some((name.as_str(), expected.as_str(), found))
+    })
 }
 
 #[cfg(test)]
@@ -169,6 +179,42 @@ mod tests {
         assert!(Vars::parse(b"\xff\xfe=1\n", "t").is_err());
         let vars = Vars::parse(b"no equals sign\n=1\nname with spaces=2\nA=1\n", "t").unwrap();
         assert_eq!(vars.iter().collect::<Vec<_>>(), vec![("A", "1")]);
+    }
+
+    /// An in-memory store that counts writes.
+    struct Counting {
+        vars: Mutex<Vars>,
+        writes: Mutex<u32>,
+    }
+
+    impl EnvStore for Counting {
+        fn read(&self) -> Result<Vars, BootloaderError> {
+            Ok(self.vars.lock().unwrap().clone())
+        }
+        fn write(&self, change: &Change) -> Result<(), BootloaderError> {
+            *self.writes.lock().unwrap() += 1;
+            let mut vars = self.vars.lock().unwrap();
+            for (name, value) in &change.0 {
+                vars.set(name, value);
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[test]
+    fn a_change_already_in_place_is_not_written_again() {
+        let store = Counting {
+            vars: Mutex::new(Vars::parse(b"BOOT_A_LEFT=3\n", "t").unwrap()),
+            writes: Mutex::new(0),
+        };
+        apply(&store, &Change::default().set("BOOT_A_LEFT", "3")).unwrap();
+        assert_eq!(*store.writes.lock().unwrap(), 0);
+        apply(&store, &Change::default().set("BOOT_A_LEFT", "2")).unwrap();
+        assert_eq!(*store.writes.lock().unwrap(), 1);
+        assert_eq!(store.read().unwrap().get("BOOT_A_LEFT"), Some("2"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
             eprintln!("refused: {refusal}");
             return Ok(ExitCode::from(EXIT_REFUSED));
         }
-        Ok(finish(&agent, &narrator))
+        Ok(finish(&agent, &narrator, Outcome::FailureIsError))
     })
 }
 
@@ -69,7 +69,7 @@ pub fn boot_check(args: BootCheckArgs) -> anyhow::Result<ExitCode> {
     let mut narrator = Narrator::new();
     runtime()?.block_on(async {
         agent.observe_boot(&mut narrator).await?;
-        Ok(finish(&agent, &narrator))
+        Ok(finish(&agent, &narrator, Outcome::Reported))
     })
 }
 
@@ -79,8 +79,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Sums up where the agent stopped; a failed transaction makes the exit code non-zero.
-fn finish(agent: &Agent, narrator: &Narrator) -> ExitCode {
+/// How a failed or rolled-back transaction shows in the exit code.
+enum Outcome {
+    /// `install`: the person who asked for the install learns that it failed.
+    FailureIsError,
+    /// `boot-check`: finishing a rollback is the command doing its job (the outcome is in the
+    /// events and `status`); a unit running it at boot must not show as failed for that.
+    Reported,
+}
+
+/// Sums up where the agent stopped.
+fn finish(agent: &Agent, narrator: &Narrator, outcome: Outcome) -> ExitCode {
     narrator.done();
     let state = agent.engine().state();
     match &state.phase {
@@ -93,7 +102,11 @@ fn finish(agent: &Agent, narrator: &Narrator) -> ExitCode {
             ExitCode::SUCCESS
         }
         Phase::Idle => match narrator.last_outcome {
-            Some(TxnState::Failed | TxnState::RolledBack) => ExitCode::from(EXIT_REFUSED),
+            Some(TxnState::Failed | TxnState::RolledBack)
+                if matches!(outcome, Outcome::FailureIsError) =>
+            {
+                ExitCode::from(EXIT_REFUSED)
+            }
             _ => ExitCode::SUCCESS,
         },
         phase => {

@@ -7,12 +7,22 @@
 //! job it protects, so that after a power cut the engine, restored from the persisted state and
 //! told of the boot it finds itself in, redoes or finishes exactly the step that was cut.
 //!
+//! Events: a transition's events are reported after the `Persist` that records it (with the
+//! sequence numbers they took), and they stay in the persisted state until the next transition.
+//! After a restart the engine reports them again, with the same numbers: delivery is at least
+//! once, the `seq` identifies a repeat, and a number is never given to two different events. A
+//! transition that was not persisted is redone after a restart; its events were never reported
+//! and get the same numbers again.
+//!
 //! Architecture invariants:
 //! - the booted slot is never the target of a write or of `mark bad`;
 //! - the bootloader is never told to try a slot whose content was not read back and verified:
 //!   `Activate` is only emitted from `Activating`, which is only entered after `WriteFinished(Ok)`;
 //! - the target slot is made unbootable *before* its first byte is written;
-//! - reboots are recognised by the kernel boot id and the booted slot, never by the clock.
+//! - reboots are recognised by the kernel boot id and the booted slot, never by the clock;
+//! - the slot that is meant to run is marked good at every boot (as RAUC's mark-good service
+//!   does): the boot scripts spend a try (U-Boot) or set a try flag (GRUB) at every boot, and
+//!   a slot whose budget is not given back is left by the bootloader a few boots later.
 
 pub mod state;
 
@@ -131,6 +141,10 @@ pub struct Engine {
     /// What a slot the agent never wrote runs (the image the device shipped with).
     factory_version: Option<String>,
     last_progress_report: Option<Timestamp>,
+    /// A bootloader change to ask for once the current one is done. Not persisted: it is
+    /// only ever the booted slot's mark-good, which the next boot observed in idle asks for
+    /// anyway.
+    then: Option<Action>,
 }
 
 impl Engine {
@@ -141,6 +155,7 @@ impl Engine {
             boot: None,
             factory_version: None,
             last_progress_report: None,
+            then: None,
         }
     }
 
@@ -169,6 +184,7 @@ impl Engine {
 
     pub fn handle(&mut self, input: Input, now: Timestamp) -> Vec<Action> {
         let mut out = Vec::new();
+        let first_new_seq = self.state.next_seq;
         match input {
             Input::BootObserved { boot_id, booted } => self.on_boot(boot_id, booted, now, &mut out),
             Input::ReleaseVerified(release) => self.on_release(*release, now, &mut out),
@@ -194,13 +210,41 @@ impl Engine {
             Input::BootloaderDone(result) => self.on_bootloader_done(result, now, &mut out),
             Input::HealthFinished(result) => self.on_health(result, now, &mut out),
         }
+        // The events this input made are persisted with its transition (every transition that
+        // makes events persists) and kept until the next one, so a restart can report them again.
+        let made: Vec<Event> = out
+            .iter()
+            .filter_map(|action| match action {
+                Action::Report(event) if event.seq >= first_new_seq => Some(event.clone()),
+                _ => None,
+            })
+            .collect();
+        if !made.is_empty() {
+            self.state.recent_events = made;
+        }
         out
     }
 
     fn on_boot(&mut self, boot_id: String, booted: String, now: Timestamp, out: &mut Vec<Action>) {
         self.boot = Some((boot_id.clone(), booted.clone()));
+        // The last transition was persisted, but the agent may have stopped before it reported
+        // the events: report them again (same seq; receivers drop what they have), then forget
+        // them durably so that later boots do not repeat them.
+        let replay = std::mem::take(&mut self.state.recent_events);
+        if !replay.is_empty() {
+            out.extend(replay.into_iter().map(Action::Report));
+            out.push(Action::Persist);
+        }
         match self.state.phase.clone() {
-            Phase::Idle => {}
+            Phase::Idle => {
+                // The boot scripts count every boot against the booted slot (U-Boot's
+                // BOOT_x_LEFT, GRUB's x_TRY): the running system is marked good at each boot,
+                // as RAUC's mark-good service does, or the bootloader falls back to the other
+                // slot after a few ordinary reboots (GRUB: the second one).
+                if self.slots.other(&booted).is_some() {
+                    out.push(Action::MarkGood { slot: booted });
+                }
+            }
             Phase::Writing { txn, .. } => {
                 if booted == txn.to_slot {
                     // The target cannot have booted: it was made unbootable before writing.
@@ -220,7 +264,20 @@ impl Engine {
                     out.push(Action::PrepareTarget { slot: txn.to_slot });
                 }
             }
-            Phase::Activating { txn } => out.push(Action::Activate { slot: txn.to_slot }),
+            Phase::Activating { txn } => {
+                if booted == txn.to_slot {
+                    // The power failed after the bootloader was switched but before that was
+                    // persisted, and the bootloader tried the new slot: this is its trial boot.
+                    let activated = self.txn_event(TxnState::Activated, &txn, now);
+                    let start = out.len();
+                    self.enter_trial(txn, boot_id, now, out);
+                    // Reported after the Persist that enter_trial starts with, like every event.
+                    debug_assert_eq!(out.get(start), Some(&Action::Persist));
+                    out.insert(start + 1, Action::Report(activated));
+                } else {
+                    out.push(Action::Activate { slot: txn.to_slot });
+                }
+            }
             Phase::RebootPending {
                 txn,
                 boot_id_at_activation,
@@ -494,11 +551,15 @@ impl Engine {
                 let mut event = self.txn_event(TxnState::RollingBack, &txn, now);
                 event.reason = Some(failure.reason);
                 event.message = Some(failure.message);
+                // The event took a sequence number: persist it before the event is reported, or
+                // the next boot would give the same number to another event.
+                out.push(Action::Persist);
                 out.push(Action::Report(event));
                 out.push(Action::Reboot);
             }
-            // MarkBad after a failure, or a stale answer: nothing more to do.
-            _ => {}
+            // MarkBad after a failure or a rollback, MarkGood of the booted slot, or a stale
+            // answer: at most the booted slot's mark-good is left to do.
+            _ => out.extend(self.then.take()),
         }
     }
 
@@ -569,6 +630,11 @@ impl Engine {
         // The bootloader may have given up on the slot only because its tries ran out; take it
         // out of the boot order for good.
         out.push(Action::MarkBad { slot });
+        // Then keep the slot that came back: its boot spent a try too (GRUB: its try flag is
+        // set, and with no untried OK slot left GRUB boots menu entry 0, whatever it holds).
+        self.then = self.booted().map(|slot| Action::MarkGood {
+            slot: slot.to_owned(),
+        });
     }
 
     fn finish_failed(

@@ -28,6 +28,13 @@ pub struct PersistentState {
     pub last: Option<Outcome>,
     /// Releases (manifest sha256, hex) that rolled back: never retried automatically.
     pub rolled_back: Vec<String>,
+    /// The events of the most recent transition, persisted with it. A power cut can fall between
+    /// persisting a transition and reporting its events; so the engine reports these again when
+    /// it learns of the next boot (`BootObserved`), with the same sequence numbers. Events are
+    /// thus delivered at least once, and a receiver keeps each `seq` once (the local event log
+    /// drops a `seq` it already has).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_events: Vec<Event>,
 }
 
 /// Where the current transaction stands. Each variant names what the engine waits for next.

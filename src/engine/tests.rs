@@ -84,7 +84,12 @@ impl Harness {
         for action in self.engine.handle(input, self.now) {
             match action {
                 Action::Persist => self.persisted.push(self.engine.state().clone()),
-                Action::Report(event) => self.events.push(event),
+                // Like the event log: a seq reported again after a restart is kept once.
+                Action::Report(event) => {
+                    if self.events.last().is_none_or(|last| event.seq > last.seq) {
+                        self.events.push(event);
+                    }
+                }
                 Action::ReportProgress(_) => {}
                 job => jobs.push(job),
             }
@@ -118,7 +123,11 @@ impl Harness {
 #[test]
 fn install_reboot_trial_commit() {
     let mut h = Harness::new();
-    assert!(h.feed(boot(BOOT_1, "A")).is_empty());
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Action::RunHealthChecks]);
@@ -180,7 +189,12 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
         0,
         "a rolled-back release must not raise the floor"
     );
-    h.feed(Input::BootloaderDone(Ok(())));
+    // Then A, which came back, gets back the try its boot spent.
+    assert_eq!(
+        h.feed(Input::BootloaderDone(Ok(()))),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
     // The same release, delivered again, is refused and not installed.
     let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
     assert!(jobs.is_empty());
@@ -205,6 +219,40 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
     assert_eq!(last.state, TxnState::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
     assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
+    // Even when marking B bad failed, A is kept.
+    let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
+    assert_eq!(
+        h.feed(Input::BootloaderDone(Err(failure))),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+}
+
+/// Regression: nothing gave the running slot back the try its boot spent, so a committed slot
+/// was left by U-Boot after `attempts` boots and by GRUB at the second (tests/install_cycle.rs,
+/// `stays_in_the_running_slot_across_reboots`).
+#[test]
+fn every_boot_in_idle_marks_the_booted_slot_good() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.feed(boot(BOOT_1, "A")),
+        vec![Action::MarkGood { slot: "A".into() }]
+    );
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    let count = h.events.len();
+    for boot_id in ["boot-3", "boot-4", "boot-5"] {
+        assert_eq!(
+            h.feed(boot(boot_id, "B")),
+            vec![Action::MarkGood { slot: "B".into() }]
+        );
+        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    }
+    assert_eq!(h.events.len(), count, "an ordinary boot is not an event");
+    assert_eq!(h.persisted.last(), Some(h.engine.state()));
 }
 
 #[test]
@@ -253,6 +301,32 @@ fn restart_after_activation_was_persisted_activates_again() {
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
         vec![Action::Activate { slot: "B".into() }]
+    );
+}
+
+#[test]
+fn booting_the_new_slot_while_activating_is_its_trial_boot() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.feed(Input::TargetPrepared(Ok(())));
+    h.feed(Input::WriteFinished(Ok(())));
+    // Cut after the bootloader switched, before RebootPending was persisted; B came up.
+    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    let actions = h.engine.handle(boot(BOOT_2, "B"), h.now);
+    let kinds: Vec<_> = actions
+        .iter()
+        .map(|a| match a {
+            Action::Report(e) => e.state.as_str(),
+            Action::Persist => "persist",
+            Action::RunHealthChecks => "health",
+            _ => "other",
+        })
+        .collect();
+    // First the replay of the last persisted transition's events, then the trial.
+    assert!(
+        kinds.ends_with(&["persist", "activated", "trial-boot", "health"]),
+        "{kinds:?}"
     );
 }
 
@@ -338,4 +412,168 @@ fn boot(boot_id: &str, booted: &str) -> Input {
         boot_id: boot_id.into(),
         booted: booted.into(),
     }
+}
+
+/// Regression: when marking the failed slot bad failed during a rollback, the engine reported a
+/// `rolling-back` event without persisting the sequence number it took, so after the reboot the
+/// next event (`rolled-back`) was reported with the same number.
+#[test]
+fn a_sequence_number_is_persisted_before_its_event_is_reported() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
+    h.feed(Input::HealthFinished(Err(failure)));
+    let actions = h.engine.handle(
+        Input::BootloaderDone(Err(Failure::new(
+            ReasonCode::BootloaderFailed,
+            "fw_setenv failed",
+        ))),
+        h.now,
+    );
+    let reported: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(event) => Some(event.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported.len(), 1);
+    let persist = actions.iter().position(|a| *a == Action::Persist);
+    let report = actions
+        .iter()
+        .position(|a| matches!(a, Action::Report(_)))
+        .unwrap();
+    assert!(
+        persist.is_some_and(|p| p < report),
+        "the event's seq must be persisted before it is reported: {actions:?}"
+    );
+    assert_eq!(actions.last(), Some(&Action::Reboot));
+    // The reboot: what the last `Persist` wrote is all that is left.
+    let saved = match persist {
+        Some(_) => h.engine.state().clone(),
+        None => h.persisted.last().unwrap().clone(),
+    };
+    let mut h = Harness::restore(saved);
+    h.feed(boot("boot-3", "A"));
+    let rolled_back = h
+        .events
+        .iter()
+        .find(|e| e.state == TxnState::RolledBack)
+        .unwrap();
+    assert!(
+        rolled_back.seq > reported[0],
+        "seq {} was reused for another event",
+        reported[0]
+    );
+}
+
+/// Regression: a power cut after a transition was persisted but before its events were reported
+/// lost those events for good (the restarted engine was already past them), e.g. the
+/// `committed` or `rolled-back` event of a transaction. The events of the last transition are
+/// persisted with it and reported again, with the same seq, at the next boot.
+#[test]
+fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    // Commit: the state is persisted, then the agent dies before it reports `committed`.
+    let actions = h.engine.handle(Input::BootloaderDone(Ok(())), h.now);
+    assert_eq!(actions.first(), Some(&Action::Persist));
+    let Some(Action::Report(committed)) = actions.get(1).cloned() else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(committed.state, TxnState::Committed);
+    let saved = h.engine.state().clone();
+    assert_eq!(saved.phase, Phase::Idle);
+
+    let mut h = Harness::restore(saved);
+    let actions = h.engine.handle(boot("boot-3", "B"), h.now);
+    let reported: Vec<&Event> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Report(event) => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reported, [&committed], "reported again, with the same seq");
+    // ... and then forgotten durably, so the boot after that does not repeat it.
+    let persist = actions.iter().position(|a| *a == Action::Persist).unwrap();
+    let report = actions
+        .iter()
+        .position(|a| matches!(a, Action::Report(_)))
+        .unwrap();
+    assert!(report < persist);
+    assert!(h.engine.state().recent_events.is_empty());
+    let mut h = Harness::restore(h.engine.state().clone());
+    h.feed(boot("boot-4", "B"));
+    assert!(h.events.is_empty(), "{:?}", h.events);
+}
+
+#[test]
+fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    let saved = h.persisted.last().unwrap().clone();
+    let next_seq = saved.next_seq;
+    // In the trial boot, the agent dies before it persists the trial phase.
+    let mut h = Harness::restore(saved.clone());
+    h.feed(boot(BOOT_2, "B"));
+    assert_eq!(h.events.last().unwrap().state, TxnState::TrialBoot);
+    assert_eq!(h.events.last().unwrap().seq, next_seq);
+    // The power comes back: nothing of that boot was persisted, nothing of it was reported.
+    let mut h = Harness::restore(saved);
+    h.feed(boot("boot-3", "B"));
+    let trial = h.events.last().unwrap();
+    assert_eq!((trial.state, trial.seq), (TxnState::TrialBoot, next_seq));
+}
+
+#[test]
+fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
+    h.feed(Input::HealthFinished(Err(failure)));
+    let persisted = h.persisted.last().unwrap();
+    assert_eq!(persisted.recent_events, h.events[h.events.len() - 1..]);
+    let kept = &persisted.recent_events[0];
+    assert_eq!(kept.state, TxnState::RollingBack);
+    assert_eq!(kept.reason, Some(ReasonCode::HealthCheckFailed));
+    // Every transition that reports an event persists, with that event kept.
+    for state in &h.persisted {
+        for event in &state.recent_events {
+            assert!(event.seq < state.next_seq);
+        }
+    }
+}
+
+/// Regression: an idle boot did nothing, so the booted slot was never marked good after its
+/// trial. The boot scripts count every boot against the booted slot, so a committed slot fell
+/// back to the old one after ordinary reboots: on GRUB at the second (x_TRY stays 1), on U-Boot
+/// once BOOT_x_LEFT ran out.
+#[test]
+fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.install_until_reboot(release("2.0", 1));
+    h.feed(boot(BOOT_2, "B"));
+    h.feed(Input::HealthFinished(Ok(())));
+    h.feed(Input::BootloaderDone(Ok(())));
+    assert_eq!(h.engine.state().phase, Phase::Idle);
+    for (i, slot) in ["B", "B", "A"].into_iter().enumerate() {
+        let jobs = h.feed(boot(&format!("boot-{}", i + 3), slot));
+        assert_eq!(jobs, vec![Action::MarkGood { slot: slot.into() }]);
+        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+        let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
+        assert!(h.feed(Input::BootloaderDone(Err(failed))).is_empty());
+        assert_eq!(h.engine.state().phase, Phase::Idle);
+    }
+    // A slot the configuration does not know is left alone.
+    assert!(h.feed(boot("boot-9", "recovery")).is_empty());
 }

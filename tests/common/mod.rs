@@ -1,10 +1,12 @@
 //! Helpers for the integration tests: real bootloader environments in a temporary directory, the
-//! boot scripts' simulator, and (in `releases`) fixed keys and hand-assembled releases. Each
-//! test crate that says `mod common;` uses only part of it.
+//! boot scripts' simulator, (in `releases`) fixed keys and hand-assembled releases, and (in
+//! `http`) a hostile HTTP server on 127.0.0.1. Each test crate that says `mod common;` uses only
+//! part of it.
 #![allow(dead_code, unused_imports)] // each test crate uses a different part
 
 pub use update_agent::bootloader::simulator as boot_sim;
 
+pub mod http;
 mod releases;
 pub use releases::*;
 
@@ -149,4 +151,24 @@ impl GrubEnvFile {
                 .arg(format!("{name}={value}")),
         );
     }
+}
+
+/// Deterministic bytes that differ per `seed` and do not compress to nothing: images, slot
+/// contents and the garbage a power cut leaves.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
 }

@@ -1,0 +1,1040 @@
+//! Whole update cycles through the real binary, once per bootloader backend, against the real
+//! tools: U-Boot through `fw_printenv`/`fw_setenv` on a file-backed environment, GRUB through
+//! `grub-editenv` on a 1 KiB grubenv, and the agent's file backend.
+//!
+//! A [`Device`] is a temporary directory with two file slots, a bootloader environment, a
+//! config, and the kernel facts a boot changes (boot id, kernel command line). A reboot is
+//! simulated by running the boot scripts' rules on the environment ([`BootSim`], which reads
+//! and writes it with the same tools) and writing a new boot id and `update_agent.slot=` for the
+//! slot that came up. The agent only ever runs as a process: `install`, `boot-check`, `status`,
+//! `mark`, as on a device.
+//!
+//! Every device starts as it leaves the factory: slot A holds the factory image, the
+//! environment says "A, then B" with both slots bootable, and the device has booted A once and
+//! run `boot-check` there.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::boot_sim::{BootSim, SimEnv};
+use common::http::{Act, BackgroundServer};
+use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile, pattern, run_ok, sha256_hex};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
+const COMPATIBLE: &str = "acme-gw-cycle";
+/// The try budget of the U-Boot script and the file backend (`bootloader.attempts`).
+const ATTEMPTS: u32 = 3;
+/// Capacity of each file slot.
+const SLOT_SIZE: u64 = 1024 * 1024;
+/// The image: a little over 300 KB, not a multiple of any block size.
+const IMAGE_LEN: usize = 300_017;
+/// What the factory put into the slots. B's is longer than the image, so a write that stops
+/// early or starts late shows.
+const FACTORY_A_LEN: usize = 200_003;
+const FACTORY_B_LEN: usize = 400_009;
+
+/// Where the loopback server serves the image, and the same number of other bytes.
+const IMAGE_PATH: &str = "/rootfs.img";
+const WRONG_PATH: &str = "/wrong.img";
+
+const HEALTHY: &[&[&str]] = &[&["true"]];
+const UNHEALTHY: &[&[&str]] = &[&["false"]];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    UBoot,
+    Grub,
+    File,
+}
+
+/// The environment, and how the test reads it behind the agent's back.
+enum Env {
+    UBoot(UBootEnvFile),
+    Grub(GrubEnvFile),
+    File(PathBuf),
+}
+
+struct Device {
+    backend: Backend,
+    dir: tempfile::TempDir,
+    env: Env,
+    sim: BootSim,
+    server: BackgroundServer,
+    image: Vec<u8>,
+    boots: u32,
+}
+
+fn toml_str(text: &str) -> String {
+    // A JSON string is a valid TOML basic string.
+    serde_json::to_string(text).unwrap()
+}
+
+fn toml_path(path: &Path) -> String {
+    toml_str(path.to_str().expect("temporary paths are UTF-8"))
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_exit(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: exit status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+impl Device {
+    /// A device fresh from the factory, booted once into A.
+    fn new(backend: Backend) -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+
+        // The operator's key, and the device's trust anchor holding its public half.
+        let out = Command::new(BIN)
+            .arg("keygen")
+            .arg("--out")
+            .arg(path("signer"))
+            .output()
+            .unwrap();
+        assert_exit(&out, 0, "keygen");
+        fs::create_dir(path("keys")).unwrap();
+        fs::copy(path("signer.pub"), path("keys/signer.pub")).unwrap();
+
+        let image = pattern(IMAGE_LEN, 1);
+        fs::write(path("rootfs.img"), &image).unwrap();
+        fs::write(path("slot-a"), pattern(FACTORY_A_LEN, 2)).unwrap();
+        fs::write(path("slot-b"), pattern(FACTORY_B_LEN, 3)).unwrap();
+
+        let slots = ["A", "B"];
+        let (env, sim_env) = match backend {
+            Backend::UBoot => {
+                let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
+                for (name, value) in [
+                    ("BOOT_ORDER", "A B"),
+                    ("BOOT_A_LEFT", "3"),
+                    ("BOOT_B_LEFT", "3"),
+                ] {
+                    env.set(name, value);
+                }
+                let sim = SimEnv::UBoot {
+                    fw_printenv: env.fw_printenv.clone(),
+                    fw_setenv: env.fw_setenv.clone(),
+                    config: env.config.clone(),
+                };
+                (Env::UBoot(env), sim)
+            }
+            Backend::Grub => {
+                let env = GrubEnvFile::create(dir.path());
+                run_ok(Command::new(&env.editenv).arg(&env.grubenv).args([
+                    "set",
+                    "ORDER=A B",
+                    "A_OK=1",
+                    "A_TRY=0",
+                    "B_OK=1",
+                    "B_TRY=0",
+                ]));
+                let sim = SimEnv::Grub {
+                    editenv: env.editenv.clone(),
+                    grubenv: env.grubenv.clone(),
+                };
+                (Env::Grub(env), sim)
+            }
+            Backend::File => {
+                let file = path("bootenv");
+                fs::write(&file, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n").unwrap();
+                (Env::File(file.clone()), SimEnv::File { path: file })
+            }
+        };
+        let mut wrong = image.clone();
+        wrong[IMAGE_LEN / 2] ^= 0x01;
+        let server = BackgroundServer::start(
+            image.clone(),
+            vec![(IMAGE_PATH, Act::Serve), (WRONG_PATH, Act::Body(wrong))],
+        );
+        let mut device = Device {
+            backend,
+            sim: BootSim::new(sim_env, &slots, ATTEMPTS),
+            dir,
+            env,
+            server,
+            image,
+            boots: 0,
+        };
+        device.set_health(HEALTHY);
+        assert_eq!(device.boot(), "A", "the factory boot");
+        assert_exit(&device.boot_check(), 0, "boot-check at the factory boot");
+        device
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.path("agent.toml")
+    }
+
+    /// (Re)writes the config with these health checks: the config a boot reads is the one of
+    /// the slot that booted, so a test changes it before booting into the new slot.
+    fn set_health(&self, commands: &[&[&str]]) {
+        let bootloader = match &self.env {
+            Env::UBoot(env) => format!(
+                "backend = \"uboot\"\nfw_env_config = {}\nattempts = {ATTEMPTS}\nfw_printenv = {}\nfw_setenv = {}\n",
+                toml_path(&env.config),
+                toml_path(&env.fw_printenv),
+                toml_path(&env.fw_setenv),
+            ),
+            Env::Grub(env) => format!(
+                "backend = \"grub\"\ngrubenv = {}\ngrub_editenv = {}\n",
+                toml_path(&env.grubenv),
+                toml_path(&env.editenv),
+            ),
+            Env::File(file) => format!(
+                "backend = \"file\"\npath = {}\nattempts = {ATTEMPTS}\n",
+                toml_path(file)
+            ),
+        };
+        let commands: Vec<Vec<&str>> = commands.iter().map(|c| c.to_vec()).collect();
+        // Records that a reboot was asked for; the test does the rebooting.
+        let log = self.path("reboots");
+        let reboot = ["sh", "-c", "echo reboot >> \"$0\"", log.to_str().unwrap()];
+        let config = format!(
+            r#"[device]
+compatible = {compatible}
+state_dir = {state}
+
+[trust]
+keys_dir = {keys}
+insecure_writable_anchor = true
+
+[bootloader]
+{bootloader}
+[slots]
+class = "rootfs"
+a = {{ device = {a}, bootname = "A", size = {SLOT_SIZE} }}
+b = {{ device = {b}, bootname = "B", size = {SLOT_SIZE} }}
+
+[install]
+checkpoint_interval = 1048576
+stall_timeout = 5
+
+[health]
+commands = {commands}
+timeout = 10
+
+[system]
+boot_id_path = {boot_id}
+cmdline_path = {cmdline}
+reboot_command = {reboot}
+"#,
+            compatible = toml_str(COMPATIBLE),
+            state = toml_path(&self.path("state")),
+            keys = toml_path(&self.path("keys")),
+            a = toml_path(&self.path("slot-a")),
+            b = toml_path(&self.path("slot-b")),
+            commands = serde_json::to_string(&commands).unwrap(),
+            boot_id = toml_path(&self.path("boot_id")),
+            cmdline = toml_path(&self.path("cmdline")),
+            reboot = serde_json::to_string(&reboot).unwrap(),
+        );
+        fs::write(self.config_path(), config).unwrap();
+    }
+
+    /// Powers the device on: the boot script picks a slot and updates the environment, the
+    /// kernel gets a new boot id and names the slot on its command line. Returns the slot.
+    fn boot(&mut self) -> String {
+        let slot = self.sim.boot().expect("the boot script finds a slot");
+        self.boots += 1;
+        fs::write(
+            self.path("boot_id"),
+            format!("6a1c0f3e-0000-4000-8000-{:012x}\n", self.boots),
+        )
+        .unwrap();
+        fs::write(
+            self.path("cmdline"),
+            format!("console=ttyS0 rootwait update_agent.slot={slot} quiet\n"),
+        )
+        .unwrap();
+        slot
+    }
+
+    fn agent(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .output()
+            .unwrap()
+    }
+
+    fn install(&self, release: &Path) -> Output {
+        Command::new(BIN)
+            .arg("install")
+            .arg("--config")
+            .arg(self.config_path())
+            .arg(release)
+            .output()
+            .unwrap()
+    }
+
+    fn boot_check(&self) -> Output {
+        self.agent(&["boot-check"])
+    }
+
+    fn status_json(&self) -> Value {
+        let out = self.agent(&["status", "--json"]);
+        assert_exit(&out, 0, "status --json");
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// Signs a release of the device's image with `key` (`signer`: the trusted one), served
+    /// at `url_path` on the loopback server.
+    fn release_with_key(
+        &self,
+        key: &str,
+        version: &str,
+        security_version: u64,
+        url_path: &str,
+    ) -> PathBuf {
+        let out_path = self.path(&format!("release-{version}-{key}.json"));
+        let out = Command::new(BIN)
+            .args(["release", "create", "--key"])
+            .arg(self.path(&format!("{key}.key")))
+            .arg("--image")
+            .arg(self.path("rootfs.img"))
+            .args(["--version", version, "--security-version"])
+            .arg(security_version.to_string())
+            .args(["--compatible", COMPATIBLE, "--url"])
+            .arg(self.server.url(url_path))
+            .args(["--advisory", "Fixes the frobnicator", "--security"])
+            .args(["--severity", "high", "--reboot", "--no-chunks", "--out"])
+            .arg(&out_path)
+            .output()
+            .unwrap();
+        assert_exit(&out, 0, "release create");
+        out_path
+    }
+
+    fn release(&self, version: &str, security_version: u64) -> PathBuf {
+        self.release_with_key("signer", version, security_version, IMAGE_PATH)
+    }
+
+    /// The event log, oldest first, as the agent wrote it.
+    fn events(&self) -> Vec<Value> {
+        let text = fs::read_to_string(self.path("state/events.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("each event line is JSON"))
+            .collect()
+    }
+
+    fn last_event(&self) -> Value {
+        self.events().pop().expect("an event was logged")
+    }
+
+    fn reboots_requested(&self) -> usize {
+        fs::read_to_string(self.path("reboots"))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn slot(&self, name: &str) -> Vec<u8> {
+        fs::read(self.path(&format!("slot-{}", name.to_ascii_lowercase()))).unwrap()
+    }
+
+    fn slot_hash(&self, name: &str) -> String {
+        sha256_hex(&self.slot(name))
+    }
+
+    /// Every variable, read with the real tool (the file backend: the file itself).
+    fn env_vars(&self) -> BTreeMap<String, String> {
+        let text = match &self.env {
+            Env::UBoot(env) => env.printenv(),
+            Env::Grub(env) => env.list(),
+            Env::File(file) => fs::read_to_string(file).unwrap(),
+        };
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// The variables that decide the boot, in one line, for messages and before/after checks.
+    fn env_text(&self) -> String {
+        self.env_vars()
+            .iter()
+            .filter(|(name, _)| name.as_str() != "bootdelay")
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn order(&self) -> Vec<String> {
+        let vars = self.env_vars();
+        let var = match self.backend {
+            Backend::Grub => "ORDER",
+            Backend::UBoot | Backend::File => "BOOT_ORDER",
+        };
+        vars.get(var)
+            .map(String::as_str)
+            .unwrap_or("A B")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether the boot script would boot `slot` when it reaches it in the order, by the rules
+    /// of `config/boot/`, from the variables as the tool prints them.
+    fn bootable(&self, slot: &str) -> bool {
+        let vars = self.env_vars();
+        let get = |name: String| vars.get(&name).cloned();
+        match self.backend {
+            Backend::Grub => {
+                get(format!("{slot}_OK")).as_deref() == Some("1")
+                    && get(format!("{slot}_TRY")).as_deref().unwrap_or("0") == "0"
+            }
+            Backend::UBoot | Backend::File => {
+                let left = get(format!("BOOT_{slot}_LEFT")).unwrap_or_else(|| "3".into());
+                u32::from_str_radix(&left, 16).expect("BOOT_x_LEFT is hex") > 0
+            }
+        }
+    }
+
+    /// The slot the next boot picks (without the scripts' last-resort fallback).
+    fn primary(&self) -> Option<String> {
+        self.order()
+            .into_iter()
+            .find(|slot| (slot == "A" || slot == "B") && self.bootable(slot))
+    }
+
+    /// `slot` is first in the order with its full budget: activated or marked good.
+    #[track_caller]
+    fn assert_env_first_and_good(&self, slot: &str) {
+        let env = self.env_text();
+        assert_eq!(
+            self.order().first().map(String::as_str),
+            Some(slot),
+            "{env}"
+        );
+        let vars = self.env_vars();
+        match self.backend {
+            Backend::Grub => {
+                assert_eq!(vars.get(&format!("{slot}_OK")).unwrap(), "1", "{env}");
+                assert_eq!(vars.get(&format!("{slot}_TRY")).unwrap(), "0", "{env}");
+            }
+            Backend::UBoot | Backend::File => {
+                let left = vars.get(&format!("BOOT_{slot}_LEFT")).unwrap();
+                assert_eq!(*left, format!("{ATTEMPTS:x}"), "{env}");
+            }
+        }
+        assert_eq!(self.primary().as_deref(), Some(slot), "{env}");
+    }
+
+    /// `slot` is marked bad: out of the order with no tries (U-Boot, file) or not OK (GRUB).
+    #[track_caller]
+    fn assert_env_bad(&self, slot: &str) {
+        let env = self.env_text();
+        let vars = self.env_vars();
+        match self.backend {
+            Backend::Grub => {
+                assert_eq!(vars.get(&format!("{slot}_OK")).unwrap(), "0", "{env}");
+            }
+            Backend::UBoot | Backend::File => {
+                assert!(!self.order().iter().any(|s| s == slot), "{env}");
+                assert_eq!(
+                    vars.get(&format!("BOOT_{slot}_LEFT")).unwrap(),
+                    "0",
+                    "{env}"
+                );
+            }
+        }
+        assert!(!self.bootable(slot), "{env}");
+    }
+
+    /// Installs `release`, boots into B and commits it there.
+    fn install_and_commit(&mut self, release: &Path) {
+        assert_exit(&self.install(release), 0, "install");
+        assert_eq!(self.boot(), "B");
+        assert_exit(&self.boot_check(), 0, "boot-check in the new slot");
+        assert_eq!(self.last_event()["state"], "committed");
+    }
+}
+
+fn states(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e["state"].as_str().expect("every event has a state"))
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, and a real instant.
+fn is_rfc3339(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        range
+            .into_iter()
+            .all(|i| b.get(i).is_some_and(u8::is_ascii_digit))
+    };
+    let head_ok = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    if !head_ok {
+        return false;
+    }
+    let mut rest = &text[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let n = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &fraction[n..];
+    }
+    let zone_ok = rest == "Z"
+        || (rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && rest.as_bytes()[3] == b':');
+    zone_ok && text.parse::<jiff::Timestamp>().is_ok()
+}
+
+/// What every event log must be: sequence numbers strictly increasing over the device's life,
+/// RFC 3339 timestamps. (Not that the timestamps increase: they are wall-clock time, which a
+/// gateway without RTC may set back.)
+#[track_caller]
+fn assert_event_log_well_formed(events: &[Value]) {
+    let mut last: Option<u64> = None;
+    for event in events {
+        let seq = event["seq"].as_u64().expect("seq is a number");
+        let at = event["at"].as_str().expect("at is a string");
+        assert!(is_rfc3339(at), "not an RFC 3339 timestamp: {at}");
+        if let Some(last) = last {
+            assert!(seq > last, "seq {seq} after {last}: {events:#?}");
+        }
+        last = Some(seq);
+    }
+}
+
+/// The events of one transaction all name it, the release, the version and the target slot.
+#[track_caller]
+fn assert_one_transaction(events: &[Value], version: &str, slot: &str) {
+    let txn = events[0]["txn"].as_str().expect("a transaction id");
+    let release_id = events[0]["release_id"].as_str().expect("a release id");
+    assert_eq!(release_id.len(), 64);
+    for event in events {
+        assert_eq!(event["txn"], txn, "{event}");
+        assert_eq!(event["release_id"], release_id, "{event}");
+        assert_eq!(event["to_version"], version, "{event}");
+        assert_eq!(event["slot"], slot, "{event}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Scenarios, each run for every backend (see `backend_tests!` at the end)
+
+/// Install from the loopback server, reboot into B, health checks pass, commit.
+fn happy_path(backend: Backend) {
+    let mut dev = Device::new(backend);
+    let a_before = dev.slot_hash("A");
+    let release = dev.release("2026.06.1", 5);
+
+    let out = dev.install(&release);
+    assert_exit(&out, 0, "install");
+    assert!(
+        stdout(&out).contains("reboot to try it"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        dev.reboots_requested(),
+        0,
+        "install without --reboot leaves the reboot"
+    );
+    dev.assert_env_first_and_good("B");
+    let status = dev.status_json();
+    assert_eq!(status["phase"], "reboot-pending");
+    assert_eq!(status["booted"], "A");
+    assert_eq!(status["primary"], "B");
+
+    assert_eq!(dev.boot(), "B");
+    let out = dev.boot_check();
+    assert_exit(&out, 0, "boot-check in the new slot");
+
+    let events = dev.events();
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "trial-boot",
+            "committed"
+        ]
+    );
+    assert_event_log_well_formed(&events);
+    assert_one_transaction(&events, "2026.06.1", "B");
+    assert!(
+        events.iter().all(|e| e.get("reason").is_none()),
+        "{events:#?}"
+    );
+
+    let status = dev.status_json();
+    assert_eq!(status["booted"], "B", "{status:#}");
+    assert_eq!(status["primary"], "B", "{status:#}");
+    assert_eq!(status["phase"], "idle", "{status:#}");
+    assert_eq!(status["last"]["result"], "committed", "{status:#}");
+    assert_eq!(status["last"]["version"], "2026.06.1", "{status:#}");
+    assert_eq!(status["floor"], 5, "{status:#}");
+    let slot_b = &status["slots"][1];
+    assert_eq!(slot_b["bootname"], "B");
+    assert_eq!(slot_b["committed"], true, "{status:#}");
+    assert_eq!(slot_b["version"], "2026.06.1", "{status:#}");
+    assert_eq!(slot_b["sha256"], sha256_hex(&dev.image), "{status:#}");
+
+    assert_eq!(dev.slot_hash("A"), a_before, "the booted slot was written");
+    let b = dev.slot("B");
+    assert_eq!(
+        sha256_hex(&b[..IMAGE_LEN]),
+        sha256_hex(&dev.image),
+        "slot B holds the image"
+    );
+    assert_eq!(b.len(), FACTORY_B_LEN, "slot B grew or shrank");
+    dev.assert_env_first_and_good("B");
+    assert_eq!(dev.reboots_requested(), 0);
+    let fetched: Vec<_> = dev.server.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(fetched, [IMAGE_PATH]);
+}
+
+/// The trial boot's health check fails: B is marked bad, the device reboots back into A and
+/// reports the rollback; the same release offered again is refused and touches nothing.
+fn health_check_fails(backend: Backend) {
+    let mut dev = Device::new(backend);
+    let a_before = dev.slot_hash("A");
+    let release = dev.release("2026.06.1", 5);
+    assert_exit(&dev.install(&release), 0, "install");
+
+    dev.set_health(UNHEALTHY);
+    assert_eq!(dev.boot(), "B");
+    let out = dev.boot_check();
+    assert_exit(&out, 0, "boot-check in the unhealthy slot");
+    assert_eq!(dev.reboots_requested(), 1, "the rollback reboots");
+    let last = dev.last_event();
+    assert_eq!(last["state"], "rolling-back", "{last}");
+    assert_eq!(last["reason"], "health-check-failed", "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("false"),
+        "{last}"
+    );
+    dev.assert_env_bad("B");
+    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
+    assert_eq!(dev.status_json()["phase"], "rolling-back");
+
+    dev.set_health(HEALTHY);
+    assert_eq!(dev.boot(), "A", "the rollback boots the old slot");
+    let out = dev.boot_check();
+    assert_exit(
+        &out,
+        0,
+        "boot-check finishes the rollback: its job, not a failure of its own",
+    );
+    assert_eq!(dev.reboots_requested(), 1, "no second reboot");
+
+    let events = dev.events();
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "trial-boot",
+            "rolling-back",
+            "rolled-back"
+        ]
+    );
+    assert_event_log_well_formed(&events);
+    assert_one_transaction(&events, "2026.06.1", "B");
+    assert_eq!(
+        events[7]["reason"], "health-check-failed",
+        "{:#}",
+        events[7]
+    );
+
+    let status = dev.status_json();
+    assert_eq!(status["booted"], "A", "{status:#}");
+    assert_eq!(status["primary"], "A", "{status:#}");
+    assert_eq!(status["phase"], "idle", "{status:#}");
+    assert_eq!(status["last"]["result"], "rolled-back", "{status:#}");
+    assert_eq!(
+        status["last"]["reason"], "health-check-failed",
+        "{status:#}"
+    );
+    assert_eq!(status["floor"], 0, "a rollback does not raise the floor");
+    dev.assert_env_bad("B");
+    assert_eq!(dev.slot_hash("A"), a_before);
+
+    // The same release once more: refused, nothing downloaded or written, nothing switched.
+    let b_before = dev.slot_hash("B");
+    let env_before = dev.env_text();
+    let fetches = dev.server.seen().len();
+    let out = dev.install(&release);
+    assert_exit(&out, 1, "install of a release that rolled back");
+    assert!(
+        stderr(&out).contains("previously-rolled-back"),
+        "{}",
+        stderr(&out)
+    );
+    let last = dev.last_event();
+    assert_eq!(last["state"], "refused", "{last}");
+    assert_eq!(last["reason"], "previously-rolled-back", "{last}");
+    assert_event_log_well_formed(&dev.events());
+    assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
+    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    assert_eq!(
+        dev.server.seen().len(),
+        fetches,
+        "the image was fetched again"
+    );
+    assert_eq!(dev.slot_hash("A"), a_before);
+    assert_eq!(dev.reboots_requested(), 1);
+}
+
+/// The new slot never gets as far as `boot-check` (its init hangs): the boot script tries it
+/// until its budget is gone and falls back to A, where the agent reports `fell-back`.
+fn new_slot_never_comes_up(backend: Backend) {
+    let mut dev = Device::new(backend);
+    let a_before = dev.slot_hash("A");
+    let release = dev.release("2026.06.1", 5);
+    assert_exit(&dev.install(&release), 0, "install");
+
+    let mut tries_of_b = 0;
+    // Power on again and again; B's init hangs every time, so no boot-check runs there.
+    while dev.boot() == "B" {
+        tries_of_b += 1;
+        assert!(tries_of_b <= 10, "the boot script never falls back");
+    }
+    let expected_tries = match backend {
+        Backend::UBoot | Backend::File => ATTEMPTS,
+        Backend::Grub => 1,
+    };
+    assert_eq!(tries_of_b, expected_tries, "tries of B before the fallback");
+
+    let out = dev.boot_check();
+    assert_exit(
+        &out,
+        0,
+        "boot-check records the fallback: its job, not a failure of its own",
+    );
+    let events = dev.events();
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "rolled-back"
+        ]
+    );
+    assert_event_log_well_formed(&events);
+    assert_one_transaction(&events, "2026.06.1", "B");
+    assert_eq!(events[5]["reason"], "fell-back", "{:#}", events[5]);
+
+    dev.assert_env_bad("B");
+    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
+    let status = dev.status_json();
+    assert_eq!(status["booted"], "A", "{status:#}");
+    assert_eq!(status["primary"], "A", "{status:#}");
+    assert_eq!(status["phase"], "idle", "{status:#}");
+    assert_eq!(status["last"]["result"], "rolled-back", "{status:#}");
+    assert_eq!(status["last"]["reason"], "fell-back", "{status:#}");
+    assert_eq!(
+        status["slots"][1]["bootloader"]["good"], false,
+        "{status:#}"
+    );
+    assert_eq!(dev.slot_hash("A"), a_before);
+    assert_eq!(dev.reboots_requested(), 0);
+    // And it stays in A.
+    assert_eq!(dev.boot(), "A");
+}
+
+/// A release altered after signing, and one signed by a key the device does not trust: both
+/// refused before anything is fetched, written or switched, and both logged.
+fn tampered_release(backend: Backend) {
+    let dev = Device::new(backend);
+    let a_before = dev.slot_hash("A");
+    let b_before = dev.slot_hash("B");
+    let env_before = dev.env_text();
+
+    // One base64 character of the manifest changed into another: it still decodes, to
+    // different bytes.
+    let genuine = dev.release("2026.06.1", 5);
+    let mut envelope: Value = serde_json::from_slice(&fs::read(&genuine).unwrap()).unwrap();
+    let mut manifest: Vec<u8> = envelope["manifest"].as_str().unwrap().bytes().collect();
+    let i = manifest.len() / 2;
+    manifest[i] = if manifest[i] == b'A' { b'B' } else { b'A' };
+    envelope["manifest"] = Value::String(String::from_utf8(manifest).unwrap());
+    let tampered = dev.path("tampered.json");
+    fs::write(&tampered, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
+
+    let out = Command::new(BIN)
+        .arg("keygen")
+        .arg("--out")
+        .arg(dev.path("rogue"))
+        .output()
+        .unwrap();
+    assert_exit(&out, 0, "keygen");
+    let untrusted = dev.release_with_key("rogue", "2026.06.2", 5, IMAGE_PATH);
+
+    for (release, reason) in [(&tampered, "bad-signature"), (&untrusted, "untrusted-key")] {
+        let out = dev.install(release);
+        assert_exit(&out, 1, reason);
+        assert!(stderr(&out).contains(reason), "{reason}: {}", stderr(&out));
+        let last = dev.last_event();
+        assert_eq!(last["state"], "refused", "{last}");
+        assert_eq!(last["reason"], reason, "{last}");
+        assert!(
+            last.get("txn").is_none(),
+            "a refusal starts no transaction: {last}"
+        );
+    }
+    let events = dev.events();
+    assert_eq!(states(&events), ["refused", "refused"]);
+    assert_event_log_well_formed(&events);
+
+    assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
+    assert_eq!(dev.slot_hash("A"), a_before, "slot A was written");
+    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    assert!(dev.server.seen().is_empty(), "an image was fetched");
+    assert_eq!(dev.reboots_requested(), 0);
+    let status = dev.status_json();
+    assert_eq!(status["phase"], "idle", "{status:#}");
+    assert_eq!(status["primary"], "A", "{status:#}");
+}
+
+/// The server sends other bytes than the signed hash: the install fails `hash-mismatch` and the
+/// bootloader is never told to try B.
+fn wrong_image_bytes(backend: Backend) {
+    let dev = Device::new(backend);
+    let a_before = dev.slot_hash("A");
+    let release = dev.release_with_key("signer", "2026.06.1", 5, WRONG_PATH);
+
+    let out = dev.install(&release);
+    assert_exit(&out, 1, "install of wrong bytes");
+    let events = dev.events();
+    assert_eq!(states(&events), ["accepted", "writing", "failed"]);
+    assert_event_log_well_formed(&events);
+    assert_one_transaction(&events, "2026.06.1", "B");
+    assert_eq!(events[2]["reason"], "hash-mismatch", "{:#}", events[2]);
+
+    // B was made unbootable before its first byte was written and stays so.
+    dev.assert_env_bad("B");
+    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
+    let status = dev.status_json();
+    assert_eq!(status["primary"], "A", "{status:#}");
+    assert_eq!(status["phase"], "idle", "{status:#}");
+    assert_eq!(status["last"]["result"], "failed", "{status:#}");
+    assert_eq!(status["last"]["reason"], "hash-mismatch", "{status:#}");
+    assert_eq!(status["slots"][1]["version"], Value::Null, "{status:#}");
+    assert_eq!(dev.slot_hash("A"), a_before);
+    assert_eq!(dev.reboots_requested(), 0);
+}
+
+/// After security version 5 committed, a release with security version 4 is refused.
+fn downgrade(backend: Backend) {
+    let mut dev = Device::new(backend);
+    let release = dev.release("2026.06.1", 5);
+    dev.install_and_commit(&release);
+    assert_eq!(dev.status_json()["floor"], 5);
+
+    // A now is the inactive slot: the one a downgrade would overwrite.
+    let a_before = dev.slot_hash("A");
+    let b_before = dev.slot_hash("B");
+    let env_before = dev.env_text();
+    let older = dev.release("2026.05.3", 4);
+    let out = dev.install(&older);
+    assert_exit(&out, 1, "install of a downgrade");
+    assert!(stderr(&out).contains("downgrade"), "{}", stderr(&out));
+    let last = dev.last_event();
+    assert_eq!(last["state"], "refused", "{last}");
+    assert_eq!(last["reason"], "downgrade", "{last}");
+    assert_event_log_well_formed(&dev.events());
+
+    assert_eq!(
+        dev.slot_hash("A"),
+        a_before,
+        "the inactive slot was written"
+    );
+    assert_eq!(dev.slot_hash("B"), b_before, "the booted slot was written");
+    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    let status = dev.status_json();
+    assert_eq!(status["floor"], 5, "{status:#}");
+    assert_eq!(status["booted"], "B", "{status:#}");
+    assert_eq!(status["primary"], "B", "{status:#}");
+    assert_eq!(status["last"]["result"], "committed", "{status:#}");
+}
+
+/// `mark` and `status` by hand, as an integrator at the console would use them.
+fn mark_cli(backend: Backend) {
+    let dev = Device::new(backend);
+    let env_before = dev.env_text();
+
+    // B holds nothing the agent wrote: activating it needs --force.
+    let out = dev.agent(&["mark", "active", "other"]);
+    assert_exit(&out, 2, "mark active other");
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(
+        dev.env_text(),
+        env_before,
+        "a refused mark changed the environment"
+    );
+
+    let out = dev.agent(&["mark", "good", "booted"]);
+    assert_exit(&out, 0, "mark good booted");
+    assert!(
+        stdout(&out).contains("marked slot A good"),
+        "{}",
+        stdout(&out)
+    );
+    dev.assert_env_first_and_good("A");
+
+    let out = dev.agent(&["status"]);
+    assert_exit(&out, 0, "status");
+    let text = stdout(&out);
+    assert!(text.contains("booted slot:  A"), "{text}");
+    for slot in ["A", "B"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("slot {slot}: ")))
+            .unwrap_or_else(|| panic!("no line for slot {slot}:\n{text}"));
+        assert!(
+            line.contains(&format!("slot-{}", slot.to_ascii_lowercase())),
+            "{line}"
+        );
+    }
+
+    let out = dev.agent(&["mark", "active", "other", "--force"]);
+    assert_exit(&out, 0, "mark active other --force");
+    assert!(
+        stdout(&out).contains("marked slot B active"),
+        "{}",
+        stdout(&out)
+    );
+    dev.assert_env_first_and_good("B");
+    assert!(
+        dev.events().is_empty(),
+        "marks by hand are not transactions"
+    );
+}
+
+/// The slot that runs keeps running, boot after boot: after a commit, and after a second update
+/// (from B into A) rolled back. The boot scripts count tries (U-Boot) or flag them (GRUB) at
+/// every boot; `boot-check` must give the booted slot its budget back each time, as RAUC's
+/// mark-good service does, or the device drifts back to the other slot by itself.
+fn stays_in_the_running_slot_across_reboots(backend: Backend) {
+    let mut dev = Device::new(backend);
+    let release = dev.release("2026.06.1", 5);
+    dev.install_and_commit(&release);
+    for boot in 1..=ATTEMPTS + 1 {
+        assert_eq!(
+            dev.boot(),
+            "B",
+            "boot {boot} after the commit: {}",
+            dev.env_text()
+        );
+        assert_exit(&dev.boot_check(), 0, "boot-check");
+    }
+
+    // The next update goes into A, fails its trial and rolls back into B.
+    let second = dev.release("2026.07.1", 6);
+    assert_exit(&dev.install(&second), 0, "install into A");
+    dev.set_health(UNHEALTHY);
+    assert_eq!(dev.boot(), "A");
+    assert_exit(&dev.boot_check(), 0, "boot-check in the unhealthy slot");
+    dev.set_health(HEALTHY);
+    assert_eq!(dev.boot(), "B");
+    assert_exit(&dev.boot_check(), 0, "boot-check after the rollback");
+    assert_eq!(dev.last_event()["state"], "rolled-back");
+    for boot in 1..=ATTEMPTS + 1 {
+        assert_eq!(
+            dev.boot(),
+            "B",
+            "boot {boot} after the rollback: {}",
+            dev.env_text()
+        );
+        assert_exit(&dev.boot_check(), 0, "boot-check");
+    }
+    dev.assert_env_bad("A");
+    assert_event_log_well_formed(&dev.events());
+    let status = dev.status_json();
+    assert_eq!(status["floor"], 5, "{status:#}");
+    assert_eq!(status["primary"], "B", "{status:#}");
+}
+
+macro_rules! backend_tests {
+    ($module:ident, $backend:expr) => {
+        mod $module {
+            #[test]
+            fn happy_path() {
+                super::happy_path($backend);
+            }
+            #[test]
+            fn health_check_fails() {
+                super::health_check_fails($backend);
+            }
+            #[test]
+            fn new_slot_never_comes_up() {
+                super::new_slot_never_comes_up($backend);
+            }
+            #[test]
+            fn tampered_release() {
+                super::tampered_release($backend);
+            }
+            #[test]
+            fn wrong_image_bytes() {
+                super::wrong_image_bytes($backend);
+            }
+            #[test]
+            fn downgrade() {
+                super::downgrade($backend);
+            }
+            #[test]
+            fn mark_cli() {
+                super::mark_cli($backend);
+            }
+            #[test]
+            fn stays_in_the_running_slot_across_reboots() {
+                super::stays_in_the_running_slot_across_reboots($backend);
+            }
+        }
+    };
+}
+
+backend_tests!(uboot, super::Backend::UBoot);
+backend_tests!(grub, super::Backend::Grub);
+backend_tests!(file, super::Backend::File);
