@@ -2,7 +2,9 @@
 //! each subcommand calls into the library.
 
 mod broker;
+#[cfg(feature = "demo")]
 mod demo;
+#[cfg(feature = "demo")]
 mod demo_broker;
 mod install;
 mod keygen;
@@ -35,6 +37,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a whole update cycle on this machine: throwaway keys, file slots, local HTTP server
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Make an Ed25519 release signing key pair: PREFIX.key (private, 0600) and PREFIX.pub
     Keygen(keygen::Args),
@@ -64,6 +67,7 @@ impl Cli {
             Command::Run(args) => init(args.log, "info"),
             // The story is told on stdout; stderr shows only errors (a tamper alert is one), and
             // the embedded broker's own chatter is not part of it.
+            #[cfg(feature = "demo")]
             Command::Demo(_) => init(LogTarget::Stderr, "error,rumqttd=off"),
             _ => init(LogTarget::Stderr, "warn"),
         }
@@ -75,6 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // other Unix tools do, instead of panicking on a failed print.
     restore_default_sigpipe();
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),
         Command::Keygen(args) => keygen::run(args),
         Command::Release(command) => release::run(command),
