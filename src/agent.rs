@@ -515,10 +515,10 @@ impl CrashPoints {
     }
 
     fn bytes_written(&self, written: u64) {
-        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:")) {
-            if limit.parse::<u64>().is_ok_and(|limit| written >= limit) {
-                crash(&format!("bytes:{limit}"));
-            }
+        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:"))
+            && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
+        {
+            crash(&format!("bytes:{limit}"));
         }
     }
 }
