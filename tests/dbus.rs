@@ -761,23 +761,40 @@ fn watch_signals(bus: &Bus) -> (Arc<Mutex<Vec<String>>>, mpsc::Sender<()>) {
                 .await
                 .unwrap();
             let agent = dbus::client::proxy(&conn).await.unwrap();
-            let mut available = agent.receive_update_available().await.unwrap();
-            let mut disruption = agent.receive_disruption_ahead().await.unwrap();
-            let mut states = agent.receive_state_changed().await;
+            // The proxy's subscriptions add the match rules; one stream of every message the
+            // connection receives keeps the order in which the service sent them.
+            let _available = agent.receive_update_available().await.unwrap();
+            let _disruption = agent.receive_disruption_ahead().await.unwrap();
+            let _states = agent.receive_state_changed().await;
+            let mut all = zbus::MessageStream::from(&conn);
             ready_tx.send(()).unwrap();
             let push = |line: String| log.lock().unwrap().push(line);
             loop {
-                tokio::select! {
+                let message = tokio::select! {
                     _ = stop.recv() => break,
-                    Some(s) = available.next() => {
-                        let a = s.args().unwrap();
-                        push(format!("UpdateAvailable {} security={} deadline={} {}", a.version, a.security, a.deadline, a.advisory));
+                    Some(Ok(message)) = all.next() => message,
+                };
+                let header = message.header();
+                let body = message.body();
+                match header.member().map(|m| m.as_str()) {
+                    Some("UpdateAvailable") => {
+                        let (version, advisory, security, _, deadline): (String, String, bool, String, i64) =
+                            body.deserialize().unwrap();
+                        push(format!("UpdateAvailable {version} security={security} deadline={deadline} {advisory}"));
                     }
-                    Some(s) = disruption.next() => {
-                        let a = s.args().unwrap();
-                        push(format!("DisruptionAhead {} postponable={} downtime={}", a.seconds, a.postponable, a.downtime_seconds));
+                    Some("DisruptionAhead") => {
+                        let (seconds, postponable, downtime): (u64, bool, u64) = body.deserialize().unwrap();
+                        push(format!("DisruptionAhead {seconds} postponable={postponable} downtime={downtime}"));
                     }
-                    Some(change) = states.next() => push(format!("State {}", change.get().await.unwrap())),
+                    Some("PropertiesChanged") => {
+                        let (_, changed, _): (String, std::collections::HashMap<String, zbus::zvariant::OwnedVariant>, Vec<String>) =
+                            body.deserialize().unwrap();
+                        if let Some(state) = changed.get("State") {
+                            let state: String = state.try_clone().unwrap().try_into().unwrap();
+                            push(format!("State {state}"));
+                        }
+                    }
+                    _ => {}
                 }
             }
         });
@@ -798,6 +815,32 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     let device = Device::new(POLICY_WINDOW_MANUAL);
     let service = Service::start(&bus, &device);
     let (seen, stop_watching) = watch_signals(&bus);
+    // What `update-agent status --follow --json` prints meanwhile, line by line.
+    let mut follow = command(Who::Nobody, Path::new(env!("CARGO_BIN_EXE_update-agent")))
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .args(["status", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let followed = followed.clone();
+        let stdout = follow.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                followed.lock().unwrap().push(line.unwrap());
+            }
+        })
+    };
+    // The first lines are the status and the properties' current values: subscribed.
+    wait_for("status --follow to start", || {
+        followed
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("\"state\":\"idle\"}"))
+    });
 
     service.request(Request::Offer(device.release.clone()));
     let s = service.wait_state("pending", |s| s.state == "pending");
@@ -857,6 +900,35 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
             .any(|l| l == "State reboot-pending")
     });
     let _ = stop_watching.blocking_send(());
+    wait_for("status --follow to see the reboot notice", || {
+        followed
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("\"seconds\":0"))
+    });
+    // Interrupted like a person would (Ctrl-C), by the pid of the child this test started.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(follow.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(follow.wait().unwrap().success());
+    reader.join().unwrap();
+    let followed = followed.lock().unwrap().clone();
+    for expected in [
+        r#"{"update_available":{"advisory":"Fixes CVE-2026-0001 in the web UI.","deadline":"2026-06-04T12:00:00Z","security":true,"severity":"high","version":"2.0"}}"#,
+        r#"{"postponed_until":"2026-06-02T12:00:00Z"}"#,
+        r#"{"state":"writing"}"#,
+        r#"{"progress":{"done":1048576,"total":1048576}}"#,
+        r#"{"disruption_ahead":{"downtime_seconds":90,"postponable":false,"seconds":300}}"#,
+        r#"{"state":"reboot-pending"}"#,
+    ] {
+        assert!(
+            followed.iter().any(|l| l == expected),
+            "{expected} not in {followed:#?}"
+        );
+    }
 
     let seen = seen.lock().unwrap().clone();
     let position = |prefix: &str| {

@@ -314,6 +314,8 @@ fn print_status(status: &Status) {
 async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Result<()> {
     let mut states = agent.receive_state_changed().await;
     let mut progress = agent.receive_progress_changed().await;
+    let mut auto = agent.receive_auto_install_changed().await;
+    let mut postponed = agent.receive_postponed_until_changed().await;
     let mut available = agent.receive_update_available().await?;
     let mut disruption = agent.receive_disruption_ahead().await?;
     let mut completed = agent.receive_completed().await?;
@@ -332,6 +334,18 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
                     bar.finish_and_clear();
                 }
                 say(&bar, if json { json!({"state": state}).to_string() } else { format!("state: {state}") });
+            }
+            Some(change) = auto.next() => {
+                let on = change.get().await?;
+                say(&bar, if json { json!({"auto_install": on}).to_string() } else { format!("auto install: {}", if on { "on" } else { "off" }) });
+            }
+            Some(change) = postponed.next() => {
+                let until = client::time(change.get().await?);
+                say(&bar, if json {
+                    json!({"postponed_until": until}).to_string()
+                } else {
+                    format!("postponed: {}", until.map(|u| format!("until {u}")).unwrap_or_else(|| "no".into()))
+                });
             }
             Some(change) = progress.next() => {
                 let (done, total) = change.get().await?;

@@ -1013,8 +1013,9 @@ impl Engine {
             boot_id_at_activation,
         };
         out.push(Action::Persist);
-        out.extend(events.into_iter().map(Action::Report));
+        // The user hears of the disruption before anything else of this step is told.
         out.push(Action::Notify(notice));
+        out.extend(events.into_iter().map(Action::Report));
         out.push(Action::Reboot);
     }
 
