@@ -3,6 +3,7 @@
 //! `boot-check`) and, later, the daemon use it; none of the update logic lives here.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Engine, Event, Failure, Input, PersistentState, Phase, Progress, SlotPair, TxnState,
+    Action, Answer, Engine, Event, Failure, Input, Notice, PersistentState, Phase, Progress,
+    SlotPair, TxnState,
 };
 use crate::health;
 use crate::reason::ReasonCode;
@@ -41,7 +43,17 @@ pub trait Observer: Send {
     /// The engine's state was just saved (it comes before the events it explains). The daemon
     /// publishes it; the one-shot commands do not need it.
     fn persisted(&mut self, _state: &PersistentState) {}
+    /// What the user is to be told (D-Bus signals).
+    fn notice(&mut self, _notice: &Notice) {}
+    /// The engine's answer to a user request, as soon as it is durable (before any job the
+    /// request started runs).
+    fn answer(&mut self, _answer: &Answer) {}
+    /// The user asked for a check for new releases; the release source is the caller's.
+    fn check(&mut self) {}
 }
+
+/// Where the driver reads the time: the system clock, or a test's fake one.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
 /// An observer that shows nothing (the event log and the state still record everything).
 pub struct Quiet;
@@ -87,6 +99,7 @@ pub struct Agent {
     engine: Engine,
     reboot: RebootMode,
     crash: CrashPoints,
+    clock: Clock,
 }
 
 impl Agent {
@@ -112,18 +125,53 @@ impl Agent {
         };
         Ok(Agent {
             engine: Engine::new(slots, state)
-                .with_factory_version(config.device.factory_version.clone()),
+                .with_factory_version(config.device.factory_version.clone())
+                .with_policy(config.policy.engine_policy()),
             config,
             anchor,
             store,
             bootloader,
             reboot,
             crash: CrashPoints::from_env(),
+            clock: Arc::new(Timestamp::now),
         })
+    }
+
+    /// Reads the time from `clock` instead of the system clock (tests inject time).
+    pub fn with_clock(mut self, clock: Clock) -> Agent {
+        self.clock = clock;
+        self
+    }
+
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// When the engine wants [`Agent::tick`] (see `Engine::poll_timeout`).
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.engine.poll_timeout()
+    }
+
+    /// Time passed: lets the engine start what the policy now allows.
+    pub async fn tick(&mut self, observer: &mut dyn Observer) -> Result<Stop, AgentError> {
+        self.drive(Input::Tick, observer).await
+    }
+
+    /// Feeds one input (a user request, typically) and carries out what follows.
+    pub async fn handle(
+        &mut self,
+        input: Input,
+        observer: &mut dyn Observer,
+    ) -> Result<Stop, AgentError> {
+        self.drive(input, observer).await
     }
 
     /// Tells the engine which boot this is; it resumes or finishes whatever a restart, power
@@ -141,7 +189,7 @@ impl Agent {
             threshold: self.config.trust.threshold,
             compatible: Some(self.config.device.compatible.clone()),
             floor: self.config.trust.floor.max(self.engine.state().floor),
-            now: Timestamp::now(),
+            now: self.now(),
         }
     }
 
@@ -149,11 +197,31 @@ impl Agent {
         release::verify(release, &self.anchor, &self.policy())
     }
 
-    /// Verifies a release and, when the device may act on it, installs it. A refusal is
-    /// reported like every other outcome and returned.
+    /// Verifies a release and, when the device may act on it, accepts it: it installs when the
+    /// policy lets it (automatic install, windows, postponement). A refusal is reported like
+    /// every other outcome and returned.
     pub async fn offer_release(
         &mut self,
         release: &[u8],
+        observer: &mut dyn Observer,
+    ) -> Result<Result<Stop, Refusal>, AgentError> {
+        self.accept_release(release, false, observer).await
+    }
+
+    /// Verifies a release and installs it now, as the user asked (`update-agent install`): the
+    /// policy's windows, postponement and automatic-install setting do not hold it back.
+    pub async fn install_release(
+        &mut self,
+        release: &[u8],
+        observer: &mut dyn Observer,
+    ) -> Result<Result<Stop, Refusal>, AgentError> {
+        self.accept_release(release, true, observer).await
+    }
+
+    async fn accept_release(
+        &mut self,
+        release: &[u8],
+        user_now: bool,
         observer: &mut dyn Observer,
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
@@ -164,7 +232,13 @@ impl Agent {
                     inner: observer,
                     refusal: None,
                 };
-                let stop = self.offer_verified(verified, &mut noted).await?;
+                let verified = Box::new(verified);
+                let input = if user_now {
+                    Input::UserInstall(verified)
+                } else {
+                    Input::ReleaseVerified(verified)
+                };
+                let stop = self.drive(input, &mut noted).await?;
                 Ok(match noted.refusal {
                     Some(refusal) => Err(refusal),
                     None => Ok(stop),
@@ -223,7 +297,8 @@ impl Agent {
         let mut next = Some(input);
         let mut stop = Stop::Idle;
         while let Some(input) = next.take() {
-            for action in self.engine.handle(input, Timestamp::now()) {
+            let now = self.now();
+            for action in self.engine.handle(input, now) {
                 if let Some(result) = self.act(action, observer, &mut stop).await? {
                     next = Some(result);
                 }
@@ -253,6 +328,18 @@ impl Agent {
             }
             Action::ReportProgress(progress) => {
                 observer.progress(&progress);
+                None
+            }
+            Action::Notify(notice) => {
+                observer.notice(&notice);
+                None
+            }
+            Action::Answer(answer) => {
+                observer.answer(&answer);
+                None
+            }
+            Action::Check => {
+                observer.check();
                 None
             }
             Action::PrepareTarget { slot } => Some(Input::TargetPrepared(self.bootloader_op(
@@ -350,6 +437,7 @@ impl Agent {
                 let engine = &mut self.engine;
                 let store = &self.store;
                 let crash = &self.crash;
+                let clock = &self.clock;
                 let mut on_event = |event: TransferEvent| -> std::io::Result<()> {
                     let input = match event {
                         TransferEvent::Progress { written, total } => {
@@ -362,7 +450,7 @@ impl Agent {
                             return Ok(());
                         }
                     };
-                    for action in engine.handle(input, Timestamp::now()) {
+                    for action in engine.handle(input, clock()) {
                         match action {
                             Action::Persist => {
                                 store.save(engine.state()).map_err(std::io::Error::other)?;
@@ -470,6 +558,18 @@ impl Observer for NoteRefusal<'_> {
     fn persisted(&mut self, state: &PersistentState) {
         self.inner.persisted(state);
     }
+
+    fn notice(&mut self, notice: &Notice) {
+        self.inner.notice(notice);
+    }
+
+    fn answer(&mut self, answer: &Answer) {
+        self.inner.answer(answer);
+    }
+
+    fn check(&mut self) {
+        self.inner.check();
+    }
 }
 
 /// Chooses the bootloader backend once, from the configuration.
@@ -551,10 +651,10 @@ impl CrashPoints {
     }
 
     fn bytes_written(&self, written: u64) {
-        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:")) {
-            if limit.parse::<u64>().is_ok_and(|limit| written >= limit) {
-                crash(&format!("bytes:{limit}"));
-            }
+        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:"))
+            && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
+        {
+            crash(&format!("bytes:{limit}"));
         }
     }
 }

@@ -5,7 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use jiff::SignedDuration;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
 use serde::Deserialize;
+
+use crate::engine::{PolicyConfig, RebootPolicy, Window};
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -27,6 +32,10 @@ pub struct Config {
     /// The fleet's broker; only `update-agent run` needs it.
     #[serde(default)]
     pub mqtt: Option<Mqtt>,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub dbus: DBus,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,12 +48,12 @@ pub struct Device {
     /// Version of the software the device shipped with, shown until the agent installs one.
     #[serde(default)]
     pub factory_version: Option<String>,
-    /// Product model, published in the retained state (EN 303 645 5.3-16).
+    /// The product model, shown to the user and operators (EN 303 645 5.3-16).
     #[serde(default)]
     pub model: Option<String>,
-    /// Last day security updates are provided, published in the retained state (5.3-13).
+    /// The last day security updates are provided for this device (EN 303 645 5.3-13).
     #[serde(default)]
-    pub support_end: Option<jiff::civil::Date>,
+    pub support_end: Option<Date>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +233,90 @@ pub struct Mqtt {
     pub outbox_capacity: usize,
 }
 
+/// When updates install and reboot, and how far the user may push them back (EN 303 645 5.3-6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Install releases automatically unless the user turned it off.
+    #[serde(default = "yes")]
+    pub auto_install: bool,
+    /// Daily maintenance windows in local time, `"HH:MM-HH:MM"`; may cross midnight. Empty:
+    /// any time.
+    #[serde(default)]
+    pub windows: Vec<Window>,
+    /// `immediate`, `window` or `manual`.
+    #[serde(default)]
+    pub reboot: RebootPolicy,
+    /// The longest postponement a user may ask for, in seconds.
+    #[serde(default = "default_max_postpone", with = "seconds")]
+    pub max_postpone: Duration,
+    /// With automatic install off, a security release still installs at its signed deadline.
+    #[serde(default = "yes")]
+    pub security_deadline_when_off: bool,
+    /// Seconds before a scheduled reboot the user is told (D-Bus `DisruptionAhead`).
+    #[serde(default = "default_notice", with = "seconds")]
+    pub disruption_notice: Duration,
+    /// IANA time zone of the windows (e.g. `Europe/Berlin`); default: the system's.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            auto_install: true,
+            windows: Vec::new(),
+            reboot: RebootPolicy::default(),
+            max_postpone: default_max_postpone(),
+            security_deadline_when_off: true,
+            disruption_notice: default_notice(),
+            time_zone: None,
+        }
+    }
+}
+
+impl Policy {
+    /// The engine's form of this section. The time zone was checked by `Config::parse`.
+    pub fn engine_policy(&self) -> PolicyConfig {
+        let time_zone = match &self.time_zone {
+            Some(name) => TimeZone::get(name).unwrap_or(TimeZone::UTC),
+            None => TimeZone::system(),
+        };
+        PolicyConfig {
+            auto_install: self.auto_install,
+            windows: self.windows.clone(),
+            reboot: self.reboot,
+            max_postpone: to_signed(self.max_postpone),
+            security_deadline_when_off: self.security_deadline_when_off,
+            notice: to_signed(self.disruption_notice),
+            time_zone,
+        }
+    }
+}
+
+fn to_signed(duration: Duration) -> SignedDuration {
+    SignedDuration::try_from(duration).unwrap_or(SignedDuration::MAX)
+}
+
+/// The D-Bus service (`org.updateagent.Agent1` on the system bus).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DBus {
+    /// Members of this group (and root) may call the mutating methods; everyone local may
+    /// read. Must match the group in the bus policy file
+    /// (`/usr/share/dbus-1/system.d/org.updateagent.Agent1.conf`).
+    #[serde(default = "default_admin_group")]
+    pub admin_group: Option<String>,
+}
+
+impl Default for DBus {
+    fn default() -> DBus {
+        DBus {
+            admin_group: default_admin_group(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -295,6 +388,13 @@ impl Config {
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate(&self.device.compatible)?;
         }
+        if let Some(name) = &self.policy.time_zone {
+            TimeZone::get(name).map_err(|e| {
+                format!(
+                    "policy.time_zone {name:?} is not a known time zone ({e}); is tzdata installed?"
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -364,6 +464,18 @@ mod seconds {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_max_postpone() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_notice() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_admin_group() -> Option<String> {
+    Some("update-admin".into())
+}
 fn default_state_dir() -> PathBuf {
     "/var/lib/update-agent".into()
 }

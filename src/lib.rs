@@ -13,6 +13,8 @@
 //! - [`config`]: the agent's TOML configuration, parsed strictly.
 //! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
+//! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
+//!   small host that owns the agent for it until the daemon does.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
 //! - [`mqtt`]: the broker connection (rumqttc, MQTT 5, TLS), topics and payloads.
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
@@ -26,6 +28,7 @@ pub mod anchor;
 pub mod bootloader;
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod durable;
 pub mod engine;
 pub mod health;

@@ -241,6 +241,9 @@ mod tests {
             slot: None,
             reason: None,
             message: None,
+            waiting: None,
+            until: None,
+            clamped: None,
         }
     }
 

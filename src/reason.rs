@@ -80,6 +80,16 @@ pub enum ReasonCode {
     HealthCheckFailed,
     /// The device came back in the old slot: the bootloader gave up on the new one.
     FellBack,
+
+    // --- the user's requests (D-Bus, CLI) ---
+    /// A request names nothing to act on: no update is pending or waiting for its reboot.
+    NothingPending,
+    /// A request is out of range (e.g. a postponement that ends in the past).
+    InvalidRequest,
+    /// The release's deadline has passed: it can no longer be postponed.
+    NotPostponable,
+    /// The request would make the running slot unbootable.
+    BootedSlot,
 }
 
 impl ReasonCode {
@@ -116,6 +126,10 @@ impl ReasonCode {
         ReasonCode::UnexpectedBoot,
         ReasonCode::HealthCheckFailed,
         ReasonCode::FellBack,
+        ReasonCode::NothingPending,
+        ReasonCode::InvalidRequest,
+        ReasonCode::NotPostponable,
+        ReasonCode::BootedSlot,
     ];
 
     /// True for the codes release verification can give (`release::verify`).
@@ -169,6 +183,10 @@ impl ReasonCode {
             ReasonCode::UnexpectedBoot => "unexpected-boot",
             ReasonCode::HealthCheckFailed => "health-check-failed",
             ReasonCode::FellBack => "fell-back",
+            ReasonCode::NothingPending => "nothing-pending",
+            ReasonCode::InvalidRequest => "invalid-request",
+            ReasonCode::NotPostponable => "not-postponable",
+            ReasonCode::BootedSlot => "booted-slot",
         }
     }
 

@@ -232,6 +232,9 @@ mod tests {
             slot: None,
             reason: None,
             message: None,
+            waiting: None,
+            until: None,
+            clamped: None,
         }
     }
 
@@ -303,6 +306,9 @@ mod tests {
             slot: None,
             reason: None,
             message: Some("x".repeat(2000)),
+            waiting: None,
+            until: None,
+            clamped: None,
         };
         for seq in 0..3000 {
             event.seq = seq;

@@ -408,7 +408,7 @@ fn generate() -> Vec<Case> {
     let mut odd = base_manifest();
     odd["advisory"] = json!("Fixes ????? and ~~~~~.");
     let mut odd = to_bytes(&odd);
-    if odd.len() % 3 == 0 {
+    if odd.len().is_multiple_of(3) {
         odd.push(b'\n');
     }
     let odd_sig = sig_entry(KEY_A, &odd);
@@ -1201,10 +1201,10 @@ fn corpus_files(cases: &[Case]) -> BTreeMap<String, Vec<u8>> {
     for case in cases {
         let name = &case.entry.name;
         files.insert(format!("releases/{name}.release"), case.release.clone());
-        if let Some(manifest) = &case.manifest {
-            if manifests_seen.insert(manifest.clone()) {
-                files.insert(format!("manifests/{name}.json"), manifest.clone());
-            }
+        if let Some(manifest) = &case.manifest
+            && manifests_seen.insert(manifest.clone())
+        {
+            files.insert(format!("manifests/{name}.json"), manifest.clone());
         }
     }
     for (seed, path) in [

@@ -100,10 +100,11 @@ fn flag(vars: &Vars, var: &str, origin: &str) -> Result<u32, BootloaderError> {
     let Some(value) = vars.get(var) else {
         return Ok(0);
     };
-    if (1..=9).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(n) = value.parse() {
-            return Ok(n);
-        }
+    if (1..=9).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(n) = value.parse()
+    {
+        return Ok(n);
     }
     Err(BootloaderError::Malformed {
         store: origin.to_owned(),

@@ -179,13 +179,13 @@ pub fn from_config(
         BootloaderKind::UBoot => {
             tool::require_program(&params.fw_printenv, "fw_printenv", "libubootenv-tool")?;
             tool::require_program(&params.fw_setenv, "fw_setenv", "libubootenv-tool")?;
-            if let Some(config) = &params.fw_env_config {
-                if !config.is_file() {
-                    return Err(BootloaderError::Config(format!(
-                        "`bootloader.fw_env_config` {} does not exist; it must describe where the U-Boot environment is",
-                        config.display()
-                    )));
-                }
+            if let Some(config) = &params.fw_env_config
+                && !config.is_file()
+            {
+                return Err(BootloaderError::Config(format!(
+                    "`bootloader.fw_env_config` {} does not exist; it must describe where the U-Boot environment is",
+                    config.display()
+                )));
             }
             let store = uboot::UBootEnv::new(
                 params.fw_printenv.clone(),

@@ -50,7 +50,9 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
     let mut narrator = Narrator::new();
     runtime()?.block_on(async {
         agent.observe_boot(&mut narrator).await?;
-        if let Err(refusal) = agent.offer_release(&bytes, &mut narrator).await? {
+        // The person at the console asked for this install: "install now", past any
+        // maintenance window, postponement or automatic-install setting.
+        if let Err(refusal) = agent.install_release(&bytes, &mut narrator).await? {
             eprintln!("refused: {refusal}");
             return Ok(ExitCode::from(EXIT_REFUSED));
         }
@@ -174,6 +176,13 @@ impl Observer for Narrator {
     }
 }
 
+fn until(event: &Event) -> String {
+    event
+        .until
+        .map(|t| format!(" until {t}"))
+        .unwrap_or_default()
+}
+
 pub fn describe(event: &Event) -> String {
     let version = event.to_version.as_deref().map(|v| escape_for_log(v, 64));
     let slot = event.slot.as_deref().unwrap_or("?");
@@ -195,6 +204,34 @@ pub fn describe(event: &Event) -> String {
         TxnState::Failed => "install failed".to_string(),
         TxnState::RollingBack => format!("rolling back from slot {slot}"),
         TxnState::RolledBack => format!("rolled back; slot {slot} marked bad"),
+        TxnState::Pending => format!(
+            "release {} waits: {}{}",
+            version.as_deref().unwrap_or("?"),
+            event.waiting.map(|w| w.as_str()).unwrap_or("?"),
+            until(event)
+        ),
+        TxnState::RebootScheduled => format!(
+            "reboot into slot {slot} scheduled: {}{}",
+            event.waiting.map(|w| w.as_str()).unwrap_or("?"),
+            until(event)
+        ),
+        TxnState::Postponed => format!(
+            "postponed{}{}",
+            until(event),
+            event
+                .clamped
+                .map(|c| format!(" (clamped: {})", c.as_str()))
+                .unwrap_or_default()
+        ),
+        TxnState::Resumed => "postponement withdrawn".to_string(),
+        TxnState::AutoInstallEnabled => "automatic install switched on".to_string(),
+        TxnState::AutoInstallDisabled => {
+            "automatic install switched off: updates are announced, not installed".to_string()
+        }
+        TxnState::InstallNow => "install now, as the user asked".to_string(),
+        TxnState::CheckRequested => "check for updates requested".to_string(),
+        TxnState::MarkedGood => format!("slot {slot} marked good by hand"),
+        TxnState::MarkedBad => format!("slot {slot} marked bad by hand"),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

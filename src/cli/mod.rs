@@ -13,6 +13,7 @@ mod publish;
 mod release;
 mod run;
 mod status;
+mod user;
 
 use std::process::ExitCode;
 
@@ -52,8 +53,21 @@ enum Command {
     Install(install::InstallArgs),
     /// At boot: finish an interrupted install, run the trial's health checks, commit or roll back
     BootCheck(install::BootCheckArgs),
-    /// Slots, booted and next slot, transaction in progress, last outcome
+    /// What the agent does: from the running agent over D-Bus, else from the state on disk
     Status(status::StatusArgs),
+    /// Postpone the pending update (and its reboot): `postpone 4h` or `postpone --until TIME`
+    Postpone(user::PostponeArgs),
+    /// Withdraw a postponement
+    Resume(user::SimpleArgs),
+    /// Switch automatic install on or off (off: updates are announced, not installed)
+    Auto(user::AutoArgs),
+    /// Install the pending update now (or reboot into the installed one now)
+    InstallNow(user::SimpleArgs),
+    /// Look for updates now
+    Check(user::SimpleArgs),
+    /// Host the D-Bus service with the one-shot driver (until the daemon does; for testing)
+    #[command(hide = true)]
+    DbusServe(user::ServeArgs),
     /// Change the bootloader state of a slot by hand: mark good|bad|active booted|other
     Mark(status::MarkArgs),
 }
@@ -89,6 +103,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BootCheck(args) => install::boot_check(args),
         Command::Status(args) => status::status(args),
         Command::Mark(args) => status::mark(args),
+        Command::Postpone(args) => user::postpone(args),
+        Command::Resume(args) => user::resume(args),
+        Command::Auto(args) => user::auto(args),
+        Command::InstallNow(args) => user::install_now(args),
+        Command::Check(args) => user::check(args),
+        Command::DbusServe(args) => user::serve(args),
     }
 }
 

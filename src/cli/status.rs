@@ -19,6 +19,13 @@ pub struct StatusArgs {
     config: PathBuf,
     #[arg(long)]
     json: bool,
+    /// Keep showing changes (state, progress bar while writing, signals) until interrupted;
+    /// needs the running agent
+    #[arg(long)]
+    follow: bool,
+    /// Read the state on disk even when the agent runs
+    #[arg(long, conflicts_with = "follow")]
+    offline: bool,
 }
 
 #[derive(clap::Args)]
@@ -48,6 +55,12 @@ enum Which {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if !args.offline {
+        if let Some(code) = super::user::status(args.json, args.follow)? {
+            return Ok(code);
+        }
+        eprintln!("note: the update agent is not running; showing the state on disk");
+    }
     let config = Config::load(&args.config)?;
     let store = StateStore::open(&config.device.state_dir)?;
     let state = store.load()?;

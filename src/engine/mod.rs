@@ -24,13 +24,15 @@
 //!   does): the boot scripts spend a try (U-Boot) or set a try flag (GRUB) at every boot, and
 //!   a slot whose budget is not given back is left by the bootloader a few boots later.
 
+pub mod policy;
 pub mod state;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 
 use crate::reason::ReasonCode;
 use crate::release::VerifiedRelease;
-use crate::release::manifest::Image;
+use crate::release::manifest::{Disruption, Image, Severity};
+pub use policy::{Clamp, Decision, PolicyConfig, RebootPolicy, UserChoices, Wait, Window};
 pub use state::{Event, Outcome, PersistentState, Phase, Progress, Transaction, TxnState};
 use state::{MAX_ROLLED_BACK_REMEMBERED, SlotRecord};
 
@@ -45,8 +47,12 @@ pub enum Input {
         boot_id: String,
         booted: String,
     },
-    /// A release passed verification (signatures, compatible, floor, expiry).
+    /// A release passed verification (signatures, compatible, floor, expiry). It installs when
+    /// the policy lets it (automatic install, maintenance windows, postponement).
     ReleaseVerified(Box<VerifiedRelease>),
+    /// The user asked to install this verified release now (`update-agent install`): the
+    /// policy does not hold it back, and the reboot is the driver's to decide.
+    UserInstall(Box<VerifiedRelease>),
     /// A release was refused by verification; reported, nothing else happens.
     ReleaseRefused {
         reason: ReasonCode,
@@ -67,6 +73,68 @@ pub enum Input {
     /// The bootloader change asked for by `Activate`, `MarkGood` or `MarkBad` is done.
     BootloaderDone(Result<(), Failure>),
     HealthFinished(Result<(), Failure>),
+    /// Time passed: the driver's timer ([`Engine::poll_timeout`]) fired. Harmless at any time.
+    Tick,
+    /// The user's requests (D-Bus, CLI). Each is answered with exactly one [`Action::Answer`].
+    UserPostpone(Postpone),
+    UserResume,
+    UserSetAutoInstall(bool),
+    /// Install the pending release now, or reboot into the activated one now.
+    UserInstallNow,
+    UserCheckNow,
+    /// Mark the booted slot good (`good`), or the other slot bad.
+    UserMark {
+        good: bool,
+    },
+}
+
+/// How long the user postpones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Postpone {
+    For(SignedDuration),
+    Until(Timestamp),
+}
+
+/// What the user is told, beyond events (D-Bus signals; EN 303 645 5.3-11/12).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// A release was accepted: what it fixes and what it will do to the device.
+    UpdateAvailable {
+        txn: String,
+        version: String,
+        advisory: String,
+        security: bool,
+        severity: Severity,
+        deadline: Option<Timestamp>,
+        disruption: Disruption,
+    },
+    /// The device will reboot in `seconds`; `postponable` when the user can still push it back.
+    DisruptionAhead {
+        txn: String,
+        seconds: u64,
+        postponable: bool,
+        downtime_seconds: u64,
+    },
+    /// A transaction ended (`committed`, `failed`, `rolled-back`).
+    Completed {
+        txn: String,
+        version: String,
+        result: TxnState,
+        reason: Option<ReasonCode>,
+    },
+}
+
+/// The engine's answer to one user request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Done,
+    /// The postponement in force: `until`, which is `requested` unless `clamped`.
+    Postponed {
+        until: Timestamp,
+        requested: Timestamp,
+        clamped: Option<Clamp>,
+    },
+    Refused(Failure),
 }
 
 /// A failed job: a stable code plus a sentence for people.
@@ -114,6 +182,12 @@ pub enum Action {
     MarkBad {
         slot: String,
     },
+    /// Tell the user (D-Bus signals). Comes after the `Persist` of the transition it tells of.
+    Notify(Notice),
+    /// The answer to the user request just handled, after the `Persist` that makes it hold.
+    Answer(Answer),
+    /// Look for new releases now (the user asked): the driver re-reads its release source.
+    Check,
 }
 
 /// The device's A/B pair as the engine sees it: names only, no paths.
@@ -145,6 +219,12 @@ pub struct Engine {
     /// only ever the booted slot's mark-good, which the next boot observed in idle asks for
     /// anyway.
     then: Option<Action>,
+    policy: PolicyConfig,
+    /// When the engine wants [`Input::Tick`]; recomputed after every input.
+    timer: Option<Timestamp>,
+    /// The reboot time the user was last told of (`Notice::DisruptionAhead`), so that it is
+    /// told once per schedule. Not persisted: after a restart the user is told again.
+    announced: Option<Timestamp>,
 }
 
 impl Engine {
@@ -156,7 +236,31 @@ impl Engine {
             factory_version: None,
             last_progress_report: None,
             then: None,
+            policy: PolicyConfig::default(),
+            timer: None,
+            announced: None,
         }
+    }
+
+    pub fn with_policy(mut self, policy: PolicyConfig) -> Engine {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.policy
+    }
+
+    /// Whether automatic install is on: the user's choice, else the configured default.
+    pub fn auto_install(&self) -> bool {
+        self.policy.auto_install(&self.state.user)
+    }
+
+    /// When the driver should feed [`Input::Tick`] (quinn-proto's `poll_timeout`): a maintenance
+    /// window opening, a postponement or deadline ending, a disruption notice or reboot falling
+    /// due. `None`: nothing is waiting for time. A time in the past means "now".
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.timer
     }
 
     pub fn with_factory_version(mut self, version: Option<String>) -> Engine {
@@ -187,7 +291,8 @@ impl Engine {
         let first_new_seq = self.state.next_seq;
         match input {
             Input::BootObserved { boot_id, booted } => self.on_boot(boot_id, booted, now, &mut out),
-            Input::ReleaseVerified(release) => self.on_release(*release, now, &mut out),
+            Input::ReleaseVerified(release) => self.on_release(*release, false, now, &mut out),
+            Input::UserInstall(release) => self.on_release(*release, true, now, &mut out),
             Input::ReleaseRefused { reason, message } => {
                 let event = self.event(TxnState::Refused, now, None, |e| {
                     e.reason = Some(reason);
@@ -209,6 +314,32 @@ impl Engine {
             Input::WriteFinished(result) => self.on_write_finished(result, now, &mut out),
             Input::BootloaderDone(result) => self.on_bootloader_done(result, now, &mut out),
             Input::HealthFinished(result) => self.on_health(result, now, &mut out),
+            Input::Tick => self.reevaluate(now, &mut out),
+            Input::UserPostpone(postpone) => self.on_postpone(postpone, now, &mut out),
+            Input::UserResume => {
+                self.state.user.postponed_until = None;
+                self.user_decision(TxnState::Resumed, now, &mut out, |_| {});
+                out.push(Action::Answer(Answer::Done));
+                self.reevaluate(now, &mut out);
+            }
+            Input::UserSetAutoInstall(on) => {
+                self.state.user.auto_install = Some(on);
+                let state = if on {
+                    TxnState::AutoInstallEnabled
+                } else {
+                    TxnState::AutoInstallDisabled
+                };
+                self.user_decision(state, now, &mut out, |_| {});
+                out.push(Action::Answer(Answer::Done));
+                self.reevaluate(now, &mut out);
+            }
+            Input::UserInstallNow => self.on_install_now(now, &mut out),
+            Input::UserCheckNow => {
+                self.user_decision(TxnState::CheckRequested, now, &mut out, |_| {});
+                out.push(Action::Answer(Answer::Done));
+                out.push(Action::Check);
+            }
+            Input::UserMark { good } => self.on_user_mark(good, now, &mut out),
         }
         // The events this input made are persisted with its transition (every transition that
         // makes events persists) and kept until the next one, so a restart can report them again.
@@ -222,6 +353,7 @@ impl Engine {
         if !made.is_empty() {
             self.state.recent_events = made;
         }
+        self.timer = self.next_wake(now);
         out
     }
 
@@ -236,7 +368,10 @@ impl Engine {
             out.push(Action::Persist);
         }
         match self.state.phase.clone() {
-            Phase::Idle => {
+            // Nothing was written for a pending release: the boot is an ordinary one. Whether
+            // it may install now is the next `Tick`'s question (a one-shot `boot-check` never
+            // ticks, so it never starts an install).
+            Phase::Idle | Phase::Pending { .. } => {
                 // The boot scripts count every boot against the booted slot (U-Boot's
                 // BOOT_x_LEFT, GRUB's x_TRY): the running system is marked good at each boot,
                 // as RAUC's mark-good service does, or the bootloader falls back to the other
@@ -278,12 +413,21 @@ impl Engine {
                     out.push(Action::Activate { slot: txn.to_slot });
                 }
             }
-            Phase::RebootPending {
+            Phase::RebootScheduled {
+                txn,
+                boot_id_at_activation,
+                ..
+            }
+            | Phase::RebootPending {
                 txn,
                 boot_id_at_activation,
             } => {
                 if boot_id == boot_id_at_activation {
-                    out.push(Action::Reboot);
+                    // The agent restarted, the device did not: a due reboot is asked for again;
+                    // a scheduled one waits for its time (the next `Tick`).
+                    if matches!(self.state.phase, Phase::RebootPending { .. }) {
+                        out.push(Action::Reboot);
+                    }
                 } else if booted == txn.to_slot {
                     self.enter_trial(txn, boot_id, now, out);
                 } else {
@@ -334,7 +478,13 @@ impl Engine {
         }
     }
 
-    fn on_release(&mut self, release: VerifiedRelease, now: Timestamp, out: &mut Vec<Action>) {
+    fn on_release(
+        &mut self,
+        release: VerifiedRelease,
+        user_now: bool,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) {
         let release_id = release.id_hex();
         let refuse = |engine: &mut Engine, reason, message: String, out: &mut Vec<Action>| {
             let event = engine.event(TxnState::Refused, now, None, |e| {
@@ -409,11 +559,45 @@ impl Engine {
             to_slot: target.clone(),
             from_version: self.booted_version().map(str::to_owned),
             started: now,
+            user_now,
         };
-        let event = self.txn_event(TxnState::Accepted, &txn, now);
+        let accepted = self.txn_event(TxnState::Accepted, &txn, now);
+        let available = update_available(&txn);
+        let decision = if user_now {
+            Decision::Now
+        } else {
+            self.policy
+                .install_decision(now, &self.state.user, &txn.manifest)
+        };
+        match decision {
+            Decision::Now => {
+                self.start_writing(txn, vec![accepted], out);
+                out.push(Action::Notify(available));
+            }
+            Decision::Wait { why, until } => {
+                let pending = self.event(TxnState::Pending, now, Some(&txn), |e| {
+                    e.waiting = Some(why);
+                    e.until = until;
+                });
+                self.state.phase = Phase::Pending {
+                    txn,
+                    waiting: why,
+                    until,
+                };
+                out.push(Action::Persist);
+                out.push(Action::Report(accepted));
+                out.push(Action::Report(pending));
+                out.push(Action::Notify(available));
+            }
+        }
+    }
+
+    /// Writing starts: the target is made unbootable first (`PrepareTarget`).
+    fn start_writing(&mut self, txn: Transaction, events: Vec<Event>, out: &mut Vec<Action>) {
+        let target = txn.to_slot.clone();
         self.state.phase = Phase::Writing { txn, durable: 0 };
         out.push(Action::Persist);
-        out.push(Action::Report(event));
+        out.extend(events.into_iter().map(Action::Report));
         out.push(Action::PrepareTarget { slot: target });
     }
 
@@ -507,15 +691,26 @@ impl Engine {
                     return;
                 };
                 let activated = self.txn_event(TxnState::Activated, &txn, now);
-                let rebooting = self.txn_event(TxnState::Rebooting, &txn, now);
-                self.state.phase = Phase::RebootPending {
-                    txn,
-                    boot_id_at_activation: boot_id,
-                };
-                out.push(Action::Persist);
-                out.push(Action::Report(activated));
-                out.push(Action::Report(rebooting));
-                out.push(Action::Reboot);
+                match self.reboot_decision(&txn, now) {
+                    Decision::Now => self.reboot_now(txn, boot_id, vec![activated], now, out),
+                    Decision::Wait { why, until } => {
+                        let scheduled =
+                            self.event(TxnState::RebootScheduled, now, Some(&txn), |e| {
+                                e.waiting = Some(why);
+                                e.until = until;
+                            });
+                        self.state.phase = Phase::RebootScheduled {
+                            txn,
+                            boot_id_at_activation: boot_id,
+                            waiting: why,
+                            at: until,
+                        };
+                        out.push(Action::Persist);
+                        out.push(Action::Report(activated));
+                        out.push(Action::Report(scheduled));
+                        self.announce_reboot(now, out);
+                    }
+                }
             }
             (Phase::Activating { txn }, Err(failure)) => {
                 // The slot may be half-activated: make it unbootable again before giving up.
@@ -539,6 +734,7 @@ impl Engine {
                 self.state.phase = Phase::Idle;
                 out.push(Action::Persist);
                 out.push(Action::Report(event));
+                out.push(Action::Notify(completed(&txn, TxnState::Committed, None)));
             }
             (Phase::Committing { txn }, Err(failure)) => {
                 // The new slot is healthy but could not be marked good: the bootloader will fall
@@ -660,6 +856,302 @@ impl Engine {
         self.state.phase = Phase::Idle;
         out.push(Action::Persist);
         out.push(Action::Report(event));
+        out.push(Action::Notify(completed(
+            &txn,
+            result,
+            Some(failure.reason),
+        )));
+    }
+
+    // --- policy: when to install and reboot, and the user's say ---
+
+    fn reboot_decision(&self, txn: &Transaction, now: Timestamp) -> Decision {
+        if txn.user_now {
+            Decision::Now
+        } else {
+            self.policy
+                .reboot_decision(now, &self.state.user, &txn.manifest)
+        }
+    }
+
+    /// The transaction's deadline for what it waits for now, if it waits.
+    fn current_deadline(&self) -> Option<Timestamp> {
+        match &self.state.phase {
+            Phase::Pending { txn, .. } => self
+                .policy
+                .install_deadline(&txn.manifest, &self.state.user),
+            Phase::RebootScheduled { txn, .. }
+            | Phase::Writing { txn, .. }
+            | Phase::Activating { txn } => {
+                self.policy.reboot_deadline(&txn.manifest, &self.state.user)
+            }
+            _ => None,
+        }
+    }
+
+    /// When the engine next needs a `Tick`, from the state and the policy at `now`.
+    fn next_wake(&self, now: Timestamp) -> Option<Timestamp> {
+        match &self.state.phase {
+            Phase::Pending { txn, .. } => {
+                match self
+                    .policy
+                    .install_decision(now, &self.state.user, &txn.manifest)
+                {
+                    Decision::Now => Some(now),
+                    Decision::Wait { until, .. } => until,
+                }
+            }
+            Phase::RebootScheduled { txn, .. } => match self.reboot_decision(txn, now) {
+                Decision::Now => Some(now),
+                Decision::Wait { until: None, .. } => None,
+                Decision::Wait {
+                    until: Some(at), ..
+                } => {
+                    let notice_at = at - self.policy.notice;
+                    if self.announced != Some(at) && notice_at > now {
+                        Some(notice_at)
+                    } else if self.announced != Some(at) {
+                        Some(now)
+                    } else {
+                        Some(at)
+                    }
+                }
+            },
+            _ => None,
+        }
+    }
+
+    /// Looks at the policy again (time passed, or the user changed something): a pending
+    /// release may start installing, a scheduled reboot may fall due or need announcing.
+    fn reevaluate(&mut self, now: Timestamp, out: &mut Vec<Action>) {
+        match self.state.phase.clone() {
+            Phase::Pending {
+                txn,
+                waiting,
+                until,
+            } => match self
+                .policy
+                .install_decision(now, &self.state.user, &txn.manifest)
+            {
+                Decision::Now => self.start_writing(txn, Vec::new(), out),
+                Decision::Wait { why, until: next } => {
+                    if (why, next) != (waiting, until) {
+                        self.state.phase = Phase::Pending {
+                            txn,
+                            waiting: why,
+                            until: next,
+                        };
+                        out.push(Action::Persist);
+                    }
+                }
+            },
+            Phase::RebootScheduled {
+                txn,
+                boot_id_at_activation,
+                waiting,
+                at,
+            } => match self.reboot_decision(&txn, now) {
+                Decision::Now => self.reboot_now(txn, boot_id_at_activation, Vec::new(), now, out),
+                Decision::Wait { why, until } => {
+                    if (why, until) != (waiting, at) {
+                        self.state.phase = Phase::RebootScheduled {
+                            txn,
+                            boot_id_at_activation,
+                            waiting: why,
+                            at: until,
+                        };
+                        out.push(Action::Persist);
+                    }
+                    self.announce_reboot(now, out);
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Tells the user of a scheduled reboot once it is within the notice period.
+    fn announce_reboot(&mut self, now: Timestamp, out: &mut Vec<Action>) {
+        let Phase::RebootScheduled {
+            txn, at: Some(at), ..
+        } = &self.state.phase
+        else {
+            return;
+        };
+        if self.announced == Some(*at) || now < *at - self.policy.notice {
+            return;
+        }
+        let deadline = self.policy.reboot_deadline(&txn.manifest, &self.state.user);
+        let notice = Notice::DisruptionAhead {
+            txn: txn.id.clone(),
+            seconds: u64::try_from((*at - now).as_secs()).unwrap_or(0),
+            postponable: deadline.is_none_or(|d| *at < d),
+            downtime_seconds: txn.manifest.disruption.downtime_seconds,
+        };
+        self.announced = Some(*at);
+        out.push(Action::Notify(notice));
+    }
+
+    /// The reboot into the activated slot is due: persisted as `reboot-pending` first, the user
+    /// told, then the reboot asked for.
+    fn reboot_now(
+        &mut self,
+        txn: Transaction,
+        boot_id_at_activation: String,
+        mut events: Vec<Event>,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) {
+        events.push(self.txn_event(TxnState::Rebooting, &txn, now));
+        let notice = Notice::DisruptionAhead {
+            txn: txn.id.clone(),
+            seconds: 0,
+            postponable: false,
+            downtime_seconds: txn.manifest.disruption.downtime_seconds,
+        };
+        self.state.phase = Phase::RebootPending {
+            txn,
+            boot_id_at_activation,
+        };
+        out.push(Action::Persist);
+        // The user hears of the disruption before anything else of this step is told.
+        out.push(Action::Notify(notice));
+        out.extend(events.into_iter().map(Action::Report));
+        out.push(Action::Reboot);
+    }
+
+    /// Records a user decision as an event (about the current transaction, if any), persisted
+    /// with the choice it made.
+    fn user_decision(
+        &mut self,
+        state: TxnState,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+        fill: impl FnOnce(&mut Event),
+    ) {
+        let txn = self.state.phase.transaction().cloned();
+        let event = self.event(state, now, txn.as_ref(), fill);
+        out.push(Action::Persist);
+        out.push(Action::Report(event));
+    }
+
+    fn on_postpone(&mut self, postpone: Postpone, now: Timestamp, out: &mut Vec<Action>) {
+        let requested = match postpone {
+            Postpone::For(duration) => now.checked_add(duration).unwrap_or(Timestamp::MAX),
+            Postpone::Until(until) => until,
+        };
+        if requested <= now {
+            out.push(Action::Answer(Answer::Refused(Failure::new(
+                ReasonCode::InvalidRequest,
+                format!("a postponement must end in the future (asked for {requested})"),
+            ))));
+            return;
+        }
+        let (until, clamped) = self
+            .policy
+            .clamp_postpone(now, requested, self.current_deadline());
+        if until <= now {
+            out.push(Action::Answer(Answer::Refused(Failure::new(
+                ReasonCode::NotPostponable,
+                format!("the release's deadline {until} has passed; it installs now"),
+            ))));
+            return;
+        }
+        self.state.user.postponed_until = Some(until);
+        // A new time for the reboot is announced anew.
+        self.announced = None;
+        self.user_decision(TxnState::Postponed, now, out, |e| {
+            e.until = Some(until);
+            e.clamped = clamped;
+        });
+        out.push(Action::Answer(Answer::Postponed {
+            until,
+            requested,
+            clamped,
+        }));
+        self.reevaluate(now, out);
+    }
+
+    fn on_install_now(&mut self, now: Timestamp, out: &mut Vec<Action>) {
+        match &mut self.state.phase {
+            Phase::Pending { txn, .. } => {
+                txn.user_now = true;
+                let txn = txn.clone();
+                let event = self.txn_event(TxnState::InstallNow, &txn, now);
+                self.start_writing(txn, vec![event], out);
+                out.push(Action::Answer(Answer::Done));
+            }
+            Phase::RebootScheduled {
+                txn,
+                boot_id_at_activation,
+                ..
+            } => {
+                txn.user_now = true;
+                let (txn, boot_id) = (txn.clone(), boot_id_at_activation.clone());
+                let event = self.txn_event(TxnState::InstallNow, &txn, now);
+                self.reboot_now(txn, boot_id, vec![event], now, out);
+                out.insert(out.len() - 1, Action::Answer(Answer::Done));
+            }
+            // Under way: the reboot will not wait for the policy.
+            Phase::Writing { txn, .. } | Phase::Activating { txn } => {
+                txn.user_now = true;
+                self.user_decision(TxnState::InstallNow, now, out, |_| {});
+                out.push(Action::Answer(Answer::Done));
+            }
+            phase => {
+                let message = match phase.transaction() {
+                    Some(txn) => format!(
+                        "transaction {} is past installing (phase {})",
+                        txn.id,
+                        phase.name()
+                    ),
+                    None => "no update is pending".to_string(),
+                };
+                out.push(Action::Answer(Answer::Refused(Failure::new(
+                    ReasonCode::NothingPending,
+                    message,
+                ))));
+            }
+        }
+    }
+
+    fn on_user_mark(&mut self, good: bool, now: Timestamp, out: &mut Vec<Action>) {
+        let refuse = |out: &mut Vec<Action>, reason, message: String| {
+            out.push(Action::Answer(Answer::Refused(Failure::new(
+                reason, message,
+            ))));
+        };
+        if !matches!(self.state.phase, Phase::Idle | Phase::Pending { .. }) {
+            let message = format!(
+                "a transaction is in phase {}; slots are marked by it",
+                self.state.phase.name()
+            );
+            return refuse(out, ReasonCode::Busy, message);
+        }
+        let Some(booted) = self.booted().map(str::to_owned) else {
+            return refuse(
+                out,
+                ReasonCode::NotReady,
+                "the booted slot is not known yet".into(),
+            );
+        };
+        let Some(other) = self.slots.other(&booted).map(str::to_owned) else {
+            let message = format!("the booted slot {booted} is not one of the configured slots");
+            return refuse(out, ReasonCode::BootedSlot, message);
+        };
+        let (state, slot, action) = if good {
+            let action = Action::MarkGood {
+                slot: booted.clone(),
+            };
+            (TxnState::MarkedGood, booted, action)
+        } else {
+            let action = Action::MarkBad {
+                slot: other.clone(),
+            };
+            (TxnState::MarkedBad, other, action)
+        };
+        self.user_decision(state, now, out, |e| e.slot = Some(slot));
+        out.push(Action::Answer(Answer::Done));
+        out.push(action);
     }
 
     fn txn_event(&mut self, state: TxnState, txn: &Transaction, now: Timestamp) -> Event {
@@ -686,9 +1178,34 @@ impl Engine {
             slot: txn.map(|t| t.to_slot.clone()),
             reason: None,
             message: None,
+            waiting: None,
+            until: None,
+            clamped: None,
         };
         fill(&mut event);
         event
+    }
+}
+
+fn update_available(txn: &Transaction) -> Notice {
+    let m = &txn.manifest;
+    Notice::UpdateAvailable {
+        txn: txn.id.clone(),
+        version: m.version.clone(),
+        advisory: m.advisory.clone(),
+        security: m.security,
+        severity: m.severity,
+        deadline: m.deadline,
+        disruption: m.disruption.clone(),
+    }
+}
+
+fn completed(txn: &Transaction, result: TxnState, reason: Option<ReasonCode>) -> Notice {
+    Notice::Completed {
+        txn: txn.id.clone(),
+        version: txn.manifest.version.clone(),
+        result,
+        reason,
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::policy::{Clamp, UserChoices, Wait};
 use crate::reason::ReasonCode;
 use crate::release::Manifest;
 
@@ -35,6 +36,10 @@ pub struct PersistentState {
     /// drops a `seq` it already has).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_events: Vec<Event>,
+    /// What the user chose (automatic install, postponement); absent in states written before
+    /// the policy engine existed.
+    #[serde(default, skip_serializing_if = "UserChoices::is_default")]
+    pub user: UserChoices,
 }
 
 /// Where the current transaction stands. Each variant names what the engine waits for next.
@@ -43,10 +48,28 @@ pub struct PersistentState {
 pub enum Phase {
     #[default]
     Idle,
+    /// Accepted, and waiting for the policy to let it install: a maintenance window, the
+    /// user's postponement, or automatic install switched off (notify only). Nothing was
+    /// written yet. `waiting` and `until` are the policy's last answer, kept for status.
+    Pending {
+        txn: Transaction,
+        waiting: Wait,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Timestamp>,
+    },
     /// Streaming the image into the target slot; `durable` bytes are on disk and hashed.
     Writing { txn: Transaction, durable: u64 },
     /// The image is written and read back; the bootloader is being told to try it.
     Activating { txn: Transaction },
+    /// The target is activated; the reboot into it waits for the reboot policy (a window, the
+    /// user's postponement, or the user under policy `manual`). `at` is when it is due.
+    RebootScheduled {
+        txn: Transaction,
+        boot_id_at_activation: String,
+        waiting: Wait,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<Timestamp>,
+    },
     /// The bootloader will try the target slot at the next boot.
     RebootPending {
         txn: Transaction,
@@ -68,6 +91,8 @@ impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Idle => "idle",
+            Phase::Pending { .. } => "pending",
+            Phase::RebootScheduled { .. } => "reboot-scheduled",
             Phase::Writing { .. } => "writing",
             Phase::Activating { .. } => "activating",
             Phase::RebootPending { .. } => "reboot-pending",
@@ -80,8 +105,10 @@ impl Phase {
     pub fn transaction(&self) -> Option<&Transaction> {
         match self {
             Phase::Idle => None,
-            Phase::Writing { txn, .. }
+            Phase::Pending { txn, .. }
+            | Phase::Writing { txn, .. }
             | Phase::Activating { txn }
+            | Phase::RebootScheduled { txn, .. }
             | Phase::RebootPending { txn, .. }
             | Phase::Trial { txn, .. }
             | Phase::Committing { txn }
@@ -103,6 +130,14 @@ pub struct Transaction {
     pub to_slot: String,
     pub from_version: Option<String>,
     pub started: Timestamp,
+    /// The user asked for this install now (`install`, `InstallNow`): maintenance windows,
+    /// postponement and the reboot policy no longer hold it back.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub user_now: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 impl Transaction {
@@ -148,6 +183,26 @@ pub enum TxnState {
     Failed,
     RollingBack,
     RolledBack,
+    /// Accepted, waiting for the policy (`waiting`, `until`).
+    Pending,
+    /// Activated; the reboot waits for the policy until `until`.
+    RebootScheduled,
+    // --- user decisions (D-Bus or CLI): each is an event, operators see every one ---
+    /// The user postponed installing/rebooting to `until` (`clamped` when limited).
+    Postponed,
+    /// The user withdrew a postponement.
+    Resumed,
+    /// The user switched automatic install on (`auto_install`).
+    AutoInstallEnabled,
+    /// The user switched automatic install off: updates are only announced.
+    AutoInstallDisabled,
+    /// The user asked to install (or reboot into) the pending release now.
+    InstallNow,
+    /// The user asked for a check for new releases.
+    CheckRequested,
+    /// The user marked a slot good or bad by hand.
+    MarkedGood,
+    MarkedBad,
 }
 
 impl TxnState {
@@ -164,6 +219,16 @@ impl TxnState {
             TxnState::Failed => "failed",
             TxnState::RollingBack => "rolling-back",
             TxnState::RolledBack => "rolled-back",
+            TxnState::Pending => "pending",
+            TxnState::RebootScheduled => "reboot-scheduled",
+            TxnState::Postponed => "postponed",
+            TxnState::Resumed => "resumed",
+            TxnState::AutoInstallEnabled => "auto-install-enabled",
+            TxnState::AutoInstallDisabled => "auto-install-disabled",
+            TxnState::InstallNow => "install-now",
+            TxnState::CheckRequested => "check-requested",
+            TxnState::MarkedGood => "marked-good",
+            TxnState::MarkedBad => "marked-bad",
         }
     }
 }
@@ -188,6 +253,25 @@ pub struct Event {
     pub reason: Option<ReasonCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why a release or reboot waits (`pending`, `reboot-scheduled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Wait>,
+    /// Until when it waits or is postponed (`pending`, `reboot-scheduled`, `postponed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    /// What limited a postponement (`postponed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped: Option<Clamp>,
+}
+
+impl TxnState {
+    /// The states that end a transaction.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TxnState::Committed | TxnState::Failed | TxnState::RolledBack
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,15 @@ const BOOT_1: &str = "boot-1";
 const BOOT_2: &str = "boot-2";
 
 fn release(version: &str, security_version: u64) -> VerifiedRelease {
+    release_with(version, security_version, |_| {})
+}
+
+/// A release whose manifest `edit` changed (deadline, security flag, …) before signing.
+fn release_with(
+    version: &str,
+    security_version: u64,
+    edit: impl FnOnce(&mut Manifest),
+) -> VerifiedRelease {
     let key = SigningKey::from_bytes(&[9; 32]);
     let manifest = Manifest {
         format: FORMAT,
@@ -41,6 +50,8 @@ fn release(version: &str, security_version: u64) -> VerifiedRelease {
             },
         )]),
     };
+    let mut manifest = manifest;
+    edit(&mut manifest);
     let envelope = sign_manifest(&manifest, &key).unwrap();
     let anchor = TrustAnchor::from_keys([key.verifying_key()]);
     let policy = Policy {
@@ -57,6 +68,8 @@ struct Harness {
     now: Timestamp,
     events: Vec<Event>,
     persisted: Vec<PersistentState>,
+    notices: Vec<Notice>,
+    answers: Vec<Answer>,
 }
 
 impl Harness {
@@ -65,21 +78,37 @@ impl Harness {
     }
 
     fn restore(state: PersistentState) -> Harness {
+        Harness::with_policy(PolicyConfig::default(), state)
+    }
+
+    fn with_policy(policy: PolicyConfig, state: PersistentState) -> Harness {
         let slots = SlotPair {
             class: "rootfs".into(),
             bootnames: ["A".into(), "B".into()],
         };
         Harness {
-            engine: Engine::new(slots, state),
+            engine: Engine::new(slots, state).with_policy(policy),
             now: "2026-06-01T00:00:00Z".parse().unwrap(),
             events: Vec::new(),
             persisted: Vec::new(),
+            notices: Vec::new(),
+            answers: Vec::new(),
         }
     }
 
     /// Feeds one input and returns the job actions (not Persist/Report, which are recorded).
     fn feed(&mut self, input: Input) -> Vec<Action> {
         self.now += SignedDuration::from_secs(1);
+        self.feed_now(input)
+    }
+
+    /// Feeds one input at `at` (the fake clock jumps there).
+    fn feed_at(&mut self, at: Timestamp, input: Input) -> Vec<Action> {
+        self.now = at;
+        self.feed_now(input)
+    }
+
+    fn feed_now(&mut self, input: Input) -> Vec<Action> {
         let mut jobs = Vec::new();
         for action in self.engine.handle(input, self.now) {
             match action {
@@ -91,6 +120,8 @@ impl Harness {
                     }
                 }
                 Action::ReportProgress(_) => {}
+                Action::Notify(notice) => self.notices.push(notice),
+                Action::Answer(answer) => self.answers.push(answer),
                 job => jobs.push(job),
             }
         }
@@ -119,6 +150,8 @@ impl Harness {
         assert_eq!(jobs, vec![Action::Reboot]);
     }
 }
+
+mod policy;
 
 #[test]
 fn install_reboot_trial_commit() {

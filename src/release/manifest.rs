@@ -174,15 +174,15 @@ impl Manifest {
         }
         if let Ok(Object(FormatOnly { format })) =
             serde_json::from_slice::<Object<FormatOnly>>(bytes)
+            && format.as_u64() != Some(u64::from(FORMAT))
+            && format.is_u64()
         {
-            if format.as_u64() != Some(u64::from(FORMAT)) && format.is_u64() {
-                return Err(Refusal::new(
-                    ReasonCode::UnsupportedFormat,
-                    format!(
-                        "manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"
-                    ),
-                ));
-            }
+            return Err(Refusal::new(
+                ReasonCode::UnsupportedFormat,
+                format!(
+                    "manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"
+                ),
+            ));
         }
         let Object(manifest) = serde_json::from_slice::<Object<Manifest>>(bytes)
             .map_err(|e| crate::release::malformed_json("manifest", &e))?;
@@ -220,15 +220,15 @@ impl Manifest {
                 self.disruption.downtime_seconds
             ));
         }
-        if let Some(expires) = self.expires {
-            if expires <= self.created {
-                return malformed("expires is not after created".into());
-            }
+        if let Some(expires) = self.expires
+            && expires <= self.created
+        {
+            return malformed("expires is not after created".into());
         }
-        if let Some(deadline) = self.deadline {
-            if deadline < self.created {
-                return malformed("deadline is before created".into());
-            }
+        if let Some(deadline) = self.deadline
+            && deadline < self.created
+        {
+            return malformed("deadline is before created".into());
         }
         if self.images.is_empty() {
             return malformed("images is empty: a release must carry at least one image".into());

@@ -115,17 +115,17 @@ fn check_signatures(
 }
 
 fn check_contents(manifest: &Manifest, policy: &Policy) -> Result<(), Refusal> {
-    if let Some(compatible) = &policy.compatible {
-        if &manifest.compatible != compatible {
-            return Err(Refusal::new(
-                ReasonCode::Incompatible,
-                format!(
-                    "release is for {:?}, this device is {:?}",
-                    escape_for_log(&manifest.compatible, 64),
-                    compatible
-                ),
-            ));
-        }
+    if let Some(compatible) = &policy.compatible
+        && &manifest.compatible != compatible
+    {
+        return Err(Refusal::new(
+            ReasonCode::Incompatible,
+            format!(
+                "release is for {:?}, this device is {:?}",
+                escape_for_log(&manifest.compatible, 64),
+                compatible
+            ),
+        ));
     }
     if manifest.security_version < policy.floor {
         return Err(Refusal::new(
@@ -136,13 +136,13 @@ fn check_contents(manifest: &Manifest, policy: &Policy) -> Result<(), Refusal> {
             ),
         ));
     }
-    if let Some(expires) = manifest.expires {
-        if expires <= policy.now {
-            return Err(Refusal::new(
-                ReasonCode::Expired,
-                format!("release expired at {expires} (now {})", policy.now),
-            ));
-        }
+    if let Some(expires) = manifest.expires
+        && expires <= policy.now
+    {
+        return Err(Refusal::new(
+            ReasonCode::Expired,
+            format!("release expired at {expires} (now {})", policy.now),
+        ));
     }
     Ok(())
 }

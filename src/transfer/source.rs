@@ -397,15 +397,15 @@ fn check_content_range(
     let Some((first, last, length)) = parsed else {
         return Err(bad("not a byte range"));
     };
-    if let Some(length) = length {
-        if length != total {
-            return Err(TransferError::SizeMismatch {
-                url: shown.to_string(),
-                detail: format!(
-                    "the server's copy has {length} bytes (Content-Range), the release declares {total}"
-                ),
-            });
-        }
+    if let Some(length) = length
+        && length != total
+    {
+        return Err(TransferError::SizeMismatch {
+            url: shown.to_string(),
+            detail: format!(
+                "the server's copy has {length} bytes (Content-Range), the release declares {total}"
+            ),
+        });
     }
     if first != start || last != total - 1 {
         return Err(bad("a different range"));

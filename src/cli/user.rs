@@ -1,0 +1,441 @@
+//! The user's commands over D-Bus: `status` (when the agent runs), `postpone`, `resume`,
+//! `auto on|off`, `install-now`, `check`; and the hidden `dbus-serve` that hosts the service
+//! until the daemon does. The bus is the system bus, or `DBUS_SYSTEM_BUS_ADDRESS`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use update_agent::agent::{Agent, RebootMode};
+use update_agent::config::Config;
+use update_agent::dbus::client::{self, Agent1Proxy, ClientError, Status};
+use update_agent::dbus::host::{Host, Request};
+use update_agent::dbus::{self, Access};
+use update_agent::release::escape_for_log;
+
+use super::install::DEFAULT_CONFIG;
+use super::{EXIT_ERROR, EXIT_REFUSED};
+
+#[derive(clap::Args)]
+pub struct PostponeArgs {
+    /// How long: e.g. 30m, 4h, 2d, 1h30m
+    #[arg(required_unless_present = "until", conflicts_with = "until")]
+    duration: Option<String>,
+    /// Until a time: RFC 3339 (2026-06-02T08:00:00+02:00) or local "2026-06-02 08:00"
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SimpleArgs {
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct AutoArgs {
+    #[arg(value_enum)]
+    switch: OnOff,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Offer this release file at start (a stand-in for MQTT until the daemon exists)
+    #[arg(long)]
+    release: Option<PathBuf>,
+    /// Run the reboot command when a reboot is due (default: log that it is due)
+    #[arg(long)]
+    reboot: bool,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Prints a client error for a person and picks the exit code: 1 for a refusal, 2 otherwise.
+fn fail(err: ClientError, json: bool) -> ExitCode {
+    let (kind, code) = match &err {
+        ClientError::NotRunning { .. } => ("not-running", EXIT_ERROR),
+        ClientError::AccessDenied(_) => ("access-denied", EXIT_ERROR),
+        ClientError::Refused(_) => ("refused", EXIT_REFUSED),
+        ClientError::Bus(_) => ("bus", EXIT_ERROR),
+    };
+    if json {
+        println!(
+            "{}",
+            json!({"ok": false, "error": kind, "message": err.to_string()})
+        );
+    } else {
+        eprintln!("error: {err}");
+    }
+    ExitCode::from(code)
+}
+
+async fn call<T>(
+    json: bool,
+    what: impl AsyncFnOnce(&Agent1Proxy<'static>) -> zbus::Result<T>,
+) -> Result<T, ExitCode> {
+    let agent = client::connect().await.map_err(|e| fail(e, json))?;
+    what(&agent)
+        .await
+        .map_err(|e| fail(ClientError::from_call(e), json))
+}
+
+pub fn postpone(args: PostponeArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let request = match (&args.duration, &args.until) {
+        (Some(text), None) => Postpone::For(parse_duration(text)?),
+        (None, Some(text)) => Postpone::Until(parse_time(text)?),
+        _ => anyhow::bail!("give a duration (4h) or --until TIME"),
+    };
+    runtime()?.block_on(async {
+        let result = call(json, async |agent| match request {
+            Postpone::For(d) => agent.postpone(d.as_secs().max(0) as u64).await,
+            Postpone::Until(t) => agent.postpone_until(t.as_second()).await,
+        })
+        .await;
+        let (until, clamped) = match result {
+            Ok(answer) => answer,
+            Err(code) => return Ok(code),
+        };
+        let until_text = client::time(until).unwrap_or_default();
+        if json {
+            let clamped = (!clamped.is_empty()).then_some(clamped.as_str());
+            println!(
+                "{}",
+                json!({"ok": true, "postponed_until": until_text, "clamped": clamped})
+            );
+        } else if clamped.is_empty() {
+            println!("postponed until {until_text}");
+        } else {
+            let why = match clamped.as_str() {
+                "deadline" => "the release's deadline",
+                "max-postpone" => "the longest postponement allowed",
+                other => other,
+            };
+            println!("postponement clamped to {until_text} ({why})");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+enum Postpone {
+    For(SignedDuration),
+    Until(Timestamp),
+}
+
+/// `90s`, `30m`, `4h`, `2d`, `1h30m`.
+fn parse_duration(text: &str) -> anyhow::Result<SignedDuration> {
+    let bad = || anyhow::anyhow!("{text:?} is not a duration like 30m, 4h, 2d or 1h30m");
+    let mut total = 0i64;
+    let mut number = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: i64 = number.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|s| total.checked_add(s))
+            .ok_or_else(bad)?;
+        number.clear();
+    }
+    if !number.is_empty() || total <= 0 {
+        return Err(bad());
+    }
+    Ok(SignedDuration::from_secs(total))
+}
+
+fn parse_time(text: &str) -> anyhow::Result<Timestamp> {
+    if let Ok(t) = text.parse::<Timestamp>() {
+        return Ok(t);
+    }
+    let civil: jiff::civil::DateTime = text.parse().with_context(|| {
+        format!("{text:?} is not a time like 2026-06-02T08:00:00+02:00 or \"2026-06-02 08:00\"")
+    })?;
+    Ok(civil
+        .to_zoned_datetime(jiff::tz::TimeZone::system())?
+        .timestamp())
+}
+
+pub fn resume(args: SimpleArgs) -> anyhow::Result<ExitCode> {
+    simple(args.json, "postponement withdrawn", async |a| {
+        a.resume().await
+    })
+}
+
+pub fn auto(args: AutoArgs) -> anyhow::Result<ExitCode> {
+    let on = matches!(args.switch, OnOff::On);
+    let done = if on {
+        "automatic install is on"
+    } else {
+        "automatic install is off: updates are announced, not installed (security deadlines may still apply)"
+    };
+    simple(args.json, done, async move |a| a.set_auto_install(on).await)
+}
+
+pub fn install_now(args: SimpleArgs) -> anyhow::Result<ExitCode> {
+    simple(args.json, "installing now", async |a| a.install_now().await)
+}
+
+pub fn check(args: SimpleArgs) -> anyhow::Result<ExitCode> {
+    simple(args.json, "check for updates requested", async |a| {
+        a.check_now().await
+    })
+}
+
+fn simple(
+    json: bool,
+    done: &str,
+    what: impl AsyncFnOnce(&Agent1Proxy<'static>) -> zbus::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        if let Err(code) = call(json, what).await {
+            return Ok(code);
+        }
+        if json {
+            println!("{}", json!({"ok": true}));
+        } else {
+            println!("{done}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `status` through the running agent. `Ok(None)` when it does not run: the caller falls back
+/// to the state on disk.
+pub fn status(json: bool, follow: bool) -> anyhow::Result<Option<ExitCode>> {
+    runtime()?.block_on(async {
+        let agent = match client::connect().await {
+            Ok(agent) => agent,
+            Err(ClientError::NotRunning { .. }) if !follow => return Ok(None),
+            Err(err) => return Ok(Some(fail(err, json))),
+        };
+        let status = match Status::fetch(&agent).await {
+            Ok(status) => status,
+            Err(err) => return Ok(Some(fail(ClientError::from_call(err), json))),
+        };
+        if json {
+            println!("{}", serde_json::to_string(&status)?);
+        } else {
+            print_status(&status);
+        }
+        if follow {
+            follow_agent(&agent, json).await?;
+        }
+        Ok(Some(ExitCode::SUCCESS))
+    })
+}
+
+fn print_status(status: &Status) {
+    let show = |s: &str| escape_for_log(s, 200);
+    println!("state:        {}", status.state);
+    println!(
+        "running:      {} in slot {}",
+        show(&status.current_version),
+        status.booted_slot
+    );
+    if !status.model.is_empty() {
+        println!("model:        {}", show(&status.model));
+    }
+    if let Some(end) = &status.support_end {
+        println!("support ends: {end}");
+    }
+    println!(
+        "auto install: {}",
+        if status.auto_install { "on" } else { "off" }
+    );
+    if let Some(until) = &status.postponed_until {
+        println!("postponed:    until {until}");
+    }
+    if let Some(p) = &status.pending {
+        println!(
+            "pending:      {}{}{}",
+            show(&p.version),
+            if p.security { " (security" } else { " (" },
+            format_args!(", severity {})", p.severity)
+        );
+        if !p.advisory.is_empty() {
+            println!("  fixes:      {}", show(&p.advisory));
+        }
+        if let Some(deadline) = &p.deadline {
+            println!("  deadline:   {deadline}");
+        }
+        if p.reboot {
+            println!("  disruption: reboot, about {} s down", p.downtime_seconds);
+        }
+        if let Some(waiting) = &p.waiting {
+            println!("  waiting:    {waiting}");
+        }
+        if let Some(at) = &p.reboot_at {
+            println!("  reboot at:  {at}");
+        }
+    }
+    if let Some(progress) = &status.progress {
+        println!(
+            "progress:     {} of {} bytes",
+            progress.done, progress.total
+        );
+    }
+    if let Some(e) = &status.last_error {
+        println!("last error:   {}: {}", e.reason, show(&e.message));
+    }
+}
+
+/// Prints what changes until interrupted: state changes and signals as lines (JSON lines with
+/// `--json`), a progress bar while writing on a terminal.
+async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Result<()> {
+    let mut states = agent.receive_state_changed().await;
+    let mut progress = agent.receive_progress_changed().await;
+    let mut auto = agent.receive_auto_install_changed().await;
+    let mut postponed = agent.receive_postponed_until_changed().await;
+    let mut available = agent.receive_update_available().await?;
+    let mut disruption = agent.receive_disruption_ahead().await?;
+    let mut completed = agent.receive_completed().await?;
+    let terminal = std::io::stderr().is_terminal() && !json;
+    let mut bar: Option<ProgressBar> = None;
+    let say = |bar: &Option<ProgressBar>, line: String| match bar {
+        Some(bar) => bar.println(line),
+        None => println!("{line}"),
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            Some(change) = states.next() => {
+                let state = change.get().await?;
+                if state != "writing" && let Some(bar) = bar.take() {
+                    bar.finish_and_clear();
+                }
+                say(&bar, if json { json!({"state": state}).to_string() } else { format!("state: {state}") });
+            }
+            Some(change) = auto.next() => {
+                let on = change.get().await?;
+                say(&bar, if json { json!({"auto_install": on}).to_string() } else { format!("auto install: {}", if on { "on" } else { "off" }) });
+            }
+            Some(change) = postponed.next() => {
+                let until = client::time(change.get().await?);
+                say(&bar, if json {
+                    json!({"postponed_until": until}).to_string()
+                } else {
+                    format!("postponed: {}", until.map(|u| format!("until {u}")).unwrap_or_else(|| "no".into()))
+                });
+            }
+            Some(change) = progress.next() => {
+                let (done, total) = change.get().await?;
+                if json {
+                    say(&bar, json!({"progress": {"done": done, "total": total}}).to_string());
+                } else if terminal && total > 0 {
+                    let bar = bar.get_or_insert_with(|| {
+                        let bar = ProgressBar::new(total);
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "  writing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                            )
+                            .expect("the template is valid")
+                            .progress_chars("=> "),
+                        );
+                        bar
+                    });
+                    bar.set_position(done);
+                }
+            }
+            Some(signal) = available.next() => {
+                let a = signal.args()?;
+                say(&bar, if json {
+                    json!({"update_available": {"version": a.version, "advisory": a.advisory, "security": a.security, "severity": a.severity, "deadline": client::time(a.deadline)}}).to_string()
+                } else {
+                    format!("update available: {} — {}", escape_for_log(&a.version, 64), escape_for_log(&a.advisory, 300))
+                });
+            }
+            Some(signal) = disruption.next() => {
+                let a = signal.args()?;
+                say(&bar, if json {
+                    json!({"disruption_ahead": {"seconds": a.seconds, "postponable": a.postponable, "downtime_seconds": a.downtime_seconds}}).to_string()
+                } else {
+                    format!("reboot in {} s{}", a.seconds, if a.postponable { " (update-agent postpone can still move it)" } else { "" })
+                });
+            }
+            Some(signal) = completed.next() => {
+                let a = signal.args()?;
+                say(&bar, if json {
+                    json!({"completed": {"result": a.result, "version": a.version, "reason": a.reason}}).to_string()
+                } else {
+                    format!("{} {}{}", a.result, escape_for_log(&a.version, 64), if a.reason.is_empty() { String::new() } else { format!(" ({})", a.reason) })
+                });
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// `dbus-serve` (hidden): hosts the D-Bus service on the system bus with the one-shot driver,
+/// until the daemon does. A release given with `--release` is offered at start.
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let access = Access::from_config(&config);
+    let mode = if args.reboot {
+        RebootMode::Run
+    } else {
+        RebootMode::Defer
+    };
+    let release = match &args.release {
+        Some(path) => Some(
+            update_agent::release::read_release_file(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    runtime()?.block_on(async {
+        let agent = Agent::open(config, mode)?;
+        let (host, handle, control) = Host::new(agent);
+        let conn = zbus::connection::Builder::system()
+            .build()
+            .await
+            .context("cannot connect to the system bus")?;
+        let _publisher = dbus::serve(&conn, handle, access)
+            .await
+            .with_context(|| format!("cannot serve {} on the system bus", dbus::BUS_NAME))?;
+        if let Some(bytes) = release {
+            control.requests.send(Request::Offer(bytes)).await?;
+        }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = host.run() => result?,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        drop(control);
+        Ok(ExitCode::SUCCESS)
+    })
+}
