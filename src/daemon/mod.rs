@@ -31,6 +31,8 @@ use report::Reporter;
 
 /// How long the daemon waits for the outbox to reach the broker before a reboot.
 const REBOOT_FLUSH: Duration = Duration::from_secs(10);
+/// How soon the policy timer looks again at a moment that brought nothing the last time.
+const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// The re-check interval varies by this fraction either way, so a fleet spreads out.
@@ -53,6 +55,23 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+}
+
+/// The monotonic instant at which the wall-clock time `at` is reached, seen from `now`; a time
+/// in the past is now. Re-computed after every wake-up, so a wall clock set meanwhile (NTP on a
+/// device without RTC) delays or hastens a wake-up by at most one cycle.
+fn instant_of(at: Timestamp, now: Timestamp) -> Instant {
+    let wait = at.duration_since(now);
+    let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+    // A policy moment is at most a deadline away; a far-future one is re-checked daily anyway.
+    Instant::now() + wait.min(Duration::from_secs(24 * 3600))
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs until `shutdown` completes (then says `online=false` and disconnects) or a fatal error.
@@ -153,8 +172,28 @@ impl Daemon<'_> {
         let mut rebooting = self.after(stop).await?;
         let mut next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
         let link = self.link;
+        let mut last_tick = None;
         loop {
+            // The policy's next moment (a maintenance window opens, a postponement or deadline
+            // ends, a scheduled reboot is due): the engine never reads a clock, so the daemon
+            // wakes it with a tick then.
+            let policy_wake = self.agent.poll_timeout().map(|at| {
+                // A moment the engine was already woken for and still names (nothing it can do
+                // yet) is looked at again a little later instead of in a busy loop.
+                let at = if last_tick == Some(at) {
+                    at + POLICY_RETRY
+                } else {
+                    at
+                };
+                instant_of(at, self.agent.now())
+            });
             tokio::select! {
+                () = sleep_until_some(policy_wake), if !rebooting => {
+                    last_tick = self.agent.poll_timeout();
+                    let stop = self.agent.tick(&mut self.reporter).await?;
+                    self.reporter.refresh(self.agent.engine());
+                    rebooting = self.after(stop).await?;
+                }
                 releases = link.inbox.next(), if !rebooting => {
                     for (source, payload) in releases {
                         let stop = self.take(source, &payload).await?;

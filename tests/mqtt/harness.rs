@@ -432,6 +432,17 @@ impl Signer {
 
     /// A signed release of `version` for `image` served at `url`.
     pub fn release(&self, version: &str, image: &Path, url: &str) -> Vec<u8> {
+        self.release_with_deadline(version, image, url, None)
+    }
+
+    /// The same, with a signed install deadline.
+    pub fn release_with_deadline(
+        &self,
+        version: &str,
+        image: &Path,
+        url: &str,
+        deadline: Option<Timestamp>,
+    ) -> Vec<u8> {
         let digest = digest_image(image, None).unwrap();
         let manifest = Manifest {
             format: FORMAT,
@@ -447,7 +458,7 @@ impl Signer {
                 reboot: true,
                 downtime_seconds: 30,
             },
-            deadline: None,
+            deadline,
             images: [(
                 "rootfs".to_string(),
                 Image {

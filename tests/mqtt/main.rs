@@ -685,3 +685,60 @@ fn the_periodic_check_retries_a_release_whose_install_failed() {
     assert_eq!(events[2]["reason"], "http-status");
     assert!(device.logs().contains("periodic check"));
 }
+
+/// The engine never reads a clock: the daemon must wake it when the policy's next moment comes.
+/// With automatic install off, a security release waits (`pending`) and installs at its signed
+/// deadline — a few seconds away here — without any other input.
+#[test]
+fn the_daemon_wakes_the_policy_at_a_security_deadline() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\n\n[policy]\nauto_install = false\nsecurity_deadline_when_off = true",
+            broker.port
+        ),
+    );
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    let server = ImageServer::start(image, Duration::ZERO);
+    let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+    let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
+    publish(&client, &fleet_topic(), &release, true);
+    let sub = Sub::start(&client, &[&topic("events")], None);
+    device.start_agent();
+    let events = wait_for(
+        "the install at the deadline",
+        Duration::from_secs(20),
+        || {
+            let events = sub.payloads(&topic("events"));
+            states(&events)
+                .contains(&"rebooting".to_string())
+                .then_some(events)
+        },
+    );
+    let seen = states(&events);
+    let pending = seen.iter().position(|s| s == "pending");
+    let writing = seen.iter().position(|s| s == "writing");
+    assert!(
+        matches!((pending, writing), (Some(p), Some(w)) if p < w),
+        "{seen:?}\n{}",
+        device.logs()
+    );
+    let written_at: jiff::Timestamp = events[writing.unwrap()]["at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        written_at >= deadline,
+        "the install started at {written_at}, before the deadline {deadline}"
+    );
+}
