@@ -6,6 +6,7 @@
 //! update logic stays in the engine.
 
 pub mod intake;
+pub mod notify;
 pub mod report;
 
 use std::future::Future;
@@ -131,6 +132,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut reporter = Reporter::new(facts, outbox.clone(), link.publisher());
     reporter.publish();
+    // Ready: configured, state and outbox open, the broker link running (it connects and
+    // reconnects on its own). The D-Bus name is not held yet: the daemon does not host the
+    // D-Bus service in this version.
+    let notifier = notify::Notifier::from_env();
+    notifier.notify("READY=1");
+    // The keep-alive runs beside the main loop, which may spend minutes inside one install;
+    // it stops when the runtime does.
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        tokio::spawn(async move {
+            let notifier = notify::Notifier::from_env();
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                notifier.notify("WATCHDOG=1");
+            }
+        })
+    });
     let mut daemon = Daemon {
         agent: &mut agent,
         reporter,
@@ -149,6 +167,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     if let Err(err) = &result {
         tracing::error!(message_id = message_id::DAEMON_FAILED, "stopping: {err}");
+    }
+    notifier.notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
     }
     link.shutdown(SHUTDOWN_GRACE).await;
     result

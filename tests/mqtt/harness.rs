@@ -582,6 +582,11 @@ reconnect_max = 0.5
 
     /// Starts `update-agent run`, logging to `agent-N.log` in the directory.
     pub fn start_agent(&mut self) {
+        self.start_agent_with_env(&[]);
+    }
+
+    /// Starts `update-agent run` with extra environment variables.
+    pub fn start_agent_with_env(&mut self, env: &[(&str, &std::ffi::OsStr)]) {
         assert!(self.agent.is_none());
         self.runs += 1;
         let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.runs))).unwrap();
@@ -589,6 +594,7 @@ reconnect_max = 0.5
             .args(["run", "--log", "stderr", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -742,3 +742,31 @@ fn the_daemon_wakes_the_policy_at_a_security_deadline() {
         "the install started at {written_at}, before the deadline {deadline}"
     );
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once the daemon runs, then WATCHDOG=1
+/// at half the watchdog interval, through the socket systemd names in $NOTIFY_SOCKET.
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let signer = Signer::new();
+    let mut device = plain_device(dir.path(), &broker, &signer);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    device.start_agent_with_env(&[
+        ("NOTIFY_SOCKET", socket_path.as_os_str()),
+        ("WATCHDOG_USEC", std::ffi::OsStr::new("200000")),
+    ]);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 256];
+    while messages.iter().filter(|m| *m == "WATCHDOG=1").count() < 3 {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!("no notification ({e}); got {messages:?}\n{}", device.logs())
+        });
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(messages[0], "READY=1", "{messages:?}");
+}
