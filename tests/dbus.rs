@@ -213,15 +213,11 @@ impl Device {
             deadline: Some(ts(DEADLINE)),
             images: [(
                 "rootfs".to_string(),
-                Image {
-                    url: format!("file://{}", image.display()),
-                    size: digest.size,
-                    sha256: hex::encode(digest.sha256),
-                    compression: None,
-                    transport_size: None,
-                    transport_sha256: None,
-                    chunks: None,
-                },
+                Image::uncompressed(
+                    format!("file://{}", image.display()),
+                    digest.size,
+                    digest.sha256,
+                ),
             )]
             .into_iter()
             .collect(),

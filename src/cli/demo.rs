@@ -529,15 +529,7 @@ fn make_release(
         deadline: None,
         images: [(
             "rootfs".to_string(),
-            Image {
-                url: url.into(),
-                size: digest.size,
-                sha256: hex::encode(digest.sha256),
-                compression: None,
-                transport_size: None,
-                transport_sha256: None,
-                chunks: None,
-            },
+            Image::uncompressed(url, digest.size, digest.sha256),
         )]
         .into_iter()
         .collect(),

@@ -39,15 +39,7 @@ fn release_with(
         deadline: None,
         images: BTreeMap::from([(
             "rootfs".to_string(),
-            Image {
-                url: "http://127.0.0.1/image".into(),
-                size: 4096,
-                sha256: "ab".repeat(32),
-                compression: None,
-                transport_size: None,
-                transport_sha256: None,
-                chunks: None,
-            },
+            Image::uncompressed("http://127.0.0.1/image", 4096, [0xab; 32]),
         )]),
     };
     let mut manifest = manifest;

@@ -290,6 +290,19 @@ impl Image {
         Ok(())
     }
 
+    /// An image fetched as it is written to the slot: no compression, no chunk index.
+    pub fn uncompressed(url: impl Into<String>, size: u64, sha256: [u8; 32]) -> Image {
+        Image {
+            url: url.into(),
+            size,
+            sha256: hex::encode(sha256),
+            compression: None,
+            transport_size: None,
+            transport_sha256: None,
+            chunks: None,
+        }
+    }
+
     /// The raw SHA-256 of the image as written to the slot (validated at parse time).
     pub fn sha256_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];

@@ -461,15 +461,7 @@ impl Signer {
             deadline,
             images: [(
                 "rootfs".to_string(),
-                Image {
-                    url: url.into(),
-                    size: digest.size,
-                    sha256: hex::encode(digest.sha256),
-                    compression: None,
-                    transport_size: None,
-                    transport_sha256: None,
-                    chunks: None,
-                },
+                Image::uncompressed(url, digest.size, digest.sha256),
             )]
             .into_iter()
             .collect(),
