@@ -55,14 +55,6 @@ pub trait Observer: Send {
 /// Where the driver reads the time: the system clock, or a test's fake one.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
-/// An observer that shows nothing (the event log and the state still record everything).
-pub struct Quiet;
-
-impl Observer for Quiet {
-    fn event(&mut self, _: &Event) {}
-    fn progress(&mut self, _: &Progress) {}
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]

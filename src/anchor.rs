@@ -122,10 +122,6 @@ impl TrustAnchor {
         self.keys.get(id)
     }
 
-    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
-        self.keys.keys()
-    }
-
     pub fn len(&self) -> usize {
         self.keys.len()
     }

@@ -302,13 +302,6 @@ impl Image {
             chunks: None,
         }
     }
-
-    /// The raw SHA-256 of the image as written to the slot (validated at parse time).
-    pub fn sha256_bytes(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(&self.sha256, &mut out).expect("validated at parse time");
-        out
-    }
 }
 
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), Refusal> {
