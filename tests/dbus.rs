@@ -739,8 +739,19 @@ fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
     );
 }
 
-/// What a D-Bus client saw, in order: signals and `State` changes.
-fn watch_signals(bus: &Bus) -> (Arc<Mutex<Vec<String>>>, mpsc::Sender<()>) {
+/// What a D-Bus client saw, in order: signals and `State` changes, each with the wall-clock
+/// time it arrived.
+type Seen = Arc<Mutex<Vec<(std::time::SystemTime, String)>>>;
+
+fn seen_lines(seen: &Seen) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
+fn watch_signals(bus: &Bus) -> (Seen, mpsc::Sender<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (stop_tx, mut stop) = mpsc::channel::<()>(1);
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -764,7 +775,11 @@ fn watch_signals(bus: &Bus) -> (Arc<Mutex<Vec<String>>>, mpsc::Sender<()>) {
             let _states = agent.receive_state_changed().await;
             let mut all = zbus::MessageStream::from(&conn);
             ready_tx.send(()).unwrap();
-            let push = |line: String| log.lock().unwrap().push(line);
+            let push = |line: String| {
+                log.lock()
+                    .unwrap()
+                    .push((std::time::SystemTime::now(), line))
+            };
             loop {
                 let message = tokio::select! {
                     _ = stop.recv() => break,
@@ -879,8 +894,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     // 300 s before the deadline the user is told; at the deadline the reboot is asked for.
     service.set_time("2026-06-04T11:55:00Z");
     wait_for("the disruption notice", || {
-        seen.lock()
-            .unwrap()
+        seen_lines(&seen)
             .iter()
             .any(|l| l.starts_with("DisruptionAhead 300"))
     });
@@ -890,8 +904,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     wait_for("the reboot request", || service.stop().is_some());
     assert!(matches!(service.stop(), Some(Stop::RebootNeeded { ref slot }) if slot == "B"));
     wait_for("the client to see reboot-pending", || {
-        seen.lock()
-            .unwrap()
+        seen_lines(&seen)
             .iter()
             .any(|l| l == "State reboot-pending")
     });
@@ -926,7 +939,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         );
     }
 
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen_lines(&seen);
     let position = |prefix: &str| {
         seen.iter()
             .position(|l| l.starts_with(prefix))
@@ -970,4 +983,243 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         .find(|e| e["state"] == "writing")
         .unwrap();
     assert_eq!(writing["at"], "2026-06-03T02:00:00Z");
+}
+
+/// The MQTT world of `tests/mqtt/` (mosquitto on a free port, a device on files, an image
+/// server), for the end-to-end test of the daemon as a process.
+#[allow(dead_code)]
+#[path = "mqtt/harness.rs"]
+mod mqtt;
+
+/// Moves the daemon's test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`): it reads the file at every
+/// look at the time. Replaced atomically, so the daemon never reads half a time.
+fn set_daemon_time(file: &Path, at: Timestamp) {
+    let next = file.with_extension("next");
+    fs::write(&next, at.to_string()).unwrap();
+    fs::rename(&next, file).unwrap();
+}
+
+/// The issue's end-to-end, all real and all in processes: mosquitto, `dbus-daemon` with the
+/// project's policy file, `update-agent run` hosting the D-Bus service, the CLI. A security
+/// release is published retained on MQTT outside the maintenance window; the user postpones it
+/// over D-Bus for longer than `max_postpone`; the operators see `postponed` with the clamped
+/// time on MQTT; injected time passes (the daemon's test clock); the install runs in the next
+/// window after the postponement; the reboot (policy `manual`) waits for the signed deadline,
+/// and the user is told (DisruptionAhead) before the reboot command runs.
+#[test]
+fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
+    use mqtt::{ClientArgs, ImageServer, Mosquitto, Signer, Sub};
+    let hour = jiff::SignedDuration::from_hours(1);
+    // The manifest's `created` is the real now and its deadline must follow it: the injected
+    // days start two days from today, at noon UTC.
+    const DAY: i64 = 86_400;
+    let day0 = (Timestamp::now().as_second() / DAY + 2) * DAY;
+    let at = |days: i64, hh: i64| Timestamp::from_second(day0 + days * DAY + hh * 3600).unwrap();
+    let t0 = at(0, 12);
+    let deadline = at(3, 12);
+
+    let dir = mqtt::test_dir();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = mqtt::Device::new(
+        dir.path(),
+        &signer,
+        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+    );
+    let config = fs::read_to_string(&device.config).unwrap();
+    let with_dbus = config.replace(
+        "[dbus]\nenabled = false\n",
+        &format!("[dbus]\nenabled = true\nadmin_group = \"{GROUP}\"\n"),
+    );
+    assert_ne!(
+        with_dbus, config,
+        "the harness config has no [dbus] section"
+    );
+    fs::write(
+        &device.config,
+        format!(
+            "{with_dbus}\n[policy]\nwindows = [\"02:00-04:00\"]\ntime_zone = \"UTC\"\n\
+             reboot = \"manual\"\nmax_postpone = 86400\ndisruption_notice = 300\n"
+        ),
+    )
+    .unwrap();
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = mqtt::write_image(&image_path);
+    let server = ImageServer::start(image, Duration::ZERO);
+    let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
+
+    let bus = Bus::start(BusPolicy::Project);
+    let clock = dir.path().join("now");
+    set_daemon_time(&clock, t0);
+    let events_topic = mqtt::topic("events");
+    let sub = Sub::start(&client, &[&events_topic], None);
+    let (seen, stop_watching) = watch_signals(&bus);
+    device.start_agent_with_env(&[
+        ("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_ref()),
+        ("UPDATE_AGENT_TEST_CLOCK_FILE", clock.as_os_str()),
+    ]);
+    let logs = |device: &mqtt::Device| device.logs();
+    // READY comes after the name is held; without a notify socket, the name is the sign.
+    mqtt::wait_for("the daemon on the bus", Duration::from_secs(20), || {
+        agent_cli(&bus.address, Who::Nobody, &["status", "--json"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let events = || sub.payloads(&events_topic);
+    let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
+
+    mqtt::publish(&client, &mqtt::fleet_topic(), &release, true);
+    let pending = mqtt::wait_for("pending on MQTT", Duration::from_secs(20), || {
+        event("pending")
+    });
+    assert_eq!(pending["waiting"], "window", "{}", logs(&device));
+    assert_eq!(get_property(&bus, Who::Nobody, "State"), "s \"pending\"");
+
+    // The user asks for two days; max_postpone (a day) clamps it.
+    let out = agent_cli(&bus.address, Who::Root, &["postpone", "48h", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let clamped_until = t0.checked_add(24 * hour).unwrap();
+    assert_eq!(answer["postponed_until"], clamped_until.to_string());
+    let postponed = mqtt::wait_for("postponed on MQTT", Duration::from_secs(20), || {
+        event("postponed")
+    });
+    assert_eq!(postponed["until"], clamped_until.to_string());
+    assert_eq!(postponed["clamped"], "max-postpone");
+    assert_eq!(postponed["to_version"], "2.0");
+    assert_eq!(postponed["at"], t0.to_string());
+
+    // The night's window passes while postponed; the postponement ends outside a window.
+    set_daemon_time(&clock, at(1, 2) + jiff::SignedDuration::from_mins(30));
+    set_daemon_time(&clock, clamped_until);
+    wait_for("waiting for the window", || {
+        get_property(&bus, Who::Nobody, "Waiting") == "s \"window\""
+    });
+    assert!(event("writing").is_none(), "{:#?}", events());
+
+    // The next window: the install runs; the reboot waits for the deadline.
+    set_daemon_time(&clock, at(2, 2));
+    let scheduled = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
+        event("reboot-scheduled")
+    });
+    assert_eq!(
+        scheduled["until"],
+        deadline.to_string(),
+        "{}",
+        logs(&device)
+    );
+    set_daemon_time(&clock, deadline - jiff::SignedDuration::from_mins(5));
+    wait_for("the disruption notice", || {
+        seen_lines(&seen)
+            .iter()
+            .any(|l| l.starts_with("DisruptionAhead 300"))
+    });
+    assert!(!device.reboot_requested(), "rebooted before the deadline");
+
+    set_daemon_time(&clock, deadline);
+    mqtt::wait_for("the reboot command", Duration::from_secs(20), || {
+        device.reboot_requested().then_some(())
+    });
+    let rebooted_at = fs::metadata(dir.path().join("reboot-requested"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let rebooting = mqtt::wait_for("rebooting on MQTT", Duration::from_secs(20), || {
+        event("rebooting")
+    });
+    assert_eq!(rebooting["at"], deadline.to_string());
+    let _ = stop_watching.blocking_send(());
+
+    // Told before the disruption: both notices arrived before the reboot command ran (the
+    // marker file's modification time is when `touch` ran).
+    let seen = seen.lock().unwrap().clone();
+    let arrived = |prefix: &str| {
+        seen.iter()
+            .find(|(_, l)| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} not seen in {seen:#?}"))
+            .clone()
+    };
+    let (notice_300, line_300) = arrived("DisruptionAhead 300");
+    assert_eq!(
+        line_300,
+        "DisruptionAhead 300 postponable=false downtime=30"
+    );
+    let (notice_0, _) = arrived("DisruptionAhead 0");
+    assert!(notice_300 < notice_0);
+    assert!(
+        notice_0 <= rebooted_at,
+        "DisruptionAhead 0 at {notice_0:?}, reboot command at {rebooted_at:?}"
+    );
+    assert!(
+        arrived("UpdateAvailable 2.0 security=true")
+            .1
+            .contains("Fixes")
+    );
+
+    // The operators' record: one transaction, in order, with increasing sequence numbers.
+    let events = events();
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "accepted",
+            "pending",
+            "postponed",
+            "writing",
+            "written",
+            "activated",
+            "reboot-scheduled",
+            "rebooting"
+        ],
+        "{}",
+        logs(&device)
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
+    device.stop_agent();
+}
+
+/// With the service on and no bus, the daemon stops at once and says what to do, instead of
+/// running with a user who cannot be told of updates.
+#[test]
+fn the_daemon_stops_with_a_clear_error_when_the_service_is_on_and_the_bus_is_unreachable() {
+    let dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
+    let device = mqtt::Device::new(
+        dir.path(),
+        &mqtt::Signer::new(),
+        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+    );
+    let config = fs::read_to_string(&device.config).unwrap();
+    fs::write(
+        &device.config,
+        config.replace("[dbus]\nenabled = false\n", "[dbus]\nenabled = true\n"),
+    )
+    .unwrap();
+    let missing = dir.path().join("no-bus");
+    let out = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args(["run", "--log", "stderr", "--config"])
+        .arg(&device.config)
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            format!("unix:path={}", missing.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("D-Bus: cannot connect to the system bus unix:path=")
+            && stderr.contains("set enabled = false"),
+        "{stderr}"
+    );
 }
