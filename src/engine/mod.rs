@@ -505,16 +505,42 @@ impl Engine {
             );
             return;
         };
+        // A pending transaction has written nothing: a newer release takes its place (once it
+        // passed the checks below). One under way is finished first.
+        let mut superseded = None;
         if let Some(txn) = self.state.phase.transaction() {
-            if txn.release_id != release_id {
+            if txn.release_id == release_id {
+                return;
+            }
+            let pending = matches!(self.state.phase, Phase::Pending { .. });
+            if !pending {
                 let message = format!(
                     "transaction {} for version {} is still in progress",
                     txn.id,
                     txn.to_version()
                 );
                 refuse(self, ReasonCode::Busy, message, out);
+                return;
             }
-            return;
+            // Newer: a higher security version, or the same one signed later. Never the other
+            // way, so that two retained releases (fleet and device topic) seen again at each
+            // re-check cannot take turns.
+            let (new, old) = (&release.manifest, &txn.manifest);
+            let newer = (new.security_version, new.created) > (old.security_version, old.created);
+            if !newer {
+                let message = format!(
+                    "version {} (security version {}, created {}) is not newer than the pending {} ({}, {}); the pending one stays",
+                    new.version,
+                    new.security_version,
+                    new.created,
+                    old.version,
+                    old.security_version,
+                    old.created
+                );
+                refuse(self, ReasonCode::Downgrade, message, out);
+                return;
+            }
+            superseded = Some(txn.clone());
         }
         if self
             .state
@@ -561,7 +587,17 @@ impl Engine {
             started: now,
             user_now,
         };
-        let accepted = self.txn_event(TxnState::Accepted, &txn, now);
+        let mut events = Vec::new();
+        if let Some(old) = superseded {
+            let message = format!(
+                "superseded by version {} (transaction {})",
+                txn.manifest.version, txn.id
+            );
+            events.push(self.event(TxnState::Superseded, now, Some(&old), |e| {
+                e.message = Some(message);
+            }));
+        }
+        events.push(self.txn_event(TxnState::Accepted, &txn, now));
         let available = update_available(&txn);
         let decision = if user_now {
             Decision::Now
@@ -571,7 +607,7 @@ impl Engine {
         };
         match decision {
             Decision::Now => {
-                self.start_writing(txn, vec![accepted], out);
+                self.start_writing(txn, events, out);
                 out.push(Action::Notify(available));
             }
             Decision::Wait { why, until } => {
@@ -585,7 +621,7 @@ impl Engine {
                     until,
                 };
                 out.push(Action::Persist);
-                out.push(Action::Report(accepted));
+                out.extend(events.into_iter().map(Action::Report));
                 out.push(Action::Report(pending));
                 out.push(Action::Notify(available));
             }
