@@ -586,6 +586,40 @@ fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() 
     service.wait_state("auto install off", |s| !s.auto_install);
 }
 
+/// MarkGood and MarkBad answer after the bootloader ran: success once the change is made, and
+/// a refusal with the reason when it failed (here the environment file became a directory).
+#[test]
+fn mark_good_and_bad_answer_with_the_bootloaders_result() {
+    let bus = Bus::start(BusPolicy::Project);
+    let device = Device::new(POLICY_WINDOW_MANUAL);
+    let service = Service::start(&bus, &device);
+    let bootenv = device.dir.path().join("bootenv");
+    let out = send(&bus, Who::Root, &["MarkBad"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Answered after the change: the file already says so when the caller has its answer.
+    let env = fs::read_to_string(&bootenv).unwrap();
+    assert!(env.contains("BOOT_ORDER=A\n"), "{env}");
+    assert_eq!(device.events().last().unwrap()["state"], "marked-bad");
+
+    fs::remove_file(&bootenv).unwrap();
+    fs::create_dir(&bootenv).unwrap();
+    let out = send(&bus, Who::Root, &["MarkGood"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(dbus::ERROR_REFUSED) && stderr.contains("bootloader-failed: "),
+        "{stderr}"
+    );
+    let last = device.events().last().unwrap().clone();
+    assert_eq!(
+        (last["state"].as_str(), last["reason"].as_str()),
+        (Some("marked-good"), Some("bootloader-failed"))
+    );
+    service.wait_state("the failure as last error", |s| {
+        s.last_error.0 == "bootloader-failed"
+    });
+}
+
 #[test]
 fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
     let bus = Bus::start(BusPolicy::Project);

@@ -225,6 +225,9 @@ pub struct Engine {
     /// The reboot time the user was last told of (`Notice::DisruptionAhead`), so that it is
     /// told once per schedule. Not persisted: after a restart the user is told again.
     announced: Option<Timestamp>,
+    /// The user's mark-good/bad under way (good, slot): answered with the bootloader's result.
+    /// Not persisted: a restart loses the caller too.
+    marking: Option<(bool, String)>,
 }
 
 impl Engine {
@@ -239,6 +242,7 @@ impl Engine {
             policy: PolicyConfig::default(),
             timer: None,
             announced: None,
+            marking: None,
         }
     }
 
@@ -339,7 +343,7 @@ impl Engine {
                 out.push(Action::Answer(Answer::Done));
                 out.push(Action::Check);
             }
-            Input::UserMark { good } => self.on_user_mark(good, now, &mut out),
+            Input::UserMark { good } => self.on_user_mark(good, &mut out),
         }
         // The events this input made are persisted with its transition (every transition that
         // makes events persists) and kept until the next one, so a restart can report them again.
@@ -721,6 +725,11 @@ impl Engine {
         now: Timestamp,
         out: &mut Vec<Action>,
     ) {
+        // Nothing else is asked of the bootloader while a user's mark runs (one job at a time,
+        // and a mark is only taken between transactions): this answer is the mark's.
+        if let Some((good, slot)) = self.marking.take() {
+            return self.user_mark_done(good, slot, result, now, out);
+        }
         match (self.state.phase.clone(), result) {
             (Phase::Activating { txn }, Ok(())) => {
                 let Some((boot_id, _)) = self.boot.clone() else {
@@ -1150,7 +1159,7 @@ impl Engine {
         }
     }
 
-    fn on_user_mark(&mut self, good: bool, now: Timestamp, out: &mut Vec<Action>) {
+    fn on_user_mark(&mut self, good: bool, out: &mut Vec<Action>) {
         let refuse = |out: &mut Vec<Action>, reason, message: String| {
             out.push(Action::Answer(Answer::Refused(Failure::new(
                 reason, message,
@@ -1174,20 +1183,49 @@ impl Engine {
             let message = format!("the booted slot {booted} is not one of the configured slots");
             return refuse(out, ReasonCode::BootedSlot, message);
         };
-        let (state, slot, action) = if good {
+        // The answer waits for the bootloader: the caller hears whether the change was made.
+        let (slot, action) = if good {
             let action = Action::MarkGood {
                 slot: booted.clone(),
             };
-            (TxnState::MarkedGood, booted, action)
+            (booted, action)
         } else {
             let action = Action::MarkBad {
                 slot: other.clone(),
             };
-            (TxnState::MarkedBad, other, action)
+            (other, action)
         };
-        self.user_decision(state, now, out, |e| e.slot = Some(slot));
-        out.push(Action::Answer(Answer::Done));
+        self.marking = Some((good, slot));
         out.push(action);
+    }
+
+    /// The user's mark is done or failed: an event either way (with the reason when it
+    /// failed), then the answer.
+    fn user_mark_done(
+        &mut self,
+        good: bool,
+        slot: String,
+        result: Result<(), Failure>,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) {
+        let state = if good {
+            TxnState::MarkedGood
+        } else {
+            TxnState::MarkedBad
+        };
+        let failure = result.err();
+        self.user_decision(state, now, out, |e| {
+            e.slot = Some(slot);
+            if let Some(failure) = &failure {
+                e.reason = Some(failure.reason);
+                e.message = Some(failure.message.clone());
+            }
+        });
+        out.push(Action::Answer(match failure {
+            None => Answer::Done,
+            Some(failure) => Answer::Refused(failure),
+        }));
     }
 
     fn txn_event(&mut self, state: TxnState, txn: &Transaction, now: Timestamp) -> Event {

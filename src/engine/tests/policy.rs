@@ -407,12 +407,50 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
     // Only the decision that took effect is an event.
     assert_eq!(h.events.len(), count + 1);
     assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
-    // Marking: the booted slot good, the other bad, never the booted bad.
+    // Marking: the booted slot good, the other bad, never the booted bad. The answer and the
+    // event wait for the bootloader's result.
+    let answered = h.answers.len();
     assert_eq!(
         h.feed(Input::UserMark { good: false }),
         [Action::MarkBad { slot: "B".into() }]
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::MarkedBad);
+    assert_eq!(
+        h.answers.len(),
+        answered,
+        "answered before the bootloader ran"
+    );
+    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert_eq!(h.answers.last(), Some(&Answer::Done));
+    let marked = h.events.last().unwrap();
+    assert_eq!(
+        (marked.state, marked.slot.as_deref(), marked.reason),
+        (TxnState::MarkedBad, Some("B"), None)
+    );
+}
+
+#[test]
+fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
+    let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
+    assert_eq!(
+        h.feed(Input::UserMark { good: true }),
+        [Action::MarkGood { slot: "A".into() }]
+    );
+    let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv: no space left");
+    assert!(
+        h.feed(Input::BootloaderDone(Err(failure.clone())))
+            .is_empty()
+    );
+    assert_eq!(h.answers.last(), Some(&Answer::Refused(failure)));
+    let marked = h.events.last().unwrap();
+    assert_eq!(
+        (marked.state, marked.reason),
+        (TxnState::MarkedGood, Some(ReasonCode::BootloaderFailed))
+    );
+    // The next bootloader answer (an unrelated one) is no longer taken for the mark's.
+    let answers = h.answers.len();
+    h.feed(Input::BootloaderDone(Ok(())));
+    assert_eq!(h.answers.len(), answers);
 }
 
 /// Seven days of a gateway's life with a night window in Berlin, driven only by the engine's
