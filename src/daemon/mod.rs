@@ -404,6 +404,16 @@ impl Daemon<'_> {
                 if !self.intake.offer(digest, &verified.id_hex()) {
                     return Ok(Stop::Idle);
                 }
+                // The engine would refuse it (`previously-rolled-back`) and report that at
+                // every re-check; the rollback itself was reported when it happened.
+                if self.agent.engine().rolled_back_before(&verified.id_hex()) {
+                    tracing::info!(
+                        "{} release {} rolled back on this device before; not retried",
+                        source.as_str(),
+                        escape_for_log(&verified.manifest.version, 64)
+                    );
+                    return Ok(Stop::Idle);
+                }
                 tracing::info!(
                     "{} release {} verified",
                     source.as_str(),

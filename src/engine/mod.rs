@@ -276,6 +276,12 @@ impl Engine {
         &self.state
     }
 
+    /// Whether this release rolled back on this device before (it is not retried
+    /// automatically; a receiver that sees it again may pass it over without a report).
+    pub fn rolled_back_before(&self, release_id: &str) -> bool {
+        self.state.rolled_back.iter().any(|id| id == release_id)
+    }
+
     pub fn booted(&self) -> Option<&str> {
         self.boot.as_ref().map(|(_, slot)| slot.as_str())
     }
