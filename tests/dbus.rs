@@ -2,8 +2,10 @@
 //! temporary directory, with a bus configuration that includes the project's policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`, its group set to `adm`). Callers are the real
 //! `busctl` and the real `update-agent` binary, as root and as `nobody` (through `setpriv`).
-//! The service runs in this process on a fake clock, hosted by `dbus::host::Host` as the daemon
-//! will host it, so time is injected, never waited for.
+//! Most tests host the service in this process on a fake clock (`dbus::host::Host`, with the
+//! daemon's own `Feed`), so time is injected, never waited for; the last ones run the daemon,
+//! `update-agent run`, as a process with a mosquitto of their own (`mqtt/harness.rs`) and move
+//! its test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`).
 //!
 //! Must run as root (it switches to `nobody`); CI does. Needs `dbus` (dbus-daemon, and
 //! dbus-send from dbus-bin), `systemd` (busctl) and `util-linux` (setpriv).
@@ -1033,6 +1035,91 @@ fn set_daemon_time(file: &Path, at: Timestamp) {
     fs::rename(&next, file).unwrap();
 }
 
+/// Everything around `update-agent run` as a process, with the D-Bus service on: mosquitto, a
+/// device on files whose config has `[dbus] enabled` and the given `[policy]`, an image server
+/// (`chunk_delay` between 256 KiB chunks), a signed security release of 2.0 with `deadline`,
+/// the bus with the project's policy file, a subscriber to the events, and the daemon's test
+/// clock at `t0`.
+struct DaemonWorld {
+    dir: tempfile::TempDir,
+    _broker: mqtt::Mosquitto,
+    _server: mqtt::ImageServer,
+    client: mqtt::ClientArgs,
+    device: mqtt::Device,
+    bus: Bus,
+    clock: PathBuf,
+    sub: mqtt::Sub,
+    events_topic: String,
+    release: Vec<u8>,
+}
+
+impl DaemonWorld {
+    fn start(policy: &str, chunk_delay: Duration, t0: Timestamp, deadline: Timestamp) -> Self {
+        let dir = mqtt::test_dir();
+        let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
+        let client = mqtt::ClientArgs {
+            port: broker.port,
+            tls: None,
+        };
+        let signer = mqtt::Signer::new();
+        let device = mqtt::Device::new(
+            dir.path(),
+            &signer,
+            &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+        );
+        let config = fs::read_to_string(&device.config).unwrap();
+        let with_dbus = config.replace(
+            "[dbus]\nenabled = false\n",
+            &format!("[dbus]\nenabled = true\nadmin_group = \"{GROUP}\"\n"),
+        );
+        assert_ne!(
+            with_dbus, config,
+            "the harness config has no [dbus] section"
+        );
+        fs::write(&device.config, format!("{with_dbus}\n[policy]\n{policy}")).unwrap();
+        let image_path = dir.path().join("rootfs-2.0.img");
+        let image = mqtt::write_image(&image_path);
+        let server = mqtt::ImageServer::start(image, chunk_delay);
+        let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
+        let bus = Bus::start(BusPolicy::Project);
+        let clock = dir.path().join("now");
+        set_daemon_time(&clock, t0);
+        let events_topic = mqtt::topic("events");
+        let sub = mqtt::Sub::start(&client, &[&events_topic], None);
+        DaemonWorld {
+            dir,
+            _broker: broker,
+            _server: server,
+            client,
+            device,
+            bus,
+            clock,
+            sub,
+            events_topic,
+            release,
+        }
+    }
+
+    /// Starts the daemon and waits until it holds the name.
+    fn start_daemon(&mut self) {
+        self.device.start_agent_with_env(&[
+            ("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address.as_ref()),
+            ("UPDATE_AGENT_TEST_CLOCK_FILE", self.clock.as_os_str()),
+        ]);
+        // READY comes after the name is held; without a notify socket, the name is the sign.
+        mqtt::wait_for("the daemon on the bus", Duration::from_secs(20), || {
+            agent_cli(&self.bus.address, Who::Nobody, &["status", "--json"])
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.sub.payloads(&self.events_topic)
+    }
+}
+
 /// The issue's end-to-end, all real and all in processes: mosquitto, `dbus-daemon` with the
 /// project's policy file, `update-agent run` hosting the D-Bus service, the CLI. A security
 /// release is published retained on MQTT outside the maintenance window; the user postpones it
@@ -1042,7 +1129,6 @@ fn set_daemon_time(file: &Path, at: Timestamp) {
 /// and the user is told (DisruptionAhead) before the reboot command runs.
 #[test]
 fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
-    use mqtt::{ClientArgs, ImageServer, Mosquitto, Signer, Sub};
     let hour = jiff::SignedDuration::from_hours(1);
     // The manifest's `created` is the real now and its deadline must follow it: the injected
     // days start two days from today, at noon UTC.
@@ -1052,67 +1138,33 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     let t0 = at(0, 12);
     let deadline = at(3, 12);
 
-    let dir = mqtt::test_dir();
-    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = mqtt::Device::new(
-        dir.path(),
-        &signer,
-        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
-    );
-    let config = fs::read_to_string(&device.config).unwrap();
-    let with_dbus = config.replace(
-        "[dbus]\nenabled = false\n",
-        &format!("[dbus]\nenabled = true\nadmin_group = \"{GROUP}\"\n"),
-    );
-    assert_ne!(
-        with_dbus, config,
-        "the harness config has no [dbus] section"
-    );
-    fs::write(
-        &device.config,
-        format!(
-            "{with_dbus}\n[policy]\nwindows = [\"02:00-04:00\"]\ntime_zone = \"UTC\"\n\
-             reboot = \"manual\"\nmax_postpone = 86400\ndisruption_notice = 300\n"
-        ),
-    )
-    .unwrap();
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = mqtt::write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
-
-    let bus = Bus::start(BusPolicy::Project);
-    let clock = dir.path().join("now");
-    set_daemon_time(&clock, t0);
-    let events_topic = mqtt::topic("events");
-    let sub = Sub::start(&client, &[&events_topic], None);
-    let (seen, stop_watching) = watch_signals(&bus);
-    device.start_agent_with_env(&[
-        ("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_ref()),
-        ("UPDATE_AGENT_TEST_CLOCK_FILE", clock.as_os_str()),
-    ]);
+    let policy = "windows = [\"02:00-04:00\"]\ntime_zone = \"UTC\"\nreboot = \"manual\"\n\
+                  max_postpone = 86400\ndisruption_notice = 300\n";
+    let mut world = DaemonWorld::start(policy, Duration::ZERO, t0, deadline);
+    let (seen, stop_watching) = watch_signals(&world.bus);
+    world.start_daemon();
+    let DaemonWorld {
+        dir,
+        client,
+        device,
+        bus,
+        clock,
+        sub,
+        events_topic,
+        release,
+        ..
+    } = &mut world;
+    let (client, bus, clock, sub, release) = (&*client, &*bus, &*clock, &*sub, &*release);
     let logs = |device: &mqtt::Device| device.logs();
-    // READY comes after the name is held; without a notify socket, the name is the sign.
-    mqtt::wait_for("the daemon on the bus", Duration::from_secs(20), || {
-        agent_cli(&bus.address, Who::Nobody, &["status", "--json"])
-            .status
-            .success()
-            .then_some(())
-    });
-    let events = || sub.payloads(&events_topic);
+    let events = || sub.payloads(events_topic);
     let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
 
-    mqtt::publish(&client, &mqtt::fleet_topic(), &release, true);
+    mqtt::publish(client, &mqtt::fleet_topic(), release, true);
     let pending = mqtt::wait_for("pending on MQTT", Duration::from_secs(20), || {
         event("pending")
     });
-    assert_eq!(pending["waiting"], "window", "{}", logs(&device));
-    assert_eq!(get_property(&bus, Who::Nobody, "State"), "s \"pending\"");
+    assert_eq!(pending["waiting"], "window", "{}", logs(device));
+    assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
 
     // The user asks for two days; max_postpone (a day) clamps it.
     let out = agent_cli(&bus.address, Who::Root, &["postpone", "48h", "--json"]);
@@ -1129,25 +1181,20 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     assert_eq!(postponed["at"], t0.to_string());
 
     // The night's window passes while postponed; the postponement ends outside a window.
-    set_daemon_time(&clock, at(1, 2) + jiff::SignedDuration::from_mins(30));
-    set_daemon_time(&clock, clamped_until);
+    set_daemon_time(clock, at(1, 2) + jiff::SignedDuration::from_mins(30));
+    set_daemon_time(clock, clamped_until);
     wait_for("waiting for the window", || {
-        get_property(&bus, Who::Nobody, "Waiting") == "s \"window\""
+        get_property(bus, Who::Nobody, "Waiting") == "s \"window\""
     });
     assert!(event("writing").is_none(), "{:#?}", events());
 
     // The next window: the install runs; the reboot waits for the deadline.
-    set_daemon_time(&clock, at(2, 2));
+    set_daemon_time(clock, at(2, 2));
     let scheduled = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
         event("reboot-scheduled")
     });
-    assert_eq!(
-        scheduled["until"],
-        deadline.to_string(),
-        "{}",
-        logs(&device)
-    );
-    set_daemon_time(&clock, deadline - jiff::SignedDuration::from_mins(5));
+    assert_eq!(scheduled["until"], deadline.to_string(), "{}", logs(device));
+    set_daemon_time(clock, deadline - jiff::SignedDuration::from_mins(5));
     wait_for("the disruption notice", || {
         seen_lines(&seen)
             .iter()
@@ -1155,7 +1202,7 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     });
     assert!(!device.reboot_requested(), "rebooted before the deadline");
 
-    set_daemon_time(&clock, deadline);
+    set_daemon_time(clock, deadline);
     mqtt::wait_for("the reboot command", Duration::from_secs(20), || {
         device.reboot_requested().then_some(())
     });
@@ -1214,12 +1261,78 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
             "rebooting"
         ],
         "{}",
-        logs(&device)
+        logs(device)
     );
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
     device.stop_agent();
+}
+
+/// The daemon answers a D-Bus call while it writes a slot (taken between two steps of the
+/// write), instead of after the write: the user's `postponed` lies between `writing` and
+/// `written`, and the property shows it while the write still runs.
+#[test]
+fn the_daemon_answers_a_call_during_a_slot_write() {
+    const DAY: i64 = 86_400;
+    let t0 = Timestamp::from_second((Timestamp::now().as_second() / DAY + 2) * DAY).unwrap();
+    let deadline = t0
+        .checked_add(jiff::SignedDuration::from_hours(72))
+        .unwrap();
+    // 6 MiB in 256 KiB chunks, 150 ms apart: the write takes about 3.6 s.
+    let mut world = DaemonWorld::start(
+        "reboot = \"manual\"\n",
+        Duration::from_millis(150),
+        t0,
+        deadline,
+    );
+    world.start_daemon();
+    mqtt::publish(&world.client, &mqtt::fleet_topic(), &world.release, true);
+    mqtt::wait_for("writing on MQTT", Duration::from_secs(20), || {
+        world
+            .events()
+            .iter()
+            .any(|e| e["state"] == "writing")
+            .then_some(())
+    });
+    let asked = Instant::now();
+    let out = agent_cli(&world.bus.address, Who::Root, &["postpone", "1h", "--json"]);
+    let answered_in = asked.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let until = t0.checked_add(jiff::SignedDuration::from_hours(1)).unwrap();
+    assert_eq!(
+        get_property(&world.bus, Who::Nobody, "PostponedUntil"),
+        format!("x {}", until.as_second())
+    );
+    assert_eq!(
+        get_property(&world.bus, Who::Nobody, "State"),
+        "s \"writing\"",
+        "the write ended before the answer came ({answered_in:?})"
+    );
+    let events = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(30), || {
+        let events = world.events();
+        events
+            .iter()
+            .any(|e| e["state"] == "reboot-scheduled")
+            .then_some(events)
+    });
+    let seq_of = |state: &str| {
+        events
+            .iter()
+            .find(|e| e["state"] == state)
+            .unwrap_or_else(|| panic!("no {state} in {events:#?}"))["seq"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        seq_of("writing") < seq_of("postponed") && seq_of("postponed") < seq_of("written"),
+        "{events:#?}"
+    );
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "answered after {answered_in:?}"
+    );
+    world.device.stop_agent();
 }
 
 /// With the service on and no bus, the daemon stops at once and says what to do, instead of

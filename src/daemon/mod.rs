@@ -17,14 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::agent::{Agent, AgentError, Observer, RebootMode, Stop};
 use crate::config::Config;
 use crate::dbus::feed::Feed;
-use crate::dbus::{self, Access, Call};
-use crate::engine::{Answer, Event, Notice, PersistentState, Progress};
+use crate::dbus::{self, Access};
+use crate::engine::{Answer, Event, Input, Notice, PersistentState, Progress};
 use crate::logging::message_id;
 use crate::mqtt::backoff::{jittered, random_unit};
 use crate::mqtt::link::{Link, LinkSettings};
@@ -214,11 +213,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-/// The D-Bus service as the daemon hosts it: the connection that holds the name, the feed that
-/// tells it what happens, and the user's calls until the loop takes them.
+/// The D-Bus service as the daemon hosts it: the connection that holds the name and the feed
+/// that brings the user's calls and tells the service what happens.
 struct UserSide {
     feed: Feed,
-    calls: Option<mpsc::Receiver<Call>>,
     _signals: tokio::task::JoinHandle<()>,
     _connection: zbus::Connection,
 }
@@ -241,7 +239,7 @@ impl UserSide {
             .build()
             .await
             .map_err(failed("connect to"))?;
-        let (feed, handle, calls) = Feed::new(agent.engine(), agent.config());
+        let (feed, handle) = Feed::new(agent.engine(), agent.config());
         let access = Access::from_config(agent.config());
         // The task that sends signals and PropertiesChanged ends with the feed.
         let signals = dbus::serve(&connection, handle, access)
@@ -250,20 +248,16 @@ impl UserSide {
         tracing::info!("D-Bus service {} on the system bus", dbus::BUS_NAME);
         Ok(UserSide {
             feed,
-            calls: Some(calls),
             _signals: signals,
             _connection: connection,
         })
     }
 }
 
-async fn next_call(calls: &mut Option<mpsc::Receiver<Call>>) -> Call {
-    match calls {
-        Some(receiver) => match receiver.recv().await {
-            Some(call) => call,
-            // The service is gone (only when the connection is): nothing will call again.
-            None => std::future::pending().await,
-        },
+/// The next user call, as an input; never, without the service.
+async fn next_call(user: &mut Option<UserSide>) -> Input {
+    match user {
+        Some(user) => user.feed.next_call().await,
         None => std::future::pending().await,
     }
 }
@@ -307,6 +301,9 @@ impl Observer for Audience<'_> {
 
     fn persisted(&mut self, state: &PersistentState) {
         self.reporter.persisted(state);
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.persisted(state);
+        }
     }
 
     fn notice(&mut self, notice: &Notice) {
@@ -324,6 +321,10 @@ impl Observer for Audience<'_> {
     fn check(&mut self) {
         *self.check_asked = true;
     }
+
+    fn interjection(&mut self) -> Option<Input> {
+        self.feed.as_deref_mut()?.interjection()
+    }
 }
 
 impl Daemon<'_> {
@@ -335,7 +336,6 @@ impl Daemon<'_> {
         let mut rebooting = self.after(stop).await?;
         let mut next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
         let link = self.link;
-        let mut calls = self.user.as_mut().and_then(|user| user.calls.take());
         let mut last_tick = None;
         loop {
             // The policy's next moment (a maintenance window opens, a postponement or deadline
@@ -361,11 +361,7 @@ impl Daemon<'_> {
                 }
                 // Calls are answered also once the reboot command ran (the engine refuses
                 // what no longer applies), so no caller waits for a timeout.
-                call = next_call(&mut calls) => {
-                    let input = match self.user.as_mut() {
-                        Some(user) => user.feed.take(call),
-                        None => continue,
-                    };
+                input = next_call(&mut self.user) => {
                     let (agent, mut audience) = self.audience();
                     let stop = agent.handle(input, &mut audience).await?;
                     self.refresh();

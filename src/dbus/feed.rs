@@ -10,7 +10,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::agent::Observer;
 use crate::config::Config;
 use crate::dbus::{Call, Handle, Snapshot};
-use crate::engine::{Answer, Engine, Event, Failure, Input, Notice, Progress, TxnState};
+use crate::engine::{
+    Answer, Engine, Event, Failure, Input, Notice, PersistentState, Progress, TxnState,
+};
 use crate::reason::ReasonCode;
 
 /// User calls waiting for the engine's owner before the service makes callers wait.
@@ -21,6 +23,7 @@ const NOTICE_QUEUE: usize = 64;
 pub struct Feed {
     snapshots: watch::Sender<Snapshot>,
     notices: broadcast::Sender<Notice>,
+    calls: mpsc::Receiver<Call>,
     /// How many notices the service has put on the bus (see [`Handle::sent`]).
     sent: watch::Receiver<u64>,
     queued: u64,
@@ -32,8 +35,8 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// The feed, the service's handle (for `dbus::serve`) and where the user's calls arrive.
-    pub fn new(engine: &Engine, config: &Config) -> (Feed, Handle, mpsc::Receiver<Call>) {
+    /// The feed and the service's handle (for `dbus::serve`).
+    pub fn new(engine: &Engine, config: &Config) -> (Feed, Handle) {
         let (call_tx, calls) = mpsc::channel(CALL_QUEUE);
         let (snapshots, snapshot_rx) = watch::channel(Snapshot::of(engine, config));
         let (notices, notice_rx) = broadcast::channel(NOTICE_QUEUE);
@@ -41,6 +44,7 @@ impl Feed {
         let feed = Feed {
             snapshots,
             notices,
+            calls,
             sent,
             queued: 0,
             reply: None,
@@ -52,11 +56,19 @@ impl Feed {
             notices: notice_rx,
             sent: sent_tx,
         };
-        (feed, handle, calls)
+        (feed, handle)
     }
 
-    /// Takes a user call: its answer goes to its caller while the input is handled.
-    pub fn take(&mut self, call: Call) -> Input {
+    /// The next user call, as the input to hand to the driver; its answer goes to its caller
+    /// while the input is handled. Never completes once the service is gone.
+    pub async fn next_call(&mut self) -> Input {
+        match self.calls.recv().await {
+            Some(call) => self.take(call),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn take(&mut self, call: Call) -> Input {
         self.reply = Some(call.reply);
         call.input
     }
@@ -149,5 +161,27 @@ impl Observer for Feed {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(answer.clone());
         }
+    }
+
+    /// The user's choices as saved, for the properties while a job runs (the whole snapshot
+    /// follows after the input).
+    fn persisted(&mut self, state: &PersistentState) {
+        let postponed_until = state.user.postponed_until.map_or(0, |t| t.as_second());
+        let auto_install = state.user.auto_install;
+        self.snapshots.send_if_modified(|s| {
+            let before = (s.postponed_until, s.auto_install);
+            s.postponed_until = postponed_until;
+            s.auto_install = auto_install.unwrap_or(s.auto_install);
+            before != (s.postponed_until, s.auto_install)
+        });
+    }
+
+    /// A call that arrived during a job, once the previous caller was answered.
+    fn interjection(&mut self) -> Option<Input> {
+        if self.reply.is_some() {
+            return None;
+        }
+        let call = self.calls.try_recv().ok()?;
+        Some(self.take(call))
     }
 }

@@ -3,17 +3,17 @@
 //! hand without a broker. It owns the [`Agent`], feeds it the user's calls, release offers and
 //! timer ticks one at a time, and tells the service through a [`Feed`], as the daemon does.
 //!
-//! Limit (the daemon's too): the agent runs a job (a slot write) to its end inside one input,
-//! so a call that arrives during a write is answered after it. Progress and state still reach
-//! the properties during the write (the feed publishes them as they happen).
+//! The agent runs a job (a slot write) to its end inside one input; a call that arrives
+//! during a write is taken between two of its steps (`Observer::interjection`) and answered
+//! then. Other jobs (bootloader, health checks) are short and are waited for.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{Agent, AgentError, Stop};
+use crate::dbus::Handle;
 use crate::dbus::feed::Feed;
-use crate::dbus::{Call, Handle};
 
 /// The longest the host sleeps before it looks at the clock again: a gateway's clock may jump
 /// (NTP after a boot without RTC), and an extra tick is harmless.
@@ -31,7 +31,6 @@ pub enum Request {
 pub struct Host {
     agent: Agent,
     feed: Feed,
-    calls: mpsc::Receiver<Call>,
     requests: mpsc::Receiver<Request>,
     stops: watch::Sender<Option<Stop>>,
 }
@@ -47,13 +46,12 @@ impl Host {
     /// The host, the service's handle and the owner's control. The agent observes its boot when
     /// the host runs, so that what the boot finishes (a commit, a rollback) is signalled.
     pub fn new(agent: Agent) -> (Host, Handle, Control) {
-        let (feed, handle, calls) = Feed::new(agent.engine(), agent.config());
+        let (feed, handle) = Feed::new(agent.engine(), agent.config());
         let (request_tx, requests) = mpsc::channel(16);
         let (stops, stop_rx) = watch::channel(None);
         let host = Host {
             agent,
             feed,
-            calls,
             requests,
             stops,
         };
@@ -80,13 +78,7 @@ impl Host {
                 None => MAX_SLEEP,
             };
             let stop = tokio::select! {
-                call = self.calls.recv() => match call {
-                    Some(call) => {
-                        let input = self.feed.take(call);
-                        self.agent.handle(input, &mut self.feed).await?
-                    }
-                    None => return Ok(()),
-                },
+                input = self.feed.next_call() => self.agent.handle(input, &mut self.feed).await?,
                 request = self.requests.recv() => match request {
                     Some(Request::Offer(bytes)) => {
                         match self.agent.offer_release(&bytes, &mut self.feed).await? {
