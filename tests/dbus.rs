@@ -1100,19 +1100,44 @@ impl DaemonWorld {
         }
     }
 
-    /// Starts the daemon and waits until it holds the name.
+    /// Starts the daemon as systemd would (`NOTIFY_SOCKET`) and waits for READY=1, which must
+    /// come only once the daemon holds the name: the test asks the bus at that moment, over a
+    /// connection it opened before.
     fn start_daemon(&mut self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let bus = runtime.block_on(async {
+            let conn = zbus::connection::Builder::address(self.bus.address.as_str())
+                .build()
+                .await
+                .unwrap();
+            zbus::fdo::DBusProxy::new(&conn).await.unwrap()
+        });
+        let notify_path = self.dir.path().join("notify.sock");
+        let _ = fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         self.device.start_agent_with_env(&[
             ("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address.as_ref()),
             ("UPDATE_AGENT_TEST_CLOCK_FILE", self.clock.as_os_str()),
+            ("NOTIFY_SOCKET", notify_path.as_os_str()),
         ]);
-        // READY comes after the name is held; without a notify socket, the name is the sign.
-        mqtt::wait_for("the daemon on the bus", Duration::from_secs(20), || {
-            agent_cli(&self.bus.address, Who::Nobody, &["status", "--json"])
-                .status
-                .success()
-                .then_some(())
-        });
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no READY=1 ({e})\n{}", self.device.logs()));
+        assert_eq!(&buf[..n], b"READY=1");
+        let name = zbus::names::BusName::try_from(dbus::BUS_NAME).unwrap();
+        let held = runtime.block_on(bus.name_has_owner(name)).unwrap();
+        assert!(
+            held,
+            "READY=1 came before the daemon held {}",
+            dbus::BUS_NAME
+        );
     }
 
     fn events(&self) -> Vec<serde_json::Value> {
