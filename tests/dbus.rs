@@ -1357,6 +1357,27 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
         answered_in < Duration::from_secs(2),
         "answered after {answered_in:?}"
     );
+
+    // CheckNow: recorded for the operators, and the retained release is read (and verified)
+    // again; the engine knows it already.
+    let out = agent_cli(&world.bus.address, Who::Root, &["check", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    mqtt::wait_for("check-requested on MQTT", Duration::from_secs(20), || {
+        world
+            .events()
+            .iter()
+            .any(|e| e["state"] == "check-requested")
+            .then_some(())
+    });
+    mqtt::wait_for("the release read again", Duration::from_secs(20), || {
+        (world
+            .device
+            .logs()
+            .matches("fleet release 2.0 verified")
+            .count()
+            == 2)
+            .then_some(())
+    });
     world.device.stop_agent();
 }
 
