@@ -50,6 +50,11 @@ pub trait Observer: Send {
     fn answer(&mut self, _answer: &Answer) {}
     /// The user asked for a check for new releases; the release source is the caller's.
     fn check(&mut self) {}
+    /// A user request that arrived while a job runs, to be handled between two of its steps
+    /// (so that a D-Bus caller is answered during a slot write, not after it).
+    fn interjection(&mut self) -> Option<Input> {
+        None
+    }
 }
 
 /// Where the driver reads the time: the system clock, or a test's fake one.
@@ -459,6 +464,28 @@ impl Agent {
                             other => tracing::error!("engine asked for {other:?} during a write"),
                         }
                     }
+                    // User requests during a write only record choices (postpone, automatic
+                    // install, install now, check); none starts a job.
+                    while let Some(input) = observer.interjection() {
+                        for action in engine.handle(input, clock()) {
+                            match action {
+                                Action::Persist => {
+                                    store.save(engine.state()).map_err(std::io::Error::other)?;
+                                    observer.persisted(engine.state());
+                                }
+                                Action::Report(event) => {
+                                    let _ = store.log_event(&event);
+                                    observer.event(&event);
+                                }
+                                Action::Answer(answer) => observer.answer(&answer),
+                                Action::Notify(notice) => observer.notice(&notice),
+                                Action::Check => observer.check(),
+                                other => tracing::error!(
+                                    "engine asked for {other:?} for a user request during a write"
+                                ),
+                            }
+                        }
+                    }
                     Ok(())
                 };
                 transfer::install_image(&request, &mut on_event).await
@@ -561,6 +588,10 @@ impl Observer for NoteRefusal<'_> {
 
     fn check(&mut self) {
         self.inner.check();
+    }
+
+    fn interjection(&mut self) -> Option<Input> {
+        self.inner.interjection()
     }
 }
 

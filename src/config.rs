@@ -302,6 +302,12 @@ fn to_signed(duration: Duration) -> SignedDuration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DBus {
+    /// Whether `update-agent run` hosts the service. On, the daemon stops with an error when
+    /// it cannot connect to the system bus or take the name: a device whose user cannot be
+    /// told of updates is a misconfiguration, not something to run past. Off (a gateway
+    /// without a system bus), the daemon runs without it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Members of this group (and root) may call the mutating methods; everyone local may
     /// read. Must match the group in the bus policy file
     /// (`/usr/share/dbus-1/system.d/org.updateagent.Agent1.conf`).
@@ -312,6 +318,7 @@ pub struct DBus {
 impl Default for DBus {
     fn default() -> DBus {
         DBus {
+            enabled: true,
             admin_group: default_admin_group(),
         }
     }

@@ -2,8 +2,10 @@
 //! temporary directory, with a bus configuration that includes the project's policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`, its group set to `adm`). Callers are the real
 //! `busctl` and the real `update-agent` binary, as root and as `nobody` (through `setpriv`).
-//! The service runs in this process on a fake clock, hosted by `dbus::host::Host` as the daemon
-//! will host it, so time is injected, never waited for.
+//! Most tests host the service in this process on a fake clock (`dbus::host::Host`, with the
+//! daemon's own `Feed`), so time is injected, never waited for; the last ones run the daemon,
+//! `update-agent run`, as a process with a mosquitto of their own (`mqtt/harness.rs`) and move
+//! its test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`).
 //!
 //! Must run as root (it switches to `nobody`); CI does. Needs `dbus` (dbus-daemon, and
 //! dbus-send from dbus-bin), `systemd` (busctl) and `util-linux` (setpriv).
@@ -586,6 +588,40 @@ fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() 
     service.wait_state("auto install off", |s| !s.auto_install);
 }
 
+/// MarkGood and MarkBad answer after the bootloader ran: success once the change is made, and
+/// a refusal with the reason when it failed (here the environment file became a directory).
+#[test]
+fn mark_good_and_bad_answer_with_the_bootloaders_result() {
+    let bus = Bus::start(BusPolicy::Project);
+    let device = Device::new(POLICY_WINDOW_MANUAL);
+    let service = Service::start(&bus, &device);
+    let bootenv = device.dir.path().join("bootenv");
+    let out = send(&bus, Who::Root, &["MarkBad"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Answered after the change: the file already says so when the caller has its answer.
+    let env = fs::read_to_string(&bootenv).unwrap();
+    assert!(env.contains("BOOT_ORDER=A\n"), "{env}");
+    assert_eq!(device.events().last().unwrap()["state"], "marked-bad");
+
+    fs::remove_file(&bootenv).unwrap();
+    fs::create_dir(&bootenv).unwrap();
+    let out = send(&bus, Who::Root, &["MarkGood"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(dbus::ERROR_REFUSED) && stderr.contains("bootloader-failed: "),
+        "{stderr}"
+    );
+    let last = device.events().last().unwrap().clone();
+    assert_eq!(
+        (last["state"].as_str(), last["reason"].as_str()),
+        (Some("marked-good"), Some("bootloader-failed"))
+    );
+    service.wait_state("the failure as last error", |s| {
+        s.last_error.0 == "bootloader-failed"
+    });
+}
+
 #[test]
 fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
     let bus = Bus::start(BusPolicy::Project);
@@ -739,8 +775,19 @@ fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
     );
 }
 
-/// What a D-Bus client saw, in order: signals and `State` changes.
-fn watch_signals(bus: &Bus) -> (Arc<Mutex<Vec<String>>>, mpsc::Sender<()>) {
+/// What a D-Bus client saw, in order: signals and `State` changes, each with the wall-clock
+/// time it arrived.
+type Seen = Arc<Mutex<Vec<(std::time::SystemTime, String)>>>;
+
+fn seen_lines(seen: &Seen) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
+fn watch_signals(bus: &Bus) -> (Seen, mpsc::Sender<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (stop_tx, mut stop) = mpsc::channel::<()>(1);
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -764,7 +811,11 @@ fn watch_signals(bus: &Bus) -> (Arc<Mutex<Vec<String>>>, mpsc::Sender<()>) {
             let _states = agent.receive_state_changed().await;
             let mut all = zbus::MessageStream::from(&conn);
             ready_tx.send(()).unwrap();
-            let push = |line: String| log.lock().unwrap().push(line);
+            let push = |line: String| {
+                log.lock()
+                    .unwrap()
+                    .push((std::time::SystemTime::now(), line))
+            };
             loop {
                 let message = tokio::select! {
                     _ = stop.recv() => break,
@@ -879,8 +930,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     // 300 s before the deadline the user is told; at the deadline the reboot is asked for.
     service.set_time("2026-06-04T11:55:00Z");
     wait_for("the disruption notice", || {
-        seen.lock()
-            .unwrap()
+        seen_lines(&seen)
             .iter()
             .any(|l| l.starts_with("DisruptionAhead 300"))
     });
@@ -890,8 +940,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     wait_for("the reboot request", || service.stop().is_some());
     assert!(matches!(service.stop(), Some(Stop::RebootNeeded { ref slot }) if slot == "B"));
     wait_for("the client to see reboot-pending", || {
-        seen.lock()
-            .unwrap()
+        seen_lines(&seen)
             .iter()
             .any(|l| l == "State reboot-pending")
     });
@@ -926,7 +975,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         );
     }
 
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen_lines(&seen);
     let position = |prefix: &str| {
         seen.iter()
             .position(|l| l.starts_with(prefix))
@@ -970,4 +1019,400 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         .find(|e| e["state"] == "writing")
         .unwrap();
     assert_eq!(writing["at"], "2026-06-03T02:00:00Z");
+}
+
+/// The MQTT world of `tests/mqtt/` (mosquitto on a free port, a device on files, an image
+/// server), for the end-to-end test of the daemon as a process.
+#[allow(dead_code)]
+#[path = "mqtt/harness.rs"]
+mod mqtt;
+
+/// Moves the daemon's test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`): it reads the file at every
+/// look at the time. Replaced atomically, so the daemon never reads half a time.
+fn set_daemon_time(file: &Path, at: Timestamp) {
+    let next = file.with_extension("next");
+    fs::write(&next, at.to_string()).unwrap();
+    fs::rename(&next, file).unwrap();
+}
+
+/// Everything around `update-agent run` as a process, with the D-Bus service on: mosquitto, a
+/// device on files whose config has `[dbus] enabled` and the given `[policy]`, an image server
+/// (`chunk_delay` between 256 KiB chunks), a signed security release of 2.0 with `deadline`,
+/// the bus with the project's policy file, a subscriber to the events, and the daemon's test
+/// clock at `t0`.
+struct DaemonWorld {
+    dir: tempfile::TempDir,
+    _broker: mqtt::Mosquitto,
+    _server: mqtt::ImageServer,
+    client: mqtt::ClientArgs,
+    device: mqtt::Device,
+    bus: Bus,
+    clock: PathBuf,
+    sub: mqtt::Sub,
+    events_topic: String,
+    release: Vec<u8>,
+}
+
+impl DaemonWorld {
+    fn start(policy: &str, chunk_delay: Duration, t0: Timestamp, deadline: Timestamp) -> Self {
+        let dir = mqtt::test_dir();
+        let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
+        let client = mqtt::ClientArgs {
+            port: broker.port,
+            tls: None,
+        };
+        let signer = mqtt::Signer::new();
+        let device = mqtt::Device::new(
+            dir.path(),
+            &signer,
+            &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+        );
+        let config = fs::read_to_string(&device.config).unwrap();
+        let with_dbus = config.replace(
+            "[dbus]\nenabled = false\n",
+            &format!("[dbus]\nenabled = true\nadmin_group = \"{GROUP}\"\n"),
+        );
+        assert_ne!(
+            with_dbus, config,
+            "the harness config has no [dbus] section"
+        );
+        fs::write(&device.config, format!("{with_dbus}\n[policy]\n{policy}")).unwrap();
+        let image_path = dir.path().join("rootfs-2.0.img");
+        let image = mqtt::write_image(&image_path);
+        let server = mqtt::ImageServer::start(image, chunk_delay);
+        let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
+        let bus = Bus::start(BusPolicy::Project);
+        let clock = dir.path().join("now");
+        set_daemon_time(&clock, t0);
+        let events_topic = mqtt::topic("events");
+        let sub = mqtt::Sub::start(&client, &[&events_topic], None);
+        DaemonWorld {
+            dir,
+            _broker: broker,
+            _server: server,
+            client,
+            device,
+            bus,
+            clock,
+            sub,
+            events_topic,
+            release,
+        }
+    }
+
+    /// Starts the daemon as systemd would (`NOTIFY_SOCKET`) and waits for READY=1, which must
+    /// come only once the daemon holds the name: the test asks the bus at that moment, over a
+    /// connection it opened before.
+    fn start_daemon(&mut self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let bus = runtime.block_on(async {
+            let conn = zbus::connection::Builder::address(self.bus.address.as_str())
+                .build()
+                .await
+                .unwrap();
+            zbus::fdo::DBusProxy::new(&conn).await.unwrap()
+        });
+        let notify_path = self.dir.path().join("notify.sock");
+        let _ = fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        self.device.start_agent_with_env(&[
+            ("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address.as_ref()),
+            ("UPDATE_AGENT_TEST_CLOCK_FILE", self.clock.as_os_str()),
+            ("NOTIFY_SOCKET", notify_path.as_os_str()),
+        ]);
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no READY=1 ({e})\n{}", self.device.logs()));
+        assert_eq!(&buf[..n], b"READY=1");
+        let name = zbus::names::BusName::try_from(dbus::BUS_NAME).unwrap();
+        let held = runtime.block_on(bus.name_has_owner(name)).unwrap();
+        assert!(
+            held,
+            "READY=1 came before the daemon held {}",
+            dbus::BUS_NAME
+        );
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.sub.payloads(&self.events_topic)
+    }
+}
+
+/// The issue's end-to-end, all real and all in processes: mosquitto, `dbus-daemon` with the
+/// project's policy file, `update-agent run` hosting the D-Bus service, the CLI. A security
+/// release is published retained on MQTT outside the maintenance window; the user postpones it
+/// over D-Bus for longer than `max_postpone`; the operators see `postponed` with the clamped
+/// time on MQTT; injected time passes (the daemon's test clock); the install runs in the next
+/// window after the postponement; the reboot (policy `manual`) waits for the signed deadline,
+/// and the user is told (DisruptionAhead) before the reboot command runs.
+#[test]
+fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
+    let hour = jiff::SignedDuration::from_hours(1);
+    // The manifest's `created` is the real now and its deadline must follow it: the injected
+    // days start two days from today, at noon UTC.
+    const DAY: i64 = 86_400;
+    let day0 = (Timestamp::now().as_second() / DAY + 2) * DAY;
+    let at = |days: i64, hh: i64| Timestamp::from_second(day0 + days * DAY + hh * 3600).unwrap();
+    let t0 = at(0, 12);
+    let deadline = at(3, 12);
+
+    let policy = "windows = [\"02:00-04:00\"]\ntime_zone = \"UTC\"\nreboot = \"manual\"\n\
+                  max_postpone = 86400\ndisruption_notice = 300\n";
+    let mut world = DaemonWorld::start(policy, Duration::ZERO, t0, deadline);
+    let (seen, stop_watching) = watch_signals(&world.bus);
+    world.start_daemon();
+    let DaemonWorld {
+        dir,
+        client,
+        device,
+        bus,
+        clock,
+        sub,
+        events_topic,
+        release,
+        ..
+    } = &mut world;
+    let (client, bus, clock, sub, release) = (&*client, &*bus, &*clock, &*sub, &*release);
+    let logs = |device: &mqtt::Device| device.logs();
+    let events = || sub.payloads(events_topic);
+    let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
+
+    mqtt::publish(client, &mqtt::fleet_topic(), release, true);
+    let pending = mqtt::wait_for("pending on MQTT", Duration::from_secs(20), || {
+        event("pending")
+    });
+    assert_eq!(pending["waiting"], "window", "{}", logs(device));
+    assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
+
+    // The user asks for two days; max_postpone (a day) clamps it.
+    let out = agent_cli(&bus.address, Who::Root, &["postpone", "48h", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let clamped_until = t0.checked_add(24 * hour).unwrap();
+    assert_eq!(answer["postponed_until"], clamped_until.to_string());
+    let postponed = mqtt::wait_for("postponed on MQTT", Duration::from_secs(20), || {
+        event("postponed")
+    });
+    assert_eq!(postponed["until"], clamped_until.to_string());
+    assert_eq!(postponed["clamped"], "max-postpone");
+    assert_eq!(postponed["to_version"], "2.0");
+    assert_eq!(postponed["at"], t0.to_string());
+
+    // The night's window passes while postponed; the postponement ends outside a window.
+    set_daemon_time(clock, at(1, 2) + jiff::SignedDuration::from_mins(30));
+    set_daemon_time(clock, clamped_until);
+    wait_for("waiting for the window", || {
+        get_property(bus, Who::Nobody, "Waiting") == "s \"window\""
+    });
+    assert!(event("writing").is_none(), "{:#?}", events());
+
+    // The next window: the install runs; the reboot waits for the deadline.
+    set_daemon_time(clock, at(2, 2));
+    let scheduled = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
+        event("reboot-scheduled")
+    });
+    assert_eq!(scheduled["until"], deadline.to_string(), "{}", logs(device));
+    set_daemon_time(clock, deadline - jiff::SignedDuration::from_mins(5));
+    wait_for("the disruption notice", || {
+        seen_lines(&seen)
+            .iter()
+            .any(|l| l.starts_with("DisruptionAhead 300"))
+    });
+    assert!(!device.reboot_requested(), "rebooted before the deadline");
+
+    set_daemon_time(clock, deadline);
+    mqtt::wait_for("the reboot command", Duration::from_secs(20), || {
+        device.reboot_requested().then_some(())
+    });
+    let rebooted_at = fs::metadata(dir.path().join("reboot-requested"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let rebooting = mqtt::wait_for("rebooting on MQTT", Duration::from_secs(20), || {
+        event("rebooting")
+    });
+    assert_eq!(rebooting["at"], deadline.to_string());
+    let _ = stop_watching.blocking_send(());
+
+    // Told before the disruption: both notices arrived before the reboot command ran (the
+    // marker file's modification time is when `touch` ran).
+    let seen = seen.lock().unwrap().clone();
+    let arrived = |prefix: &str| {
+        seen.iter()
+            .find(|(_, l)| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} not seen in {seen:#?}"))
+            .clone()
+    };
+    let (notice_300, line_300) = arrived("DisruptionAhead 300");
+    assert_eq!(
+        line_300,
+        "DisruptionAhead 300 postponable=false downtime=30"
+    );
+    let (notice_0, _) = arrived("DisruptionAhead 0");
+    assert!(notice_300 < notice_0);
+    assert!(
+        notice_0 <= rebooted_at,
+        "DisruptionAhead 0 at {notice_0:?}, reboot command at {rebooted_at:?}"
+    );
+    assert!(
+        arrived("UpdateAvailable 2.0 security=true")
+            .1
+            .contains("Fixes")
+    );
+
+    // The operators' record: one transaction, in order, with increasing sequence numbers.
+    let events = events();
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "accepted",
+            "pending",
+            "postponed",
+            "writing",
+            "written",
+            "activated",
+            "reboot-scheduled",
+            "rebooting"
+        ],
+        "{}",
+        logs(device)
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
+    device.stop_agent();
+}
+
+/// The daemon answers a D-Bus call while it writes a slot (taken between two steps of the
+/// write), instead of after the write: the user's `postponed` lies between `writing` and
+/// `written`, and the property shows it while the write still runs.
+#[test]
+fn the_daemon_answers_a_call_during_a_slot_write() {
+    const DAY: i64 = 86_400;
+    let t0 = Timestamp::from_second((Timestamp::now().as_second() / DAY + 2) * DAY).unwrap();
+    let deadline = t0
+        .checked_add(jiff::SignedDuration::from_hours(72))
+        .unwrap();
+    // 6 MiB in 256 KiB chunks, 150 ms apart: the write takes about 3.6 s.
+    let mut world = DaemonWorld::start(
+        "reboot = \"manual\"\n",
+        Duration::from_millis(150),
+        t0,
+        deadline,
+    );
+    world.start_daemon();
+    mqtt::publish(&world.client, &mqtt::fleet_topic(), &world.release, true);
+    mqtt::wait_for("writing on MQTT", Duration::from_secs(20), || {
+        world
+            .events()
+            .iter()
+            .any(|e| e["state"] == "writing")
+            .then_some(())
+    });
+    let asked = Instant::now();
+    let out = agent_cli(&world.bus.address, Who::Root, &["postpone", "1h", "--json"]);
+    let answered_in = asked.elapsed();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let until = t0.checked_add(jiff::SignedDuration::from_hours(1)).unwrap();
+    assert_eq!(
+        get_property(&world.bus, Who::Nobody, "PostponedUntil"),
+        format!("x {}", until.as_second())
+    );
+    assert_eq!(
+        get_property(&world.bus, Who::Nobody, "State"),
+        "s \"writing\"",
+        "the write ended before the answer came ({answered_in:?})"
+    );
+    let events = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(30), || {
+        let events = world.events();
+        events
+            .iter()
+            .any(|e| e["state"] == "reboot-scheduled")
+            .then_some(events)
+    });
+    let seq_of = |state: &str| {
+        events
+            .iter()
+            .find(|e| e["state"] == state)
+            .unwrap_or_else(|| panic!("no {state} in {events:#?}"))["seq"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        seq_of("writing") < seq_of("postponed") && seq_of("postponed") < seq_of("written"),
+        "{events:#?}"
+    );
+    assert!(
+        answered_in < Duration::from_secs(2),
+        "answered after {answered_in:?}"
+    );
+
+    // CheckNow: recorded for the operators, and the retained release is read (and verified)
+    // again; the engine knows it already.
+    let out = agent_cli(&world.bus.address, Who::Root, &["check", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    mqtt::wait_for("check-requested on MQTT", Duration::from_secs(20), || {
+        world
+            .events()
+            .iter()
+            .any(|e| e["state"] == "check-requested")
+            .then_some(())
+    });
+    mqtt::wait_for("the release read again", Duration::from_secs(20), || {
+        (world
+            .device
+            .logs()
+            .matches("fleet release 2.0 verified")
+            .count()
+            == 2)
+            .then_some(())
+    });
+    world.device.stop_agent();
+}
+
+/// With the service on and no bus, the daemon stops at once and says what to do, instead of
+/// running with a user who cannot be told of updates.
+#[test]
+fn the_daemon_stops_with_a_clear_error_when_the_service_is_on_and_the_bus_is_unreachable() {
+    let dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
+    let device = mqtt::Device::new(
+        dir.path(),
+        &mqtt::Signer::new(),
+        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
+    );
+    let config = fs::read_to_string(&device.config).unwrap();
+    fs::write(
+        &device.config,
+        config.replace("[dbus]\nenabled = false\n", "[dbus]\nenabled = true\n"),
+    )
+    .unwrap();
+    let missing = dir.path().join("no-bus");
+    let out = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args(["run", "--log", "stderr", "--config"])
+        .arg(&device.config)
+        .env(
+            "DBUS_SYSTEM_BUS_ADDRESS",
+            format!("unix:path={}", missing.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("D-Bus: cannot connect to the system bus unix:path=")
+            && stderr.contains("set enabled = false"),
+        "{stderr}"
+    );
 }

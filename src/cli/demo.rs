@@ -463,6 +463,10 @@ cmdline_path = "{cmdline}"
 # The demo's "reboot": a marker file; the demo then simulates the boot.
 reboot_command = ["touch", "{reboot}"]
 
+# The demo runs on a workstation, whose system bus is not the demo's to serve on.
+[dbus]
+enabled = false
+
 [mqtt]
 broker = "{broker}"
 device_id = "{DEVICE_ID}"

@@ -210,6 +210,10 @@ pub fn describe(event: &Event) -> String {
             event.waiting.map(|w| w.as_str()).unwrap_or("?"),
             until(event)
         ),
+        TxnState::Superseded => format!(
+            "release {} superseded before it was written",
+            version.as_deref().unwrap_or("?")
+        ),
         TxnState::RebootScheduled => format!(
             "reboot into slot {slot} scheduled: {}{}",
             event.waiting.map(|w| w.as_str()).unwrap_or("?"),

@@ -1,6 +1,7 @@
 //! The user's commands over D-Bus: `status` (when the agent runs), `postpone`, `resume`,
 //! `auto on|off`, `install-now`, `check`; and the hidden `dbus-serve` that hosts the service
-//! until the daemon does. The bus is the system bus, or `DBUS_SYSTEM_BUS_ADDRESS`.
+//! without a broker (the daemon, `run`, hosts it with MQTT). The bus is the system bus, or
+//! `DBUS_SYSTEM_BUS_ADDRESS`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ enum OnOff {
 pub struct ServeArgs {
     #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
-    /// Offer this release file at start (a stand-in for MQTT until the daemon exists)
+    /// Offer this release file at start (a stand-in for MQTT)
     #[arg(long)]
     release: Option<PathBuf>,
     /// Run the reboot command when a reboot is due (default: log that it is due)
@@ -398,8 +399,8 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
     Ok(())
 }
 
-/// `dbus-serve` (hidden): hosts the D-Bus service on the system bus with the one-shot driver,
-/// until the daemon does. A release given with `--release` is offered at start.
+/// `dbus-serve` (hidden): hosts the D-Bus service on the system bus without a broker, for
+/// trying it by hand. A release given with `--release` is offered at start.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     let access = Access::from_config(&config);

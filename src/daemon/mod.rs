@@ -2,12 +2,15 @@
 //! broker ([`crate::mqtt::link`]), takes received releases through [`intake`] (recognised
 //! repeats, rate-limited refusals) to verification and to the engine, reports through
 //! [`report`] (outbox + retained state), re-checks the retained releases periodically, and
-//! reboots when the engine asks — after giving the outbox a moment to reach the broker. All
-//! update logic stays in the engine.
+//! reboots when the engine asks — after giving the outbox a moment to reach the broker. It
+//! hosts the D-Bus service (`[dbus] enabled`): the user's calls are inputs of the same loop,
+//! and what the driver does reaches the service through a [`Feed`]. All update logic stays in
+//! the engine.
 
 pub mod intake;
 pub mod notify;
 pub mod report;
+pub mod test_clock;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -16,8 +19,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentError, RebootMode, Stop};
+use crate::agent::{Agent, AgentError, Observer, RebootMode, Stop};
 use crate::config::Config;
+use crate::dbus::feed::Feed;
+use crate::dbus::{self, Access};
+use crate::engine::{Answer, Event, Input, Notice, PersistentState, Progress};
 use crate::logging::message_id;
 use crate::mqtt::backoff::{jittered, random_unit};
 use crate::mqtt::link::{Link, LinkSettings};
@@ -32,6 +38,10 @@ use report::Reporter;
 
 /// How long the daemon waits for the outbox to reach the broker before a reboot.
 const REBOOT_FLUSH: Duration = Duration::from_secs(10);
+/// How long it waits for the D-Bus signals (the user told of the reboot) before a reboot.
+const SIGNAL_FLUSH: Duration = Duration::from_secs(2);
+/// The longest the policy timer sleeps: a far-future moment is looked at again daily anyway.
+const MAX_POLICY_SLEEP: Duration = Duration::from_secs(24 * 3600);
 /// How soon the policy timer looks again at a moment that brought nothing the last time.
 const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
@@ -56,16 +66,25 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(
+        "D-Bus: cannot {what} the system bus {address}: {source}. The D-Bus service is on \
+         ([dbus] enabled = true): start the system bus, or set enabled = false on a device \
+         without one"
+    )]
+    DBus {
+        what: &'static str,
+        address: String,
+        source: zbus::Error,
+    },
 }
 
 /// The monotonic instant at which the wall-clock time `at` is reached, seen from `now`; a time
 /// in the past is now. Re-computed after every wake-up, so a wall clock set meanwhile (NTP on a
 /// device without RTC) delays or hastens a wake-up by at most one cycle.
-fn instant_of(at: Timestamp, now: Timestamp) -> Instant {
+fn instant_of(at: Timestamp, now: Timestamp, longest: Duration) -> Instant {
     let wait = at.duration_since(now);
     let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-    // A policy moment is at most a deadline away; a far-future one is re-checked daily anyway.
-    Instant::now() + wait.min(Duration::from_secs(24 * 3600))
+    Instant::now() + wait.min(longest)
 }
 
 async fn sleep_until_some(at: Option<Instant>) {
@@ -97,6 +116,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         endpoint.shown()
     );
     let mut agent = Agent::open(config.clone(), RebootMode::Defer)?;
+    let mut longest_sleep = MAX_POLICY_SLEEP;
+    if let Some((clock, path)) = test_clock::from_env() {
+        tracing::warn!(
+            "TEST CLOCK: the time is read from {} ({}); never set this outside tests",
+            path.display(),
+            test_clock::ENV
+        );
+        agent = agent.with_clock(clock);
+        longest_sleep = test_clock::POLL;
+    }
     let store = StateStore::open(&config.device.state_dir)?;
     let outbox_dir = config.device.state_dir.join("outbox");
     let outbox_err = |source| DaemonError::Outbox {
@@ -132,9 +161,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut reporter = Reporter::new(facts, outbox.clone(), link.publisher());
     reporter.publish();
+    let user = if config.dbus.enabled {
+        Some(UserSide::start(&agent).await?)
+    } else {
+        tracing::info!("D-Bus service off ([dbus] enabled = false)");
+        None
+    };
     // Ready: configured, state and outbox open, the broker link running (it connects and
-    // reconnects on its own). The D-Bus name is not held yet: the daemon does not host the
-    // D-Bus service in this version.
+    // reconnects on its own), and the D-Bus name held when the service is on.
     let notifier = notify::Notifier::from_env();
     notifier.notify("READY=1");
     // The keep-alive runs beside the main loop, which may spend minutes inside one install;
@@ -157,6 +191,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store,
         intake: Intake::default(),
         recheck: mqtt.recheck_interval,
+        user,
+        check_asked: false,
+        longest_sleep,
     };
     let result = tokio::select! {
         result = daemon.serve() => result,
@@ -176,6 +213,55 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
+/// The D-Bus service as the daemon hosts it: the connection that holds the name and the feed
+/// that brings the user's calls and tells the service what happens.
+struct UserSide {
+    feed: Feed,
+    _signals: tokio::task::JoinHandle<()>,
+    _connection: zbus::Connection,
+}
+
+impl UserSide {
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set), serves the object and
+    /// takes the name.
+    async fn start(agent: &Agent) -> Result<UserSide, DaemonError> {
+        let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+            .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
+        let failed = |what| {
+            let address = address.clone();
+            move |source| DaemonError::DBus {
+                what,
+                address,
+                source,
+            }
+        };
+        let connection = zbus::connection::Builder::system()
+            .build()
+            .await
+            .map_err(failed("connect to"))?;
+        let (feed, handle) = Feed::new(agent.engine(), agent.config());
+        let access = Access::from_config(agent.config());
+        // The task that sends signals and PropertiesChanged ends with the feed.
+        let signals = dbus::serve(&connection, handle, access)
+            .await
+            .map_err(failed("serve org.updateagent.Agent1 on"))?;
+        tracing::info!("D-Bus service {} on the system bus", dbus::BUS_NAME);
+        Ok(UserSide {
+            feed,
+            _signals: signals,
+            _connection: connection,
+        })
+    }
+}
+
+/// The next user call, as an input; never, without the service.
+async fn next_call(user: &mut Option<UserSide>) -> Input {
+    match user {
+        Some(user) => user.feed.next_call().await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Daemon<'a> {
     agent: &'a mut Agent,
     reporter: Reporter,
@@ -184,13 +270,69 @@ struct Daemon<'a> {
     store: StateStore,
     intake: Intake,
     recheck: Duration,
+    user: Option<UserSide>,
+    /// The user asked for a check during the last input (`Action::Check`).
+    check_asked: bool,
+    longest_sleep: Duration,
+}
+
+/// Everyone who hears what the driver does: the operators (outbox, retained state) and, when
+/// the service runs, the user (D-Bus).
+struct Audience<'a> {
+    reporter: &'a mut Reporter,
+    feed: Option<&'a mut Feed>,
+    check_asked: &'a mut bool,
+}
+
+impl Observer for Audience<'_> {
+    fn event(&mut self, event: &Event) {
+        self.reporter.event(event);
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.event(event);
+        }
+    }
+
+    fn progress(&mut self, progress: &Progress) {
+        self.reporter.progress(progress);
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.progress(progress);
+        }
+    }
+
+    fn persisted(&mut self, state: &PersistentState) {
+        self.reporter.persisted(state);
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.persisted(state);
+        }
+    }
+
+    fn notice(&mut self, notice: &Notice) {
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.notice(notice);
+        }
+    }
+
+    fn answer(&mut self, answer: &Answer) {
+        if let Some(feed) = self.feed.as_deref_mut() {
+            feed.answer(answer);
+        }
+    }
+
+    fn check(&mut self) {
+        *self.check_asked = true;
+    }
+
+    fn interjection(&mut self) -> Option<Input> {
+        self.feed.as_deref_mut()?.interjection()
+    }
 }
 
 impl Daemon<'_> {
     async fn serve(&mut self) -> Result<(), DaemonError> {
         // First finish whatever this boot means: resume an install, run the trial, commit.
-        let stop = self.agent.observe_boot(&mut self.reporter).await?;
-        self.reporter.refresh(self.agent.engine());
+        let (agent, mut audience) = self.audience();
+        let stop = agent.observe_boot(&mut audience).await?;
+        self.refresh();
         let mut rebooting = self.after(stop).await?;
         let mut next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
         let link = self.link;
@@ -207,14 +349,25 @@ impl Daemon<'_> {
                 } else {
                     at
                 };
-                instant_of(at, self.agent.now())
+                instant_of(at, self.agent.now(), self.longest_sleep)
             });
             tokio::select! {
                 () = sleep_until_some(policy_wake), if !rebooting => {
                     last_tick = self.agent.poll_timeout();
-                    let stop = self.agent.tick(&mut self.reporter).await?;
-                    self.reporter.refresh(self.agent.engine());
+                    let (agent, mut audience) = self.audience();
+                    let stop = agent.tick(&mut audience).await?;
+                    self.refresh();
                     rebooting = self.after(stop).await?;
+                }
+                // Calls are answered also once the reboot command ran (the engine refuses
+                // what no longer applies), so no caller waits for a timeout.
+                input = next_call(&mut self.user) => {
+                    let (agent, mut audience) = self.audience();
+                    let stop = agent.handle(input, &mut audience).await?;
+                    self.refresh();
+                    if !rebooting {
+                        rebooting = self.after(stop).await?;
+                    }
                 }
                 releases = link.inbox.next(), if !rebooting => {
                     for (source, payload) in releases {
@@ -228,9 +381,7 @@ impl Daemon<'_> {
                 () = tokio::time::sleep_until(next_check) => {
                     next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
                     tracing::info!("periodic check of the retained releases");
-                    self.intake.forget_offered();
-                    self.catch_up();
-                    self.link.recheck();
+                    self.check_releases();
                 }
             }
         }
@@ -249,16 +400,24 @@ impl Daemon<'_> {
                 if !self.intake.offer(digest, &verified.id_hex()) {
                     return Ok(Stop::Idle);
                 }
+                // The engine would refuse it (`previously-rolled-back`) and report that at
+                // every re-check; the rollback itself was reported when it happened.
+                if self.agent.engine().rolled_back_before(&verified.id_hex()) {
+                    tracing::info!(
+                        "{} release {} rolled back on this device before; not retried",
+                        source.as_str(),
+                        escape_for_log(&verified.manifest.version, 64)
+                    );
+                    return Ok(Stop::Idle);
+                }
                 tracing::info!(
                     "{} release {} verified",
                     source.as_str(),
                     escape_for_log(&verified.manifest.version, 64)
                 );
-                let stop = self
-                    .agent
-                    .offer_verified(verified, &mut self.reporter)
-                    .await?;
-                self.reporter.refresh(self.agent.engine());
+                let (agent, mut audience) = self.audience();
+                let stop = agent.offer_verified(verified, &mut audience).await?;
+                self.refresh();
                 Ok(stop)
             }
             Err(mut refusal) => {
@@ -270,10 +429,9 @@ impl Daemon<'_> {
                                 " ({suppressed} more refused release(s) were not reported: rate limit)"
                             ));
                         }
-                        self.agent
-                            .report_refusal(&refusal, &mut self.reporter)
-                            .await?;
-                        self.reporter.refresh(self.agent.engine());
+                        let (agent, mut audience) = self.audience();
+                        agent.report_refusal(&refusal, &mut audience).await?;
+                        self.refresh();
                     }
                     Allowance::Suppress { summary } => {
                         if let Some(count) = summary {
@@ -290,11 +448,46 @@ impl Daemon<'_> {
         }
     }
 
+    /// The driver and who hears what it does, borrowed side by side.
+    fn audience(&mut self) -> (&mut Agent, Audience<'_>) {
+        let audience = Audience {
+            reporter: &mut self.reporter,
+            feed: self.user.as_mut().map(|user| &mut user.feed),
+            check_asked: &mut self.check_asked,
+        };
+        (&mut *self.agent, audience)
+    }
+
+    /// After each input: the whole state to the operators and to the service; a check the user
+    /// asked for runs.
+    fn refresh(&mut self) {
+        self.reporter.refresh(self.agent.engine());
+        if let Some(user) = self.user.as_mut() {
+            user.feed.publish(self.agent.engine(), self.agent.config());
+        }
+        if std::mem::take(&mut self.check_asked) {
+            tracing::info!("check for releases asked for over D-Bus");
+            self.check_releases();
+        }
+    }
+
+    /// Looks at the retained releases again (periodically, and when the user asks).
+    fn check_releases(&mut self) {
+        self.intake.forget_offered();
+        self.catch_up();
+        self.link.recheck();
+    }
+
     /// Acts on where the engine stopped; true once the reboot command ran.
     async fn after(&mut self, stop: Stop) -> Result<bool, DaemonError> {
         let Stop::RebootNeeded { slot } = stop else {
             return Ok(false);
         };
+        // The user first (DisruptionAhead is on the bus before the device goes down), then
+        // the operators.
+        if let Some(user) = self.user.as_mut() {
+            user.feed.flushed(SIGNAL_FLUSH).await;
+        }
         self.flush(REBOOT_FLUSH).await;
         tracing::info!("rebooting to slot {slot}");
         self.agent.reboot()?;

@@ -1,11 +1,12 @@
 //! The D-Bus adapter: `org.updateagent.Agent1` on the system bus, for the person who lives with
 //! the device (EN 303 645 5.3-6, 5.3-11/12). Only this module knows the D-Bus types and names.
 //!
-//! The service owns no engine. Whatever owns it (the daemon; [`host`] for now) hands over a
-//! [`Handle`]: a channel for user requests, a `watch` of [`Snapshot`]s (the properties, and
-//! `PropertiesChanged` for what changed between two snapshots) and a broadcast of the engine's
-//! [`Notice`]s (the signals). So the service can be moved into the daemon as it is:
-//! `dbus::serve(&connection, handle, access)`.
+//! The service owns no engine. Whatever owns it (the daemon; [`host`] in the tests and
+//! `dbus-serve`) hands over a [`Handle`]: a channel for user requests, a `watch` of
+//! [`Snapshot`]s (the properties, and `PropertiesChanged` for what changed between two
+//! snapshots) and a broadcast of the engine's [`Notice`]s (the signals):
+//! `dbus::serve(&connection, handle, access)`. [`feed::Feed`] makes all three from the driver's
+//! output, for every owner alike.
 //!
 //! Authorisation has two layers. The bus policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`) lets only root and the admin group send the
@@ -15,6 +16,7 @@
 //! Properties and introspection are open to every local user.
 
 pub mod client;
+pub mod feed;
 pub mod host;
 
 use jiff::{SignedDuration, Timestamp};
@@ -41,6 +43,9 @@ pub struct Handle {
     pub calls: mpsc::Sender<Call>,
     pub snapshots: watch::Receiver<Snapshot>,
     pub notices: broadcast::Receiver<Notice>,
+    /// How many notices the service has sent as signals (or dropped, said in the journal),
+    /// so that the owner can wait for them before it reboots.
+    pub sent: watch::Sender<u64>,
 }
 
 /// Everything the properties show, taken from the engine after each input. Times are seconds
@@ -514,6 +519,7 @@ pub async fn serve(
         iface,
         handle.snapshots,
         handle.notices,
+        handle.sent,
     )))
 }
 
@@ -521,6 +527,7 @@ async fn publish(
     iface: InterfaceRef<Agent1>,
     mut snapshots: watch::Receiver<Snapshot>,
     mut notices: broadcast::Receiver<Notice>,
+    sent: watch::Sender<u64>,
 ) {
     let mut last = snapshots.borrow_and_update().clone();
     loop {
@@ -532,9 +539,11 @@ async fn publish(
                     if let Err(err) = signal(&iface, &notice).await {
                         tracing::warn!("cannot send D-Bus signal: {err}");
                     }
+                    sent.send_modify(|sent| *sent += 1);
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!("{n} D-Bus signals were dropped: the bus is too slow");
+                    sent.send_modify(|sent| *sent += n);
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },

@@ -225,6 +225,9 @@ pub struct Engine {
     /// The reboot time the user was last told of (`Notice::DisruptionAhead`), so that it is
     /// told once per schedule. Not persisted: after a restart the user is told again.
     announced: Option<Timestamp>,
+    /// The user's mark-good/bad under way (good, slot): answered with the bootloader's result.
+    /// Not persisted: a restart loses the caller too.
+    marking: Option<(bool, String)>,
 }
 
 impl Engine {
@@ -239,6 +242,7 @@ impl Engine {
             policy: PolicyConfig::default(),
             timer: None,
             announced: None,
+            marking: None,
         }
     }
 
@@ -270,6 +274,12 @@ impl Engine {
 
     pub fn state(&self) -> &PersistentState {
         &self.state
+    }
+
+    /// Whether this release rolled back on this device before (it is not retried
+    /// automatically; a receiver that sees it again may pass it over without a report).
+    pub fn rolled_back_before(&self, release_id: &str) -> bool {
+        self.state.rolled_back.iter().any(|id| id == release_id)
     }
 
     pub fn booted(&self) -> Option<&str> {
@@ -339,7 +349,7 @@ impl Engine {
                 out.push(Action::Answer(Answer::Done));
                 out.push(Action::Check);
             }
-            Input::UserMark { good } => self.on_user_mark(good, now, &mut out),
+            Input::UserMark { good } => self.on_user_mark(good, &mut out),
         }
         // The events this input made are persisted with its transition (every transition that
         // makes events persists) and kept until the next one, so a restart can report them again.
@@ -505,16 +515,42 @@ impl Engine {
             );
             return;
         };
+        // A pending transaction has written nothing: a newer release takes its place (once it
+        // passed the checks below). One under way is finished first.
+        let mut superseded = None;
         if let Some(txn) = self.state.phase.transaction() {
-            if txn.release_id != release_id {
+            if txn.release_id == release_id {
+                return;
+            }
+            let pending = matches!(self.state.phase, Phase::Pending { .. });
+            if !pending {
                 let message = format!(
                     "transaction {} for version {} is still in progress",
                     txn.id,
                     txn.to_version()
                 );
                 refuse(self, ReasonCode::Busy, message, out);
+                return;
             }
-            return;
+            // Newer: a higher security version, or the same one signed later. Never the other
+            // way, so that two retained releases (fleet and device topic) seen again at each
+            // re-check cannot take turns.
+            let (new, old) = (&release.manifest, &txn.manifest);
+            let newer = (new.security_version, new.created) > (old.security_version, old.created);
+            if !newer {
+                let message = format!(
+                    "version {} (security version {}, created {}) is not newer than the pending {} ({}, {}); the pending one stays",
+                    new.version,
+                    new.security_version,
+                    new.created,
+                    old.version,
+                    old.security_version,
+                    old.created
+                );
+                refuse(self, ReasonCode::Downgrade, message, out);
+                return;
+            }
+            superseded = Some(txn.clone());
         }
         if self
             .state
@@ -561,7 +597,17 @@ impl Engine {
             started: now,
             user_now,
         };
-        let accepted = self.txn_event(TxnState::Accepted, &txn, now);
+        let mut events = Vec::new();
+        if let Some(old) = superseded {
+            let message = format!(
+                "superseded by version {} (transaction {})",
+                txn.manifest.version, txn.id
+            );
+            events.push(self.event(TxnState::Superseded, now, Some(&old), |e| {
+                e.message = Some(message);
+            }));
+        }
+        events.push(self.txn_event(TxnState::Accepted, &txn, now));
         let available = update_available(&txn);
         let decision = if user_now {
             Decision::Now
@@ -571,7 +617,7 @@ impl Engine {
         };
         match decision {
             Decision::Now => {
-                self.start_writing(txn, vec![accepted], out);
+                self.start_writing(txn, events, out);
                 out.push(Action::Notify(available));
             }
             Decision::Wait { why, until } => {
@@ -585,7 +631,7 @@ impl Engine {
                     until,
                 };
                 out.push(Action::Persist);
-                out.push(Action::Report(accepted));
+                out.extend(events.into_iter().map(Action::Report));
                 out.push(Action::Report(pending));
                 out.push(Action::Notify(available));
             }
@@ -685,6 +731,11 @@ impl Engine {
         now: Timestamp,
         out: &mut Vec<Action>,
     ) {
+        // Nothing else is asked of the bootloader while a user's mark runs (one job at a time,
+        // and a mark is only taken between transactions): this answer is the mark's.
+        if let Some((good, slot)) = self.marking.take() {
+            return self.user_mark_done(good, slot, result, now, out);
+        }
         match (self.state.phase.clone(), result) {
             (Phase::Activating { txn }, Ok(())) => {
                 let Some((boot_id, _)) = self.boot.clone() else {
@@ -1114,7 +1165,7 @@ impl Engine {
         }
     }
 
-    fn on_user_mark(&mut self, good: bool, now: Timestamp, out: &mut Vec<Action>) {
+    fn on_user_mark(&mut self, good: bool, out: &mut Vec<Action>) {
         let refuse = |out: &mut Vec<Action>, reason, message: String| {
             out.push(Action::Answer(Answer::Refused(Failure::new(
                 reason, message,
@@ -1138,20 +1189,49 @@ impl Engine {
             let message = format!("the booted slot {booted} is not one of the configured slots");
             return refuse(out, ReasonCode::BootedSlot, message);
         };
-        let (state, slot, action) = if good {
+        // The answer waits for the bootloader: the caller hears whether the change was made.
+        let (slot, action) = if good {
             let action = Action::MarkGood {
                 slot: booted.clone(),
             };
-            (TxnState::MarkedGood, booted, action)
+            (booted, action)
         } else {
             let action = Action::MarkBad {
                 slot: other.clone(),
             };
-            (TxnState::MarkedBad, other, action)
+            (other, action)
         };
-        self.user_decision(state, now, out, |e| e.slot = Some(slot));
-        out.push(Action::Answer(Answer::Done));
+        self.marking = Some((good, slot));
         out.push(action);
+    }
+
+    /// The user's mark is done or failed: an event either way (with the reason when it
+    /// failed), then the answer.
+    fn user_mark_done(
+        &mut self,
+        good: bool,
+        slot: String,
+        result: Result<(), Failure>,
+        now: Timestamp,
+        out: &mut Vec<Action>,
+    ) {
+        let state = if good {
+            TxnState::MarkedGood
+        } else {
+            TxnState::MarkedBad
+        };
+        let failure = result.err();
+        self.user_decision(state, now, out, |e| {
+            e.slot = Some(slot);
+            if let Some(failure) = &failure {
+                e.reason = Some(failure.reason);
+                e.message = Some(failure.message.clone());
+            }
+        });
+        out.push(Action::Answer(match failure {
+            None => Answer::Done,
+            Some(failure) => Answer::Refused(failure),
+        }));
     }
 
     fn txn_event(&mut self, state: TxnState, txn: &Transaction, now: Timestamp) -> Event {

@@ -187,6 +187,9 @@ pub enum TxnState {
     Pending,
     /// Activated; the reboot waits for the policy until `until`.
     RebootScheduled,
+    /// A pending transaction (nothing written) ended: a newer release took its place
+    /// (`message` names it). Not a failure, so no reason code.
+    Superseded,
     // --- user decisions (D-Bus or CLI): each is an event, operators see every one ---
     /// The user postponed installing/rebooting to `until` (`clamped` when limited).
     Postponed,
@@ -221,6 +224,7 @@ impl TxnState {
             TxnState::RolledBack => "rolled-back",
             TxnState::Pending => "pending",
             TxnState::RebootScheduled => "reboot-scheduled",
+            TxnState::Superseded => "superseded",
             TxnState::Postponed => "postponed",
             TxnState::Resumed => "resumed",
             TxnState::AutoInstallEnabled => "auto-install-enabled",

@@ -533,6 +533,9 @@ boot_id_path = "{boot_id}"
 cmdline_path = "{cmdline}"
 reboot_command = ["touch", "{reboot}"]
 
+[dbus]
+enabled = false
+
 [mqtt]
 device_id = "{DEVICE}"
 keepalive = 5

@@ -686,6 +686,89 @@ fn the_periodic_check_retries_a_release_whose_install_failed() {
     assert!(device.logs().contains("periodic check"));
 }
 
+/// A release that rolled back is not retried, and seeing it again (the retained message after
+/// the reboot, then every periodic check) is not news for the operators: no `refused` event.
+#[test]
+fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietly() {
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nrecheck_interval = 1",
+            broker.port
+        ),
+    );
+    // The new system fails its health check.
+    let config = fs::read_to_string(&device.config).unwrap();
+    fs::write(
+        &device.config,
+        config.replace("commands = [[\"true\"]]", "commands = [[\"false\"]]"),
+    )
+    .unwrap();
+    let image_path = dir.path().join("rootfs-2.0.img");
+    let image = write_image(&image_path);
+    let server = ImageServer::start(image, Duration::ZERO);
+    let release = signer.release("2.0", &image_path, &server.url);
+    publish(&client, &fleet_topic(), &release, true);
+    let sub = Sub::start(&client, &[&topic("events")], None);
+
+    device.start_agent();
+    wait_for(
+        "the reboot into the new slot",
+        Duration::from_secs(30),
+        || device.reboot_requested().then_some(()),
+    );
+    assert_eq!(device.reboot(), "B");
+    device.start_agent();
+    wait_for("the reboot back", Duration::from_secs(30), || {
+        device.reboot_requested().then_some(())
+    });
+    assert_eq!(device.reboot(), "A");
+    device.start_agent();
+    wait_for("rolled-back", Duration::from_secs(20), || {
+        states(&sub.payloads(&topic("events")))
+            .contains(&"rolled-back".to_string())
+            .then_some(())
+    });
+    // Three periodic checks after this start, each of which sees the retained release again.
+    wait_for("three periodic checks", Duration::from_secs(20), || {
+        let logs = device.logs();
+        let third = logs.split("--- agent run 3 ---").nth(1)?.to_string();
+        (third.matches("periodic check").count() >= 3).then_some(())
+    });
+    let logs = device.logs();
+    let third = logs.split("--- agent run 3 ---").nth(1).unwrap();
+    assert!(
+        third
+            .matches("rolled back on this device before; not retried")
+            .count()
+            >= 3,
+        "{third}"
+    );
+    let events = sub.payloads(&topic("events"));
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "trial-boot",
+            "rolling-back",
+            "rolled-back"
+        ],
+        "{logs}"
+    );
+}
+
 /// The engine never reads a clock: the daemon must wake it when the policy's next moment comes.
 /// With automatic install off, a security release waits (`pending`) and installs at its signed
 /// deadline — a few seconds away here — without any other input.

@@ -407,12 +407,50 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
     // Only the decision that took effect is an event.
     assert_eq!(h.events.len(), count + 1);
     assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
-    // Marking: the booted slot good, the other bad, never the booted bad.
+    // Marking: the booted slot good, the other bad, never the booted bad. The answer and the
+    // event wait for the bootloader's result.
+    let answered = h.answers.len();
     assert_eq!(
         h.feed(Input::UserMark { good: false }),
         [Action::MarkBad { slot: "B".into() }]
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::MarkedBad);
+    assert_eq!(
+        h.answers.len(),
+        answered,
+        "answered before the bootloader ran"
+    );
+    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
+    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert_eq!(h.answers.last(), Some(&Answer::Done));
+    let marked = h.events.last().unwrap();
+    assert_eq!(
+        (marked.state, marked.slot.as_deref(), marked.reason),
+        (TxnState::MarkedBad, Some("B"), None)
+    );
+}
+
+#[test]
+fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
+    let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
+    assert_eq!(
+        h.feed(Input::UserMark { good: true }),
+        [Action::MarkGood { slot: "A".into() }]
+    );
+    let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv: no space left");
+    assert!(
+        h.feed(Input::BootloaderDone(Err(failure.clone())))
+            .is_empty()
+    );
+    assert_eq!(h.answers.last(), Some(&Answer::Refused(failure)));
+    let marked = h.events.last().unwrap();
+    assert_eq!(
+        (marked.state, marked.reason),
+        (TxnState::MarkedGood, Some(ReasonCode::BootloaderFailed))
+    );
+    // The next bootloader answer (an unrelated one) is no longer taken for the mark's.
+    let answers = h.answers.len();
+    h.feed(Input::BootloaderDone(Ok(())));
+    assert_eq!(h.answers.len(), answers);
 }
 
 /// Seven days of a gateway's life with a night window in Berlin, driven only by the engine's
@@ -503,5 +541,162 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
     assert!(
         elapsed.as_millis() < 500,
         "a simulated week took {elapsed:?}"
+    );
+}
+
+/// A release that waits for a window: version, security version, and the same deadline.
+fn pending_release(version: &str, security_version: u64) -> VerifiedRelease {
+    release_with(version, security_version, |m| {
+        m.security = true;
+        m.deadline = Some(ts("2026-06-05T12:00:00Z"));
+    })
+}
+
+fn pending_version(h: &Harness) -> Option<String> {
+    match &h.engine.state().phase {
+        Phase::Pending { txn, .. } => Some(txn.manifest.version.clone()),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
+    let mut h = booted(
+        policy(&["02:00-04:00"], RebootPolicy::Immediate),
+        "2026-06-01T12:00:00Z",
+    );
+    assert!(
+        h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))))
+            .is_empty()
+    );
+    let old_txn = h.events.last().unwrap().txn.clone().unwrap();
+    h.feed(Input::UserPostpone(Postpone::For(
+        SignedDuration::from_hours(20),
+    )));
+    let postponed_until = h.engine.state().user.postponed_until;
+    assert!(postponed_until.is_some());
+    let before = h.events.len();
+
+    let jobs = h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
+    assert!(jobs.is_empty(), "nothing is written outside the window");
+    let new: Vec<_> = h.events[before..].to_vec();
+    assert_eq!(
+        new.iter().map(|e| e.state).collect::<Vec<_>>(),
+        [TxnState::Superseded, TxnState::Accepted, TxnState::Pending]
+    );
+    assert_eq!(new[0].txn.as_deref(), Some(old_txn.as_str()));
+    assert_eq!(new[0].to_version.as_deref(), Some("2.0"));
+    assert_eq!(new[0].reason, None, "superseding is not a failure");
+    assert!(new[0].message.as_deref().unwrap().contains("2.1"));
+    assert_ne!(new[1].txn, new[0].txn);
+    assert!(new.windows(2).all(|w| w[0].seq < w[1].seq));
+    // Persisted before reported: the state saved last holds the new release, pending.
+    let saved = h.persisted.last().unwrap();
+    assert!(matches!(&saved.phase, Phase::Pending { txn, .. } if txn.manifest.version == "2.1"));
+    assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
+    assert_eq!(h.engine.state().user.postponed_until, postponed_until);
+    assert!(matches!(
+        h.notices.last(),
+        Some(Notice::UpdateAvailable { version, .. }) if version == "2.1"
+    ));
+
+    // The postponement (until 08:00 the next day) covers the night's window; the window after
+    // it installs 2.1.
+    assert!(
+        h.feed_at(ts("2026-06-02T02:30:00Z"), Input::Tick)
+            .is_empty()
+    );
+    let jobs = h.feed_at(ts("2026-06-03T02:00:00Z"), Input::Tick);
+    assert!(is_prepare(&jobs));
+    let Phase::Writing { txn, .. } = &h.engine.state().phase else {
+        panic!("not writing: {:?}", h.engine.state().phase);
+    };
+    assert_eq!(txn.manifest.version, "2.1");
+}
+
+fn signed_later(version: &str, security_version: u64, created: &str) -> VerifiedRelease {
+    let created = ts(created);
+    release_with(version, security_version, |m| {
+        m.security = true;
+        m.created = created;
+    })
+}
+
+#[test]
+fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_not_come_back() {
+    let mut h = booted(
+        policy(&["02:00-04:00"], RebootPolicy::Immediate),
+        "2026-06-01T12:00:00Z",
+    );
+    let first = signed_later("2.0", 2, "2026-05-01T00:00:00Z");
+    h.feed(Input::ReleaseVerified(Box::new(first.clone())));
+    h.feed(Input::ReleaseVerified(Box::new(signed_later(
+        "2.0.1",
+        2,
+        "2026-05-02T00:00:00Z",
+    ))));
+    assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
+    assert!(h.states().contains(&TxnState::Superseded));
+    // The first one again (a periodic re-check sees both retained releases): refused.
+    h.feed(Input::ReleaseVerified(Box::new(first)));
+    let last = h.events.last().unwrap();
+    assert_eq!(
+        (last.state, last.reason),
+        (TxnState::Refused, Some(ReasonCode::Downgrade))
+    );
+    assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
+}
+
+#[test]
+fn an_older_release_does_not_supersede_the_pending_one() {
+    let mut h = booted(
+        policy(&["02:00-04:00"], RebootPolicy::Immediate),
+        "2026-06-01T12:00:00Z",
+    );
+    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
+    let jobs = h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))));
+    assert!(jobs.is_empty());
+    let last = h.events.last().unwrap();
+    assert_eq!(
+        (last.state, last.reason),
+        (TxnState::Refused, Some(ReasonCode::Downgrade))
+    );
+    assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
+    assert!(!h.states().contains(&TxnState::Superseded));
+}
+
+#[test]
+fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
+    let mut h = booted(
+        policy(&["02:00-04:00"], RebootPolicy::Immediate),
+        "2026-06-01T12:00:00Z",
+    );
+    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))));
+    // No image for this device's slot class.
+    let other_class = release_with("3.0", 4, |m| {
+        let image = m.images.remove("rootfs").unwrap();
+        m.images.insert("appfs".into(), image);
+    });
+    h.feed(Input::ReleaseVerified(Box::new(other_class)));
+    let last = h.events.last().unwrap();
+    assert_eq!(
+        (last.state, last.reason),
+        (TxnState::Refused, Some(ReasonCode::Incompatible))
+    );
+    assert_eq!(pending_version(&h).as_deref(), Some("2.0"));
+    assert!(!h.states().contains(&TxnState::Superseded));
+}
+
+#[test]
+fn a_newer_release_while_one_is_being_written_is_refused_busy() {
+    let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
+    assert!(is_prepare(&h.feed(Input::ReleaseVerified(Box::new(
+        pending_release("2.0", 2)
+    )))));
+    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
+    let last = h.events.last().unwrap();
+    assert_eq!(
+        (last.state, last.reason),
+        (TxnState::Refused, Some(ReasonCode::Busy))
     );
 }
