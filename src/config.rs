@@ -53,13 +53,14 @@ pub struct InstallerConfig {
     /// The only user (name or numeric uid) whose requests the installer carries out.
     #[serde(default = "default_daemon_user")]
     pub daemon_user: String,
-    /// The installer's own state (its anti-rollback floor); root's alone.
+    /// The installer's own state (its anti-rollback floor); root's alone. The daemon's
+    /// `device.state_dir` may be a subdirectory (systemd's `StateDirectory=` nests them so).
     #[serde(default = "default_installer_state_dir")]
     pub state_dir: PathBuf,
 }
 
 fn default_installer_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/update-agent-installer")
+    PathBuf::from("/var/lib/update-agent")
 }
 
 fn default_installer_socket() -> PathBuf {
