@@ -24,7 +24,7 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 const COMPATIBLE: &str = "acme-gw-split";
 const ATTEMPTS: u32 = 3;
-const SLOT_SIZE: u64 = 1024 * 1024;
+const SLOT_SIZE: u64 = 4 * 1024 * 1024;
 const IMAGE_LEN: usize = 300_017;
 const FACTORY_B_LEN: usize = 400_009;
 /// `nobody`/`nogroup` on Debian: the daemon's user in these tests.
@@ -463,6 +463,100 @@ fn happy_path(backend: Backend) {
     );
     assert_refused(&out, &reply, "downgrade");
     assert_eq!(split.slot("A"), slot_a, "slot A untouched");
+}
+
+#[test]
+fn a_compressed_image_is_decompressed_by_the_daemon_and_hashed_by_the_installer() {
+    let split = Split::new(Backend::File);
+    let release = split.path("release-zstd.json");
+    let url = format!("file://{}", split.path("rootfs.img.zst").display());
+    let out = Command::new(BIN)
+        .args(["release", "create", "--key"])
+        .arg(split.path("signer.key"))
+        .arg("--image")
+        .arg(split.path("rootfs.img"))
+        .args([
+            "--version",
+            "2.0",
+            "--security-version",
+            "2",
+            "--compress",
+            "zstd",
+        ])
+        .args([
+            "--compatible",
+            COMPATIBLE,
+            "--url",
+            &url,
+            "--no-chunks",
+            "--out",
+        ])
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "release create: {}", text(&out));
+    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+    assert!(out.status.success(), "install as nobody: {}", text(&out));
+    assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+    // The daemon's decoder output is what the installer hashed: a zstd stream the daemon
+    // cannot fully trust still ends in the signed image hash, checked by the installer.
+    let log = split.installer_log();
+    assert!(log.contains("write for uid 65534 done"), "{log}");
+}
+
+#[test]
+fn a_daemon_killed_mid_write_resumes_from_the_installers_checkpoint() {
+    let split = Split::new(Backend::File);
+    // Three checkpoints' worth (1 MiB each) and a bit.
+    let big = pattern(3 * 1024 * 1024 + 4099, 7);
+    fs::write(split.path("big.img"), &big).unwrap();
+    let release = split.path("release-big.json");
+    let url = format!("file://{}", split.path("big.img").display());
+    let out = Command::new(BIN)
+        .args(["release", "create", "--key"])
+        .arg(split.path("signer.key"))
+        .arg("--image")
+        .arg(split.path("big.img"))
+        .args(["--version", "3.0", "--security-version", "3"])
+        .args([
+            "--compatible",
+            COMPATIBLE,
+            "--url",
+            &url,
+            "--no-chunks",
+            "--out",
+        ])
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "release create: {}", text(&out));
+    // kill -9 of the daemon role right after it persisted the installer's first checkpoint.
+    let config = split.path("agent.toml");
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(BIN)
+        .args(["install", "--config", config.to_str().unwrap()])
+        .arg(&release)
+        .env("UPDATE_AGENT_CRASH_AT", "checkpoint:1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        None,
+        "killed by its signal: {}",
+        text(&out)
+    );
+    // The same boot: boot-check finishes the interrupted install through the installer.
+    let out = split.as_daemon(&["boot-check", "--no-reboot"]);
+    assert!(out.status.success(), "boot-check: {}", text(&out));
+    let log = split.installer_log();
+    assert!(
+        log.contains("write of slot B resumes at byte 1048576"),
+        "the installer re-hashed the first checkpoint and took the rest: {log}"
+    );
+    assert_eq!(&split.slot("B")[..big.len()], &big[..]);
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
 }
 
 #[test]

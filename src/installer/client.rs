@@ -117,6 +117,13 @@ impl RemoteInstaller {
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
         let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
+        // A zstd decoder cannot restart in the middle of its output: a compressed image is
+        // always sent from 0, and the installer must expect it so.
+        let resume_from = if image.compression.is_some() {
+            0
+        } else {
+            resume_from
+        };
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
