@@ -435,27 +435,18 @@ impl Agent {
             .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string())),
             Privileged::Remote(installer) => {
                 let slot = slot.to_string();
-                match change {
+                let op = match change {
                     BootChange::Bad => Ok(Op::MarkBad { slot }),
                     BootChange::Good => Ok(Op::MarkGood { slot }),
                     // The installer reads the slot back against the release it verifies itself.
                     BootChange::Active => self
                         .current_release()
                         .map(|release| Op::Activate { slot, release }),
+                };
+                match op {
+                    Ok(op) => ask_installer(installer.clone(), op).await,
+                    Err(failure) => Err(failure),
                 }
-                .map(|op| {
-                    let installer = installer.clone();
-                    tokio::task::spawn_blocking(move || installer.call(op))
-                })
-                .map(|call| async move {
-                    call.await.unwrap_or_else(|e| {
-                        Err(Failure::new(
-                            ReasonCode::InstallerUnavailable,
-                            e.to_string(),
-                        ))
-                    })
-                })?
-                .await
             }
         };
         if let Err(failure) = &result {
@@ -701,6 +692,18 @@ impl Observer for NoteRefusal<'_> {
     fn check(&mut self) {
         self.inner.check();
     }
+}
+
+/// One request to the installer, off the async threads (an activation reads the whole slot).
+async fn ask_installer(installer: RemoteInstaller, op: Op) -> Result<(), Failure> {
+    tokio::task::spawn_blocking(move || installer.call(op))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Failure::new(
+                ReasonCode::InstallerUnavailable,
+                e.to_string(),
+            ))
+        })
 }
 
 /// Chooses the bootloader backend once, from the configuration.
