@@ -853,3 +853,47 @@ fn a_resumed_write_rehashes_the_slot_prefix_itself() {
     let (out, reply) = write("131072");
     assert_refused(&out, &reply, "hash-mismatch");
 }
+
+#[test]
+fn the_installer_serves_on_the_socket_systemd_passes_it() {
+    let split = Split::new(Backend::File);
+    let tool = require_tool("systemd-socket-activate", "systemd");
+    let socket = split.path("activated.sock");
+    let log = fs::File::create(split.path("activated.log")).unwrap();
+    // Listens itself and hands the socket over as fd 3 with LISTEN_FDS=1, as the .socket unit
+    // does; it execs the installer, so the pid is the installer's.
+    let mut activated = Command::new(tool)
+        .arg("--listen")
+        .arg(&socket)
+        .args([BIN, "installer", "--log", "stderr", "--config"])
+        .arg(split.path("agent.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Root is not the daemon user: the refusal shows the installer answered on this socket.
+    let out = Command::new(BIN)
+        .args(["installer-request", "--socket", socket.to_str().unwrap()])
+        .args(["--op", "mark-good", "--slot", "A"])
+        .output()
+        .unwrap();
+    let _ = activated.kill();
+    let _ = activated.wait();
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{}\n{}",
+            text(&out),
+            fs::read_to_string(split.path("activated.log")).unwrap()
+        )
+    });
+    assert_refused(&out, &reply, "forbidden");
+}

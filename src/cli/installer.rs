@@ -93,6 +93,8 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     };
     let control = UnixStream::connect(&args.socket)
         .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
+    // Long enough for a write and its read-back in the tests; a request nobody answers fails.
+    control.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     let mut last = match args.op {
         Kind::Write => {
             let (ours, theirs) = socketpair(

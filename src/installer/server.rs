@@ -2,7 +2,7 @@
 //! connection; every refusal is answered with a reason code and logged.
 
 use std::fs::File;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
@@ -477,6 +477,5 @@ fn inherited_listener() -> Option<UnixListener> {
     // SAFETY: systemd hands this process fd 3 as its listening socket (sd_listen_fds(3)); the
     // variables checked above say it is ours, and nothing else in the process took it.
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
-    let _ = fd.as_fd();
     Some(UnixListener::from(fd))
 }
