@@ -1,6 +1,10 @@
 //! The driver: owns the outside things (state store, bootloader, slots, network, health checks)
 //! and carries out the engine's actions in order. The one-shot commands (`install`,
-//! `boot-check`) and, later, the daemon use it; none of the update logic lives here.
+//! `boot-check`) and the daemon use it; none of the update logic lives here.
+//!
+//! Slot writes, bootloader changes and the reboot go to a [`Privileged`] executor: in this
+//! process (root: the one-shot commands, the demo, tests), or the privileged installer over its
+//! socket when the configuration has an `[installer]` section (the unprivileged daemon).
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,11 +21,12 @@ use crate::engine::{
     SlotPair, TxnState,
 };
 use crate::health;
+use crate::installer::{Op, RemoteInstaller};
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{self, TransferEvent, WriteRequest};
+use crate::transfer::{self, FetchSettings, TransferEvent, WriteRequest};
 
 /// How often a transient download failure (reset, stall) is retried, resuming from the last
 /// checkpoint, before the transaction fails.
@@ -88,11 +93,27 @@ pub enum Stop {
     Rebooting,
 }
 
+/// Who carries out what needs privileges: slot writes, bootloader changes, the reboot.
+pub enum Privileged {
+    /// This process, with the bootloader backend it opened.
+    InProcess(Box<dyn Bootloader>),
+    /// The privileged installer (`update-agent installer`), which verifies for itself.
+    Remote(RemoteInstaller),
+}
+
+/// A bootloader change the engine asked for.
+#[derive(Debug, Clone, Copy)]
+enum BootChange {
+    Bad,
+    Active,
+    Good,
+}
+
 pub struct Agent {
     config: Config,
     anchor: TrustAnchor,
     store: StateStore,
-    bootloader: Box<dyn Bootloader>,
+    privileged: Privileged,
     engine: Engine,
     reboot: RebootMode,
     crash: CrashPoints,
@@ -112,7 +133,11 @@ impl Agent {
         }
         let store = StateStore::open(&config.device.state_dir)?;
         let state = store.load()?;
-        let bootloader = open_bootloader(&config)?;
+        let privileged = match &config.installer {
+            // The daemon's user can neither open the environment nor the slots: it never tries.
+            Some(installer) => Privileged::Remote(RemoteInstaller::new(&installer.socket)),
+            None => Privileged::InProcess(open_bootloader(&config)?),
+        };
         let slots = SlotPair {
             class: config.slots.class.clone(),
             bootnames: [
@@ -127,7 +152,7 @@ impl Agent {
             config,
             anchor,
             store,
-            bootloader,
+            privileged,
             reboot,
             crash: CrashPoints::from_env(),
             clock: Arc::new(Timestamp::now),
@@ -223,6 +248,7 @@ impl Agent {
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
             Ok(verified) => {
+                self.remember_release(&verified);
                 // The engine refuses some verified releases too (rolled back before, another
                 // transaction in progress): those are returned like the verifier's refusals.
                 let mut noted = NoteRefusal {
@@ -255,6 +281,7 @@ impl Agent {
         verified: VerifiedRelease,
         observer: &mut dyn Observer,
     ) -> Result<Stop, AgentError> {
+        self.remember_release(&verified);
         self.drive(Input::ReleaseVerified(Box::new(verified)), observer)
             .await
     }
@@ -339,11 +366,9 @@ impl Agent {
                 observer.check();
                 None
             }
-            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(self.bootloader_op(
-                "prepare",
-                &slot,
-                |b, s| b.mark_bad(s),
-            ))),
+            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(
+                self.bootloader_op("prepare", &slot, BootChange::Bad).await,
+            )),
             Action::StartWrite {
                 slot,
                 image,
@@ -351,21 +376,17 @@ impl Agent {
             } => Some(Input::WriteFinished(
                 self.write(&slot, *image, resume_from, observer).await,
             )),
-            Action::Activate { slot } => Some(Input::BootloaderDone(self.bootloader_op(
-                "activate",
-                &slot,
-                |b, s| b.mark_active(s),
-            ))),
-            Action::MarkGood { slot } => Some(Input::BootloaderDone(self.bootloader_op(
-                "mark-good",
-                &slot,
-                |b, s| b.mark_good(s),
-            ))),
-            Action::MarkBad { slot } => Some(Input::BootloaderDone(self.bootloader_op(
-                "mark-bad",
-                &slot,
-                |b, s| b.mark_bad(s),
-            ))),
+            Action::Activate { slot } => Some(Input::BootloaderDone(
+                self.bootloader_op("activate", &slot, BootChange::Active)
+                    .await,
+            )),
+            Action::MarkGood { slot } => Some(Input::BootloaderDone(
+                self.bootloader_op("mark-good", &slot, BootChange::Good)
+                    .await,
+            )),
+            Action::MarkBad { slot } => Some(Input::BootloaderDone(
+                self.bootloader_op("mark-bad", &slot, BootChange::Bad).await,
+            )),
             Action::RunHealthChecks => {
                 self.crash.point("health:before");
                 let result = health::run_checks(&self.config.health).await;
@@ -403,21 +424,96 @@ impl Agent {
         observer.event(event);
     }
 
-    fn bootloader_op(
+    async fn bootloader_op(
         &mut self,
         name: &str,
         slot: &str,
-        op: impl FnOnce(&dyn Bootloader, &str) -> Result<(), bootloader::BootloaderError>,
+        change: BootChange,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
-        let result = op(self.bootloader.as_ref(), slot).map_err(|err| {
+        let result = match &self.privileged {
+            Privileged::InProcess(bootloader) => match change {
+                BootChange::Bad => bootloader.mark_bad(slot),
+                BootChange::Active => bootloader.mark_active(slot),
+                BootChange::Good => bootloader.mark_good(slot),
+            }
+            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string())),
+            Privileged::Remote(installer) => {
+                let slot = slot.to_string();
+                let op = match change {
+                    BootChange::Bad => Ok(Op::MarkBad { slot }),
+                    BootChange::Good => Ok(Op::MarkGood { slot }),
+                    // The installer reads the slot back against the release it verifies itself.
+                    BootChange::Active => self
+                        .current_release()
+                        .map(|release| Op::Activate { slot, release }),
+                };
+                match op {
+                    Ok(op) => ask_installer(installer.clone(), op).await,
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        if let Err(failure) = &result {
             // Some of these failures end no transaction (the running slot's mark-good at an
             // idle boot), so the journal must hear of every one.
-            tracing::error!("bootloader {name} of slot {slot} failed: {err}");
-            Failure::new(ReasonCode::BootloaderFailed, err.to_string())
-        });
+            tracing::error!(
+                "bootloader {name} of slot {slot} failed: {}",
+                failure.message
+            );
+        }
         self.crash.point(&format!("bootloader:{name}:after"));
         result
+    }
+
+    /// Keeps the signed release the privileged installer will be handed (it verifies the
+    /// signatures itself), by release id, next to the state: an install resumed after a
+    /// restart needs it again. Only the current transaction's and this one are kept.
+    fn remember_release(&self, verified: &VerifiedRelease) {
+        if !matches!(self.privileged, Privileged::Remote(_)) {
+            return;
+        }
+        let dir = self.releases_dir();
+        let keep = self
+            .engine
+            .state()
+            .phase
+            .transaction()
+            .map(|txn| format!("{}.json", txn.release_id));
+        let name = format!("{}.json", verified.id_hex());
+        let result = std::fs::create_dir_all(&dir).and_then(|()| {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let file = entry.file_name();
+                if Some(file.to_string_lossy().as_ref()) != keep.as_deref() && file != *name {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+            crate::durable::write_atomically(&dir.join(&name), &verified.signed, 0o600)
+        });
+        if let Err(err) = result {
+            // The write or activation of this release then fails with the reason below.
+            tracing::error!("cannot keep release {name} for the installer: {err}");
+        }
+    }
+
+    fn releases_dir(&self) -> std::path::PathBuf {
+        self.config.device.state_dir.join("releases")
+    }
+
+    /// The signed release of the transaction in progress, as kept by `remember_release`.
+    fn current_release(&self) -> Result<String, Failure> {
+        let missing = |detail: String| Failure::new(ReasonCode::NotReady, detail);
+        let txn = self
+            .engine
+            .state()
+            .phase
+            .transaction()
+            .ok_or_else(|| missing("no transaction in progress".into()))?;
+        let path = self.releases_dir().join(format!("{}.json", txn.release_id));
+        let bytes = crate::durable::read_bounded(&path, release::MAX_RELEASE_SIZE as u64)
+            .map_err(|e| missing(format!("signed release {}: {e}", path.display())))?;
+        String::from_utf8(bytes).map_err(|_| missing(format!("{} is not text", path.display())))
     }
 
     async fn write(
@@ -428,6 +524,15 @@ impl Agent {
         observer: &mut dyn Observer,
     ) -> Result<(), Failure> {
         let mut request = self.write_request(slot, image, resume_from)?;
+        let release = match &self.privileged {
+            Privileged::Remote(_) => Some(self.current_release()?),
+            Privileged::InProcess(_) => None,
+        };
+        let fetch = FetchSettings {
+            stall_timeout: request.stall_timeout,
+            connect_timeout: request.connect_timeout,
+            extra_roots: request.extra_roots.clone(),
+        };
         let mut attempt = 1;
         loop {
             let result = {
@@ -488,10 +593,27 @@ impl Agent {
                     }
                     Ok(())
                 };
-                transfer::install_image(&request, &mut on_event).await
+                match (&self.privileged, &release) {
+                    (Privileged::Remote(installer), Some(release)) => {
+                        installer
+                            .write(
+                                slot,
+                                release,
+                                &request.image,
+                                request.resume_from,
+                                &fetch,
+                                &mut on_event,
+                            )
+                            .await
+                    }
+                    _ => transfer::install_image(&request, &mut on_event)
+                        .await
+                        .map(|_| ())
+                        .map_err(crate::installer::WriteError::Transfer),
+                }
             };
             match result {
-                Ok(_) => return Ok(()),
+                Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
                     tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
                     attempt += 1;
@@ -500,7 +622,7 @@ impl Agent {
                     }
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                 }
-                Err(err) => return Err(Failure::new(err.reason(), err.to_string())),
+                Err(err) => return Err(err.into_failure()),
             }
         }
     }
@@ -536,6 +658,14 @@ impl Agent {
     /// Runs the configured reboot command (for callers that deferred the reboot and are now
     /// ready for it, like the daemon once its outbox is flushed).
     pub fn reboot(&self) -> Result<(), AgentError> {
+        if let Privileged::Remote(installer) = &self.privileged {
+            return installer
+                .call(Op::Reboot)
+                .map_err(|failure| AgentError::Reboot {
+                    command: vec![format!("installer at {}", installer.socket().display())],
+                    message: failure.message,
+                });
+        }
         let command = &self.config.system.reboot_command;
         let reboot_err = |message: String| AgentError::Reboot {
             command: command.clone(),
@@ -593,6 +723,18 @@ impl Observer for NoteRefusal<'_> {
     fn interjection(&mut self) -> Option<Input> {
         self.inner.interjection()
     }
+}
+
+/// One request to the installer, off the async threads (an activation reads the whole slot).
+async fn ask_installer(installer: RemoteInstaller, op: Op) -> Result<(), Failure> {
+    tokio::task::spawn_blocking(move || installer.call(op))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Failure::new(
+                ReasonCode::InstallerUnavailable,
+                e.to_string(),
+            ))
+        })
 }
 
 /// Chooses the bootloader backend once, from the configuration.

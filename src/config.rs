@@ -36,6 +36,39 @@ pub struct Config {
     pub policy: Policy,
     #[serde(default)]
     pub dbus: DBus,
+    /// The privileged installer (least-privilege split); absent: the agent itself writes slots
+    /// and the bootloader environment (one-shot commands as root, the demo, tests).
+    #[serde(default)]
+    pub installer: Option<InstallerConfig>,
+}
+
+/// Where the privileged installer listens and whom it serves. The daemon and the installer read
+/// the same file: the daemon connects to `socket`, the installer (`update-agent installer`)
+/// listens on it unless systemd hands it the socket, and serves only `daemon_user`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallerConfig {
+    #[serde(default = "default_installer_socket")]
+    pub socket: PathBuf,
+    /// The only user (name or numeric uid) whose requests the installer carries out.
+    #[serde(default = "default_daemon_user")]
+    pub daemon_user: String,
+    /// The installer's own state (its anti-rollback floor); root's alone. The daemon's
+    /// `device.state_dir` may be a subdirectory (systemd's `StateDirectory=` nests them so).
+    #[serde(default = "default_installer_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_installer_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/update-agent")
+}
+
+fn default_installer_socket() -> PathBuf {
+    PathBuf::from("/run/update-agent/installer.sock")
+}
+
+fn default_daemon_user() -> String {
+    "update-agent".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -32,6 +32,7 @@ pub mod dbus;
 pub mod durable;
 pub mod engine;
 pub mod health;
+pub mod installer;
 pub mod keys;
 pub mod logging;
 pub mod mqtt;

@@ -90,6 +90,12 @@ pub enum ReasonCode {
     NotPostponable,
     /// The request would make the running slot unbootable.
     BootedSlot,
+
+    // --- the least-privilege split (`crate::installer`) ---
+    /// The privileged installer refused the caller: not the configured daemon user.
+    Forbidden,
+    /// The privileged installer could not be reached, or broke off the conversation.
+    InstallerUnavailable,
 }
 
 impl ReasonCode {
@@ -130,6 +136,8 @@ impl ReasonCode {
         ReasonCode::InvalidRequest,
         ReasonCode::NotPostponable,
         ReasonCode::BootedSlot,
+        ReasonCode::Forbidden,
+        ReasonCode::InstallerUnavailable,
     ];
 
     /// True for the codes release verification can give (`release::verify`).
@@ -187,6 +195,8 @@ impl ReasonCode {
             ReasonCode::InvalidRequest => "invalid-request",
             ReasonCode::NotPostponable => "not-postponable",
             ReasonCode::BootedSlot => "booted-slot",
+            ReasonCode::Forbidden => "forbidden",
+            ReasonCode::InstallerUnavailable => "installer-unavailable",
         }
     }
 

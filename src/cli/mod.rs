@@ -7,6 +7,7 @@ mod demo;
 #[cfg(feature = "demo")]
 mod demo_broker;
 mod install;
+mod installer;
 mod keygen;
 mod monitor;
 mod publish;
@@ -70,6 +71,11 @@ enum Command {
     DbusServe(user::ServeArgs),
     /// Change the bootloader state of a slot by hand: mark good|bad|active booted|other
     Mark(status::MarkArgs),
+    /// The privileged installer (root): slots, bootloader and reboot, for the daemon's user only
+    Installer(installer::InstallerArgs),
+    /// Send the installer one hand-made request and print its answer (tests, debugging)
+    #[command(hide = true)]
+    InstallerRequest(installer::RequestArgs),
 }
 
 impl Cli {
@@ -79,6 +85,7 @@ impl Cli {
         use update_agent::logging::{LogTarget, init};
         match &self.command {
             Command::Run(args) => init(args.log, "info"),
+            Command::Installer(args) => init(args.log, "info"),
             // The story is told on stdout; stderr shows only errors (a tamper alert is one), and
             // the embedded broker's own chatter is not part of it.
             #[cfg(feature = "demo")]
@@ -109,6 +116,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::InstallNow(args) => user::install_now(args),
         Command::Check(args) => user::check(args),
         Command::DbusServe(args) => user::serve(args),
+        Command::Installer(args) => installer::serve(args),
+        Command::InstallerRequest(args) => installer::request(args),
     }
 }
 

@@ -33,8 +33,11 @@ pub struct VerifiedRelease {
     pub id: [u8; 32],
     /// The distinct trusted keys whose signatures verified.
     pub signers: Vec<KeyId>,
-    /// The manifest bytes exactly as signed, for handing on (e.g. to the privileged installer).
+    /// The manifest bytes exactly as signed.
     pub manifest_bytes: Vec<u8>,
+    /// The release exactly as received (envelope and signatures), for handing on to the
+    /// privileged installer, which verifies it again itself.
+    pub signed: Vec<u8>,
 }
 
 impl VerifiedRelease {
@@ -57,6 +60,7 @@ pub fn verify(
         manifest,
         signers,
         manifest_bytes: envelope.manifest_bytes,
+        signed: release.to_vec(),
     })
 }
 

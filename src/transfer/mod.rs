@@ -10,6 +10,9 @@
 //! - `source`: where bytes come from (reqwest with rustls+ring; local files), redirects, ranges.
 //! - `writer`: the slot side — size checks, resume re-hash, decompress/hash/write/sync.
 //! - `readback`: [`verify_slot`], also for the engine to re-check a slot after a restart.
+//! - `stream`: the same path cut in two for the least-privilege split: [`send_image`] (the
+//!   daemon: fetch, decompress, send) and [`SlotStream`] (the installer: hash, write, sync,
+//!   read back).
 //! - `error`: [`TransferError`], one variant per reason code.
 //!
 //! # What it guarantees
@@ -45,6 +48,7 @@
 mod error;
 mod readback;
 mod source;
+mod stream;
 mod writer;
 
 use std::io;
@@ -62,6 +66,7 @@ use crate::release::manifest::{Compression, Image};
 pub use error::TransferError;
 pub use readback::verify_slot;
 pub use source::MAX_REDIRECTS;
+pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
 use error::esc;
@@ -223,6 +228,7 @@ pub async fn install_image(
             checkpoint_interval: req.checkpoint_interval,
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,
+            stream: false,
         };
         let written = written.clone();
         tokio::task::spawn_blocking(move || {

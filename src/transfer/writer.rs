@@ -144,6 +144,10 @@ pub(crate) struct SinkConfig {
     pub report_checkpoints: bool,
     /// The expected transport SHA-256 of a zstd-compressed image.
     pub zstd: Option<[u8; 32]>,
+    /// The "slot" is the byte stream to the privileged installer (a socket): bytes go out in
+    /// order, nothing is synced, and the image hash is the installer's to check (it alone sees
+    /// the whole image when resuming).
+    pub stream: bool,
 }
 
 pub(crate) enum SinkOutcome {
@@ -169,6 +173,7 @@ pub(crate) fn run_sink(
     };
     let state = std::mem::take(&mut config.hasher);
     let hash = match unzstd {
+        _ if config.stream => ImageHash::Off,
         // Decompressed output lives in a reused buffer: nothing to share with another thread,
         // and the decoder is the slow part anyway.
         Some(_) => ImageHash::Inline(state),
@@ -289,9 +294,14 @@ impl SlotWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all_at(&self.buf, self.flushed)
-            .map_err(|e| TransferError::slot_io(&self.config.path, "write", e))?;
+        if self.config.stream {
+            crate::installer::send_all(&self.file, &self.buf)
+                .map_err(|e| TransferError::slot_io(&self.config.path, "send to", e))?;
+        } else {
+            self.file
+                .write_all_at(&self.buf, self.flushed)
+                .map_err(|e| TransferError::slot_io(&self.config.path, "write", e))?;
+        }
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         self.written.store(self.flushed, Ordering::Relaxed);
@@ -301,9 +311,7 @@ impl SlotWriter {
     /// `fdatasync`, and only then tell the caller: a checkpoint it persists must never be ahead
     /// of what the storage holds.
     fn sync_and_report(&mut self) -> Result<(), TransferError> {
-        self.file
-            .sync_data()
-            .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))?;
+        self.sync()?;
         self.durable = self.flushed;
         if let Some(checkpoints) = &self.checkpoints {
             // The receiver is gone only when the caller already gave up: nothing to tell.
@@ -312,11 +320,18 @@ impl SlotWriter {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<(), TransferError> {
-        self.flush()?;
+    fn sync(&mut self) -> Result<(), TransferError> {
+        if self.config.stream {
+            return Ok(());
+        }
         self.file
             .sync_data()
-            .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))?;
+            .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))
+    }
+
+    fn finish(&mut self) -> Result<(), TransferError> {
+        self.flush()?;
+        self.sync()?;
         self.durable = self.flushed;
         if self.flushed != self.config.size {
             return Err(TransferError::SizeMismatch {
@@ -328,7 +343,7 @@ impl SlotWriter {
             });
         }
         let actual = self.hash.finalize();
-        if actual != self.config.expected {
+        if !self.config.stream && actual != self.config.expected {
             return Err(TransferError::HashMismatch {
                 url: self.config.shown.clone(),
                 what: "image",
@@ -346,6 +361,8 @@ impl SlotWriter {
 
 /// The image hash: inline, or on a thread of its own so that hashing and writing use both cores.
 enum ImageHash {
+    /// Not hashed here: the receiving end of the stream hashes.
+    Off,
     Inline(Sha256),
     Thread {
         chunks: Option<std::sync::mpsc::SyncSender<Bytes>>,
@@ -382,6 +399,7 @@ impl ImageHash {
 
     fn update(&mut self, data: &[u8]) {
         match self {
+            ImageHash::Off => {}
             ImageHash::Inline(state) => state.update(data),
             ImageHash::Thread { .. } => self.update_shared(Bytes::copy_from_slice(data)),
         }
@@ -389,6 +407,7 @@ impl ImageHash {
 
     fn update_shared(&mut self, chunk: Bytes) {
         match self {
+            ImageHash::Off => {}
             ImageHash::Inline(state) => state.update(&chunk),
             ImageHash::Thread { chunks, .. } => chunks
                 .as_ref()
@@ -400,6 +419,7 @@ impl ImageHash {
 
     fn finalize(&mut self) -> [u8; 32] {
         match self {
+            ImageHash::Off => [0; 32],
             ImageHash::Inline(state) => state.clone().finalize().into(),
             ImageHash::Thread { chunks, worker } => {
                 drop(chunks.take());

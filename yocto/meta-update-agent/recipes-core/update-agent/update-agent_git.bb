@@ -52,32 +52,29 @@ def update_agent_bootloader_rdepends(d):
 
 UPDATE_AGENT_BOOTLOADER_RDEPENDS ??= "${@update_agent_bootloader_rdepends(d)}"
 
-# The unprivileged user of the daemon, created at build time: a read-only rootfs cannot add
-# users at boot. Same definition as systemd/sysusers.d/update-agent.conf.
+# The unprivileged user of the daemon and the boot check, created at build time: a read-only
+# rootfs cannot add users at boot. Same definition as systemd/sysusers.d/update-agent.conf. Its
+# group may connect to the privileged installer's socket.
 USERADD_PACKAGES = "${PN}"
 USERADD_PARAM:${PN} = "--system --home-dir / --no-create-home --shell /sbin/nologin --user-group update-agent"
 # The people allowed to postpone, resume, switch automatic install and install now over D-Bus
 # (with root): the bus policy file and the agent's `[dbus] admin_group` name this group.
 GROUPADD_PARAM:${PN} = "--system update-admin"
 
-SYSTEMD_SERVICE:${PN} = "update-agent.service update-agent-boot-check.service"
-
-# Set to "0" once update-agent has its separate privileged installer (issue 6, item 1): then the
-# daemon runs unprivileged as update-agent.service describes.
-UPDATE_AGENT_INSTALLER_IN_DAEMON ??= "1"
+# The privileged installer is socket-activated: enabling its socket is enough (the service
+# names the socket with Also=).
+SYSTEMD_SERVICE:${PN} = "update-agent.service update-agent-boot-check.service update-agent-installer.socket"
 
 do_install:append() {
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${S}/systemd/update-agent.service ${D}${systemd_system_unitdir}/
     install -m 0644 ${S}/systemd/update-agent-boot-check.service ${D}${systemd_system_unitdir}/
+    install -m 0644 ${S}/systemd/update-agent-installer.service ${D}${systemd_system_unitdir}/
+    install -m 0644 ${S}/systemd/update-agent-installer.socket ${D}${systemd_system_unitdir}/
     sed -i -e 's#/usr/bin/update-agent #${bindir}/update-agent #' \
         ${D}${systemd_system_unitdir}/update-agent.service \
-        ${D}${systemd_system_unitdir}/update-agent-boot-check.service
-    if [ "${UPDATE_AGENT_INSTALLER_IN_DAEMON}" = "1" ]; then
-        install -d ${D}${systemd_system_unitdir}/update-agent.service.d
-        install -m 0644 ${S}/systemd/update-agent.service.d/10-installer-in-daemon.conf \
-            ${D}${systemd_system_unitdir}/update-agent.service.d/
-    fi
+        ${D}${systemd_system_unitdir}/update-agent-boot-check.service \
+        ${D}${systemd_system_unitdir}/update-agent-installer.service
 
     install -d ${D}${nonarch_libdir}/sysusers.d ${D}${nonarch_libdir}/tmpfiles.d
     install -m 0644 ${S}/systemd/sysusers.d/update-agent.conf ${D}${nonarch_libdir}/sysusers.d/
@@ -93,9 +90,11 @@ do_install:append() {
     fi
     install -m 0644 ${S}/systemd/dbus/org.updateagent.Agent1.service ${D}${datadir}/dbus-1/system-services/
 
-    # The installer's state directory; the boot check's sandbox can write it but not create it.
-    # tmpfiles.d creates it at boot too, for a /var that starts empty.
+    # The state directories: the installer's (root's, the persistent partition's mount point)
+    # and the agent's inside it (the daemon's user's). The units' StateDirectory= and tmpfiles.d
+    # create them at boot too, for a partition that starts empty.
     install -d -m 0755 ${D}${localstatedir}/lib/update-agent
+    install -d -m 0700 -o update-agent -g update-agent ${D}${localstatedir}/lib/update-agent/daemon
 }
 
 FILES:${PN} += "\

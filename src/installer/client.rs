@@ -1,0 +1,220 @@
+//! The daemon's side of the split: asks the privileged installer, over its socket, for what the
+//! unprivileged daemon may not do itself.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+
+use super::{FrameError, MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame};
+use crate::engine::Failure;
+use crate::reason::ReasonCode;
+use crate::release::manifest::Image;
+use crate::transfer::{FetchSettings, TransferError, TransferEvent, send_image};
+
+/// Longest wait for the answer to a bootloader change or a reboot.
+const SHORT_ANSWER: Duration = Duration::from_secs(120);
+
+/// How a remote write failed: the daemon's side (network, decompression) or the installer's.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Transfer(TransferError),
+    #[error("{}: {}", .0.reason, .0.message)]
+    Installer(Failure),
+}
+
+impl WriteError {
+    /// Worth a retry from the last checkpoint: only the network's moments are.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Transfer(e) if e.is_transient())
+    }
+
+    pub fn into_failure(self) -> Failure {
+        match self {
+            WriteError::Transfer(e) => Failure::new(e.reason(), e.to_string()),
+            WriteError::Installer(failure) => failure,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RemoteInstaller {
+    socket: PathBuf,
+}
+
+impl RemoteInstaller {
+    pub fn new(socket: impl Into<PathBuf>) -> RemoteInstaller {
+        RemoteInstaller {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A bootloader change or the reboot: one request, one answer. Blocking.
+    pub fn call(&self, op: Op) -> Result<(), Failure> {
+        let timeout = match op {
+            // Activation reads the whole slot back first.
+            Op::Activate { .. } => None,
+            _ => Some(SHORT_ANSWER),
+        };
+        let stream = self.send(op, None)?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|e| self.unavailable(&e))?;
+        match recv_frame::<Reply>(&stream, MAX_REPLY) {
+            Ok((Reply::Done, _)) => Ok(()),
+            Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
+            Ok((other, _)) => Err(self.unavailable(&format!("unexpected answer {other:?}"))),
+            Err(e) => Err(self.unavailable(&e)),
+        }
+    }
+
+    fn send(&self, op: Op, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<UnixStream, Failure> {
+        let stream = UnixStream::connect(&self.socket).map_err(|e| self.unavailable(&e))?;
+        stream
+            .set_write_timeout(Some(SHORT_ANSWER))
+            .map_err(|e| self.unavailable(&e))?;
+        let request = Request {
+            version: PROTOCOL_VERSION,
+            op,
+        };
+        if let Err(e) = send_frame(&stream, &request, fd) {
+            // The installer refuses a caller before reading its request: its answer says why.
+            return match recv_frame::<Reply>(&stream, MAX_REPLY) {
+                Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
+                _ => Err(self.unavailable(&e)),
+            };
+        }
+        Ok(stream)
+    }
+
+    fn unavailable(&self, error: &dyn std::fmt::Display) -> Failure {
+        Failure::new(
+            ReasonCode::InstallerUnavailable,
+            format!("installer at {}: {error}", self.socket.display()),
+        )
+    }
+
+    /// Has the installer write `release`'s image into `slot`: the installer re-hashes the slot up
+    /// to `resume_from` and names where the stream starts; this side fetches and decompresses
+    /// from there and sends the image bytes. Progress, checkpoints (the installer's, after its
+    /// `fdatasync`) and the start of the read-back reach `events`.
+    pub async fn write(
+        &self,
+        slot: &str,
+        release: &str,
+        image: &Image,
+        resume_from: u64,
+        settings: &FetchSettings,
+        events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+    ) -> Result<(), WriteError> {
+        let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
+        // A zstd decoder cannot restart in the middle of its output: a compressed image is
+        // always sent from 0, and the installer must expect it so.
+        let resume_from = if image.compression.is_some() {
+            0
+        } else {
+            resume_from
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| unavailable(&e))?;
+        let op = Op::Write {
+            slot: slot.to_string(),
+            release: release.to_string(),
+            resume_from,
+        };
+        let this = self.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let control = this.send(op, Some(theirs.as_fd()))?;
+            drop(theirs);
+            // Re-hashing the slot up to the checkpoint comes before `ready`.
+            control
+                .set_read_timeout(None)
+                .map_err(|e| this.unavailable(&e))?;
+            match recv_frame::<Reply>(&control, MAX_REPLY) {
+                Ok((Reply::Ready { start }, _)) => Ok((control, start)),
+                Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
+                Ok((other, _)) => Err(this.unavailable(&format!("unexpected answer {other:?}"))),
+                Err(e) => Err(this.unavailable(&e)),
+            }
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+        let (control, start) = opened.map_err(WriteError::Installer)?;
+
+        let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Reply, FrameError>>(16);
+        std::thread::Builder::new()
+            .name("installer-replies".into())
+            .spawn(move || {
+                loop {
+                    let reply = recv_frame::<Reply>(&control, MAX_REPLY).map(|(reply, _)| reply);
+                    let last = !matches!(&reply, Ok(reply) if !reply.is_final());
+                    if replies_tx.blocking_send(reply).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| unavailable(&e))?;
+
+        let producer = send_image(image, start, settings, File::from(ours));
+        tokio::pin!(producer);
+        let mut produced: Option<Result<(), TransferError>> = None;
+        let answer = loop {
+            tokio::select! {
+                result = &mut producer, if produced.is_none() => produced = Some(result),
+                reply = replies.recv() => {
+                    let event = match reply {
+                        None => break Err(self.unavailable(&"the installer closed the connection")),
+                        Some(Err(e)) => break Err(self.unavailable(&e)),
+                        Some(Ok(Reply::Done)) => break Ok(()),
+                        Some(Ok(Reply::Refused { reason, message })) => {
+                            break Err(refused(reason, &message));
+                        }
+                        Some(Ok(Reply::Progress { written, total })) => {
+                            TransferEvent::Progress { written, total }
+                        }
+                        Some(Ok(Reply::Checkpoint { durable })) => {
+                            TransferEvent::Checkpoint { durable }
+                        }
+                        Some(Ok(Reply::Verifying)) => TransferEvent::Verifying,
+                        Some(Ok(Reply::Ready { .. })) => {
+                            break Err(self.unavailable(&"a second `ready`"));
+                        }
+                    };
+                    events(event).map_err(|source| {
+                        WriteError::Transfer(TransferError::Cancelled { source })
+                    })?;
+                }
+            }
+        };
+        match (produced, answer) {
+            (_, Ok(())) => Ok(()),
+            // The network failing is the cause; the installer only saw the stream end early.
+            (Some(Err(e)), Err(_)) => Err(WriteError::Transfer(e)),
+            (_, Err(failure)) => Err(WriteError::Installer(failure)),
+        }
+    }
+}
+
+fn refused(reason: ReasonCode, message: &str) -> Failure {
+    Failure::new(
+        reason,
+        format!(
+            "installer refused: {}",
+            crate::release::escape_for_log(message, 1024)
+        ),
+    )
+}

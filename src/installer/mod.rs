@@ -1,0 +1,289 @@
+//! The least-privilege split: a small privileged installer (`update-agent installer`, root) owns
+//! the slots, the bootloader environment and the reboot; the daemon, which parses everything
+//! that comes from the network, runs as an unprivileged user and asks the installer over a Unix
+//! socket.
+//!
+//! - [`server`]: the installer role. It serves only the configured daemon user (the peer's
+//!   credentials, `SO_PEERCRED`), verifies every release it is handed against its own trust
+//!   anchor, hashes the image bytes it writes itself, never writes the booted slot, and activates
+//!   only a slot it has just read back and found to hold that release's image.
+//! - [`client`]: the daemon's side ([`RemoteInstaller`]).
+//! - `floor`: the installer's own anti-rollback floor, raised when a slot it verified is marked
+//!   good while booted.
+//!
+//! # Wire format (version [`PROTOCOL_VERSION`])
+//!
+//! One request per connection. A frame is a 4-byte big-endian length and that many bytes of
+//! JSON: a [`Request`] (at most [`MAX_REQUEST`] bytes) from the daemon, then [`Reply`] frames
+//! (each at most [`MAX_REPLY`]) from the installer, the last of them `done` or `refused`. A
+//! `write` request carries one file descriptor (`SCM_RIGHTS`): the receiving end of a socket
+//! pair the daemon sends the raw image bytes into, from the offset the installer's `ready`
+//! names.
+
+pub mod client;
+mod floor;
+pub mod server;
+
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::reason::ReasonCode;
+
+pub use client::{RemoteInstaller, WriteError};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// A request holds at most a release (64 KiB of JSON) and a few names.
+pub const MAX_REQUEST: usize = 256 * 1024;
+/// A reply holds a reason code and a sentence.
+pub const MAX_REPLY: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    pub op: Op,
+}
+
+/// What the daemon asks for. Slots are bootnames; a release is the signed envelope as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Op {
+    MarkBad {
+        slot: String,
+    },
+    MarkGood {
+        slot: String,
+    },
+    /// Read `slot` back, and if it holds the release's image, tell the bootloader to try it.
+    Activate {
+        slot: String,
+        release: String,
+    },
+    /// Write the release's image into `slot` from the stream passed with the request.
+    Write {
+        slot: String,
+        release: String,
+        resume_from: u64,
+    },
+    Reboot,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::MarkBad { .. } => "mark-bad",
+            Op::MarkGood { .. } => "mark-good",
+            Op::Activate { .. } => "activate",
+            Op::Write { .. } => "write",
+            Op::Reboot => "reboot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Reply {
+    /// Carried out.
+    Done,
+    /// `write`: send the image bytes from `start` on (the slot holds, and the installer
+    /// re-hashed, everything before).
+    Ready {
+        start: u64,
+    },
+    Progress {
+        written: u64,
+        total: u64,
+    },
+    /// `[0, durable)` of the slot is synced and hashed.
+    Checkpoint {
+        durable: u64,
+    },
+    /// All bytes written and their hash matched; the read-back starts.
+    Verifying,
+    Refused {
+        reason: ReasonCode,
+        message: String,
+    },
+}
+
+impl Reply {
+    pub fn is_final(&self) -> bool {
+        matches!(self, Reply::Done | Reply::Refused { .. })
+    }
+}
+
+/// Why a frame could not be exchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame is not valid JSON of the expected shape: {0}")]
+    Malformed(String),
+    #[error("more file descriptors than expected came with the frame")]
+    TooManyFds,
+}
+
+/// Sends all of `bytes` on a socket, without `SIGPIPE` when the peer went away (the CLI restores
+/// the default `SIGPIPE` disposition, which would end the process).
+pub fn send_all(socket: &impl AsFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match nix::sys::socket::send(socket.as_fd().as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Sends one frame, with `fd` attached to its first byte.
+pub fn send_frame(
+    socket: &impl AsFd,
+    message: &impl Serialize,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: body.len(),
+        max: u32::MAX as usize,
+    })?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let raw = socket.as_fd().as_raw_fd();
+    let sent = match fd {
+        Some(fd) => {
+            let fds = [fd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            loop {
+                match sendmsg::<()>(
+                    raw,
+                    &[IoSlice::new(&frame)],
+                    &cmsg,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                ) {
+                    Ok(n) => break n,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(io::Error::from(e).into()),
+                }
+            }
+        }
+        None => 0,
+    };
+    send_all(&socket.as_fd(), &frame[sent..])?;
+    Ok(())
+}
+
+/// Receives one frame of at most `max` bytes, and the file descriptor that came with it, if any.
+/// A read timeout set on the socket applies.
+pub fn recv_frame<T: DeserializeOwned>(
+    socket: &impl AsFd,
+    max: usize,
+) -> Result<(T, Option<OwnedFd>), FrameError> {
+    let raw = socket.as_fd().as_raw_fd();
+    let mut header = [0u8; 4];
+    let mut fd = None;
+    let mut got = 0;
+    // The descriptor rides on the frame's first byte: take it with the header.
+    while got < header.len() {
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let (n, truncated, fds) = {
+            let mut iov = [IoSliceMut::new(&mut header[got..])];
+            let message = loop {
+                match recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                    Ok(message) => break message,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(io::Error::from(e).into()),
+                }
+            };
+            let mut fds = Vec::new();
+            for control in message.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(received) = control {
+                    fds.extend(received);
+                }
+            }
+            (
+                message.bytes,
+                message.flags.contains(MsgFlags::MSG_CTRUNC),
+                fds,
+            )
+        };
+        // SAFETY: SCM_RIGHTS gave this process these descriptors; nothing else owns them.
+        let mut owned: Vec<OwnedFd> = fds
+            .into_iter()
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if truncated || owned.len() > 1 || (fd.is_some() && !owned.is_empty()) {
+            return Err(FrameError::TooManyFds);
+        }
+        if let Some(received) = owned.pop() {
+            fd = Some(received);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    let mut file = std::fs::File::from(socket.as_fd().try_clone_to_owned()?);
+    file.read_exact(&mut body)?;
+    let message = serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(bounded(&e)))?;
+    Ok((message, fd))
+}
+
+fn bounded(error: &serde_json::Error) -> String {
+    crate::release::escape_for_log(&error.to_string(), 240)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_frame_carries_its_descriptor_and_is_bounded() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (keep, passed) = UnixStream::pair().unwrap();
+        let request = Request {
+            version: PROTOCOL_VERSION,
+            op: Op::Write {
+                slot: "B".into(),
+                release: "{}".into(),
+                resume_from: 7,
+            },
+        };
+        send_frame(&a, &request, Some(passed.as_fd())).unwrap();
+        let (got, fd): (Request, _) = recv_frame(&b, MAX_REQUEST).unwrap();
+        assert_eq!(got, request);
+        let fd = fd.expect("the descriptor came along");
+        drop(passed);
+        send_all(&fd, b"xy").unwrap();
+        let mut two = [0u8; 2];
+        (&keep).read_exact(&mut two).unwrap();
+        assert_eq!(&two, b"xy");
+
+        send_frame(&a, &Reply::Done, None).unwrap();
+        let result: Result<(Reply, _), _> = recv_frame(&b, 4);
+        assert!(matches!(result, Err(FrameError::TooLarge { max: 4, .. })));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let body = br#"{"version":1,"op":{"kind":"reboot"},"extra":1}"#;
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        send_all(&a, &frame).unwrap();
+        let result: Result<(Request, _), _> = recv_frame(&b, MAX_REQUEST);
+        assert!(matches!(result, Err(FrameError::Malformed(_))));
+    }
+}

@@ -1,0 +1,481 @@
+//! The privileged role: `update-agent installer`. One connection at a time, one request per
+//! connection; every refusal is answered with a reason code and logged.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::{Gid, Uid, User};
+
+use super::floor::Floor;
+use super::{
+    FrameError, MAX_REQUEST, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame,
+};
+use crate::anchor::{AnchorError, Protection, TrustAnchor};
+use crate::bootloader::{Bootloader, BootloaderError};
+use crate::config::{Config, InstallerConfig};
+use crate::reason::ReasonCode;
+use crate::release::{self, Policy, VerifiedRelease};
+use crate::system;
+use crate::transfer::{SlotStream, SlotStreamRequest, TransferEvent, verify_slot};
+
+/// How long a client may take to send its request, and to take a reply off the socket.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "the configuration has no [installer] section; the installer needs its socket and daemon_user"
+    )]
+    NotConfigured,
+    #[error("installer.daemon_user {0:?} is neither a user on this system nor a numeric uid")]
+    UnknownUser(String),
+    #[error(transparent)]
+    Anchor(#[from] AnchorError),
+    #[error(transparent)]
+    Bootloader(#[from] BootloaderError),
+    #[error("the installer's state in {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A refusal: a reason code for the daemon and a sentence for the journal and the operator.
+struct Refused {
+    reason: ReasonCode,
+    message: String,
+}
+
+impl Refused {
+    fn new(reason: ReasonCode, message: impl Into<String>) -> Refused {
+        Refused {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+pub struct Installer {
+    config: Config,
+    anchor: TrustAnchor,
+    bootloader: Box<dyn Bootloader>,
+    daemon_uid: Uid,
+    daemon_gid: Option<Gid>,
+    floor: Floor,
+    /// Slots this process wrote and read back, with the release id: activating one of those
+    /// needs no second read-back. Forgotten when a write to the slot starts.
+    written: std::collections::BTreeMap<String, [u8; 32]>,
+}
+
+impl Installer {
+    pub fn open(config: Config) -> Result<Installer, ServeError> {
+        let settings = config.installer.clone().ok_or(ServeError::NotConfigured)?;
+        let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
+        let protection = if config.trust.insecure_writable_anchor {
+            Protection::AllowWritable
+        } else {
+            Protection::Enforce
+        };
+        let anchor = TrustAnchor::load(&config.trust.keys_dir, protection)?;
+        for warning in &anchor.warnings {
+            tracing::warn!("insecure trust anchor (development mode): {warning}");
+        }
+        let bootloader = crate::agent::open_bootloader(&config)?;
+        let floor = Floor::open(&settings.state_dir).map_err(|source| ServeError::State {
+            path: settings.state_dir.display().to_string(),
+            source,
+        })?;
+        Ok(Installer {
+            written: Default::default(),
+            floor,
+            config,
+            anchor,
+            bootloader,
+            daemon_uid,
+            daemon_gid,
+        })
+    }
+
+    /// The socket systemd passed (socket activation, `LISTEN_FDS`), else one bound at the
+    /// configured path: owned by root and the daemon user's group, mode 0660 (0666 when the
+    /// daemon user has no group; the peer check still keeps everyone else out).
+    pub fn listener(&self) -> Result<UnixListener, ServeError> {
+        if let Some(listener) = inherited_listener() {
+            return Ok(listener);
+        }
+        let path = &self
+            .config
+            .installer
+            .as_ref()
+            .expect("checked in open")
+            .socket;
+        let listen_err = |source| ServeError::Listen {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(listen_err)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(listen_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(listen_err)?;
+        let mode = match self.daemon_gid {
+            Some(gid) => {
+                nix::unistd::chown(path, None, Some(gid))
+                    .map_err(|e| listen_err(std::io::Error::from(e)))?;
+                0o660
+            }
+            None => 0o666,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(listen_err)?;
+        Ok(listener)
+    }
+
+    /// Serves until the listener fails.
+    pub fn serve(&mut self, listener: UnixListener) -> std::io::Result<()> {
+        tracing::info!(
+            "installer serving uid {} on its socket",
+            self.daemon_uid.as_raw()
+        );
+        loop {
+            let (stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.handle(stream);
+        }
+    }
+
+    /// Carries out one connection's request and answers it.
+    pub fn handle(&mut self, stream: UnixStream) {
+        let peer = match getsockopt(&stream, PeerCredentials) {
+            Ok(peer) => peer,
+            Err(e) => {
+                tracing::error!("installer: cannot read the caller's credentials: {e}");
+                return;
+            }
+        };
+        let (uid, pid) = (peer.uid(), peer.pid());
+        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+        // The caller is checked before its request is looked at.
+        if uid != self.daemon_uid.as_raw() {
+            // Taken off the socket unread (any descriptor with it closed), so that the caller
+            // gets the refusal rather than a connection reset in the middle of its request.
+            let _ = recv_frame::<serde::de::IgnoredAny>(&stream, MAX_REQUEST);
+            let refused = Refused::new(
+                ReasonCode::Forbidden,
+                format!(
+                    "uid {uid} (pid {pid}) is not the daemon user (uid {})",
+                    self.daemon_uid.as_raw()
+                ),
+            );
+            self.answer(&stream, "request", uid, Err(refused));
+            return;
+        }
+        let (request, fd) = match recv_frame::<Request>(&stream, MAX_REQUEST) {
+            Ok(received) => received,
+            Err(FrameError::Io(e)) => {
+                tracing::warn!("installer: no request from uid {uid} (pid {pid}): {e}");
+                return;
+            }
+            Err(e) => {
+                let refused = Refused::new(ReasonCode::Malformed, e.to_string());
+                self.answer(&stream, "request", uid, Err(refused));
+                return;
+            }
+        };
+        let name = request.op.name();
+        let result = if request.version != PROTOCOL_VERSION {
+            Err(Refused::new(
+                ReasonCode::InvalidRequest,
+                format!(
+                    "protocol version {} (this installer speaks {PROTOCOL_VERSION})",
+                    request.version
+                ),
+            ))
+        } else {
+            self.carry_out(request.op, fd, &stream)
+        };
+        self.answer(&stream, name, uid, result);
+    }
+
+    fn answer(&self, stream: &UnixStream, op: &str, uid: u32, result: Result<(), Refused>) {
+        let reply = match result {
+            Ok(()) => {
+                tracing::info!("installer: {op} for uid {uid} done");
+                Reply::Done
+            }
+            Err(refused) => {
+                if refused.reason.is_tamper_alert() {
+                    tracing::error!(
+                        message_id = crate::logging::message_id::TAMPER_ALERT,
+                        reason = %refused.reason,
+                        "TAMPER ALERT: installer refused {op} for uid {uid}: {}",
+                        refused.message
+                    );
+                } else {
+                    tracing::warn!(
+                        reason = %refused.reason,
+                        "installer refused {op} for uid {uid}: {}",
+                        refused.message
+                    );
+                }
+                Reply::Refused {
+                    reason: refused.reason,
+                    message: refused.message,
+                }
+            }
+        };
+        if let Err(e) = send_frame(stream, &reply, None) {
+            tracing::warn!("installer: cannot answer {op} to uid {uid}: {e}");
+        }
+    }
+
+    fn carry_out(
+        &mut self,
+        op: Op,
+        fd: Option<OwnedFd>,
+        stream: &UnixStream,
+    ) -> Result<(), Refused> {
+        match op {
+            Op::MarkBad { slot } => {
+                self.configured(&slot)?;
+                self.bootloader_op(|b| b.mark_bad(&slot))
+            }
+            Op::MarkGood { slot } => {
+                self.configured(&slot)?;
+                self.bootloader_op(|b| b.mark_good(&slot))?;
+                // Good while booted: the commit (or an ordinary boot) of what the slot holds.
+                if system::booted_slot(&self.config).is_ok_and(|booted| booted == slot)
+                    && let Err(e) = self.floor.committed(&slot)
+                {
+                    tracing::error!("installer: cannot raise its anti-rollback floor: {e}");
+                }
+                Ok(())
+            }
+            Op::Activate { slot, release } => self.activate(&slot, &release),
+            Op::Write {
+                slot,
+                release,
+                resume_from,
+            } => {
+                let stream_fd = fd.ok_or_else(|| {
+                    Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
+                })?;
+                self.write(&slot, &release, resume_from, stream_fd, stream)
+            }
+            Op::Reboot => self.reboot(),
+        }
+    }
+
+    fn configured(&self, slot: &str) -> Result<&crate::config::Slot, Refused> {
+        self.config.slot_by_bootname(slot).ok_or_else(|| {
+            Refused::new(
+                ReasonCode::InvalidRequest,
+                format!(
+                    "slot {} is not configured",
+                    release::escape_for_log(slot, 32)
+                ),
+            )
+        })
+    }
+
+    fn bootloader_op(
+        &self,
+        op: impl FnOnce(&dyn Bootloader) -> Result<(), BootloaderError>,
+    ) -> Result<(), Refused> {
+        op(self.bootloader.as_ref())
+            .map_err(|e| Refused::new(ReasonCode::BootloaderFailed, e.to_string()))
+    }
+
+    /// The installer's own verification, against its own trust anchor: what the daemon says a
+    /// release is counts for nothing.
+    fn verify(&self, release: &str) -> Result<VerifiedRelease, Refused> {
+        let policy = Policy {
+            threshold: self.config.trust.threshold,
+            compatible: Some(self.config.device.compatible.clone()),
+            floor: self.config.trust.floor.max(self.floor.floor()),
+            now: Timestamp::now(),
+        };
+        release::verify(release.as_bytes(), &self.anchor, &policy)
+            .map_err(|refusal| Refused::new(refusal.code, refusal.message))
+    }
+
+    /// The image the verified release holds for this device's slot class: size and SHA-256.
+    fn image(&self, verified: &VerifiedRelease) -> Result<(u64, [u8; 32]), Refused> {
+        let class = &self.config.slots.class;
+        let image = verified.manifest.images.get(class).ok_or_else(|| {
+            Refused::new(
+                ReasonCode::Incompatible,
+                format!("the release has no image for slot class {class}"),
+            )
+        })?;
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(&image.sha256, &mut sha256)
+            .map_err(|_| Refused::new(ReasonCode::Malformed, "image sha256 is not hex"))?;
+        Ok((image.size, sha256))
+    }
+
+    /// The slot to write: configured, and neither the booted one nor the device behind `/`.
+    fn writable(&self, slot: &str) -> Result<crate::config::Slot, Refused> {
+        let target = self.configured(slot)?.clone();
+        let booted = system::booted_slot(&self.config)
+            .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
+        if slot == booted || system::holds_root(&target.device) {
+            return Err(Refused::new(
+                ReasonCode::BootedSlot,
+                format!(
+                    "slot {slot} ({}) is the booted slot; it is never written",
+                    target.device.display()
+                ),
+            ));
+        }
+        Ok(target)
+    }
+
+    fn write(
+        &mut self,
+        slot: &str,
+        release: &str,
+        resume_from: u64,
+        image_stream: OwnedFd,
+        control: &UnixStream,
+    ) -> Result<(), Refused> {
+        let verified = self.verify(release)?;
+        let (size, sha256) = self.image(&verified)?;
+        let target = self.writable(slot)?;
+        // The bootloader must never name a slot whose bytes are changing, whatever the daemon
+        // did or did not ask before.
+        self.bootloader_op(|b| b.mark_bad(slot))?;
+        let state = |e: std::io::Error| {
+            Refused::new(
+                ReasonCode::SlotIo,
+                format!("cannot record the installer's state: {e}"),
+            )
+        };
+        self.written.remove(slot);
+        self.floor.forget(slot).map_err(state)?;
+        let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
+        let slot_stream = SlotStream::open(SlotStreamRequest {
+            slot_path: target.device.clone(),
+            slot_capacity: target.size.unwrap_or(u64::MAX),
+            size,
+            sha256,
+            resume_from,
+            checkpoint_interval: self.config.install.checkpoint_interval,
+            stall_timeout: self.config.install.stall_timeout,
+        })
+        .map_err(transfer)?;
+        let tell = |reply: &Reply| {
+            send_frame(control, reply, None).map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        if slot_stream.start() > 0 {
+            tracing::info!(
+                "installer: write of slot {slot} resumes at byte {} (re-hashed)",
+                slot_stream.start()
+            );
+        }
+        tell(&Reply::Ready {
+            start: slot_stream.start(),
+        })
+        .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
+        let mut events = |event: TransferEvent| {
+            tell(&match event {
+                TransferEvent::Progress { written, total } => Reply::Progress { written, total },
+                TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
+                TransferEvent::Verifying => Reply::Verifying,
+            })
+        };
+        slot_stream
+            .run(File::from(image_stream), &mut events)
+            .map_err(transfer)?;
+        self.floor
+            .wrote(slot, verified.manifest.security_version)
+            .map_err(state)?;
+        self.written.insert(slot.to_string(), verified.id);
+        tracing::info!(
+            "installer: slot {slot} holds release {} (sha256 {})",
+            verified.id_hex(),
+            hex::encode(sha256)
+        );
+        Ok(())
+    }
+
+    /// Activates `slot` only when it holds the image of a release this installer verified
+    /// itself: written and read back by this process, or else read back from the medium now.
+    fn activate(&mut self, slot: &str, release: &str) -> Result<(), Refused> {
+        let verified = self.verify(release)?;
+        let (size, sha256) = self.image(&verified)?;
+        let target = self.configured(slot)?;
+        if self.written.get(slot) != Some(&verified.id) {
+            verify_slot(&target.device, size, &sha256)
+                .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
+        }
+        self.bootloader_op(|b| b.mark_active(slot))
+    }
+
+    fn reboot(&self) -> Result<(), Refused> {
+        let command = &self.config.system.reboot_command;
+        let failed = |message: String| {
+            Refused::new(
+                ReasonCode::InvalidRequest,
+                format!("cannot reboot with {command:?}: {message}"),
+            )
+        };
+        let status = std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .status()
+            .map_err(|e| failed(e.to_string()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(failed(status.to_string()))
+        }
+    }
+}
+
+fn resolve_user(settings: &InstallerConfig) -> Result<(Uid, Option<Gid>), ServeError> {
+    let name = &settings.daemon_user;
+    let unknown = || ServeError::UnknownUser(name.clone());
+    if let Ok(uid) = name.parse::<u32>() {
+        let uid = Uid::from_raw(uid);
+        let gid = User::from_uid(uid).ok().flatten().map(|user| user.gid);
+        return Ok((uid, gid));
+    }
+    let user = User::from_name(name)
+        .map_err(|_| unknown())?
+        .ok_or_else(unknown)?;
+    Ok((user.uid, Some(user.gid)))
+}
+
+/// The listening socket systemd passes when `update-agent-installer.socket` activates the
+/// service: fd 3, announced by `LISTEN_FDS=1` for this process's `LISTEN_PID`.
+fn inherited_listener() -> Option<UnixListener> {
+    let pid = std::env::var("LISTEN_PID").ok()?.parse::<u32>().ok()?;
+    let fds = std::env::var("LISTEN_FDS").ok()?.parse::<u32>().ok()?;
+    if pid != std::process::id() || fds != 1 {
+        return None;
+    }
+    // SAFETY: systemd hands this process fd 3 as its listening socket (sd_listen_fds(3)); the
+    // variables checked above say it is ours, and nothing else in the process took it.
+    let fd = unsafe { OwnedFd::from_raw_fd(3) };
+    Some(UnixListener::from(fd))
+}

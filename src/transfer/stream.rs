@@ -1,0 +1,350 @@
+//! The image as a byte stream between the two roles of the least-privilege split.
+//!
+//! The daemon fetches and decompresses ([`send_image`]): the network and the zstd decoder, the
+//! code that parses outside bytes, run without any privilege. It writes the raw image bytes into
+//! a socket whose other end the privileged installer received over its control socket. The
+//! installer ([`SlotStream`]) hashes every byte it writes, syncs at checkpoints, refuses a
+//! stream that goes past the image, and reads the slot back past the page cache: it trusts
+//! nothing of what the daemon says about the bytes, only the signed release.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use rustls::pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+
+use super::error::TransferError;
+use super::source::{HttpOptions, Source};
+use super::writer::{self, Msg, SinkConfig, SinkOutcome};
+use super::{PROGRESS_INTERVAL, Plan, QUEUE_CHUNKS, TransferEvent, Written, join_error};
+use crate::release::manifest::Image;
+
+/// Bytes read from the stream at a time.
+const STREAM_CHUNK: usize = 256 * 1024;
+
+/// How the daemon reaches the image's server.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    pub stall_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub extra_roots: Vec<CertificateDer<'static>>,
+}
+
+/// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
+/// compressed image), decompresses it, and writes the image bytes `[start, size)` into `out`.
+/// Returns when all were sent; closing `out` then tells the installer the stream ended.
+pub async fn send_image(
+    image: &Image,
+    start: u64,
+    settings: &FetchSettings,
+    out: File,
+) -> Result<(), TransferError> {
+    let plan = Plan::new(image)?;
+    let size = image.size;
+    let start = if plan.zstd.is_some() || start > size {
+        0
+    } else {
+        start
+    };
+    if start == size {
+        return Ok(());
+    }
+    let http = HttpOptions {
+        connect_timeout: settings.connect_timeout,
+        stall_timeout: settings.stall_timeout,
+        extra_roots: &settings.extra_roots,
+    };
+    let mut source = Source::open(&plan.url, start, plan.transport_size, &http).await?;
+    // A server that ignored the range sends the whole image: the installer still expects it
+    // from `start`.
+    let mut skip = start - source.start();
+
+    let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
+    let (checkpoints, _) = std::sync::mpsc::channel();
+    let sink = {
+        let config = SinkConfig {
+            path: PathBuf::from("the installer's stream"),
+            shown: plan.shown.clone(),
+            size,
+            start,
+            hasher: Sha256::new(),
+            expected: plan.sha256,
+            checkpoint_interval: 0,
+            report_checkpoints: false,
+            zstd: plan.zstd,
+            stream: true,
+        };
+        let written = Arc::new(AtomicU64::new(start));
+        tokio::task::spawn_blocking(move || {
+            writer::run_sink(out, config, queue_rx, written, checkpoints)
+        })
+    };
+    let expected = plan.transport_size - source.start();
+    let mut received = 0u64;
+    let failure = async {
+        loop {
+            let Some(mut chunk) = source.next_chunk().await? else {
+                if received < expected {
+                    return Err(TransferError::SizeMismatch {
+                        url: plan.shown.clone(),
+                        detail: format!(
+                            "the body ends after {} bytes, the release declares {}",
+                            source.start() + received,
+                            plan.transport_size
+                        ),
+                    });
+                }
+                let _ = queue.send(Msg::End).await;
+                return Ok(());
+            };
+            if chunk.len() as u64 > expected - received {
+                return Err(TransferError::SizeMismatch {
+                    url: plan.shown.clone(),
+                    detail: format!(
+                        "the body goes on past the declared {} bytes",
+                        plan.transport_size
+                    ),
+                });
+            }
+            received += chunk.len() as u64;
+            if skip > 0 {
+                let cut = skip.min(chunk.len() as u64) as usize;
+                skip -= cut as u64;
+                let _ = chunk.split_to(cut);
+                if chunk.is_empty() {
+                    continue;
+                }
+            }
+            if queue.send(Msg::Data(chunk)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    .await
+    .err();
+    drop(queue);
+    drop(source);
+    let outcome = sink.await.map_err(join_error)?;
+    match (failure, outcome) {
+        (_, Err(sink_error)) => Err(sink_error),
+        (Some(failure), Ok(_)) => Err(failure),
+        (None, Ok(SinkOutcome::Aborted)) => Err(TransferError::Download {
+            url: plan.shown.clone(),
+            detail: "the transfer stopped before its end".into(),
+        }),
+        (None, Ok(SinkOutcome::Finished)) => Ok(()),
+    }
+}
+
+/// What the installer writes where: the image as its own verified manifest describes it.
+#[derive(Debug, Clone)]
+pub struct SlotStreamRequest {
+    pub slot_path: PathBuf,
+    pub slot_capacity: u64,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    /// The daemon's checkpoint; the installer re-hashes the slot up to it itself.
+    pub resume_from: u64,
+    pub checkpoint_interval: u64,
+    /// Longest wait for the next byte of the stream.
+    pub stall_timeout: Duration,
+}
+
+/// The installer's side: a slot opened for one image, with the hash of the prefix it resumes
+/// after already rebuilt from the slot's own bytes.
+pub struct SlotStream {
+    request: SlotStreamRequest,
+    file: File,
+    start: u64,
+    hasher: Sha256,
+}
+
+impl SlotStream {
+    /// Opens the slot (refusing an image that does not fit) and re-hashes `[0, resume_from)`.
+    /// Blocking.
+    pub fn open(request: SlotStreamRequest) -> Result<SlotStream, TransferError> {
+        let file = writer::open_slot(&request.slot_path, request.slot_capacity, request.size)?;
+        let mut start = request.resume_from.min(request.size);
+        let mut hasher = Sha256::new();
+        if start > 0 {
+            match writer::rehash(&file, &request.slot_path, start)? {
+                Some(state) => hasher = state,
+                None => start = 0,
+            }
+        }
+        Ok(SlotStream {
+            request,
+            file,
+            start,
+            hasher,
+        })
+    }
+
+    /// Where the stream must start: the slot's bytes before it are kept.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Writes the stream's bytes from [`SlotStream::start`] on, then reads the slot back.
+    /// Blocking. A stream that ends early leaves a checkpoint for what arrived and fails with
+    /// a transient `download-failed`.
+    pub fn run(
+        self,
+        stream: File,
+        events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+    ) -> Result<Written, TransferError> {
+        let SlotStream {
+            request,
+            file,
+            start,
+            hasher,
+        } = self;
+        let shown = "the daemon's stream".to_string();
+        let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
+        let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
+        let written = Arc::new(AtomicU64::new(start));
+        let sink = {
+            let config = SinkConfig {
+                path: request.slot_path.clone(),
+                shown: shown.clone(),
+                size: request.size,
+                start,
+                hasher,
+                expected: request.sha256,
+                checkpoint_interval: request.checkpoint_interval,
+                report_checkpoints: true,
+                zstd: None,
+                stream: false,
+            };
+            let written = written.clone();
+            std::thread::Builder::new()
+                .name("slot-writer".into())
+                .spawn(move || writer::run_sink(file, config, queue_rx, written, checkpoint_tx))
+                .map_err(|e| TransferError::slot_io(&request.slot_path, "start writing", e))?
+        };
+        let mut last_progress = Instant::now();
+        let mut report = |events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+                          now: bool|
+         -> Result<(), TransferError> {
+            while let Ok(durable) = checkpoints.try_recv() {
+                events(TransferEvent::Checkpoint { durable })
+                    .map_err(|source| TransferError::Cancelled { source })?;
+            }
+            if now || last_progress.elapsed() >= PROGRESS_INTERVAL {
+                last_progress = Instant::now();
+                events(TransferEvent::Progress {
+                    written: written.load(Ordering::Relaxed),
+                    total: request.size,
+                })
+                .map_err(|source| TransferError::Cancelled { source })?;
+            }
+            Ok(())
+        };
+        let expected = request.size - start;
+        let mut received = 0u64;
+        let mut stream = stream;
+        let failure = (|| {
+            report(events, true)?;
+            loop {
+                wait_readable(&stream, request.stall_timeout, &shown, start + received)?;
+                let mut buf = BytesMut::zeroed(STREAM_CHUNK);
+                let n = match stream.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(TransferError::Download {
+                            url: shown.clone(),
+                            detail: format!("cannot read: {e}"),
+                        });
+                    }
+                };
+                if n == 0 {
+                    if received < expected {
+                        return Err(TransferError::Download {
+                            url: shown.clone(),
+                            detail: format!(
+                                "the stream ended after {} of {} bytes",
+                                start + received,
+                                request.size
+                            ),
+                        });
+                    }
+                    let _ = queue.blocking_send(Msg::End);
+                    return Ok(());
+                }
+                buf.truncate(n);
+                received += n as u64;
+                // Bytes past the image are refused by the sink before any is written.
+                if queue.blocking_send(Msg::Data(buf.freeze())).is_err() {
+                    return Ok(());
+                }
+                report(events, false)?;
+            }
+        })()
+        .err();
+        drop(queue);
+        let outcome = match sink.join() {
+            Ok(outcome) => outcome,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        // Checkpoints are durable whatever went wrong with the stream.
+        let reported = report(events, true);
+        match (failure, outcome) {
+            (_, Err(sink_error)) => return Err(sink_error),
+            (Some(failure), Ok(_)) => return Err(failure),
+            (None, Ok(SinkOutcome::Aborted)) => {
+                return Err(TransferError::Download {
+                    url: shown,
+                    detail: "the stream stopped before its end".into(),
+                });
+            }
+            (None, Ok(SinkOutcome::Finished)) => reported?,
+        }
+        events(TransferEvent::Verifying).map_err(|source| TransferError::Cancelled { source })?;
+        super::verify_slot(&request.slot_path, request.size, &request.sha256)?;
+        Ok(Written {
+            bytes: request.size,
+            sha256: request.sha256,
+        })
+    }
+}
+
+fn wait_readable(
+    stream: &File,
+    timeout: Duration,
+    shown: &str,
+    received: u64,
+) -> Result<(), TransferError> {
+    let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(TransferError::Stall {
+                url: shown.to_string(),
+                after: timeout,
+                received,
+            });
+        }
+        let wait = PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(millis));
+        match poll(&mut fds, wait) {
+            Ok(0) => continue,
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(TransferError::Download {
+                    url: shown.to_string(),
+                    detail: format!("cannot wait for the stream: {e}"),
+                });
+            }
+        }
+    }
+}
