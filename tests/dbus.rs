@@ -146,6 +146,20 @@ impl Bus {
     }
 }
 
+/// A child process this test started, killed (by pid) and reaped when the test ends early.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut()
+            && let Ok(None) = child.try_wait()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Bus {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -863,12 +877,16 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     let service = Service::start(&bus, &device);
     let (seen, stop_watching) = watch_signals(&bus);
     // What `update-agent status --follow --json` prints meanwhile, line by line.
-    let mut follow = command(Who::Nobody, Path::new(env!("CARGO_BIN_EXE_update-agent")))
+    let follow = command(Who::Nobody, Path::new(env!("CARGO_BIN_EXE_update-agent")))
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
         .args(["status", "--follow", "--json"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Ended by its pid if an assertion fails first: left running, it would hold the test
+    // harness's output pipe open.
+    let mut follow = KillOnDrop(Some(follow));
+    let follow = follow.0.as_mut().unwrap();
     let followed = Arc::new(Mutex::new(Vec::<String>::new()));
     let reader = {
         let followed = followed.clone();

@@ -312,48 +312,63 @@ fn print_status(status: &Status) {
 
 /// Prints what changes until interrupted: state changes and signals as lines (JSON lines with
 /// `--json`), a progress bar while writing on a terminal.
-async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Result<()> {
-    let mut states = agent.receive_state_changed().await;
-    let mut progress = agent.receive_progress_changed().await;
-    let mut auto = agent.receive_auto_install_changed().await;
-    let mut postponed = agent.receive_postponed_until_changed().await;
-    let mut available = agent.receive_update_available().await?;
-    let mut disruption = agent.receive_disruption_ahead().await?;
-    let mut completed = agent.receive_completed().await?;
-    let terminal = std::io::stderr().is_terminal() && !json;
-    let mut bar: Option<ProgressBar> = None;
-    let say = |bar: &Option<ProgressBar>, line: String| match bar {
-        Some(bar) => bar.println(line),
-        None => println!("{line}"),
-    };
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            Some(change) = states.next() => {
-                let state = change.get().await?;
-                if state != "writing" && let Some(bar) = bar.take() {
+/// The properties `status --follow` shows as they change, in the order it shows them.
+const FOLLOWED: [&str; 4] = ["State", "AutoInstall", "PostponedUntil", "Progress"];
+
+/// What `status --follow` prints: lines, and a progress bar on a terminal during a write.
+struct Follower {
+    json: bool,
+    terminal: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Follower {
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn property(&mut self, name: &str, value: &zbus::Variant<'_>) -> zbus::Result<()> {
+        let json = self.json;
+        match name {
+            "State" => {
+                let state: &str = value.downcast_ref()?;
+                if state != "writing"
+                    && let Some(bar) = self.bar.take()
+                {
                     bar.finish_and_clear();
                 }
-                say(&bar, if json { json!({"state": state}).to_string() } else { format!("state: {state}") });
-            }
-            Some(change) = auto.next() => {
-                let on = change.get().await?;
-                say(&bar, if json { json!({"auto_install": on}).to_string() } else { format!("auto install: {}", if on { "on" } else { "off" }) });
-            }
-            Some(change) = postponed.next() => {
-                let until = client::time(change.get().await?);
-                say(&bar, if json {
-                    json!({"postponed_until": until}).to_string()
+                self.say(if json {
+                    json!({"state": state}).to_string()
                 } else {
-                    format!("postponed: {}", until.map(|u| format!("until {u}")).unwrap_or_else(|| "no".into()))
+                    format!("state: {state}")
                 });
             }
-            Some(change) = progress.next() => {
-                let (done, total) = change.get().await?;
+            "AutoInstall" => {
+                let on: bool = value.downcast_ref()?;
+                self.say(if json {
+                    json!({"auto_install": on}).to_string()
+                } else {
+                    format!("auto install: {}", if on { "on" } else { "off" })
+                });
+            }
+            "PostponedUntil" => {
+                let until = client::time(value.downcast_ref()?);
+                self.say(if json {
+                    json!({"postponed_until": until}).to_string()
+                } else {
+                    let until = until.map(|u| format!("until {u}"));
+                    format!("postponed: {}", until.unwrap_or_else(|| "no".into()))
+                });
+            }
+            "Progress" => {
+                let (done, total): (u64, u64) = value.downcast_ref()?;
                 if json {
-                    say(&bar, json!({"progress": {"done": done, "total": total}}).to_string());
-                } else if terminal && total > 0 {
-                    let bar = bar.get_or_insert_with(|| {
+                    self.say(json!({"progress": {"done": done, "total": total}}).to_string());
+                } else if self.terminal && total > 0 {
+                    let bar = self.bar.get_or_insert_with(|| {
                         let bar = ProgressBar::new(total);
                         bar.set_style(
                             ProgressStyle::with_template(
@@ -367,9 +382,55 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
                     bar.set_position(done);
                 }
             }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Result<()> {
+    // The raw PropertiesChanged signals, not zbus' per-property streams: those keep only the
+    // latest value, so a follower on a busy device would miss a short `writing` state.
+    let properties = zbus::fdo::PropertiesProxy::builder(agent.inner().connection())
+        .destination(agent.inner().destination().to_owned())
+        .path(agent.inner().path().to_owned())
+        .build()
+        .await?;
+    let mut changes = properties.receive_properties_changed().await?;
+    let mut available = agent.receive_update_available().await?;
+    let mut disruption = agent.receive_disruption_ahead().await?;
+    let mut completed = agent.receive_completed().await?;
+    let mut follower = Follower {
+        json,
+        terminal: std::io::stderr().is_terminal() && !json,
+        bar: None,
+    };
+    // Subscribed first, then the current values: a change in between is shown, not lost.
+    let interface = zbus::names::InterfaceName::try_from(dbus::INTERFACE)?;
+    let current = properties.get_all(interface).await?;
+    for name in FOLLOWED {
+        if let Some(value) = current.get(name) {
+            follower.property(name, value)?;
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            Some(signal) = changes.next() => {
+                let args = signal.args()?;
+                if args.interface_name().as_str() != dbus::INTERFACE {
+                    continue;
+                }
+                let changed = args.changed_properties();
+                for name in FOLLOWED {
+                    if let Some(value) = changed.get(name) {
+                        follower.property(name, value)?;
+                    }
+                }
+            }
             Some(signal) = available.next() => {
                 let a = signal.args()?;
-                say(&bar, if json {
+                follower.say(if json {
                     json!({"update_available": {"version": a.version, "advisory": a.advisory, "security": a.security, "severity": a.severity, "deadline": client::time(a.deadline)}}).to_string()
                 } else {
                     format!("update available: {} — {}", escape_for_log(&a.version, 64), escape_for_log(&a.advisory, 300))
@@ -377,7 +438,7 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
             }
             Some(signal) = disruption.next() => {
                 let a = signal.args()?;
-                say(&bar, if json {
+                follower.say(if json {
                     json!({"disruption_ahead": {"seconds": a.seconds, "postponable": a.postponable, "downtime_seconds": a.downtime_seconds}}).to_string()
                 } else {
                     format!("reboot in {} s{}", a.seconds, if a.postponable { " (update-agent postpone can still move it)" } else { "" })
@@ -385,7 +446,7 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
             }
             Some(signal) = completed.next() => {
                 let a = signal.args()?;
-                say(&bar, if json {
+                follower.say(if json {
                     json!({"completed": {"result": a.result, "version": a.version, "reason": a.reason}}).to_string()
                 } else {
                     format!("{} {}{}", a.result, escape_for_log(&a.version, 64), if a.reason.is_empty() { String::new() } else { format!(" ({})", a.reason) })
@@ -393,7 +454,7 @@ async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Resul
             }
         }
     }
-    if let Some(bar) = bar {
+    if let Some(bar) = follower.bar {
         bar.finish_and_clear();
     }
     Ok(())
