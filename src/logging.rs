@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -44,8 +44,7 @@ const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// Installs the global subscriber, filtered by `RUST_LOG` (else `default_level`).
 pub fn init(target: LogTarget, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = filter_from(std::env::var("RUST_LOG").ok().as_deref(), default_level);
     let journal = match target {
         LogTarget::Stderr => None,
         LogTarget::Auto if !Path::new(JOURNAL_SOCKET).exists() => None,
@@ -80,9 +79,30 @@ pub fn init(target: LogTarget, default_level: &str) {
     }
 }
 
+/// `RUST_LOG`-style directives (`warn`, `update_agent=debug,rumqttc=off`): a default level and
+/// per-module levels. `Targets` rather than `EnvFilter`: the span and field-value directives
+/// only `EnvFilter` knows cost its regex engine, about 200 KiB of the device binary, and the agent
+/// has no spans to filter on. A value that does not parse falls back to `default_level`, with a
+/// note on stderr, so a typo never silences the agent.
+fn filter_from(directives: Option<&str>, default_level: &str) -> Targets {
+    let fallback = || {
+        default_level
+            .parse()
+            .expect("the default log level is a valid directive")
+    };
+    match directives {
+        None => fallback(),
+        Some(text) => text.parse().unwrap_or_else(|e| {
+            eprintln!("update-agent: RUST_LOG={text:?} is not understood ({e}); logging at {default_level}");
+            fallback()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::message_id;
+    use super::{filter_from, message_id};
+    use tracing::Level;
 
     #[test]
     fn message_ids_are_distinct_128_bit_hex() {
@@ -106,5 +126,30 @@ mod tests {
         }
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
+    }
+
+    #[test]
+    fn rust_log_sets_the_default_and_per_module_levels() {
+        let filter = filter_from(Some("warn,update_agent::mqtt=debug,rumqttc=off"), "info");
+        assert!(filter.would_enable("update_agent::mqtt::link", &Level::DEBUG));
+        assert!(!filter.would_enable("update_agent::mqtt::link", &Level::TRACE));
+        assert!(filter.would_enable("update_agent::engine", &Level::WARN));
+        assert!(!filter.would_enable("update_agent::engine", &Level::INFO));
+        assert!(!filter.would_enable("rumqttc::state", &Level::ERROR));
+    }
+
+    #[test]
+    fn without_or_with_a_bad_rust_log_the_default_level_applies() {
+        for directives in [None, Some("update_agent=loud")] {
+            let filter = filter_from(directives, "info");
+            assert!(
+                filter.would_enable("update_agent::daemon", &Level::INFO),
+                "{directives:?}"
+            );
+            assert!(
+                !filter.would_enable("update_agent::daemon", &Level::DEBUG),
+                "{directives:?}"
+            );
+        }
     }
 }
