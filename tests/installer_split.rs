@@ -5,13 +5,20 @@
 //! through `setpriv`, with a state directory of its own. Forged requests are sent with the
 //! hidden `update-agent installer-request`, which streams whatever bytes it is given.
 //!
+//! `update-agent run` (the MQTT daemon) runs as `nobody` too, against a real mosquitto on a free
+//! loopback port, with the same installer.
+//!
 //! Must run as root (it starts the installer as root and switches to `nobody`); CI does. Needs
 //! `util-linux` (setpriv) and `libubootenv-tool` (fw_printenv, fw_setenv).
 
 mod common;
+// The MQTT tests' world (broker, subscriber, publisher); this file uses part of it.
+#[allow(dead_code)]
+#[path = "mqtt/harness.rs"]
+mod mqtt;
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +76,11 @@ fn root_only(path: &Path) {
 
 impl Split {
     fn new(backend: Backend) -> Split {
+        Split::with_sections(backend, "")
+    }
+
+    /// The split with `sections` added to the config both roles read (`[mqtt]` for the daemon).
+    fn with_sections(backend: Backend, sections: &str) -> Split {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the split's tests start the installer as root and switch to nobody: run them as root"
@@ -183,6 +195,8 @@ timeout = 10
 boot_id_path = {boot_id}
 cmdline_path = {cmdline}
 reboot_command = {reboot}
+
+{sections}
 "#,
             state = toml_path(&path("state")),
             keys = toml_path(&path("keys")),
@@ -896,4 +910,210 @@ fn the_installer_serves_on_the_socket_systemd_passes_it() {
         )
     });
     assert_refused(&out, &reply, "forbidden");
+}
+
+/// The `[mqtt]` and `[dbus]` sections of the daemon that talks to the broker on `port`.
+fn mqtt_sections(port: u16) -> String {
+    format!(
+        "[dbus]\nenabled = false\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\ndevice_id = \"{}\"\nkeepalive = 5\nreconnect_min = 0.05\nreconnect_max = 0.5\n",
+        mqtt::DEVICE
+    )
+}
+
+/// `update-agent run` as `nobody`, logging to `daemon-{run}.log`.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(split: &Split, run: u32) -> Daemon {
+        let log = split.path(&format!("daemon-{run}.log"));
+        let child = Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(BIN)
+            .args(["run", "--log", "stderr", "--config"])
+            .arg(split.path("agent.toml"))
+            .env("RUST_LOG", "info")
+            .current_dir(split.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as systemd stops it (setpriv exec'd the agent: the pid is the agent's).
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // The daemon this test started, by its pid (a no-op once `stop` reaped it).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mqtt_states(sub: &mqtt::Sub) -> Vec<String> {
+    mqtt::states(&sub.payloads(&mqtt::topic("events")))
+}
+
+fn retained_state(client: &mqtt::ClientArgs) -> Value {
+    let text = mqtt::retained(client, &mqtt::topic("state")).expect("a retained state");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_the_reboot() {
+    let broker_dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
+    let client = mqtt::ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let mut split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let slot_a = split.slot("A");
+    let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
+    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
+    mqtt::publish(&client, &mqtt::topic("release"), &release, true);
+
+    let daemon = Daemon::start(&split, 1);
+    let reboots = split.path("reboots");
+    mqtt::wait_for(
+        "the reboot through the installer",
+        Duration::from_secs(60),
+        || reboots.exists().then_some(()),
+    );
+    // The reboot command ran in the installer: as root, in a directory `nobody` cannot write.
+    assert_eq!(fs::metadata(&reboots).unwrap().uid(), 0);
+    assert_eq!(fs::read_to_string(&reboots).unwrap(), "reboot\n");
+    let before_reboot = ["accepted", "writing", "written", "activated", "rebooting"];
+    mqtt::wait_for(
+        "the events up to the reboot on MQTT",
+        Duration::from_secs(15),
+        || (mqtt_states(&sub) == before_reboot).then_some(()),
+    );
+    assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
+    assert_eq!(split.slot("A"), slot_a, "the active slot is never written");
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+    assert!(daemon.stop().success());
+
+    assert_eq!(split.boot(), "B", "the activated slot boots");
+    let out = split.as_daemon(&["boot-check"]);
+    assert!(out.status.success(), "boot-check in B: {}", text(&out));
+    let daemon = Daemon::start(&split, 2);
+    let events = mqtt::wait_for("the commit on MQTT", Duration::from_secs(30), || {
+        let events = sub.payloads(&mqtt::topic("events"));
+        (events.len() >= 7).then_some(events)
+    });
+    assert_eq!(
+        mqtt::states(&events),
+        [
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting",
+            "trial-boot",
+            "committed"
+        ],
+        "daemon:\n{}",
+        daemon.log()
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+    assert_eq!(events[6]["to_version"], "2.0");
+    // The retained state: the new version, and the commit boot-check made as its last event
+    // (taken over from the outbox, not recorded by this daemon).
+    let state = mqtt::wait_for("the committed state", Duration::from_secs(10), || {
+        let state = retained_state(&client);
+        (state["version"] == "2.0").then_some(state)
+    });
+    assert_eq!(state["booted_slot"], "B");
+    assert_eq!(state["state"], "idle");
+    assert_eq!(state["slots"]["B"]["committed"], true);
+    assert_eq!(state["last_event"]["state"], "committed", "{state}");
+    assert_eq!(state["last_event"]["seq"], 6, "{state}");
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+    let log = split.installer_log();
+    for op in [
+        "write for uid 65534 done",
+        "activate for uid 65534 done",
+        "reboot for uid 65534 done",
+        "mark-good for uid 65534 done",
+    ] {
+        assert!(log.contains(op), "installer log lacks {op:?}:\n{log}");
+    }
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_installer() {
+    let broker_dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
+    let client = mqtt::ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let slots = (split.slot("A"), split.slot("B"));
+    let env = split.env_text();
+    let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
+    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
+    mqtt::publish(
+        &client,
+        &mqtt::topic("release"),
+        &mqtt::tamper(&release),
+        true,
+    );
+
+    let daemon = Daemon::start(&split, 1);
+    let refusal = mqtt::wait_for("the refusal on MQTT", Duration::from_secs(30), || {
+        sub.payloads(&mqtt::topic("events")).pop()
+    });
+    assert_eq!(refusal["state"], "refused", "{refusal}");
+    assert_eq!(refusal["reason"], "bad-signature", "{refusal}");
+    let state = mqtt::wait_for("the refusal in the state", Duration::from_secs(10), || {
+        let state = retained_state(&client);
+        (state["last_error"]["reason"] == "bad-signature").then_some(state)
+    });
+    assert_eq!(state["last_event"]["state"], "refused", "{state}");
+    // A moment for anything that would follow (nothing should).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(mqtt_states(&sub), ["refused"], "daemon:\n{}", daemon.log());
+    assert_eq!(
+        (split.slot("A"), split.slot("B")),
+        slots,
+        "slots byte-identical"
+    );
+    assert_eq!(split.env_text(), env, "bootloader environment unchanged");
+    assert!(!split.path("reboots").exists());
+    let log = split.installer_log();
+    for asked in [
+        "write for uid",
+        "refused write",
+        "installer: write",
+        "activate",
+    ] {
+        assert!(!log.contains(asked), "the installer saw {asked:?}:\n{log}");
+    }
+    assert!(daemon.stop().success());
 }

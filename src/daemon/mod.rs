@@ -133,8 +133,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source,
     };
     let mut outbox = Outbox::open(&outbox_dir, mqtt.outbox_capacity).map_err(outbox_err)?;
+    let logged = store.events()?;
     let caught_up = outbox
-        .catch_up(&store.events()?, Timestamp::now())
+        .catch_up(&logged, Timestamp::now())
         .map_err(outbox_err)?;
     if caught_up > 0 {
         tracing::info!("{caught_up} logged event(s) taken into the outbox");
@@ -160,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         floor: config.trust.floor,
     };
     let mut reporter = Reporter::new(facts, outbox.clone(), link.publisher());
+    reporter.logged(&logged);
     reporter.publish();
     let user = if config.dbus.enabled {
         Some(UserSide::start(&agent).await?)
@@ -522,7 +524,11 @@ impl Daemon<'_> {
             .catch_up(&events, Timestamp::now());
         match taken {
             Ok(0) => {}
-            Ok(_) => self.link.publisher().outbox_changed(),
+            Ok(_) => {
+                self.link.publisher().outbox_changed();
+                self.reporter.logged(&events);
+                self.reporter.publish();
+            }
             Err(e) => tracing::error!(message_id = message_id::STORAGE_FAILED, "outbox: {e}"),
         }
     }

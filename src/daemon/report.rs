@@ -40,6 +40,14 @@ impl Reporter {
         self.publish();
     }
 
+    /// Events the device logged without this daemon (`boot-check`, `install`, an earlier run):
+    /// the newest of them is the last event until the daemon records a newer one.
+    pub fn logged(&mut self, events: &[Event]) {
+        if let Some(newest) = events.iter().max_by_key(|event| event.seq) {
+            self.doc.take_last_event(newest);
+        }
+    }
+
     pub fn publish(&mut self) {
         self.doc.updated = Timestamp::now();
         self.publisher.set_state(self.doc.to_json());

@@ -183,11 +183,7 @@ impl DeviceState {
     }
 
     pub fn apply_event(&mut self, event: &Event) {
-        self.last_event = Some(LastEvent {
-            seq: event.seq,
-            state: event.state,
-            at: event.at,
-        });
+        self.take_last_event(event);
         // A refused release leaves the transaction alone but is the latest thing that went
         // wrong; transaction failures arrive through the persisted outcome as well.
         if let Some(reason) = event.reason {
@@ -197,6 +193,23 @@ impl DeviceState {
                 at: event.at,
             });
         }
+    }
+
+    /// `event` becomes the last event unless a newer one is already known: events a one-shot
+    /// command logged (taken over from the event log) arrive after the daemon started.
+    pub fn take_last_event(&mut self, event: &Event) {
+        if self
+            .last_event
+            .as_ref()
+            .is_some_and(|last| last.seq > event.seq)
+        {
+            return;
+        }
+        self.last_event = Some(LastEvent {
+            seq: event.seq,
+            state: event.state,
+            at: event.at,
+        });
     }
 
     pub fn apply_progress(&mut self, progress: &Progress) {
@@ -278,5 +291,29 @@ mod tests {
         assert_eq!(json["progress"]["percent"], 25);
         assert_eq!(json["policy"]["floor"], 3);
         assert_eq!(json["support_end"], "2031-12-31");
+    }
+
+    fn event(seq: u64, state: &str) -> Event {
+        let json = format!(r#"{{"seq":{seq},"at":"2026-01-01T00:00:00Z","state":"{state}"}}"#);
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn the_last_event_is_the_newest_whatever_order_events_arrive_in() {
+        let facts = DeviceFacts {
+            device: "gw-1".into(),
+            compatible: "acme".into(),
+            model: None,
+            support_end: None,
+            factory_version: None,
+            floor: 0,
+        };
+        let mut state = DeviceState::new(&facts, Timestamp::UNIX_EPOCH);
+        state.take_last_event(&event(6, "committed"));
+        state.take_last_event(&event(5, "trial-boot"));
+        let last = state.last_event.as_ref().unwrap();
+        assert_eq!((last.seq, last.state), (6, TxnState::Committed));
+        state.apply_event(&event(7, "accepted"));
+        assert_eq!(state.last_event.unwrap().seq, 7);
     }
 }

@@ -200,6 +200,22 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     assert_eq!(sub.payloads(&topic("events")).len(), 7);
     assert_eq!(device.outbox_files(), 1, "only meta.json is left");
     assert!(device.stop_agent().success());
+
+    // A restarted daemon records nothing new: the last event it publishes is still the
+    // commit, from the event log.
+    let before = state["updated"].clone();
+    device.start_agent();
+    let restarted = wait_for(
+        "the restarted daemon's state",
+        Duration::from_secs(10),
+        || {
+            let state = self::state(&client);
+            (state["updated"] != before).then_some(state)
+        },
+    );
+    assert_eq!(restarted["last_event"]["state"], "committed", "{restarted}");
+    assert_eq!(restarted["last_event"]["seq"], 6, "{restarted}");
+    assert!(device.stop_agent().success());
 }
 
 #[test]
