@@ -31,7 +31,9 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 # version the package requires.
 
 # The `demo` feature (an embedded MQTT broker and an image server for trying the agent on a
-# workstation) stays out of device images; cargo.bbclass passes these arguments to cargo build.
+# workstation) and the `operator` feature (keygen, release create/sign/publish, monitor: the
+# operator's workstation tools) stay out of device images; cargo.bbclass passes these arguments
+# to cargo build.
 PACKAGECONFIG_CONFARGS = "--no-default-features"
 
 # Cargo.toml's [profile.release] has no `strip`: the binary is installed with its symbols so
