@@ -36,6 +36,9 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 # to cargo build.
 PACKAGECONFIG_CONFARGS = "--no-default-features"
 
+# build.rs links glibc targets with `-z pack-relative-relocs` (RELR relocations, about 200 KiB
+# less): the image's glibc must be 2.36 or newer, as in every release with Rust 1.89.
+
 # Cargo.toml's [profile.release] has no `strip`: the binary is installed with its symbols so
 # that bitbake splits them into ${PN}-dbg and strips it itself; a binary stripped by cargo would
 # trip the already-stripped QA check and lose the debug package.
