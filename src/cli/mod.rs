@@ -1,6 +1,7 @@
 //! Command-line front end: argument parsing and human/JSON output. No update logic lives here;
 //! each subcommand calls into the library.
 
+#[cfg(feature = "operator")]
 mod broker;
 #[cfg(feature = "demo")]
 mod demo;
@@ -8,10 +9,15 @@ mod demo;
 mod demo_broker;
 mod install;
 mod installer;
+#[cfg(feature = "operator")]
 mod keygen;
+#[cfg(feature = "operator")]
 mod monitor;
+#[cfg(feature = "operator")]
 mod publish;
 mod release;
+#[cfg(feature = "operator")]
+mod release_create;
 mod run;
 mod status;
 mod user;
@@ -42,13 +48,15 @@ enum Command {
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Make an Ed25519 release signing key pair: PREFIX.key (private, 0600) and PREFIX.pub
+    #[cfg(feature = "operator")]
     Keygen(keygen::Args),
-    /// Create, sign, inspect and verify releases (operator tooling)
+    /// Inspect and verify releases (operator builds: also create, sign and publish them)
     #[command(subcommand)]
     Release(release::Command),
     /// Run the agent as a service: releases from MQTT in, state and events out
     Run(run::RunArgs),
     /// Watch the fleet: a live table of devices from their retained state, or --json events
+    #[cfg(feature = "operator")]
     Monitor(monitor::MonitorArgs),
     /// Install a release from a file now (like `rauc install`); reboot to try it
     Install(install::InstallArgs),
@@ -102,9 +110,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),
+        #[cfg(feature = "operator")]
         Command::Keygen(args) => keygen::run(args),
         Command::Release(command) => release::run(command),
         Command::Run(args) => run::run(args),
+        #[cfg(feature = "operator")]
         Command::Monitor(args) => monitor::run(args),
         Command::Install(args) => install::install(args),
         Command::BootCheck(args) => install::boot_check(args),

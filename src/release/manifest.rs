@@ -411,6 +411,19 @@ mod tests {
     }
 
     #[test]
+    fn internationalised_image_hosts_are_taken_in_punycode_only() {
+        // Cargo.toml pins idna_adapter 1.0.0, which has no Unicode tables.
+        assert!(check_url("image url", "https://xn--bcher-kva.example/a.img").is_ok());
+        let refusal = check_url("image url", "https://bücher.example/a.img").unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed);
+        assert!(
+            refusal.message.contains("is not a URL"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
     fn duplicate_field_is_refused() {
         let doubled = manifest_with_images("{}").replacen(
             r#""version": "1","#,

@@ -31,8 +31,13 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 # version the package requires.
 
 # The `demo` feature (an embedded MQTT broker and an image server for trying the agent on a
-# workstation) stays out of device images; cargo.bbclass passes these arguments to cargo build.
+# workstation) and the `operator` feature (keygen, release create/sign/publish, monitor: the
+# operator's workstation tools) stay out of device images; cargo.bbclass passes these arguments
+# to cargo build.
 PACKAGECONFIG_CONFARGS = "--no-default-features"
+
+# build.rs links glibc targets with `-z pack-relative-relocs` (RELR relocations, about 200 KiB
+# less): the image's glibc must be 2.36 or newer, as in every release with Rust 1.89.
 
 # Cargo.toml's [profile.release] has no `strip`: the binary is installed with its symbols so
 # that bitbake splits them into ${PN}-dbg and strips it itself; a binary stripped by cargo would
