@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::anchor::{AnchorError, Protection, TrustAnchor};
+use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
@@ -122,15 +122,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
-        let protection = if config.trust.insecure_writable_anchor {
-            Protection::AllowWritable
-        } else {
-            Protection::Enforce
-        };
-        let anchor = TrustAnchor::load(&config.trust.keys_dir, protection)?;
-        for warning in &anchor.warnings {
-            tracing::warn!("insecure trust anchor (development mode): {warning}");
-        }
+        let anchor = TrustAnchor::for_config(&config.trust)?;
         let store = StateStore::open(&config.device.state_dir)?;
         let state = store.load()?;
         let privileged = match &config.installer {

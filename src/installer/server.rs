@@ -15,7 +15,7 @@ use super::floor::Floor;
 use super::{
     FrameError, MAX_REQUEST, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame,
 };
-use crate::anchor::{AnchorError, Protection, TrustAnchor};
+use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{Bootloader, BootloaderError};
 use crate::config::{Config, InstallerConfig};
 use crate::reason::ReasonCode;
@@ -83,15 +83,7 @@ impl Installer {
     pub fn open(config: Config) -> Result<Installer, ServeError> {
         let settings = config.installer.clone().ok_or(ServeError::NotConfigured)?;
         let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
-        let protection = if config.trust.insecure_writable_anchor {
-            Protection::AllowWritable
-        } else {
-            Protection::Enforce
-        };
-        let anchor = TrustAnchor::load(&config.trust.keys_dir, protection)?;
-        for warning in &anchor.warnings {
-            tracing::warn!("insecure trust anchor (development mode): {warning}");
-        }
+        let anchor = TrustAnchor::for_config(&config.trust)?;
         let bootloader = crate::agent::open_bootloader(&config)?;
         let floor = Floor::open(&settings.state_dir).map_err(|source| ServeError::State {
             path: settings.state_dir.display().to_string(),
