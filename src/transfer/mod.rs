@@ -243,36 +243,14 @@ pub async fn install_image(
         total: size,
         last_progress: Instant::now(),
     };
-    let expected = plan.transport_size - start;
-    let mut received = 0u64;
-    let failure = async {
+    let failure: Option<TransferError> = async {
         reporter.progress(true)?;
         loop {
             let Some(chunk) = source.next_chunk().await? else {
-                if received < expected {
-                    return Err(TransferError::SizeMismatch {
-                        url: plan.shown.clone(),
-                        detail: format!(
-                            "the body ends after {} bytes, the release declares {}",
-                            start + received,
-                            plan.transport_size
-                        ),
-                    });
-                }
                 // The sink may have failed meanwhile; its own error then tells why.
                 let _ = queue.send(Msg::End).await;
                 return Ok(());
             };
-            if chunk.len() as u64 > expected - received {
-                return Err(TransferError::SizeMismatch {
-                    url: plan.shown.clone(),
-                    detail: format!(
-                        "the body goes on past the declared {} bytes",
-                        plan.transport_size
-                    ),
-                });
-            }
-            received += chunk.len() as u64;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }

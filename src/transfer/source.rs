@@ -41,6 +41,8 @@ pub(crate) struct Source {
     /// or 0 when a server answered a range request with the whole body.
     start: u64,
     received: u64,
+    /// The transport size the release declares: the body must end exactly there.
+    total: u64,
     body: Body,
 }
 
@@ -76,7 +78,7 @@ impl Source {
     }
 
     /// The next chunk, `None` at the end of the body; an error when nothing arrives within the
-    /// stall timeout.
+    /// stall timeout, or when the body ends before or goes on past the declared size.
     pub(crate) async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransferError> {
         let next = async {
             match &mut self.body {
@@ -110,8 +112,25 @@ impl Source {
                 after: self.stall_timeout,
                 received: self.start + self.received,
             })??;
-        if let Some(chunk) = &chunk {
-            self.received += chunk.len() as u64;
+        let at = self.start + self.received;
+        match &chunk {
+            None if at < self.total => {
+                return Err(TransferError::SizeMismatch {
+                    url: self.shown.clone(),
+                    detail: format!(
+                        "the body ends after {at} bytes, the release declares {}",
+                        self.total
+                    ),
+                });
+            }
+            Some(chunk) if chunk.len() as u64 > self.total - at => {
+                return Err(TransferError::SizeMismatch {
+                    url: self.shown.clone(),
+                    detail: format!("the body goes on past the declared {} bytes", self.total),
+                });
+            }
+            Some(chunk) => self.received += chunk.len() as u64,
+            None => {}
         }
         Ok(chunk)
     }
@@ -168,6 +187,7 @@ async fn open_http(
         stall_timeout: options.stall_timeout,
         start,
         received: 0,
+        total,
         body: Body::Http(response),
     })
 }
@@ -213,6 +233,7 @@ async fn open_file(
         stall_timeout,
         start,
         received: 0,
+        total,
         body: Body::File(file),
     })
 }
