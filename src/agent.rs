@@ -545,41 +545,16 @@ impl Agent {
                         }
                     };
                     for action in engine.handle(input, clock()) {
-                        match action {
-                            Action::Persist => {
-                                store.save(engine.state()).map_err(std::io::Error::other)?;
-                                crash.checkpoint_persisted();
-                            }
-                            Action::ReportProgress(progress) => observer.progress(&progress),
-                            Action::Report(event) => {
-                                // The engine reports no transition during a write; keep any
-                                // such event rather than drop it.
-                                let _ = store.log_event(&event);
-                                observer.event(&event);
-                            }
-                            // Progress and checkpoints never start a job.
-                            other => tracing::error!("engine asked for {other:?} during a write"),
+                        if record_during_write(action, engine, store, observer)? {
+                            crash.checkpoint_persisted();
                         }
                     }
                     // User requests during a write only record choices (postpone, automatic
                     // install, install now, check); none starts a job.
                     while let Some(input) = observer.interjection() {
                         for action in engine.handle(input, clock()) {
-                            match action {
-                                Action::Persist => {
-                                    store.save(engine.state()).map_err(std::io::Error::other)?;
-                                    observer.persisted(engine.state());
-                                }
-                                Action::Report(event) => {
-                                    let _ = store.log_event(&event);
-                                    observer.event(&event);
-                                }
-                                Action::Answer(answer) => observer.answer(&answer),
-                                Action::Notify(notice) => observer.notice(&notice),
-                                Action::Check => observer.check(),
-                                other => tracing::error!(
-                                    "engine asked for {other:?} for a user request during a write"
-                                ),
+                            if record_during_write(action, engine, store, observer)? {
+                                observer.persisted(engine.state());
                             }
                         }
                     }
@@ -715,6 +690,34 @@ impl Observer for NoteRefusal<'_> {
     fn interjection(&mut self) -> Option<Input> {
         self.inner.interjection()
     }
+}
+
+/// Carries out what the engine asks for in the middle of a slot write, where only records and
+/// reports can come (from progress, checkpoints, or a user's choice); true when the state was
+/// persisted. Anything that would start a job is logged, not run.
+fn record_during_write(
+    action: Action,
+    engine: &Engine,
+    store: &StateStore,
+    observer: &mut dyn Observer,
+) -> std::io::Result<bool> {
+    match action {
+        Action::Persist => {
+            store.save(engine.state()).map_err(std::io::Error::other)?;
+            return Ok(true);
+        }
+        Action::ReportProgress(progress) => observer.progress(&progress),
+        Action::Report(event) => {
+            // The write itself reports no transition; keep any such event rather than drop it.
+            let _ = store.log_event(&event);
+            observer.event(&event);
+        }
+        Action::Answer(answer) => observer.answer(&answer),
+        Action::Notify(notice) => observer.notice(&notice),
+        Action::Check => observer.check(),
+        other => tracing::error!("engine asked for {other:?} during a write"),
+    }
+    Ok(false)
 }
 
 /// One request to the installer, off the async threads (an activation reads the whole slot).
