@@ -254,8 +254,7 @@ pub async fn install_image(
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }
-            reporter.checkpoints()?;
-            reporter.progress(false)?;
+            reporter.update(false)?;
         }
     }
     .await
@@ -367,15 +366,17 @@ async fn read_back(
 }
 
 /// Passes sink news on to the caller's handler, at the pace the caller was promised.
-struct Reporter<'a> {
-    events: &'a mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+/// Hands the sink's checkpoints and the progress to the caller's event callback, progress at
+/// most every [`PROGRESS_INTERVAL`] unless asked for now.
+struct Reporter<'a, E: ?Sized> {
+    events: &'a mut E,
     checkpoints: std::sync::mpsc::Receiver<u64>,
     written: Arc<AtomicU64>,
     total: u64,
     last_progress: Instant,
 }
 
-impl Reporter<'_> {
+impl<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>> Reporter<'_, E> {
     fn checkpoints(&mut self) -> Result<(), TransferError> {
         while let Ok(durable) = self.checkpoints.try_recv() {
             call(self.events, TransferEvent::Checkpoint { durable })?;
@@ -397,10 +398,16 @@ impl Reporter<'_> {
         }
         Ok(())
     }
+
+    /// The checkpoints made so far, then the progress.
+    fn update(&mut self, now: bool) -> Result<(), TransferError> {
+        self.checkpoints()?;
+        self.progress(now)
+    }
 }
 
-fn call(
-    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+fn call<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>>(
+    events: &mut E,
     event: TransferEvent,
 ) -> Result<(), TransferError> {
     events(event).map_err(|source| TransferError::Cancelled { source })

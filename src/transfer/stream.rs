@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::error::TransferError;
 use super::source::{HttpOptions, Source};
 use super::writer::{self, Msg, SinkConfig, SinkOutcome};
-use super::{PROGRESS_INTERVAL, Plan, QUEUE_CHUNKS, TransferEvent, Written, join_error};
+use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
 use crate::release::manifest::Image;
 
 /// Bytes read from the stream at a time.
@@ -207,29 +207,18 @@ impl SlotStream {
                 .spawn(move || writer::run_sink(file, config, queue_rx, written, checkpoint_tx))
                 .map_err(|e| TransferError::slot_io(&request.slot_path, "start writing", e))?
         };
-        let mut last_progress = Instant::now();
-        let mut report = |events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
-                          now: bool|
-         -> Result<(), TransferError> {
-            while let Ok(durable) = checkpoints.try_recv() {
-                events(TransferEvent::Checkpoint { durable })
-                    .map_err(|source| TransferError::Cancelled { source })?;
-            }
-            if now || last_progress.elapsed() >= PROGRESS_INTERVAL {
-                last_progress = Instant::now();
-                events(TransferEvent::Progress {
-                    written: written.load(Ordering::Relaxed),
-                    total: request.size,
-                })
-                .map_err(|source| TransferError::Cancelled { source })?;
-            }
-            Ok(())
+        let mut reporter = Reporter {
+            events,
+            checkpoints,
+            written,
+            total: request.size,
+            last_progress: Instant::now(),
         };
         let expected = request.size - start;
         let mut received = 0u64;
         let mut stream = stream;
         let failure = (|| {
-            report(events, true)?;
+            reporter.update(true)?;
             loop {
                 wait_readable(&stream, request.stall_timeout, &shown, start + received)?;
                 let mut buf = BytesMut::zeroed(STREAM_CHUNK);
@@ -263,7 +252,7 @@ impl SlotStream {
                 if queue.blocking_send(Msg::Data(buf.freeze())).is_err() {
                     return Ok(());
                 }
-                report(events, false)?;
+                reporter.update(false)?;
             }
         })()
         .err();
@@ -273,7 +262,7 @@ impl SlotStream {
             Err(panic) => std::panic::resume_unwind(panic),
         };
         // Checkpoints are durable whatever went wrong with the stream.
-        let reported = report(events, true);
+        let reported = reporter.update(true);
         match (failure, outcome) {
             (_, Err(sink_error)) => return Err(sink_error),
             (Some(failure), Ok(_)) => return Err(failure),
@@ -285,7 +274,7 @@ impl SlotStream {
             }
             (None, Ok(SinkOutcome::Finished)) => reported?,
         }
-        events(TransferEvent::Verifying).map_err(|source| TransferError::Cancelled { source })?;
+        call(reporter.events, TransferEvent::Verifying)?;
         super::verify_slot(&request.slot_path, request.size, &request.sha256)?;
         Ok(Written {
             bytes: request.size,
