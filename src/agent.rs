@@ -582,7 +582,7 @@ impl Agent {
             match result {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
-                    tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
+                    tracing::warn!("write interrupted (attempt {attempt}): {err}; resuming");
                     attempt += 1;
                     if let Phase::Writing { durable, .. } = self.engine.state().phase {
                         request.resume_from = durable;

@@ -29,9 +29,15 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    /// Worth a retry from the last checkpoint: only the network's moments are.
+    /// Worth a retry from the last checkpoint: the network's moments, and an installer that
+    /// broke off (killed or restarted: systemd starts it again on the next connection to its
+    /// socket, and it re-hashes the slot up to the checkpoint). A refusal is an answer, not a
+    /// moment.
     pub fn is_transient(&self) -> bool {
-        matches!(self, WriteError::Transfer(e) if e.is_transient())
+        match self {
+            WriteError::Transfer(e) => e.is_transient(),
+            WriteError::Installer(failure) => failure.reason == ReasonCode::InstallerUnavailable,
+        }
     }
 
     pub fn into_failure(self) -> Failure {
@@ -217,4 +223,26 @@ fn refused(reason: ReasonCode, message: &str) -> Failure {
             crate::release::escape_for_log(message, 1024)
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_installer_that_broke_off_is_retried_a_refusal_is_not() {
+        let broke_off = WriteError::Installer(Failure::new(
+            ReasonCode::InstallerUnavailable,
+            "installer at /run/update-agent/installer.sock: unexpected end of file",
+        ));
+        assert!(broke_off.is_transient());
+        for reason in [
+            ReasonCode::Forbidden,
+            ReasonCode::BadSignature,
+            ReasonCode::SlotIo,
+        ] {
+            let refused = WriteError::Installer(Failure::new(reason, "refused"));
+            assert!(!refused.is_transient(), "{reason}");
+        }
+    }
 }
