@@ -8,7 +8,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use common::boot_sim::{BootSim, SimEnv};
+use common::boot_sim::{
+    BootSim, FAT_UBOOT_SCRIPT, SHIPPED_UBOOT_SCRIPT, SimEnv, UBootScript,
+};
 use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile};
 use update_agent::bootloader::{
     Bootloader, BootloaderError, BootloaderKind, BootloaderParams, SlotBootState, from_config,
@@ -42,6 +44,14 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
         Rig::on_uboot(dir, env)
+    }
+
+    /// The U-Boot backend with a boot script's own text run at every boot (the simulator's
+    /// interpreter), on the environment fw_setenv writes.
+    fn uboot_running(script: UBootScript) -> Rig {
+        let mut rig = Rig::uboot();
+        rig.sim = rig.sim.with_uboot_script(script);
+        rig
     }
 
     fn on_uboot(dir: tempfile::TempDir, env: UBootEnvFile) -> Rig {
@@ -386,6 +396,22 @@ fn unmarked_failed_slot_is_tried_again(rig: &Rig) {
 #[test]
 fn uboot_trial_boot_then_mark_good_stays_on_new_slot() {
     trial_then_commit(&Rig::uboot());
+}
+
+/// The shipped script's text and the FAT variant's, run by the simulator's interpreter on what
+/// the agent writes through fw_setenv: commit, fallback after the tries, mark-bad, and a failed
+/// slot the agent leaves unmarked.
+#[test]
+fn uboot_scripts_as_written_run_the_agents_cycles() {
+    for script in [
+        UBootScript::EnvInRam(SHIPPED_UBOOT_SCRIPT.into()),
+        UBootScript::EnvInFat(FAT_UBOOT_SCRIPT.into()),
+    ] {
+        trial_then_commit(&Rig::uboot_running(script.clone()));
+        failed_trial_falls_back(&Rig::uboot_running(script.clone()));
+        unmarked_failed_slot_is_tried_again(&Rig::uboot_running(script.clone()));
+        hostile_boot_order(&Rig::uboot_running(script));
+    }
 }
 
 #[test]
@@ -786,16 +812,22 @@ fn shipped_grub_cfg_is_a_valid_grub_script() {
 }
 
 #[test]
-fn shipped_uboot_script_uses_the_default_attempts() {
-    let script = fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/boot/uboot-boot.cmd"
-    ))
-    .unwrap();
+fn shipped_uboot_scripts_use_the_default_attempts() {
     let attempts = BootloaderParams::default().attempts;
-    for slot in ["A", "B"] {
-        let line = format!("setenv BOOT_{slot}_LEFT {attempts}");
-        // Once as the default for an unset counter, once when no slot has a try left.
-        assert_eq!(script.matches(&line).count(), 2, "{line}");
+    for script in [SHIPPED_UBOOT_SCRIPT, FAT_UBOOT_SCRIPT] {
+        for slot in ["A", "B"] {
+            let line = format!("setenv BOOT_{slot}_LEFT {attempts}");
+            // Once as the default for an unset counter, once when no slot has a try left.
+            assert_eq!(script.matches(&line).count(), 2, "{line}");
+        }
     }
+}
+
+/// The FAT script counts down by comparing with the hex digits; the agent's try budget must be
+/// one of them (see the script's header).
+#[test]
+fn default_attempts_fit_the_fat_scripts_digits() {
+    let attempts = BootloaderParams::default().attempts;
+    assert!((1..=15).contains(&attempts));
+    assert!(FAT_UBOOT_SCRIPT.contains("for ua_digit in 0 1 2 3 4 5 6 7 8 9 a b c d e f; do"));
 }

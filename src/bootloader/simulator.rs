@@ -8,7 +8,14 @@
 //! C code reads them (leading digits, anything else stops the number, no digits is 0), not as
 //! strictly as the agent does.
 //!
-//! U-Boot rules (`config/boot/uboot-boot.cmd`):
+//! For U-Boot it can also run a boot script's own text ([`BootSim::with_uboot_script`], an
+//! interpreter of the hush subset the scripts use, in [`uboot_script`]): the shipped
+//! `config/boot/uboot-boot.cmd` and `config/boot/uboot-fat-boot.cmd` (for U-Boot builds without
+//! `setexpr` and `saveenv`: the environment in a FAT file, tries counted down by comparison).
+//! Its tests hold both scripts to the rules below on every environment the agent writes, and
+//! the whole-cycle tests run the agent against each script.
+//!
+//! U-Boot rules (`config/boot/uboot-boot.cmd`, `config/boot/uboot-fat-boot.cmd`):
 //! 1. unset `BOOT_ORDER` is the slots in order; unset `BOOT_<x>_LEFT` is `attempts`;
 //! 2. the first known slot in `BOOT_ORDER` with `BOOT_<x>_LEFT` > 0 has its counter decremented
 //!    (hex, as `setexpr`), the environment is saved, and it boots;
@@ -29,6 +36,36 @@ use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
+
+pub mod uboot_script;
+
+/// `config/boot/uboot-boot.cmd`, the shipped U-Boot script (`setexpr`, `saveenv`).
+pub const SHIPPED_UBOOT_SCRIPT: &str = include_str!("../../config/boot/uboot-boot.cmd");
+/// `config/boot/uboot-fat-boot.cmd`, the variant for U-Boot builds without `setexpr` and
+/// `saveenv` (the environment in a FAT file, loaded and saved by the script).
+pub const FAT_UBOOT_SCRIPT: &str = include_str!("../../config/boot/uboot-fat-boot.cmd");
+
+/// Which U-Boot script a simulated boot runs.
+#[derive(Debug, Clone)]
+pub enum UBootScript {
+    /// The rules restated in Rust (the default).
+    Rules,
+    /// A script's text on a U-Boot that loads the stored environment at start and saves it
+    /// with `saveenv` (CONFIG_ENV_IS_IN_MMC and friends): [`SHIPPED_UBOOT_SCRIPT`].
+    EnvInRam(String),
+    /// A script's text on a U-Boot with no environment storage: the script reaches the stored
+    /// environment through `fatload` and `fatwrite` alone: [`FAT_UBOOT_SCRIPT`].
+    EnvInFat(String),
+}
+
+/// U-Boot's own variables that the scripts read (addresses of a typical board; bootargs empty).
+const UBOOT_DEFAULTS: &[(&str, &str)] = &[
+    ("loadaddr", "0x2000000"),
+    ("kernel_addr_r", "0x1000000"),
+    ("fdt_addr_r", "0x4000000"),
+    ("ramdisk_addr_r", "0x8000000"),
+    ("fdtfile", "board.dtb"),
+];
 
 /// Where the environment is and how to reach it.
 #[derive(Debug, Clone)]
@@ -55,6 +92,8 @@ pub struct BootSim {
     pub slots: Vec<String>,
     /// The script's default and reset value for `BOOT_<x>_LEFT`.
     pub attempts: u32,
+    /// What a U-Boot (or file environment) boot runs.
+    pub uboot_script: UBootScript,
 }
 
 impl BootSim {
@@ -63,15 +102,39 @@ impl BootSim {
             env,
             slots: slots.iter().map(|s| s.to_string()).collect(),
             attempts,
+            uboot_script: UBootScript::Rules,
         }
+    }
+
+    /// Runs `script` for U-Boot boots instead of the rules restated in Rust. The script's
+    /// slots are its own (A and B in the shipped ones), and so is its try budget (3).
+    pub fn with_uboot_script(mut self, script: UBootScript) -> BootSim {
+        self.uboot_script = script;
+        self
     }
 
     /// Powers the device on once and returns the bootname of the slot that boots.
     pub fn boot(&self) -> Result<String, String> {
         match &self.env {
             SimEnv::Grub { .. } => self.boot_grub(),
-            SimEnv::UBoot { .. } | SimEnv::File { .. } => self.boot_uboot(),
+            SimEnv::UBoot { .. } | SimEnv::File { .. } => match &self.uboot_script {
+                UBootScript::Rules => self.boot_uboot(),
+                UBootScript::EnvInRam(script) => self.run_uboot_script(script, true),
+                UBootScript::EnvInFat(script) => self.run_uboot_script(script, false),
+            },
         }
+    }
+
+    /// Power-on, and after a `reset` one more start (RAUC's behaviour); a second reset would
+    /// repeat forever, which is an `Err`, as in the rules.
+    fn run_uboot_script(&self, script: &str, env_in_ram: bool) -> Result<String, String> {
+        for _start in 0..2 {
+            match uboot_script::run(script, self, UBOOT_DEFAULTS, env_in_ram)? {
+                uboot_script::Outcome::Boot(slot) => return Ok(slot),
+                uboot_script::Outcome::Reset => {}
+            }
+        }
+        Err("the script reset the board twice in a row: it would reset forever".into())
     }
 
     fn boot_uboot(&self) -> Result<String, String> {
@@ -243,10 +306,31 @@ impl BootSim {
                         None => all.push((n.clone(), v.clone())),
                     }
                 }
-                let text: String = all.iter().map(|(n, v)| format!("{n}={v}\n")).collect();
+                // An empty value removes the variable, as libubootenv does.
+                let text: String = all
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(n, v)| format!("{n}={v}\n"))
+                    .collect();
                 fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
             }
         }
+    }
+}
+
+/// The environment as the interpreted script's U-Boot stores it: through the same tools.
+impl uboot_script::Store for BootSim {
+    fn load(&self) -> Result<Vec<(String, String)>, String> {
+        self.read()
+    }
+
+    /// An empty value removes the variable (libubootenv's `fw_setenv -s`, and the file's).
+    fn save(&self, changes: &[(String, Option<String>)]) -> Result<(), String> {
+        let vars: Vec<(String, String)> = changes
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+            .collect();
+        self.write(&vars)
     }
 }
 
@@ -280,4 +364,115 @@ fn run(command: &mut Command) -> Result<String, String> {
         ));
     }
     String::from_utf8(out.stdout).map_err(|_| format!("{command:?} printed non-UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The BOOT_* variables of a file environment after one boot, and the slot that booted.
+    fn boot_with(script: UBootScript, env: &[(&str, &str)]) -> (Result<String, String>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boot.env");
+        let text: String = env.iter().map(|(n, v)| format!("{n}={v}\n")).collect();
+        fs::write(&path, text).unwrap();
+        let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], 3)
+            .with_uboot_script(script);
+        let booted = sim.boot();
+        let mut after: Vec<String> = fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("BOOT_"))
+            .map(str::to_owned)
+            .collect();
+        after.sort();
+        (booted, after.join(" "))
+    }
+
+    /// Both U-Boot scripts do what the rules say on every environment the agent writes (and a
+    /// hostile order besides): the same slot boots and the same BOOT_* variables are stored.
+    #[test]
+    fn both_uboot_scripts_follow_the_rules() {
+        let orders = [
+            None,
+            Some("A B"),
+            Some("B A"),
+            Some("A"),
+            Some("B"),
+            Some("B x A"),
+            Some("x"),
+            Some("A A"),
+        ];
+        let counters = [
+            None,
+            Some("0"),
+            Some("1"),
+            Some("2"),
+            Some("3"),
+            Some("a"),
+            Some("f"),
+        ];
+        let mut cases = 0;
+        for order in orders {
+            for a in counters {
+                for b in counters {
+                    let mut env = vec![("bootdelay", "2")];
+                    env.extend(order.map(|o| ("BOOT_ORDER", o)));
+                    env.extend(a.map(|v| ("BOOT_A_LEFT", v)));
+                    env.extend(b.map(|v| ("BOOT_B_LEFT", v)));
+                    let rules = boot_with(UBootScript::Rules, &env);
+                    let shipped =
+                        boot_with(UBootScript::EnvInRam(SHIPPED_UBOOT_SCRIPT.into()), &env);
+                    let fat = boot_with(UBootScript::EnvInFat(FAT_UBOOT_SCRIPT.into()), &env);
+                    match &rules.0 {
+                        Ok(_) => {
+                            assert_eq!(shipped, rules, "uboot-boot.cmd on {env:?}");
+                            assert_eq!(fat, rules, "uboot-fat-boot.cmd on {env:?}");
+                        }
+                        // A board that would reset forever: every script must say so too.
+                        Err(_) => {
+                            assert!(shipped.0.is_err(), "uboot-boot.cmd on {env:?}: {shipped:?}");
+                            assert!(fat.0.is_err(), "uboot-fat-boot.cmd on {env:?}: {fat:?}");
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 8 * 7 * 7);
+    }
+
+    /// Where the scripts part: counters the agent never writes. The shipped script reads any
+    /// hex number (`setexpr`), the FAT one only the digits 1 to f; documented in its header.
+    #[test]
+    fn the_fat_script_counts_only_single_hex_digits() {
+        let env = [
+            ("BOOT_ORDER", "B A"),
+            ("BOOT_A_LEFT", "3"),
+            ("BOOT_B_LEFT", "10"),
+        ];
+        let shipped = boot_with(UBootScript::EnvInRam(SHIPPED_UBOOT_SCRIPT.into()), &env);
+        let fat = boot_with(UBootScript::EnvInFat(FAT_UBOOT_SCRIPT.into()), &env);
+        assert_eq!(shipped.0.as_deref(), Ok("B"));
+        assert!(shipped.1.contains("BOOT_B_LEFT=f"), "{shipped:?}");
+        assert_eq!(fat.0.as_deref(), Ok("A"));
+    }
+
+    /// The FAT script's file holds its three variables and nothing else, whatever was there.
+    #[test]
+    fn the_fat_script_stores_only_its_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boot.env");
+        fs::write(&path, "bootcmd=evil\nBOOT_ORDER=B A\nBOOT_B_LEFT=3\n").unwrap();
+        let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], 3)
+            .with_uboot_script(UBootScript::EnvInFat(FAT_UBOOT_SCRIPT.into()));
+        assert_eq!(sim.boot().as_deref(), Ok("B"));
+        let mut stored: Vec<String> = fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        stored.sort();
+        assert_eq!(stored, ["BOOT_A_LEFT=3", "BOOT_B_LEFT=2", "BOOT_ORDER=B A"]);
+    }
 }
