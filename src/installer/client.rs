@@ -209,7 +209,11 @@ impl RemoteInstaller {
         match (produced, answer) {
             (_, Ok(())) => Ok(()),
             // The network failing is the cause; the installer only saw the stream end early.
-            (Some(Err(e)), Err(_)) => Err(WriteError::Transfer(e)),
+            // Not so when sending into the stream failed (the only "slot" this side writes):
+            // then the installer went away first, and its end of the conversation says why.
+            (Some(Err(e)), Err(_)) if !matches!(e, TransferError::SlotIo { .. }) => {
+                Err(WriteError::Transfer(e))
+            }
             (_, Err(failure)) => Err(WriteError::Installer(failure)),
         }
     }
