@@ -1261,6 +1261,9 @@ impl Engine {
             waiting: None,
             until: None,
             clamped: None,
+            created: txn
+                .filter(|_| matches!(state, TxnState::Accepted | TxnState::Committed))
+                .map(|t| t.manifest.created),
         };
         fill(&mut event);
         event
