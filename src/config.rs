@@ -2,7 +2,6 @@
 //! key is an error, so a typo never silently turns a safety setting off. `config/agent.toml` in
 //! the repository is the annotated example.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -75,10 +74,10 @@ pub struct Conformance {
     pub isolation: Option<String>,
     /// How the hardware can be replaced (IXIT 9-ReplSup "Hardware Replacement").
     pub hardware_replacement: Option<String>,
-    /// Why a provision is not met or not applicable, by provision id (`"5.3-15" = "..."`):
-    /// ETSI TS 103 701 test case 4-1-1 asks for one for every recommendation not fulfilled.
+    /// Why a provision is not met or not applicable, each `"5.3-N: why"`: ETSI TS 103 701
+    /// test case 4-1-1 asks for one for every recommendation not fulfilled.
     #[serde(default)]
-    pub justifications: BTreeMap<String, String>,
+    pub justifications: Vec<String>,
 }
 
 /// The longest declaration accepted: a paragraph or a URL, not a document.
@@ -114,25 +113,35 @@ impl Conformance {
                 ));
             }
         }
-        for (provision, text) in &self.justifications {
+        for entry in &self.justifications {
+            let provision = entry.split(':').next().unwrap_or_default();
             let known = provision
                 .strip_prefix("5.3-")
                 .and_then(|n| n.parse::<u8>().ok())
                 .is_some_and(|n| {
                     (1..=16).contains(&n) && provision.len() == 4 + n.to_string().len()
                 });
-            if !known {
+            if !known || !entry.contains(':') {
                 return Err(format!(
-                    "conformance.justifications: {provision:?} is not a provision of EN 303 645 §5.3 (5.3-1 to 5.3-16)"
+                    "conformance.justifications: {:?} does not start with a provision of EN 303 645 §5.3 and a colon (\"5.3-6: why\")",
+                    crate::release::escape_for_log(entry, 40)
                 ));
             }
-            if text.len() > MAX_DECLARATION {
+            if entry.len() > MAX_DECLARATION {
                 return Err(format!(
-                    "conformance.justifications.\"{provision}\" is longer than {MAX_DECLARATION} bytes"
+                    "conformance.justifications: the one for {provision} is longer than {MAX_DECLARATION} bytes"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// The manufacturer's justification for provision `id` (`5.3-6`), if any.
+    pub fn justification(&self, id: &str) -> Option<&str> {
+        self.justifications.iter().find_map(|entry| {
+            let (provision, why) = entry.split_once(':')?;
+            (provision == id).then(|| why.trim())
+        })
     }
 }
 
@@ -709,6 +718,43 @@ mod tests {
             let err = Config::parse(&example.replace(from, to)).unwrap_err();
             assert!(err.contains(expect), "{from}: {err}");
         }
+    }
+
+    #[test]
+    fn conformance_declarations_are_bounded_and_justifications_name_a_provision() {
+        let example = include_str!("../config/agent.toml");
+        let with = |extra: &str| Config::parse(&format!("{example}{extra}\n"));
+        let config = with("justifications = [\"5.3-6: the user installs by hand\"]").unwrap();
+        assert_eq!(
+            config.conformance.justification("5.3-6"),
+            Some("the user installs by hand")
+        );
+        assert_eq!(config.conformance.justification("5.3-1"), None);
+        assert!(config.conformance.model_label.is_some());
+        for bad in [
+            "5.3-17: no such provision",
+            "5.3-06: padded",
+            "5.3-6 no colon",
+            "why",
+        ] {
+            let err = with(&format!("justifications = [{bad:?}]")).unwrap_err();
+            assert!(
+                err.contains("does not start with a provision"),
+                "{bad}: {err}"
+            );
+        }
+        let long = "x".repeat(MAX_DECLARATION + 1);
+        let text = example.replace(
+            "model_label = \"type plate",
+            &format!("model_label = \"{long} type plate"),
+        );
+        assert!(
+            Config::parse(&text)
+                .unwrap_err()
+                .contains("conformance.model_label is longer")
+        );
+        let typo = example.replace("[conformance]", "[conformance]\nmodel_lable = \"x\"");
+        assert!(Config::parse(&typo).unwrap_err().contains("model_lable"));
     }
 
     #[test]

@@ -352,7 +352,13 @@ fn each_weakened_configuration_flips_its_provision_and_only_it() {
     let cases = [
         Weakening {
             name: "auto-install-off",
-            edits: &[("auto_install = true", "auto_install = false")],
+            edits: &[
+                ("auto_install = true", "auto_install = false"),
+                (
+                    "# justifications = [\"5.3-6: ...\"]",
+                    "justifications = [\"5.3-6: the operator installs in agreed slots\"]",
+                ),
+            ],
             provision: "5.3-6",
             status: "not-met",
             finding: "auto-install-off",
@@ -445,6 +451,12 @@ fn each_weakened_configuration_flips_its_provision_and_only_it() {
             );
         }
     }
+    // A recommendation not met carries the manufacturer's justification (TS 103 701 4-1-1).
+    let off = json_of(&outputs["auto-install-off"]);
+    assert_eq!(
+        off["provisions"][5]["justification"],
+        "declared by the manufacturer: the operator installs in agreed slots"
+    );
     // Plain MQTT: the channel is weakened, the integrity of each update is not; both are said.
     let plain = json_of(&outputs["plain-mqtt"]);
     let message = plain["findings"][0]["message"].as_str().unwrap();

@@ -1212,15 +1212,12 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     // device's plain MQTT and its writable anchor.
     let conformance = get_property(bus, Who::Nobody, "Conformance");
     assert!(
-        conformance.starts_with("(sas) \"ETSI EN 303 645"),
+        conformance.starts_with("(ss) \"ETSI EN 303 645"),
         "{conformance}"
     );
+    assert!(conformance.contains("5.3-10:plain-mqtt"), "{conformance}");
     assert!(
-        conformance.contains("\"5.3-10:plain-mqtt\""),
-        "{conformance}"
-    );
-    assert!(
-        conformance.contains("\"5.3-2:anchor-unprotected\""),
+        conformance.contains("5.3-2:anchor-unprotected"),
         "{conformance}"
     );
 

@@ -382,7 +382,7 @@ impl Assessor<'_> {
                 finding.message
             ));
         }
-        if let Some(text) = c.conformance.justifications.get(p.id) {
+        if let Some(text) = c.conformance.justification(p.id) {
             justification = Some(format!("declared by the manufacturer: {}", printable(text)));
         }
         ProvisionReport {

@@ -10,13 +10,28 @@
 //! - `declarations.attestations[0].map`: requirement → claims with `conformance` (score,
 //!   rationale) and `confidence`.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value};
 
 use super::selftest::Verdict;
 use super::standard::{self, PROVISIONS};
 use super::{Report, Status};
 
 pub const SPEC_VERSION: &str = "1.6";
+
+/// A JSON object from its fields (a plain function rather than `json!`, whose expansion per
+/// field costs the device binary several KiB here).
+fn obj(fields: Vec<(&str, Value)>) -> Value {
+    // Inserted one by one: collecting would sort, which costs its own code.
+    let mut map = Map::new();
+    for (key, value) in fields {
+        map.insert(key.to_string(), value);
+    }
+    Value::Object(map)
+}
+
+fn strs<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Value {
+    Value::Array(items.into_iter().map(|s| Value::String(s.into())).collect())
+}
 
 pub fn render(report: &Report) -> Value {
     let generated = report.generated.to_string();
@@ -25,40 +40,63 @@ pub fn render(report: &Report) -> Value {
         .model
         .clone()
         .unwrap_or_else(|| report.device.compatible.clone());
-    let agent_author = json!({"name": format!(
+    let agent_name = format!(
         "update-agent {} on {}",
         report.agent.version,
-        report.device.device_id.as_deref().unwrap_or(&report.device.compatible)
-    )});
-    let manufacturer_author = json!({
-        "name": "the manufacturer: a declaration in the [conformance] section of the agent's configuration, not verified by the agent"
-    });
+        report
+            .device
+            .device_id
+            .as_deref()
+            .unwrap_or(&report.device.compatible)
+    );
+    let agent_author = || obj(vec![("name", agent_name.clone().into())]);
+    let evidence_of = |bom_ref: String, property: String, data: Vec<Value>, author: Value| {
+        obj(vec![
+            ("bom-ref", bom_ref.into()),
+            ("propertyName", property.into()),
+            ("data", Value::Array(data)),
+            ("created", generated.clone().into()),
+            ("author", author),
+        ])
+    };
 
     let mut requirements = Vec::new();
     for p in PROVISIONS {
-        requirements.push(json!({
-            "bom-ref": format!("req-{}", p.id),
-            "identifier": p.id,
-            "title": p.title,
-            "text": format!("{} (paraphrase; see the standard for its text)", p.title),
-            "descriptions": [format!(
-                "{} ({}){}",
-                p.level.as_str(),
-                super::level_letter(p.level),
-                p.condition.map(|c| format!(", where {c}")).unwrap_or_default()
-            )],
-        }));
+        requirements.push(obj(vec![
+            ("bom-ref", format!("req-{}", p.id).into()),
+            ("identifier", p.id.into()),
+            ("title", p.title.into()),
+            (
+                "text",
+                format!("{} (paraphrase; see the standard for its text)", p.title).into(),
+            ),
+            (
+                "descriptions",
+                strs([format!(
+                    "{} ({}){}",
+                    p.level.as_str(),
+                    super::level_letter(p.level),
+                    p.condition
+                        .map(|c| format!(", where {c}"))
+                        .unwrap_or_default()
+                )]),
+            ),
+        ]));
         for u in p.units {
-            requirements.push(json!({
-                "bom-ref": format!("req-{}", u.id),
-                "identifier": format!("{} {}", standard::TEST_SPEC, u.id),
-                "title": format!("test unit {} ({})", u.id, match u.kind {
-                    standard::UnitKind::Conceptual => "conceptual",
-                    standard::UnitKind::Functional => "functional",
-                }),
-                "text": u.checks,
-                "parent": format!("req-{}", p.id),
-            }));
+            let kind = match u.kind {
+                standard::UnitKind::Conceptual => "conceptual",
+                standard::UnitKind::Functional => "functional",
+            };
+            requirements.push(obj(vec![
+                ("bom-ref", format!("req-{}", u.id).into()),
+                (
+                    "identifier",
+                    format!("{} {}", standard::TEST_SPEC, u.id).into(),
+                ),
+                ("title", format!("test unit {} ({kind})", u.id).into()),
+                ("text", u.checks.into()),
+                ("parent", format!("req-{}", p.id).into()),
+            ]));
         }
     }
 
@@ -79,15 +117,18 @@ pub fn render(report: &Report) -> Value {
                 ));
             }
         }
-        let declared = p.status == Status::Declared || p.status == Status::NeedsDeclaration;
-        evidence.push(json!({
-            "bom-ref": evidence_ref,
-            "propertyName": format!("{} {}", standard::STANDARD, p.id),
-            "data": data,
-            "created": generated,
-            "author": if declared { manufacturer_author.clone() } else { agent_author.clone() },
-        }));
-        let mut claim_evidence = vec![Value::from(evidence_ref), "ev-ixit".into()];
+        let declared = matches!(p.status, Status::Declared | Status::NeedsDeclaration);
+        evidence.push(evidence_of(
+            evidence_ref.clone(),
+            format!("{} {}", standard::STANDARD, p.id),
+            data,
+            if declared {
+                obj(vec![("name", MANUFACTURER.into())])
+            } else {
+                agent_author()
+            },
+        ));
+        let mut claim_evidence = vec![evidence_ref, "ev-ixit".to_string()];
         match p.id {
             "5.3-2" if report.live.is_some() => claim_evidence.push("ev-self-test".into()),
             "5.3-5" | "5.3-8" if report.live.is_some() => {
@@ -95,40 +136,42 @@ pub fn render(report: &Report) -> Value {
             }
             _ => {}
         }
-        let counter: Vec<Value> = report
+        let counter: Vec<String> = report
             .findings
             .iter()
             .filter(|f| f.provision == p.id)
-            .map(|f| Value::from(format!("ev-finding-{}-{}", f.provision, f.code)))
+            .map(|f| format!("ev-finding-{}-{}", f.provision, f.code))
             .collect();
-        let mut claim = json!({
-            "bom-ref": format!("claim-{}", p.id),
-            "target": "device",
-            "predicate": p.control,
-            "reasoning": reasoning(p),
-            "evidence": claim_evidence,
-        });
+        let mut claim = vec![
+            ("bom-ref", format!("claim-{}", p.id).into()),
+            ("target", "device".into()),
+            ("predicate", p.control.clone().into()),
+            ("reasoning", reasoning(p).into()),
+            ("evidence", strs(claim_evidence)),
+        ];
         if !counter.is_empty() {
-            claim["counterEvidence"] = Value::from(counter);
+            claim.push(("counterEvidence", strs(counter)));
         }
-        claims.push(claim);
-        map.push(json!({
-            "requirement": format!("req-{}", p.id),
-            "claims": [format!("claim-{}", p.id)],
-            "conformance": conformance(p.status, &reasoning(p)),
-            "confidence": confidence(p.status, &generated),
-        }));
+        claims.push(obj(claim));
+        map.push(obj(vec![
+            ("requirement", format!("req-{}", p.id).into()),
+            ("claims", strs([format!("claim-{}", p.id)])),
+            ("conformance", conformance(p.status, reasoning(p))),
+            ("confidence", confidence(p.status, &generated)),
+        ]));
     }
     for f in &report.findings {
-        evidence.push(json!({
-            "bom-ref": format!("ev-finding-{}-{}", f.provision, f.code),
-            "propertyName": format!("{} {}", standard::STANDARD, f.provision),
-            "data": [text_data(&format!("finding {} ({})", f.code, f.status.as_str()), &f.message)],
-            "created": generated,
-            "author": agent_author.clone(),
-        }));
+        evidence.push(evidence_of(
+            format!("ev-finding-{}-{}", f.provision, f.code),
+            format!("{} {}", standard::STANDARD, f.provision),
+            vec![text_data(
+                &format!("finding {} ({})", f.code, f.status.as_str()),
+                &f.message,
+            )],
+            agent_author(),
+        ));
     }
-    let ixit: Vec<Value> = report
+    let ixit = report
         .ixit
         .iter()
         .map(|field| {
@@ -138,186 +181,276 @@ pub fn render(report: &Report) -> Value {
             )
         })
         .collect();
-    evidence.push(json!({
-        "bom-ref": "ev-ixit",
-        "propertyName": "ETSI TS 103 701 IXIT",
-        "data": ixit,
-        "created": generated,
-        "author": agent_author.clone(),
-    }));
+    evidence.push(evidence_of(
+        "ev-ixit".into(),
+        "ETSI TS 103 701 IXIT".into(),
+        ixit,
+        agent_author(),
+    ));
     if let Some(live) = &report.live {
         let test = &live.self_test;
-        evidence.push(json!({
-            "bom-ref": "ev-self-test",
-            "propertyName": format!("{} 5.3-2-2b", standard::TEST_SPEC),
-            "data": [json_data("self-test (altered copies of a genuine release, verified in memory)", test)],
-            "created": generated,
-            "author": agent_author.clone(),
-        }));
-        evidence.push(json!({
-            "bom-ref": "ev-event-log",
-            "propertyName": "the agent's event log: time-to-patch, refusals by reason, rollbacks",
-            "data": [
+        evidence.push(evidence_of(
+            "ev-self-test".into(),
+            format!("{} 5.3-2-2b", standard::TEST_SPEC),
+            vec![json_data(
+                "self-test (altered copies of a genuine release, verified in memory)",
+                test,
+            )],
+            agent_author(),
+        ));
+        evidence.push(evidence_of(
+            "ev-event-log".into(),
+            "the agent's event log: time-to-patch, refusals by reason, rollbacks".into(),
+            vec![
                 json_data("history", &live.history),
                 json_data("last check for updates", &live.last_check),
             ],
-            "created": generated,
-            "author": agent_author.clone(),
-        }));
+            agent_author(),
+        ));
         if test.verdict != Verdict::NotRun {
-            claims.push(json!({
-                "bom-ref": "claim-self-test",
-                "target": "device",
-                "predicate": "altered copies of a release this device accepts are refused",
-                "reasoning": format!(
-                    "the self-test altered copies of a genuine release as an attacker without the signing keys could and verified each as a received release is verified: {}",
-                    match test.verdict {
-                        Verdict::Pass => "each was refused with the expected reason".to_string(),
-                        _ => format!("FAILED: {}", test.reason.as_deref().unwrap_or("")),
-                    }
-                ),
-                "evidence": ["ev-self-test"],
-            }));
             let passed = test.verdict == Verdict::Pass;
-            map.push(json!({
-                "requirement": "req-5.3-2-2b",
-                "claims": ["claim-self-test"],
-                "conformance": {
-                    "score": if passed { 1.0 } else { 0.0 },
-                    "rationale": if passed { "PASS: every altered copy was refused" } else { "FAIL" },
-                },
-                "confidence": confidence(Status::Met, &generated),
-            }));
+            claims.push(obj(vec![
+                ("bom-ref", "claim-self-test".into()),
+                ("target", "device".into()),
+                (
+                    "predicate",
+                    "altered copies of a release this device accepts are refused".into(),
+                ),
+                (
+                    "reasoning",
+                    format!(
+                        "the self-test altered copies of a genuine release as an attacker without the signing keys could and verified each as a received release is verified: {}",
+                        if passed {
+                            "each was refused with the expected reason"
+                        } else {
+                            test.reason.as_deref().unwrap_or("FAILED")
+                        }
+                    )
+                    .into(),
+                ),
+                ("evidence", strs(["ev-self-test"])),
+            ]));
+            map.push(obj(vec![
+                ("requirement", "req-5.3-2-2b".into()),
+                ("claims", strs(["claim-self-test"])),
+                (
+                    "conformance",
+                    obj(vec![
+                        ("score", if passed { 1.0 } else { 0.0 }.into()),
+                        (
+                            "rationale",
+                            if passed {
+                                "PASS: every altered copy was refused"
+                            } else {
+                                "FAIL"
+                            }
+                            .into(),
+                        ),
+                    ]),
+                ),
+                ("confidence", confidence(Status::Met, &generated)),
+            ]));
         }
     }
-    let declarations: Vec<Value> = report
+    let declarations = report
         .declarations
         .iter()
         .filter_map(|d| {
-            d.value.as_ref().map(|value| json!({"name": format!("update-agent:declaration:{}", d.key), "value": value}))
+            d.value.as_ref().map(|value| {
+                obj(vec![
+                    ("name", format!("update-agent:declaration:{}", d.key).into()),
+                    ("value", value.clone().into()),
+                ])
+            })
         })
         .collect();
-    let mut device = json!({
-        "type": "device",
-        "bom-ref": "device",
-        "name": device_name,
-        "properties": [
-            {"name": "update-agent:compatible", "value": report.device.compatible},
-        ],
-    });
+    let property =
+        |name: &str, value: String| obj(vec![("name", name.into()), ("value", value.into())]);
+    let mut properties = vec![property(
+        "update-agent:compatible",
+        report.device.compatible.clone(),
+    )];
     if let Some(id) = &report.device.device_id {
-        device["properties"]
-            .as_array_mut()
-            .expect("an array")
-            .push(json!({"name": "update-agent:device-id", "value": id}));
+        properties.push(property("update-agent:device-id", id.clone()));
     }
     if let Some(end) = report.device.support_end {
-        device["properties"]
-            .as_array_mut()
-            .expect("an array")
-            .push(json!({"name": "update-agent:support-end", "value": end.to_string()}));
+        properties.push(property("update-agent:support-end", end.to_string()));
     }
+    let mut device = vec![
+        ("type", "device".into()),
+        ("bom-ref", "device".into()),
+        ("name", device_name.into()),
+        ("properties", Value::Array(properties)),
+    ];
     if let Some(version) = report.live.as_ref().and_then(|l| l.running_version.clone()) {
-        device["version"] = version.into();
+        device.push(("version", version.into()));
     }
-    json!({
-        "bomFormat": "CycloneDX",
-        "specVersion": SPEC_VERSION,
-        "serialNumber": serial_number(),
-        "version": 1,
-        "metadata": {
-            "timestamp": generated,
-            "tools": {"components": [{
-                "type": "application",
-                "name": "update-agent",
-                "version": report.agent.version,
-                "description": "update-agent conformance",
-            }]},
-            "component": device,
-            "properties": declarations,
-        },
-        "components": [{
-            "type": "application",
-            "bom-ref": "update-agent",
-            "name": "update-agent",
-            "version": report.agent.version,
-            "description": if report.agent.device_build { "device build" } else { "workstation build" },
-        }],
-        "definitions": {"standards": [{
-            "bom-ref": "std-en-303-645-5.3",
-            "name": format!("{} clause {}", standard::STANDARD, standard::CLAUSE),
-            "version": standard::STANDARD_VERSION,
-            "description": format!(
-                "{}, clause {} ({}); test units of {} V{} as child requirements",
-                standard::STANDARD,
-                standard::CLAUSE,
-                standard::CLAUSE_TITLE,
-                standard::TEST_SPEC,
-                standard::TEST_SPEC_VERSION
-            ),
-            "owner": "ETSI",
-            "requirements": requirements,
-        }]},
-        "declarations": {
-            "assessors": [{
-                "bom-ref": "assessor-update-agent",
-                "thirdParty": false,
-                "organization": {"name": agent_author["name"].clone()},
-            }],
-            "attestations": [{
-                "summary": report.summary().text(),
-                "assessor": "assessor-update-agent",
-                "map": map,
-            }],
-            "claims": claims,
-            "evidence": evidence,
-        },
-    })
+    let application = |extra: (&'static str, Value)| {
+        obj(vec![
+            ("type", "application".into()),
+            ("name", "update-agent".into()),
+            ("version", report.agent.version.into()),
+            extra,
+        ])
+    };
+    obj(vec![
+        ("bomFormat", "CycloneDX".into()),
+        ("specVersion", SPEC_VERSION.into()),
+        ("serialNumber", serial_number().into()),
+        ("version", 1.into()),
+        (
+            "metadata",
+            obj(vec![
+                ("timestamp", generated.clone().into()),
+                (
+                    "tools",
+                    obj(vec![(
+                        "components",
+                        Value::Array(vec![application((
+                            "description",
+                            "update-agent conformance".into(),
+                        ))]),
+                    )]),
+                ),
+                ("component", obj(device)),
+                ("properties", Value::Array(declarations)),
+            ]),
+        ),
+        (
+            "components",
+            Value::Array(vec![{
+                let mut component = application(("bom-ref", "update-agent".into()));
+                component["description"] = if report.agent.device_build {
+                    "device build"
+                } else {
+                    "workstation build"
+                }
+                .into();
+                component
+            }]),
+        ),
+        (
+            "definitions",
+            obj(vec![(
+                "standards",
+                Value::Array(vec![obj(vec![
+                    ("bom-ref", "std-en-303-645-5.3".into()),
+                    (
+                        "name",
+                        format!("{} clause {}", standard::STANDARD, standard::CLAUSE).into(),
+                    ),
+                    ("version", standard::STANDARD_VERSION.into()),
+                    (
+                        "description",
+                        format!(
+                            "{}, clause {} ({}); test units of {} V{} as child requirements",
+                            standard::STANDARD,
+                            standard::CLAUSE,
+                            standard::CLAUSE_TITLE,
+                            standard::TEST_SPEC,
+                            standard::TEST_SPEC_VERSION
+                        )
+                        .into(),
+                    ),
+                    ("owner", "ETSI".into()),
+                    ("requirements", Value::Array(requirements)),
+                ])]),
+            )]),
+        ),
+        (
+            "declarations",
+            obj(vec![
+                (
+                    "assessors",
+                    Value::Array(vec![obj(vec![
+                        ("bom-ref", "assessor-update-agent".into()),
+                        ("thirdParty", false.into()),
+                        ("organization", agent_author()),
+                    ])]),
+                ),
+                (
+                    "attestations",
+                    Value::Array(vec![obj(vec![
+                        ("summary", report.summary().text().into()),
+                        ("assessor", "assessor-update-agent".into()),
+                        ("map", Value::Array(map)),
+                    ])]),
+                ),
+                ("claims", Value::Array(claims)),
+                ("evidence", Value::Array(evidence)),
+            ]),
+        ),
+    ])
 }
+
+const MANUFACTURER: &str = "the manufacturer: a declaration in the [conformance] section of the agent's configuration, not verified by the agent";
 
 fn reasoning(p: &super::ProvisionReport) -> String {
     let mut text = format!("{}: {}", p.status.as_str(), p.control);
     if let Some(why) = &p.justification {
-        text.push_str(&format!(". Justification: {why}"));
+        text.push_str(". Justification: ");
+        text.push_str(why);
     }
     text
 }
 
-fn conformance(status: Status, rationale: &str) -> Value {
+fn conformance(status: Status, rationale: String) -> Value {
     let score = match status {
         Status::Met | Status::Declared => Some(1.0),
         Status::Weakened => Some(0.5),
         Status::NotMet => Some(0.0),
         Status::NotApplicable | Status::NeedsDeclaration => None,
     };
-    let mut value = json!({"rationale": rationale});
+    let mut fields = vec![("rationale", rationale.into())];
     if let Some(score) = score {
-        value["score"] = score.into();
+        fields.push(("score", score.into()));
     }
-    value
+    obj(fields)
 }
 
 fn confidence(status: Status, generated: &str) -> Value {
     match status {
-        Status::Declared | Status::NeedsDeclaration => json!({
-            "rationale": "rests on the manufacturer's declaration, which the agent cannot verify",
-        }),
-        _ => json!({
-            "score": 1.0,
-            "rationale": format!(
-                "determined by the agent itself at {generated} from its build, its configuration and the device's state"
+        Status::Declared | Status::NeedsDeclaration => obj(vec![(
+            "rationale",
+            "rests on the manufacturer's declaration, which the agent cannot verify".into(),
+        )]),
+        _ => obj(vec![
+            ("score", 1.0.into()),
+            (
+                "rationale",
+                format!(
+                    "determined by the agent itself at {generated} from its build, its configuration and the device's state"
+                )
+                .into(),
             ),
-        }),
+        ]),
     }
 }
 
-fn text_data(name: &str, text: &str) -> Value {
-    json!({"name": name, "contents": {"attachment": {"contentType": "text/plain", "content": text}}})
+fn attachment(name: &str, content_type: &str, content: String) -> Value {
+    obj(vec![
+        ("name", name.into()),
+        (
+            "contents",
+            obj(vec![(
+                "attachment",
+                obj(vec![
+                    ("contentType", content_type.into()),
+                    ("content", content.into()),
+                ]),
+            )]),
+        ),
+    ])
 }
 
+fn text_data(name: &str, text: &str) -> Value {
+    attachment(name, "text/plain", text.to_string())
+}
+
+/// Pretty-printed, as the JSON report is: the same serialiser code serves both.
 fn json_data(name: &str, value: &impl serde::Serialize) -> Value {
-    let content = serde_json::to_string(value).expect("report parts always serialise");
-    json!({"name": name, "contents": {"attachment": {"contentType": "application/json", "content": content}}})
+    let content = serde_json::to_string_pretty(value).expect("report parts always serialise");
+    attachment(name, "application/json", content)
 }
 
 /// `urn:uuid:` and a random (version 4) UUID: each document is a new BOM.

@@ -2,7 +2,6 @@
 //! now, and (for the full report) the agent's own records — the time of the last check for
 //! updates and the event log. Gathering only reads: nothing on the device is written.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -184,18 +183,17 @@ impl History {
             since: events.iter().map(|e| e.at).min(),
             ..History::default()
         };
-        // Accepted events by transaction, to find when each committed release arrived.
-        let mut accepted: BTreeMap<&str, &Event> = BTreeMap::new();
-        let mut ordered: Vec<&Event> = events.iter().collect();
-        ordered.sort_by_key(|e| e.seq);
-        for event in ordered {
+        // Counts in the order of `ReasonCode::ALL`, so the report lists them in that order.
+        let mut refused = vec![0u64; ReasonCode::ALL.len()];
+        // Accepted events by transaction, to find when each committed release arrived. The log
+        // is in `seq` order: events are appended as they happen and a `seq` is logged once.
+        let mut accepted: Vec<(&str, &Event)> = Vec::new();
+        for event in events {
             let txn = event.txn.as_deref().unwrap_or("");
             match event.state {
-                TxnState::Accepted => {
-                    accepted.insert(txn, event);
-                }
+                TxnState::Accepted => accepted.push((txn, event)),
                 TxnState::Committed => {
-                    let arrival = accepted.get(txn);
+                    let arrival = accepted.iter().rfind(|(t, _)| *t == txn).map(|(_, e)| e);
                     let created = event.created.or(arrival.and_then(|a| a.created));
                     let seconds = |from: Option<Timestamp>| {
                         from.map(|from| event.at.duration_since(from).as_secs())
@@ -211,11 +209,11 @@ impl History {
                     });
                 }
                 TxnState::Refused => {
-                    if let Some(reason) = event.reason {
-                        match history.refusals.iter_mut().find(|r| r.reason == reason) {
-                            Some(refusals) => refusals.count += 1,
-                            None => history.refusals.push(Refusals { reason, count: 1 }),
-                        }
+                    if let Some(index) = event
+                        .reason
+                        .and_then(|reason| ReasonCode::ALL.iter().position(|c| *c == reason))
+                    {
+                        refused[index] += 1;
                     }
                 }
                 TxnState::RolledBack | TxnState::Failed => {
@@ -234,9 +232,15 @@ impl History {
                 _ => {}
             }
         }
-        history
-            .refusals
-            .sort_by_key(|r| ReasonCode::ALL.iter().position(|code| *code == r.reason));
+        history.refusals = ReasonCode::ALL
+            .iter()
+            .zip(refused)
+            .filter(|(_, count)| *count > 0)
+            .map(|(reason, count)| Refusals {
+                reason: *reason,
+                count,
+            })
+            .collect();
         history
     }
 

@@ -217,7 +217,7 @@ fn alterations(
 /// slot's if there is one, else the newest.
 fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<PathBuf> {
     let dir = config.device.state_dir.join("releases");
-    let mut files: Vec<(PathBuf, std::time::SystemTime)> = std::fs::read_dir(&dir)
+    let files: Vec<(PathBuf, std::time::SystemTime)> = std::fs::read_dir(&dir)
         .ok()?
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.path())
@@ -236,11 +236,13 @@ fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<Path
                 .collect()
         })
         .unwrap_or_default();
-    files.sort_by_key(|(path, modified)| {
-        let is_committed = path
-            .file_stem()
-            .is_some_and(|stem| committed.iter().any(|id| stem == *id));
-        (is_committed, *modified)
-    });
-    files.pop().map(|(path, _)| path)
+    files
+        .into_iter()
+        .max_by_key(|(path, modified)| {
+            let is_committed = path
+                .file_stem()
+                .is_some_and(|stem| committed.iter().any(|id| stem == *id));
+            (is_committed, *modified)
+        })
+        .map(|(path, _)| path)
 }

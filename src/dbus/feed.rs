@@ -33,7 +33,7 @@ pub struct Feed {
     /// (a refused release is not a transaction outcome, yet the user must hear of it: 5.7-2).
     last_error: Option<(String, String)>,
     /// The `Conformance` property, as the owner assessed it at start.
-    conformance: (String, Vec<String>),
+    conformance: (String, String),
 }
 
 impl Feed {
@@ -105,7 +105,7 @@ impl Feed {
 
     /// Sets the `Conformance` property (kept in every later snapshot).
     pub fn set_conformance(&mut self, summary: &crate::conformance::Summary) {
-        self.conformance = (summary.text(), summary.findings.clone());
+        self.conformance = (summary.text(), summary.findings.join(" "));
         let conformance = self.conformance.clone();
         self.snapshots.send_if_modified(|s| {
             let changed = s.conformance != conformance;

@@ -77,8 +77,8 @@ pub struct Snapshot {
     pub model: String,
     pub compatible: String,
     /// EN 303 645 §5.3 in short, and `provision:finding` for what this build and configuration
-    /// weaken (the daemon's start-up assessment; empty when the owner made none).
-    pub conformance: (String, Vec<String>),
+    /// weaken, separated by spaces (the start-up assessment; empty when the owner made none).
+    pub conformance: (String, String),
 }
 
 impl Snapshot {
@@ -472,9 +472,10 @@ impl Agent1 {
     }
 
     /// ETSI EN 303 645 §5.3 for this build and configuration: a one-line summary, and
-    /// `provision:finding` for each weakened or unmet provision (e.g. `5.3-6:auto-install-off`).
+    /// `provision:finding` for each weakened or unmet provision, separated by spaces (e.g.
+    /// `5.3-6:auto-install-off 5.3-10:plain-mqtt`). The same D-Bus type as `LastError`.
     #[zbus(property)]
-    fn conformance(&self) -> (String, Vec<String>) {
+    fn conformance(&self) -> (String, String) {
         self.snap().conformance.clone()
     }
 
