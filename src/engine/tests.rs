@@ -602,3 +602,5 @@ fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
     // A slot the configuration does not know is left alone.
     assert!(h.feed(boot("boot-9", "recovery")).is_empty());
 }
+
+mod wire;
