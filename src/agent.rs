@@ -17,7 +17,7 @@ use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Answer, Engine, Event, Failure, Input, Notice, PersistentState, Phase, Progress,
+    Action, Answer, Engine, Event, Failure, Input, Job, Notice, PersistentState, Phase, Progress,
     SlotPair, TxnState,
 };
 use crate::health;
@@ -358,34 +358,46 @@ impl Agent {
                 observer.check();
                 None
             }
-            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(
-                self.bootloader_op("prepare", &slot, BootChange::Bad).await,
-            )),
-            Action::StartWrite {
+            Action::Run(job) => self.run(job, observer, stop).await?,
+        })
+    }
+
+    /// Carries out one job; its answer is the next input (a reboot is answered by the next
+    /// boot instead).
+    async fn run(
+        &mut self,
+        job: Job,
+        observer: &mut dyn Observer,
+        stop: &mut Stop,
+    ) -> Result<Option<Input>, AgentError> {
+        let result = match &job {
+            Job::PrepareTarget { slot } => {
+                self.bootloader_op("prepare", slot, BootChange::Bad).await
+            }
+            Job::Write {
                 slot,
                 image,
                 resume_from,
-            } => Some(Input::WriteFinished(
-                self.write(&slot, *image, resume_from, observer).await,
-            )),
-            Action::Activate { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("activate", &slot, BootChange::Active)
-                    .await,
-            )),
-            Action::MarkGood { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-good", &slot, BootChange::Good)
-                    .await,
-            )),
-            Action::MarkBad { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-bad", &slot, BootChange::Bad).await,
-            )),
-            Action::RunHealthChecks => {
+            } => {
+                self.write(slot, (**image).clone(), *resume_from, observer)
+                    .await
+            }
+            Job::Activate { slot } => {
+                self.bootloader_op("activate", slot, BootChange::Active)
+                    .await
+            }
+            Job::MarkGood { slot } => {
+                self.bootloader_op("mark-good", slot, BootChange::Good)
+                    .await
+            }
+            Job::MarkBad { slot } => self.bootloader_op("mark-bad", slot, BootChange::Bad).await,
+            Job::CheckHealth => {
                 self.crash.point("health:before");
                 let result = health::run_checks(&self.config.health).await;
                 self.crash.point("health:after");
-                Some(Input::HealthFinished(result))
+                result
             }
-            Action::Reboot => {
+            Job::Reboot => {
                 let slot = match &self.engine.state().phase {
                     Phase::RebootPending { txn, .. } => txn.to_slot.clone(),
                     _ => self.engine.booted().unwrap_or_default().to_string(),
@@ -398,9 +410,10 @@ impl Agent {
                         Stop::Rebooting
                     }
                 };
-                None
+                return Ok(None);
             }
-        })
+        };
+        Ok(Some(Input::JobDone(job, result)))
     }
 
     fn report(&mut self, event: &Event, observer: &mut dyn Observer) {

@@ -268,6 +268,32 @@ pub struct Event {
     pub clamped: Option<Clamp>,
 }
 
+impl Event {
+    /// An event with sequence number `seq`, about `txn` if it is about a transaction.
+    pub(super) fn about(
+        seq: u64,
+        at: Timestamp,
+        state: TxnState,
+        txn: Option<&Transaction>,
+    ) -> Event {
+        Event {
+            seq,
+            at,
+            state,
+            txn: txn.map(|t| t.id.clone()),
+            release_id: txn.map(|t| t.release_id.clone()),
+            from_version: txn.and_then(|t| t.from_version.clone()),
+            to_version: txn.map(|t| t.manifest.version.clone()),
+            slot: txn.map(|t| t.to_slot.clone()),
+            reason: None,
+            message: None,
+            waiting: None,
+            until: None,
+            clamped: None,
+        }
+    }
+}
+
 impl TxnState {
     /// The states that end a transaction.
     pub fn is_final(self) -> bool {

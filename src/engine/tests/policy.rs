@@ -30,7 +30,7 @@ fn policy(windows: &[&str], reboot: RebootPolicy) -> PolicyConfig {
 fn booted(policy: PolicyConfig, now: &str) -> Harness {
     let mut h = Harness::with_policy(policy, PersistentState::default());
     h.feed_at(ts(now), boot(BOOT_1, "A"));
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.answer(Ok(()));
     h
 }
 
@@ -47,21 +47,15 @@ fn security_release(deadline: &str) -> VerifiedRelease {
     })
 }
 
-fn is_prepare(jobs: &[Action]) -> bool {
-    jobs == [Action::PrepareTarget { slot: "B".into() }]
+fn is_prepare(jobs: &[Job]) -> bool {
+    jobs == [Job::PrepareTarget { slot: "B".into() }]
 }
 
 /// Answers the write and activation jobs with success, up to the activation's answer.
-fn write_and_activate(h: &mut Harness) -> Vec<Action> {
-    assert!(matches!(
-        h.feed(Input::TargetPrepared(Ok(())))[..],
-        [Action::StartWrite { .. }]
-    ));
-    assert_eq!(
-        h.feed(Input::WriteFinished(Ok(()))),
-        [Action::Activate { slot: "B".into() }]
-    );
-    h.feed(Input::BootloaderDone(Ok(())))
+fn write_and_activate(h: &mut Harness) -> Vec<Job> {
+    assert!(matches!(h.answer(Ok(()))[..], [Job::Write { .. }]));
+    assert_eq!(h.answer(Ok(())), [Job::Activate { slot: "B".into() }]);
+    h.answer(Ok(()))
 }
 
 #[test]
@@ -287,7 +281,7 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
         h.feed_at(ts("2026-07-01T00:00:00Z"), Input::Tick)
             .is_empty()
     );
-    assert_eq!(h.feed(Input::UserInstallNow), [Action::Reboot]);
+    assert_eq!(h.feed(Input::UserInstallNow), [Job::Reboot]);
     assert!(matches!(
         h.notices.last(),
         Some(Notice::DisruptionAhead {
@@ -317,7 +311,7 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
         })
     ));
     assert_eq!(h.engine.poll_timeout(), Some(deadline));
-    assert_eq!(h.feed_at(deadline, Input::Tick), [Action::Reboot]);
+    assert_eq!(h.feed_at(deadline, Input::Tick), [Job::Reboot]);
     assert_eq!(h.events.last().unwrap().state, TxnState::Rebooting);
 }
 
@@ -329,7 +323,7 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
     );
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
     assert!(is_prepare(&h.feed(Input::UserInstallNow)));
-    assert_eq!(write_and_activate(&mut h), [Action::Reboot]);
+    assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
     use TxnState::*;
     assert_eq!(
         h.states(),
@@ -345,7 +339,7 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
     assert!(is_prepare(
         &h.feed(Input::UserInstall(Box::new(release("2.0", 1))))
     ));
-    assert_eq!(write_and_activate(&mut h), [Action::Reboot]);
+    assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
     assert_eq!(
         h.states(),
         [Accepted, Writing, Written, Activated, Rebooting]
@@ -412,7 +406,7 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
     let answered = h.answers.len();
     assert_eq!(
         h.feed(Input::UserMark { good: false }),
-        [Action::MarkBad { slot: "B".into() }]
+        [Job::MarkBad { slot: "B".into() }]
     );
     assert_eq!(
         h.answers.len(),
@@ -420,7 +414,7 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
         "answered before the bootloader ran"
     );
     assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert!(h.answer(Ok(())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Done));
     let marked = h.events.last().unwrap();
     assert_eq!(
@@ -434,13 +428,10 @@ fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
     let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
     assert_eq!(
         h.feed(Input::UserMark { good: true }),
-        [Action::MarkGood { slot: "A".into() }]
+        [Job::MarkGood { slot: "A".into() }]
     );
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv: no space left");
-    assert!(
-        h.feed(Input::BootloaderDone(Err(failure.clone())))
-            .is_empty()
-    );
+    assert!(h.answer(Err(failure.clone())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Refused(failure)));
     let marked = h.events.last().unwrap();
     assert_eq!(
@@ -449,7 +440,7 @@ fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
     );
     // The next bootloader answer (an unrelated one) is no longer taken for the mark's.
     let answers = h.answers.len();
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.feed(Input::JobDone(Job::MarkGood { slot: "A".into() }, Ok(())));
     assert_eq!(h.answers.len(), answers);
 }
 
@@ -486,18 +477,12 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
         // which the engine must treat as a harmless extra tick).
         if let Some(job) = jobs.pop() {
             let input = match job {
-                Action::PrepareTarget { .. } => Input::TargetPrepared(Ok(())),
-                Action::StartWrite { .. } => Input::WriteFinished(Ok(())),
-                Action::Activate { .. } | Action::MarkGood { .. } | Action::MarkBad { .. } => {
-                    Input::BootloaderDone(Ok(()))
-                }
-                Action::RunHealthChecks => Input::HealthFinished(Ok(())),
-                Action::Reboot => {
+                Job::Reboot => {
                     assert!(reboot_told.is_some(), "rebooted without telling the user");
                     boots += 1;
                     boot(&format!("boot-{boots}"), "B")
                 }
-                other => panic!("unexpected job {other:?}"),
+                job => Input::JobDone(job, Ok(())),
             };
             jobs = h.feed(input);
             continue;

@@ -196,6 +196,6 @@ fn an_install_interrupted_by_the_reboot_goes_on_from_a_state_written_by_main() {
         .unwrap();
     let mut h = Harness::restore(serde_json::from_str(text).unwrap());
     // The reboot happened and the new slot came up: its trial boot.
-    assert_eq!(h.feed(boot(BOOT_2, "B")), vec![Action::RunHealthChecks]);
+    assert_eq!(h.feed(boot(BOOT_2, "B")), vec![Job::CheckHealth]);
     assert_eq!(h.states().last(), Some(&TxnState::TrialBoot));
 }
