@@ -17,8 +17,8 @@ use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Answer, Engine, Event, Failure, Input, Job, Notice, PersistentState, Phase, Progress,
-    SlotPair, TxnState,
+    Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
+    Progress, SlotPair,
 };
 use crate::health;
 use crate::installer::{Op, RemoteInstaller};
@@ -399,8 +399,12 @@ impl Agent {
             }
             Job::Reboot => {
                 let slot = match &self.engine.state().phase {
-                    Phase::RebootPending { txn, .. } => txn.to_slot.clone(),
-                    _ => self.engine.booted().unwrap_or_default().to_string(),
+                    Phase::RebootPending { txn, .. } => txn.to_slot.to_string(),
+                    _ => self
+                        .engine
+                        .booted()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 };
                 self.crash.point("reboot:before");
                 *stop = match self.reboot {
@@ -485,7 +489,7 @@ impl Agent {
             .phase
             .transaction()
             .map(|txn| format!("{}.json", txn.release_id));
-        let name = format!("{}.json", verified.id_hex());
+        let name = format!("{}.json", verified.release_id());
         let result = std::fs::create_dir_all(&dir).and_then(|()| {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
@@ -618,7 +622,7 @@ impl Agent {
         })?;
         // Defence in depth: the engine never targets the booted slot, and the device behind
         // the target must not be the one the running system was booted from either.
-        let booted = self.engine.booted().unwrap_or_default();
+        let booted = self.engine.booted().map(|b| b.as_str()).unwrap_or_default();
         if slot == booted || system::holds_root(&target.device) {
             return Err(Failure::new(
                 ReasonCode::SlotIo,
@@ -671,7 +675,7 @@ struct NoteRefusal<'a> {
 
 impl Observer for NoteRefusal<'_> {
     fn event(&mut self, event: &Event) {
-        if event.state == TxnState::Refused {
+        if event.kind == EventKind::Refused {
             self.refusal = Some(Refusal::new(
                 event.reason.unwrap_or(ReasonCode::NotReady),
                 event.message.clone().unwrap_or_default(),
@@ -753,8 +757,8 @@ pub fn open_bootloader(
     use crate::config::BootloaderConfig;
     let mut params = BootloaderParams {
         slots: vec![
-            config.slots.a.bootname.clone(),
-            config.slots.b.bootname.clone(),
+            config.slots.a.bootname.to_string(),
+            config.slots.b.bootname.to_string(),
         ],
         ..BootloaderParams::default()
     };

@@ -3,8 +3,9 @@
 use jiff::Timestamp;
 
 use super::input::Failure;
+use super::names::Bootname;
 use super::policy::Clamp;
-use super::state::{Event, Progress, Transaction, TxnState};
+use super::state::{Event, EventKind, Progress, Transaction};
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Image, Severity};
 
@@ -46,23 +47,23 @@ pub enum Action {
 pub enum Job {
     /// Make `slot` unbootable (mark bad) so a half-written slot is never tried.
     PrepareTarget {
-        slot: String,
+        slot: Bootname,
     },
     /// Stream the image into `slot` from byte `resume_from`, then read it back against its hash.
     Write {
-        slot: String,
+        slot: Bootname,
         image: Box<Image>,
         resume_from: u64,
     },
     /// Tell the bootloader to try `slot` once at the next boot.
     Activate {
-        slot: String,
+        slot: Bootname,
     },
     MarkGood {
-        slot: String,
+        slot: Bootname,
     },
     MarkBad {
-        slot: String,
+        slot: Bootname,
     },
     CheckHealth,
     /// Reboot (or leave the reboot to the caller). Answered by the next
@@ -94,7 +95,7 @@ pub enum Notice {
     Completed {
         txn: String,
         version: String,
-        result: TxnState,
+        result: EventKind,
         reason: Option<ReasonCode>,
     },
 }
@@ -115,7 +116,7 @@ impl Notice {
 
     pub(super) fn completed(
         txn: &Transaction,
-        result: TxnState,
+        result: EventKind,
         reason: Option<ReasonCode>,
     ) -> Notice {
         Notice::Completed {

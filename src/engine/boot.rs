@@ -3,15 +3,16 @@
 
 use jiff::Timestamp;
 
+use super::names::{BootId, Bootname};
 use super::outputs::Outputs;
-use super::{Awaiting, Engine, Failure, Job, Notice, Outcome, Phase, Then, Transaction, TxnState};
+use super::{Awaiting, Engine, EventKind, Failure, Job, Notice, Outcome, Phase, Then, Transaction};
 use crate::reason::ReasonCode;
 
 impl Engine {
     pub(super) fn on_boot(
         &mut self,
-        boot_id: String,
-        booted: String,
+        boot_id: BootId,
+        booted: Bootname,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
@@ -40,7 +41,7 @@ impl Engine {
                         ReasonCode::UnexpectedBoot,
                         "the device booted the slot that was being written; the install was abandoned",
                     );
-                    self.finish_failed(txn, TxnState::Failed, failure, now, out);
+                    self.finish_failed(txn, EventKind::Failed, failure, now, out);
                     None
                 } else {
                     // Interrupted (agent restart or power cut): make sure the target is still
@@ -54,7 +55,7 @@ impl Engine {
                 if booted == txn.to_slot {
                     // The power failed after the bootloader was switched but before that was
                     // persisted, and the bootloader tried the new slot: this is its trial boot.
-                    let activated = self.txn_event(TxnState::Activated, &txn, now);
+                    let activated = self.txn_event(EventKind::Activated, &txn, now);
                     out.report(activated);
                     self.enter_trial(txn, boot_id, now, out)
                 } else {
@@ -141,12 +142,12 @@ impl Engine {
     fn rebooted(
         &mut self,
         txn: Transaction,
-        boot_id: String,
-        booted: &str,
+        boot_id: BootId,
+        booted: &Bootname,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if booted == txn.to_slot {
+        if *booted == txn.to_slot {
             return self.enter_trial(txn, boot_id, now, out);
         }
         let failure = Failure::new(
@@ -163,11 +164,11 @@ impl Engine {
     fn enter_trial(
         &mut self,
         txn: Transaction,
-        boot_id: String,
+        boot_id: BootId,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let event = self.txn_event(TxnState::TrialBoot, &txn, now);
+        let event = self.txn_event(EventKind::TrialBoot, &txn, now);
         out.report(event);
         self.state.phase = Phase::Trial { txn, boot_id };
         Awaiting::step(Job::CheckHealth)
@@ -207,17 +208,17 @@ impl Engine {
             record.committed = true;
         }
         self.state.floor = self.state.floor.max(txn.manifest.security_version);
-        let event = self.txn_event(TxnState::Committed, &txn, now);
+        let event = self.txn_event(EventKind::Committed, &txn, now);
         self.state.last = Some(Outcome {
             txn: txn.id.clone(),
             version: txn.manifest.version.clone(),
-            result: TxnState::Committed,
+            result: EventKind::Committed,
             reason: None,
             message: None,
             at: now,
         });
         out.report(event);
-        out.notify(Notice::completed(&txn, TxnState::Committed, None));
+        out.notify(Notice::completed(&txn, EventKind::Committed, None));
         self.state.phase = Phase::Idle;
         None
     }
@@ -229,7 +230,7 @@ impl Engine {
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let mut event = self.txn_event(TxnState::RollingBack, &txn, now);
+        let mut event = self.txn_event(EventKind::RollingBack, &txn, now);
         event.reason = Some(failure.reason);
         event.message = Some(failure.message.clone());
         out.report(event);
@@ -253,7 +254,7 @@ impl Engine {
         out: &mut Outputs,
     ) -> Option<Awaiting> {
         if let Err(failure) = result {
-            let mut event = self.txn_event(TxnState::RollingBack, &txn, now);
+            let mut event = self.txn_event(EventKind::RollingBack, &txn, now);
             event.reason = Some(failure.reason);
             event.message = Some(failure.message);
             // The event took a sequence number: it is persisted before it is reported, or the

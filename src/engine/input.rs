@@ -3,6 +3,7 @@
 use jiff::{SignedDuration, Timestamp};
 
 use super::action::Job;
+use super::names::{BootId, Bootname};
 use crate::reason::ReasonCode;
 use crate::release::VerifiedRelease;
 
@@ -12,8 +13,8 @@ pub enum Input {
     /// The agent started (or the device booted): the kernel boot id and the slot it booted from.
     /// Whatever job was asked of the previous run is answered by what this boot shows.
     BootObserved {
-        boot_id: String,
-        booted: String,
+        boot_id: BootId,
+        booted: Bootname,
     },
     /// A release passed verification (signatures, compatible, floor, expiry). It installs when
     /// the policy lets it (automatic install, maintenance windows, postponement).

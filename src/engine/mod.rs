@@ -37,6 +37,7 @@
 pub mod action;
 mod boot;
 pub mod input;
+mod names;
 mod outputs;
 pub mod policy;
 mod schedule;
@@ -46,11 +47,13 @@ mod user;
 
 use jiff::Timestamp;
 
+use crate::release::ReleaseId;
 pub use action::{Action, Answer, Job, Notice};
 pub use input::{Failure, Input, Postpone};
+pub use names::{BadName, BootId, Bootname};
 use outputs::Outputs;
 pub use policy::{Clamp, Decision, PolicyConfig, RebootPolicy, UserChoices, Wait, Window};
-pub use state::{Event, Outcome, PersistentState, Phase, Progress, Transaction, TxnState};
+pub use state::{Event, EventKind, Outcome, PersistentState, Phase, Progress, Transaction};
 
 /// Progress events are reported at most this often, so a fast write does not flood operators.
 pub const PROGRESS_INTERVAL: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
@@ -59,11 +62,11 @@ pub const PROGRESS_INTERVAL: jiff::SignedDuration = jiff::SignedDuration::from_s
 #[derive(Debug, Clone)]
 pub struct SlotPair {
     pub class: String,
-    pub bootnames: [String; 2],
+    pub bootnames: [Bootname; 2],
 }
 
 impl SlotPair {
-    fn other(&self, bootname: &str) -> Option<&str> {
+    fn other(&self, bootname: &Bootname) -> Option<&Bootname> {
         match &self.bootnames {
             [a, b] if a == bootname => Some(b),
             [a, b] if b == bootname => Some(a),
@@ -90,7 +93,7 @@ enum Then {
     Nothing,
     /// Keep the slot that came back (mark it good: its boot spent a try too), whatever the
     /// mark-bad of the slot it fell back from gave.
-    KeepBooted(String),
+    KeepBooted(Bootname),
     /// The user's mark: an event and the answer, with the result.
     AnswerMark { good: bool },
 }
@@ -117,7 +120,7 @@ pub struct Engine {
     slots: SlotPair,
     state: PersistentState,
     /// Facts about the current boot, learnt from `BootObserved`: (boot id, booted slot).
-    boot: Option<(String, String)>,
+    boot: Option<(BootId, Bootname)>,
     /// What a slot the agent never wrote runs (the image the device shipped with).
     factory_version: Option<String>,
     last_progress_report: Option<Timestamp>,
@@ -179,12 +182,12 @@ impl Engine {
 
     /// Whether this release rolled back on this device before (it is not retried
     /// automatically; a receiver that sees it again may pass it over without a report).
-    pub fn rolled_back_before(&self, release_id: &str) -> bool {
-        self.state.rolled_back.iter().any(|id| id == release_id)
+    pub fn rolled_back_before(&self, release_id: &ReleaseId) -> bool {
+        self.state.rolled_back.contains(release_id)
     }
 
-    pub fn booted(&self) -> Option<&str> {
-        self.boot.as_ref().map(|(_, slot)| slot.as_str())
+    pub fn booted(&self) -> Option<&Bootname> {
+        self.boot.as_ref().map(|(_, slot)| slot)
     }
 
     /// The version running now: what the agent installed in the booted slot, else the factory
@@ -208,7 +211,7 @@ impl Engine {
             Input::ReleaseVerified(release) => self.on_release(*release, false, now, &mut out),
             Input::UserInstall(release) => self.on_release(*release, true, now, &mut out),
             Input::ReleaseRefused { reason, message } => {
-                let event = self.event(TxnState::Refused, now, None, |e| {
+                let event = self.event(EventKind::Refused, now, None, |e| {
                     e.reason = Some(reason);
                     e.message = Some(message);
                 });
@@ -314,19 +317,19 @@ impl Engine {
         }
     }
 
-    fn txn_event(&mut self, state: TxnState, txn: &Transaction, now: Timestamp) -> Event {
-        self.event(state, now, Some(txn), |_| {})
+    fn txn_event(&mut self, kind: EventKind, txn: &Transaction, now: Timestamp) -> Event {
+        self.event(kind, now, Some(txn), |_| {})
     }
 
     /// A new event, with the next sequence number (the caller reports it, which persists).
     fn event(
         &mut self,
-        state: TxnState,
+        kind: EventKind,
         now: Timestamp,
         txn: Option<&Transaction>,
         fill: impl FnOnce(&mut Event),
     ) -> Event {
-        let mut event = Event::about(self.take_seq(), now, state, txn);
+        let mut event = Event::about(self.take_seq(), now, kind, txn);
         fill(&mut event);
         event
     }

@@ -96,13 +96,13 @@ mod tests {
     use jiff::Timestamp;
 
     use super::*;
-    use crate::engine::TxnState;
+    use crate::engine::EventKind;
 
     fn event(seq: u64) -> Event {
         Event {
             seq,
             at: Timestamp::UNIX_EPOCH,
-            state: TxnState::Resumed,
+            kind: EventKind::Resumed,
             txn: None,
             release_id: None,
             from_version: None,

@@ -79,7 +79,7 @@ impl Harness {
     fn with_policy(policy: PolicyConfig, state: PersistentState) -> Harness {
         let slots = SlotPair {
             class: "rootfs".into(),
-            bootnames: ["A".into(), "B".into()],
+            bootnames: [bootname("A"), bootname("B")],
         };
         Harness {
             engine: Engine::new(slots, state).with_policy(policy),
@@ -137,14 +137,19 @@ impl Harness {
         jobs
     }
 
-    fn states(&self) -> Vec<TxnState> {
-        self.events.iter().map(|e| e.state).collect()
+    fn states(&self) -> Vec<EventKind> {
+        self.events.iter().map(|e| e.kind).collect()
     }
 
     /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
     fn install_until_reboot(&mut self, release: VerifiedRelease) {
         let jobs = self.feed(Input::ReleaseVerified(Box::new(release)));
-        assert_eq!(jobs, vec![Job::PrepareTarget { slot: "B".into() }]);
+        assert_eq!(
+            jobs,
+            vec![Job::PrepareTarget {
+                slot: bootname("B")
+            }]
+        );
         let jobs = self.answer(Ok(()));
         assert!(matches!(&jobs[..], [Job::Write { slot, resume_from: 0, .. }] if slot == "B"));
         assert!(
@@ -152,7 +157,12 @@ impl Harness {
                 .is_empty()
         );
         let jobs = self.answer(Ok(()));
-        assert_eq!(jobs, vec![Job::Activate { slot: "B".into() }]);
+        assert_eq!(
+            jobs,
+            vec![Job::Activate {
+                slot: bootname("B")
+            }]
+        );
         let jobs = self.answer(Ok(()));
         assert_eq!(jobs, vec![Job::Reboot]);
     }
@@ -195,16 +205,23 @@ fn install_reboot_trial_commit() {
     let mut h = Harness::new();
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Job::MarkGood { slot: "A".into() }]
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
     assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Job::CheckHealth]);
     let jobs = h.answer(Ok(()));
-    assert_eq!(jobs, vec![Job::MarkGood { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkGood {
+            slot: bootname("B")
+        }]
+    );
     assert!(h.answer(Ok(())).is_empty());
-    use TxnState::*;
+    use EventKind::*;
     assert_eq!(
         h.states(),
         [
@@ -233,7 +250,9 @@ fn state_is_persisted_before_every_irreversible_job() {
         .position(|a| matches!(a, Action::Run(Job::PrepareTarget { .. })))
         .unwrap();
     assert!(persist < prepare);
-    let prepare = Job::PrepareTarget { slot: "B".into() };
+    let prepare = Job::PrepareTarget {
+        slot: bootname("B"),
+    };
     let actions = h.engine.handle(Input::JobDone(prepare, Ok(())), h.now);
     let Some(Action::Run(write)) = actions.last().cloned() else {
         panic!("{actions:?}")
@@ -244,7 +263,9 @@ fn state_is_persisted_before_every_irreversible_job() {
         actions.last(),
         Some(Action::Run(Job::Activate { .. }))
     ));
-    let activate = Job::Activate { slot: "B".into() };
+    let activate = Job::Activate {
+        slot: bootname("B"),
+    };
     let actions = h.engine.handle(Input::JobDone(activate, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
     assert_eq!(actions.last(), Some(&Action::Run(Job::Reboot)));
@@ -258,9 +279,14 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
     h.install_until_reboot(rel.clone());
     // The new slot never came up healthy: the bootloader went back to A.
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(jobs, vec![Job::MarkBad { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::FellBack));
     assert_eq!(
         h.engine.state().floor,
@@ -268,13 +294,18 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
         "a rolled-back release must not raise the floor"
     );
     // Then A, which came back, gets back the try its boot spent.
-    assert_eq!(h.answer(Ok(())), vec![Job::MarkGood { slot: "A".into() }]);
+    assert_eq!(
+        h.answer(Ok(())),
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
+    );
     assert!(h.answer(Ok(())).is_empty());
     // The same release, delivered again, is refused and not installed.
     let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::Refused);
+    assert_eq!(last.kind, EventKind::Refused);
     assert_eq!(last.reason, Some(ReasonCode::PreviouslyRolledBack));
 }
 
@@ -286,19 +317,31 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
     let jobs = h.answer(Err(failure));
-    assert_eq!(jobs, vec![Job::MarkBad { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
     assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
     let jobs = h.feed(boot("boot-3", "A"));
-    assert_eq!(jobs, vec![Job::MarkBad { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
     assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
     // Even when marking B bad failed, A is kept.
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
     assert_eq!(
         h.answer(Err(failure)),
-        vec![Job::MarkGood { slot: "A".into() }]
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
     assert!(h.answer(Ok(())).is_empty());
 }
@@ -311,7 +354,9 @@ fn every_boot_in_idle_marks_the_booted_slot_good() {
     let mut h = Harness::new();
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Job::MarkGood { slot: "A".into() }]
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
     assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 1));
@@ -322,7 +367,9 @@ fn every_boot_in_idle_marks_the_booted_slot_good() {
     for boot_id in ["boot-3", "boot-4", "boot-5"] {
         assert_eq!(
             h.feed(boot(boot_id, "B")),
-            vec![Job::MarkGood { slot: "B".into() }]
+            vec![Job::MarkGood {
+                slot: bootname("B")
+            }]
         );
         assert!(h.answer(Ok(())).is_empty());
     }
@@ -345,7 +392,12 @@ fn restart_during_write_resumes_from_the_durable_checkpoint() {
     let saved = h.persisted.last().unwrap().clone();
     let mut h = Harness::restore(saved);
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(jobs, vec![Job::PrepareTarget { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::PrepareTarget {
+            slot: bootname("B")
+        }]
+    );
     let jobs = h.answer(Ok(()));
     assert!(matches!(
         &jobs[..],
@@ -375,7 +427,9 @@ fn restart_after_activation_was_persisted_activates_again() {
     let mut h = Harness::restore(h.persisted.last().unwrap().clone());
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Job::Activate { slot: "B".into() }]
+        vec![Job::Activate {
+            slot: bootname("B")
+        }]
     );
 }
 
@@ -392,7 +446,7 @@ fn booting_the_new_slot_while_activating_is_its_trial_boot() {
     let kinds: Vec<_> = actions
         .iter()
         .map(|a| match a {
-            Action::Report(e) => e.state.as_str(),
+            Action::Report(e) => e.kind.as_str(),
             Action::Persist => "persist",
             Action::Run(Job::CheckHealth) => "health",
             _ => "other",
@@ -420,7 +474,7 @@ fn failed_write_ends_the_transaction_with_its_reason() {
         state.last.as_ref().unwrap().reason,
         Some(ReasonCode::SlotIo)
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::Failed);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Failed);
 }
 
 #[test]
@@ -479,10 +533,14 @@ fn progress_is_rate_limited_by_injected_time() {
     assert!((5..=6).contains(&reports), "got {reports} progress reports");
 }
 
+fn bootname(name: &str) -> Bootname {
+    Bootname::new(name).unwrap()
+}
+
 fn boot(boot_id: &str, booted: &str) -> Input {
     Input::BootObserved {
-        boot_id: boot_id.into(),
-        booted: booted.into(),
+        boot_id: BootId::new(boot_id).unwrap(),
+        booted: bootname(booted),
     }
 }
 
@@ -498,7 +556,9 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
     h.answer(Err(failure));
     let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
-    let mark_bad = Job::MarkBad { slot: "B".into() };
+    let mark_bad = Job::MarkBad {
+        slot: bootname("B"),
+    };
     let actions = h
         .engine
         .handle(Input::JobDone(mark_bad, Err(failed)), h.now);
@@ -530,7 +590,7 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
     let rolled_back = h
         .events
         .iter()
-        .find(|e| e.state == TxnState::RolledBack)
+        .find(|e| e.kind == EventKind::RolledBack)
         .unwrap();
     assert!(
         rolled_back.seq > reported[0],
@@ -551,13 +611,15 @@ fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() 
     h.feed(boot(BOOT_2, "B"));
     h.answer(Ok(()));
     // Commit: the state is persisted, then the agent dies before it reports `committed`.
-    let mark_good = Job::MarkGood { slot: "B".into() };
+    let mark_good = Job::MarkGood {
+        slot: bootname("B"),
+    };
     let actions = h.engine.handle(Input::JobDone(mark_good, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
     let Some(Action::Report(committed)) = actions.get(1).cloned() else {
         panic!("{actions:?}");
     };
-    assert_eq!(committed.state, TxnState::Committed);
+    assert_eq!(committed.kind, EventKind::Committed);
     let saved = h.engine.state().clone();
     assert_eq!(saved.phase, Phase::Idle);
 
@@ -594,13 +656,13 @@ fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
     // In the trial boot, the agent dies before it persists the trial phase.
     let mut h = Harness::restore(saved.clone());
     h.feed(boot(BOOT_2, "B"));
-    assert_eq!(h.events.last().unwrap().state, TxnState::TrialBoot);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::TrialBoot);
     assert_eq!(h.events.last().unwrap().seq, next_seq);
     // The power comes back: nothing of that boot was persisted, nothing of it was reported.
     let mut h = Harness::restore(saved);
     h.feed(boot("boot-3", "B"));
     let trial = h.events.last().unwrap();
-    assert_eq!((trial.state, trial.seq), (TxnState::TrialBoot, next_seq));
+    assert_eq!((trial.kind, trial.seq), (EventKind::TrialBoot, next_seq));
 }
 
 #[test]
@@ -614,7 +676,7 @@ fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
     let persisted = h.persisted.last().unwrap();
     assert_eq!(persisted.recent_events, h.events[h.events.len() - 1..]);
     let kept = &persisted.recent_events[0];
-    assert_eq!(kept.state, TxnState::RollingBack);
+    assert_eq!(kept.kind, EventKind::RollingBack);
     assert_eq!(kept.reason, Some(ReasonCode::HealthCheckFailed));
     // Every transition that reports an event persists, with that event kept.
     for state in &h.persisted {
@@ -639,11 +701,18 @@ fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
     assert_eq!(h.engine.state().phase, Phase::Idle);
     for (i, slot) in ["B", "B", "A"].into_iter().enumerate() {
         let jobs = h.feed(boot(&format!("boot-{}", i + 3), slot));
-        assert_eq!(jobs, vec![Job::MarkGood { slot: slot.into() }]);
+        assert_eq!(
+            jobs,
+            vec![Job::MarkGood {
+                slot: bootname(slot)
+            }]
+        );
         assert!(h.answer(Ok(())).is_empty());
         // A second answer to the same job is stale.
         let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
-        let mark = Job::MarkGood { slot: slot.into() };
+        let mark = Job::MarkGood {
+            slot: bootname(slot),
+        };
         assert!(h.feed(Input::JobDone(mark, Err(failed))).is_empty());
         assert_eq!(h.engine.state().phase, Phase::Idle);
     }
@@ -663,13 +732,26 @@ fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
     h.answer(Ok(()));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
     h.answer(Ok(()));
-    assert_eq!(h.answer(Ok(())), vec![Job::Activate { slot: "B".into() }]);
+    assert_eq!(
+        h.answer(Ok(())),
+        vec![Job::Activate {
+            slot: bootname("B")
+        }]
+    );
     let count = (h.events.len(), h.persisted.len());
     for stale in [
-        Job::MarkGood { slot: "A".into() },
-        Job::MarkBad { slot: "B".into() },
-        Job::PrepareTarget { slot: "B".into() },
-        Job::Activate { slot: "A".into() },
+        Job::MarkGood {
+            slot: bootname("A"),
+        },
+        Job::MarkBad {
+            slot: bootname("B"),
+        },
+        Job::PrepareTarget {
+            slot: bootname("B"),
+        },
+        Job::Activate {
+            slot: bootname("A"),
+        },
         Job::CheckHealth,
     ] {
         let failed = Failure::new(ReasonCode::BootloaderFailed, "not asked for");

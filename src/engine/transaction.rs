@@ -3,11 +3,12 @@
 
 use jiff::Timestamp;
 
+use super::names::BootId;
 use super::outputs::Outputs;
 use super::state::{MAX_ROLLED_BACK_REMEMBERED, SlotRecord};
 use super::{
-    Awaiting, Decision, Engine, Failure, Job, Notice, Outcome, Phase, Progress, Then, Transaction,
-    TxnState,
+    Awaiting, Decision, Engine, EventKind, Failure, Job, Notice, Outcome, Phase, Progress, Then,
+    Transaction,
 };
 use crate::reason::ReasonCode;
 use crate::release::VerifiedRelease;
@@ -20,10 +21,10 @@ impl Engine {
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let release_id = release.id_hex();
+        let release_id = release.release_id();
         let refuse = |engine: &mut Engine, reason, message: String, out: &mut Outputs| {
-            let event = engine.event(TxnState::Refused, now, None, |e| {
-                e.release_id = Some(release_id.clone());
+            let event = engine.event(EventKind::Refused, now, None, |e| {
+                e.release_id = Some(release_id);
                 e.to_version = Some(release.manifest.version.clone());
                 e.reason = Some(reason);
                 e.message = Some(message);
@@ -89,7 +90,7 @@ impl Engine {
                     .to_string();
             return refuse(self, ReasonCode::PreviouslyRolledBack, message, out);
         }
-        let Some(target) = self.slots.other(&booted).map(str::to_owned) else {
+        let Some(target) = self.slots.other(&booted).cloned() else {
             let message = format!("the booted slot {booted} is not one of the configured slots");
             return refuse(self, ReasonCode::NotReady, message, out);
         };
@@ -102,7 +103,7 @@ impl Engine {
         }
         self.state.next_txn += 1;
         let txn = Transaction {
-            id: format!("{}-{}", self.state.next_txn, &release_id[..12]),
+            id: format!("{}-{}", self.state.next_txn, release_id.short()),
             release_id,
             manifest: release.manifest,
             class: self.slots.class.clone(),
@@ -117,12 +118,12 @@ impl Engine {
                 "superseded by version {} (transaction {})",
                 txn.manifest.version, txn.id
             );
-            let event = self.event(TxnState::Superseded, now, Some(&old), |e| {
+            let event = self.event(EventKind::Superseded, now, Some(&old), |e| {
                 e.message = Some(message);
             });
             out.report(event);
         }
-        let accepted = self.txn_event(TxnState::Accepted, &txn, now);
+        let accepted = self.txn_event(EventKind::Accepted, &txn, now);
         out.report(accepted);
         out.notify(Notice::update_available(&txn));
         let decision = if user_now {
@@ -134,7 +135,7 @@ impl Engine {
         match decision {
             Decision::Now => self.start_writing(txn, out),
             Decision::Wait { why, until } => {
-                let pending = self.event(TxnState::Pending, now, Some(&txn), |e| {
+                let pending = self.event(EventKind::Pending, now, Some(&txn), |e| {
                     e.waiting = Some(why);
                     e.until = until;
                 });
@@ -170,12 +171,12 @@ impl Engine {
         out: &mut Outputs,
     ) -> Option<Awaiting> {
         if let Err(failure) = result {
-            self.finish_failed(txn, TxnState::Failed, failure, now, out);
+            self.finish_failed(txn, EventKind::Failed, failure, now, out);
             return None;
         }
         // A slot record describes the content; while it is rewritten, it describes nothing.
         self.state.slots.remove(&txn.to_slot);
-        let event = self.txn_event(TxnState::Writing, &txn, now);
+        let event = self.txn_event(EventKind::Writing, &txn, now);
         out.report(event);
         let job = Job::Write {
             slot: txn.to_slot.clone(),
@@ -224,7 +225,7 @@ impl Engine {
         out: &mut Outputs,
     ) -> Option<Awaiting> {
         if let Err(failure) = result {
-            self.finish_failed(txn, TxnState::Failed, failure, now, out);
+            self.finish_failed(txn, EventKind::Failed, failure, now, out);
             return None;
         }
         let image = &txn.manifest.images[&txn.class];
@@ -232,14 +233,14 @@ impl Engine {
             txn.to_slot.clone(),
             SlotRecord {
                 version: txn.manifest.version.clone(),
-                release_id: txn.release_id.clone(),
+                release_id: txn.release_id,
                 security_version: txn.manifest.security_version,
                 sha256: image.sha256.clone(),
                 written: now,
                 committed: false,
             },
         );
-        let event = self.txn_event(TxnState::Written, &txn, now);
+        let event = self.txn_event(EventKind::Written, &txn, now);
         out.report(event);
         let slot = txn.to_slot.clone();
         self.state.phase = Phase::Activating { txn };
@@ -256,7 +257,7 @@ impl Engine {
         if let Err(failure) = result {
             // The slot may be half-activated: make it unbootable again before giving up.
             let slot = txn.to_slot.clone();
-            self.finish_failed(txn, TxnState::Failed, failure, now, out);
+            self.finish_failed(txn, EventKind::Failed, failure, now, out);
             return Awaiting::then(Job::MarkBad { slot }, Then::Nothing);
         }
         let Some((boot_id, _)) = self.boot.clone() else {
@@ -264,12 +265,12 @@ impl Engine {
             self.state.phase = Phase::Activating { txn };
             return None;
         };
-        let activated = self.txn_event(TxnState::Activated, &txn, now);
+        let activated = self.txn_event(EventKind::Activated, &txn, now);
         out.report(activated);
         match self.reboot_decision(&txn, now) {
             Decision::Now => self.reboot_now(txn, boot_id, now, out),
             Decision::Wait { why, until } => {
-                let scheduled = self.event(TxnState::RebootScheduled, now, Some(&txn), |e| {
+                let scheduled = self.event(EventKind::RebootScheduled, now, Some(&txn), |e| {
                     e.waiting = Some(why);
                     e.until = until;
                 });
@@ -291,11 +292,11 @@ impl Engine {
     pub(super) fn reboot_now(
         &mut self,
         txn: Transaction,
-        boot_id_at_activation: String,
+        boot_id_at_activation: BootId,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let rebooting = self.txn_event(TxnState::Rebooting, &txn, now);
+        let rebooting = self.txn_event(EventKind::Rebooting, &txn, now);
         out.report(rebooting);
         out.warn(Notice::DisruptionAhead {
             txn: txn.id.clone(),
@@ -314,7 +315,7 @@ impl Engine {
     pub(super) fn finish_failed(
         &mut self,
         txn: Transaction,
-        result: TxnState,
+        result: EventKind,
         failure: Failure,
         now: Timestamp,
         out: &mut Outputs,
@@ -346,18 +347,18 @@ impl Engine {
         out: &mut Outputs,
     ) -> Option<Awaiting> {
         self.state.rolled_back.retain(|id| id != &txn.release_id);
-        self.state.rolled_back.push(txn.release_id.clone());
+        self.state.rolled_back.push(txn.release_id);
         if self.state.rolled_back.len() > MAX_ROLLED_BACK_REMEMBERED {
             self.state.rolled_back.remove(0);
         }
         let slot = txn.to_slot.clone();
-        self.finish_failed(txn, TxnState::RolledBack, failure, now, out);
+        self.finish_failed(txn, EventKind::RolledBack, failure, now, out);
         // The bootloader may have given up on the slot only because its tries ran out; take it
         // out of the boot order for good. Then keep the slot that came back: its boot spent a
         // try too (GRUB: its try flag is set, and with no untried OK slot left GRUB boots menu
         // entry 0, whatever it holds).
         let then = match self.booted() {
-            Some(booted) => Then::KeepBooted(booted.to_owned()),
+            Some(booted) => Then::KeepBooted(booted.clone()),
             None => Then::Nothing,
         };
         Awaiting::then(Job::MarkBad { slot }, then)

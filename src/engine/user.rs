@@ -4,8 +4,9 @@
 
 use jiff::Timestamp;
 
+use super::names::Bootname;
 use super::outputs::Outputs;
-use super::{Answer, Awaiting, Engine, Event, Failure, Job, Phase, Postpone, Then, TxnState};
+use super::{Answer, Awaiting, Engine, Event, EventKind, Failure, Job, Phase, Postpone, Then};
 use crate::reason::ReasonCode;
 
 impl Engine {
@@ -39,7 +40,7 @@ impl Engine {
         self.state.user.postponed_until = Some(until);
         // A new time for the reboot is announced anew.
         self.announced = None;
-        self.user_decision(TxnState::Postponed, now, out, |e| {
+        self.user_decision(EventKind::Postponed, now, out, |e| {
             e.until = Some(until);
             e.clamped = clamped;
         });
@@ -53,7 +54,7 @@ impl Engine {
 
     pub(super) fn on_resume(&mut self, now: Timestamp, out: &mut Outputs) -> Option<Awaiting> {
         self.state.user.postponed_until = None;
-        self.user_decision(TxnState::Resumed, now, out, |_| {});
+        self.user_decision(EventKind::Resumed, now, out, |_| {});
         out.answer(Answer::Done);
         self.reevaluate(now, out)
     }
@@ -66,9 +67,9 @@ impl Engine {
     ) -> Option<Awaiting> {
         self.state.user.auto_install = Some(on);
         let state = if on {
-            TxnState::AutoInstallEnabled
+            EventKind::AutoInstallEnabled
         } else {
-            TxnState::AutoInstallDisabled
+            EventKind::AutoInstallDisabled
         };
         self.user_decision(state, now, out, |_| {});
         out.answer(Answer::Done);
@@ -76,7 +77,7 @@ impl Engine {
     }
 
     pub(super) fn on_check_now(&mut self, now: Timestamp, out: &mut Outputs) {
-        self.user_decision(TxnState::CheckRequested, now, out, |_| {});
+        self.user_decision(EventKind::CheckRequested, now, out, |_| {});
         out.answer(Answer::Done);
         out.check();
     }
@@ -85,7 +86,7 @@ impl Engine {
         match std::mem::take(&mut self.state.phase) {
             Phase::Pending { mut txn, .. } => {
                 txn.user_now = true;
-                let event = self.txn_event(TxnState::InstallNow, &txn, now);
+                let event = self.txn_event(EventKind::InstallNow, &txn, now);
                 out.report(event);
                 out.answer(Answer::Done);
                 self.start_writing(txn, out)
@@ -96,7 +97,7 @@ impl Engine {
                 ..
             } => {
                 txn.user_now = true;
-                let event = self.txn_event(TxnState::InstallNow, &txn, now);
+                let event = self.txn_event(EventKind::InstallNow, &txn, now);
                 out.report(event);
                 out.answer(Answer::Done);
                 self.reboot_now(txn, boot_id_at_activation, now, out)
@@ -107,7 +108,7 @@ impl Engine {
                     txn.user_now = true;
                 }
                 self.state.phase = phase;
-                self.user_decision(TxnState::InstallNow, now, out, |_| {});
+                self.user_decision(EventKind::InstallNow, now, out, |_| {});
                 out.answer(Answer::Done);
                 None
             }
@@ -144,14 +145,14 @@ impl Engine {
             );
             return refuse(out, ReasonCode::Busy, message);
         }
-        let Some(booted) = self.booted().map(str::to_owned) else {
+        let Some(booted) = self.booted().cloned() else {
             return refuse(
                 out,
                 ReasonCode::NotReady,
                 "the booted slot is not known yet".into(),
             );
         };
-        let Some(other) = self.slots.other(&booted).map(str::to_owned) else {
+        let Some(other) = self.slots.other(&booted).cloned() else {
             let message = format!("the booted slot {booted} is not one of the configured slots");
             return refuse(out, ReasonCode::BootedSlot, message);
         };
@@ -168,15 +169,15 @@ impl Engine {
     pub(super) fn user_mark_done(
         &mut self,
         good: bool,
-        slot: String,
+        slot: Bootname,
         result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) {
         let state = if good {
-            TxnState::MarkedGood
+            EventKind::MarkedGood
         } else {
-            TxnState::MarkedBad
+            EventKind::MarkedBad
         };
         let failure = result.err();
         self.user_decision(state, now, out, |e| {
@@ -196,7 +197,7 @@ impl Engine {
     /// with the choice it made.
     fn user_decision(
         &mut self,
-        state: TxnState,
+        state: EventKind,
         now: Timestamp,
         out: &mut Outputs,
         fill: impl FnOnce(&mut Event),

@@ -48,13 +48,20 @@ fn security_release(deadline: &str) -> VerifiedRelease {
 }
 
 fn is_prepare(jobs: &[Job]) -> bool {
-    jobs == [Job::PrepareTarget { slot: "B".into() }]
+    jobs == [Job::PrepareTarget {
+        slot: bootname("B"),
+    }]
 }
 
 /// Answers the write and activation jobs with success, up to the activation's answer.
 fn write_and_activate(h: &mut Harness) -> Vec<Job> {
     assert!(matches!(h.answer(Ok(()))[..], [Job::Write { .. }]));
-    assert_eq!(h.answer(Ok(())), [Job::Activate { slot: "B".into() }]);
+    assert_eq!(
+        h.answer(Ok(())),
+        [Job::Activate {
+            slot: bootname("B")
+        }]
+    );
     h.answer(Ok(()))
 }
 
@@ -83,7 +90,7 @@ fn window_across_midnight_is_open_at_night_and_closed_by_day() {
             .is_empty()
     );
     let pending = h.events.last().unwrap();
-    assert_eq!(pending.state, TxnState::Pending);
+    assert_eq!(pending.kind, EventKind::Pending);
     assert_eq!(pending.waiting, Some(Wait::Window));
     assert_eq!(pending.until, Some(ts("2026-06-01T22:00:00Z")));
     assert_eq!(h.engine.poll_timeout(), Some(ts("2026-06-01T22:00:00Z")));
@@ -160,8 +167,8 @@ fn postponing_beyond_the_maximum_is_clamped_to_it() {
     );
     let event = h.events.last().unwrap();
     assert_eq!(
-        (event.state, event.until, event.clamped),
-        (TxnState::Postponed, Some(until), Some(Clamp::MaxPostpone))
+        (event.kind, event.until, event.clamped),
+        (EventKind::Postponed, Some(until), Some(Clamp::MaxPostpone))
     );
     assert_eq!(event.to_version.as_deref(), Some("2.0"));
     assert_eq!(h.engine.state().user.postponed_until, Some(until));
@@ -225,8 +232,8 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
         let mut h = booted(p, "2026-06-01T12:00:00Z");
         assert!(h.feed(Input::UserSetAutoInstall(false)).is_empty());
         assert_eq!(
-            h.events.last().unwrap().state,
-            TxnState::AutoInstallDisabled
+            h.events.last().unwrap().kind,
+            EventKind::AutoInstallDisabled
         );
         assert!(!h.engine.auto_install());
 
@@ -234,8 +241,8 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
         h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
         let pending = h.events.last().unwrap();
         assert_eq!(
-            (pending.state, pending.waiting, pending.until),
-            (TxnState::Pending, Some(Wait::AutoInstallOff), None)
+            (pending.kind, pending.waiting, pending.until),
+            (EventKind::Pending, Some(Wait::AutoInstallOff), None)
         );
         assert!(matches!(
             h.notices.last(),
@@ -312,7 +319,7 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
     ));
     assert_eq!(h.engine.poll_timeout(), Some(deadline));
     assert_eq!(h.feed_at(deadline, Input::Tick), [Job::Reboot]);
-    assert_eq!(h.events.last().unwrap().state, TxnState::Rebooting);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Rebooting);
 }
 
 #[test]
@@ -324,7 +331,7 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
     assert!(is_prepare(&h.feed(Input::UserInstallNow)));
     assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
-    use TxnState::*;
+    use EventKind::*;
     assert_eq!(
         h.states(),
         [
@@ -400,26 +407,28 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
     );
     // Only the decision that took effect is an event.
     assert_eq!(h.events.len(), count + 1);
-    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Resumed);
     // Marking: the booted slot good, the other bad, never the booted bad. The answer and the
     // event wait for the bootloader's result.
     let answered = h.answers.len();
     assert_eq!(
         h.feed(Input::UserMark { good: false }),
-        [Job::MarkBad { slot: "B".into() }]
+        [Job::MarkBad {
+            slot: bootname("B")
+        }]
     );
     assert_eq!(
         h.answers.len(),
         answered,
         "answered before the bootloader ran"
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Resumed);
     assert!(h.answer(Ok(())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Done));
     let marked = h.events.last().unwrap();
     assert_eq!(
-        (marked.state, marked.slot.as_deref(), marked.reason),
-        (TxnState::MarkedBad, Some("B"), None)
+        (marked.kind, marked.slot.as_deref(), marked.reason),
+        (EventKind::MarkedBad, Some("B"), None)
     );
 }
 
@@ -428,19 +437,26 @@ fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
     let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
     assert_eq!(
         h.feed(Input::UserMark { good: true }),
-        [Job::MarkGood { slot: "A".into() }]
+        [Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv: no space left");
     assert!(h.answer(Err(failure.clone())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Refused(failure)));
     let marked = h.events.last().unwrap();
     assert_eq!(
-        (marked.state, marked.reason),
-        (TxnState::MarkedGood, Some(ReasonCode::BootloaderFailed))
+        (marked.kind, marked.reason),
+        (EventKind::MarkedGood, Some(ReasonCode::BootloaderFailed))
     );
     // The next bootloader answer (an unrelated one) is no longer taken for the mark's.
     let answers = h.answers.len();
-    h.feed(Input::JobDone(Job::MarkGood { slot: "A".into() }, Ok(())));
+    h.feed(Input::JobDone(
+        Job::MarkGood {
+            slot: bootname("A"),
+        },
+        Ok(()),
+    ));
     assert_eq!(h.answers.len(), answers);
 }
 
@@ -497,7 +513,7 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
         jobs = h.feed_at(next, Input::Tick);
     }
     let elapsed = started.elapsed();
-    use TxnState::*;
+    use EventKind::*;
     let states: Vec<_> = h.states().into_iter().filter(|s| *s != Postponed).collect();
     assert_eq!(
         states,
@@ -505,7 +521,7 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
             Accepted, Pending, Writing, Written, Activated, Rebooting, TrialBoot, Committed
         ]
     );
-    let at = |state| h.events.iter().find(|e| e.state == state).unwrap().at;
+    let at = |state| h.events.iter().find(|e| e.kind == state).unwrap().at;
     // Postponed over the first night (02:00 CEST on 2 June = 00:00 UTC); the second night's
     // window opens at 2026-06-03T00:00Z, and the write and reboot happen inside it.
     let window = ts("2026-06-03T00:00:00Z");
@@ -566,8 +582,12 @@ fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
     assert!(jobs.is_empty(), "nothing is written outside the window");
     let new: Vec<_> = h.events[before..].to_vec();
     assert_eq!(
-        new.iter().map(|e| e.state).collect::<Vec<_>>(),
-        [TxnState::Superseded, TxnState::Accepted, TxnState::Pending]
+        new.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::Superseded,
+            EventKind::Accepted,
+            EventKind::Pending
+        ]
     );
     assert_eq!(new[0].txn.as_deref(), Some(old_txn.as_str()));
     assert_eq!(new[0].to_version.as_deref(), Some("2.0"));
@@ -621,13 +641,13 @@ fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_no
         "2026-05-02T00:00:00Z",
     ))));
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
-    assert!(h.states().contains(&TxnState::Superseded));
+    assert!(h.states().contains(&EventKind::Superseded));
     // The first one again (a periodic re-check sees both retained releases): refused.
     h.feed(Input::ReleaseVerified(Box::new(first)));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Downgrade))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
 }
@@ -643,11 +663,11 @@ fn an_older_release_does_not_supersede_the_pending_one() {
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Downgrade))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
-    assert!(!h.states().contains(&TxnState::Superseded));
+    assert!(!h.states().contains(&EventKind::Superseded));
 }
 
 #[test]
@@ -665,11 +685,11 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
     h.feed(Input::ReleaseVerified(Box::new(other_class)));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Incompatible))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Incompatible))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0"));
-    assert!(!h.states().contains(&TxnState::Superseded));
+    assert!(!h.states().contains(&EventKind::Superseded));
 }
 
 #[test]
@@ -681,7 +701,7 @@ fn a_newer_release_while_one_is_being_written_is_refused_busy() {
     h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Busy))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Busy))
     );
 }

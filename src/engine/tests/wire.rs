@@ -31,7 +31,7 @@ where
 
 #[test]
 fn event_kinds_keep_their_wire_names() {
-    let names = wire_names!(TxnState {
+    let names = wire_names!(EventKind {
         Refused => "refused",
         Accepted => "accepted",
         Writing => "writing",
@@ -197,5 +197,5 @@ fn an_install_interrupted_by_the_reboot_goes_on_from_a_state_written_by_main() {
     let mut h = Harness::restore(serde_json::from_str(text).unwrap());
     // The reboot happened and the new slot came up: its trial boot.
     assert_eq!(h.feed(boot(BOOT_2, "B")), vec![Job::CheckHealth]);
-    assert_eq!(h.states().last(), Some(&TxnState::TrialBoot));
+    assert_eq!(h.states().last(), Some(&EventKind::TrialBoot));
 }
