@@ -19,7 +19,8 @@
 //! order; the handlers are grouped by what starts them — `transaction` (a release, then writing
 //! and activating it), `boot` (a boot observed, and the trial, commit or rollback it leads to),
 //! `schedule` (waiting for the policy: the timer, pending installs, scheduled reboots), `user`
-//! (the user's requests); [`state`] is what is persisted, [`policy`] the rules of *when*.
+//! (the user's requests); [`state`] is what is persisted, [`policy`] the rules of *when*, and
+//! `names` the bootnames and boot ids the engine is given, checked where they enter.
 //!
 //! Architecture invariants:
 //! - the booted slot is never the target of a write or of `mark bad`;
