@@ -22,117 +22,89 @@ impl Engine {
         // them durably so that later boots do not repeat them.
         out.replay(std::mem::take(&mut self.state.recent_events));
         match std::mem::take(&mut self.state.phase) {
-            // Nothing was written for a pending release: the boot is an ordinary one. Whether
-            // it may install now is the next `Tick`'s question (a one-shot `boot-check` never
-            // ticks, so it never starts an install).
-            phase @ (Phase::Idle | Phase::Pending { .. }) => {
-                self.state.phase = phase;
-                // The boot scripts count every boot against the booted slot (U-Boot's
-                // BOOT_x_LEFT, GRUB's x_TRY): the running system is marked good at each boot,
-                // as RAUC's mark-good service does, or the bootloader falls back to the other
-                // slot after a few ordinary reboots (GRUB: the second one).
-                self.slots.other(&booted)?;
-                Awaiting::then(Job::MarkGood { slot: booted }, Then::Nothing)
+            Phase::Writing { txn, .. } if booted == txn.to_slot => {
+                // The target cannot have booted: it was made unbootable before writing.
+                let failure = Failure::new(
+                    ReasonCode::UnexpectedBoot,
+                    "the device booted the slot that was being written; the install was abandoned",
+                );
+                self.finish_failed(txn, EventKind::Failed, failure, now, out);
+                None
             }
-            Phase::Writing { txn, durable } => {
-                if booted == txn.to_slot {
-                    // The target cannot have booted: it was made unbootable before writing.
-                    let failure = Failure::new(
-                        ReasonCode::UnexpectedBoot,
-                        "the device booted the slot that was being written; the install was abandoned",
-                    );
-                    self.finish_failed(txn, EventKind::Failed, failure, now, out);
-                    None
-                } else {
-                    // Interrupted (agent restart or power cut): make sure the target is still
-                    // unbootable, then continue from the last durable checkpoint.
-                    let slot = txn.to_slot.clone();
-                    self.state.phase = Phase::Writing { txn, durable };
-                    Awaiting::step(Job::PrepareTarget { slot })
-                }
-            }
-            Phase::Activating { txn } => {
-                if booted == txn.to_slot {
-                    // The power failed after the bootloader was switched but before that was
-                    // persisted, and the bootloader tried the new slot: this is its trial boot.
-                    let activated = self.txn_event(EventKind::Activated, &txn, now);
-                    out.report(activated);
-                    self.enter_trial(txn, boot_id, now, out)
-                } else {
-                    let slot = txn.to_slot.clone();
-                    self.state.phase = Phase::Activating { txn };
-                    Awaiting::step(Job::Activate { slot })
-                }
+            Phase::Activating { txn } if booted == txn.to_slot => {
+                // The power failed after the bootloader was switched but before that was
+                // persisted, and the bootloader tried the new slot: this is its trial boot.
+                let activated = self.txn_event(EventKind::Activated, &txn, now);
+                out.report(activated);
+                self.enter_trial(txn, boot_id, now, out)
             }
             Phase::RebootScheduled {
                 txn,
                 boot_id_at_activation,
-                waiting,
-                at,
-            } => {
-                if boot_id != boot_id_at_activation {
-                    return self.rebooted(txn, boot_id, &booted, now, out);
-                }
-                // The agent restarted, the device did not: the reboot waits for its time (the
-                // next `Tick`).
-                self.state.phase = Phase::RebootScheduled {
-                    txn,
-                    boot_id_at_activation,
-                    waiting,
-                    at,
-                };
-                None
+                ..
             }
-            Phase::RebootPending {
+            | Phase::RebootPending {
                 txn,
                 boot_id_at_activation,
-            } => {
-                if boot_id != boot_id_at_activation {
-                    return self.rebooted(txn, boot_id, &booted, now, out);
-                }
-                // The agent restarted, the device did not: the due reboot is asked for again.
-                self.state.phase = Phase::RebootPending {
-                    txn,
-                    boot_id_at_activation,
-                };
-                Awaiting::reboot()
+            } if boot_id != boot_id_at_activation => self.rebooted(txn, boot_id, &booted, now, out),
+            // Agent restart during the trial, or the trial boot crashed and the bootloader
+            // tried again: the health checks decide again.
+            Phase::Trial { txn, .. } if booted == txn.to_slot => {
+                self.enter_trial(txn, boot_id, now, out)
             }
             Phase::Trial { txn, .. } => {
-                if booted == txn.to_slot {
-                    // Agent restart during the trial, or the trial boot crashed and the bootloader
-                    // tried again: the health checks decide again.
-                    self.enter_trial(txn, boot_id, now, out)
-                } else {
-                    let failure = Failure::new(
-                        ReasonCode::FellBack,
-                        format!(
-                            "the trial boot of the new slot did not complete; the bootloader fell back to slot {booted}"
-                        ),
-                    );
-                    self.roll_back_finished(txn, failure, now, out)
-                }
-            }
-            Phase::Committing { txn } => {
-                let slot = txn.to_slot.clone();
-                self.state.phase = Phase::Committing { txn };
-                Awaiting::step(Job::MarkGood { slot })
+                let failure = Failure::new(
+                    ReasonCode::FellBack,
+                    format!(
+                        "the trial boot of the new slot did not complete; the bootloader fell back to slot {booted}"
+                    ),
+                );
+                self.roll_back_finished(txn, failure, now, out)
             }
             Phase::RollingBack {
                 txn,
                 reason,
                 message,
-            } => {
-                if booted == txn.to_slot {
-                    let slot = txn.to_slot.clone();
-                    self.state.phase = Phase::RollingBack {
-                        txn,
-                        reason,
-                        message,
-                    };
-                    Awaiting::step(Job::MarkBad { slot })
-                } else {
-                    self.roll_back_finished(txn, Failure::new(reason, message), now, out)
-                }
+            } if booted != txn.to_slot => {
+                self.roll_back_finished(txn, Failure::new(reason, message), now, out)
+            }
+            // The same step goes on (an agent restart or a power cut in it): its job is asked
+            // for again; every job is idempotent.
+            phase => {
+                let next = match &phase {
+                    // Nothing was written for a pending release: the boot is an ordinary one.
+                    // Whether it may install now is the next `Tick`'s question (a one-shot
+                    // `boot-check` never ticks, so it never starts an install). The boot
+                    // scripts count every boot against the booted slot (U-Boot's BOOT_x_LEFT,
+                    // GRUB's x_TRY): the running system is marked good at each boot, as RAUC's
+                    // mark-good service does, or the bootloader falls back to the other slot
+                    // after a few ordinary reboots (GRUB: the second one).
+                    Phase::Idle | Phase::Pending { .. } => match self.slots.other(&booted) {
+                        Some(_) => Awaiting::then(Job::MarkGood { slot: booted }, Then::Nothing),
+                        None => None,
+                    },
+                    // Interrupted: make sure the target is still unbootable, then continue
+                    // from the last durable checkpoint.
+                    Phase::Writing { txn, .. } => Awaiting::step(Job::PrepareTarget {
+                        slot: txn.to_slot.clone(),
+                    }),
+                    Phase::Activating { txn } => Awaiting::step(Job::Activate {
+                        slot: txn.to_slot.clone(),
+                    }),
+                    // The device did not reboot: a scheduled reboot waits for its time (the
+                    // next `Tick`), a due one is asked for again.
+                    Phase::RebootScheduled { .. } => None,
+                    Phase::RebootPending { .. } => Awaiting::reboot(),
+                    Phase::Committing { txn } => Awaiting::step(Job::MarkGood {
+                        slot: txn.to_slot.clone(),
+                    }),
+                    Phase::RollingBack { txn, .. } => Awaiting::step(Job::MarkBad {
+                        slot: txn.to_slot.clone(),
+                    }),
+                    Phase::Trial { .. } => unreachable!("every boot in a trial is handled above"),
+                };
+                self.state.phase = phase;
+                next
             }
         }
     }
