@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use crate::anchor::{Protection, TrustAnchor};
 use crate::config::Config;
-use crate::engine::{Event, TxnState};
+use crate::engine::{Bootname, Event, EventKind};
 use crate::reason::ReasonCode;
+use crate::release::ReleaseId;
 use crate::state_store::StateStore;
 
 use super::selftest::SelfTest;
@@ -137,7 +138,7 @@ impl AnchorCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct Installed {
     pub version: Option<String>,
-    pub release_id: Option<String>,
+    pub release_id: Option<ReleaseId>,
     /// The release's signed `created` (absent in events logged by older agents).
     pub created: Option<Timestamp>,
     pub accepted: Option<Timestamp>,
@@ -152,7 +153,7 @@ pub struct Installed {
 #[derive(Debug, Clone, Serialize)]
 pub struct Ended {
     pub version: Option<String>,
-    pub state: TxnState,
+    pub state: EventKind,
     pub reason: Option<ReasonCode>,
     pub at: Timestamp,
 }
@@ -190,9 +191,9 @@ impl History {
         let mut accepted: Vec<(&str, &Event)> = Vec::new();
         for event in events {
             let txn = event.txn.as_deref().unwrap_or("");
-            match event.state {
-                TxnState::Accepted => accepted.push((txn, event)),
-                TxnState::Committed => {
+            match event.kind {
+                EventKind::Accepted => accepted.push((txn, event)),
+                EventKind::Committed => {
                     let arrival = accepted.iter().rfind(|(t, _)| *t == txn).map(|(_, e)| e);
                     let created = event.created.or(arrival.and_then(|a| a.created));
                     let seconds = |from: Option<Timestamp>| {
@@ -200,7 +201,7 @@ impl History {
                     };
                     history.installed.push(Installed {
                         version: event.to_version.clone(),
-                        release_id: event.release_id.clone(),
+                        release_id: event.release_id,
                         created,
                         accepted: arrival.map(|a| a.at),
                         committed: event.at,
@@ -208,7 +209,7 @@ impl History {
                         on_device_seconds: seconds(arrival.map(|a| a.at)),
                     });
                 }
-                TxnState::Refused => {
+                EventKind::Refused => {
                     if let Some(index) = event
                         .reason
                         .and_then(|reason| ReasonCode::ALL.iter().position(|c| *c == reason))
@@ -216,14 +217,14 @@ impl History {
                         refused[index] += 1;
                     }
                 }
-                TxnState::RolledBack | TxnState::Failed => {
+                EventKind::RolledBack | EventKind::Failed => {
                     let ended = Ended {
                         version: event.to_version.clone(),
-                        state: event.state,
+                        state: event.kind,
                         reason: event.reason,
                         at: event.at,
                     };
-                    if event.state == TxnState::RolledBack {
+                    if event.kind == EventKind::RolledBack {
                         history.rollbacks.push(ended);
                     } else {
                         history.failures.push(ended);
@@ -261,7 +262,7 @@ pub struct Live {
     /// The version running now: the booted slot's, as the agent recorded it, else the
     /// factory version.
     pub running_version: Option<String>,
-    pub booted_slot: Option<String>,
+    pub booted_slot: Option<Bootname>,
     pub last_check: Readout<Option<Timestamp>>,
     pub history: Readout<History>,
     pub self_test: SelfTest,

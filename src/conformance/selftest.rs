@@ -133,7 +133,7 @@ impl SelfTest {
         };
         test.release = Some(UsedRelease {
             path,
-            release_id: verified.id_hex(),
+            release_id: verified.release_id().to_string(),
             version: crate::release::escape_for_log(&verified.manifest.version, 64),
         });
         let envelope = Envelope::parse(&bytes).expect("verified, so it parses");
@@ -227,12 +227,12 @@ fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<Path
             Some((path, modified))
         })
         .collect();
-    let committed: Vec<&str> = state
+    let committed: Vec<String> = state
         .map(|s| {
             s.slots
                 .values()
                 .filter(|slot| slot.committed)
-                .map(|slot| slot.release_id.as_str())
+                .map(|slot| slot.release_id.to_string())
                 .collect()
         })
         .unwrap_or_default();
@@ -241,7 +241,7 @@ fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<Path
         .max_by_key(|(path, modified)| {
             let is_committed = path
                 .file_stem()
-                .is_some_and(|stem| committed.iter().any(|id| stem == *id));
+                .is_some_and(|stem| committed.iter().any(|id| stem == id.as_str()));
             (is_committed, *modified)
         })
         .map(|(path, _)| path)

@@ -142,7 +142,9 @@ fn live_evidence(o: &mut String, report: &Report, live: &Live) {
             live.running_version
                 .as_deref()
                 .map_or("unknown".into(), printable),
-            live.booted_slot.as_deref().unwrap_or("not known")
+            live.booted_slot
+                .as_ref()
+                .map_or("not known", |b| b.as_str())
         ),
     );
     wrap(o, "  trust anchor    ", &anchor_summary(&report.anchor));
