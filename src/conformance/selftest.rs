@@ -91,18 +91,26 @@ impl SelfTest {
         let Some(anchor) = anchor else {
             return test;
         };
-        let path = match release
-            .map(Path::to_owned)
-            .or_else(|| kept_release(config, state))
-        {
-            Some(path) => path,
-            None => {
-                if test.verdict == Verdict::NotRun {
-                    test.reason = Some(format!(
-                        "no signed release to alter: none kept in {} (the daemon keeps the newest with [installer]); give one with --release FILE",
-                        config.device.state_dir.join("releases").display()
-                    ));
-                }
+        let kept = config.device.state_dir.join("releases");
+        let found = match release {
+            Some(path) => Ok(Some(path.to_owned())),
+            None => kept_release(&kept, state),
+        };
+        let path = match found {
+            Ok(Some(path)) => path,
+            Ok(None) | Err(_) if test.verdict == Verdict::Fail => return test,
+            Ok(None) => {
+                test.reason = Some(format!(
+                    "no signed release to alter: none kept in {} (the daemon keeps the newest with [installer]); give one with --release FILE",
+                    kept.display()
+                ));
+                return test;
+            }
+            Err(err) => {
+                test.reason = Some(format!(
+                    "cannot look for the kept release in {}: {err} (run as root or as the agent's user, or give one with --release FILE)",
+                    kept.display()
+                ));
                 return test;
             }
         };
@@ -214,11 +222,14 @@ fn alterations(
 }
 
 /// The release the device kept (in `{state_dir}/releases/`, named by release id): a committed
-/// slot's if there is one, else the newest.
-fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<PathBuf> {
-    let dir = config.device.state_dir.join("releases");
-    let files: Vec<(PathBuf, std::time::SystemTime)> = std::fs::read_dir(&dir)
-        .ok()?
+/// slot's if there is one, else the newest. A missing directory is no release, not an error.
+fn kept_release(dir: &Path, state: Option<&PersistentState>) -> Result<Option<PathBuf>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let files: Vec<(PathBuf, std::time::SystemTime)> = entries
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.path())
         .filter(|path| path.extension().is_some_and(|e| e == "json"))
@@ -236,7 +247,7 @@ fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<Path
                 .collect()
         })
         .unwrap_or_default();
-    files
+    Ok(files
         .into_iter()
         .max_by_key(|(path, modified)| {
             let is_committed = path
@@ -244,5 +255,5 @@ fn kept_release(config: &Config, state: Option<&PersistentState>) -> Option<Path
                 .is_some_and(|stem| committed.iter().any(|id| stem == id.as_str()));
             (is_committed, *modified)
         })
-        .map(|(path, _)| path)
+        .map(|(path, _)| path))
 }
