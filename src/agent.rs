@@ -17,8 +17,8 @@ use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Answer, Engine, Event, Failure, Input, Notice, PersistentState, Phase, Progress,
-    SlotPair, TxnState,
+    Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
+    Progress, SlotPair,
 };
 use crate::health;
 use crate::installer::{Op, RemoteInstaller};
@@ -358,37 +358,53 @@ impl Agent {
                 observer.check();
                 None
             }
-            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(
-                self.bootloader_op("prepare", &slot, BootChange::Bad).await,
-            )),
-            Action::StartWrite {
+            Action::Run(job) => self.run(job, observer, stop).await?,
+        })
+    }
+
+    /// Carries out one job; its answer is the next input (a reboot is answered by the next
+    /// boot instead).
+    async fn run(
+        &mut self,
+        job: Job,
+        observer: &mut dyn Observer,
+        stop: &mut Stop,
+    ) -> Result<Option<Input>, AgentError> {
+        let result = match &job {
+            Job::PrepareTarget { slot } => {
+                self.bootloader_op("prepare", slot, BootChange::Bad).await
+            }
+            Job::Write {
                 slot,
                 image,
                 resume_from,
-            } => Some(Input::WriteFinished(
-                self.write(&slot, *image, resume_from, observer).await,
-            )),
-            Action::Activate { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("activate", &slot, BootChange::Active)
-                    .await,
-            )),
-            Action::MarkGood { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-good", &slot, BootChange::Good)
-                    .await,
-            )),
-            Action::MarkBad { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-bad", &slot, BootChange::Bad).await,
-            )),
-            Action::RunHealthChecks => {
+            } => {
+                self.write(slot, (**image).clone(), *resume_from, observer)
+                    .await
+            }
+            Job::Activate { slot } => {
+                self.bootloader_op("activate", slot, BootChange::Active)
+                    .await
+            }
+            Job::MarkGood { slot } => {
+                self.bootloader_op("mark-good", slot, BootChange::Good)
+                    .await
+            }
+            Job::MarkBad { slot } => self.bootloader_op("mark-bad", slot, BootChange::Bad).await,
+            Job::CheckHealth => {
                 self.crash.point("health:before");
                 let result = health::run_checks(&self.config.health).await;
                 self.crash.point("health:after");
-                Some(Input::HealthFinished(result))
+                result
             }
-            Action::Reboot => {
+            Job::Reboot => {
                 let slot = match &self.engine.state().phase {
-                    Phase::RebootPending { txn, .. } => txn.to_slot.clone(),
-                    _ => self.engine.booted().unwrap_or_default().to_string(),
+                    Phase::RebootPending { txn, .. } => txn.to_slot.to_string(),
+                    _ => self
+                        .engine
+                        .booted()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 };
                 self.crash.point("reboot:before");
                 *stop = match self.reboot {
@@ -398,9 +414,10 @@ impl Agent {
                         Stop::Rebooting
                     }
                 };
-                None
+                return Ok(None);
             }
-        })
+        };
+        Ok(Some(Input::JobDone(job, result)))
     }
 
     fn report(&mut self, event: &Event, observer: &mut dyn Observer) {
@@ -472,7 +489,7 @@ impl Agent {
             .phase
             .transaction()
             .map(|txn| format!("{}.json", txn.release_id));
-        let name = format!("{}.json", verified.id_hex());
+        let name = format!("{}.json", verified.release_id());
         let result = std::fs::create_dir_all(&dir).and_then(|()| {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
@@ -605,7 +622,7 @@ impl Agent {
         })?;
         // Defence in depth: the engine never targets the booted slot, and the device behind
         // the target must not be the one the running system was booted from either.
-        let booted = self.engine.booted().unwrap_or_default();
+        let booted = self.engine.booted().map(|b| b.as_str()).unwrap_or_default();
         if slot == booted || system::holds_root(&target.device) {
             return Err(Failure::new(
                 ReasonCode::SlotIo,
@@ -658,7 +675,7 @@ struct NoteRefusal<'a> {
 
 impl Observer for NoteRefusal<'_> {
     fn event(&mut self, event: &Event) {
-        if event.state == TxnState::Refused {
+        if event.kind == EventKind::Refused {
             self.refusal = Some(Refusal::new(
                 event.reason.unwrap_or(ReasonCode::NotReady),
                 event.message.clone().unwrap_or_default(),
@@ -740,8 +757,8 @@ pub fn open_bootloader(
     use crate::config::BootloaderConfig;
     let mut params = BootloaderParams {
         slots: vec![
-            config.slots.a.bootname.clone(),
-            config.slots.b.bootname.clone(),
+            config.slots.a.bootname.to_string(),
+            config.slots.b.bootname.to_string(),
         ],
         ..BootloaderParams::default()
     };

@@ -62,6 +62,15 @@ impl StateStore {
         })
     }
 
+    /// The store in `dir` for reading only (reports): unlike [`StateStore::open`] it creates
+    /// nothing, so a missing directory reads as a device with no state and no events yet.
+    pub fn existing(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_owned(),
+            log_tail: Mutex::new(None),
+        }
+    }
+
     pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
@@ -195,7 +204,7 @@ fn parse_events(bytes: &[u8]) -> impl Iterator<Item = Event> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::TxnState;
+    use crate::engine::EventKind;
 
     #[test]
     fn saved_state_loads_back_and_missing_state_is_idle() {
@@ -220,11 +229,11 @@ mod tests {
         assert!(err.contains("move it aside"), "{err}");
     }
 
-    fn event(seq: u64, state: TxnState) -> Event {
+    fn event(seq: u64, state: EventKind) -> Event {
         Event {
             seq,
             at: jiff::Timestamp::UNIX_EPOCH,
-            state,
+            kind: state,
             txn: None,
             release_id: None,
             from_version: None,
@@ -235,6 +244,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 
@@ -243,21 +253,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.log_event(&event(0, TxnState::Accepted)).unwrap(),
+            store.log_event(&event(0, EventKind::Accepted)).unwrap(),
             Logged::Appended
         );
         assert_eq!(
-            store.log_event(&event(1, TxnState::Writing)).unwrap(),
+            store.log_event(&event(1, EventKind::Writing)).unwrap(),
             Logged::Appended
         );
         // The agent restarts (a new store) and the engine reports its last events again.
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.log_event(&event(1, TxnState::Writing)).unwrap(),
+            store.log_event(&event(1, EventKind::Writing)).unwrap(),
             Logged::AlreadyLogged
         );
         assert_eq!(
-            store.log_event(&event(2, TxnState::Written)).unwrap(),
+            store.log_event(&event(2, EventKind::Written)).unwrap(),
             Logged::Appended
         );
         let seqs: Vec<u64> = store.events().unwrap().iter().map(|e| e.seq).collect();
@@ -268,7 +278,7 @@ mod tests {
     fn an_append_after_a_torn_line_starts_a_new_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(0, TxnState::Accepted)).unwrap();
+        store.log_event(&event(0, EventKind::Accepted)).unwrap();
         // A power cut in the middle of the next append.
         let mut log = std::fs::OpenOptions::new()
             .append(true)
@@ -277,7 +287,7 @@ mod tests {
         log.write_all(br#"{"seq":1,"at":"1970-01-01T00:00:00Z","sta"#)
             .unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(1, TxnState::Writing)).unwrap();
+        store.log_event(&event(1, EventKind::Writing)).unwrap();
         let seqs: Vec<u64> = store.events().unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [0, 1]);
     }
@@ -286,7 +296,7 @@ mod tests {
     fn a_fresh_state_numbers_events_after_the_logged_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(6, TxnState::Committed)).unwrap();
+        store.log_event(&event(6, EventKind::Committed)).unwrap();
         // state.json was moved aside (or never written): numbering goes on after the log.
         assert_eq!(store.load().unwrap().next_seq, 7);
     }
@@ -298,7 +308,7 @@ mod tests {
         let mut event = Event {
             seq: 0,
             at: jiff::Timestamp::UNIX_EPOCH,
-            state: TxnState::Refused,
+            kind: EventKind::Refused,
             txn: None,
             release_id: None,
             from_version: None,
@@ -309,6 +319,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         };
         for seq in 0..3000 {
             event.seq = seq;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::durable;
+use crate::engine::{BootId, Bootname};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
@@ -26,25 +27,21 @@ pub enum SystemError {
     BootedNotConfigured { name: String, a: String, b: String },
 }
 
-pub fn boot_id(config: &Config) -> Result<String, SystemError> {
+pub fn boot_id(config: &Config) -> Result<BootId, SystemError> {
     let path = &config.system.boot_id_path;
     let bytes = durable::read_bounded(path, 256).map_err(|source| SystemError::BootId {
         path: path.clone(),
         source,
     })?;
-    let id = String::from_utf8_lossy(&bytes).trim().to_string();
-    if id.is_empty() {
-        return Err(SystemError::BootId {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "empty"),
-        });
-    }
-    Ok(id)
+    BootId::new(String::from_utf8_lossy(&bytes).trim()).map_err(|e| SystemError::BootId {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// The bootname of the booted slot: the override, else the kernel command line, else the slot
 /// whose block device holds `/`.
-pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
+pub fn booted_slot(config: &Config) -> Result<Bootname, SystemError> {
     let (a, b) = (&config.slots.a, &config.slots.b);
     let name = match &config.system.booted_slot {
         Some(name) => Some(name.clone()),
@@ -53,14 +50,15 @@ pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
             .and_then(|bytes| slot_from_cmdline(&String::from_utf8_lossy(&bytes))),
     };
     if let Some(name) = name {
-        if config.slot_by_bootname(&name).is_none() {
-            return Err(SystemError::BootedNotConfigured {
+        // The configured slot's name: only a name the configuration holds goes on.
+        return match config.slot_by_bootname(&name) {
+            Some(slot) => Ok(slot.bootname.clone()),
+            None => Err(SystemError::BootedNotConfigured {
                 name: crate::release::escape_for_log(&name, 32),
-                a: a.bootname.clone(),
-                b: b.bootname.clone(),
-            });
-        }
-        return Ok(name);
+                a: a.bootname.to_string(),
+                b: b.bootname.to_string(),
+            }),
+        };
     }
     for slot in [a, b] {
         if holds_root(&slot.device) {

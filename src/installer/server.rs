@@ -256,7 +256,7 @@ impl Installer {
                 self.configured(&slot)?;
                 self.bootloader_op(|b| b.mark_good(&slot))?;
                 // Good while booted: the commit (or an ordinary boot) of what the slot holds.
-                if system::booted_slot(&self.config).is_ok_and(|booted| booted == slot)
+                if system::booted_slot(&self.config).is_ok_and(|booted| booted == *slot)
                     && let Err(e) = self.floor.committed(&slot)
                 {
                     tracing::error!("installer: cannot raise its anti-rollback floor: {e}");
@@ -331,7 +331,7 @@ impl Installer {
         let target = self.configured(slot)?.clone();
         let booted = system::booted_slot(&self.config)
             .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
-        if slot == booted || system::holds_root(&target.device) {
+        if booted == slot || system::holds_root(&target.device) {
             return Err(Refused::new(
                 ReasonCode::BootedSlot,
                 format!(
@@ -405,7 +405,7 @@ impl Installer {
         self.written.insert(slot.to_string(), verified.id);
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {})",
-            verified.id_hex(),
+            verified.release_id(),
             hex::encode(sha256)
         );
         Ok(())

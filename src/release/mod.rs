@@ -1,6 +1,6 @@
 //! Releases: the signed JSON document that announces one update.
 //!
-//! The wire format (see `shared/DESIGN.md`): `{"manifest": "<base64 of the exact manifest bytes>",
+//! The wire format (see `docs/wire-formats.md`): `{"manifest": "<base64 of the exact manifest bytes>",
 //! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
 //! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
 //!
@@ -8,9 +8,11 @@
 //! - [`manifest`]: the strict inner parse, after signatures were checked.
 //! - [`verify`]: the order of checks that decides whether the device may act on a release.
 //! - [`build`]: the operator side — create and sign.
+//! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
 
 pub mod build;
 pub mod envelope;
+mod id;
 mod json;
 pub mod manifest;
 pub mod verify;
@@ -20,6 +22,7 @@ use std::fmt;
 use crate::reason::ReasonCode;
 
 pub use envelope::{Envelope, MAX_RELEASE_SIZE};
+pub use id::{BadReleaseId, ReleaseId};
 pub use manifest::Manifest;
 pub use verify::{Policy, VerifiedRelease, verify};
 
