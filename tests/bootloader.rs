@@ -8,9 +8,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use common::boot_sim::{
-    BootSim, FAT_UBOOT_SCRIPT, SHIPPED_UBOOT_SCRIPT, SimEnv, UBootScript,
-};
+use common::boot_sim::{BootSim, FAT_UBOOT_SCRIPT, SHIPPED_UBOOT_SCRIPT, SimEnv, UBootScript};
 use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile};
 use update_agent::bootloader::{
     Bootloader, BootloaderError, BootloaderKind, BootloaderParams, SlotBootState, from_config,
