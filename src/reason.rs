@@ -96,6 +96,11 @@ pub enum ReasonCode {
     Forbidden,
     /// The privileged installer could not be reached, or broke off the conversation.
     InstallerUnavailable,
+    /// The installer has not verified the slot's bytes against a signed release since they were
+    /// last written: it does not let the bootloader choose that slot.
+    UnverifiedSlot,
+    /// The reboot command failed; the agent reports it and tries again later.
+    RebootFailed,
 }
 
 impl ReasonCode {
@@ -138,6 +143,8 @@ impl ReasonCode {
         ReasonCode::BootedSlot,
         ReasonCode::Forbidden,
         ReasonCode::InstallerUnavailable,
+        ReasonCode::UnverifiedSlot,
+        ReasonCode::RebootFailed,
     ];
 
     /// True for the codes release verification can give (`release::verify`).
@@ -197,6 +204,8 @@ impl ReasonCode {
             ReasonCode::BootedSlot => "booted-slot",
             ReasonCode::Forbidden => "forbidden",
             ReasonCode::InstallerUnavailable => "installer-unavailable",
+            ReasonCode::UnverifiedSlot => "unverified-slot",
+            ReasonCode::RebootFailed => "reboot-failed",
         }
     }
 

@@ -8,8 +8,9 @@
 //!   anchor, hashes the image bytes it writes itself, never writes the booted slot, and activates
 //!   only a slot it has just read back and found to hold that release's image.
 //! - [`client`]: the daemon's side ([`RemoteInstaller`]).
-//! - `floor`: the installer's own anti-rollback floor, raised when a slot it verified is marked
-//!   good while booted.
+//! - `ledger`: what the installer itself knows of each slot's bytes (verified, unverified, seen
+//!   booted) and its own anti-rollback floor. It refuses every request that would let the
+//!   bootloader choose a slot whose bytes it did not verify (see `ledger` for the rule).
 //!
 //! # Wire format (version [`PROTOCOL_VERSION`])
 //!
@@ -21,7 +22,7 @@
 //! names.
 
 pub mod client;
-mod floor;
+mod ledger;
 pub mod server;
 
 use std::io::{self, IoSlice, IoSliceMut, Read};

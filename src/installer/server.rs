@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Uid, User};
 
-use super::floor::Floor;
+use super::ledger::Ledger;
 use super::{
     FrameError, MAX_REQUEST, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame,
 };
@@ -73,11 +73,17 @@ pub struct Installer {
     bootloader: Box<dyn Bootloader>,
     daemon_uid: Uid,
     daemon_gid: Option<Gid>,
-    floor: Floor,
+    ledger: Ledger,
     /// Slots this process wrote and read back, with the release id: activating one of those
     /// needs no second read-back. Forgotten when a write to the slot starts.
     written: std::collections::BTreeMap<String, [u8; 32]>,
 }
+
+/// How much of a slot's head is overwritten with zeros after a write whose bytes were refused:
+/// the superblocks of the filesystems a bootloader reads (ext2/3/4 at 1 KiB, squashfs and FAT
+/// at 0, EROFS at 1 KiB) and the kernel a boot script would load are gone, so what stays of
+/// the refused bytes is nothing a bootloader can start, whatever the environment says.
+const WIPED_HEAD: u64 = 1024 * 1024;
 
 impl Installer {
     pub fn open(config: Config) -> Result<Installer, ServeError> {
@@ -85,13 +91,13 @@ impl Installer {
         let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
         let anchor = TrustAnchor::for_config(&config.trust)?;
         let bootloader = crate::agent::open_bootloader(&config)?;
-        let floor = Floor::open(&settings.state_dir).map_err(|source| ServeError::State {
+        let ledger = Ledger::open(&settings.state_dir).map_err(|source| ServeError::State {
             path: settings.state_dir.display().to_string(),
             source,
         })?;
         Ok(Installer {
             written: Default::default(),
-            floor,
+            ledger,
             config,
             anchor,
             bootloader,
@@ -247,17 +253,33 @@ impl Installer {
         fd: Option<OwnedFd>,
         stream: &UnixStream,
     ) -> Result<(), Refused> {
+        // The booted slot counts as verified (it is what the device runs) unless the ledger
+        // holds an unverified write of it; recorded now, it still counts after the device
+        // boots the other slot.
+        let booted = system::booted_slot(&self.config).ok();
+        if let Some(booted) = &booted {
+            self.ledger.saw_booted(booted).map_err(ledger_failed)?;
+        }
         match op {
             Op::MarkBad { slot } => {
                 self.configured(&slot)?;
+                self.may_mark_bad(&slot, booted.as_deref())?;
                 self.bootloader_op(|b| b.mark_bad(&slot))
             }
             Op::MarkGood { slot } => {
                 self.configured(&slot)?;
+                self.ledger
+                    .may_mark_good(&slot, booted.as_deref(), self.floor())
+                    .map_err(|why| {
+                        Refused::new(
+                            ReasonCode::UnverifiedSlot,
+                            format!("slot {slot} is not marked good: {}", why.0),
+                        )
+                    })?;
                 self.bootloader_op(|b| b.mark_good(&slot))?;
                 // Good while booted: the commit (or an ordinary boot) of what the slot holds.
-                if system::booted_slot(&self.config).is_ok_and(|booted| booted == slot)
-                    && let Err(e) = self.floor.committed(&slot)
+                if booted.as_deref() == Some(slot.as_str())
+                    && let Err(e) = self.ledger.committed(&slot)
                 {
                     tracing::error!("installer: cannot raise its anti-rollback floor: {e}");
                 }
@@ -276,6 +298,41 @@ impl Installer {
             }
             Op::Reboot => self.reboot(),
         }
+    }
+
+    /// The floor releases and verified slots are held to: the configured one or the one the
+    /// ledger raised at a commit.
+    fn floor(&self) -> u64 {
+        self.config.trust.floor.max(self.ledger.floor())
+    }
+
+    /// A slot may be marked bad only while another one stays that the bootloader may fall back
+    /// to: verified bytes, or the running system. Otherwise the boot scripts' last resort
+    /// (U-Boot: an emptied `BOOT_ORDER` reads as "A B" with every counter reset; GRUB: entry 0
+    /// when no slot is OK) could start bytes the installer never verified.
+    fn may_mark_bad(&self, slot: &str, booted: Option<&str>) -> Result<(), Refused> {
+        let mut why = Vec::new();
+        for other in [&self.config.slots.a, &self.config.slots.b] {
+            if other.bootname == slot {
+                continue;
+            }
+            match self.ledger.may_fall_back_to(
+                &other.bootname,
+                booted,
+                self.floor(),
+                self.config.trust.floor,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(untrusted) => why.push(untrusted.0),
+            }
+        }
+        Err(Refused::new(
+            ReasonCode::UnverifiedSlot,
+            format!(
+                "slot {slot} is not marked bad: the bootloader would be left with no slot to fall back to that holds verified bytes ({})",
+                why.join("; ")
+            ),
+        ))
     }
 
     fn configured(&self, slot: &str) -> Result<&crate::config::Slot, Refused> {
@@ -304,7 +361,7 @@ impl Installer {
         let policy = Policy {
             threshold: self.config.trust.threshold,
             compatible: Some(self.config.device.compatible.clone()),
-            floor: self.config.trust.floor.max(self.floor.floor()),
+            floor: self.floor(),
             now: Timestamp::now(),
         };
         release::verify(release.as_bytes(), &self.anchor, &policy)
@@ -355,16 +412,10 @@ impl Installer {
         let (size, sha256) = self.image(&verified)?;
         let target = self.writable(slot)?;
         // The bootloader must never name a slot whose bytes are changing, whatever the daemon
-        // did or did not ask before.
+        // did or did not ask before; and the ledger says so before the first byte changes.
         self.bootloader_op(|b| b.mark_bad(slot))?;
-        let state = |e: std::io::Error| {
-            Refused::new(
-                ReasonCode::SlotIo,
-                format!("cannot record the installer's state: {e}"),
-            )
-        };
         self.written.remove(slot);
-        self.floor.forget(slot).map_err(state)?;
+        self.ledger.writing(slot).map_err(ledger_failed)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
         let slot_stream = SlotStream::open(SlotStreamRequest {
             slot_path: target.device.clone(),
@@ -396,12 +447,21 @@ impl Installer {
                 TransferEvent::Verifying => Reply::Verifying,
             })
         };
-        slot_stream
-            .run(File::from(image_stream), &mut events)
-            .map_err(transfer)?;
-        self.floor
-            .wrote(slot, verified.manifest.security_version)
-            .map_err(state)?;
+        if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {
+            // Bytes that were refused go. A stream that stopped early (the network, the daemon
+            // gone) keeps its checkpoint for the resume: the ledger keeps the slot unverified,
+            // and so unbootable, meanwhile.
+            if matches!(
+                e.reason(),
+                ReasonCode::HashMismatch | ReasonCode::ReadbackMismatch | ReasonCode::SizeMismatch
+            ) {
+                wipe_head(&target.device, slot);
+            }
+            return Err(transfer(e));
+        }
+        self.ledger
+            .verified(slot, &verified.id_hex(), verified.manifest.security_version)
+            .map_err(ledger_failed)?;
         self.written.insert(slot.to_string(), verified.id);
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {})",
@@ -421,6 +481,9 @@ impl Installer {
             verify_slot(&target.device, size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
+        self.ledger
+            .verified(slot, &verified.id_hex(), verified.manifest.security_version)
+            .map_err(ledger_failed)?;
         self.bootloader_op(|b| b.mark_active(slot))
     }
 
@@ -441,6 +504,38 @@ impl Installer {
         } else {
             Err(failed(status.to_string()))
         }
+    }
+}
+
+fn ledger_failed(e: std::io::Error) -> Refused {
+    Refused::new(
+        ReasonCode::SlotIo,
+        format!("cannot record the installer's ledger: {e}"),
+    )
+}
+
+/// Overwrites the head of a slot whose new bytes were refused (see [`WIPED_HEAD`]) and syncs
+/// it. Best effort: the slot is marked bad and recorded unverified either way.
+fn wipe_head(device: &std::path::Path, slot: &str) {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .and_then(|mut file| {
+            let len = file.seek(SeekFrom::End(0))?.min(WIPED_HEAD);
+            file.write_all_at(&vec![0u8; len as usize], 0)?;
+            file.sync_data()?;
+            Ok(len)
+        });
+    match result {
+        Ok(len) => tracing::warn!(
+            "installer: the first {len} bytes of slot {slot} overwritten with zeros: its new bytes were refused"
+        ),
+        Err(e) => tracing::error!(
+            "installer: cannot overwrite the head of slot {slot} ({}) after refusing its bytes: {e}; it stays marked bad and unverified",
+            device.display()
+        ),
     }
 }
 
