@@ -75,6 +75,18 @@ pub enum AgentError {
     System(#[from] SystemError),
     #[error(transparent)]
     Bootloader(#[from] bootloader::BootloaderError),
+    #[error(
+        "with [installer] in the config the agent runs as the installer's daemon_user, {expected}, \
+         not as {actual}: the state it keeps must stay the daemon's, and the installer serves no \
+         one else. As root: `runuser -u {name} -- update-agent …`"
+    )]
+    WrongUser {
+        expected: String,
+        actual: String,
+        name: String,
+    },
+    #[error("[installer] daemon_user {0:?} is neither a user on this system nor a numeric uid")]
+    UnknownUser(String),
     #[error("cannot reboot with {command:?}: {message}")]
     Reboot {
         command: Vec<String>,
@@ -118,11 +130,18 @@ pub struct Agent {
     reboot: RebootMode,
     crash: CrashPoints,
     clock: Clock,
+    /// The slot this process wrote and read back in-process, with the release id: activating
+    /// it needs no second read-back (as in the installer).
+    written: Option<(String, String)>,
 }
 
 impl Agent {
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
         let anchor = TrustAnchor::for_config(&config.trust)?;
+        // Before anything in the state directory is created or read.
+        if let Some(installer) = &config.installer {
+            check_daemon_user(installer)?;
+        }
         let store = StateStore::open(&config.device.state_dir)?;
         let state = store.load()?;
         let privileged = match &config.installer {
@@ -148,6 +167,7 @@ impl Agent {
             reboot,
             crash: CrashPoints::from_env(),
             clock: Arc::new(Timestamp::now),
+            written: None,
         })
     }
 
@@ -423,7 +443,14 @@ impl Agent {
         change: BootChange,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
+        let checked = match (&self.privileged, change) {
+            // As the installer does: the slot is activated only when it holds the image of the
+            // transaction's signed release, verified again now, never on the state's word.
+            (Privileged::InProcess(_), BootChange::Active) => self.check_activation(slot).await,
+            _ => Ok(()),
+        };
         let result = match &self.privileged {
+            Privileged::InProcess(_) if checked.is_err() => checked,
             Privileged::InProcess(bootloader) => match change {
                 BootChange::Bad => bootloader.mark_bad(slot),
                 BootChange::Active => bootloader.mark_active(slot),
@@ -458,13 +485,11 @@ impl Agent {
         result
     }
 
-    /// Keeps the signed release the privileged installer will be handed (it verifies the
-    /// signatures itself), by release id, next to the state: an install resumed after a
-    /// restart needs it again. Only the current transaction's and this one are kept.
+    /// Keeps the signed release, by release id, next to the state: an install resumed after a
+    /// restart is carried out from these bytes, verified again (the state's copy of the
+    /// manifest is not signed), and the privileged installer is handed them at write and at
+    /// activation. Only the current transaction's and this one are kept.
     fn remember_release(&self, verified: &VerifiedRelease) {
-        if !matches!(self.privileged, Privileged::Remote(_)) {
-            return;
-        }
         let dir = self.releases_dir();
         let keep = self
             .engine
@@ -508,6 +533,75 @@ impl Agent {
         String::from_utf8(bytes).map_err(|_| missing(format!("{} is not text", path.display())))
     }
 
+    /// The transaction's signed release as kept by `remember_release`, verified again against
+    /// the trust anchor and the policy now, and checked to be the transaction's: what a resumed
+    /// install writes and activates comes from these bytes only.
+    fn transaction_release(&self) -> Result<(String, VerifiedRelease), Failure> {
+        let signed = self.current_release()?;
+        let txn_id = self
+            .engine
+            .state()
+            .phase
+            .transaction()
+            .map(|txn| txn.release_id.clone())
+            .unwrap_or_default();
+        let verified = self.verify(signed.as_bytes()).map_err(|refusal| {
+            Failure::new(
+                refusal.code,
+                format!(
+                    "the transaction's signed release does not verify: {}",
+                    refusal.message
+                ),
+            )
+        })?;
+        if verified.id_hex() != txn_id {
+            return Err(Failure::new(
+                ReasonCode::Malformed,
+                format!(
+                    "the signed release kept for transaction release {} is release {}",
+                    release::escape_for_log(&txn_id, 64),
+                    verified.id_hex()
+                ),
+            ));
+        }
+        Ok((signed, verified))
+    }
+
+    /// The image the verified release holds for this device's slot class.
+    fn signed_image(
+        &self,
+        verified: &VerifiedRelease,
+    ) -> Result<crate::release::manifest::Image, Failure> {
+        let class = &self.config.slots.class;
+        verified.manifest.images.get(class).cloned().ok_or_else(|| {
+            Failure::new(
+                ReasonCode::Incompatible,
+                format!("the release has no image for slot class {class}"),
+            )
+        })
+    }
+
+    /// In-process activation: the slot must hold the image of the transaction's signed
+    /// release, written and read back by this process or read back now.
+    async fn check_activation(&self, slot: &str) -> Result<(), Failure> {
+        let (_, verified) = self.transaction_release()?;
+        if self.written.as_ref() == Some(&(slot.to_string(), verified.id_hex())) {
+            return Ok(());
+        }
+        let image = self.signed_image(&verified)?;
+        let target = self.config.slot_by_bootname(slot).ok_or_else(|| {
+            Failure::new(ReasonCode::SlotIo, format!("slot {slot} is not configured"))
+        })?;
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(&image.sha256, &mut sha256)
+            .map_err(|_| Failure::new(ReasonCode::Malformed, "image sha256 is not hex"))?;
+        let device = target.device.clone();
+        tokio::task::spawn_blocking(move || transfer::verify_slot(&device, image.size, &sha256))
+            .await
+            .map_err(|e| Failure::new(ReasonCode::SlotIo, e.to_string()))?
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))
+    }
+
     async fn write(
         &mut self,
         slot: &str,
@@ -515,9 +609,18 @@ impl Agent {
         resume_from: u64,
         observer: &mut dyn Observer,
     ) -> Result<(), Failure> {
-        let mut request = self.write_request(slot, image, resume_from)?;
+        self.written = None;
+        let (signed, verified) = self.transaction_release()?;
+        let signed_image = self.signed_image(&verified)?;
+        if signed_image != image {
+            tracing::error!(
+                message_id = crate::logging::message_id::TAMPER_ALERT,
+                "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
+            );
+        }
+        let mut request = self.write_request(slot, signed_image, resume_from)?;
         let release = match &self.privileged {
-            Privileged::Remote(_) => Some(self.current_release()?),
+            Privileged::Remote(_) => Some(signed),
             Privileged::InProcess(_) => None,
         };
         let fetch = FetchSettings {
@@ -580,7 +683,10 @@ impl Agent {
                 }
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.written = Some((slot.to_string(), verified.id_hex()));
+                    return Ok(());
+                }
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
                     tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
                     attempt += 1;
@@ -718,6 +824,27 @@ fn record_during_write(
         other => tracing::error!("engine asked for {other:?} during a write"),
     }
     Ok(false)
+}
+
+/// With the split, the agent must run as the installer's daemon user: as anyone else it would
+/// leave files in the state directory the daemon cannot use (root's 0600 `state.json`), and
+/// the installer would refuse it anyway.
+fn check_daemon_user(installer: &crate::config::InstallerConfig) -> Result<(), AgentError> {
+    let (uid, _) = crate::installer::daemon_user(installer)
+        .ok_or_else(|| AgentError::UnknownUser(installer.daemon_user.clone()))?;
+    let euid = nix::unistd::geteuid();
+    if euid == uid {
+        return Ok(());
+    }
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |user| user.name);
+    Err(AgentError::WrongUser {
+        expected: crate::state_store::describe_uid(uid.as_raw()),
+        actual: crate::state_store::describe_uid(euid.as_raw()),
+        name,
+    })
 }
 
 /// One request to the installer, off the async threads (an activation reads the whole slot).

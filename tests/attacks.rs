@@ -15,6 +15,7 @@ mod mqtt;
 mod split;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
 use common::{pattern, require_tool};
@@ -175,4 +176,255 @@ fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_fw_setenv() {
 fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_grub_editenv() {
     require_tool("grub-editenv", "grub-common");
     a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::Grub);
+}
+
+/// The manifest inside a signed release, as JSON, and the release id (hex SHA-256 of its bytes).
+fn manifest_of(release: &std::path::Path) -> (Value, String) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let envelope: Value = serde_json::from_slice(&fs::read(release).unwrap()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(envelope["manifest"].as_str().unwrap())
+        .unwrap();
+    (
+        serde_json::from_slice(&bytes).unwrap(),
+        hex::encode(sha2::Sha256::digest(&bytes)),
+    )
+}
+
+/// Writes into the state directory what a local attacker puts there: a `writing` transaction for
+/// slot B whose manifest is the signed one with the image swapped for `evil` (a file URL), under
+/// the signed release's id. Returns the id.
+fn forge_writing_state(split: &Split, release: &std::path::Path, evil: &[u8]) -> String {
+    use sha2::Digest as _;
+    let evil_path = split.path("evil.img");
+    fs::write(&evil_path, evil).unwrap();
+    let (mut manifest, release_id) = manifest_of(release);
+    manifest["images"]["rootfs"] = serde_json::json!({
+        "url": format!("file://{}", evil_path.display()),
+        "size": evil.len(),
+        "sha256": hex::encode(sha2::Sha256::digest(evil)),
+    });
+    let state = serde_json::json!({
+        "phase": {
+            "phase": "writing",
+            "txn": {
+                "id": "txn-forged",
+                "release_id": release_id,
+                "manifest": manifest,
+                "class": "rootfs",
+                "from_slot": "A",
+                "to_slot": "B",
+                "from_version": null,
+                "started": "2026-01-01T00:00:00Z",
+            },
+            "durable": 0,
+        },
+        "floor": 0,
+        "next_seq": 1,
+        "next_txn": 1,
+        "slots": {},
+        "last": null,
+        "rolled_back": [],
+    });
+    fs::write(
+        split.path("state/state.json"),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+    release_id
+}
+
+/// `boot-check` as root in-process (no `[installer]`), as a device without the split runs it.
+fn boot_check_as_root(split: &Split) -> Output {
+    Command::new(BIN)
+        .args(["boot-check", "--no-reboot", "--config"])
+        .arg(split.path("in-process.toml"))
+        .output()
+        .unwrap()
+}
+
+fn chown_tree(path: &std::path::Path, uid: u32) {
+    let out = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{uid}"))
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Item 2: without `[installer]`, a state directory another user can write (a service account's,
+/// or mode 0777) let that user replace `state.json` with a `writing` transaction whose manifest
+/// names their image; root's `boot-check` resumed it, wrote and activated the unsigned bytes.
+/// Now root refuses such a directory before reading anything from it, and says how to fix it.
+#[test]
+fn item2_root_refuses_a_state_directory_another_user_can_write() {
+    let split = Split::new(Backend::File);
+    let release = split.release("2.0", IMAGE_PATH);
+    let before = (split.slot("B"), split.env_text());
+    let evil = pattern(IMAGE_LEN, 77);
+
+    // The state directory belongs to a service account (nobody, here), which forges the state.
+    forge_writing_state(&split, &release, &evil);
+    chown_tree(&split.path("state"), DAEMON_UID);
+    let out = boot_check_as_root(&split);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("belongs to uid 65534 (nobody)"), "{said}");
+    assert!(said.contains("chown -R 0:0"), "{said}");
+    assert_eq!((split.slot("B"), split.env_text()), before.clone());
+
+    // Root's, but writable by everyone.
+    chown_tree(&split.path("state"), 0);
+    fs::set_permissions(split.path("state"), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = boot_check_as_root(&split);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("writable by group or others (mode 0777)"),
+        "{said}"
+    );
+    assert!(said.contains("chmod 0700"), "{said}");
+    assert_eq!((split.slot("B"), split.env_text()), before);
+}
+
+/// Item 2, the other half: a forged `writing` transaction in a directory only root can write
+/// (say, restored from a backup) is resumed from the signed release bytes kept beside the
+/// state, verified again against the anchor: the manifest kept in `state.json` is not signed
+/// and names nothing that is written. Without the signed bytes, nothing is written.
+#[test]
+fn item2_a_forged_transaction_is_resumed_only_from_the_signed_release() {
+    let split = Split::new(Backend::File);
+    let release = split.release("2.0", IMAGE_PATH);
+    let evil = pattern(IMAGE_LEN, 77);
+    chown_tree(&split.path("state"), 0);
+    fs::set_permissions(split.path("state"), fs::Permissions::from_mode(0o700)).unwrap();
+
+    // No signed release kept for the transaction: the resume fails and writes nothing.
+    forge_writing_state(&split, &release, &evil);
+    let out = boot_check_as_root(&split);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("install failed — not-ready: signed release"),
+        "{}",
+        text(&out)
+    );
+    assert_ne!(&split.slot("B")[..IMAGE_LEN], &evil[..], "{}", text(&out));
+    assert_eq!(
+        split.env_var("BOOT_ORDER").as_deref(),
+        Some("A"),
+        "{}",
+        text(&out)
+    );
+
+    // The signed release kept, as an accepted release is: the signed image is written.
+    let release_id = forge_writing_state(&split, &release, &evil);
+    fs::create_dir_all(split.path("state/releases")).unwrap();
+    fs::copy(
+        &release,
+        split.path(&format!("state/releases/{release_id}.json")),
+    )
+    .unwrap();
+    fs::set_permissions(
+        split.path(&format!("state/releases/{release_id}.json")),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = boot_check_as_root(&split);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TAMPER ALERT"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        &split.slot("B")[..IMAGE_LEN],
+        &split.image[..],
+        "{}",
+        text(&out)
+    );
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+}
+
+/// Files anywhere under `dir` that belong to `uid`.
+fn owned_by(dir: &std::path::Path, uid: u32) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        for entry in fs::read_dir(&path).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.uid() == uid {
+                found.push(entry.path().display().to_string());
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Item 4: `sudo update-agent install` with the split's config left root-owned 0600 files
+/// (`state.json`, `releases/`) in the daemon's state directory before the installer answered
+/// `forbidden`; from then on the daemon, `boot-check` and `install` as the daemon's user failed
+/// with "Permission denied", and the device never updated again. Now the wrong user is refused
+/// before anything in the state directory is touched, naming the user to run as; and files of
+/// another owner found there (left by an older version) are named with the `chown` that fixes
+/// them, after which the daemon's user carries on.
+#[test]
+fn item4_the_wrong_user_is_refused_before_touching_the_state() {
+    let split = Split::new(Backend::File);
+    let release = split.release("2.0", IMAGE_PATH);
+    let state = split.path("state");
+    let out = Command::new(BIN)
+        .args(["install", "--config"])
+        .arg(split.path("agent.toml"))
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("daemon_user, uid 65534 (nobody)"), "{said}");
+    assert!(said.contains("not as uid 0 (root)"), "{said}");
+    assert!(said.contains("runuser -u nobody -- update-agent"), "{said}");
+    assert_eq!(
+        owned_by(&state, 0),
+        Vec::<String>::new(),
+        "root left files behind"
+    );
+    let out = split.as_daemon(&["boot-check"]);
+    assert!(
+        out.status.success(),
+        "the daemon's user carries on: {}",
+        text(&out)
+    );
+
+    // What 0bedbaf's root install left: root-owned 0600 files among the daemon's.
+    fs::write(
+        state.join("state.json"),
+        br#"{"phase":{"phase":"idle"},"floor":0,"next_seq":0,"next_txn":0,"slots":{},"last":null,"rolled_back":[]}"#,
+    )
+    .unwrap();
+    fs::set_permissions(state.join("state.json"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir_all(state.join("releases")).unwrap();
+    fs::copy(&release, state.join("releases/forgotten.json")).unwrap();
+    let out = split.as_daemon(&["boot-check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("belong to another user than uid 65534 (nobody)"),
+        "{said}"
+    );
+    assert!(said.contains("state.json (uid 0 (root))"), "{said}");
+    let fix = format!("chown -R 65534:65534 {}", state.display());
+    assert!(said.contains(&fix), "{said}");
+    // The fix it names, then the daemon's user carries on.
+    let out = Command::new("sh").arg("-c").arg(&fix).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
 }

@@ -35,6 +35,22 @@ use crate::reason::ReasonCode;
 
 pub use client::{RemoteInstaller, WriteError};
 
+/// The daemon's user (`[installer] daemon_user`, a name or a numeric uid) and, when it has an
+/// entry in the user database, its primary group. `None`: no such user.
+pub fn daemon_user(
+    settings: &crate::config::InstallerConfig,
+) -> Option<(nix::unistd::Uid, Option<nix::unistd::Gid>)> {
+    use nix::unistd::{Uid, User};
+    let name = &settings.daemon_user;
+    if let Ok(uid) = name.parse::<u32>() {
+        let uid = Uid::from_raw(uid);
+        let gid = User::from_uid(uid).ok().flatten().map(|user| user.gid);
+        return Some((uid, gid));
+    }
+    let user = User::from_name(name).ok().flatten()?;
+    Some((user.uid, Some(user.gid)))
+}
+
 pub const PROTOCOL_VERSION: u32 = 1;
 /// A request holds at most a release (64 KiB of JSON) and a few names.
 pub const MAX_REQUEST: usize = 256 * 1024;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::{Gid, Uid};
 
 use super::ledger::Ledger;
 use super::{
@@ -540,17 +540,8 @@ fn wipe_head(device: &std::path::Path, slot: &str) {
 }
 
 fn resolve_user(settings: &InstallerConfig) -> Result<(Uid, Option<Gid>), ServeError> {
-    let name = &settings.daemon_user;
-    let unknown = || ServeError::UnknownUser(name.clone());
-    if let Ok(uid) = name.parse::<u32>() {
-        let uid = Uid::from_raw(uid);
-        let gid = User::from_uid(uid).ok().flatten().map(|user| user.gid);
-        return Ok((uid, gid));
-    }
-    let user = User::from_name(name)
-        .map_err(|_| unknown())?
-        .ok_or_else(unknown)?;
-    Ok((user.uid, Some(user.gid)))
+    super::daemon_user(settings)
+        .ok_or_else(|| ServeError::UnknownUser(settings.daemon_user.clone()))
 }
 
 /// The listening socket systemd passes when `update-agent-installer.socket` activates the
