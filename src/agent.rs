@@ -127,6 +127,8 @@ pub struct Agent {
     store: StateStore,
     privileged: Privileged,
     engine: Engine,
+    /// This process owns the state directory while the agent lives: never two writers.
+    _lock: crate::state_store::StateLock,
     reboot: RebootMode,
     crash: CrashPoints,
     clock: Clock,
@@ -143,6 +145,7 @@ impl Agent {
             check_daemon_user(installer)?;
         }
         let store = StateStore::open(&config.device.state_dir)?;
+        let lock = store.lock()?;
         let state = store.load()?;
         let privileged = match &config.installer {
             // The daemon's user can neither open the environment nor the slots: it never tries.
@@ -163,6 +166,7 @@ impl Agent {
             config,
             anchor,
             store,
+            _lock: lock,
             privileged,
             reboot,
             crash: CrashPoints::from_env(),

@@ -65,6 +65,14 @@ pub enum StoreError {
         fix: String,
     },
     #[error(
+        "the state in {} is in use by {holder}: one process at a time carries out updates. \
+         While the daemon (`update-agent run`) runs, ask it (`update-agent install-now` installs \
+         the pending update, `update-agent status` shows it); stop it first \
+         (`systemctl stop update-agent`) to install a file or run the boot check by hand",
+        .dir.display()
+    )]
+    Locked { dir: PathBuf, holder: String },
+    #[error(
         "{count} file(s) in the state directory {dir} belong to another user than {user}, which \
          the agent runs as, and it cannot use them ({files}); as root: `chown -R {owner} {dir}` \
          (were they made by running the agent as another user?)",
@@ -78,6 +86,14 @@ pub enum StoreError {
         owner: String,
         files: Vec<String>,
     },
+}
+
+/// The state directory taken by one process: an exclusive `flock` on `{state_dir}/lock`, held
+/// while this value lives (and released by the kernel when the process ends, however it ends).
+/// The file names the holder (pid and command) for the others' refusal.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
 }
 
 /// A uid as people read it: `65534 (nobody)`.
@@ -245,6 +261,45 @@ impl StateStore {
             dir: dir.to_owned(),
             log_tail: Mutex::new(None),
         }
+    }
+
+    /// Takes the state for this process, or says who holds it ([`StoreError::Locked`]).
+    pub fn lock(&self) -> Result<StateLock, StoreError> {
+        use std::io::{Read, Seek};
+        let path = self.dir.join("lock");
+        let failed = |source| StoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(failed)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = (&mut file).take(256).read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    text => crate::release::escape_for_log(text, 120),
+                };
+                return Err(StoreError::Locked {
+                    dir: self.dir.clone(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+        }
+        let command: Vec<String> = std::env::args().take(2).collect();
+        let holder = format!("pid {} ({})", std::process::id(), command.join(" "));
+        file.set_len(0).map_err(failed)?;
+        file.rewind().map_err(failed)?;
+        file.write_all(holder.as_bytes()).map_err(failed)?;
+        Ok(StateLock { _file: file })
     }
 
     pub fn state_path(&self) -> PathBuf {

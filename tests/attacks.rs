@@ -428,3 +428,101 @@ fn item4_the_wrong_user_is_refused_before_touching_the_state() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
 }
+
+/// Item 3: nothing kept the daemon and the one-shot commands apart. (a) `install` while `run`
+/// was active: the daemon's next save overwrote `reboot-pending` with `idle`, and the trial boot
+/// was then marked good without its health checks; (b) two `install`s at once both wrote B;
+/// (c) `boot-check` during the daemon's install resumed the same transaction beside it. Now one
+/// process owns the state directory (an exclusive `flock` on `state/lock`): a one-shot command
+/// finding it taken stops and names the holder and what to do instead, and the daemon waits
+/// for a one-shot command to finish before it starts.
+#[test]
+fn item3_one_process_owns_the_state_at_a_time() {
+    use std::time::Duration;
+    let broker_dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
+    let split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let release = split.release("2.0", IMAGE_PATH);
+    let release = release.to_str().unwrap();
+    let refused_naming = |out: &Output, holder: &str| {
+        assert_eq!(out.status.code(), Some(2), "{}", text(out));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(&format!("is in use by {holder}")), "{said}");
+        assert!(said.contains("update-agent install-now"), "{said}");
+    };
+
+    // (a) and (c): the daemon runs.
+    let daemon = Daemon::start(&split, 1);
+    let pid = daemon.child.id();
+    let holder = mqtt::wait_for(
+        "the daemon to hold the state",
+        Duration::from_secs(20),
+        || {
+            let holder = split.lock_holder();
+            holder.starts_with(&format!("pid {pid} ")).then_some(holder)
+        },
+    );
+    assert!(holder.ends_with("update-agent run)"), "{holder}");
+    let events = split.events();
+    refused_naming(&split.as_daemon(&["install", release]), &holder);
+    refused_naming(&split.as_daemon(&["boot-check"]), &holder);
+    assert_eq!(
+        split.events(),
+        events,
+        "the refused commands recorded nothing"
+    );
+    assert_eq!(
+        split.env_var("BOOT_ORDER").as_deref(),
+        Some("A B"),
+        "nothing was written"
+    );
+    assert!(daemon.stop().success());
+
+    // (b): a one-shot install whose download stalls holds the state meanwhile.
+    let stalled = split.release("2.1", STALL_PATH);
+    let first_log = split.path("first-install.log");
+    let mut first = split.spawn_as_daemon(&["install", stalled.to_str().unwrap()], &first_log);
+    let holder = mqtt::wait_for(
+        "the install to hold the state",
+        Duration::from_secs(20),
+        || {
+            let holder = split.lock_holder();
+            holder
+                .starts_with(&format!("pid {} ", first.id()))
+                .then_some(holder)
+        },
+    );
+    mqtt::wait_for("the install to write", Duration::from_secs(20), || {
+        fs::read_to_string(&first_log)
+            .unwrap_or_default()
+            .contains("writing slot B")
+            .then_some(())
+    });
+    refused_naming(&split.as_daemon(&["install", release]), &holder);
+    refused_naming(&split.as_daemon(&["boot-check"]), &holder);
+    // The daemon started now waits for the install instead of driving the state beside it.
+    let daemon = Daemon::start(&split, 2);
+    mqtt::wait_for("the daemon to wait", Duration::from_secs(20), || {
+        daemon
+            .log()
+            .contains("waiting for it to finish")
+            .then_some(())
+    });
+    assert!(
+        !daemon.log().contains("D-Bus service off"),
+        "{}",
+        daemon.log()
+    );
+    // The install this test started, by its pid; the daemon then takes over.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    mqtt::wait_for("the daemon to start", Duration::from_secs(20), || {
+        daemon.log().contains("D-Bus service off").then_some(())
+    });
+    assert!(
+        split
+            .lock_holder()
+            .starts_with(&format!("pid {} ", daemon.child.id()))
+    );
+    assert!(daemon.stop().success());
+}

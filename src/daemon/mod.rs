@@ -46,6 +46,8 @@ const MAX_POLICY_SLEEP: Duration = Duration::from_secs(24 * 3600);
 const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How often the daemon looks again whether the state is free, while a one-shot command has it.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// The re-check interval varies by this fraction either way, so a fleet spreads out.
 const RECHECK_JITTER: f64 = 0.2;
 
@@ -94,8 +96,36 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
+/// Opens the agent once no other process holds the state: a one-shot `install` or
+/// `boot-check` started by hand finishes first (never two writers). `None`: asked to stop
+/// meanwhile.
+async fn open_when_free(
+    config: &Config,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Option<Agent>, DaemonError> {
+    let mut told = false;
+    loop {
+        match Agent::open(config.clone(), RebootMode::Defer) {
+            Err(AgentError::Store(StoreError::Locked { holder, .. })) => {
+                if !told {
+                    tracing::warn!(
+                        "the state is in use by {holder}; waiting for it to finish before starting"
+                    );
+                    told = true;
+                }
+            }
+            other => return Ok(Some(other?)),
+        }
+        tokio::select! {
+            () = &mut *shutdown => return Ok(None),
+            () = tokio::time::sleep(LOCK_RETRY) => {}
+        }
+    }
+}
+
 /// Runs until `shutdown` completes (then says `online=false` and disconnects) or a fatal error.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    tokio::pin!(shutdown);
     let mqtt = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
     let endpoint = Endpoint::from_config(&mqtt).map_err(DaemonError::Config)?;
     if !endpoint.url.tls {
@@ -115,7 +145,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         mqtt.device_id,
         endpoint.shown()
     );
-    let mut agent = Agent::open(config.clone(), RebootMode::Defer)?;
+    let Some(mut agent) = open_when_free(&config, &mut shutdown).await? else {
+        tracing::info!("stopping");
+        return Ok(());
+    };
     let mut longest_sleep = MAX_POLICY_SLEEP;
     if let Some((clock, path)) = test_clock::from_env() {
         tracing::warn!(
@@ -199,7 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let result = tokio::select! {
         result = daemon.serve() => result,
-        () = shutdown => {
+        () = &mut shutdown => {
             tracing::info!("stopping");
             Ok(())
         }

@@ -28,6 +28,8 @@ pub const DAEMON_UID: u32 = 65534;
 pub const DAEMON_GID: u32 = 65534;
 pub const IMAGE_PATH: &str = "/rootfs.img";
 pub const WRONG_PATH: &str = "/wrong.img";
+/// Sends the first 64 KiB of the image and then nothing, keeping the connection open.
+pub const STALL_PATH: &str = "/stall.img";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Backend {
@@ -160,6 +162,7 @@ impl Split {
             vec![
                 (IMAGE_PATH, Act::Serve),
                 (WRONG_PATH, Act::Body(wrong.clone())),
+                (STALL_PATH, Act::Stall { after: 65536 }),
             ],
         );
         let bootloader = match (&env, &grub) {
@@ -315,6 +318,32 @@ reboot_command = {reboot}
             .current_dir(self.dir.path())
             .output()
             .unwrap()
+    }
+
+    /// The daemon role started in the background (setpriv execs it: the pid is the agent's).
+    pub fn spawn_as_daemon(&self, args: &[&str], log: &Path) -> Child {
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.path("agent.toml"))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Who holds the state directory's lock, as its lock file says.
+    pub fn lock_holder(&self) -> String {
+        fs::read_to_string(self.path("state/lock")).unwrap_or_default()
     }
 
     /// The daemon role: a one-shot command with the `[installer]` config, as `nobody`.
