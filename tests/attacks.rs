@@ -526,3 +526,163 @@ fn item3_one_process_owns_the_state_at_a_time() {
     );
     assert!(daemon.stop().success());
 }
+
+/// A hostile client of the installer's protocol (4-byte length + JSON, the image socket passed
+/// with `SCM_RIGHTS`), in Python so that it can do what the agent never does: `rcvlowat` sends
+/// a write whose image socket has `SO_RCVLOWAT` set to 16 MiB and then one byte, and prints the
+/// installer's answers with the seconds it took; `trickle` sends a request one byte every 3 s.
+const HOSTILE_CLIENT: &str = r#"
+import json, socket, struct, sys, time
+path, mode = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+def frame(obj):
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+def exact(n):
+    got = b""
+    while len(got) < n:
+        more = s.recv(n - len(got))
+        if not more:
+            raise EOFError("closed")
+        got += more
+    return got
+def reply():
+    return json.loads(exact(struct.unpack(">I", exact(4))[0]))
+if mode == "rcvlowat":
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 16 * 1024 * 1024)
+    op = {"kind": "write", "slot": "B", "release": open(sys.argv[3]).read(), "resume_from": 0}
+    request = frame({"version": 1, "op": op})
+    s.sendmsg([request[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
+    s.sendall(request[1:])
+    theirs.close()
+    print(json.dumps(reply()), flush=True)
+    ours.send(b"x")
+    started = time.time()
+    while True:
+        answer = reply()
+        if answer["kind"] in ("done", "refused"):
+            print(json.dumps(answer), flush=True)
+            print("after %.1f" % (time.time() - started), flush=True)
+            break
+elif mode == "trickle":
+    for byte in frame({"version": 1, "op": {"kind": "mark-good", "slot": "A"}}):
+        try:
+            s.send(bytes([byte]))
+        except OSError:
+            break
+        time.sleep(3)
+"#;
+
+fn python() -> &'static str {
+    // Not through PATH: a version manager's shims under /root are out of nobody's reach.
+    let python = "/usr/bin/python3";
+    assert!(
+        std::path::Path::new(python).is_file(),
+        "{python} is not installed; install it with `apt-get install python3`"
+    );
+    python
+}
+
+/// The hostile client as `uid`/`gid`, with `args` after the socket and the mode.
+fn hostile(split: &Split, uid: &str, gid: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "timeout".into(),
+            "60".into(),
+        ])
+        .args([python(), "-c", HOSTILE_CLIENT])
+        .arg(split.path("run/installer.sock"))
+        .args(args);
+    command
+}
+
+/// How long a request the daemon's user makes takes to be answered, and the answer.
+fn timed_request(split: &Split) -> (std::time::Duration, Value) {
+    let started = std::time::Instant::now();
+    let (out, reply) = ask(split, &["--op", "mark-good", "--slot", "A"]);
+    assert_done(&out, &reply);
+    (started.elapsed(), reply)
+}
+
+/// Item 5: the installer could be stalled. An image socket passed with `SO_RCVLOWAT` at 16 MiB
+/// and one byte sent made `poll` report it readable and the following `read` block: the
+/// installer sat 150 s in the kernel (`stall_timeout = 5`). Now it never reads after `poll`
+/// without `MSG_DONTWAIT`, and the stall timeout ends the write.
+#[test]
+fn item5_an_image_socket_with_a_huge_rcvlowat_cannot_hold_the_installer() {
+    let split = Split::new(Backend::File);
+    let release = split.release("2.0", IMAGE_PATH);
+    let out = hostile(
+        &split,
+        "nobody",
+        "nogroup",
+        &["rcvlowat", release.to_str().unwrap()],
+    )
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{}\ninstaller:\n{}",
+        text(&out),
+        split.installer_log()
+    );
+    assert!(lines[0].contains("\"ready\""), "{said}");
+    let answer: Value = serde_json::from_str(lines[1]).unwrap();
+    assert_eq!(answer["kind"], "refused", "{answer}");
+    assert_eq!(answer["reason"], "stall-timeout", "{answer}");
+    let after: f64 = lines[2].strip_prefix("after ").unwrap().parse().unwrap();
+    assert!(after < 15.0, "the stall timeout is 5 s; it took {after} s");
+    let (took, _) = timed_request(&split);
+    assert!(
+        took.as_secs() < 5,
+        "the installer serves again at once: {took:?}"
+    );
+}
+
+/// Item 5: a client sending its request one byte at a time held the installer (it serves one
+/// connection at a time) for as long as it liked, since the 10 s timeout was per read; a
+/// forbidden uid too, since the frame was read before the refusal. Now the whole request has
+/// one deadline (10 s), and a forbidden uid is answered before anything is read.
+#[test]
+fn item5_a_slow_request_holds_the_installer_no_longer_than_its_deadline() {
+    let split = Split::new(Backend::File);
+    // A forbidden uid (in the socket's group) trickling: refused at once.
+    let mut trickler = hostile(&split, "4242", "nogroup", &["trickle"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (took, _) = timed_request(&split);
+    assert!(
+        took.as_secs() < 3,
+        "a forbidden caller held the installer: {took:?}"
+    );
+    trickler.kill().unwrap();
+    trickler.wait().unwrap();
+    // The daemon's own uid trickling: dropped at the request's deadline.
+    let mut trickler = hostile(&split, "nobody", "nogroup", &["trickle"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (took, _) = timed_request(&split);
+    trickler.kill().unwrap();
+    trickler.wait().unwrap();
+    assert!(
+        took.as_secs() < 15,
+        "a trickling request held the installer for {took:?}: {}",
+        split.installer_log()
+    );
+    assert!(
+        split.installer_log().contains("no request from uid 65534"),
+        "{}",
+        split.installer_log()
+    );
+}

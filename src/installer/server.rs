@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -23,7 +23,9 @@ use crate::release::{self, Policy, VerifiedRelease};
 use crate::system;
 use crate::transfer::{SlotStream, SlotStreamRequest, TransferEvent, verify_slot};
 
-/// How long a client may take to send its request, and to take a reply off the socket.
+/// How long a client may take to send its whole request, and to take each reply off the socket.
+/// A deadline for the frame, not for each read: a caller that trickles a byte at a time gets no
+/// more time than one that sends nothing.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -171,13 +173,9 @@ impl Installer {
             }
         };
         let (uid, pid) = (peer.uid(), peer.pid());
-        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-        // The caller is checked before its request is looked at.
+        // The caller is checked before a byte of its request is read: anyone else is answered
+        // at once and the connection closed, so it cannot hold the installer for a moment.
         if uid != self.daemon_uid.as_raw() {
-            // Taken off the socket unread (any descriptor with it closed), so that the caller
-            // gets the refusal rather than a connection reset in the middle of its request.
-            let _ = recv_frame::<serde::de::IgnoredAny>(&stream, MAX_REQUEST);
             let refused = Refused::new(
                 ReasonCode::Forbidden,
                 format!(
@@ -188,7 +186,8 @@ impl Installer {
             self.answer(&stream, "request", uid, Err(refused));
             return;
         }
-        let (request, fd) = match recv_frame::<Request>(&stream, MAX_REQUEST) {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let (request, fd) = match recv_frame::<Request>(&stream, MAX_REQUEST, deadline) {
             Ok(received) => received,
             Err(FrameError::Io(e)) => {
                 tracing::warn!("installer: no request from uid {uid} (pid {pid}): {e}");
@@ -242,7 +241,7 @@ impl Installer {
                 }
             }
         };
-        if let Err(e) = send_frame(stream, &reply, None) {
+        if let Err(e) = send_frame(stream, &reply, None, Instant::now() + REQUEST_TIMEOUT) {
             tracing::warn!("installer: cannot answer {op} to uid {uid}: {e}");
         }
     }
@@ -294,6 +293,8 @@ impl Installer {
                 let stream_fd = fd.ok_or_else(|| {
                     Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
                 })?;
+                super::check_stream_socket(&stream_fd)
+                    .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
                 self.write(&slot, &release, resume_from, stream_fd, stream)
             }
             Op::Reboot => self.reboot(),
@@ -428,7 +429,8 @@ impl Installer {
         })
         .map_err(transfer)?;
         let tell = |reply: &Reply| {
-            send_frame(control, reply, None).map_err(|e| std::io::Error::other(e.to_string()))
+            send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
+                .map_err(|e| std::io::Error::other(e.to_string()))
         };
         if slot_stream.start() > 0 {
             tracing::info!(
