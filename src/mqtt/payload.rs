@@ -21,7 +21,7 @@ pub const OFFLINE: &[u8] = b"false";
 /// The format version written into every state document.
 pub const STATE_FORMAT: u32 = 1;
 
-/// The retained state of one device (`shared/DESIGN.md`: versions, booted slot, state,
+/// The retained state of one device (`docs/wire-formats.md`: versions, booted slot, state,
 /// progress, pending release, policy, support end, model, last error).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceState {

@@ -1,6 +1,6 @@
 //! Releases: the signed JSON document that announces one update.
 //!
-//! The wire format (see `shared/DESIGN.md`): `{"manifest": "<base64 of the exact manifest bytes>",
+//! The wire format (see `docs/wire-formats.md`): `{"manifest": "<base64 of the exact manifest bytes>",
 //! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
 //! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
 //!
