@@ -132,6 +132,9 @@ pub struct Agent {
     reboot: RebootMode,
     crash: CrashPoints,
     clock: Clock,
+    /// The reboot command failed in [`RebootMode::Run`]: reported to the engine, then returned
+    /// by `drive`.
+    reboot_failed: Option<AgentError>,
     /// The slot this process wrote and read back in-process, with the release id: activating
     /// it needs no second read-back (as in the installer).
     written: Option<(String, String)>,
@@ -172,6 +175,7 @@ impl Agent {
             crash: CrashPoints::from_env(),
             clock: Arc::new(Timestamp::now),
             written: None,
+            reboot_failed: None,
         })
     }
 
@@ -344,6 +348,9 @@ impl Agent {
                 }
             }
         }
+        if let Some(err) = self.reboot_failed.take() {
+            return Err(err);
+        }
         Ok(stop)
     }
 
@@ -415,14 +422,24 @@ impl Agent {
                     _ => self.engine.booted().unwrap_or_default().to_string(),
                 };
                 self.crash.point("reboot:before");
-                *stop = match self.reboot {
-                    RebootMode::Defer => Stop::RebootNeeded { slot },
-                    RebootMode::Run => {
-                        self.reboot()?;
-                        Stop::Rebooting
+                match self.reboot {
+                    RebootMode::Defer => {
+                        *stop = Stop::RebootNeeded { slot };
+                        None
                     }
-                };
-                None
+                    RebootMode::Run => match self.reboot() {
+                        Ok(()) => {
+                            *stop = Stop::Rebooting;
+                            None
+                        }
+                        // Reported (an event with its reason) before the caller hears of it.
+                        Err(err) => {
+                            let failure = reboot_failure(&err);
+                            self.reboot_failed = Some(err);
+                            Some(Input::RebootFailed(failure))
+                        }
+                    },
+                }
             }
         })
     }
@@ -732,6 +749,18 @@ impl Agent {
         Ok(request)
     }
 
+    /// Reports that the reboot the engine asked for failed (`reboot-failed`, an event for the
+    /// operators and the user); the transaction still waits for its reboot.
+    pub async fn report_reboot_failed(
+        &mut self,
+        err: &AgentError,
+        observer: &mut dyn Observer,
+    ) -> Result<(), AgentError> {
+        self.drive(Input::RebootFailed(reboot_failure(err)), observer)
+            .await
+            .map(drop)
+    }
+
     /// Runs the configured reboot command (for callers that deferred the reboot and are now
     /// ready for it, like the daemon once its outbox is flushed).
     pub fn reboot(&self) -> Result<(), AgentError> {
@@ -758,6 +787,13 @@ impl Agent {
             Err(reboot_err(status.to_string()))
         }
     }
+}
+
+fn reboot_failure(err: &AgentError) -> Failure {
+    Failure::new(
+        ReasonCode::RebootFailed,
+        crate::release::escape_for_log(&err.to_string(), 1024),
+    )
 }
 
 /// Passes everything on and keeps the refusal the engine reported, if any.

@@ -686,3 +686,79 @@ fn item5_a_slow_request_holds_the_installer_no_longer_than_its_deadline() {
         split.installer_log()
     );
 }
+
+/// Item 6: a failing reboot command was a crash loop: the daemon exited, and on its restart
+/// tried the reboot again before it had connected to MQTT, so no event said why, D-Bus went
+/// down with it, and a fixing release could never arrive. Now the failure is an event
+/// (`reboot-failed`, with the reason) on MQTT, the daemon stays up and tries again with
+/// back-off; after a restart it reports again once connected, and the reboot happens as soon
+/// as the command works.
+#[test]
+fn item6_a_failing_reboot_command_is_reported_and_retried_by_a_daemon_that_stays_up() {
+    use std::time::Duration;
+    let broker_dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
+    let client = mqtt::ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    // Fails until `reboots.allow` exists (the board's reboot broken, then fixed).
+    let split = Split::with_reboot(
+        Backend::File,
+        &mqtt_sections(broker.port),
+        "[ -e \"$0.allow\" ] || { echo 'reboot: Failed to connect to bus' >&2; exit 1; }; echo reboot >> \"$0\"",
+    );
+    let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
+    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
+    mqtt::publish(&client, &mqtt::topic("release"), &release, true);
+
+    let mut daemon = Daemon::start(&split, 1);
+    let failed = |count: usize| {
+        mqtt::wait_for("reboot-failed on MQTT", Duration::from_secs(60), || {
+            let events = sub.payloads(&mqtt::topic("events"));
+            let failed: Vec<Value> = events
+                .into_iter()
+                .filter(|e| e["state"] == "reboot-failed")
+                .collect();
+            (failed.len() >= count).then_some(failed)
+        })
+    };
+    let first = failed(1);
+    assert_eq!(first[0]["reason"], "reboot-failed", "{}", first[0]);
+    assert!(
+        first[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("installer refused"),
+        "{}",
+        first[0]
+    );
+    assert_eq!(
+        mqtt_states(&sub)[..5],
+        ["accepted", "writing", "written", "activated", "rebooting"]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon stays up"
+    );
+    let state = retained_state(&client);
+    assert_eq!(state["last_error"]["reason"], "reboot-failed", "{state}");
+    assert!(daemon.stop().success());
+
+    // A restart in the same boot: connected first, then the reboot, and its failure reported.
+    daemon = Daemon::start(&split, 2);
+    let again = failed(2);
+    assert!(again[1]["seq"].as_u64() > again[0]["seq"].as_u64());
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon stays up"
+    );
+    // The command works again: the next try (10 s back-off) reboots.
+    fs::write(split.path("reboots.allow"), "").unwrap();
+    mqtt::wait_for("the retried reboot", Duration::from_secs(30), || {
+        split.path("reboots").exists().then_some(())
+    });
+    let log = daemon.log();
+    assert!(daemon.stop().success(), "{log}");
+}

@@ -236,6 +236,7 @@ pub fn describe(event: &Event) -> String {
         TxnState::CheckRequested => "check for updates requested".to_string(),
         TxnState::MarkedGood => format!("slot {slot} marked good by hand"),
         TxnState::MarkedBad => format!("slot {slot} marked bad by hand"),
+        TxnState::RebootFailed => "the reboot failed; it is tried again later".to_string(),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

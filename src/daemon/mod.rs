@@ -46,6 +46,10 @@ const MAX_POLICY_SLEEP: Duration = Duration::from_secs(24 * 3600);
 const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// The first wait before a failed reboot command is tried again; it doubles up to
+/// [`REBOOT_RETRY_MAX`].
+const REBOOT_RETRY_MIN: Duration = Duration::from_secs(10);
+const REBOOT_RETRY_MAX: Duration = Duration::from_secs(600);
 /// How often the daemon looks again whether the state is free, while a one-shot command has it.
 const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// The re-check interval varies by this fraction either way, so a fleet spreads out.
@@ -229,6 +233,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         user,
         check_asked: false,
         longest_sleep,
+        reboot_retry: None,
+        reboot_backoff: REBOOT_RETRY_MIN,
     };
     let result = tokio::select! {
         result = daemon.serve() => result,
@@ -309,6 +315,9 @@ struct Daemon<'a> {
     /// The user asked for a check during the last input (`Action::Check`).
     check_asked: bool,
     longest_sleep: Duration,
+    /// A reboot whose command failed: the slot and when to try again, and the next back-off.
+    reboot_retry: Option<(String, Instant)>,
+    reboot_backoff: Duration,
 }
 
 /// Everyone who hears what the driver does: the operators (outbox, retained state) and, when
@@ -411,6 +420,11 @@ impl Daemon<'_> {
                         if rebooting {
                             break;
                         }
+                    }
+                }
+                () = sleep_until_some(self.reboot_retry.as_ref().map(|(_, at)| *at)), if !rebooting => {
+                    if let Some((slot, _)) = self.reboot_retry.take() {
+                        rebooting = self.after(Stop::RebootNeeded { slot }).await?;
                     }
                 }
                 () = tokio::time::sleep_until(next_check) => {
@@ -525,17 +539,39 @@ impl Daemon<'_> {
         }
         self.flush(REBOOT_FLUSH).await;
         tracing::info!("rebooting to slot {slot}");
-        self.agent.reboot()?;
-        Ok(true)
+        match self.agent.reboot() {
+            Ok(()) => {
+                self.reboot_retry = None;
+                self.reboot_backoff = REBOOT_RETRY_MIN;
+                Ok(true)
+            }
+            // The daemon stays up: the failure is reported, the reboot tried again later, and
+            // meanwhile MQTT and D-Bus keep working (a fixing release can still arrive).
+            Err(err) => {
+                let wait = self.reboot_backoff;
+                tracing::error!(
+                    message_id = message_id::DAEMON_FAILED,
+                    "{err}; trying again in {} s",
+                    wait.as_secs()
+                );
+                let (agent, mut audience) = self.audience();
+                agent.report_reboot_failed(&err, &mut audience).await?;
+                self.refresh();
+                self.reboot_retry = Some((slot, Instant::now() + wait));
+                self.reboot_backoff = (wait * 2).min(REBOOT_RETRY_MAX);
+                Ok(false)
+            }
+        }
     }
 
-    /// Waits (bounded) until the broker acknowledged every event, while connected.
+    /// Waits (bounded) until the broker is connected and acknowledged every event: right after a
+    /// start the link may not be up yet, and the events before a reboot must reach the
+    /// operators first.
     async fn flush(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let status = self.link.status();
         while Instant::now() < deadline
-            && status.borrow().connected
-            && !self.outbox.lock().expect("outbox lock").is_empty()
+            && !(status.borrow().connected && self.outbox.lock().expect("outbox lock").is_empty())
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -86,6 +86,9 @@ pub enum Input {
     UserMark {
         good: bool,
     },
+    /// The reboot the engine asked for did not happen (the command failed): reported; the
+    /// phase stays, and the driver tries again.
+    RebootFailed(Failure),
 }
 
 /// How long the user postpones.
@@ -350,6 +353,15 @@ impl Engine {
                 out.push(Action::Check);
             }
             Input::UserMark { good } => self.on_user_mark(good, &mut out),
+            Input::RebootFailed(failure) => {
+                let txn = self.state.phase.transaction().cloned();
+                let event = self.event(TxnState::RebootFailed, now, txn.as_ref(), |e| {
+                    e.reason = Some(failure.reason);
+                    e.message = Some(failure.message);
+                });
+                out.push(Action::Persist);
+                out.push(Action::Report(event));
+            }
         }
         // The events this input made are persisted with its transition (every transition that
         // makes events persists) and kept until the next one, so a restart can report them again.

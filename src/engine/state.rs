@@ -206,6 +206,9 @@ pub enum TxnState {
     /// The user marked a slot good or bad by hand.
     MarkedGood,
     MarkedBad,
+    /// The reboot command failed (`reason` `reboot-failed`, `message` why); the agent stays up
+    /// and tries again later. Not an end: the transaction still waits for its reboot.
+    RebootFailed,
 }
 
 impl TxnState {
@@ -233,6 +236,7 @@ impl TxnState {
             TxnState::CheckRequested => "check-requested",
             TxnState::MarkedGood => "marked-good",
             TxnState::MarkedBad => "marked-bad",
+            TxnState::RebootFailed => "reboot-failed",
         }
     }
 }

@@ -602,3 +602,25 @@ fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
     // A slot the configuration does not know is left alone.
     assert!(h.feed(boot("boot-9", "recovery")).is_empty());
 }
+
+#[test]
+fn a_failed_reboot_is_reported_and_the_reboot_stays_due() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.feed(Input::BootloaderDone(Ok(())));
+    h.install_until_reboot(release("2.0", 5));
+    let failure = Failure::new(ReasonCode::RebootFailed, "`systemctl reboot` exited 1");
+    assert!(h.feed(Input::RebootFailed(failure)).is_empty());
+    let last = h.events.last().unwrap();
+    assert_eq!(last.state, TxnState::RebootFailed);
+    assert_eq!(last.reason, Some(ReasonCode::RebootFailed));
+    assert_eq!(last.slot.as_deref(), Some("B"));
+    assert!(matches!(
+        h.persisted.last().unwrap().phase,
+        Phase::RebootPending { .. }
+    ));
+    // The agent restarts in the same boot: the reboot is asked for again.
+    let state = h.engine.state().clone();
+    let mut h = Harness::restore(state);
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Action::Reboot]);
+}

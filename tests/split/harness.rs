@@ -77,6 +77,12 @@ impl Split {
 
     /// The split with `sections` added to the config both roles read (`[mqtt]` for the daemon).
     pub fn with_sections(backend: Backend, sections: &str) -> Split {
+        Split::with_reboot(backend, sections, "echo reboot >> \"$0\"")
+    }
+
+    /// The split whose reboot command is the shell `script`, run with `$0` = the `reboots` file
+    /// (a successful reboot appends a line to it).
+    pub fn with_reboot(backend: Backend, sections: &str, script: &str) -> Split {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the split's tests start the installer as root and switch to nobody: run them as root"
@@ -183,12 +189,7 @@ impl Split {
             ),
         };
         let reboots = path("reboots");
-        let reboot = [
-            "sh",
-            "-c",
-            "echo reboot >> \"$0\"",
-            reboots.to_str().unwrap(),
-        ];
+        let reboot = ["sh", "-c", script, reboots.to_str().unwrap()];
         let common = format!(
             r#"[device]
 compatible = "{COMPATIBLE}"
