@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+#[cfg(feature = "test-hooks")]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -773,19 +774,10 @@ impl Agent {
                 });
         }
         let command = &self.config.system.reboot_command;
-        let reboot_err = |message: String| AgentError::Reboot {
+        system::run_bounded(command, system::REBOOT_TIMEOUT).map_err(|e| AgentError::Reboot {
             command: command.clone(),
-            message,
-        };
-        let status = std::process::Command::new(&command[0])
-            .args(&command[1..])
-            .status()
-            .map_err(|e| reboot_err(e.to_string()))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(reboot_err(status.to_string()))
-        }
+            message: e.to_string(),
+        })
     }
 }
 
@@ -952,12 +944,31 @@ fn slot_capacity(slot: &crate::config::Slot) -> u64 {
 /// with SIGKILL — a real `kill -9`, nothing cleaned up — when it reaches that point. Points are
 /// named after what happens next (`persist:writing:after`, `bootloader:activate:before`,
 /// `checkpoint:2`, `bytes:1048576`, …; the list is in tests/power_cut.rs). Without the variable
-/// every check is a comparison against `None`.
+/// every check is a comparison against `None`. Only in builds with the `test-hooks` feature
+/// (the tests'); elsewhere every point is an empty function.
+#[cfg(feature = "test-hooks")]
 struct CrashPoints {
     at: Option<String>,
     checkpoints: AtomicU64,
 }
 
+#[cfg(not(feature = "test-hooks"))]
+struct CrashPoints;
+
+#[cfg(not(feature = "test-hooks"))]
+impl CrashPoints {
+    fn from_env() -> CrashPoints {
+        CrashPoints
+    }
+
+    fn point(&self, _name: &str) {}
+
+    fn checkpoint_persisted(&self) {}
+
+    fn bytes_written(&self, _written: u64) {}
+}
+
+#[cfg(feature = "test-hooks")]
 impl CrashPoints {
     fn from_env() -> CrashPoints {
         CrashPoints {
@@ -986,6 +997,7 @@ impl CrashPoints {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 fn crash(name: &str) -> ! {
     eprintln!("crash point {name}: killing the agent with SIGKILL");
     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

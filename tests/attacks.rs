@@ -762,3 +762,133 @@ fn item6_a_failing_reboot_command_is_reported_and_retried_by_a_daemon_that_stays
     let log = daemon.log();
     assert!(daemon.stop().success(), "{log}");
 }
+
+/// Item 7: `monitor` printed `last_event.seq` and an event's `seq` from the device's JSON as they
+/// came, so bidi overrides, escape sequences and lines of any length reached the operator's
+/// terminal. Now every field is escaped and bounded in the table, and `--json` writes every
+/// non-ASCII character as a `\u` escape (the same JSON) and sums up an oversized record.
+#[test]
+fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
+    let broker_dir = mqtt::test_dir();
+    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
+    let client = mqtt::ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let hostile_seq = format!("\u{202e}\u{1b}[2J{}", "9".repeat(60_000));
+    let state = serde_json::json!({
+        "version": "2.0\u{202e}",
+        "state": "idle",
+        "last_event": {"seq": hostile_seq, "state": "committed"},
+    });
+    mqtt::publish(
+        &client,
+        &mqtt::topic("state"),
+        &serde_json::to_vec(&state).unwrap(),
+        true,
+    );
+    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let out = Command::new(BIN)
+        .args(["monitor", "--broker", &broker_url, "--once"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(shown.contains(mqtt::DEVICE), "{shown}");
+    for line in shown.lines() {
+        assert!(line.len() < 200, "a line of {} bytes", line.len());
+        assert!(
+            line.chars().all(|c| c == '…' || (' '..='~').contains(&c)),
+            "{line:?}"
+        );
+    }
+
+    // --json: an event whose seq is a string with a bidi override and an escape sequence.
+    let monitor = Command::new(BIN)
+        .args(["monitor", "--broker", &broker_url, "--json", "--count", "2"])
+        .args(["--timeout", "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let event = serde_json::json!({"seq": "\u{202e}7\u{1b}[31m", "state": "committed"});
+    mqtt::publish(
+        &client,
+        &mqtt::topic("events"),
+        &serde_json::to_vec(&event).unwrap(),
+        false,
+    );
+    let huge = serde_json::json!({"seq": 8, "state": "committed", "message": "x".repeat(60_000)});
+    mqtt::publish(
+        &client,
+        &mqtt::topic("events"),
+        &serde_json::to_vec(&huge).unwrap(),
+        false,
+    );
+    let out = monitor.wait_with_output().unwrap();
+    let lines = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = lines.lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.bytes().all(|b| (0x20..0x7f).contains(&b))),
+        "{lines:?}"
+    );
+    let first: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(
+        first["seq"], "\u{202e}7\u{1b}[31m",
+        "the JSON means the same"
+    );
+    let second: Value = serde_json::from_str(lines[1]).unwrap();
+    assert!(second["oversized"].as_u64().unwrap() > 60_000, "{second}");
+}
+
+/// Item 7: a FIFO put at the file backend's environment path blocked `open()` forever (a boot
+/// check that never ends). Now it is opened without blocking and refused: not a regular file.
+#[test]
+fn item7_a_fifo_at_the_environment_path_is_refused_not_waited_on() {
+    let split = Split::new(Backend::File);
+    chown_tree(&split.path("state"), 0);
+    let env = split.path("bootenv");
+    fs::remove_file(&env).unwrap();
+    nix::unistd::mkfifo(&env, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(BIN)
+        .args(["boot-check", "--no-reboot", "--config"])
+        .arg(split.path("in-process.toml"))
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(124), "boot-check hung on the FIFO");
+    assert!(
+        text(&out).contains("is not a regular file"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Item 7: the booted slot was read from the *first* `update_agent.slot=`/`rauc.slot=` on the
+/// kernel command line, though boot scripts append theirs to `bootargs` (this project's U-Boot
+/// script does): a stale earlier one made the agent take the booted slot for the inactive one
+/// and write it. Now the last one counts (and where a slot's device holds `/`, it must agree).
+#[test]
+fn item7_the_last_slot_on_the_kernel_command_line_is_the_booted_one() {
+    let split = Split::new(Backend::File);
+    let running = split.slot("A");
+    // Booted A; a stale default names B before the boot script's own `rauc.slot=A`.
+    fs::write(
+        split.path("cmdline"),
+        "console=ttyS0 update_agent.slot=B root=/dev/mmcblk0p2 rauc.slot=A\n",
+    )
+    .unwrap();
+    let release = split.release("2.0", IMAGE_PATH);
+    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        split.slot("A"),
+        running,
+        "the running slot is never written"
+    );
+    assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
+}

@@ -10,6 +10,7 @@
 pub mod intake;
 pub mod notify;
 pub mod report;
+#[cfg(feature = "test-hooks")]
 pub mod test_clock;
 
 use std::future::Future;
@@ -153,7 +154,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!("stopping");
         return Ok(());
     };
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let mut longest_sleep = MAX_POLICY_SLEEP;
+    #[cfg(feature = "test-hooks")]
     if let Some((clock, path)) = test_clock::from_env() {
         tracing::warn!(
             "TEST CLOCK: the time is read from {} ({}); never set this outside tests",

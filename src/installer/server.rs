@@ -490,22 +490,8 @@ impl Installer {
     }
 
     fn reboot(&self) -> Result<(), Refused> {
-        let command = &self.config.system.reboot_command;
-        let failed = |message: String| {
-            Refused::new(
-                ReasonCode::InvalidRequest,
-                format!("cannot reboot with {command:?}: {message}"),
-            )
-        };
-        let status = std::process::Command::new(&command[0])
-            .args(&command[1..])
-            .status()
-            .map_err(|e| failed(e.to_string()))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(failed(status.to_string()))
-        }
+        system::run_bounded(&self.config.system.reboot_command, system::REBOOT_TIMEOUT)
+            .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.to_string()))
     }
 }
 
