@@ -892,3 +892,68 @@ fn item7_the_last_slot_on_the_kernel_command_line_is_the_booted_one() {
     );
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
 }
+
+/// Suspected in the attack: with `[installer] socket` in a directory the daemon's user can
+/// write, the installer's remove → bind → chown → chmod of the socket path could be raced (the
+/// new socket swapped for a link to another file, which root would then hand to the daemon's
+/// group). Now the installer refuses to bind in a directory that is not root's alone, and says
+/// how to fix it; it creates a missing one root's, 0755.
+#[test]
+fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
+    let split = Split::new(Backend::File);
+    let config = fs::read_to_string(split.path("agent.toml")).unwrap();
+    for (name, uid, mode) in [("daemon-run", DAEMON_UID, 0o755), ("shared-run", 0, 0o775)] {
+        let dir = split.path(name);
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(DAEMON_GID)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+        let socket = dir.join("installer.sock");
+        let moved = config.replace(
+            &split.path("run/installer.sock").display().to_string(),
+            &socket.display().to_string(),
+        );
+        assert_ne!(moved, config);
+        let path = split.path(&format!("{name}.toml"));
+        fs::write(&path, moved).unwrap();
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg(BIN)
+            .args(["installer", "--log", "stderr", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("must be a directory of root's that only root can write"),
+            "{said}"
+        );
+        assert!(!socket.exists(), "{name}: nothing was bound");
+    }
+    // A missing directory is made root's, 0755, and served in.
+    let fresh = split.path("fresh/run");
+    let path = split.path("fresh.toml");
+    fs::write(
+        &path,
+        config.replace(
+            &split.path("run/installer.sock").display().to_string(),
+            &fresh.join("installer.sock").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut installer = Command::new(BIN)
+        .args(["installer", "--log", "stderr", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    mqtt::wait_for("the socket", std::time::Duration::from_secs(20), || {
+        fresh.join("installer.sock").exists().then_some(())
+    });
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(&fresh).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (0, 0o755));
+    // The installer this test started, by its pid.
+    installer.kill().unwrap();
+    installer.wait().unwrap();
+}

@@ -46,6 +46,17 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the installer's socket directory {dir} must be a directory of root's that only root can \
+         write (it is {owner}'s, mode {mode:04o}): whoever can write it could replace the socket \
+         with a link while the installer sets its owner and mode. Use a root-only directory such \
+         as /run/update-agent (`chown root: {dir}; chmod 0755 {dir}`)"
+    )]
+    UnsafeSocketDir {
+        dir: String,
+        owner: String,
+        mode: u32,
+    },
     #[error("cannot listen on {path}: {source}")]
     Listen {
         path: String,
@@ -111,6 +122,11 @@ impl Installer {
     /// The socket systemd passed (socket activation, `LISTEN_FDS`), else one bound at the
     /// configured path: owned by root and the daemon user's group, mode 0660 (0666 when the
     /// daemon user has no group; the peer check still keeps everyone else out).
+    ///
+    /// The socket's directory must be root's and writable by root alone (it is created so when
+    /// missing): the path is removed, bound, then chowned and chmodded, and a user who could
+    /// write the directory could swap the new socket for a link in between and have root
+    /// hand them another file.
     pub fn listener(&self) -> Result<UnixListener, ServeError> {
         if let Some(listener) = inherited_listener() {
             return Ok(listener);
@@ -125,8 +141,22 @@ impl Installer {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(listen_err)?;
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(listen_err)?;
+                // Reachable for the daemon's user (the socket's own mode decides who connects).
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(listen_err)?;
+            }
+            let meta = std::fs::symlink_metadata(dir).map_err(listen_err)?;
+            use std::os::unix::fs::MetadataExt;
+            if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                return Err(ServeError::UnsafeSocketDir {
+                    dir: dir.display().to_string(),
+                    owner: crate::state_store::describe_uid(meta.uid()),
+                    mode: meta.mode() & 0o7777,
+                });
+            }
         }
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -136,8 +166,8 @@ impl Installer {
         let listener = UnixListener::bind(path).map_err(listen_err)?;
         let mode = match self.daemon_gid {
             Some(gid) => {
-                nix::unistd::chown(path, None, Some(gid))
-                    .map_err(|e| listen_err(std::io::Error::from(e)))?;
+                // Not following a link, should one be there after all.
+                std::os::unix::fs::lchown(path, None, Some(gid.as_raw())).map_err(listen_err)?;
                 0o660
             }
             None => 0o666,
