@@ -656,3 +656,52 @@ fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_ins
     }
     assert!(daemon.stop().success());
 }
+
+/// The installer's ledger refuses to leave the bootloader only unverified bytes, and a rollback
+/// is not that: the failed trial marks the booted new slot bad while the old one, seen booted,
+/// is the way back. With every backend, through the installer as `nobody`.
+#[test]
+fn a_failed_trial_rolls_back_through_the_installer() {
+    for backend in [Backend::File, Backend::UBoot, Backend::Grub] {
+        let mut split = Split::with_health(
+            backend,
+            "",
+            "echo reboot >> \"$0\"",
+            r#"[["sh", "-c", "exit 3"]]"#,
+        );
+        let slot_a = split.slot("A");
+        let release = split.release("2.0", IMAGE_PATH);
+        let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        assert_eq!(split.boot(), "B", "{backend:?}: the activated slot boots");
+        let out = split.as_daemon(&["boot-check"]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        assert!(
+            split.installer_log().contains("mark-bad for uid 65534 done"),
+            "{backend:?}: {}",
+            split.installer_log()
+        );
+        assert_eq!(
+            fs::read_to_string(split.path("reboots")).unwrap(),
+            "reboot\n",
+            "{backend:?}: the rollback's reboot (`install` leaves its own to the caller)"
+        );
+        assert_eq!(split.boot(), "A", "{backend:?}: back in the old slot");
+        let out = split.as_daemon(&["boot-check"]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        let states: Vec<String> = split
+            .events()
+            .iter()
+            .map(|e| e["state"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some("rolled-back"),
+            "{backend:?}: {states:?}"
+        );
+        assert_eq!(split.slot("A"), slot_a, "{backend:?}");
+        for _ in 0..3 {
+            assert_eq!(split.boot(), "A", "{backend:?}: B stays out");
+        }
+    }
+}

@@ -83,6 +83,11 @@ impl Split {
     /// The split whose reboot command is the shell `script`, run with `$0` = the `reboots` file
     /// (a successful reboot appends a line to it).
     pub fn with_reboot(backend: Backend, sections: &str, script: &str) -> Split {
+        Split::with_health(backend, sections, script, r#"[["true"]]"#)
+    }
+
+    /// The split whose trial boot runs the health `commands` (a TOML array of argv arrays).
+    pub fn with_health(backend: Backend, sections: &str, script: &str, commands: &str) -> Split {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the split's tests start the installer as root and switch to nobody: run them as root"
@@ -211,7 +216,7 @@ checkpoint_interval = 1048576
 stall_timeout = 5
 
 [health]
-commands = [["true"]]
+commands = {commands}
 timeout = 10
 
 [system]
