@@ -18,8 +18,8 @@ use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::{self, Bootloader};
 use crate::config::Config;
 use crate::engine::{
-    Action, Answer, Engine, Event, Failure, Input, Notice, PersistentState, Phase, Progress,
-    SlotPair, TxnState,
+    Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
+    Progress, SlotPair,
 };
 use crate::health;
 use crate::installer::{Op, RemoteInstaller};
@@ -138,7 +138,7 @@ pub struct Agent {
     reboot_failed: Option<AgentError>,
     /// The slot this process wrote and read back in-process, with the release id: activating
     /// it needs no second read-back (as in the installer).
-    written: Option<(String, String)>,
+    written: Option<(String, crate::release::ReleaseId)>,
 }
 
 impl Agent {
@@ -390,40 +390,56 @@ impl Agent {
                 observer.check();
                 None
             }
-            Action::PrepareTarget { slot } => Some(Input::TargetPrepared(
-                self.bootloader_op("prepare", &slot, BootChange::Bad).await,
-            )),
-            Action::StartWrite {
+            Action::Run(job) => self.run(job, observer, stop).await?,
+        })
+    }
+
+    /// Carries out one job; its answer is the next input (a reboot is answered by the next
+    /// boot instead).
+    async fn run(
+        &mut self,
+        job: Job,
+        observer: &mut dyn Observer,
+        stop: &mut Stop,
+    ) -> Result<Option<Input>, AgentError> {
+        let result = match &job {
+            Job::PrepareTarget { slot } => {
+                self.bootloader_op("prepare", slot, BootChange::Bad).await
+            }
+            Job::Write {
                 slot,
                 image,
                 resume_from,
-            } => Some(Input::WriteFinished(
-                self.write(&slot, *image, resume_from, observer).await,
-            )),
-            Action::Activate { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("activate", &slot, BootChange::Active)
-                    .await,
-            )),
-            Action::MarkGood { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-good", &slot, BootChange::Good)
-                    .await,
-            )),
-            Action::MarkBad { slot } => Some(Input::BootloaderDone(
-                self.bootloader_op("mark-bad", &slot, BootChange::Bad).await,
-            )),
-            Action::RunHealthChecks => {
+            } => {
+                self.write(slot, (**image).clone(), *resume_from, observer)
+                    .await
+            }
+            Job::Activate { slot } => {
+                self.bootloader_op("activate", slot, BootChange::Active)
+                    .await
+            }
+            Job::MarkGood { slot } => {
+                self.bootloader_op("mark-good", slot, BootChange::Good)
+                    .await
+            }
+            Job::MarkBad { slot } => self.bootloader_op("mark-bad", slot, BootChange::Bad).await,
+            Job::CheckHealth => {
                 self.crash.point("health:before");
                 let result = health::run_checks(&self.config.health).await;
                 self.crash.point("health:after");
-                Some(Input::HealthFinished(result))
+                result
             }
-            Action::Reboot => {
+            Job::Reboot => {
                 let slot = match &self.engine.state().phase {
-                    Phase::RebootPending { txn, .. } => txn.to_slot.clone(),
-                    _ => self.engine.booted().unwrap_or_default().to_string(),
+                    Phase::RebootPending { txn, .. } => txn.to_slot.to_string(),
+                    _ => self
+                        .engine
+                        .booted()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                 };
                 self.crash.point("reboot:before");
-                match self.reboot {
+                return Ok(match self.reboot {
                     RebootMode::Defer => {
                         *stop = Stop::RebootNeeded { slot };
                         None
@@ -440,9 +456,10 @@ impl Agent {
                             Some(Input::RebootFailed(failure))
                         }
                     },
-                }
+                });
             }
-        })
+        };
+        Ok(Some(Input::JobDone(job, result)))
     }
 
     fn report(&mut self, event: &Event, observer: &mut dyn Observer) {
@@ -519,7 +536,7 @@ impl Agent {
             .phase
             .transaction()
             .map(|txn| format!("{}.json", txn.release_id));
-        let name = format!("{}.json", verified.id_hex());
+        let name = format!("{}.json", verified.release_id());
         let result = std::fs::create_dir_all(&dir).and_then(|()| {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
@@ -565,8 +582,7 @@ impl Agent {
             .state()
             .phase
             .transaction()
-            .map(|txn| txn.release_id.clone())
-            .unwrap_or_default();
+            .map(|txn| txn.release_id);
         let verified = self.verify(signed.as_bytes()).map_err(|refusal| {
             Failure::new(
                 refusal.code,
@@ -576,13 +592,13 @@ impl Agent {
                 ),
             )
         })?;
-        if verified.id_hex() != txn_id {
+        if txn_id != Some(verified.release_id()) {
             return Err(Failure::new(
                 ReasonCode::Malformed,
                 format!(
-                    "the signed release kept for transaction release {} is release {}",
-                    release::escape_for_log(&txn_id, 64),
-                    verified.id_hex()
+                    "the signed release kept for the transaction (release {}) is release {}",
+                    txn_id.map_or_else(|| "none".to_string(), |id| id.to_string()),
+                    verified.release_id()
                 ),
             ));
         }
@@ -607,7 +623,7 @@ impl Agent {
     /// release, written and read back by this process or read back now.
     async fn check_activation(&self, slot: &str) -> Result<(), Failure> {
         let (_, verified) = self.transaction_release()?;
-        if self.written.as_ref() == Some(&(slot.to_string(), verified.id_hex())) {
+        if self.written.as_ref() == Some(&(slot.to_string(), verified.release_id())) {
             return Ok(());
         }
         let image = self.signed_image(&verified)?;
@@ -706,7 +722,7 @@ impl Agent {
             };
             match result {
                 Ok(()) => {
-                    self.written = Some((slot.to_string(), verified.id_hex()));
+                    self.written = Some((slot.to_string(), verified.release_id()));
                     return Ok(());
                 }
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
@@ -733,7 +749,7 @@ impl Agent {
         })?;
         // Defence in depth: the engine never targets the booted slot, and the device behind
         // the target must not be the one the running system was booted from either.
-        let booted = self.engine.booted().unwrap_or_default();
+        let booted = self.engine.booted().map(|b| b.as_str()).unwrap_or_default();
         if slot == booted || system::holds_root(&target.device) {
             return Err(Failure::new(
                 ReasonCode::SlotIo,
@@ -796,7 +812,7 @@ struct NoteRefusal<'a> {
 
 impl Observer for NoteRefusal<'_> {
     fn event(&mut self, event: &Event) {
-        if event.state == TxnState::Refused {
+        if event.kind == EventKind::Refused {
             self.refusal = Some(Refusal::new(
                 event.reason.unwrap_or(ReasonCode::NotReady),
                 event.message.clone().unwrap_or_default(),
@@ -899,8 +915,8 @@ pub fn open_bootloader(
     use crate::config::BootloaderConfig;
     let mut params = BootloaderParams {
         slots: vec![
-            config.slots.a.bootname.clone(),
-            config.slots.b.bootname.clone(),
+            config.slots.a.bootname.to_string(),
+            config.slots.b.bootname.to_string(),
         ],
         ..BootloaderParams::default()
     };

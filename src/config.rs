@@ -10,7 +10,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
 
-use crate::engine::{PolicyConfig, RebootPolicy, Window};
+use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -150,7 +150,7 @@ pub struct Slot {
     /// Block device or, for tests and the demo, a regular file.
     pub device: PathBuf,
     /// The name the bootloader knows the slot by (`A`, `B`).
-    pub bootname: String,
+    pub bootname: Bootname,
     /// Capacity in bytes for a regular-file slot; a block device's size is read from the device.
     #[serde(default)]
     pub size: Option<u64>,
@@ -395,21 +395,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        // Each bootname was checked as it was read (`Bootname`).
         let (a, b) = (&self.slots.a, &self.slots.b);
-        for slot in [a, b] {
-            let name_ok = !slot.bootname.is_empty()
-                && slot.bootname.len() <= 16
-                && slot
-                    .bootname
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_');
-            if !name_ok {
-                return Err(format!(
-                    "slot bootname {:?} must be 1 to 16 letters, digits or '_'",
-                    slot.bootname
-                ));
-            }
-        }
         if a.bootname == b.bootname {
             return Err("slots a and b have the same bootname".into());
         }
@@ -441,7 +428,7 @@ impl Config {
     pub fn slot_by_bootname(&self, bootname: &str) -> Option<&Slot> {
         [&self.slots.a, &self.slots.b]
             .into_iter()
-            .find(|slot| slot.bootname == bootname)
+            .find(|slot| slot.bootname == *bootname)
     }
 }
 
@@ -614,6 +601,26 @@ mod tests {
             let err = Config::parse(&example.replace(from, to)).unwrap_err();
             assert!(err.contains(expect), "{from}: {err}");
         }
+    }
+
+    /// A bootname becomes a `Bootname` as the file is read: the rule is checked there, once,
+    /// and the error names the rule and the line.
+    #[test]
+    fn bootnames_are_checked_as_the_config_is_read() {
+        let example = include_str!("../config/agent.toml");
+        let good = Config::parse(example).unwrap();
+        assert_eq!(good.slots.a.bootname, "A");
+        for bad in ["", "A B", "B;reset", "ABCDEFGHIJKLMNOPQ", "A\\nB"] {
+            let text = example.replace("bootname = \"B\"", &format!("bootname = \"{bad}\""));
+            let err = Config::parse(&text).unwrap_err();
+            assert!(
+                err.contains("must be 1 to 16 letters, digits or '_'"),
+                "{bad:?}: {err}"
+            );
+            assert!(err.contains("line 44"), "{bad:?}: {err}");
+        }
+        let same = example.replace("bootname = \"B\"", "bootname = \"A\"");
+        assert!(Config::parse(&same).unwrap_err().contains("same bootname"));
     }
 
     #[test]

@@ -228,6 +228,74 @@ impl fmt::Display for ReasonCode {
 mod tests {
     use super::*;
 
+    /// The codes are wire format (MQTT events, D-Bus errors, `state.json`, the CLI): each one's
+    /// string is pinned here, not derived from the code, so a rename fails this test.
+    #[test]
+    fn every_code_keeps_its_wire_name() {
+        use ReasonCode::*;
+        let pinned = [
+            (TooLarge, "too-large"),
+            (Malformed, "malformed"),
+            (UnsupportedFormat, "unsupported-format"),
+            (BadSignature, "bad-signature"),
+            (UntrustedKey, "untrusted-key"),
+            (BelowThreshold, "below-threshold"),
+            (Incompatible, "incompatible"),
+            (Downgrade, "downgrade"),
+            (Expired, "expired"),
+            (UnsupportedUrl, "unsupported-url"),
+            (DownloadFailed, "download-failed"),
+            (TlsFailed, "tls-failed"),
+            (HttpStatus, "http-status"),
+            (StallTimeout, "stall-timeout"),
+            (RedirectLoop, "redirect-loop"),
+            (InsecureRedirect, "insecure-redirect"),
+            (SizeMismatch, "size-mismatch"),
+            (HashMismatch, "hash-mismatch"),
+            (ImageTooLarge, "image-too-large"),
+            (ReadbackMismatch, "readback-mismatch"),
+            (DecompressFailed, "decompress-failed"),
+            (SlotIo, "slot-io"),
+            (Cancelled, "cancelled"),
+            (Busy, "busy"),
+            (NotReady, "not-ready"),
+            (PreviouslyRolledBack, "previously-rolled-back"),
+            (BootloaderFailed, "bootloader-failed"),
+            (UnexpectedBoot, "unexpected-boot"),
+            (HealthCheckFailed, "health-check-failed"),
+            (FellBack, "fell-back"),
+            (NothingPending, "nothing-pending"),
+            (InvalidRequest, "invalid-request"),
+            (NotPostponable, "not-postponable"),
+            (BootedSlot, "booted-slot"),
+            (Forbidden, "forbidden"),
+            (InstallerUnavailable, "installer-unavailable"),
+            (UnverifiedSlot, "unverified-slot"),
+            (RebootFailed, "reboot-failed"),
+        ];
+        // A code missing from the table does not compile: the match has no wildcard.
+        #[allow(dead_code)]
+        fn every_code_is_listed(code: ReasonCode) {
+            match code {
+                TooLarge | Malformed | UnsupportedFormat | BadSignature | UntrustedKey
+                | BelowThreshold | Incompatible | Downgrade | Expired | UnsupportedUrl
+                | DownloadFailed | TlsFailed | HttpStatus | StallTimeout | RedirectLoop
+                | InsecureRedirect | SizeMismatch | HashMismatch | ImageTooLarge
+                | ReadbackMismatch | DecompressFailed | SlotIo | Cancelled | Busy | NotReady
+                | PreviouslyRolledBack | BootloaderFailed | UnexpectedBoot | HealthCheckFailed
+                | FellBack | NothingPending | InvalidRequest | NotPostponable | BootedSlot
+                | Forbidden | InstallerUnavailable | UnverifiedSlot | RebootFailed => {}
+            }
+        }
+        assert_eq!(pinned.len(), ReasonCode::ALL.len());
+        for (code, name) in pinned {
+            let quoted = format!("\"{name}\"");
+            assert_eq!(serde_json::to_string(&code).unwrap(), quoted);
+            assert_eq!(serde_json::from_str::<ReasonCode>(&quoted).unwrap(), code);
+            assert_eq!(code.to_string(), name);
+        }
+    }
+
     #[test]
     fn serde_name_matches_as_str_for_every_code() {
         for code in ReasonCode::ALL {

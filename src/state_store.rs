@@ -435,7 +435,7 @@ fn parse_events(bytes: &[u8]) -> impl Iterator<Item = Event> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::TxnState;
+    use crate::engine::EventKind;
 
     #[test]
     fn saved_state_loads_back_and_missing_state_is_idle() {
@@ -460,11 +460,11 @@ mod tests {
         assert!(err.contains("move it aside"), "{err}");
     }
 
-    fn event(seq: u64, state: TxnState) -> Event {
+    fn event(seq: u64, state: EventKind) -> Event {
         Event {
             seq,
             at: jiff::Timestamp::UNIX_EPOCH,
-            state,
+            kind: state,
             txn: None,
             release_id: None,
             from_version: None,
@@ -483,21 +483,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.log_event(&event(0, TxnState::Accepted)).unwrap(),
+            store.log_event(&event(0, EventKind::Accepted)).unwrap(),
             Logged::Appended
         );
         assert_eq!(
-            store.log_event(&event(1, TxnState::Writing)).unwrap(),
+            store.log_event(&event(1, EventKind::Writing)).unwrap(),
             Logged::Appended
         );
         // The agent restarts (a new store) and the engine reports its last events again.
         let store = StateStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.log_event(&event(1, TxnState::Writing)).unwrap(),
+            store.log_event(&event(1, EventKind::Writing)).unwrap(),
             Logged::AlreadyLogged
         );
         assert_eq!(
-            store.log_event(&event(2, TxnState::Written)).unwrap(),
+            store.log_event(&event(2, EventKind::Written)).unwrap(),
             Logged::Appended
         );
         let seqs: Vec<u64> = store.events().unwrap().iter().map(|e| e.seq).collect();
@@ -508,7 +508,7 @@ mod tests {
     fn an_append_after_a_torn_line_starts_a_new_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(0, TxnState::Accepted)).unwrap();
+        store.log_event(&event(0, EventKind::Accepted)).unwrap();
         // A power cut in the middle of the next append.
         let mut log = std::fs::OpenOptions::new()
             .append(true)
@@ -517,7 +517,7 @@ mod tests {
         log.write_all(br#"{"seq":1,"at":"1970-01-01T00:00:00Z","sta"#)
             .unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(1, TxnState::Writing)).unwrap();
+        store.log_event(&event(1, EventKind::Writing)).unwrap();
         let seqs: Vec<u64> = store.events().unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [0, 1]);
     }
@@ -526,7 +526,7 @@ mod tests {
     fn a_fresh_state_numbers_events_after_the_logged_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        store.log_event(&event(6, TxnState::Committed)).unwrap();
+        store.log_event(&event(6, EventKind::Committed)).unwrap();
         // state.json was moved aside (or never written): numbering goes on after the log.
         assert_eq!(store.load().unwrap().next_seq, 7);
     }
@@ -538,7 +538,7 @@ mod tests {
         let mut event = Event {
             seq: 0,
             at: jiff::Timestamp::UNIX_EPOCH,
-            state: TxnState::Refused,
+            kind: EventKind::Refused,
             txn: None,
             release_id: None,
             from_version: None,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::durable;
+use crate::engine::{BootId, Bootname};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
@@ -30,32 +31,28 @@ pub enum SystemError {
          refusing to guess which slot may be written: check the boot script's bootargs (the \
          last update_agent.slot= or rauc.slot= counts) and the slots' devices in the config"
     )]
-    BootedMismatch { cmdline: String, root: String },
+    BootedMismatch { cmdline: Bootname, root: Bootname },
     #[error("cannot run {command:?}: {message}")]
     Command { command: String, message: String },
 }
 
-pub fn boot_id(config: &Config) -> Result<String, SystemError> {
+pub fn boot_id(config: &Config) -> Result<BootId, SystemError> {
     let path = &config.system.boot_id_path;
     let bytes = durable::read_bounded(path, 256).map_err(|source| SystemError::BootId {
         path: path.clone(),
         source,
     })?;
-    let id = String::from_utf8_lossy(&bytes).trim().to_string();
-    if id.is_empty() {
-        return Err(SystemError::BootId {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "empty"),
-        });
-    }
-    Ok(id)
+    BootId::new(String::from_utf8_lossy(&bytes).trim()).map_err(|e| SystemError::BootId {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// The bootname of the booted slot: the override, else the kernel command line, else the slot
 /// whose block device holds `/`. Where a slot's block device holds `/`, the command line must
 /// name that slot: a disagreement is an error, since acting on the wrong one would write the
 /// running system.
-pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
+pub fn booted_slot(config: &Config) -> Result<Bootname, SystemError> {
     let (a, b) = (&config.slots.a, &config.slots.b);
     let name = match &config.system.booted_slot {
         Some(name) => Some(name.clone()),
@@ -63,20 +60,25 @@ pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
             .ok()
             .and_then(|bytes| slot_from_cmdline(&String::from_utf8_lossy(&bytes))),
     };
+    // The configured slot's name: only a name the configuration holds goes on.
+    let named = match name {
+        Some(name) => match config.slot_by_bootname(&name) {
+            Some(slot) => Some(slot.bootname.clone()),
+            None => {
+                return Err(SystemError::BootedNotConfigured {
+                    name: crate::release::escape_for_log(&name, 32),
+                    a: a.bootname.to_string(),
+                    b: b.bootname.to_string(),
+                });
+            }
+        },
+        None => None,
+    };
     let root = [a, b]
         .into_iter()
         .find(|slot| holds_root(&slot.device))
         .map(|slot| slot.bootname.clone());
-    if let Some(name) = &name
-        && config.slot_by_bootname(name).is_none()
-    {
-        return Err(SystemError::BootedNotConfigured {
-            name: crate::release::escape_for_log(name, 32),
-            a: a.bootname.clone(),
-            b: b.bootname.clone(),
-        });
-    }
-    reconcile(name, root).ok_or_else(|| SystemError::BootedUnknown {
+    reconcile(named, root).ok_or_else(|| SystemError::BootedUnknown {
         cmdline: config.system.cmdline_path.clone(),
         a: a.device.clone(),
         b: b.device.clone(),
@@ -84,7 +86,10 @@ pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
 }
 
 /// The booted slot from what the command line names and which slot's device holds `/`.
-fn reconcile(cmdline: Option<String>, root: Option<String>) -> Option<Result<String, SystemError>> {
+fn reconcile(
+    cmdline: Option<Bootname>,
+    root: Option<Bootname>,
+) -> Option<Result<Bootname, SystemError>> {
     match (cmdline, root) {
         (Some(cmdline), Some(root)) if cmdline != root => {
             Some(Err(SystemError::BootedMismatch { cmdline, root }))
@@ -197,7 +202,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_root_device_and_the_cmdline_must_agree() {
-        let some = |s: &str| Some(s.to_string());
+        let some = |s: &str| Some(Bootname::new(s).unwrap());
         assert!(matches!(reconcile(some("B"), some("B")), Some(Ok(s)) if s == "B"));
         assert!(matches!(reconcile(some("B"), None), Some(Ok(s)) if s == "B"));
         assert!(matches!(reconcile(None, some("A")), Some(Ok(s)) if s == "A"));

@@ -677,7 +677,9 @@ fn a_failed_trial_rolls_back_through_the_installer() {
         let out = split.as_daemon(&["boot-check"]);
         assert!(out.status.success(), "{backend:?}: {}", text(&out));
         assert!(
-            split.installer_log().contains("mark-bad for uid 65534 done"),
+            split
+                .installer_log()
+                .contains("mark-bad for uid 65534 done"),
             "{backend:?}: {}",
             split.installer_log()
         );

@@ -84,7 +84,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "primary": primary.as_deref() == Some(slot.bootname.as_str()),
             "bootloader": boot_state,
             "version": version,
-            "release_id": record.map(|r| r.release_id.clone()),
+            "release_id": record.map(|r| r.release_id),
             "sha256": record.map(|r| r.sha256.clone()),
             "committed": record.map(|r| r.committed),
         }));

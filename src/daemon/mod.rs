@@ -449,12 +449,19 @@ impl Daemon<'_> {
         }
         match self.agent.verify(payload) {
             Ok(verified) => {
-                if !self.intake.offer(digest, &verified.id_hex()) {
+                if !self
+                    .intake
+                    .offer(digest, &verified.release_id().to_string())
+                {
                     return Ok(Stop::Idle);
                 }
                 // The engine would refuse it (`previously-rolled-back`) and report that at
                 // every re-check; the rollback itself was reported when it happened.
-                if self.agent.engine().rolled_back_before(&verified.id_hex()) {
+                if self
+                    .agent
+                    .engine()
+                    .rolled_back_before(&verified.release_id())
+                {
                     tracing::info!(
                         "{} release {} rolled back on this device before; not retried",
                         source.as_str(),

@@ -11,7 +11,7 @@ use crate::agent::Observer;
 use crate::config::Config;
 use crate::dbus::{Call, Handle, Snapshot};
 use crate::engine::{
-    Answer, Engine, Event, Failure, Input, Notice, PersistentState, Progress, TxnState,
+    Answer, Engine, Event, EventKind, Failure, Input, Notice, PersistentState, Progress,
 };
 use crate::reason::ReasonCode;
 
@@ -122,14 +122,14 @@ impl Observer for Feed {
                 reason.to_string(),
                 event.message.clone().unwrap_or_default(),
             ));
-        } else if event.state == TxnState::Committed {
+        } else if event.kind == EventKind::Committed {
             self.last_error = None;
         }
         // The phase an event leads into, for the `State` property during a long job.
-        let state = match event.state {
-            TxnState::Writing => Some("writing"),
-            TxnState::Written => Some("activating"),
-            TxnState::Rebooting => Some("reboot-pending"),
+        let state = match event.kind {
+            EventKind::Writing => Some("writing"),
+            EventKind::Written => Some("activating"),
+            EventKind::Rebooting => Some("reboot-pending"),
             _ => None,
         };
         if let Some(state) = state {

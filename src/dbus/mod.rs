@@ -83,7 +83,7 @@ impl Snapshot {
         let state = engine.state();
         let mut snapshot = Snapshot {
             state: state.phase.name().to_string(),
-            booted_slot: engine.booted().unwrap_or_default().to_string(),
+            booted_slot: engine.booted().map(ToString::to_string).unwrap_or_default(),
             current_version: engine.booted_version().unwrap_or_default().to_string(),
             auto_install: engine.auto_install(),
             postponed_until: seconds(state.user.postponed_until),

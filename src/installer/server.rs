@@ -419,7 +419,7 @@ impl Installer {
         let target = self.configured(slot)?.clone();
         let booted = system::booted_slot(&self.config)
             .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
-        if slot == booted || system::holds_root(&target.device) {
+        if booted == slot || system::holds_root(&target.device) {
             return Err(Refused::new(
                 ReasonCode::BootedSlot,
                 format!(
@@ -492,12 +492,16 @@ impl Installer {
             return Err(transfer(e));
         }
         self.ledger
-            .verified(slot, &verified.id_hex(), verified.manifest.security_version)
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
             .map_err(ledger_failed)?;
         self.written.insert(slot.to_string(), verified.id);
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {})",
-            verified.id_hex(),
+            verified.release_id(),
             hex::encode(sha256)
         );
         Ok(())
@@ -514,7 +518,11 @@ impl Installer {
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
         self.ledger
-            .verified(slot, &verified.id_hex(), verified.manifest.security_version)
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
             .map_err(ledger_failed)?;
         self.bootloader_op(|b| b.mark_active(slot))
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Event, PersistentState, Phase, Progress, TxnState};
+use crate::engine::{Event, EventKind, PersistentState, Phase, Progress};
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Severity};
 
@@ -86,7 +86,7 @@ pub struct PolicyState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastEvent {
     pub seq: u64,
-    pub state: TxnState,
+    pub state: EventKind,
     pub at: Timestamp,
 }
 
@@ -155,7 +155,7 @@ impl DeviceState {
                     version: record.version.clone(),
                     committed: record.committed,
                 };
-                (name.clone(), slot)
+                (name.to_string(), slot)
             })
             .collect();
         self.state = state.phase.name().into();
@@ -163,7 +163,7 @@ impl DeviceState {
         self.pending = state.phase.transaction().map(|txn| PendingRelease {
             txn: txn.id.clone(),
             version: txn.manifest.version.clone(),
-            release_id: txn.release_id.clone(),
+            release_id: txn.release_id.to_string(),
             security: txn.manifest.security,
             severity: txn.manifest.severity,
             advisory: txn.manifest.advisory.clone(),
@@ -207,7 +207,7 @@ impl DeviceState {
         }
         self.last_event = Some(LastEvent {
             seq: event.seq,
-            state: event.state,
+            state: event.kind,
             at: event.at,
         });
     }
@@ -312,7 +312,7 @@ mod tests {
         state.take_last_event(&event(6, "committed"));
         state.take_last_event(&event(5, "trial-boot"));
         let last = state.last_event.as_ref().unwrap();
-        assert_eq!((last.seq, last.state), (6, TxnState::Committed));
+        assert_eq!((last.seq, last.state), (6, EventKind::Committed));
         state.apply_event(&event(7, "accepted"));
         assert_eq!(state.last_event.unwrap().seq, 7);
     }
