@@ -251,16 +251,7 @@ impl StateStore {
                 source,
             })?;
         check_private(dir, nix::unistd::geteuid().as_raw())?;
-        Ok(StateStore::inspect(dir))
-    }
-
-    /// A store to read from only (`status --offline`, run by root over the daemon's state):
-    /// nothing is created or checked.
-    pub fn inspect(dir: &Path) -> StateStore {
-        StateStore {
-            dir: dir.to_owned(),
-            log_tail: Mutex::new(None),
-        }
+        Ok(StateStore::existing(dir))
     }
 
     /// Takes the state for this process, or says who holds it ([`StoreError::Locked`]).
@@ -300,6 +291,16 @@ impl StateStore {
         file.rewind().map_err(failed)?;
         file.write_all(holder.as_bytes()).map_err(failed)?;
         Ok(StateLock { _file: file })
+    }
+
+    /// The store in `dir` for reading only (reports, `status --offline`, run by root over the
+    /// daemon's state): unlike [`StateStore::open`] it creates and checks nothing, so a missing
+    /// directory reads as a device with no state and no events yet.
+    pub fn existing(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_owned(),
+            log_tail: Mutex::new(None),
+        }
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -475,6 +476,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 
@@ -549,6 +551,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         };
         for seq in 0..3000 {
             event.seq = seq;

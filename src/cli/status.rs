@@ -63,7 +63,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let config = Config::load(&args.config)?;
     // Read only: root may look at the daemon's state without taking it over.
-    let store = StateStore::inspect(&config.device.state_dir);
+    let store = StateStore::existing(&config.device.state_dir);
     let state = store.load()?;
     let bootloader = open_bootloader(&config)?;
     let booted = system::booted_slot(&config).ok();
@@ -203,7 +203,7 @@ pub fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
             bootloader.mark_bad(&slot)?
         }
         Mark::Active => {
-            let state = StateStore::inspect(&config.device.state_dir).load()?;
+            let state = StateStore::existing(&config.device.state_dir).load()?;
             let verified = state.slots.contains_key(&slot) || slot == booted;
             if !verified && !args.force {
                 anyhow::bail!(
