@@ -244,6 +244,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 

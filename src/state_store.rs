@@ -62,6 +62,15 @@ impl StateStore {
         })
     }
 
+    /// The store in `dir` for reading only (reports): unlike [`StateStore::open`] it creates
+    /// nothing, so a missing directory reads as a device with no state and no events yet.
+    pub fn existing(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_owned(),
+            log_tail: Mutex::new(None),
+        }
+    }
+
     pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
@@ -235,6 +244,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 
@@ -309,6 +319,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         };
         for seq in 0..3000 {
             event.seq = seq;

@@ -152,6 +152,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         outbox.clone(),
     )?;
+    // What this build and configuration leave weakened (EN 303 645 §5.3), for the operators
+    // (retained state) and the user (D-Bus); the full report is `update-agent conformance`.
+    let conformance = crate::conformance::Summary::at_start(&config);
+    if !conformance.weakened.is_empty() || !conformance.not_met.is_empty() {
+        tracing::warn!("conformance: {}", conformance.text());
+    }
+    record_checks(&link, config.device.state_dir.clone());
     let facts = DeviceFacts {
         device: mqtt.device_id.clone(),
         compatible: config.device.compatible.clone(),
@@ -159,12 +166,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         support_end: config.device.support_end,
         factory_version: config.device.factory_version.clone(),
         floor: config.trust.floor,
+        conformance: Some(conformance.clone()),
     };
     let mut reporter = Reporter::new(facts, outbox.clone(), link.publisher());
     reporter.logged(&logged);
     reporter.publish();
     let user = if config.dbus.enabled {
-        Some(UserSide::start(&agent).await?)
+        Some(UserSide::start(&agent, &conformance).await?)
     } else {
         tracing::info!("D-Bus service off ([dbus] enabled = false)");
         None
@@ -226,7 +234,10 @@ struct UserSide {
 impl UserSide {
     /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set), serves the object and
     /// takes the name.
-    async fn start(agent: &Agent) -> Result<UserSide, DaemonError> {
+    async fn start(
+        agent: &Agent,
+        conformance: &crate::conformance::Summary,
+    ) -> Result<UserSide, DaemonError> {
         let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
             .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
         let failed = |what| {
@@ -241,7 +252,8 @@ impl UserSide {
             .build()
             .await
             .map_err(failed("connect to"))?;
-        let (feed, handle) = Feed::new(agent.engine(), agent.config());
+        let (mut feed, handle) = Feed::new(agent.engine(), agent.config());
+        feed.set_conformance(conformance);
         let access = Access::from_config(agent.config());
         // The task that sends signals and PropertiesChanged ends with the feed.
         let signals = dbus::serve(&connection, handle, access)
@@ -254,6 +266,27 @@ impl UserSide {
             _connection: connection,
         })
     }
+}
+
+/// Keeps the time of the latest check for updates (the broker granted the subscription to
+/// the release topics, so it sent the retained releases) in the state directory, for the
+/// conformance report's 5.3-5 evidence. Ends with the link.
+fn record_checks(link: &Link, state_dir: std::path::PathBuf) {
+    let mut status = link.status();
+    tokio::spawn(async move {
+        let mut recorded = None;
+        while status.changed().await.is_ok() {
+            let checked = status.borrow_and_update().last_check;
+            if let Some(at) = checked
+                && checked != recorded
+            {
+                recorded = checked;
+                if let Err(e) = crate::conformance::record_check(&state_dir, at) {
+                    tracing::warn!("cannot record the time of the check for updates: {e}");
+                }
+            }
+        }
+    });
 }
 
 /// The next user call, as an input; never, without the service.

@@ -32,6 +32,8 @@ pub struct Feed {
     /// The last failure or refusal seen in an event, newer than the state's last outcome
     /// (a refused release is not a transaction outcome, yet the user must hear of it: 5.7-2).
     last_error: Option<(String, String)>,
+    /// The `Conformance` property, as the owner assessed it at start.
+    conformance: (String, String),
 }
 
 impl Feed {
@@ -49,6 +51,7 @@ impl Feed {
             queued: 0,
             reply: None,
             last_error: None,
+            conformance: Default::default(),
         };
         let handle = Handle {
             calls: call_tx,
@@ -92,9 +95,21 @@ impl Feed {
         if let Some(error) = &self.last_error {
             snapshot.last_error = error.clone();
         }
+        snapshot.conformance = self.conformance.clone();
         self.snapshots.send_if_modified(|current| {
             let changed = *current != snapshot;
             *current = snapshot;
+            changed
+        });
+    }
+
+    /// Sets the `Conformance` property (kept in every later snapshot).
+    pub fn set_conformance(&mut self, summary: &crate::conformance::Summary) {
+        self.conformance = (summary.text(), summary.findings.join(" "));
+        let conformance = self.conformance.clone();
+        self.snapshots.send_if_modified(|s| {
+            let changed = s.conformance != conformance;
+            s.conformance = conformance;
             changed
         });
     }

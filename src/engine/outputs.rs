@@ -113,6 +113,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 

@@ -268,6 +268,10 @@ pub struct Event {
     /// What limited a postponement (`postponed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamped: Option<Clamp>,
+    /// When the release was signed (its manifest's `created`), on `accepted` and `committed`:
+    /// with `at` it gives the time from release to installation on this device (5.3-8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Timestamp>,
 }
 
 impl Event {
@@ -292,6 +296,9 @@ impl Event {
             waiting: None,
             until: None,
             clamped: None,
+            created: txn
+                .filter(|_| matches!(kind, EventKind::Accepted | EventKind::Committed))
+                .map(|t| t.manifest.created),
         }
     }
 }
