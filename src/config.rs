@@ -49,7 +49,7 @@ pub struct Config {
 /// The manufacturer's declarations for ETSI EN 303 645 §5.3 that no device can check: where
 /// things are published, what the product's UI shows, the manufacturer's own processes. Each
 /// is free text (a URL, a sentence), at most [`MAX_DECLARATION`] bytes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Conformance {
     /// Where the vulnerability disclosure policy is published (5.2-1; IXIT 2-UserInfo).

@@ -256,6 +256,7 @@ impl GatewayBuilder {
                 daemon_user: "nobody".into(),
                 state_dir: dir.join("installer-state"),
             }),
+            conformance: Default::default(),
         };
         for tweak in self.tweaks {
             tweak(&mut config);
