@@ -9,299 +9,114 @@
 //! loopback port, with the same installer.
 //!
 //! Must run as root (it starts the installer as root and switches to `nobody`); CI does. Needs
-//! `util-linux` (setpriv) and `libubootenv-tool` (fw_printenv, fw_setenv).
+//! `util-linux` (setpriv) and `libubootenv-tool` (fw_printenv, fw_setenv). The split is a
+//! simulated gateway (`update_agent::sim`) built with `.split()`.
 
 mod common;
-// The MQTT tests' world (broker, subscriber, publisher); this file uses part of it.
-#[allow(dead_code)]
-#[path = "mqtt/harness.rs"]
-mod mqtt;
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
+use std::ops::{Deref, DerefMut};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use common::boot_sim::{BootSim, SimEnv};
-use common::http::{Act, BackgroundServer};
-use common::{UBOOT_ENV_SIZE, UBootEnvFile, pattern, require_tool};
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub, states};
+use common::sim::{Act, User, tamper};
+use common::{BIN, Backend, Gateway, ImageServer, describe as text, pattern, require, wait_for};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 const COMPATIBLE: &str = "acme-gw-split";
 const ATTEMPTS: u32 = 3;
-const SLOT_SIZE: u64 = 4 * 1024 * 1024;
 const IMAGE_LEN: usize = 300_017;
 const FACTORY_B_LEN: usize = 400_009;
-/// `nobody`/`nogroup` on Debian: the daemon's user in these tests.
-const DAEMON_UID: u32 = 65534;
-const DAEMON_GID: u32 = 65534;
 const IMAGE_PATH: &str = "/rootfs.img";
 const WRONG_PATH: &str = "/wrong.img";
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Backend {
-    File,
-    UBoot,
-}
-
+/// The split on a simulated gateway, with the image (and wrong bytes) on a loopback server and
+/// in files beside it.
 struct Split {
-    dir: tempfile::TempDir,
-    env: Option<UBootEnvFile>,
-    sim: BootSim,
-    server: BackgroundServer,
+    gateway: Gateway,
+    server: ImageServer,
     image: Vec<u8>,
     wrong: Vec<u8>,
-    installer: Child,
-    boots: u32,
 }
 
-fn toml_path(path: &Path) -> String {
-    serde_json::to_string(path.to_str().unwrap()).unwrap()
+impl Deref for Split {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.gateway
+    }
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn root_only(path: &Path) {
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+impl DerefMut for Split {
+    fn deref_mut(&mut self) -> &mut Gateway {
+        &mut self.gateway
+    }
 }
 
 impl Split {
     fn new(backend: Backend) -> Split {
-        Split::with_sections(backend, "")
+        Split::with_broker(backend, None)
     }
 
-    /// The split with `sections` added to the config both roles read (`[mqtt]` for the daemon).
-    fn with_sections(backend: Backend, sections: &str) -> Split {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the split's tests start the installer as root and switch to nobody: run them as root"
-        );
-        require_tool("setpriv", "util-linux");
-        let dir = tempfile::tempdir().unwrap();
-        // `nobody` must reach its state directory, the config and the socket.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let path = |name: &str| dir.path().join(name);
-
-        let out = Command::new(BIN)
-            .args(["keygen", "--out"])
-            .arg(path("signer"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "keygen: {}", text(&out));
-        fs::create_dir(path("keys")).unwrap();
-        fs::copy(path("signer.pub"), path("keys/signer.pub")).unwrap();
-        fs::set_permissions(path("keys"), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::set_permissions(path("keys/signer.pub"), fs::Permissions::from_mode(0o644)).unwrap();
-
+    /// The split whose daemon talks to `broker` (`update-agent run`).
+    fn with_broker(backend: Backend, broker: Option<&Mosquitto>) -> Split {
+        require("setpriv", "util-linux");
+        let mut gateway = common::gateway()
+            .backend(backend)
+            .compatible(COMPATIBLE)
+            .split()
+            .configure(|c| c.install.stall_timeout = Duration::from_secs(5));
+        if let Some(broker) = broker {
+            gateway = gateway.mqtt(&broker.url());
+        }
+        let gateway = gateway.build().unwrap();
         let image = pattern(IMAGE_LEN, 1);
         let mut wrong = image.clone();
         wrong[IMAGE_LEN / 2] ^= 0x01;
-        fs::write(path("rootfs.img"), &image).unwrap();
-        fs::write(path("wrong.img"), &wrong).unwrap();
-        fs::write(path("slot-a"), pattern(200_003, 2)).unwrap();
-        fs::write(path("slot-b"), pattern(FACTORY_B_LEN, 3)).unwrap();
-        root_only(&path("slot-a"));
-        root_only(&path("slot-b"));
-
-        let (env, sim_env) = match backend {
-            Backend::File => {
-                let file = path("bootenv");
-                fs::write(&file, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n").unwrap();
-                root_only(&file);
-                (None, SimEnv::File { path: file })
-            }
-            Backend::UBoot => {
-                let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
-                for (name, value) in [
-                    ("BOOT_ORDER", "A B"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "3"),
-                ] {
-                    env.set(name, value);
-                }
-                root_only(&env.env);
-                let sim = SimEnv::UBoot {
-                    fw_printenv: env.fw_printenv.clone(),
-                    fw_setenv: env.fw_setenv.clone(),
-                    config: env.config.clone(),
-                };
-                (Some(env), sim)
-            }
-        };
-
-        fs::create_dir(path("state")).unwrap();
-        chown(path("state"), Some(DAEMON_UID), Some(DAEMON_GID)).unwrap();
-
-        let server = BackgroundServer::start(
+        fs::write(gateway.path("rootfs.img"), &image).unwrap();
+        fs::write(gateway.path("wrong.img"), &wrong).unwrap();
+        let server = ImageServer::background(
             image.clone(),
             vec![
                 (IMAGE_PATH, Act::Serve),
                 (WRONG_PATH, Act::Body(wrong.clone())),
             ],
         );
-        let bootloader = match &env {
-            None => format!(
-                "backend = \"file\"\npath = {}\nattempts = {ATTEMPTS}\n",
-                toml_path(&path("bootenv"))
-            ),
-            Some(env) => format!(
-                "backend = \"uboot\"\nfw_env_config = {}\nattempts = {ATTEMPTS}\nfw_printenv = {}\nfw_setenv = {}\n",
-                toml_path(&env.config),
-                toml_path(&env.fw_printenv),
-                toml_path(&env.fw_setenv),
-            ),
-        };
-        let reboots = path("reboots");
-        let reboot = [
-            "sh",
-            "-c",
-            "echo reboot >> \"$0\"",
-            reboots.to_str().unwrap(),
-        ];
-        let common = format!(
-            r#"[device]
-compatible = "{COMPATIBLE}"
-state_dir = {state}
-
-[trust]
-keys_dir = {keys}
-insecure_writable_anchor = true
-
-[bootloader]
-{bootloader}
-[slots]
-class = "rootfs"
-a = {{ device = {a}, bootname = "A", size = {SLOT_SIZE} }}
-b = {{ device = {b}, bootname = "B", size = {SLOT_SIZE} }}
-
-[install]
-checkpoint_interval = 1048576
-stall_timeout = 5
-
-[health]
-commands = [["true"]]
-timeout = 10
-
-[system]
-boot_id_path = {boot_id}
-cmdline_path = {cmdline}
-reboot_command = {reboot}
-
-{sections}
-"#,
-            state = toml_path(&path("state")),
-            keys = toml_path(&path("keys")),
-            a = toml_path(&path("slot-a")),
-            b = toml_path(&path("slot-b")),
-            boot_id = toml_path(&path("boot_id")),
-            cmdline = toml_path(&path("cmdline")),
-            reboot = serde_json::to_string(&reboot).unwrap(),
-        );
-        // The same file for both roles, as on a device; the in-process one only for the check
-        // that the daemon's user cannot do the installer's work itself.
-        fs::write(path("in-process.toml"), &common).unwrap();
-        fs::write(
-            path("agent.toml"),
-            format!(
-                "{common}\n[installer]\nsocket = {}\ndaemon_user = \"nobody\"\nstate_dir = {}\n",
-                toml_path(&path("run/installer.sock")),
-                toml_path(&path("installer-state")),
-            ),
-        )
-        .unwrap();
-
-        let log = fs::File::create(path("installer.log")).unwrap();
-        let installer = Command::new(BIN)
-            .args(["installer", "--log", "stderr", "--config"])
-            .arg(path("agent.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut split = Split {
-            sim: BootSim::new(sim_env, &["A", "B"], ATTEMPTS),
-            dir,
-            env,
+        let split = Split {
+            gateway,
             server,
             image,
             wrong,
-            installer,
-            boots: 0,
         };
-        split.wait_for_socket();
-        assert_eq!(split.boot(), "A", "the factory boot");
         let out = split.as_daemon(&["boot-check"]);
         assert!(out.status.success(), "factory boot-check: {}", text(&out));
         split
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.path("run/installer.sock").exists() {
-            if let Some(status) = self.installer.try_wait().unwrap() {
-                panic!("the installer exited ({status}): {}", self.installer_log());
-            }
-            assert!(Instant::now() < deadline, "the installer never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn installer_log(&self) -> String {
-        fs::read_to_string(self.path("installer.log")).unwrap_or_default()
-    }
-
-    fn boot(&mut self) -> String {
-        let slot = self.sim.boot().expect("the boot script finds a slot");
-        self.boots += 1;
-        fs::write(
-            self.path("boot_id"),
-            format!("6a1c0f3e-0000-4000-8000-{:012x}\n", self.boots),
-        )
-        .unwrap();
-        fs::write(
-            self.path("cmdline"),
-            format!("console=ttyS0 update_agent.slot={slot}\n"),
-        )
-        .unwrap();
-        slot
-    }
-
     /// Runs the binary as `nobody`/`nogroup` without supplementary groups: the daemon's user.
     fn as_nobody(&self, args: &[&str]) -> Output {
-        Command::new("setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "--inh-caps=-all",
-            ])
-            .arg(BIN)
+        User::Nobody
+            .command(BIN)
             .args(args)
-            .current_dir(self.dir.path())
+            .current_dir(self.dir())
             .output()
             .unwrap()
     }
 
     /// The daemon role: a one-shot command with the `[installer]` config, as `nobody`.
     fn as_daemon(&self, args: &[&str]) -> Output {
-        let config = self.path("agent.toml");
-        let mut all = args.to_vec();
-        all.extend(["--config", config.to_str().unwrap()]);
-        self.as_nobody(&all)
+        self.run(args)
+    }
+
+    fn as_nobody_sh(&self, script: &str) -> Output {
+        User::Nobody
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap()
     }
 
     fn release(&self, version: &str, url_path: &str) -> PathBuf {
@@ -309,91 +124,33 @@ reboot_command = {reboot}
     }
 
     fn release_at(&self, version: &str, security_version: u64, url_path: &str) -> PathBuf {
-        let out_path = self.path(&format!("release-{version}.json"));
-        let out = Command::new(BIN)
-            .args(["release", "create", "--key"])
-            .arg(self.path("signer.key"))
-            .arg("--image")
-            .arg(self.path("rootfs.img"))
-            .args(["--version", version, "--security-version"])
-            .arg(security_version.to_string())
-            .args(["--compatible", COMPATIBLE, "--url"])
-            .arg(self.server.url(url_path))
-            .args(["--no-chunks", "--out"])
-            .arg(&out_path)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "release create: {}", text(&out));
-        fs::set_permissions(&out_path, fs::Permissions::from_mode(0o644)).unwrap();
-        out_path
+        self.gateway
+            .release(version)
+            .security_version(security_version)
+            .image(&self.server.url(url_path), &self.image)
+            .write(&self.path(&format!("release-{version}.json")))
+            .unwrap()
     }
 
     /// The release with one byte of its signed manifest changed and the signatures kept.
     fn tampered(&self, release: &Path) -> PathBuf {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut envelope: Value = serde_json::from_slice(&fs::read(release).unwrap()).unwrap();
-        let manifest = b64.decode(envelope["manifest"].as_str().unwrap()).unwrap();
-        let text = String::from_utf8(manifest)
-            .unwrap()
-            .replace("\"2.0\"", "\"2.9\"");
-        envelope["manifest"] = Value::String(b64.encode(text));
         let out = self.path("tampered.json");
-        fs::write(&out, serde_json::to_vec(&envelope).unwrap()).unwrap();
-        fs::set_permissions(&out, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&out, tamper(&fs::read(release).unwrap())).unwrap();
         out
     }
 
     /// A hand-made request to the installer, as `nobody` (the daemon's uid) or as root.
     fn request(&self, as_root: bool, args: &[&str]) -> (Output, Value) {
-        let socket = self.path("run/installer.sock");
-        let mut all = vec!["installer-request", "--socket", socket.to_str().unwrap()];
-        all.extend(args);
-        let out = if as_root {
-            Command::new(BIN)
-                .args(&all)
-                .current_dir(self.dir.path())
-                .output()
-                .unwrap()
-        } else {
-            self.as_nobody(&all)
-        };
-        let reply = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("installer-request prints the reply: {}", text(&out)));
-        (out, reply)
-    }
-
-    fn slot(&self, name: &str) -> Vec<u8> {
-        fs::read(self.path(&format!("slot-{}", name.to_ascii_lowercase()))).unwrap()
+        let user = if as_root { User::Current } else { User::Nobody };
+        self.gateway.request(&user, args)
     }
 
     fn env_text(&self) -> String {
-        match &self.env {
-            None => fs::read_to_string(self.path("bootenv")).unwrap(),
-            Some(env) => env.printenv(),
-        }
+        self.env.text()
     }
 
     fn env_var(&self, name: &str) -> Option<String> {
-        self.env_text()
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}=")).map(str::to_owned))
-    }
-
-    fn events(&self) -> Vec<Value> {
-        fs::read_to_string(self.path("state/events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Split {
-    fn drop(&mut self) {
-        // The installer this test started, by its pid.
-        let _ = self.installer.kill();
-        let _ = self.installer.wait();
+        self.env.get(name)
     }
 }
 
@@ -482,33 +239,16 @@ fn happy_path(backend: Backend) {
 #[test]
 fn a_compressed_image_is_decompressed_by_the_daemon_and_hashed_by_the_installer() {
     let split = Split::new(Backend::File);
-    let release = split.path("release-zstd.json");
+    let compressed = zstd::encode_all(&split.image[..], 3).unwrap();
+    fs::write(split.path("rootfs.img.zst"), &compressed).unwrap();
     let url = format!("file://{}", split.path("rootfs.img.zst").display());
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(split.path("rootfs.img"))
-        .args([
-            "--version",
-            "2.0",
-            "--security-version",
-            "2",
-            "--compress",
-            "zstd",
-        ])
-        .args([
-            "--compatible",
-            COMPATIBLE,
-            "--url",
-            &url,
-            "--no-chunks",
-            "--out",
-        ])
-        .arg(&release)
-        .output()
+    let release = split
+        .gateway
+        .release("2.0")
+        .security_version(2)
+        .zstd_image(&url, &split.image, &compressed)
+        .write(&split.path("release-zstd.json"))
         .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
     let out = split.as_daemon(&["install", release.to_str().unwrap()]);
     assert!(out.status.success(), "install as nobody: {}", text(&out));
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
@@ -525,33 +265,17 @@ fn a_daemon_killed_mid_write_resumes_from_the_installers_checkpoint() {
     // Three checkpoints' worth (1 MiB each) and a bit.
     let big = pattern(3 * 1024 * 1024 + 4099, 7);
     fs::write(split.path("big.img"), &big).unwrap();
-    let release = split.path("release-big.json");
     let url = format!("file://{}", split.path("big.img").display());
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(split.path("big.img"))
-        .args(["--version", "3.0", "--security-version", "3"])
-        .args([
-            "--compatible",
-            COMPATIBLE,
-            "--url",
-            &url,
-            "--no-chunks",
-            "--out",
-        ])
-        .arg(&release)
-        .output()
+    let release = split
+        .gateway
+        .release("3.0")
+        .security_version(3)
+        .image(&url, &big)
+        .write(&split.path("release-big.json"))
         .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
     // kill -9 of the daemon role right after it persisted the installer's first checkpoint.
-    let config = split.path("agent.toml");
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(BIN)
-        .args(["install", "--config", config.to_str().unwrap()])
-        .arg(&release)
+    let out = split
+        .command(&["install", release.to_str().unwrap()])
         .env("UPDATE_AGENT_CRASH_AT", "checkpoint:1")
         .output()
         .unwrap();
@@ -580,7 +304,7 @@ fn happy_path_across_both_roles_with_the_file_backend() {
 
 #[test]
 fn happy_path_across_both_roles_with_fw_setenv() {
-    require_tool("fw_setenv", "libubootenv-tool");
+    require("fw_setenv", "libubootenv-tool");
     happy_path(Backend::UBoot);
 }
 
@@ -588,10 +312,7 @@ fn happy_path_across_both_roles_with_fw_setenv() {
 fn the_daemon_user_cannot_open_a_slot_or_the_environment() {
     for backend in [Backend::File, Backend::UBoot] {
         let split = Split::new(backend);
-        let env_file = match &split.env {
-            None => split.path("bootenv"),
-            Some(env) => env.env.clone(),
-        };
+        let env_file = split.env.file_path().to_owned();
         for file in [split.path("slot-b"), env_file.clone()] {
             // An open for reading and writing, as the writer and the bootloader backends do.
             let out = split.as_nobody_sh(&format!("exec 3<>'{}'", file.display()));
@@ -606,7 +327,7 @@ fn the_daemon_user_cannot_open_a_slot_or_the_environment() {
         // nothing changes.
         let before = (split.slot("B"), split.env_text());
         let release = split.release("2.0", IMAGE_PATH);
-        let config = split.path("in-process.toml");
+        let config = split.config_without_installer();
         let out = split.as_nobody(&[
             "install",
             "--config",
@@ -626,22 +347,6 @@ fn the_daemon_user_cannot_open_a_slot_or_the_environment() {
             );
         }
         assert_eq!((split.slot("B"), split.env_text()), before);
-    }
-}
-
-impl Split {
-    fn as_nobody_sh(&self, script: &str) -> Output {
-        Command::new("setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "sh",
-                "-c",
-            ])
-            .arg(script)
-            .output()
-            .unwrap()
     }
 }
 
@@ -871,7 +576,7 @@ fn a_resumed_write_rehashes_the_slot_prefix_itself() {
 #[test]
 fn the_installer_serves_on_the_socket_systemd_passes_it() {
     let split = Split::new(Backend::File);
-    let tool = require_tool("systemd-socket-activate", "systemd");
+    let tool = require("systemd-socket-activate", "systemd");
     let socket = split.path("activated.sock");
     let log = fs::File::create(split.path("activated.log")).unwrap();
     // Listens itself and hands the socket over as fd 3 with LISTEN_FDS=1, as the .socket unit
@@ -886,14 +591,11 @@ fn the_installer_serves_on_the_socket_systemd_passes_it() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "systemd-socket-activate never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "systemd-socket-activate to listen",
+        Duration::from_secs(20),
+        || socket.exists(),
+    );
     // Root is not the daemon user: the refusal shows the installer answered on this socket.
     let out = Command::new(BIN)
         .args(["installer-request", "--socket", socket.to_str().unwrap()])
@@ -912,92 +614,27 @@ fn the_installer_serves_on_the_socket_systemd_passes_it() {
     assert_refused(&out, &reply, "forbidden");
 }
 
-/// The `[mqtt]` and `[dbus]` sections of the daemon that talks to the broker on `port`.
-fn mqtt_sections(port: u16) -> String {
-    format!(
-        "[dbus]\nenabled = false\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\ndevice_id = \"{}\"\nkeepalive = 5\nreconnect_min = 0.05\nreconnect_max = 0.5\n",
-        mqtt::DEVICE
-    )
+fn mqtt_states(split: &Split, sub: &Sub) -> Vec<String> {
+    states(&sub.payloads(&split.topic("events")))
 }
 
-/// `update-agent run` as `nobody`, logging to `daemon-{run}.log`.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(split: &Split, run: u32) -> Daemon {
-        let log = split.path(&format!("daemon-{run}.log"));
-        let child = Command::new("setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "--inh-caps=-all",
-            ])
-            .arg(BIN)
-            .args(["run", "--log", "stderr", "--config"])
-            .arg(split.path("agent.toml"))
-            .env("RUST_LOG", "info")
-            .current_dir(split.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, as systemd stops it (setpriv exec'd the agent: the pid is the agent's).
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // The daemon this test started, by its pid (a no-op once `stop` reaped it).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn mqtt_states(sub: &mqtt::Sub) -> Vec<String> {
-    mqtt::states(&sub.payloads(&mqtt::topic("events")))
-}
-
-fn retained_state(client: &mqtt::ClientArgs) -> Value {
-    let text = mqtt::retained(client, &mqtt::topic("state")).expect("a retained state");
-    serde_json::from_str(&text).unwrap()
+fn retained_state(split: &Split, client: &ClientArgs) -> Value {
+    client.retained_json(&split.topic("state"))
 }
 
 #[test]
 fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_the_reboot() {
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let mut split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let mut split = Split::with_broker(Backend::File, Some(&broker));
     let slot_a = split.slot("A");
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
-    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
-    mqtt::publish(&client, &mqtt::topic("release"), &release, true);
+    let sub = client.subscribe(&[&split.topic("events")], None);
+    client.publish(&split.topic("release"), &release, true);
 
-    let daemon = Daemon::start(&split, 1);
+    split.start_daemon(&[]);
     let reboots = split.path("reboots");
-    mqtt::wait_for(
+    wait_for(
         "the reboot through the installer",
         Duration::from_secs(60),
         || reboots.exists().then_some(()),
@@ -1006,26 +643,26 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     assert_eq!(fs::metadata(&reboots).unwrap().uid(), 0);
     assert_eq!(fs::read_to_string(&reboots).unwrap(), "reboot\n");
     let before_reboot = ["accepted", "writing", "written", "activated", "rebooting"];
-    mqtt::wait_for(
+    wait_for(
         "the events up to the reboot on MQTT",
         Duration::from_secs(15),
-        || (mqtt_states(&sub) == before_reboot).then_some(()),
+        || (mqtt_states(&split, &sub) == before_reboot).then_some(()),
     );
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
     assert_eq!(split.slot("A"), slot_a, "the active slot is never written");
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 
     assert_eq!(split.boot(), "B", "the activated slot boots");
     let out = split.as_daemon(&["boot-check"]);
     assert!(out.status.success(), "boot-check in B: {}", text(&out));
-    let daemon = Daemon::start(&split, 2);
-    let events = mqtt::wait_for("the commit on MQTT", Duration::from_secs(30), || {
-        let events = sub.payloads(&mqtt::topic("events"));
+    split.start_daemon(&[]);
+    let events = wait_for("the commit on MQTT", Duration::from_secs(30), || {
+        let events = sub.payloads(&split.topic("events"));
         (events.len() >= 7).then_some(events)
     });
     assert_eq!(
-        mqtt::states(&events),
+        states(&events),
         [
             "accepted",
             "writing",
@@ -1036,15 +673,15 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
             "committed"
         ],
         "daemon:\n{}",
-        daemon.log()
+        split.logs()
     );
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
     assert_eq!(events[6]["to_version"], "2.0");
     // The retained state: the new version, and the commit boot-check made as its last event
     // (taken over from the outbox, not recorded by this daemon).
-    let state = mqtt::wait_for("the committed state", Duration::from_secs(10), || {
-        let state = retained_state(&client);
+    let state = wait_for("the committed state", Duration::from_secs(10), || {
+        let state = retained_state(&split, &client);
         (state["version"] == "2.0").then_some(state)
     });
     assert_eq!(state["booted_slot"], "B");
@@ -1062,43 +699,39 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     ] {
         assert!(log.contains(op), "installer log lacks {op:?}:\n{log}");
     }
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 }
 
 #[test]
 fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_installer() {
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let mut split = Split::with_broker(Backend::File, Some(&broker));
     let slots = (split.slot("A"), split.slot("B"));
     let env = split.env_text();
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
-    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
-    mqtt::publish(
-        &client,
-        &mqtt::topic("release"),
-        &mqtt::tamper(&release),
-        true,
-    );
+    let sub = client.subscribe(&[&split.topic("events")], None);
+    client.publish(&split.topic("release"), &tamper(&release), true);
 
-    let daemon = Daemon::start(&split, 1);
-    let refusal = mqtt::wait_for("the refusal on MQTT", Duration::from_secs(30), || {
-        sub.payloads(&mqtt::topic("events")).pop()
+    split.start_daemon(&[]);
+    let refusal = wait_for("the refusal on MQTT", Duration::from_secs(30), || {
+        sub.payloads(&split.topic("events")).pop()
     });
     assert_eq!(refusal["state"], "refused", "{refusal}");
     assert_eq!(refusal["reason"], "bad-signature", "{refusal}");
-    let state = mqtt::wait_for("the refusal in the state", Duration::from_secs(10), || {
-        let state = retained_state(&client);
+    let state = wait_for("the refusal in the state", Duration::from_secs(10), || {
+        let state = retained_state(&split, &client);
         (state["last_error"]["reason"] == "bad-signature").then_some(state)
     });
     assert_eq!(state["last_event"]["state"], "refused", "{state}");
     // A moment for anything that would follow (nothing should).
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(mqtt_states(&sub), ["refused"], "daemon:\n{}", daemon.log());
+    assert_eq!(
+        mqtt_states(&split, &sub),
+        ["refused"],
+        "daemon:\n{}",
+        split.logs()
+    );
     assert_eq!(
         (split.slot("A"), split.slot("B")),
         slots,
@@ -1115,5 +748,5 @@ fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_ins
     ] {
         assert!(!log.contains(asked), "the installer saw {asked:?}:\n{log}");
     }
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 }

@@ -29,6 +29,8 @@ pub struct Mosquitto {
     conf: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// Its own directory, when the test gave none.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Mosquitto {
@@ -68,14 +70,26 @@ impl Mosquitto {
             conf,
             child: None,
             log: dir.join("mosquitto.log"),
+            _dir: None,
         };
         broker.resume();
         broker
     }
 
-    /// Anonymous clients welcome, no TLS.
+    /// Anonymous clients welcome, no TLS, its database in `dir`.
     pub fn plain(dir: &Path) -> Mosquitto {
         Mosquitto::start(dir, "allow_anonymous true")
+    }
+
+    /// The same in a temporary directory of its own.
+    pub fn plain_temp() -> Mosquitto {
+        let dir = tempfile::Builder::new()
+            .prefix("sim-mosquitto-")
+            .tempdir()
+            .unwrap();
+        let mut broker = Mosquitto::plain(dir.path());
+        broker._dir = Some(dir);
+        broker
     }
 
     /// `mqtt://127.0.0.1:PORT`, for the agent's config and the operator's tools.

@@ -142,7 +142,9 @@ impl ReleaseBuilder<'_> {
 
     /// The signed release, written to `path` (readable by everyone: the daemon's user too).
     pub fn write(self, path: &Path) -> io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::write(path, self.sign())?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
         Ok(path.to_owned())
     }
 }
