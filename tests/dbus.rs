@@ -11,6 +11,7 @@
 //! Must run as root (it switches to `nobody`); CI does. Needs `dbus` (dbus-daemon, and
 //! dbus-send from dbus-bin), `systemd` (busctl) and `util-linux` (setpriv).
 
+#[macro_use]
 mod common;
 
 use std::fs;
@@ -116,13 +117,7 @@ struct Device {
     release: Vec<u8>,
 }
 
-impl std::ops::Deref for Device {
-    type Target = Gateway;
-    fn deref(&self) -> &Gateway {
-        &self.gateway
-    }
-}
-
+derefs_to_gateway!(Device);
 impl Device {
     fn new(policy: Policy) -> Device {
         let gateway = gateway(policy).build().unwrap();

@@ -44,6 +44,7 @@
 //! bootloader:mark-bad:before|after (after also U-Boot), reboot:before, and in the boot back in
 //! A persist:idle:after and bootloader:mark-bad:before.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeSet;
@@ -54,7 +55,9 @@ use std::time::Duration;
 use Outcome::{Committed, RolledBack};
 use Victim::{BootCheck, Install};
 use common::sim::{Act, Throttle};
-use common::{Backend, Gateway, ImageServer, assert_exit, pattern, sha256_hex};
+use common::{
+    Backend, COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, pattern, sha256_hex,
+};
 use serde_json::Value;
 use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
@@ -89,13 +92,7 @@ struct Device {
     journal: Vec<String>,
 }
 
-impl std::ops::Deref for Device {
-    type Target = Gateway;
-    fn deref(&self) -> &Gateway {
-        &self.gateway
-    }
-}
-
+derefs_to_gateway!(Device);
 /// Whether slot bytes hold the image. They are compared with the image, whose SHA-256 is
 /// checked against the signed manifest when a device is set up (hashing the slot at every step
 /// would cost more than the cycle); the end of each cycle hashes the slot itself.
@@ -536,25 +533,8 @@ fn check_events(dev: &Device, outcome: Outcome) {
         .map(|e| e["state"].as_str().unwrap())
         .collect();
     let story: &[&str] = match outcome {
-        Outcome::Committed => &[
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "committed",
-        ],
-        Outcome::RolledBack => &[
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "rolling-back",
-            "rolled-back",
-        ],
+        Outcome::Committed => &COMMITTED,
+        Outcome::RolledBack => &ROLLED_BACK,
     };
     // `rebooting` is the agent asking for the reboot. When the power failed after the
     // bootloader was switched and before that was persisted, the bootloader tried the new slot

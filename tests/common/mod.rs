@@ -38,3 +38,46 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// The events of an update that commits, in order, as the agent reports them.
+pub const COMMITTED: [&str; 7] = [
+    "accepted",
+    "writing",
+    "written",
+    "activated",
+    "rebooting",
+    "trial-boot",
+    "committed",
+];
+
+/// The events of an update whose trial boot fails its health check.
+pub const ROLLED_BACK: [&str; 8] = [
+    "accepted",
+    "writing",
+    "written",
+    "activated",
+    "rebooting",
+    "trial-boot",
+    "rolling-back",
+    "rolled-back",
+];
+
+/// `Deref`/`DerefMut` to the `gateway` field of a test's device type, which adds what the test
+/// keeps beside the gateway (an image server, the image).
+#[allow(unused_macros)] // each test crate uses a different part
+macro_rules! derefs_to_gateway {
+    ($device:ty) => {
+        impl std::ops::Deref for $device {
+            type Target = common::Gateway;
+            fn deref(&self) -> &common::Gateway {
+                &self.gateway
+            }
+        }
+
+        impl std::ops::DerefMut for $device {
+            fn deref_mut(&mut self) -> &mut common::Gateway {
+                &mut self.gateway
+            }
+        }
+    };
+}
