@@ -306,6 +306,21 @@ impl Sub {
             .filter_map(|line| Some(line.strip_prefix(topic)?.strip_prefix(' ')?.to_string()))
             .collect()
     }
+
+    /// Waits until an event whose `state` is `state` arrived on `topic`; every event so far.
+    pub fn events_until(&self, topic: &str, state: &str, timeout: Duration) -> Vec<Value> {
+        wait_for(&format!("{state} on {topic}"), timeout, || {
+            let events = self.payloads(topic);
+            events.iter().any(|e| e["state"] == state).then_some(events)
+        })
+    }
+
+    /// Waits until `payload` arrived on `topic`.
+    pub fn wait_raw(&self, topic: &str, payload: &str, timeout: Duration) {
+        wait_for(&format!("{payload} on {topic}"), timeout, || {
+            self.raw(topic).iter().any(|p| p == payload)
+        })
+    }
 }
 
 impl Drop for Sub {

@@ -77,11 +77,7 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
     let mut device = plain_device(&broker);
     let sub = client.subscribe(&[&device.topic("online"), &device.topic("state")], None);
     device.start_daemon(&[]);
-    wait_for("online=true", Duration::from_secs(10), || {
-        sub.raw(&device.topic("online"))
-            .contains(&"true".to_string())
-            .then_some(())
-    });
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
     let state = wait_for("a state document", Duration::from_secs(5), || {
         sub.payloads(&device.topic("state")).pop()
     });
@@ -183,12 +179,11 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     let booted = device.reboot();
     assert_eq!(booted, "B");
     device.start_daemon(&[]);
-    let events = wait_for("the commit event", Duration::from_secs(20), || {
-        let events = sub.payloads(&device.topic("events"));
-        states(&events)
-            .contains(&"committed".to_string())
-            .then_some(events)
-    });
+    let events = sub.events_until(
+        &device.topic("events"),
+        "committed",
+        Duration::from_secs(20),
+    );
     assert_eq!(states(&events), COMMITTED, "{}", device.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
@@ -270,11 +265,7 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
     let sub = client.subscribe(&[&device.topic("events")], Some("observer"));
 
     device.start_daemon(&[]);
-    wait_for("the writing event", Duration::from_secs(10), || {
-        states(&sub.payloads(&device.topic("events")))
-            .contains(&"writing".to_string())
-            .then_some(())
-    });
+    sub.events_until(&device.topic("events"), "writing", Duration::from_secs(10));
     broker.stop();
     std::thread::sleep(Duration::from_millis(200));
     assert!(!device.reboot_requested(), "the install finished too soon");
@@ -287,15 +278,10 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
     });
     assert!(device.outbox_files() > 1, "events wait in the outbox");
     broker.resume();
-    let events = wait_for(
-        "every event after the broker returned",
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
         Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&device.topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
     );
     // At least once, each with its sequence number; none missing.
     let mut by_seq = std::collections::BTreeMap::new();
@@ -334,11 +320,7 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
     let mut device = plain_device(&broker);
     let sub = client.subscribe(&[&device.topic("events"), &device.topic("online")], None);
     device.start_daemon(&[]);
-    wait_for("online=true", Duration::from_secs(10), || {
-        sub.raw(&device.topic("online"))
-            .contains(&"true".to_string())
-            .then_some(())
-    });
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
     let release_topic = device.topic("release");
     let refused = |sub: &Sub| -> Vec<Value> {
         sub.payloads(&device.topic("events"))
@@ -414,11 +396,7 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
         "the log is rate-limited too: {logs}"
     );
     client.publish(&release_topic, &good, false);
-    wait_for("the good release accepted", Duration::from_secs(10), || {
-        states(&sub.payloads(&device.topic("events")))
-            .contains(&"accepted".to_string())
-            .then_some(())
-    });
+    sub.events_until(&device.topic("events"), "accepted", Duration::from_secs(10));
 
     // Bounded: the outbox never held more than its capacity, and the state directory is small.
     assert!(device.outbox_files() <= 256 + 1);
@@ -507,15 +485,7 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
     let mut device = over_tls(pki.ca());
     let sub = operator.subscribe(&[&device.topic("events"), &device.topic("online")], None);
     device.start_daemon(&[]);
-    wait_for(
-        "online=true over mutual TLS",
-        Duration::from_secs(10),
-        || {
-            sub.raw(&device.topic("online"))
-                .contains(&"true".to_string())
-                .then_some(())
-        },
-    );
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
     // The fleet topic: a tampered release is read, refused, and the report is written.
     let (_server, url) = serve(&image(), Duration::ZERO);
     let good = release(&device, &image(), &url);
@@ -532,11 +502,11 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
     );
     // The device topic: a good release is installed, reported all the way to the reboot.
     operator.publish(&device.topic("release"), &good, false);
-    wait_for("the install under the ACL", Duration::from_secs(20), || {
-        states(&sub.payloads(&device.topic("events")))
-            .contains(&"rebooting".to_string())
-            .then_some(())
-    });
+    sub.events_until(
+        &device.topic("events"),
+        "rebooting",
+        Duration::from_secs(20),
+    );
     let state: Value =
         serde_json::from_str(&operator.retained(&device.topic("state")).unwrap()).unwrap();
     assert_eq!(state["state"], "reboot-pending");
@@ -611,15 +581,10 @@ fn the_periodic_check_retries_a_release_whose_install_failed() {
     client.publish(&device.fleet_topic(), &release, true);
     let sub = client.subscribe(&[&device.topic("events")], None);
     device.start_daemon(&[]);
-    let events = wait_for(
-        "the retry after the failure",
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
         Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&device.topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
     );
     assert_eq!(
         states(&events),
@@ -670,11 +635,11 @@ fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietl
     });
     assert_eq!(device.reboot(), "A");
     device.start_daemon(&[]);
-    wait_for("rolled-back", Duration::from_secs(20), || {
-        states(&sub.payloads(&device.topic("events")))
-            .contains(&"rolled-back".to_string())
-            .then_some(())
-    });
+    sub.events_until(
+        &device.topic("events"),
+        "rolled-back",
+        Duration::from_secs(20),
+    );
     // Three periodic checks after this start, each of which sees the retained release again.
     wait_for("three periodic checks", Duration::from_secs(20), || {
         let logs = device.logs();
@@ -720,15 +685,10 @@ fn the_daemon_wakes_the_policy_at_a_security_deadline() {
     client.publish(&device.fleet_topic(), &release, true);
     let sub = client.subscribe(&[&device.topic("events")], None);
     device.start_daemon(&[]);
-    let events = wait_for(
-        "the install at the deadline",
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
         Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&device.topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
     );
     let seen = states(&events);
     let pending = seen.iter().position(|s| s == "pending");
