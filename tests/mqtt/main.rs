@@ -36,6 +36,13 @@ fn device(broker: &str) -> GatewayBuilder {
         })
 }
 
+/// A broker for anonymous plain-TCP clients, and the operators' client of it.
+fn plain_broker() -> (Mosquitto, ClientArgs) {
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    (broker, client)
+}
+
 fn plain_device(broker: &Mosquitto) -> Gateway {
     device(&broker.url()).build().unwrap()
 }
@@ -72,8 +79,7 @@ fn state(device: &Gateway, client: &ClientArgs) -> Value {
 
 #[test]
 fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_crash() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     let mut device = plain_device(&broker);
     let sub = client.subscribe(&[&device.topic("online"), &device.topic("state")], None);
     device.start_daemon(&[]);
@@ -133,8 +139,7 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
 
 #[test]
 fn whole_cycle_over_mqtt_retained_release_to_commit() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     let mut device = plain_device(&broker);
     let image = image();
     let (_server, url) = serve(&image, Duration::ZERO);
@@ -254,8 +259,7 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
 
 #[test]
 fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
-    let mut broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (mut broker, client) = plain_broker();
     let mut device = plain_device(&broker);
     // 6 MiB at 256 KiB per 60 ms: about 1.5 s of writing, long enough to cut into.
     let (_server, url) = serve(&image(), Duration::from_millis(60));
@@ -315,8 +319,7 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
 
 #[test]
 fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connected() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     let mut device = plain_device(&broker);
     let sub = client.subscribe(&[&device.topic("events"), &device.topic("online")], None);
     device.start_daemon(&[]);
@@ -566,8 +569,7 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
 
 #[test]
 fn the_periodic_check_retries_a_release_whose_install_failed() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     let mut device = device(&broker.url())
         .configure(|c| c.mqtt.as_mut().unwrap().recheck_interval = Duration::from_secs(1))
         .build()
@@ -609,8 +611,7 @@ fn the_periodic_check_retries_a_release_whose_install_failed() {
 /// the reboot, then every periodic check) is not news for the operators: no `refused` event.
 #[test]
 fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietly() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     // The new system fails its health check.
     let mut device = device(&broker.url())
         .configure(|c| c.mqtt.as_mut().unwrap().recheck_interval = Duration::from_secs(1))
@@ -664,8 +665,7 @@ fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietl
 /// deadline — a few seconds away here — without any other input.
 #[test]
 fn the_daemon_wakes_the_policy_at_a_security_deadline() {
-    let broker = Mosquitto::plain_temp();
-    let client = broker.client();
+    let (broker, client) = plain_broker();
     let mut device = device(&broker.url())
         .policy(update_agent::config::Policy {
             auto_install: false,
