@@ -369,14 +369,30 @@ struct Cycle {
 }
 
 fn cut(point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
+    cut_on(Backend::File, point, victim, outcome)
+}
+
+fn cut_on(loader: Backend, point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
     run_case(&Case {
         point: point.to_owned(),
         victim,
         outcome,
-        loader: Backend::File,
+        loader,
         throttle: None,
         checkpoint_interval: CHECKPOINT,
     })
+}
+
+/// `#[test] fn NAME()`: a cycle on `loader` cut at `point` in `victim`, ending in `outcome`.
+macro_rules! cut_tests {
+    ($loader:ident: $($name:ident => $point:literal, $victim:expr, $outcome:ident;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                cut_on(Backend::$loader, $point, $victim, $outcome);
+            }
+        )*
+    };
 }
 
 fn run_case(case: &Case) -> Cycle {
@@ -618,16 +634,6 @@ fn persist_writing_after() {
     assert_eq!(cycle.durable_at_crash, Some(0));
 }
 
-#[test]
-fn prepare_before() {
-    cut("bootloader:prepare:before", Install, Committed);
-}
-
-#[test]
-fn prepare_after() {
-    cut("bootloader:prepare:after", Install, Committed);
-}
-
 // Checkpoints: the fdatasync'ed offset is persisted, then the cut.
 #[test]
 fn checkpoint_1() {
@@ -654,135 +660,40 @@ fn readback_before() {
     assert_eq!(cycle.durable_at_crash, Some(IMAGE_LEN as u64));
 }
 
-#[test]
-fn persist_activating_before() {
-    cut("persist:activating:before", Install, Committed);
-}
-
-#[test]
-fn persist_activating_after() {
-    cut("persist:activating:after", Install, Committed);
-}
-
-#[test]
-fn activate_before() {
-    cut("bootloader:activate:before", Install, Committed);
-}
-
-// B is activated but the state still says "activating": the next power-on boots B.
-#[test]
-fn activate_after() {
-    cut("bootloader:activate:after", Install, Committed);
-}
-
-#[test]
-fn persist_reboot_pending_before() {
-    cut("persist:reboot-pending:before", Install, Committed);
-}
-
-#[test]
-fn persist_reboot_pending_after() {
-    cut("persist:reboot-pending:after", Install, Committed);
-}
-
-#[test]
-fn reboot_before() {
-    cut("reboot:before", Install, Committed);
-}
-
-// The trial boot in B.
-#[test]
-fn persist_trial_before() {
-    cut("persist:trial:before", BootCheck(1), Committed);
-}
-
-#[test]
-fn persist_trial_after() {
-    cut("persist:trial:after", BootCheck(1), Committed);
-}
-
-#[test]
-fn health_before() {
-    cut("health:before", BootCheck(1), Committed);
-}
-
-#[test]
-fn health_after() {
-    cut("health:after", BootCheck(1), Committed);
-}
-
-#[test]
-fn persist_committing_before() {
-    cut("persist:committing:before", BootCheck(1), Committed);
-}
-
-#[test]
-fn persist_committing_after() {
-    cut("persist:committing:after", BootCheck(1), Committed);
-}
-
-#[test]
-fn mark_good_before() {
-    cut("bootloader:mark-good:before", BootCheck(1), Committed);
-}
-
-#[test]
-fn mark_good_after() {
-    cut("bootloader:mark-good:after", BootCheck(1), Committed);
-}
-
-#[test]
-fn persist_idle_before_commit() {
-    cut("persist:idle:before", BootCheck(1), Committed);
-}
-
-// Committed and persisted, the `committed` event not yet logged.
-#[test]
-fn persist_idle_after_commit() {
-    cut("persist:idle:after", BootCheck(1), Committed);
-}
-
-// The rollback path: the trial's health check fails.
-#[test]
-fn rollback_health_after() {
-    cut("health:after", BootCheck(1), RolledBack);
-}
-
-#[test]
-fn rollback_persist_rolling_back_before() {
-    cut("persist:rolling-back:before", BootCheck(1), RolledBack);
-}
-
-#[test]
-fn rollback_persist_rolling_back_after() {
-    cut("persist:rolling-back:after", BootCheck(1), RolledBack);
-}
-
-#[test]
-fn rollback_mark_bad_before() {
-    cut("bootloader:mark-bad:before", BootCheck(1), RolledBack);
-}
-
-#[test]
-fn rollback_mark_bad_after() {
-    cut("bootloader:mark-bad:after", BootCheck(1), RolledBack);
-}
-
-#[test]
-fn rollback_reboot_before() {
-    cut("reboot:before", BootCheck(1), RolledBack);
-}
-
-// Back in A: the rollback is finished and persisted, the `rolled-back` event not yet logged.
-#[test]
-fn rollback_persist_idle_after() {
-    cut("persist:idle:after", BootCheck(2), RolledBack);
-}
-
-// Back in A: the final mark-bad that takes B out of the order for good.
-#[test]
-fn rollback_final_mark_bad_before() {
-    cut("bootloader:mark-bad:before", BootCheck(2), RolledBack);
+cut_tests! { File:
+    prepare_before => "bootloader:prepare:before", Install, Committed;
+    prepare_after => "bootloader:prepare:after", Install, Committed;
+    persist_activating_before => "persist:activating:before", Install, Committed;
+    persist_activating_after => "persist:activating:after", Install, Committed;
+    activate_before => "bootloader:activate:before", Install, Committed;
+    // B is activated but the state still says "activating": the next power-on boots B.
+    activate_after => "bootloader:activate:after", Install, Committed;
+    persist_reboot_pending_before => "persist:reboot-pending:before", Install, Committed;
+    persist_reboot_pending_after => "persist:reboot-pending:after", Install, Committed;
+    reboot_before => "reboot:before", Install, Committed;
+    // The trial boot in B.
+    persist_trial_before => "persist:trial:before", BootCheck(1), Committed;
+    persist_trial_after => "persist:trial:after", BootCheck(1), Committed;
+    health_before => "health:before", BootCheck(1), Committed;
+    health_after => "health:after", BootCheck(1), Committed;
+    persist_committing_before => "persist:committing:before", BootCheck(1), Committed;
+    persist_committing_after => "persist:committing:after", BootCheck(1), Committed;
+    mark_good_before => "bootloader:mark-good:before", BootCheck(1), Committed;
+    mark_good_after => "bootloader:mark-good:after", BootCheck(1), Committed;
+    persist_idle_before_commit => "persist:idle:before", BootCheck(1), Committed;
+    // Committed and persisted, the `committed` event not yet logged.
+    persist_idle_after_commit => "persist:idle:after", BootCheck(1), Committed;
+    // The rollback path: the trial's health check fails.
+    rollback_health_after => "health:after", BootCheck(1), RolledBack;
+    rollback_persist_rolling_back_before => "persist:rolling-back:before", BootCheck(1), RolledBack;
+    rollback_persist_rolling_back_after => "persist:rolling-back:after", BootCheck(1), RolledBack;
+    rollback_mark_bad_before => "bootloader:mark-bad:before", BootCheck(1), RolledBack;
+    rollback_mark_bad_after => "bootloader:mark-bad:after", BootCheck(1), RolledBack;
+    rollback_reboot_before => "reboot:before", BootCheck(1), RolledBack;
+    // Back in A: the rollback is finished and persisted, the `rolled-back` event not yet logged.
+    rollback_persist_idle_after => "persist:idle:after", BootCheck(2), RolledBack;
+    // Back in A: the final mark-bad that takes B out of the order for good.
+    rollback_final_mark_bad_before => "bootloader:mark-bad:before", BootCheck(2), RolledBack;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -840,68 +751,19 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
 // ------------------------------------------------------------------------------------------
 // The bootloader points again, with U-Boot's own tools on a file environment
 
-fn cut_uboot(point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
-    run_case(&Case {
-        point: point.to_owned(),
-        victim,
-        outcome,
-        loader: Backend::UBoot,
-        throttle: None,
-        checkpoint_interval: CHECKPOINT,
-    })
-}
-
-#[test]
-fn uboot_prepare_after() {
-    cut_uboot("bootloader:prepare:after", Install, Committed);
-}
-
-#[test]
-fn uboot_activate_before() {
-    cut_uboot("bootloader:activate:before", Install, Committed);
-}
-
-#[test]
-fn uboot_activate_after() {
-    cut_uboot("bootloader:activate:after", Install, Committed);
-}
-
-#[test]
-fn uboot_mark_good_before() {
-    cut_uboot("bootloader:mark-good:before", BootCheck(1), Committed);
-}
-
-#[test]
-fn uboot_rollback_mark_bad_after() {
-    cut_uboot("bootloader:mark-bad:after", BootCheck(1), RolledBack);
+cut_tests! { UBoot:
+    uboot_prepare_after => "bootloader:prepare:after", Install, Committed;
+    uboot_activate_before => "bootloader:activate:before", Install, Committed;
+    uboot_activate_after => "bootloader:activate:after", Install, Committed;
+    uboot_mark_good_before => "bootloader:mark-good:before", BootCheck(1), Committed;
+    uboot_rollback_mark_bad_after => "bootloader:mark-bad:after", BootCheck(1), RolledBack;
 }
 
 // And a few on GRUB (grub-editenv on a grubenv file), whose scheme gives a trial slot one try.
-
-fn cut_grub(point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
-    run_case(&Case {
-        point: point.to_owned(),
-        victim,
-        outcome,
-        loader: Backend::Grub,
-        throttle: None,
-        checkpoint_interval: CHECKPOINT,
-    })
-}
-
-#[test]
-fn grub_prepare_after() {
-    cut_grub("bootloader:prepare:after", Install, Committed);
-}
-
-#[test]
-fn grub_activate_after() {
-    cut_grub("bootloader:activate:after", Install, Committed);
-}
-
-#[test]
-fn grub_mark_good_before() {
-    cut_grub("bootloader:mark-good:before", BootCheck(1), Committed);
+cut_tests! { Grub:
+    grub_prepare_after => "bootloader:prepare:after", Install, Committed;
+    grub_activate_after => "bootloader:activate:after", Install, Committed;
+    grub_mark_good_before => "bootloader:mark-good:before", BootCheck(1), Committed;
 }
 
 // ------------------------------------------------------------------------------------------
