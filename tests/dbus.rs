@@ -137,6 +137,15 @@ impl Device {
     }
 }
 
+/// A bus with `policy`, a device with updates in a night window and reboots when the user says
+/// (postponements up to a week), and its service hosted here.
+fn hosted(policy: BusPolicy) -> (Bus, Device, Service) {
+    let bus = bus(policy);
+    let device = Device::new(window_manual(604_800));
+    let service = Service::start(&bus, &device);
+    (bus, device, service)
+}
+
 /// The service on `bus`, hosted in this process on its own thread and runtime (the test's
 /// thread blocks on `busctl` and the CLI), with a fake clock.
 struct Service {
@@ -308,9 +317,7 @@ fn get_property(bus: &Bus, who: Who, name: &str) -> String {
 
 #[test]
 fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open() {
-    let bus = bus(BusPolicy::Project);
-    let device = Device::new(window_manual(604_800));
-    let service = Service::start(&bus, &device);
+    let (bus, _device, service) = hosted(BusPolicy::Project);
 
     // Root: every call reaches the service. InstallNow with nothing pending is the engine's
     // refusal, not an access denial.
@@ -386,9 +393,7 @@ fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open(
 
 #[test]
 fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() {
-    let bus = bus(BusPolicy::Permissive);
-    let device = Device::new(window_manual(604_800));
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Permissive);
     for method in MUTATING {
         let out = send(&bus, Who::Nobody, method);
         let stderr = text(&out.stderr);
@@ -422,9 +427,7 @@ fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() 
 /// a refusal with the reason when it failed (here the environment file became a directory).
 #[test]
 fn mark_good_and_bad_answer_with_the_bootloaders_result() {
-    let bus = bus(BusPolicy::Project);
-    let device = Device::new(window_manual(604_800));
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Project);
     let bootenv = device.env.file_path().to_owned();
     let out = send(&bus, Who::Root, &["MarkBad"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -454,9 +457,7 @@ fn mark_good_and_bad_answer_with_the_bootloaders_result() {
 
 #[test]
 fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
-    let bus = bus(BusPolicy::Project);
-    let device = Device::new(window_manual(604_800));
-    let _service = Service::start(&bus, &device);
+    let (bus, _device, _service) = hosted(BusPolicy::Project);
     let out = busctl(
         &bus,
         Who::Root,
@@ -513,9 +514,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
 
 #[test]
 fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
-    let bus = bus(BusPolicy::Project);
-    let device = Device::new(window_manual(604_800));
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Project);
     let ok = |args: &[&str]| {
         let out = agent_cli(&bus.address, Who::Root, args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
@@ -688,9 +687,7 @@ fn watch_signals(bus: &Bus) -> (Seen, mpsc::Sender<()>) {
 /// reboot is asked for.
 #[test]
 fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_reboot() {
-    let bus = bus(BusPolicy::Project);
-    let device = Device::new(window_manual(604_800));
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Project);
     let (seen, stop_watching) = watch_signals(&bus);
     // What `update-agent status --follow --json` prints meanwhile, line by line.
     let follow = command(Who::Nobody, Path::new(env!("CARGO_BIN_EXE_update-agent")))

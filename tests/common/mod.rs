@@ -40,25 +40,14 @@ macro_rules! backend_tests {
 }
 
 /// The events of an update that commits, in order, as the agent reports them.
-pub const COMMITTED: [&str; 7] = [
-    "accepted",
-    "writing",
-    "written",
-    "activated",
-    "rebooting",
-    "trial-boot",
-    "committed",
-];
+#[rustfmt::skip]
+pub const COMMITTED: [&str; 7] =
+    ["accepted", "writing", "written", "activated", "rebooting", "trial-boot", "committed"];
 
 /// The events of an update whose trial boot fails its health check.
+#[rustfmt::skip]
 pub const ROLLED_BACK: [&str; 8] = [
-    "accepted",
-    "writing",
-    "written",
-    "activated",
-    "rebooting",
-    "trial-boot",
-    "rolling-back",
+    "accepted", "writing", "written", "activated", "rebooting", "trial-boot", "rolling-back",
     "rolled-back",
 ];
 
