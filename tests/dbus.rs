@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::sim::bus::{Bus, BusPolicy};
 use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
-use common::sim::{Act, GatewayBuilder, User};
+use common::sim::{Act, GatewayBuilder, User, states};
 use common::{Gateway, ImageServer, pattern, require, wait_for};
 use futures_util::StreamExt;
 use jiff::Timestamp;
@@ -47,6 +47,13 @@ const MUTATING: &[&[&str]] = &[
     &["CheckNow"],
     &["MarkGood"],
     &["MarkBad"],
+];
+/// The events of a security release postponed by the user, installed in the next window and
+/// rebooted at its deadline.
+#[rustfmt::skip]
+const POSTPONED_TO_THE_WINDOW: [&str; 8] = [
+    "accepted", "pending", "postponed", "writing", "written", "activated", "reboot-scheduled",
+    "rebooting",
 ];
 /// How long a test waits for what it sees from outside the service (a property, a line).
 const WAIT: Duration = Duration::from_secs(20);
@@ -565,11 +572,7 @@ fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
         "{stderr}"
     );
     // Every user decision above is an event for the operators.
-    let states: Vec<String> = device
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
+    let states = states(&device.events());
     assert_eq!(
         states,
         [
@@ -826,24 +829,8 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         position("DisruptionAhead 0") < position("State reboot-pending"),
         "{seen:#?}"
     );
-    let states: Vec<String> = device
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(
-        states,
-        [
-            "accepted",
-            "pending",
-            "postponed",
-            "writing",
-            "written",
-            "activated",
-            "reboot-scheduled",
-            "rebooting"
-        ]
-    );
+    let states = states(&device.events());
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW);
     let writing = device
         .events()
         .into_iter()
@@ -1089,25 +1076,8 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
 
     // The operators' record: one transaction, in order, with increasing sequence numbers.
     let events = events();
-    let states: Vec<&str> = events
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        states,
-        [
-            "accepted",
-            "pending",
-            "postponed",
-            "writing",
-            "written",
-            "activated",
-            "reboot-scheduled",
-            "rebooting"
-        ],
-        "{}",
-        logs(device)
-    );
+    let states = states(&events);
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", logs(device));
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());

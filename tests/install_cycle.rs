@@ -18,7 +18,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::sim::{Act, Signer, tamper};
+use common::sim::{Act, Signer, states, tamper};
 use common::{
     Backend, COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, pattern, sha256_hex,
 };
@@ -171,13 +171,6 @@ impl Device {
         assert_exit(&self.boot_check(), 0, "boot-check in the new slot");
         assert_eq!(self.last_event()["state"], "committed");
     }
-}
-
-fn states(events: &[Value]) -> Vec<&str> {
-    events
-        .iter()
-        .map(|e| e["state"].as_str().expect("every event has a state"))
-        .collect()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, and a real instant.

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::sim::mqtt::{ClientArgs, Mosquitto, Sub, states};
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
+use common::sim::states;
 use common::sim::{Act, User, tamper};
 use common::{
     BIN, Backend, COMMITTED, Gateway, ImageServer, describe as text, pattern, require, wait_for,
@@ -177,11 +178,7 @@ fn happy_path(backend: Backend) {
     assert_eq!(split.boot(), "B", "the activated slot boots");
     let out = split.as_daemon(&["boot-check"]);
     assert!(out.status.success(), "boot-check in B: {}", text(&out));
-    let states: Vec<String> = split
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_owned())
-        .collect();
+    let states = states(&split.events());
     assert_eq!(
         states.last().map(String::as_str),
         Some("committed"),

@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use Outcome::{Committed, RolledBack};
 use Victim::{BootCheck, Install};
-use common::sim::{Act, Throttle};
+use common::sim::{Act, Throttle, states};
 use common::{
     Backend, COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, pattern, sha256_hex,
 };
@@ -544,10 +544,7 @@ fn check_events(dev: &Device, outcome: Outcome) {
         seqs, expected,
         "event sequence numbers must be 0..next_seq, each once, in order\n{journal}"
     );
-    let states: Vec<&str> = events
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
+    let states = states(&events);
     let story: &[&str] = match outcome {
         Outcome::Committed => &COMMITTED,
         Outcome::RolledBack => &ROLLED_BACK,

@@ -96,6 +96,17 @@ pub fn text_pattern(text: &str, len: usize) -> Vec<u8> {
     text.bytes().cycle().take(len).collect()
 }
 
+/// The `state` of each event (of the event log, or received on MQTT), in order.
+pub fn states(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let state = e["state"].as_str().expect("every event has a state");
+            state.to_owned()
+        })
+        .collect()
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))

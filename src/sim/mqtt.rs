@@ -329,11 +329,3 @@ impl Drop for Sub {
         let _ = self.child.wait();
     }
 }
-
-/// The `state` field of each event, in order.
-pub fn states(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| e["state"].as_str().unwrap_or("?").to_string())
-        .collect()
-}

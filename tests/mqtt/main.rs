@@ -11,7 +11,8 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use common::sim::mqtt::{ClientArgs, Mosquitto, Sub, states};
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
+use common::sim::states;
 use common::sim::{Act, GatewayBuilder, tamper};
 use common::{COMMITTED, Gateway, ImageServer, ROLLED_BACK, require, wait_for};
 use serde_json::Value;
