@@ -96,6 +96,11 @@ pub enum ReasonCode {
     Forbidden,
     /// The privileged installer could not be reached, or broke off the conversation.
     InstallerUnavailable,
+    /// The installer has not verified the slot's bytes against a signed release since they were
+    /// last written: it does not let the bootloader choose that slot.
+    UnverifiedSlot,
+    /// The reboot command failed; the agent reports it and tries again later.
+    RebootFailed,
 }
 
 impl ReasonCode {
@@ -138,6 +143,8 @@ impl ReasonCode {
         ReasonCode::BootedSlot,
         ReasonCode::Forbidden,
         ReasonCode::InstallerUnavailable,
+        ReasonCode::UnverifiedSlot,
+        ReasonCode::RebootFailed,
     ];
 
     /// True for the codes release verification can give (`release::verify`).
@@ -197,6 +204,8 @@ impl ReasonCode {
             ReasonCode::BootedSlot => "booted-slot",
             ReasonCode::Forbidden => "forbidden",
             ReasonCode::InstallerUnavailable => "installer-unavailable",
+            ReasonCode::UnverifiedSlot => "unverified-slot",
+            ReasonCode::RebootFailed => "reboot-failed",
         }
     }
 
@@ -261,6 +270,8 @@ mod tests {
             (BootedSlot, "booted-slot"),
             (Forbidden, "forbidden"),
             (InstallerUnavailable, "installer-unavailable"),
+            (UnverifiedSlot, "unverified-slot"),
+            (RebootFailed, "reboot-failed"),
         ];
         // A code missing from the table does not compile: the match has no wildcard.
         #[allow(dead_code)]
@@ -273,7 +284,7 @@ mod tests {
                 | ReadbackMismatch | DecompressFailed | SlotIo | Cancelled | Busy | NotReady
                 | PreviouslyRolledBack | BootloaderFailed | UnexpectedBoot | HealthCheckFailed
                 | FellBack | NothingPending | InvalidRequest | NotPostponable | BootedSlot
-                | Forbidden | InstallerUnavailable => {}
+                | Forbidden | InstallerUnavailable | UnverifiedSlot | RebootFailed => {}
             }
         }
         assert_eq!(pinned.len(), ReasonCode::ALL.len());

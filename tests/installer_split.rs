@@ -17,140 +17,14 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
-use common::sim::states;
-use common::sim::{Act, User, tamper};
-use common::{
-    BIN, Backend, COMMITTED, Gateway, ImageServer, describe as text, pattern, require, wait_for,
-};
+use common::sim::{User, states, tamper};
+use common::split::*;
+use common::{BIN, Backend, COMMITTED, describe as text, pattern, require, wait_for};
 use serde_json::Value;
-
-const COMPATIBLE: &str = "acme-gw-split";
-const ATTEMPTS: u32 = 3;
-const IMAGE_LEN: usize = 300_017;
-const FACTORY_B_LEN: usize = 400_009;
-const IMAGE_PATH: &str = "/rootfs.img";
-const WRONG_PATH: &str = "/wrong.img";
-
-/// The split on a simulated gateway, with the image (and wrong bytes) on a loopback server and
-/// in files beside it.
-struct Split {
-    gateway: Gateway,
-    server: ImageServer,
-    image: Vec<u8>,
-    wrong: Vec<u8>,
-}
-
-derefs_to_gateway!(Split);
-
-impl Split {
-    fn new(backend: Backend) -> Split {
-        Split::with_broker(backend, None)
-    }
-
-    /// The split whose daemon talks to `broker` (`update-agent run`).
-    fn with_broker(backend: Backend, broker: Option<&Mosquitto>) -> Split {
-        require("setpriv", "util-linux");
-        let mut gateway = common::gateway()
-            .backend(backend)
-            .compatible(COMPATIBLE)
-            .split()
-            .configure(|c| c.install.stall_timeout = Duration::from_secs(5));
-        if let Some(broker) = broker {
-            gateway = gateway.mqtt(&broker.url());
-        }
-        let gateway = gateway.build().unwrap();
-        let image = pattern(IMAGE_LEN, 1);
-        let mut wrong = image.clone();
-        wrong[IMAGE_LEN / 2] ^= 0x01;
-        fs::write(gateway.path("rootfs.img"), &image).unwrap();
-        fs::write(gateway.path("wrong.img"), &wrong).unwrap();
-        let server = ImageServer::background(
-            image.clone(),
-            vec![
-                (IMAGE_PATH, Act::Serve),
-                (WRONG_PATH, Act::Body(wrong.clone())),
-            ],
-        );
-        let split = Split {
-            gateway,
-            server,
-            image,
-            wrong,
-        };
-        let out = split.as_daemon(&["boot-check"]);
-        assert!(out.status.success(), "factory boot-check: {}", text(&out));
-        split
-    }
-
-    /// Runs the binary as `nobody`/`nogroup` without supplementary groups: the daemon's user.
-    fn as_nobody(&self, args: &[&str]) -> Output {
-        User::Nobody
-            .command(BIN)
-            .args(args)
-            .current_dir(self.dir())
-            .output()
-            .unwrap()
-    }
-
-    /// The daemon role: a one-shot command with the `[installer]` config, as `nobody`.
-    fn as_daemon(&self, args: &[&str]) -> Output {
-        self.run(args)
-    }
-
-    fn as_nobody_sh(&self, script: &str) -> Output {
-        User::Nobody
-            .command("sh")
-            .arg("-c")
-            .arg(script)
-            .output()
-            .unwrap()
-    }
-
-    fn release(&self, version: &str, url_path: &str) -> PathBuf {
-        self.release_at(version, 2, url_path)
-    }
-
-    fn release_at(&self, version: &str, security_version: u64, url_path: &str) -> PathBuf {
-        self.gateway
-            .release(version)
-            .security_version(security_version)
-            .image(&self.server.url(url_path), &self.image)
-            .write(&self.path(&format!("release-{version}.json")))
-            .unwrap()
-    }
-
-    /// The release with one byte of its signed manifest changed and the signatures kept.
-    fn tampered(&self, release: &Path) -> PathBuf {
-        let out = self.path("tampered.json");
-        fs::write(&out, tamper(&fs::read(release).unwrap())).unwrap();
-        out
-    }
-
-    /// A hand-made request to the installer, as `nobody` (the daemon's uid) or as root.
-    fn request(&self, as_root: bool, args: &[&str]) -> (Output, Value) {
-        let user = if as_root { User::Current } else { User::Nobody };
-        self.gateway.request(&user, args)
-    }
-
-    fn env_text(&self) -> String {
-        self.env.text()
-    }
-
-    fn env_var(&self, name: &str) -> Option<String> {
-        self.env.get(name)
-    }
-}
-
-fn assert_refused(out: &Output, reply: &Value, reason: &str) {
-    assert_eq!(out.status.code(), Some(1), "{}", text(out));
-    assert_eq!(reply["kind"], "refused", "{reply}");
-    assert_eq!(reply["reason"], reason, "{reply}");
-}
 
 fn happy_path(backend: Backend) {
     let mut split = Split::new(backend);
@@ -201,10 +75,10 @@ fn happy_path(backend: Backend) {
 
     // The commit raised the installer's own floor: an older signed release (security version
     // 1) is refused by the installer itself, whatever the daemon's state says.
-    let floor: Value =
-        serde_json::from_slice(&fs::read(split.path("installer-state/floor.json")).unwrap())
-            .unwrap();
-    assert_eq!(floor["floor"], 2, "{floor}");
+    let ledger = split.ledger();
+    assert_eq!(ledger["floor"], 2, "{ledger}");
+    assert_eq!(ledger["slots"]["B"]["held"], "verified", "{ledger}");
+    assert_eq!(ledger["slots"]["A"]["held"], "booted", "{ledger}");
     let old = split.release_at("1.5", 1, IMAGE_PATH);
     let slot_a = split.slot("A");
     let (out, reply) = split.request(
@@ -370,8 +244,9 @@ fn a_caller_other_than_the_daemon_user_is_refused() {
         "{}",
         split.installer_log()
     );
-    // The daemon role under the wrong uid (root here): its install fails, reported with the
-    // installer's reason code, and nothing changes.
+    // The daemon role under the wrong uid (root here) stops before it touches the state (see
+    // tests/attacks.rs, item 4), and nothing changes.
+    let events = split.events();
     let out = Command::new(BIN)
         .arg("install")
         .arg("--config")
@@ -379,42 +254,28 @@ fn a_caller_other_than_the_daemon_user_is_refused() {
         .arg(&release)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let last = split.events().pop().expect("an event");
-    assert_eq!(last["state"], "failed", "{last}");
-    assert_eq!(last["reason"], "forbidden", "{last}");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("runuser -u nobody"), "{}", text(&out));
+    assert_eq!(split.events(), events);
     assert_eq!(split.env_text(), before);
     assert_eq!(&split.slot("B")[..], &pattern(FACTORY_B_LEN, 3)[..]);
     // An unprivileged uid in the socket's group gets in, and is refused by the peer check.
-    let socket = split.path("run/installer.sock");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=4242",
-            "--regid=nogroup",
-            "--clear-groups",
-            BIN,
-            "installer-request",
-        ])
-        .args(["--socket", socket.to_str().unwrap(), "--op", "reboot"])
-        .output()
-        .unwrap();
-    let reply: Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    let stranger = |gid: &str| User::Ids("4242".into(), gid.into());
+    let (out, reply) = split
+        .gateway
+        .request(&stranger("nogroup"), &["--op", "reboot"]);
     assert_refused(&out, &reply, "forbidden");
     assert!(
         reply["message"].as_str().unwrap().contains("uid 4242"),
         "{reply}"
     );
     // One outside the group does not get past the socket's mode (root:nogroup 0660).
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=4242",
-            "--regid=4242",
-            "--clear-groups",
-            BIN,
-            "installer-request",
-        ])
-        .args(["--socket", socket.to_str().unwrap(), "--op", "reboot"])
+    let out = stranger("4242")
+        .command(BIN)
+        .arg("installer-request")
+        .arg("--socket")
+        .arg(split.installer_socket())
+        .args(["--op", "reboot"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
@@ -523,8 +384,8 @@ fn image_bytes_that_do_not_match_the_manifest_are_refused_and_not_activated() {
         "{last}"
     );
     b_not_activated();
-    assert_ne!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
-    assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.wrong[..]);
+    // The refused bytes do not stay: the installer wiped the slot's head (here all of it).
+    assert!(split.slot("B")[..IMAGE_LEN].iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -614,7 +475,7 @@ fn retained_state(split: &Split, client: &ClientArgs) -> Value {
 fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_the_reboot() {
     let broker = Mosquitto::plain_temp();
     let client = broker.client();
-    let mut split = Split::with_broker(Backend::File, Some(&broker));
+    let mut split = Split::with(Backend::File, |gw| gw.mqtt(&broker.url()));
     let slot_a = split.slot("A");
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
     let sub = client.subscribe(&[&split.topic("events")], None);
@@ -681,7 +542,7 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
 fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_installer() {
     let broker = Mosquitto::plain_temp();
     let client = broker.client();
-    let mut split = Split::with_broker(Backend::File, Some(&broker));
+    let mut split = Split::with(Backend::File, |gw| gw.mqtt(&broker.url()));
     let slots = (split.slot("A"), split.slot("B"));
     let env = split.env_text();
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
@@ -724,4 +585,46 @@ fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_ins
         assert!(!log.contains(asked), "the installer saw {asked:?}:\n{log}");
     }
     assert!(split.stop_daemon().success());
+}
+
+/// The installer's ledger refuses to leave the bootloader only unverified bytes, and a rollback
+/// is not that: the failed trial marks the booted new slot bad while the old one, seen booted,
+/// is the way back. With every backend, through the installer as `nobody`.
+#[test]
+fn a_failed_trial_rolls_back_through_the_installer() {
+    for backend in [Backend::File, Backend::UBoot, Backend::Grub] {
+        let mut split = Split::with(backend, |gw| gw.health(&[&["sh", "-c", "exit 3"]]));
+        let slot_a = split.slot("A");
+        let release = split.release("2.0", IMAGE_PATH);
+        let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        assert_eq!(split.boot(), "B", "{backend:?}: the activated slot boots");
+        let out = split.as_daemon(&["boot-check"]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        assert!(
+            split
+                .installer_log()
+                .contains("mark-bad for uid 65534 done"),
+            "{backend:?}: {}",
+            split.installer_log()
+        );
+        assert_eq!(
+            fs::read_to_string(split.path("reboots")).unwrap(),
+            "reboot\n",
+            "{backend:?}: the rollback's reboot (`install` leaves its own to the caller)"
+        );
+        assert_eq!(split.boot(), "A", "{backend:?}: back in the old slot");
+        let out = split.as_daemon(&["boot-check"]);
+        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        let states = states(&split.events());
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some("rolled-back"),
+            "{backend:?}: {states:?}"
+        );
+        assert_eq!(split.slot("A"), slot_a, "{backend:?}");
+        for _ in 0..3 {
+            assert_eq!(split.boot(), "A", "{backend:?}: B stays out");
+        }
+    }
 }

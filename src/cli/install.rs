@@ -236,6 +236,7 @@ pub fn describe(event: &Event) -> String {
         EventKind::CheckRequested => "check for updates requested".to_string(),
         EventKind::MarkedGood => format!("slot {slot} marked good by hand"),
         EventKind::MarkedBad => format!("slot {slot} marked bad by hand"),
+        EventKind::RebootFailed => "the reboot failed; it is tried again later".to_string(),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

@@ -55,6 +55,9 @@ pub enum Input {
     UserMark {
         good: bool,
     },
+    /// The reboot the engine asked for ([`Job::Reboot`]) did not happen: the command failed.
+    /// Reported; the phase stays and the driver tries again.
+    RebootFailed(Failure),
 }
 
 /// How long the user postpones.

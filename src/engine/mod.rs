@@ -238,6 +238,15 @@ impl Engine {
                 None
             }
             Input::UserMark { good } => self.on_user_mark(good, &mut out),
+            Input::RebootFailed(failure) => {
+                let txn = self.state.phase.transaction().cloned();
+                let event = self.event(EventKind::RebootFailed, now, txn.as_ref(), |e| {
+                    e.reason = Some(failure.reason);
+                    e.message = Some(failure.message);
+                });
+                out.report(event);
+                None
+            }
         };
         // The events this input made are persisted with its transition (every event makes its
         // step persist) and kept until the next one, so a restart can report them again.

@@ -207,6 +207,9 @@ pub enum EventKind {
     /// The user marked a slot good or bad by hand.
     MarkedGood,
     MarkedBad,
+    /// The reboot command failed (`reason` `reboot-failed`, `message` why); the agent stays up
+    /// and tries again later. Not an end: the transaction still waits for its reboot.
+    RebootFailed,
 }
 
 impl EventKind {
@@ -234,6 +237,7 @@ impl EventKind {
             EventKind::CheckRequested => "check-requested",
             EventKind::MarkedGood => "marked-good",
             EventKind::MarkedBad => "marked-bad",
+            EventKind::RebootFailed => "reboot-failed",
         }
     }
 }

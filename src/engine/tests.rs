@@ -762,3 +762,25 @@ fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
     assert_eq!(h.engine.state().phase.name(), "activating");
     assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
 }
+
+#[test]
+fn a_failed_reboot_is_reported_and_the_reboot_stays_due() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.answer(Ok(()));
+    h.install_until_reboot(release("2.0", 5));
+    let failure = Failure::new(ReasonCode::RebootFailed, "`systemctl reboot` exited 1");
+    assert!(h.feed(Input::RebootFailed(failure)).is_empty());
+    let last = h.events.last().unwrap();
+    assert_eq!(last.kind, EventKind::RebootFailed);
+    assert_eq!(last.reason, Some(ReasonCode::RebootFailed));
+    assert_eq!(last.slot.as_ref().map(|s| s.as_str()), Some("B"));
+    assert!(matches!(
+        h.persisted.last().unwrap().phase,
+        Phase::RebootPending { .. }
+    ));
+    // The agent restarts in the same boot: the reboot is asked for again.
+    let state = h.engine.state().clone();
+    let mut h = Harness::restore(state);
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Job::Reboot]);
+}

@@ -60,8 +60,13 @@ pub struct GatewayBuilder {
     mqtt: Option<String>,
     dbus: Option<String>,
     split: bool,
+    reboot_script: String,
     tweaks: Vec<Tweak>,
 }
+
+/// The reboot command's shell script unless told otherwise: records that a reboot was asked
+/// for (`$0` is the `reboots` file); the test does the rebooting.
+const RECORD_REBOOT: &str = "echo reboot >> \"$0\"";
 
 impl GatewayBuilder {
     /// Works in `dir` (created if missing, kept afterwards) instead of a temporary directory.
@@ -142,6 +147,13 @@ impl GatewayBuilder {
     /// `nobody` with a state directory of its own. Needs root.
     pub fn split(mut self) -> Self {
         self.split = true;
+        self
+    }
+
+    /// The reboot command is the shell `script`, run with `$0` = the `reboots` file (a reboot that
+    /// works appends a line to it, as the default script does).
+    pub fn reboot_script(mut self, script: &str) -> Self {
+        self.reboot_script = script.into();
         self
     }
 
@@ -233,12 +245,12 @@ impl GatewayBuilder {
                 boot_id_path: dir.join("boot_id"),
                 cmdline_path: dir.join("cmdline"),
                 booted_slot: None,
-                // Records that a reboot was asked for; the test does the rebooting.
-                reboot_command: ["sh", "-c", "echo reboot >> \"$0\""]
-                    .map(String::from)
-                    .into_iter()
-                    .chain([reboots.display().to_string()])
-                    .collect(),
+                reboot_command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    self.reboot_script.clone(),
+                    reboots.display().to_string(),
+                ],
             },
             mqtt: self.mqtt.as_ref().map(|broker| Mqtt {
                 keepalive: Duration::from_secs(5),
@@ -335,6 +347,7 @@ impl Gateway {
             mqtt: None,
             dbus: None,
             split: false,
+            reboot_script: RECORD_REBOOT.into(),
             tweaks: Vec::new(),
         }
     }
@@ -613,6 +626,16 @@ impl Gateway {
         let mut child = self.daemon.take().expect("a daemon runs");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// The running daemon's pid (the agent's: `setpriv` execs it).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The log of the daemon started last.
+    pub fn daemon_log(&self) -> String {
+        fs::read_to_string(self.path(&format!("daemon-{}.log", self.runs))).unwrap_or_default()
     }
 
     pub fn daemon_running(&mut self) -> bool {

@@ -57,16 +57,19 @@ pub const ROLLED_BACK: [&str; 8] = [
 macro_rules! derefs_to_gateway {
     ($device:ty) => {
         impl std::ops::Deref for $device {
-            type Target = common::Gateway;
-            fn deref(&self) -> &common::Gateway {
+            type Target = $crate::common::Gateway;
+            fn deref(&self) -> &$crate::common::Gateway {
                 &self.gateway
             }
         }
 
         impl std::ops::DerefMut for $device {
-            fn deref_mut(&mut self) -> &mut common::Gateway {
+            fn deref_mut(&mut self) -> &mut $crate::common::Gateway {
                 &mut self.gateway
             }
         }
     };
 }
+
+/// The least-privilege split (after the macros, which it uses).
+pub mod split;

@@ -54,6 +54,7 @@ fn event_kinds_keep_their_wire_names() {
         CheckRequested => "check-requested",
         MarkedGood => "marked-good",
         MarkedBad => "marked-bad",
+        RebootFailed => "reboot-failed",
     });
     for (kind, name) in names {
         assert_wire_name(kind, name);
