@@ -53,19 +53,7 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     let (out, reply) = ask(&split, &["--op", "mark-bad", "--slot", "A"]);
     assert_refused(&out, &reply, "unverified-slot");
 
-    let (out, reply) = ask(
-        &split,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "B",
-            "--release",
-            release,
-            "--image",
-            evil_path,
-        ],
-    );
+    let (out, reply) = split.write_request(Some("B"), release, evil_path, &[]);
     assert_refused(&out, &reply, "hash-mismatch");
     let slot_b = split.slot("B");
     assert!(
@@ -131,20 +119,7 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     }
 
     // The same request after a correct write is carried out: the ledger vouches for B now.
-    let good = split.path("rootfs.img");
-    let (out, reply) = ask(
-        &split,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "B",
-            "--release",
-            release,
-            "--image",
-            good.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("B"), release, split.path("rootfs.img"), &[]);
     assert_done(&out, &reply);
     let (out, reply) = ask(&split, &["--op", "mark-good", "--slot", "B"]);
     assert_done(&out, &reply);

@@ -143,18 +143,20 @@ macro_rules! scenario_tests {
 
 // --- the operations write exactly RAUC's variables -------------------------------------------
 
+/// What the backend says of a slot: in the boot order, good, tries left.
+fn boot_state(in_order: bool, good: bool, tries_left: Option<u32>) -> SlotBootState {
+    SlotBootState {
+        in_order,
+        good,
+        tries_left,
+    }
+}
+
 fn counter_operations(rig: &Rig) {
     let bl = &rig.bl;
     // Nothing set yet: the script's defaults (configured order, full budget).
     assert_eq!(rig.primary().as_deref(), Some("A"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: None
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, None));
 
     bl.mark_active("A").unwrap();
     assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("A B"));
@@ -165,14 +167,7 @@ fn counter_operations(rig: &Rig) {
     assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("B A"));
     assert_eq!(rig.get("BOOT_B_LEFT").as_deref(), Some("3"));
     assert_eq!(rig.primary().as_deref(), Some("B"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(3)
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, Some(3)));
 
     rig.set("BOOT_B_LEFT", "1");
     bl.mark_good("B").unwrap();
@@ -185,11 +180,7 @@ fn counter_operations(rig: &Rig) {
     assert_eq!(rig.primary().as_deref(), Some("A"));
     assert_eq!(
         bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: false,
-            good: false,
-            tries_left: Some(0)
-        }
+        boot_state(false, false, Some(0))
     );
 
     // Activating a slot that was marked bad puts it back in front.
@@ -227,11 +218,7 @@ fn grub_operations_write_order_ok_and_try() {
     assert_eq!(rig.primary(), None);
     assert_eq!(
         bl.slot_state("A").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: false,
-            tries_left: Some(0)
-        }
+        boot_state(true, false, Some(0))
     );
 
     bl.mark_active("A").unwrap();
@@ -243,14 +230,7 @@ fn grub_operations_write_order_ok_and_try() {
     bl.mark_active("B").unwrap();
     assert_eq!(rig.get("ORDER").as_deref(), Some("B A"));
     assert_eq!(rig.primary().as_deref(), Some("B"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(1)
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, Some(1)));
 
     // After its one try B is no longer primary: GRUB would fall back to A next.
     rig.set("B_TRY", "1");
@@ -403,11 +383,7 @@ fn hostile_boot_order(rig: &Rig) {
     assert_eq!(rig.primary().as_deref(), Some("B"));
     assert_eq!(
         rig.bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(2)
-        }
+        boot_state(true, true, Some(2))
     );
     assert_eq!(rig.boot(), "B");
 
@@ -595,7 +571,7 @@ fn bad_or_unknown_bootnames_are_refused_before_anything_is_written() {
 fn from_config_refuses_bad_settings_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothere");
-    let cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
+    let mut cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
         (
             BootloaderKind::UBoot,
             BootloaderParams {
@@ -621,52 +597,26 @@ fn from_config_refuses_bad_settings_at_start_up() {
             "grub-common",
         ),
         (BootloaderKind::File, params(), "env_file"),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                attempts: 0,
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "attempts",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                attempts: 10,
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "attempts",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec!["A".into(), "A".into()],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "twice",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec![],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "slots",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec!["A".into(), "B;reset".into()],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
+    ];
+    // The file backend with an environment file named, and one setting wrong.
+    let file = |wrong: fn(&mut BootloaderParams), expected| {
+        let mut params = BootloaderParams {
+            env_file: Some(missing.clone()),
+            ..params()
+        };
+        wrong(&mut params);
+        (BootloaderKind::File, params, expected)
+    };
+    cases.extend([
+        file(|p| p.attempts = 0, "attempts"),
+        file(|p| p.attempts = 10, "attempts"),
+        file(|p| p.slots = vec!["A".into(), "A".into()], "twice"),
+        file(|p| p.slots = vec![], "slots"),
+        file(
+            |p| p.slots = vec!["A".into(), "B;reset".into()],
             "letters and digits",
         ),
-    ];
+    ]);
     for (kind, params, expected) in cases {
         let err = from_config(kind, &params).err().expect("refused");
         assert!(err.to_string().contains(expected), "{kind}: {err}");

@@ -124,16 +124,7 @@ impl Device {
                 o = out.display()
             ));
         }
-        let status = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "sh",
-            ])
+        let status = in_mount_namespace(&script)
             .arg(self.path("anchor"))
             .arg(self.path("anchor-source"))
             .status()

@@ -349,14 +349,7 @@ fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open(
             "{}",
             text(&out.stderr)
         );
-        let out = send(&bus, Who::Nobody, method);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success(), "{method:?} as nobody succeeded");
-        assert!(
-            stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
-                && stderr.contains("Rejected send message"),
-            "{method:?} as nobody: {stderr}"
-        );
+        assert_denied_to_nobody(&bus, method, "Rejected send message");
     }
     // Setting a property is mutating too (and none is writable).
     let out = busctl(
@@ -398,19 +391,25 @@ fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open(
     service.wait_state("auto install off", |s| !s.auto_install);
 }
 
+/// `method` sent by `nobody` fails with the standard AccessDenied error, saying `why`.
+#[track_caller]
+fn assert_denied_to_nobody(bus: &Bus, method: &[&str], why: &str) {
+    let out = send(bus, Who::Nobody, method);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{method:?} as nobody succeeded");
+    assert!(
+        stderr.contains("org.freedesktop.DBus.Error.AccessDenied") && stderr.contains(why),
+        "{method:?} as nobody: {stderr}"
+    );
+}
+
 #[test]
 fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() {
     let (bus, device, service) = hosted(BusPolicy::Permissive);
     for method in MUTATING {
-        let out = send(&bus, Who::Nobody, method);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success(), "{method:?} as nobody succeeded");
-        assert!(
-            stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
-                && stderr
-                    .contains("update-agent: changing updates needs root or members of group adm"),
-            "{method:?}: the service's own answer expected, got: {stderr}"
-        );
+        // The service's own answer.
+        let why = "update-agent: changing updates needs root or members of group adm";
+        assert_denied_to_nobody(&bus, method, why);
     }
     // Nothing changed: no user decision was recorded.
     let decisions = device

@@ -144,6 +144,25 @@ impl Device {
         assert_eq!(self.env.primary().as_deref(), Some(slot), "{env}");
     }
 
+    /// `status --json` after a transaction that ended in `result` for `reason`: idle, A next.
+    #[track_caller]
+    fn assert_idle_after(&self, result: &str, reason: &str) -> Value {
+        let status = self.status_json();
+        assert_eq!(status["primary"], "A", "{status:#}");
+        assert_eq!(status["phase"], "idle", "{status:#}");
+        assert_eq!(status["last"]["result"], result, "{status:#}");
+        assert_eq!(status["last"]["reason"], reason, "{status:#}");
+        status
+    }
+
+    /// B out of the rotation, A the slot that boots next.
+    #[track_caller]
+    fn assert_back_to_a(&self) {
+        self.assert_env_bad("B");
+        let env = self.env.summary();
+        assert_eq!(self.env.primary().as_deref(), Some("A"), "{env}");
+    }
+
     /// `slot` is marked bad: out of the order with no tries (U-Boot, file) or not OK (GRUB).
     #[track_caller]
     fn assert_env_bad(&self, slot: &str) {
@@ -329,13 +348,7 @@ fn health_check_fails(backend: Backend) {
         last["message"].as_str().unwrap().contains("false"),
         "{last}"
     );
-    dev.assert_env_bad("B");
-    assert_eq!(
-        dev.env.primary().as_deref(),
-        Some("A"),
-        "{}",
-        dev.env.summary()
-    );
+    dev.assert_back_to_a();
     assert_eq!(dev.status_json()["phase"], "rolling-back");
 
     dev.set_health(HEALTHY);
@@ -439,19 +452,9 @@ fn new_slot_never_comes_up(backend: Backend) {
     assert_one_transaction(&events, "2026.06.1", "B");
     assert_eq!(events[5]["reason"], "fell-back", "{:#}", events[5]);
 
-    dev.assert_env_bad("B");
-    assert_eq!(
-        dev.env.primary().as_deref(),
-        Some("A"),
-        "{}",
-        dev.env.summary()
-    );
-    let status = dev.status_json();
+    dev.assert_back_to_a();
+    let status = dev.assert_idle_after("rolled-back", "fell-back");
     assert_eq!(status["booted"], "A", "{status:#}");
-    assert_eq!(status["primary"], "A", "{status:#}");
-    assert_eq!(status["phase"], "idle", "{status:#}");
-    assert_eq!(status["last"]["result"], "rolled-back", "{status:#}");
-    assert_eq!(status["last"]["reason"], "fell-back", "{status:#}");
     assert_eq!(
         status["slots"][1]["bootloader"]["good"], false,
         "{status:#}"
@@ -518,18 +521,8 @@ fn wrong_image_bytes(backend: Backend) {
     assert_eq!(events[2]["reason"], "hash-mismatch", "{:#}", events[2]);
 
     // B was made unbootable before its first byte was written and stays so.
-    dev.assert_env_bad("B");
-    assert_eq!(
-        dev.env.primary().as_deref(),
-        Some("A"),
-        "{}",
-        dev.env.summary()
-    );
-    let status = dev.status_json();
-    assert_eq!(status["primary"], "A", "{status:#}");
-    assert_eq!(status["phase"], "idle", "{status:#}");
-    assert_eq!(status["last"]["result"], "failed", "{status:#}");
-    assert_eq!(status["last"]["reason"], "hash-mismatch", "{status:#}");
+    dev.assert_back_to_a();
+    let status = dev.assert_idle_after("failed", "hash-mismatch");
     assert_eq!(status["slots"][1]["version"], Value::Null, "{status:#}");
     assert_eq!(dev.slot_hash("A"), a_before);
     assert_eq!(dev.reboots_requested(), 0);

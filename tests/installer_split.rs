@@ -81,19 +81,7 @@ fn happy_path(backend: Backend) {
     assert_eq!(ledger["slots"]["A"]["held"], "booted", "{ledger}");
     let old = split.release_at("1.5", 1, IMAGE_PATH);
     let slot_a = split.slot("A");
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "A",
-            "--release",
-            old.to_str().unwrap(),
-            "--image",
-            split.path("rootfs.img").to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("A"), &old, split.path("rootfs.img"), &[]);
     assert_refused(&out, &reply, "downgrade");
     assert_eq!(split.slot("A"), slot_a, "slot A untouched");
 }
@@ -315,19 +303,7 @@ fn a_tampered_release_is_refused_and_the_slot_untouched() {
         "{log}"
     );
     // The booted slot is never written, whatever the release.
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "A",
-            "--release",
-            release.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("A"), &release, &image, &[]);
     assert_refused(&out, &reply, "booted-slot");
     assert_eq!(&split.slot("A")[..], &pattern(200_003, 2)[..]);
 }
@@ -347,17 +323,7 @@ fn image_bytes_that_do_not_match_the_manifest_are_refused_and_not_activated() {
         );
         assert_eq!(split.env_var("BOOT_B_LEFT").as_deref(), Some("0"));
     };
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--release",
-            release.to_str().unwrap(),
-            "--image",
-            wrong.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(None, &release, &wrong, &[]);
     assert_refused(&out, &reply, "hash-mismatch");
     // The installer marked the target bad before writing, and will not activate it.
     b_not_activated();
@@ -393,21 +359,8 @@ fn a_resumed_write_rehashes_the_slot_prefix_itself() {
     let split = Split::new(Backend::File);
     let release = split.release("2.0", IMAGE_PATH);
     let image = split.path("rootfs.img");
-    let write = |resume: &str| {
-        split.request(
-            false,
-            &[
-                "--op",
-                "write",
-                "--release",
-                release.to_str().unwrap(),
-                "--image",
-                image.to_str().unwrap(),
-                "--resume-from",
-                resume,
-            ],
-        )
-    };
+    let write =
+        |resume: &str| split.write_request(None, &release, &image, &["--resume-from", resume]);
     let (out, reply) = write("0");
     assert_eq!(reply["kind"], "done", "{}", text(&out));
     // A resume from a checkpoint the slot really holds: only the rest is sent, and it verifies.

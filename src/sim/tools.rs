@@ -95,3 +95,19 @@ impl User {
         command
     }
 }
+
+/// `sh -c script` in a mount namespace of its own (private propagation: its mounts stay in
+/// it), through `unshare` from util-linux; needs root. The arguments added become `$1`, ….
+pub fn in_mount_namespace(script: &str) -> Command {
+    let mut command = Command::new(require("unshare", "util-linux"));
+    command.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]);
+    command
+}

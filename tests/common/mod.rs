@@ -6,7 +6,7 @@
 mod releases;
 pub use releases::*;
 
-pub use update_agent::sim::tools::{assert_exit, describe, require};
+pub use update_agent::sim::tools::{assert_exit, describe, in_mount_namespace, require};
 
 pub use update_agent::sim::{self, Backend, Gateway, ImageServer, pattern, sha256_hex, wait_for};
 

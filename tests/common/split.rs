@@ -129,6 +129,25 @@ impl Split {
         self.gateway.request(&user, args)
     }
 
+    /// A write request as the daemon's user: `release` with the bytes of the file `image`, into
+    /// `slot` (`None`: the installer's pick, the inactive one), then `more` (`--resume-from N`).
+    pub fn write_request(
+        &self,
+        slot: Option<&str>,
+        release: impl AsRef<Path>,
+        image: impl AsRef<Path>,
+        more: &[&str],
+    ) -> (Output, Value) {
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        let (release, image) = (path(release.as_ref()), path(image.as_ref()));
+        let mut args = vec!["--op", "write", "--release", &release, "--image", &image];
+        if let Some(slot) = slot {
+            args.extend(["--slot", slot]);
+        }
+        args.extend(more);
+        self.request(false, &args)
+    }
+
     pub fn env_text(&self) -> String {
         self.env.text()
     }

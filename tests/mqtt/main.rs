@@ -78,6 +78,14 @@ fn state(device: &Gateway, client: &ClientArgs) -> Value {
     client.retained_json(&device.topic("state"))
 }
 
+/// Stops the daemon as systemd does: it says itself, at once, that it is offline.
+#[track_caller]
+fn stop_and_see_offline(device: &mut Gateway, client: &ClientArgs) {
+    assert!(device.stop_daemon().success(), "{}", device.logs());
+    let online = client.retained(&device.topic("online"));
+    assert_eq!(online.as_deref(), Some("false"));
+}
+
 #[test]
 fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_crash() {
     let (broker, client) = plain_broker();
@@ -131,11 +139,7 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
     wait_for("online=true again", Duration::from_secs(10), || {
         (client.retained(&device.topic("online")).as_deref() == Some("true")).then_some(())
     });
-    assert!(device.stop_daemon().success(), "{}", device.logs());
-    assert_eq!(
-        client.retained(&device.topic("online")).as_deref(),
-        Some("false")
-    );
+    stop_and_see_offline(&mut device, &client);
 }
 
 #[test]
@@ -561,11 +565,7 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
         Some("secret-of-gw-0002")
     );
 
-    assert!(device.stop_daemon().success());
-    assert_eq!(
-        operator.retained(&device.topic("online")).as_deref(),
-        Some("false")
-    );
+    stop_and_see_offline(&mut device, &operator);
 }
 
 #[test]
