@@ -60,6 +60,8 @@ pub enum Input {
     /// still pending is dropped (`withdrawn`); one whose install started goes on.
     Withdrawn {
         release_id: ReleaseId,
+        /// Why, for the event's message (e.g. "the fleet release topic was cleared").
+        why: String,
     },
     /// The reboot the engine asked for ([`Job::Reboot`]) did not happen: the command failed.
     /// Reported; the phase stays and the driver tries again.

@@ -253,8 +253,8 @@ impl Engine {
                 None
             }
             Input::UserMark { good } => self.on_user_mark(good, &mut out),
-            Input::Withdrawn { release_id } => {
-                self.on_withdrawn(release_id, now, &mut out);
+            Input::Withdrawn { release_id, why } => {
+                self.on_withdrawn(release_id, &why, now, &mut out);
                 None
             }
             Input::RebootFailed(failure) => {

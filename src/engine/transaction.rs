@@ -371,6 +371,7 @@ impl Engine {
     pub(super) fn on_withdrawn(
         &mut self,
         release_id: crate::release::ReleaseId,
+        why: &str,
         now: Timestamp,
         out: &mut Outputs,
     ) {
@@ -385,7 +386,7 @@ impl Engine {
         };
         let event = self.event(EventKind::Withdrawn, now, Some(&txn), |e| {
             e.message = Some(format!(
-                "version {} was withdrawn before this device started installing it",
+                "{why}: version {} is dropped; this device had not started installing it",
                 txn.manifest.version
             ));
         });

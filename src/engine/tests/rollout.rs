@@ -198,14 +198,27 @@ fn a_withdrawn_release_is_dropped_while_pending_only() {
     h.feed(Input::ReleaseVerified(Box::new(release)));
     // Another release's withdrawal is not about this one.
     let other = crate::release::ReleaseId::from_digest([1; 32]);
-    h.feed(Input::Withdrawn { release_id: other });
+    h.feed(Input::Withdrawn {
+        release_id: other,
+        why: "cleared".into(),
+    });
     assert_eq!(h.events.last().unwrap().kind, EventKind::Pending);
-    h.feed(Input::Withdrawn { release_id: id });
+    h.feed(Input::Withdrawn {
+        release_id: id,
+        why: "the fleet release topic was cleared".into(),
+    });
     let withdrawn = h.events.last().unwrap();
     assert_eq!(withdrawn.kind, EventKind::Withdrawn);
     assert_eq!(withdrawn.release_id, Some(id));
     assert_eq!(withdrawn.to_version.as_deref(), Some("2.0"));
     assert_eq!(withdrawn.reason, None);
+    assert!(
+        withdrawn
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("the fleet release topic was cleared")),
+        "{withdrawn:?}"
+    );
     assert_eq!(h.engine.state().phase, Phase::Idle);
     assert_eq!(
         h.engine.state().last.as_ref().map(|o| o.result),
@@ -229,7 +242,11 @@ fn a_withdrawn_release_is_dropped_while_pending_only() {
         &h.feed(Input::ReleaseVerified(Box::new(release)))
     ));
     let events = h.events.len();
-    assert!(h.feed(Input::Withdrawn { release_id: id }).is_empty());
+    let withdrawn = Input::Withdrawn {
+        release_id: id,
+        why: "cleared".into(),
+    };
+    assert!(h.feed(withdrawn).is_empty());
     assert_eq!(h.events.len(), events);
     assert!(matches!(h.answer(Ok(()))[..], [Job::Write { .. }]));
 }
