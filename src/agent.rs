@@ -152,12 +152,12 @@ fn device_id(config: &Config) -> String {
 
 impl Agent {
     /// Before a download starts from its first byte: this device's share of
-    /// `policy.download_jitter`, unless a person asked for the install (they wait for it).
+    /// `install.download_jitter`, unless a person asked for the install (they wait for it).
     async fn download_jitter(&self) {
         let Some(txn) = self.engine.state().phase.transaction() else {
             return;
         };
-        let bound = jiff::SignedDuration::try_from(self.config.policy.download_jitter)
+        let bound = jiff::SignedDuration::try_from(self.config.install.download_jitter)
             .unwrap_or(jiff::SignedDuration::ZERO);
         if txn.user_now || bound.is_zero() {
             return;
@@ -168,7 +168,7 @@ impl Agent {
             bound,
         );
         tracing::info!(
-            "download of {} starts in {:.1} s (this device's share of policy.download_jitter)",
+            "download of {} starts in {:.1} s (this device's share of install.download_jitter)",
             txn.id,
             wait.as_secs_f64()
         );

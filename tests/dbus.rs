@@ -237,6 +237,7 @@ impl Device {
             )]
             .into_iter()
             .collect(),
+            rollout: None,
         };
         let release = sign_manifest(&manifest, &key)
             .unwrap()
@@ -265,6 +266,7 @@ b = {{ device = "{b}", bootname = "B", size = {slot_size} }}
 
 [install]
 checkpoint_interval = 1048576
+download_jitter = 0
 
 [health]
 commands = [["true"]]

@@ -537,6 +537,7 @@ fn make_release(
         )]
         .into_iter()
         .collect(),
+        rollout: None,
     };
     let envelope = sign_manifest(&manifest, key).map_err(|r| anyhow::anyhow!("{r}"))?;
     Ok(envelope.to_json().into_bytes())

@@ -465,6 +465,7 @@ impl Signer {
             )]
             .into_iter()
             .collect(),
+            rollout: None,
         };
         sign_manifest(&manifest, &self.key)
             .unwrap()
@@ -522,6 +523,7 @@ b = {{ device = "{b}", bootname = "B", size = {SLOT_SIZE} }}
 
 [install]
 checkpoint_interval = 1048576
+download_jitter = 0
 stall_timeout = 10
 
 [health]

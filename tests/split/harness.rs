@@ -213,6 +213,7 @@ b = {{ device = {b}, bootname = "B", size = {SLOT_SIZE} }}
 
 [install]
 checkpoint_interval = 1048576
+download_jitter = 0
 stall_timeout = 5
 
 [health]
