@@ -12,7 +12,8 @@ use update_agent::keys::{self, KeyId};
 use update_agent::release::Manifest;
 use update_agent::release::build::{self, ImageDigest};
 use update_agent::release::manifest::{
-    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Rollout, Severity,
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Rollout,
+    Severity,
 };
 
 use super::release::{print_summary, read_envelope};

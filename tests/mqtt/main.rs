@@ -4,6 +4,7 @@
 //! free loopback port and stops it by PID.
 
 mod harness;
+mod withdrawal;
 
 use std::fs;
 use std::time::Duration;
