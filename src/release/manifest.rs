@@ -502,6 +502,59 @@ mod tests {
         );
     }
 
+    fn with(format: u32, extra: &str) -> String {
+        let image = format!(
+            r#"{{"rootfs": {{"url": "https://a.example/1", "size": 1, "sha256": "{SHA}"}}}}"#
+        );
+        manifest_with_images(&image)
+            .replacen(r#""format": 1"#, &format!(r#""format": {format}"#), 1)
+            .replacen(r#""images""#, &format!(r#"{extra}"images""#), 1)
+    }
+
+    const WINDOW: &str = r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 86400}, "#;
+
+    #[test]
+    fn a_rollout_schedule_is_format_2_and_format_1_stays_as_it_was() {
+        // Format 1 without a schedule: as every agent reads it.
+        let old = Manifest::parse(with(1, "").as_bytes()).unwrap();
+        assert_eq!((old.format, old.rollout), (1, None));
+        assert_eq!(old.required_format(), FORMAT);
+        // Format 2 with one.
+        let staged = Manifest::parse(with(2, WINDOW).as_bytes()).unwrap();
+        let rollout = staged.rollout.unwrap();
+        assert_eq!(rollout.start.to_string(), "2026-02-01T00:00:00Z");
+        assert_eq!(rollout.end().to_string(), "2026-02-02T00:00:00Z");
+        // A schedule in format 1 would be ignored by the agents that read only format 1.
+        let refusal = Manifest::parse(with(1, WINDOW).as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed, "{}", refusal.message);
+        let refusal = Manifest::parse(with(2, "").as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed, "{}", refusal.message);
+        // A format from the future is refused as such, not as malformed.
+        let refusal = Manifest::parse(with(3, WINDOW).as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::UnsupportedFormat);
+        // The schedule is strict too.
+        for bad in [
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 86400, "percent": 5}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z"}, "#,
+            r#""rollout": {"start": "soon", "duration": 60}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": -1}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 7776001}, "#,
+            r#""rollout": [], "#,
+        ] {
+            let refusal = Manifest::parse(with(2, bad).as_bytes()).unwrap_err();
+            assert_eq!(
+                refusal.code,
+                ReasonCode::Malformed,
+                "{bad}: {}",
+                refusal.message
+            );
+        }
+        // A window that outlasts the release would leave devices that never install it.
+        let expiring = format!(r#"{WINDOW}"expires": "2026-02-01T12:00:00Z", "#);
+        let refusal = Manifest::parse(with(2, &expiring).as_bytes()).unwrap_err();
+        assert!(refusal.message.contains("expires"), "{}", refusal.message);
+    }
+
     #[test]
     fn duplicate_field_is_refused() {
         let doubled = manifest_with_images("{}").replacen(
