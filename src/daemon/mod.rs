@@ -352,7 +352,7 @@ struct Daemon<'a> {
     intake: Intake,
     /// What the release topics hold, to tell when the pending release was withdrawn.
     offers: Offers,
-    /// When the topics must have answered the latest subscription grant.
+    /// When the topics must have answered the latest subscription.
     check_grace: Option<Instant>,
     recheck: Duration,
     user: Option<UserSide>,
@@ -511,7 +511,7 @@ impl Daemon<'_> {
         Ok(stop)
     }
 
-    /// The grace after a subscription grant ended: a pending release that no topic answered
+    /// The grace after a subscription ended: a pending release that no topic answered
     /// with is no longer offered (cleared while this device was offline).
     async fn check_answered(&mut self) -> Result<(), DaemonError> {
         if self.link.inbox.has_unread() {
@@ -520,8 +520,10 @@ impl Daemon<'_> {
             return Ok(());
         }
         self.check_grace = None;
-        if !self.link.status().borrow().connected {
-            // The connection broke before the topics answered; the next one is checked anew.
+        let status = self.link.status().borrow().clone();
+        if !status.connected || !status.subscribed {
+            // The connection broke before the topics answered, or the broker refused the
+            // subscription (logged): nothing can be concluded; the next one is checked anew.
             return Ok(());
         }
         if let Some(why) = self.offers.after_check(self.pending_release()) {

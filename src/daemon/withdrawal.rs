@@ -5,8 +5,8 @@
 //! The rule (ARCHITECTURE.md, "Rollouts"): a release is installed while it is offered. An
 //! operator halts a rollout by clearing the retained release (an empty retained message) on the
 //! topic it was published on; a device that has not started drops it. A device that was offline
-//! then learns it at its next connection: the broker sends what the topics retain right after
-//! granting the subscription, and a topic that answers nothing within [`CHECK_GRACE`] holds no
+//! then learns it at its next connection: the broker sends what the topics retain when it
+//! takes the subscription, and a topic that answers nothing within [`CHECK_GRACE`] holds no
 //! release.
 
 use std::collections::HashMap;
@@ -18,8 +18,8 @@ use crate::mqtt::link::Received;
 use crate::mqtt::topics::ReleaseSource;
 use crate::release::{Envelope, ReleaseId};
 
-/// How long after a subscription grant the retained releases have to arrive. Brokers send them
-/// right after the grant, on the same connection; the margin covers a daemon that was busy.
+/// How long after a subscription the retained releases have to arrive. Brokers send them with
+/// the grant, on the same connection; the margin covers a slow broker and a busy daemon.
 pub const CHECK_GRACE: Duration = Duration::from_secs(10);
 
 /// The release id of a message on a release topic: `None` for an empty message (a cleared
@@ -64,14 +64,14 @@ impl std::fmt::Display for Why {
 pub struct Offers {
     /// What each release topic holds, as far as heard: the release id of its last message.
     held: HashMap<ReleaseSource, Option<ReleaseId>>,
-    /// The latest subscription grant, and the topics that answered it.
+    /// The latest subscription, and the topics that answered it.
     check: u64,
     answered: Vec<ReleaseSource>,
 }
 
 impl Offers {
-    /// A new subscription grant (`check` counts them): the topics start answering anew. True
-    /// when it is new, i.e. the grace period starts.
+    /// A new subscription (`check` counts them): the topics start answering anew. True when it
+    /// is new, i.e. the grace period starts.
     pub fn checked(&mut self, check: u64) -> bool {
         if check == self.check {
             return false;
@@ -119,7 +119,7 @@ impl Offers {
         self.held.get(&source).copied().flatten()
     }
 
-    /// At the end of [`CHECK_GRACE`] after a grant: `pending` is withdrawn when no topic that
+    /// At the end of [`CHECK_GRACE`] after a subscription: `pending` is withdrawn when no topic that
     /// answered the check holds it (an unanswered topic is empty: it retains nothing).
     pub fn after_check(&mut self, pending: Option<ReleaseId>) -> Option<Why> {
         let pending = pending?;

@@ -68,22 +68,22 @@ pub struct Status {
 pub struct Received {
     pub source: ReleaseSource,
     pub payload: Bytes,
-    /// The number of the subscription grant it came after (see [`Inbox::checked`]).
+    /// The number of the subscription it came after (see [`Inbox::checked`]).
     pub check: u64,
 }
 
 #[derive(Default)]
 struct Unread {
     messages: Vec<Received>,
-    /// Subscription grants so far: after each, the broker sends what the topics retain.
+    /// Subscriptions sent so far: after each, the broker sends what the topics retain.
     checks: u64,
     /// `checks` as the daemon last took it.
     checks_taken: u64,
 }
 
-/// Received release-topic messages, newest per topic, in order with the subscription grants
-/// (a message tagged with a grant arrived after it), so the daemon can tell which topics
-/// answered a check with a retained message and which stayed empty.
+/// Received release-topic messages, newest per topic, in order with the subscriptions (a
+/// message tagged with a subscription arrived after it was sent), so the daemon can tell which
+/// topics answered a check with a retained message and which stayed empty.
 #[derive(Default)]
 pub struct Inbox {
     unread: Mutex<Unread>,
@@ -109,7 +109,7 @@ impl Inbox {
         self.notify.notify_one();
     }
 
-    /// The broker granted the subscription to the release topics: what they retain follows.
+    /// The subscription to the release topics is sent: what they retain follows.
     fn checked(&self) {
         self.unread.lock().expect("inbox lock").checks += 1;
         self.notify.notify_one();
@@ -121,8 +121,8 @@ impl Inbox {
     }
 
     /// Waits for and takes the messages received since the last call (at most one per topic),
-    /// with the number of the latest subscription grant; also returns (maybe without messages)
-    /// when a new grant came.
+    /// with the number of the latest subscription; also returns (maybe without messages) when
+    /// a new one was sent.
     pub async fn next(&self) -> (u64, Vec<Received>) {
         loop {
             {
@@ -418,7 +418,6 @@ impl Session {
                 }
                 if granted {
                     self.update_status(|s| s.last_check = Some(jiff::Timestamp::now()));
-                    self.inbox.checked();
                 }
                 if !self.ready {
                     self.ready = true;
@@ -560,7 +559,12 @@ impl Session {
         let filters = [&self.topics.fleet_release, &self.topics.device_release]
             .map(|topic| Filter::new(topic.clone(), QoS::AtLeastOnce));
         match self.client.try_subscribe_many(filters) {
-            Ok(()) => self.issued.push_back(Issued::Subscribe),
+            Ok(()) => {
+                self.issued.push_back(Issued::Subscribe);
+                // What the topics retain comes from here on (some brokers send it before the
+                // grant, some after).
+                self.inbox.checked();
+            }
             Err(e) => tracing::warn!("cannot queue the subscription: {e}"),
         }
     }
