@@ -143,7 +143,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
-        let anchor = TrustAnchor::for_config(&config.trust)?;
+        let anchor = config.trust.anchor()?;
         // Before anything in the state directory is created or read.
         if let Some(installer) = &config.installer {
             check_daemon_user(installer)?;
@@ -154,7 +154,7 @@ impl Agent {
         let privileged = match &config.installer {
             // The daemon's user can neither open the environment nor the slots: it never tries.
             Some(installer) => Privileged::Remote(RemoteInstaller::new(&installer.socket)),
-            None => Privileged::InProcess(open_bootloader(&config)?),
+            None => Privileged::InProcess(bootloader::open(&config)?),
         };
         let slots = SlotPair {
             class: config.slots.class.clone(),
@@ -905,49 +905,6 @@ async fn ask_installer(installer: RemoteInstaller, op: Op) -> Result<(), Failure
                 e.to_string(),
             ))
         })
-}
-
-/// Chooses the bootloader backend once, from the configuration.
-pub fn open_bootloader(
-    config: &Config,
-) -> Result<Box<dyn Bootloader>, bootloader::BootloaderError> {
-    use crate::bootloader::{BootloaderKind, BootloaderParams};
-    use crate::config::BootloaderConfig;
-    let mut params = BootloaderParams {
-        slots: vec![
-            config.slots.a.bootname.to_string(),
-            config.slots.b.bootname.to_string(),
-        ],
-        ..BootloaderParams::default()
-    };
-    let kind = match &config.bootloader {
-        BootloaderConfig::Uboot {
-            fw_env_config,
-            attempts,
-            fw_printenv,
-            fw_setenv,
-        } => {
-            params.fw_env_config = fw_env_config.clone();
-            params.attempts = *attempts;
-            params.fw_printenv = fw_printenv.clone();
-            params.fw_setenv = fw_setenv.clone();
-            BootloaderKind::UBoot
-        }
-        BootloaderConfig::Grub {
-            grubenv,
-            grub_editenv,
-        } => {
-            params.grubenv = grubenv.clone();
-            params.grub_editenv = grub_editenv.clone();
-            BootloaderKind::Grub
-        }
-        BootloaderConfig::File { path, attempts } => {
-            params.env_file = Some(path.clone());
-            params.attempts = *attempts;
-            BootloaderKind::File
-        }
-    };
-    bootloader::from_config(kind, &params)
 }
 
 /// A file slot's capacity is configured (it may grow up to it); a block device's is its size,

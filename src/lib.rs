@@ -22,6 +22,7 @@
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
 //! - [`daemon`]: `update-agent run`, the service loop around the agent.
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
+//! - [`socket`]: non-blocking socket sends and waits with deadlines (the installer's sockets).
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
@@ -42,6 +43,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod reason;
 pub mod release;
+pub mod socket;
 pub mod state_store;
 pub mod system;
 pub mod transfer;

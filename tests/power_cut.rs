@@ -61,7 +61,6 @@ use Victim::{BootCheck, Install};
 use common::boot_sim::{BootSim, SimEnv};
 use common::{GrubEnvFile, UBootEnvFile, pattern, sha256_hex};
 use serde_json::Value;
-use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
@@ -713,7 +712,10 @@ reboot_command = ["sh", "-c", "echo reboot >> {reboots}"]
         // The agent's own reading of the environment (what `status` shows as primary) agrees
         // with the boot script; `None` (no slot has tries left) is where the script resets.
         let config = Config::load(&self.config).unwrap();
-        let primary = open_bootloader(&config).unwrap().primary().unwrap();
+        let primary = update_agent::bootloader::open(&config)
+            .unwrap()
+            .primary()
+            .unwrap();
         if let Some(primary) = &primary {
             assert_eq!(
                 *primary,

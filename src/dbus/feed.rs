@@ -104,7 +104,7 @@ impl Feed {
     }
 
     /// Sets the `Conformance` property (kept in every later snapshot).
-    pub fn set_conformance(&mut self, summary: &crate::conformance::Summary) {
+    pub fn set_conformance(&mut self, summary: &crate::mqtt::payload::ConformanceSummary) {
         self.conformance = (summary.text(), summary.findings.join(" "));
         let conformance = self.conformance.clone();
         self.snapshots.send_if_modified(|s| {

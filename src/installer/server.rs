@@ -102,8 +102,8 @@ impl Installer {
     pub fn open(config: Config) -> Result<Installer, ServeError> {
         let settings = config.installer.clone().ok_or(ServeError::NotConfigured)?;
         let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
-        let anchor = TrustAnchor::for_config(&config.trust)?;
-        let bootloader = crate::agent::open_bootloader(&config)?;
+        let anchor = config.trust.anchor()?;
+        let bootloader = crate::bootloader::open(&config)?;
         let ledger = Ledger::open(&settings.state_dir).map_err(|source| ServeError::State {
             path: settings.state_dir.display().to_string(),
             source,

@@ -295,7 +295,7 @@ impl SlotWriter {
             return Ok(());
         }
         if self.config.stream {
-            crate::installer::send_all(&self.file, &self.buf)
+            crate::socket::send_all(&self.file, &self.buf)
                 .map_err(|e| TransferError::slot_io(&self.config.path, "send to", e))?;
         } else {
             self.file
