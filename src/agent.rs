@@ -2,7 +2,7 @@
 //! and carries out the engine's actions in order. The one-shot commands (`install`,
 //! `boot-check`) and the daemon use it; none of the update logic lives here.
 //!
-//! Slot writes, bootloader changes and the reboot go to a [`Privileged`] executor: in this
+//! Slot writes, bootloader changes and the reboot go to a [`SlotControl`]: [`Local`] in this
 //! process (root: the one-shot commands, the demo, tests), or the privileged installer over its
 //! socket when the configuration has an `[installer]` section (the unprivileged daemon).
 
@@ -15,19 +15,20 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::anchor::{AnchorError, TrustAnchor};
-use crate::bootloader::{self, Bootloader};
+use crate::bootloader;
 use crate::config::Config;
 use crate::engine::{
     Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
     Progress, SlotPair,
 };
 use crate::health;
-use crate::installer::{Op, RemoteInstaller};
+use crate::installer::RemoteInstaller;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
+use crate::slot_control::{Local, RebootError, Release, SlotControl};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{self, FetchSettings, TransferEvent, WriteRequest};
+use crate::transfer::{TransferEvent, WriteRequest};
 
 /// How often a transient download failure (reset, stall) is retried, resuming from the last
 /// checkpoint, before the transaction fails.
@@ -106,14 +107,6 @@ pub enum Stop {
     Rebooting,
 }
 
-/// Who carries out what needs privileges: slot writes, bootloader changes, the reboot.
-pub enum Privileged {
-    /// This process, with the bootloader backend it opened.
-    InProcess(Box<dyn Bootloader>),
-    /// The privileged installer (`update-agent installer`), which verifies for itself.
-    Remote(RemoteInstaller),
-}
-
 /// A bootloader change the engine asked for.
 #[derive(Debug, Clone, Copy)]
 enum BootChange {
@@ -126,7 +119,8 @@ pub struct Agent {
     config: Config,
     anchor: TrustAnchor,
     store: StateStore,
-    privileged: Privileged,
+    /// Who carries out slot writes, bootloader changes and the reboot.
+    control: Box<dyn SlotControl>,
     engine: Engine,
     /// This process owns the state directory while the agent lives: never two writers.
     _lock: crate::state_store::StateLock,
@@ -136,9 +130,6 @@ pub struct Agent {
     /// The reboot command failed in [`RebootMode::Run`]: reported to the engine, then returned
     /// by `drive`.
     reboot_failed: Option<AgentError>,
-    /// The slot this process wrote and read back in-process, with the release id: activating
-    /// it needs no second read-back (as in the installer).
-    written: Option<(String, crate::release::ReleaseId)>,
 }
 
 impl Agent {
@@ -151,10 +142,10 @@ impl Agent {
         let store = StateStore::open(&config.device.state_dir)?;
         let lock = store.lock()?;
         let state = store.load()?;
-        let privileged = match &config.installer {
+        let control: Box<dyn SlotControl> = match &config.installer {
             // The daemon's user can neither open the environment nor the slots: it never tries.
-            Some(installer) => Privileged::Remote(RemoteInstaller::new(&installer.socket)),
-            None => Privileged::InProcess(bootloader::open(&config)?),
+            Some(installer) => Box::new(RemoteInstaller::new(&installer.socket)),
+            None => Box::new(Local::open(&config)?),
         };
         let slots = SlotPair {
             class: config.slots.class.clone(),
@@ -171,11 +162,10 @@ impl Agent {
             anchor,
             store,
             _lock: lock,
-            privileged,
+            control,
             reboot,
             crash: CrashPoints::from_env(),
             clock: Arc::new(Timestamp::now),
-            written: None,
             reboot_failed: None,
         })
     }
@@ -482,35 +472,10 @@ impl Agent {
         change: BootChange,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
-        let checked = match (&self.privileged, change) {
-            // As the installer does: the slot is activated only when it holds the image of the
-            // transaction's signed release, verified again now, never on the state's word.
-            (Privileged::InProcess(_), BootChange::Active) => self.check_activation(slot).await,
-            _ => Ok(()),
-        };
-        let result = match &self.privileged {
-            Privileged::InProcess(_) if checked.is_err() => checked,
-            Privileged::InProcess(bootloader) => match change {
-                BootChange::Bad => bootloader.mark_bad(slot),
-                BootChange::Active => bootloader.mark_active(slot),
-                BootChange::Good => bootloader.mark_good(slot),
-            }
-            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string())),
-            Privileged::Remote(installer) => {
-                let slot = slot.to_string();
-                let op = match change {
-                    BootChange::Bad => Ok(Op::MarkBad { slot }),
-                    BootChange::Good => Ok(Op::MarkGood { slot }),
-                    // The installer reads the slot back against the release it verifies itself.
-                    BootChange::Active => self
-                        .current_release()
-                        .map(|release| Op::Activate { slot, release }),
-                };
-                match op {
-                    Ok(op) => ask_installer(installer.clone(), op).await,
-                    Err(failure) => Err(failure),
-                }
-            }
+        let result = match change {
+            BootChange::Bad => self.control.mark_bad(slot).await,
+            BootChange::Good => self.control.mark_good(slot).await,
+            BootChange::Active => self.activate(slot).await,
         };
         if let Err(failure) = &result {
             // Some of these failures end no transaction (the running slot's mark-good at an
@@ -522,6 +487,19 @@ impl Agent {
         }
         self.crash.point(&format!("bootloader:{name}:after"));
         result
+    }
+
+    /// The slot is activated only when it holds the image of the transaction's signed release,
+    /// verified again now, never on the state's word.
+    async fn activate(&mut self, slot: &str) -> Result<(), Failure> {
+        let (signed, verified) = self.transaction_release()?;
+        let image = self.signed_image(&verified)?;
+        let release = Release {
+            signed: &signed,
+            id: verified.release_id(),
+            image: &image,
+        };
+        self.control.activate(slot, release).await
     }
 
     /// Keeps the signed release, by release id, next to the state: an install resumed after a
@@ -619,27 +597,6 @@ impl Agent {
         })
     }
 
-    /// In-process activation: the slot must hold the image of the transaction's signed
-    /// release, written and read back by this process or read back now.
-    async fn check_activation(&self, slot: &str) -> Result<(), Failure> {
-        let (_, verified) = self.transaction_release()?;
-        if self.written.as_ref() == Some(&(slot.to_string(), verified.release_id())) {
-            return Ok(());
-        }
-        let image = self.signed_image(&verified)?;
-        let target = self.config.slot_by_bootname(slot).ok_or_else(|| {
-            Failure::new(ReasonCode::SlotIo, format!("slot {slot} is not configured"))
-        })?;
-        let mut sha256 = [0u8; 32];
-        hex::decode_to_slice(&image.sha256, &mut sha256)
-            .map_err(|_| Failure::new(ReasonCode::Malformed, "image sha256 is not hex"))?;
-        let device = target.device.clone();
-        tokio::task::spawn_blocking(move || transfer::verify_slot(&device, image.size, &sha256))
-            .await
-            .map_err(|e| Failure::new(ReasonCode::SlotIo, e.to_string()))?
-            .map_err(|e| Failure::new(e.reason(), e.to_string()))
-    }
-
     async fn write(
         &mut self,
         slot: &str,
@@ -647,7 +604,6 @@ impl Agent {
         resume_from: u64,
         observer: &mut dyn Observer,
     ) -> Result<(), Failure> {
-        self.written = None;
         let (signed, verified) = self.transaction_release()?;
         let signed_image = self.signed_image(&verified)?;
         if signed_image != image {
@@ -656,16 +612,7 @@ impl Agent {
                 "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
             );
         }
-        let mut request = self.write_request(slot, signed_image, resume_from)?;
-        let release = match &self.privileged {
-            Privileged::Remote(_) => Some(signed),
-            Privileged::InProcess(_) => None,
-        };
-        let fetch = FetchSettings {
-            stall_timeout: request.stall_timeout,
-            connect_timeout: request.connect_timeout,
-            extra_roots: request.extra_roots.clone(),
-        };
+        let mut request = self.write_request(slot, signed_image.clone(), resume_from)?;
         let mut attempt = 1;
         loop {
             let result = {
@@ -701,30 +648,17 @@ impl Agent {
                     }
                     Ok(())
                 };
-                match (&self.privileged, &release) {
-                    (Privileged::Remote(installer), Some(release)) => {
-                        installer
-                            .write(
-                                slot,
-                                release,
-                                &request.image,
-                                request.resume_from,
-                                &fetch,
-                                &mut on_event,
-                            )
-                            .await
-                    }
-                    _ => transfer::install_image(&request, &mut on_event)
-                        .await
-                        .map(|_| ())
-                        .map_err(crate::installer::WriteError::Transfer),
-                }
+                let release = Release {
+                    signed: &signed,
+                    id: verified.release_id(),
+                    image: &signed_image,
+                };
+                self.control
+                    .write(slot, release, &request, &mut on_event)
+                    .await
             };
             match result {
-                Ok(()) => {
-                    self.written = Some((slot.to_string(), verified.release_id()));
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
                     tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
                     attempt += 1;
@@ -781,19 +715,9 @@ impl Agent {
     /// Runs the configured reboot command (for callers that deferred the reboot and are now
     /// ready for it, like the daemon once its outbox is flushed).
     pub fn reboot(&self) -> Result<(), AgentError> {
-        if let Privileged::Remote(installer) = &self.privileged {
-            return installer
-                .call(Op::Reboot)
-                .map_err(|failure| AgentError::Reboot {
-                    command: vec![format!("installer at {}", installer.socket().display())],
-                    message: failure.message,
-                });
-        }
-        let command = &self.config.system.reboot_command;
-        system::run_bounded(command, system::REBOOT_TIMEOUT).map_err(|e| AgentError::Reboot {
-            command: command.clone(),
-            message: e.to_string(),
-        })
+        self.control
+            .reboot()
+            .map_err(|RebootError { command, message }| AgentError::Reboot { command, message })
     }
 }
 
@@ -893,18 +817,6 @@ fn check_daemon_user(installer: &crate::config::InstallerConfig) -> Result<(), A
         actual: crate::state_store::describe_uid(euid.as_raw()),
         name,
     })
-}
-
-/// One request to the installer, off the async threads (an activation reads the whole slot).
-async fn ask_installer(installer: RemoteInstaller, op: Op) -> Result<(), Failure> {
-    tokio::task::spawn_blocking(move || installer.call(op))
-        .await
-        .unwrap_or_else(|e| {
-            Err(Failure::new(
-                ReasonCode::InstallerUnavailable,
-                e.to_string(),
-            ))
-        })
 }
 
 /// A file slot's capacity is configured (it may grow up to it); a block device's is its size,

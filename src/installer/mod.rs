@@ -38,7 +38,7 @@ use crate::socket::{send_all_within, wait_ready};
 
 pub use crate::socket::send_all;
 
-pub use client::{RemoteInstaller, WriteError};
+pub use client::RemoteInstaller;
 
 /// The daemon's user (`[installer] daemon_user`, a name or a numeric uid) and, when it has an
 /// entry in the user database, its primary group. `None`: no such user.
