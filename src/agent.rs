@@ -43,20 +43,29 @@ pub enum RebootMode {
     Defer,
 }
 
-/// What the caller sees while the driver works.
-pub trait Observer: Send {
-    fn event(&mut self, event: &Event);
-    fn progress(&mut self, progress: &Progress);
+/// What the driver tells its observer: the engine's actions other than jobs, in the engine's
+/// order, as they are carried out.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
     /// The engine's state was just saved (it comes before the events it explains). The daemon
     /// publishes it; the one-shot commands do not need it.
-    fn persisted(&mut self, _state: &PersistentState) {}
+    Persisted(&'a PersistentState),
+    /// An event, once it is in the local event log.
+    Event(&'a Event),
+    Progress(&'a Progress),
     /// What the user is to be told (D-Bus signals).
-    fn notice(&mut self, _notice: &Notice) {}
+    Notice(&'a Notice),
     /// The engine's answer to a user request, as soon as it is durable (before any job the
     /// request started runs).
-    fn answer(&mut self, _answer: &Answer) {}
+    Answer(&'a Answer),
     /// The user asked for a check for new releases; the release source is the caller's.
-    fn check(&mut self) {}
+    Check,
+}
+
+/// What the caller sees while the driver works.
+pub trait Observer: Send {
+    /// One output; each observer takes what concerns it and passes over the rest.
+    fn observe(&mut self, output: Output<'_>);
     /// A user request that arrived while a job runs, to be handled between two of its steps
     /// (so that a D-Bus caller is answered during a slot write, not after it).
     fn interjection(&mut self) -> Option<Input> {
@@ -357,7 +366,7 @@ impl Agent {
                 self.crash.point(&format!("persist:{phase}:before"));
                 self.store.save(self.engine.state())?;
                 self.crash.point(&format!("persist:{phase}:after"));
-                observer.persisted(self.engine.state());
+                observer.observe(Output::Persisted(self.engine.state()));
                 None
             }
             Action::Report(event) => {
@@ -365,19 +374,19 @@ impl Agent {
                 None
             }
             Action::ReportProgress(progress) => {
-                observer.progress(&progress);
+                observer.observe(Output::Progress(&progress));
                 None
             }
             Action::Notify(notice) => {
-                observer.notice(&notice);
+                observer.observe(Output::Notice(&notice));
                 None
             }
             Action::Answer(answer) => {
-                observer.answer(&answer);
+                observer.observe(Output::Answer(&answer));
                 None
             }
             Action::Check => {
-                observer.check();
+                observer.observe(Output::Check);
                 None
             }
             Action::Run(job) => self.run(job, observer, stop).await?,
@@ -462,7 +471,7 @@ impl Agent {
             Ok(Logged::AlreadyLogged) => return,
             Err(err) => tracing::error!("cannot record event {}: {err}", event.seq),
         }
-        observer.event(event);
+        observer.observe(Output::Event(event));
     }
 
     async fn bootloader_op(
@@ -642,7 +651,7 @@ impl Agent {
                     while let Some(input) = observer.interjection() {
                         for action in engine.handle(input, clock()) {
                             if record_during_write(action, engine, store, observer)? {
-                                observer.persisted(engine.state());
+                                observer.observe(Output::Persisted(engine.state()));
                             }
                         }
                     }
@@ -735,34 +744,16 @@ struct NoteRefusal<'a> {
 }
 
 impl Observer for NoteRefusal<'_> {
-    fn event(&mut self, event: &Event) {
-        if event.kind == EventKind::Refused {
+    fn observe(&mut self, output: Output<'_>) {
+        if let Output::Event(event) = output
+            && event.kind == EventKind::Refused
+        {
             self.refusal = Some(Refusal::new(
                 event.reason.unwrap_or(ReasonCode::NotReady),
                 event.message.clone().unwrap_or_default(),
             ));
         }
-        self.inner.event(event);
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.inner.progress(progress);
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.inner.persisted(state);
-    }
-
-    fn notice(&mut self, notice: &Notice) {
-        self.inner.notice(notice);
-    }
-
-    fn answer(&mut self, answer: &Answer) {
-        self.inner.answer(answer);
-    }
-
-    fn check(&mut self) {
-        self.inner.check();
+        self.inner.observe(output);
     }
 
     fn interjection(&mut self) -> Option<Input> {
@@ -784,15 +775,15 @@ fn record_during_write(
             store.save(engine.state()).map_err(std::io::Error::other)?;
             return Ok(true);
         }
-        Action::ReportProgress(progress) => observer.progress(&progress),
+        Action::ReportProgress(progress) => observer.observe(Output::Progress(&progress)),
         Action::Report(event) => {
             // The write itself reports no transition; keep any such event rather than drop it.
             let _ = store.log_event(&event);
-            observer.event(&event);
+            observer.observe(Output::Event(&event));
         }
-        Action::Answer(answer) => observer.answer(&answer),
-        Action::Notify(notice) => observer.notice(&notice),
-        Action::Check => observer.check(),
+        Action::Answer(answer) => observer.observe(Output::Answer(&answer)),
+        Action::Notify(notice) => observer.observe(Output::Notice(&notice)),
+        Action::Check => observer.observe(Output::Check),
         other => tracing::error!("engine asked for {other:?} during a write"),
     }
     Ok(false)

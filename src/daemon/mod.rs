@@ -20,11 +20,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentError, Observer, RebootMode, Stop};
+use crate::agent::{Agent, AgentError, Observer, Output, RebootMode, Stop};
 use crate::config::Config;
 use crate::dbus::feed::Feed;
 use crate::dbus::{self, Access};
-use crate::engine::{Answer, Event, Input, Notice, PersistentState, Progress};
+use crate::engine::Input;
 use crate::logging::message_id;
 use crate::mqtt::MqttError;
 use crate::mqtt::backoff::{jittered, random_unit};
@@ -365,41 +365,14 @@ struct Audience<'a> {
 }
 
 impl Observer for Audience<'_> {
-    fn event(&mut self, event: &Event) {
-        self.reporter.event(event);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.event(event);
+    fn observe(&mut self, output: Output<'_>) {
+        if let Output::Check = output {
+            *self.check_asked = true;
         }
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.reporter.progress(progress);
+        self.reporter.observe(output);
         if let Some(feed) = self.feed.as_deref_mut() {
-            feed.progress(progress);
+            feed.observe(output);
         }
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.reporter.persisted(state);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.persisted(state);
-        }
-    }
-
-    fn notice(&mut self, notice: &Notice) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.notice(notice);
-        }
-    }
-
-    fn answer(&mut self, answer: &Answer) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.answer(answer);
-        }
-    }
-
-    fn check(&mut self) {
-        *self.check_asked = true;
     }
 
     fn interjection(&mut self) -> Option<Input> {
