@@ -8,6 +8,10 @@
 //!
 //! The test fails naming every cycle (strongly connected set of modules) with the lines that
 //! make its edges.
+//!
+//! The same reading checks that the engine is sans IO: its code (outside tests) names no
+//! runtime, filesystem, socket, process, thread or clock, and no module of this crate but the
+//! release types and the reason codes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -414,6 +418,82 @@ fn no_import_cycle_between_modules() {
         }
     }
     assert!(found.is_empty(), "import cycles:\n{report}");
+}
+
+/// What the engine's code may not name: IO, a runtime, or a clock (it is handed `now`).
+const NOT_IN_ENGINE: &[&str] = &[
+    "tokio",
+    "std::fs",
+    "std::net",
+    "std::process",
+    "std::thread",
+    "std::os",
+    "std::io",
+    "std::env",
+    "Instant",
+    "SystemTime",
+    "Timestamp::now",
+    "Zoned::now",
+    "nix",
+    "reqwest",
+    "hyper",
+    "rumqttc",
+    "zbus",
+];
+
+/// The crate's modules the engine may use: the release types it carries and the reason codes.
+const ENGINE_MAY_USE: &[&str] = &["engine", "release", "reason"];
+
+#[test]
+fn the_engine_does_no_io_and_reads_no_clock() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&root.join("engine"), &mut files);
+    files.sort();
+    assert!(files.len() > 3, "the engine's files: {files:?}");
+    let mut found = Vec::new();
+    for file in files {
+        let relative = file.strip_prefix(&root).unwrap().display().to_string();
+        let source = std::fs::read_to_string(&file).unwrap();
+        let code = without_test_items(&code_only(&source));
+        let chars: Vec<char> = code.chars().collect();
+        for (number, line) in code.lines().enumerate() {
+            for name in NOT_IN_ENGINE {
+                let mut from = 0;
+                while let Some(at) = line[from..].find(name) {
+                    let start = from + at;
+                    let end = start + name.len();
+                    let before = line[..start].chars().next_back();
+                    let after = line[end..].chars().next();
+                    if !before.is_some_and(|c| is_ident(c) || c == ':')
+                        && !after.is_some_and(is_ident)
+                    {
+                        found.push(format!("src/{relative}:{}: {name}", number + 1));
+                    }
+                    from = end;
+                }
+            }
+        }
+        let mut i = 0;
+        while let Some(at) = code[i..].find("crate::") {
+            let start = i + at;
+            let char_at = code[..start].chars().count();
+            for path in paths_at(&chars, char_at + "crate::".len()) {
+                if let Some(first) = path.first()
+                    && !ENGINE_MAY_USE.contains(&first.as_str())
+                {
+                    let line = code[..start].lines().count().max(1);
+                    found.push(format!("src/{relative}:{line}: crate::{}", path.join("::")));
+                }
+            }
+            i = start + "crate::".len();
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "the engine names IO or a clock:\n{}",
+        found.join("\n")
+    );
 }
 
 /// The checker finds what it is meant to find: grouped `use` trees, `super::` inside `cli`,
