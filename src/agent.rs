@@ -28,7 +28,7 @@ use crate::release::{self, Policy, Refusal, VerifiedRelease};
 use crate::slot_control::{Local, RebootError, Release, SlotControl};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{TransferEvent, WriteRequest};
+use crate::transfer::{FetchSettings, TransferEvent, WriteRequest};
 
 /// How often a transient download failure (reset, stall) is retried, resuming from the last
 /// checkpoint, before the transaction fails.
@@ -622,6 +622,11 @@ impl Agent {
             );
         }
         let mut request = self.write_request(slot, signed_image.clone(), resume_from)?;
+        let fetch = FetchSettings {
+            stall_timeout: request.stall_timeout,
+            connect_timeout: request.connect_timeout,
+            extra_roots: request.extra_roots.clone(),
+        };
         let mut attempt = 1;
         loop {
             let result = {
@@ -663,7 +668,7 @@ impl Agent {
                     image: &signed_image,
                 };
                 self.control
-                    .write(slot, release, &request, &mut on_event)
+                    .write(slot, release, &request, &fetch, &mut on_event)
                     .await
             };
             match result {

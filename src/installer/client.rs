@@ -224,24 +224,17 @@ impl SlotControl for RemoteInstaller {
         slot: &'a str,
         release: Release<'a>,
         request: &'a WriteRequest,
+        fetch: &'a FetchSettings,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>> {
-        Box::pin(async move {
-            let fetch = FetchSettings {
-                stall_timeout: request.stall_timeout,
-                connect_timeout: request.connect_timeout,
-                extra_roots: request.extra_roots.clone(),
-            };
-            self.write_image(
-                slot,
-                release.signed,
-                &request.image,
-                request.resume_from,
-                &fetch,
-                events,
-            )
-            .await
-        })
+        Box::pin(self.write_image(
+            slot,
+            release.signed,
+            &request.image,
+            request.resume_from,
+            fetch,
+            events,
+        ))
     }
 
     fn reboot(&self) -> Result<(), RebootError> {
