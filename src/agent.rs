@@ -621,7 +621,7 @@ impl Agent {
                 "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
             );
         }
-        let mut request = self.write_request(slot, signed_image.clone(), resume_from)?;
+        let mut request = self.write_request(slot, signed_image, resume_from)?;
         let fetch = FetchSettings {
             stall_timeout: request.stall_timeout,
             connect_timeout: request.connect_timeout,
@@ -665,7 +665,7 @@ impl Agent {
                 let release = Release {
                     signed: &signed,
                     id: verified.release_id(),
-                    image: &signed_image,
+                    image: &request.image,
                 };
                 self.control
                     .write(slot, release, &request, &fetch, &mut on_event)
