@@ -10,7 +10,9 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
+use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
+use crate::mqtt::Endpoint;
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -206,6 +208,23 @@ pub struct Trust {
     /// Development only: accept a trust anchor that someone could modify.
     #[serde(default)]
     pub insecure_writable_anchor: bool,
+}
+
+impl Trust {
+    /// The anchor `[trust]` names, enforced unless the config says `insecure_writable_anchor`;
+    /// what enforcement would have refused is logged as a warning then.
+    pub fn anchor(&self) -> Result<TrustAnchor, AnchorError> {
+        let protection = if self.insecure_writable_anchor {
+            Protection::AllowWritable
+        } else {
+            Protection::Enforce
+        };
+        let anchor = TrustAnchor::load(&self.keys_dir, protection)?;
+        for warning in &anchor.warnings {
+            tracing::warn!("insecure trust anchor (development mode): {warning}");
+        }
+        Ok(anchor)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -552,6 +571,16 @@ impl Config {
 }
 
 impl Mqtt {
+    /// Where and as whom the daemon connects.
+    pub fn endpoint(&self) -> Result<Endpoint, String> {
+        let url = crate::mqtt::BrokerUrl::parse(&self.broker)?;
+        let tls = self.ca_file.as_ref().map(|ca| crate::mqtt::tls::TlsFiles {
+            ca: ca.clone(),
+            client: self.cert_file.clone().zip(self.key_file.clone()),
+        });
+        Ok(Endpoint { url, tls })
+    }
+
     /// A connection to `broker` as `device_id`, with every other setting at its default.
     pub fn new(broker: impl Into<String>, device_id: impl Into<String>) -> Mqtt {
         Mqtt {

@@ -16,7 +16,7 @@ use update_agent::release::manifest::{
     Severity,
 };
 
-use super::release::{print_summary, read_envelope};
+use super::release_summary::{print_summary, read_envelope};
 
 #[derive(clap::Args)]
 pub struct CreateArgs {
