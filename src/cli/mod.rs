@@ -19,6 +19,7 @@ mod publish;
 mod release;
 #[cfg(feature = "operator")]
 mod release_create;
+mod release_summary;
 mod run;
 mod status;
 mod user;

@@ -103,15 +103,6 @@ pub enum MqttError {
 }
 
 impl Endpoint {
-    pub fn from_config(mqtt: &crate::config::Mqtt) -> Result<Endpoint, String> {
-        let url = BrokerUrl::parse(&mqtt.broker)?;
-        let tls = mqtt.ca_file.as_ref().map(|ca| tls::TlsFiles {
-            ca: ca.clone(),
-            client: mqtt.cert_file.clone().zip(mqtt.key_file.clone()),
-        });
-        Ok(Endpoint { url, tls })
-    }
-
     pub fn shown(&self) -> String {
         let scheme = if self.url.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}:{}", self.url.host, self.url.port)

@@ -7,6 +7,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod withdrawal;
 
 use std::fs;
 use std::time::Duration;
