@@ -1,6 +1,6 @@
 //! Releases: the signed JSON document that announces one update.
 //!
-//! The wire format (see `shared/DESIGN.md`): `{"manifest": "<base64 of the exact manifest bytes>",
+//! The wire format (README.md, "Releases"): `{"manifest": "<base64 of the exact manifest bytes>",
 //! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
 //! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
 //!
@@ -8,9 +8,14 @@
 //! - [`manifest`]: the strict inner parse, after signatures were checked.
 //! - [`verify`]: the order of checks that decides whether the device may act on a release.
 //! - [`build`]: the operator side — create and sign.
+//! - [`block_index`]: the block index of an image (delta downloads, per-block verification).
+//! - [`index_build`]: the operator side of the block index and its store (feature `operator`).
 
+pub mod block_index;
 pub mod build;
 pub mod envelope;
+#[cfg(feature = "operator")]
+pub mod index_build;
 mod json;
 pub mod manifest;
 pub mod verify;
