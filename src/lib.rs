@@ -20,6 +20,7 @@
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
 //! - [`daemon`]: `update-agent run`, the service loop around the agent.
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
+//! - [`delta`]: delta updates on the device: local block tables and the fetch planner.
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
@@ -29,6 +30,7 @@ pub mod bootloader;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod delta;
 pub mod durable;
 pub mod engine;
 pub mod health;
