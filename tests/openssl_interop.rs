@@ -1,6 +1,6 @@
-//! Interoperability with the real OpenSSL command line (`/usr/bin/openssl`), which DESIGN.md
-//! names as the reference for the key files: keys and signatures made by either side are read
-//! and verified by the other. These tests fail (not skip) when openssl is missing.
+//! Interoperability with the real OpenSSL command line (`/usr/bin/openssl`), which
+//! `docs/wire-formats.md` names as the reference for the key files: keys and signatures made by
+//! either side are read and verified by the other. These tests fail (not skip) when openssl is missing.
 
 mod common;
 

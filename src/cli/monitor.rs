@@ -114,6 +114,10 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The longest line `--json` prints for one event record; a device's records are a few hundred
+/// bytes, and a longer one is summed up instead of flooding the terminal.
+const MAX_JSON_LINE: usize = 8 * 1024;
+
 fn print_event(seen: &Seen) {
     let record = match serde_json::from_slice::<Value>(&seen.payload) {
         Ok(Value::Object(mut map)) => {
@@ -125,7 +129,42 @@ fn print_event(seen: &Seen) {
             "unreadable": escape_for_log(&String::from_utf8_lossy(&seen.payload), 200),
         }),
     };
-    println!("{record}");
+    let line = terminal_safe_json(&record);
+    if line.len() > MAX_JSON_LINE {
+        let summary = serde_json::json!({"device": seen.device, "oversized": line.len()});
+        println!("{}", terminal_safe_json(&summary));
+    } else {
+        println!("{line}");
+    }
+}
+
+/// JSON with every character outside printable ASCII written as a `\uXXXX` escape: still the
+/// same JSON for a program reading it, but nothing a device sent (bidi overrides, escape
+/// sequences, look-alike letters) reaches the operator's terminal as it is. serde_json already
+/// escapes the C0 controls; DEL and everything non-ASCII are escaped here.
+fn terminal_safe_json(value: &Value) -> String {
+    let text = value.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() && c != '\x7f' {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+/// A sequence number as the table shows it: the number, or (a device sending something else)
+/// its escaped, bounded text.
+fn seq_text(seq: &Value) -> String {
+    match seq.as_u64() {
+        Some(n) => n.to_string(),
+        None => escape_for_log(&seq.to_string(), 12),
+    }
 }
 
 fn update(table: &mut BTreeMap<String, Row>, seen: &Seen) {
@@ -153,13 +192,13 @@ fn update(table: &mut BTreeMap<String, Row>, seen: &Seen) {
             };
             let last = &doc["last_event"];
             if last.is_object() {
-                row.last_event = format!("#{} {}", last["seq"], text(&last["state"]));
+                row.last_event = format!("#{} {}", seq_text(&last["seq"]), text(&last["state"]));
             }
         }
         "events" => {
             row.last_event = format!(
                 "#{} {}{}",
-                doc["seq"],
+                seq_text(&doc["seq"]),
                 text(&doc["state"]),
                 doc["reason"]
                     .as_str()
@@ -195,4 +234,22 @@ fn render(table: &BTreeMap<String, Row>) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_keep_their_meaning_and_lose_what_a_terminal_would_act_on() {
+        let hostile = serde_json::json!({"seq": "\u{202e}1\u{7f}\u{1b}[2J", "state": "\u{1F600}"});
+        let line = terminal_safe_json(&hostile);
+        assert!(line.bytes().all(|b| (0x20..0x7f).contains(&b)), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, hostile);
+        assert_eq!(seq_text(&serde_json::json!(17)), "17");
+        let shown = seq_text(&serde_json::json!("\u{202e}".repeat(1000)));
+        assert!(shown.is_ascii() || shown.ends_with('…'), "{shown}");
+        assert!(shown.chars().count() <= 13, "{shown}");
+    }
 }

@@ -58,6 +58,9 @@ pub struct Status {
     pub subscribed: bool,
     /// Successful connections so far.
     pub connections: u64,
+    /// When the broker last granted the subscription to the release topics, i.e. sent the
+    /// retained releases: the device's latest check for updates.
+    pub last_check: Option<jiff::Timestamp>,
 }
 
 /// Received releases, newest per topic.
@@ -370,6 +373,9 @@ impl Session {
                             "the broker refused the subscription to {topic} ({code:?}); releases sent there will not arrive: check the broker's ACL for this device"
                         );
                     }
+                }
+                if granted {
+                    self.update_status(|s| s.last_check = Some(jiff::Timestamp::now()));
                 }
                 if !self.ready {
                     self.ready = true;

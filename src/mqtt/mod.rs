@@ -1,7 +1,7 @@
 //! The MQTT adapter: the only code that knows MQTT. It owns the connection to the fleet's
 //! broker (rumqttc, MQTT 5), the topic scheme and the payloads; it knows nothing of updates.
 //!
-//! - [`topics`]: the topic scheme of `shared/DESIGN.md`.
+//! - [`topics`]: the topic scheme (`docs/wire-formats.md`).
 //! - [`payload`]: the retained state document and the event records, as JSON.
 //! - [`tls`]: rustls (ring provider) client configuration: pinned CA, mutual TLS, TLS ≥ 1.2.
 //! - [`backoff`]: reconnect back-off with jitter.

@@ -1,4 +1,4 @@
-//! The topic scheme (`shared/DESIGN.md`), in one place. Every topic the agent and the operator
+//! The topic scheme (`docs/wire-formats.md`), in one place. Every topic the agent and the operator
 //! tools use is built here from the prefix, the product's `compatible` and the device id.
 
 /// The prefix when the configuration names none. The `v1` versions the payloads below it.

@@ -1,6 +1,6 @@
 //! Releases: the signed JSON document that announces one update.
 //!
-//! The wire format (README.md, "Releases"): `{"manifest": "<base64 of the exact manifest bytes>",
+//! The wire format (see `docs/wire-formats.md`): `{"manifest": "<base64 of the exact manifest bytes>",
 //! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
 //! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
 //!
@@ -10,10 +10,12 @@
 //! - [`build`]: the operator side — create and sign.
 //! - [`block_index`]: the block index of an image (delta downloads, per-block verification).
 //! - [`index_build`]: the operator side of the block index and its store (feature `operator`).
+//! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
 
 pub mod block_index;
 pub mod build;
 pub mod envelope;
+mod id;
 #[cfg(feature = "operator")]
 pub mod index_build;
 mod json;
@@ -25,6 +27,7 @@ use std::fmt;
 use crate::reason::ReasonCode;
 
 pub use envelope::{Envelope, MAX_RELEASE_SIZE};
+pub use id::{BadReleaseId, ReleaseId};
 pub use manifest::Manifest;
 pub use verify::{Policy, VerifiedRelease, verify};
 
