@@ -10,6 +10,13 @@
 //!    from the slot and from an index, and planning against it; wall time and peak RSS (VmHWM) of
 //!    a child process doing only that, medians of 3.
 //!
+//! 3. Per case, the install itself on loopback (`INSTALL=0` skips it): a child process runs the
+//!    product's `transfer::install_image` against a static file server on 127.0.0.1 that answers
+//!    multi-range requests (tests/common/range_server.rs), the old image as the booted slot and
+//!    an empty inactive slot; beside it the full download of the whole image at zstd -19 into
+//!    the same slot. Bytes downloaded (counted by the server), HTTP requests, wall time, the
+//!    child's CPU time and peak RSS; medians of 3 rounds, interleaved.
+//!
 //! Built stores are cached under target/delta-bench/build/ (a level-19 store of a 320 MiB image
 //! takes minutes on two cores). `CASE=curl` runs one case; `BENCH_SLOT_MIB` sets part 2's size
 //! (0 skips it).
@@ -18,6 +25,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/common/range_server.rs"]
+#[allow(dead_code)]
+mod range_server;
 
 use sha2::{Digest, Sha256};
 use update_agent::delta::lookup::{SlotTable, TableBuilder};
@@ -178,6 +189,10 @@ fn main() {
     println!(
         "(needed: 4 KiB blocks found nowhere in the old image; ideal: zstd -19 of just them; full: the whole new image at zstd -19; single/multi: index + planned ranges for a single-range / 32-range server; req: HTTP requests incl. the index)"
     );
+
+    if std::env::var("INSTALL").as_deref() != Ok("0") {
+        install_part(&dir, scratch.path(), only.as_deref(), params);
+    }
 
     let slot_mib: u64 = std::env::var("BENCH_SLOT_MIB")
         .ok()
@@ -375,8 +390,254 @@ fn device_side(scratch: &Path, mib: u64) {
     std::fs::remove_file(&slot).unwrap();
 }
 
+/// Part 3: installs on loopback, delta and full, in child processes.
+fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StoreParams) {
+    println!(
+        "\ninstall on loopback (server: static files, multi-range; booted slot: base.img; inactive slot: empty; medians of {ROUNDS}):"
+    );
+    println!(
+        "{:<28} {:<6} {:>10} {:>5} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "case", "how", "download", "req", "wall s", "cpu s", "RSS MiB", "x ideal", "x full"
+    );
+    let old = dir.join("base.img");
+    let exe = std::env::current_exe().unwrap();
+    for case in CASES {
+        if only.is_some_and(|o| o != case.new) {
+            continue;
+        }
+        let new = dir.join(format!("{}.img", case.new));
+        let (built, index_file, store_path) = build_cached(dir, case.new, &new, params);
+        let full_zst = zstd_file(&new);
+        // The served directory: links to the cached files.
+        let serve = scratch.join(format!("serve-{}", case.new));
+        let _ = std::fs::remove_dir_all(&serve);
+        std::fs::create_dir_all(&serve).unwrap();
+        let name = format!("{}.img", case.new);
+        std::fs::hard_link(&index_file, serve.join(format!("{name}.index"))).unwrap();
+        std::fs::hard_link(&store_path, serve.join(format!("{name}.store"))).unwrap();
+        std::fs::hard_link(&full_zst, serve.join(format!("{name}.zst"))).unwrap();
+        let server =
+            range_server::RangeServer::start(serve.clone(), range_server::RangeMode::Multi);
+        let size = std::fs::metadata(&new).unwrap().len();
+        let sha256: [u8; 32] = sha256_file(&new);
+        let zst_len = std::fs::metadata(&full_zst).unwrap().len();
+        let mut image = Image {
+            url: server.url(&format!("{name}.zst")),
+            size,
+            sha256: hex::encode(sha256),
+            compression: Some(update_agent::release::manifest::Compression::Zstd),
+            transport_size: Some(zst_len),
+            transport_sha256: Some(hex::encode(sha256_file(&full_zst))),
+            chunks: None,
+        };
+        let full_image = image.clone();
+        image.chunks = Some(ChunkIndexRef {
+            url: server.url(&format!("{name}.index")),
+            sha256: hex::encode(built.index_sha256),
+            chunk_size: u64::from(built.header.block_size),
+        });
+        // The ideal, from a plan against the booted slot as the install makes it.
+        let index = expand(&index_file, &new, &built, scratch);
+        let table = scratch.join("ideal.table");
+        TableBuilder::new(params.block_size)
+            .from_slot(
+                &File::open(&old).unwrap(),
+                std::fs::metadata(&old).unwrap().len(),
+                &[0; 32],
+                &table,
+            )
+            .unwrap();
+        let booted = SlotTable::open(&table).unwrap();
+        let p = plan(
+            &index,
+            Sources {
+                booted: Some(&booted),
+                target: None,
+            },
+            PlanOptions::default(),
+            scratch,
+        )
+        .unwrap();
+        let ideal = ideal_bytes(&new, &index, &p);
+        drop((index, booted, p));
+
+        let mut rows: Vec<(&str, Vec<[f64; 5]>)> =
+            vec![("delta", Vec::new()), ("full", Vec::new())];
+        for _ in 0..ROUNDS {
+            for (how, results) in rows.iter_mut() {
+                let job = scratch.join("job.json");
+                let target = scratch.join("target-slot");
+                let _ = std::fs::remove_file(&target);
+                File::create(&target).unwrap().set_len(size).unwrap();
+                let image = if *how == "delta" { &image } else { &full_image };
+                std::fs::write(
+                    &job,
+                    serde_json::to_vec(&serde_json::json!({
+                        "image": image,
+                        "target": target,
+                        "booted": old,
+                        "work": scratch.join("work"),
+                    }))
+                    .unwrap(),
+                )
+                .unwrap();
+                server.clear_log();
+                let started = Instant::now();
+                let out = Command::new(&exe)
+                    .args(["--child", "install"])
+                    .arg(&job)
+                    .output()
+                    .unwrap();
+                let wall = started.elapsed().as_secs_f64();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let report: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).expect("the child's report");
+                let downloaded: u64 = server.log().iter().map(|l| l.body_bytes).sum();
+                let requests = server.log().len() as f64;
+                results.push([
+                    downloaded as f64,
+                    requests,
+                    wall,
+                    report["cpu"].as_f64().unwrap(),
+                    report["rss_kib"].as_f64().unwrap() / 1024.0,
+                ]);
+                let _ = std::fs::remove_file(&target);
+            }
+        }
+        for (how, results) in &rows {
+            let median = |k: usize| {
+                let mut v: Vec<f64> = results.iter().map(|r| r[k]).collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v[v.len() / 2]
+            };
+            let bytes = median(0);
+            println!(
+                "{:<28} {:<6} {:>10} {:>5} {:>8.2} {:>8.2} {:>8.1} {:>9} {:>9.3}",
+                case.label,
+                how,
+                mb(bytes as u64),
+                median(1),
+                median(2),
+                median(3),
+                median(4),
+                if ideal == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.2}", bytes / ideal as f64)
+                },
+                bytes / zst_len as f64,
+            );
+        }
+        println!(
+            "{:<28} ideal {} (zstd -19 of the blocks found nowhere locally), full {} (zstd -19 of the image), index {}",
+            "",
+            mb(ideal),
+            mb(zst_len),
+            mb(built.index_size)
+        );
+        drop(server);
+        std::fs::remove_dir_all(&serve).unwrap();
+    }
+    println!(
+        "(download: body bytes the server sent, index and probe included; req: HTTP requests; cpu: the installing process's user+system time; the images are in the page cache)"
+    );
+}
+
+fn sha256_file(path: &Path) -> [u8; 32] {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut file = File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hasher.finalize().into()
+}
+
+/// The whole image at zstd -19 as a file (cached beside the builds).
+fn zstd_file(image: &Path) -> PathBuf {
+    let out = image.parent().unwrap().join("build").join(format!(
+        "{}.zst",
+        image.file_name().unwrap().to_string_lossy()
+    ));
+    if !out.exists() {
+        let part = out.with_extension("zst.part");
+        let status = Command::new("zstd")
+            .args(["-19", "-T2", "-q", "-f", "-o"])
+            .arg(&part)
+            .arg(image)
+            .status()
+            .expect("zstd");
+        assert!(status.success());
+        std::fs::rename(&part, &out).unwrap();
+    }
+    out
+}
+
+/// The child of part 3: one install, then its CPU time and peak RSS as JSON.
+fn child_install(job: &Path) {
+    let job: serde_json::Value = serde_json::from_slice(&std::fs::read(job).unwrap()).unwrap();
+    let image: Image = serde_json::from_value(job["image"].clone()).unwrap();
+    let path = |k: &str| PathBuf::from(job[k].as_str().unwrap());
+    let size = image.size;
+    let mut req = update_agent::transfer::WriteRequest::new(image, path("target"), size);
+    req.delta = Some(update_agent::transfer::DeltaSettings {
+        work_dir: path("work"),
+        booted: Some(update_agent::transfer::BootedSlot {
+            path: path("booted"),
+            key: None,
+        }),
+        full_download_fallback: false,
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stats = runtime
+        .block_on(update_agent::transfer::install_image_with_stats(
+            &req,
+            &mut |_| Ok(()),
+        ))
+        .unwrap()
+        .1;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    println!(
+        "{}",
+        serde_json::json!({
+            "cpu": secs(usage.user_time()) + secs(usage.system_time()),
+            "rss_kib": peak_rss_kib(),
+            "delta": stats.is_some(),
+        })
+    );
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
 /// Prints the peak RSS in KiB after doing one thing.
 fn child(args: &[String]) {
+    if args[0] == "install" {
+        child_install(Path::new(&args[1]));
+        return;
+    }
     let scratch = Path::new(&args[1]);
     let slot = scratch.join("slot");
     let table = scratch.join(format!("child-{}.table", args[0]));

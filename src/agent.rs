@@ -665,6 +665,7 @@ impl Agent {
             stall_timeout: request.stall_timeout,
             connect_timeout: request.connect_timeout,
             extra_roots: request.extra_roots.clone(),
+            max_rate: request.max_rate,
         };
         let mut attempt = 1;
         loop {
@@ -682,6 +683,14 @@ impl Agent {
                         TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
                         TransferEvent::Verifying => {
                             crash.point("readback:before");
+                            return Ok(());
+                        }
+                        TransferEvent::Downloaded {
+                            downloaded,
+                            expected,
+                        } => {
+                            crash.bytes_downloaded(downloaded);
+                            tracing::debug!("delta: {downloaded} of {expected} bytes downloaded");
                             return Ok(());
                         }
                     };
@@ -763,6 +772,33 @@ impl Agent {
         request.resume_from = resume_from;
         request.checkpoint_interval = self.config.install.checkpoint_interval;
         request.stall_timeout = self.config.install.stall_timeout;
+        request.max_rate = self.config.install.max_rate;
+        // A delta reads the local slots: only where this process may (no split). Under the
+        // split the daemon never opens a slot, and the installer is sent the whole image.
+        if self.config.install.delta && matches!(self.privileged, Privileged::InProcess(_)) {
+            let booted = self
+                .config
+                .slot_by_bootname(booted)
+                .filter(|_| !booted.is_empty())
+                .map(|slot| transfer::BootedSlot {
+                    path: slot.device.clone(),
+                    // A booted slot does not change under the running system: its table holds
+                    // for this boot (and only proposes candidates, each checked before use).
+                    key: system::boot_id(&self.config).ok().map(|id| {
+                        use sha2::Digest;
+                        let mut hasher = sha2::Sha256::new();
+                        hasher.update(b"booted slot table\0");
+                        hasher.update(id.as_str().as_bytes());
+                        hasher.update(slot.device.as_os_str().as_encoded_bytes());
+                        hasher.finalize().into()
+                    }),
+                });
+            request.delta = Some(transfer::DeltaSettings {
+                work_dir: self.config.device.state_dir.join("delta"),
+                booted,
+                full_download_fallback: self.config.install.full_download_fallback,
+            });
+        }
         Ok(request)
     }
 
@@ -982,6 +1018,8 @@ impl CrashPoints {
     fn checkpoint_persisted(&self) {}
 
     fn bytes_written(&self, _written: u64) {}
+
+    fn bytes_downloaded(&self, _downloaded: u64) {}
 }
 
 #[cfg(feature = "test-hooks")]
@@ -1009,6 +1047,18 @@ impl CrashPoints {
             && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
         {
             crash(&format!("bytes:{limit}"));
+        }
+    }
+
+    /// `downloaded:N`: a delta update's download reached N bytes (index and store ranges).
+    fn bytes_downloaded(&self, downloaded: u64) {
+        if let Some(limit) = self
+            .at
+            .as_deref()
+            .and_then(|at| at.strip_prefix("downloaded:"))
+            && limit.parse::<u64>().is_ok_and(|limit| downloaded >= limit)
+        {
+            crash(&format!("downloaded:{limit}"));
         }
     }
 }

@@ -268,6 +268,17 @@ pub struct Install {
     /// A download that delivers no byte for this long fails.
     #[serde(default = "default_stall_timeout", with = "seconds")]
     pub stall_timeout: Duration,
+    /// Delta updates: when the release has a block index, reuse the blocks the device already
+    /// holds (booted and inactive slot) and fetch only the others with HTTP Range requests.
+    #[serde(default = "yes")]
+    pub delta: bool,
+    /// Bandwidth cap for image downloads, in bytes per second (none when absent).
+    #[serde(default)]
+    pub max_rate: Option<u64>,
+    /// When a delta update is not possible (the server ignores Range requests, the block index
+    /// is refused), download the whole image instead of refusing. Off: the data budget holds.
+    #[serde(default)]
+    pub full_download_fallback: bool,
 }
 
 impl Default for Install {
@@ -275,6 +286,9 @@ impl Default for Install {
         Install {
             checkpoint_interval: default_checkpoint_interval(),
             stall_timeout: default_stall_timeout(),
+            delta: true,
+            max_rate: None,
+            full_download_fallback: false,
         }
     }
 }

@@ -477,6 +477,8 @@ impl Installer {
                 TransferEvent::Progress { written, total } => Reply::Progress { written, total },
                 TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
                 TransferEvent::Verifying => Reply::Verifying,
+                // The stream carries the whole image: the installer downloads nothing.
+                TransferEvent::Downloaded { .. } => return Ok(()),
             })
         };
         if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {

@@ -35,6 +35,8 @@ pub struct FetchSettings {
     pub stall_timeout: Duration,
     pub connect_timeout: Duration,
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Bandwidth cap, bytes per second.
+    pub max_rate: Option<u64>,
 }
 
 /// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
@@ -86,6 +88,7 @@ pub async fn send_image(
             writer::run_sink(out, config, queue_rx, written, checkpoints)
         })
     };
+    let mut rate = super::RateLimit::new(settings.max_rate);
     let failure = async {
         loop {
             let Some(mut chunk) = source.next_chunk().await? else {
@@ -100,9 +103,11 @@ pub async fn send_image(
                     continue;
                 }
             }
+            let len = chunk.len() as u64;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }
+            rate.take(len).await;
         }
     }
     .await

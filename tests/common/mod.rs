@@ -7,6 +7,7 @@
 pub use update_agent::bootloader::simulator as boot_sim;
 
 pub mod http;
+pub mod range_server;
 mod releases;
 pub use releases::*;
 
