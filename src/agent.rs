@@ -666,6 +666,12 @@ impl Agent {
             connect_timeout: request.connect_timeout,
             extra_roots: request.extra_roots.clone(),
             max_rate: request.max_rate,
+            delta_work_dir: self
+                .config
+                .install
+                .delta
+                .then(|| self.config.device.state_dir.join("delta")),
+            full_download_fallback: self.config.install.full_download_fallback,
         };
         let mut attempt = 1;
         loop {
@@ -773,8 +779,8 @@ impl Agent {
         request.checkpoint_interval = self.config.install.checkpoint_interval;
         request.stall_timeout = self.config.install.stall_timeout;
         request.max_rate = self.config.install.max_rate;
-        // A delta reads the local slots: only where this process may (no split). Under the
-        // split the daemon never opens a slot, and the installer is sent the whole image.
+        // A delta reads the local slots: here only where this process owns them (no split).
+        // Under the split the installer reads them and the daemon fetches what it asks for.
         if self.config.install.delta && matches!(self.privileged, Privileged::InProcess(_)) {
             let booted = self
                 .config
@@ -784,14 +790,9 @@ impl Agent {
                     path: slot.device.clone(),
                     // A booted slot does not change under the running system: its table holds
                     // for this boot (and only proposes candidates, each checked before use).
-                    key: system::boot_id(&self.config).ok().map(|id| {
-                        use sha2::Digest;
-                        let mut hasher = sha2::Sha256::new();
-                        hasher.update(b"booted slot table\0");
-                        hasher.update(id.as_str().as_bytes());
-                        hasher.update(slot.device.as_os_str().as_encoded_bytes());
-                        hasher.finalize().into()
-                    }),
+                    key: system::boot_id(&self.config)
+                        .ok()
+                        .map(|id| transfer::booted_table_key(id.as_str(), &slot.device)),
                 });
             request.delta = Some(transfer::DeltaSettings {
                 work_dir: self.config.device.state_dir.join("delta"),

@@ -149,7 +149,7 @@ pub(crate) async fn install(
     let planned = {
         let index = index.clone();
         tokio::task::spawn_blocking(move || {
-            make_plan(&index, &target_path, capacity, booted, &work_dir, size)
+            make_plan(&index, &target_path, capacity, booted, &work_dir, size, 1)
         })
         .await
         .map_err(join_error)??
@@ -283,46 +283,29 @@ pub(crate) async fn install(
                 spool,
                 offsets,
                 fetched,
-                store,
-                runtime,
+                store: Some((store, runtime)),
                 extra,
                 extra_requests,
             };
-            let mut sink = SlotSink {
-                file: &target.file,
-                path: &path,
-                block_size: u64::from(index.header().block_size),
-                size,
-                buf: Vec::with_capacity(WRITE_BUFFER),
-                buf_start: 0,
-                interval: checkpoint_interval,
-                next_checkpoint: checkpoint_interval,
-                written,
-                checkpoints: checkpoint_tx,
-                error: None,
-            };
-            let locals = Locals {
-                booted: booted.file.as_ref().map(|f| f as &dyn LocalSlot),
-                target: Some(&target.file as &dyn LocalSlot),
-            };
-            let result =
-                assemble::assemble(&plan, &index, locals, &mut frames, &mut |block, write| {
-                    sink.put(block, write)
-                });
-            let stats = match result {
-                Ok(stats) => stats,
-                Err(AssembleError::Sink { .. }) if sink.error.is_some() => {
-                    // Keep what was written: a resume finds it in place.
-                    let _ = sink.finish();
-                    return Err(sink.error.take().expect("checked"));
-                }
-                Err(e) => {
-                    let _ = sink.finish();
-                    return Err(assembly_error(e, &path, &frames.store.shown));
+            let mut notify = |note: SinkNote| match note {
+                SinkNote::Written(done) => written.store(done, Ordering::Relaxed),
+                SinkNote::Checkpoint(durable) => {
+                    let _ = checkpoint_tx.send(durable);
                 }
             };
-            sink.finish()?;
-            Ok(stats)
+            assemble_into_slot(
+                &index,
+                &plan,
+                &target.file,
+                booted.file.as_ref(),
+                &mut frames,
+                SinkParams {
+                    path: &path,
+                    size,
+                    checkpoint_interval,
+                },
+                &mut notify,
+            )
         })
     };
     let mut reporter = Reporter {
@@ -659,6 +642,7 @@ fn make_plan(
     booted: Option<BootedSlot>,
     work_dir: &Path,
     size: u64,
+    ranges_per_request: usize,
 ) -> Result<Planned, DeltaFailure> {
     let block_size = index.header().block_size;
     let builder = TableBuilder::new(block_size);
@@ -729,7 +713,7 @@ fn make_plan(
         target: target_table.as_deref(),
     };
     let full = u64::MAX;
-    let plan = planner::plan(index, sources, options(1, full), work_dir)
+    let plan = planner::plan(index, sources, options(ranges_per_request, full), work_dir)
         .map_err(io_error("plan the delta"))?;
     Ok(Planned {
         target: Opened {
@@ -758,8 +742,10 @@ struct SpoolFrames {
     spool: File,
     offsets: Vec<u64>,
     fetched: Vec<bool>,
-    store: Store,
-    runtime: tokio::runtime::Handle,
+    /// Where a frame the plan did not fetch comes from; `None` under the split, where the
+    /// installer has no network: such a frame fails the attempt (transiently: a new plan
+    /// follows).
+    store: Option<(Store, tokio::runtime::Handle)>,
     /// Bytes downloaded for frames the plan did not fetch, and the requests for them.
     extra: Arc<AtomicU64>,
     extra_requests: Arc<AtomicU64>,
@@ -778,6 +764,11 @@ impl FrameSource for SpoolFrames {
             }
         };
         if !self.fetched[f] {
+            let Some((store, runtime)) = &self.store else {
+                return Err(io::Error::other(format!(
+                    "frame {frame} of the block store was not fetched (a local block changed while the image was assembled)"
+                )));
+            };
             let request = Request {
                 ranges: vec![planner::StoreRange {
                     offset: start,
@@ -786,8 +777,8 @@ impl FrameSource for SpoolFrames {
                 }],
             };
             let mut counted = 0;
-            self.runtime
-                .block_on(self.store.fetch(&request, &self.spool, &mut |n| {
+            runtime
+                .block_on(store.fetch(&request, &self.spool, &mut |n| {
                     counted += n;
                     n
                 }))
@@ -813,9 +804,73 @@ struct SlotSink<'a> {
     buf_start: u64,
     interval: u64,
     next_checkpoint: u64,
-    written: Arc<AtomicU64>,
-    checkpoints: std::sync::mpsc::Sender<u64>,
+    done: u64,
+    notify: &'a mut dyn FnMut(SinkNote),
     error: Option<TransferError>,
+}
+
+/// What the sink tells: image bytes in place so far, and checkpoints (after `fdatasync`).
+enum SinkNote {
+    Written(u64),
+    Checkpoint(u64),
+}
+
+/// Where the sink writes.
+struct SinkParams<'a> {
+    path: &'a Path,
+    size: u64,
+    checkpoint_interval: u64,
+}
+
+/// Carries the plan out into the target slot: verified blocks written in runs, checkpoints.
+/// What was written stays on failure (synced): a resume finds it in place.
+fn assemble_into_slot(
+    index: &IndexFile,
+    plan: &planner::Plan,
+    target: &File,
+    booted: Option<&File>,
+    frames: &mut SpoolFrames,
+    params: SinkParams<'_>,
+    notify: &mut dyn FnMut(SinkNote),
+) -> Result<assemble::AssemblyStats, TransferError> {
+    let mut sink = SlotSink {
+        file: target,
+        path: params.path,
+        block_size: u64::from(index.header().block_size),
+        size: params.size,
+        buf: Vec::with_capacity(WRITE_BUFFER),
+        buf_start: 0,
+        interval: params.checkpoint_interval,
+        next_checkpoint: params.checkpoint_interval,
+        done: 0,
+        notify,
+        error: None,
+    };
+    let locals = Locals {
+        booted: booted.map(|f| f as &dyn LocalSlot),
+        target: Some(target as &dyn LocalSlot),
+    };
+    let result = assemble::assemble(plan, index, locals, frames, &mut |block, write| {
+        sink.put(block, write)
+    });
+    match result {
+        Ok(stats) => {
+            sink.finish()?;
+            Ok(stats)
+        }
+        Err(AssembleError::Sink { .. }) if sink.error.is_some() => {
+            let _ = sink.finish();
+            Err(sink.error.take().expect("checked"))
+        }
+        Err(e) => {
+            let _ = sink.finish();
+            let shown = match &frames.store {
+                Some((store, _)) => store.shown.clone(),
+                None => "the block store (sent by the daemon)".to_string(),
+            };
+            Err(assembly_error(e, params.path, &shown))
+        }
+    }
 }
 
 impl SlotSink<'_> {
@@ -850,11 +905,12 @@ impl SlotSink<'_> {
             }
         }
         let done = (at + self.block_size).min(self.size);
-        self.written.store(done, Ordering::Relaxed);
+        self.done = done;
+        (self.notify)(SinkNote::Written(done));
         if self.interval > 0 && done >= self.next_checkpoint && done < self.size {
             self.flush()?;
             self.file.sync_data()?;
-            let _ = self.checkpoints.send(done);
+            (self.notify)(SinkNote::Checkpoint(done));
             self.next_checkpoint = (done / self.interval + 1) * self.interval;
         }
         Ok(())
@@ -872,9 +928,542 @@ impl SlotSink<'_> {
         self.flush()
             .and_then(|()| self.file.sync_data())
             .map_err(|e| TransferError::slot_io(self.path, "write", e))?;
-        let done = self.written.load(Ordering::Relaxed);
-        let _ = self.checkpoints.send(done);
+        (self.notify)(SinkNote::Checkpoint(self.done));
         Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The least-privilege split: the installer (root) reads the slots and makes the plan, the daemon
+// fetches. Over the image stream socket (both ways): the daemon sends the served index
+// (`u64` LE length, the bytes); the installer answers with the ranges to fetch (`u32` LE count
+// of requests, each a `u32` count of ranges and per range `u64` offset and `u64` length); the
+// daemon sends the ranges' bytes back to back, in that order. The installer checks the index
+// against its own verified manifest and every block against the index, as without the split.
+
+/// What the installer writes where, from its own verified release.
+#[derive(Debug, Clone)]
+pub struct DeltaStreamRequest {
+    pub image: crate::release::manifest::Image,
+    pub slot_path: PathBuf,
+    pub slot_capacity: u64,
+    pub checkpoint_interval: u64,
+    pub stall_timeout: Duration,
+    /// The installer's own work directory (root's).
+    pub work_dir: PathBuf,
+    pub booted: Option<BootedSlot>,
+    /// What the daemon found the server to answer: 1, or more for multi-range requests.
+    pub ranges_per_request: usize,
+}
+
+/// The key a booted slot's table is cached under: it holds for one boot of one device path (a
+/// booted slot does not change under the running system, and a table only proposes).
+pub fn booted_table_key(boot_id: &str, device: &Path) -> TableKey {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"booted slot table\0");
+    hasher.update(boot_id.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(device.as_os_str().as_encoded_bytes());
+    hasher.finalize().into()
+}
+
+/// Most ranges a request may hold on the wire.
+pub const MAX_RANGES_PER_REQUEST: usize = 64;
+
+/// The installer's side: reads the index from `stream`, plans against the local slots, asks
+/// for the ranges, writes the verified blocks, reads the slot back. Blocking.
+pub fn receive_delta(
+    req: &DeltaStreamRequest,
+    stream: &File,
+    events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
+) -> Result<(Written, DeltaStats), TransferError> {
+    let image = &req.image;
+    let chunks = image
+        .chunks
+        .as_ref()
+        .ok_or_else(|| TransferError::BadImage {
+            url: esc(&image.url),
+            detail: "a delta needs the image's block index (chunks)".into(),
+        })?;
+    let sha256 = super::decode_sha256(&image.sha256).ok_or_else(|| TransferError::BadImage {
+        url: esc(&image.url),
+        detail: "sha256 is not 64 hex digits".into(),
+    })?;
+    let shown = "the daemon's stream".to_string();
+    let wire = |detail: String| TransferError::Download {
+        url: shown.clone(),
+        detail,
+    };
+    prepare_work_dir(&req.work_dir)
+        .map_err(|e| TransferError::slot_io(&req.work_dir, "create the work directory", e))?;
+    let mut stats = DeltaStats::default();
+    let mut reader = StreamReader {
+        stream,
+        stall: req.stall_timeout,
+        shown: &shown,
+    };
+
+    // The index, bounded by what one for this image can be.
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    let cap = index_cap(image.size, chunks.chunk_size);
+    if len > cap {
+        return Err(wire(format!(
+            "an index of {len} bytes, more than one for this image can be ({cap})"
+        )));
+    }
+    let mut download = tempfile::tempfile_in(&req.work_dir)
+        .map_err(|e| TransferError::slot_io(&req.work_dir, "make a file for the index", e))?;
+    let mut left = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        reader.read_exact(&mut buf[..n])?;
+        io::Write::write_all(&mut download, &buf[..n])
+            .map_err(|e| TransferError::slot_io(&req.work_dir, "write the index", e))?;
+        left -= n as u64;
+    }
+    stats.index_bytes = len;
+    io::Seek::rewind(&mut download)
+        .map_err(|e| TransferError::slot_io(&req.work_dir, "read the index", e))?;
+    let dest = req
+        .work_dir
+        .join(format!("{}.index", chunks.sha256.to_ascii_lowercase()));
+    let index = match block_index::expand(BufReader::new(download), image, chunks, &dest) {
+        Ok(index) => index,
+        Err(IndexError::Refused(refusal)) => {
+            return Err(TransferError::BlockIndex {
+                url: esc(&chunks.url),
+                refusal,
+            });
+        }
+        Err(IndexError::Io { context, source }) => {
+            return Err(TransferError::slot_io(
+                &req.work_dir,
+                "expand the block index",
+                io::Error::other(format!("{context}: {source}")),
+            ));
+        }
+    };
+
+    // The plan, against the slots this process may read.
+    let per_request = req.ranges_per_request.clamp(1, MAX_RANGES_PER_REQUEST);
+    let Planned {
+        target,
+        booted,
+        plan,
+    } = match make_plan(
+        &index,
+        &req.slot_path,
+        req.slot_capacity,
+        req.booted.clone(),
+        &req.work_dir,
+        image.size,
+        per_request,
+    ) {
+        Ok(planned) => planned,
+        Err(DeltaFailure::Failed(e) | DeltaFailure::Unavailable(e)) => return Err(e),
+        Err(DeltaFailure::NotWorthIt(_)) => unreachable!("make_plan does not weigh the plan"),
+    };
+    stats.summary = *plan.summary();
+    let requests: Vec<Request> = plan
+        .requests()
+        .collect::<io::Result<_>>()
+        .map_err(|e| TransferError::slot_io(&req.work_dir, "read the plan", e))?;
+    let mut list = Vec::new();
+    list.extend_from_slice(&(requests.len() as u32).to_le_bytes());
+    for request in &requests {
+        list.extend_from_slice(&(request.ranges.len() as u32).to_le_bytes());
+        for range in &request.ranges {
+            list.extend_from_slice(&range.offset.to_le_bytes());
+            list.extend_from_slice(&range.len.to_le_bytes());
+        }
+    }
+    crate::installer::send_all(stream, &list)
+        .map_err(|e| wire(format!("cannot send the ranges: {e}")))?;
+
+    // The ranges' bytes, into the spool.
+    let spool = tempfile::tempfile_in(&req.work_dir)
+        .map_err(|e| TransferError::slot_io(&req.work_dir, "make a spool file", e))?;
+    let mut fetched = vec![false; index.header().frame_count as usize];
+    for request in &requests {
+        stats.requests += 1;
+        for range in &request.ranges {
+            let mut left = range.len;
+            let mut at = range.offset;
+            while left > 0 {
+                let n = (left as usize).min(buf.len());
+                reader.read_exact(&mut buf[..n])?;
+                spool
+                    .write_all_at(&buf[..n], at)
+                    .map_err(|e| TransferError::slot_io(&req.work_dir, "write the spool", e))?;
+                at += n as u64;
+                left -= n as u64;
+            }
+            stats.downloaded += range.len;
+            for frame in range.frames.clone() {
+                fetched[frame as usize] = true;
+            }
+        }
+    }
+
+    // The assembly, here.
+    let offsets = frame_offsets(&index)
+        .map_err(|e| TransferError::slot_io(&req.slot_path, "read the block index", e))?;
+    let mut frames = SpoolFrames {
+        spool,
+        offsets,
+        fetched,
+        store: None,
+        extra: Arc::new(AtomicU64::new(0)),
+        extra_requests: Arc::new(AtomicU64::new(0)),
+    };
+    let mut last_progress = Instant::now();
+    let mut failed: Option<io::Error> = None;
+    let mut notify = |note: SinkNote| {
+        let event = match note {
+            SinkNote::Written(done) => {
+                if last_progress.elapsed() < super::PROGRESS_INTERVAL {
+                    return;
+                }
+                last_progress = Instant::now();
+                TransferEvent::Progress {
+                    written: done,
+                    total: image.size,
+                }
+            }
+            SinkNote::Checkpoint(durable) => TransferEvent::Checkpoint { durable },
+        };
+        if failed.is_none()
+            && let Err(e) = events(event)
+        {
+            failed = Some(e);
+        }
+    };
+    let assembled = assemble_into_slot(
+        &index,
+        &plan,
+        &target.file,
+        booted.file.as_ref(),
+        &mut frames,
+        SinkParams {
+            path: &req.slot_path,
+            size: image.size,
+            checkpoint_interval: req.checkpoint_interval,
+        },
+        &mut notify,
+    );
+    if let Some(source) = failed {
+        return Err(TransferError::Cancelled { source });
+    }
+    stats.assembly = assembled?;
+    call(
+        events,
+        TransferEvent::Progress {
+            written: image.size,
+            total: image.size,
+        },
+    )?;
+    call(events, TransferEvent::Verifying)?;
+    super::verify_slot(&req.slot_path, image.size, &sha256)?;
+    Ok((
+        Written {
+            bytes: image.size,
+            sha256,
+        },
+        stats,
+    ))
+}
+
+/// Reads the stream socket: each wait bounded by the stall timeout, never a blocking read.
+struct StreamReader<'a> {
+    stream: &'a File,
+    stall: Duration,
+    shown: &'a str,
+}
+
+impl StreamReader<'_> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransferError> {
+        use std::os::fd::AsRawFd;
+        let mut filled = 0;
+        while filled < buf.len() {
+            super::stream::wait_readable(self.stream, self.stall, self.shown, filled as u64)?;
+            match nix::sys::socket::recv(
+                self.stream.as_raw_fd(),
+                &mut buf[filled..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    return Err(TransferError::Download {
+                        url: self.shown.to_string(),
+                        detail: "the stream ended early".into(),
+                    });
+                }
+                Ok(n) => filled += n,
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(e) => {
+                    return Err(TransferError::Download {
+                        url: self.shown.to_string(),
+                        detail: format!("cannot read: {e}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most a served index can be for an image: header, dictionary, one hash, one section byte
+/// and one frame size per block, and zstd's worst case on top.
+fn index_cap(size: u64, chunk_size: u64) -> u64 {
+    let blocks = size.div_ceil(chunk_size.max(1));
+    let raw = u64::from(MAX_DICTIONARY_SIZE) + blocks * (32 + 1 + 4);
+    block_index::MAX_HEADER_LEN as u64 + raw + raw / 128 + 4096
+}
+
+/// What the daemon found before it asks the installer for a delta.
+pub struct DeltaOffer {
+    index: File,
+    index_len: u64,
+    store: Store,
+    pub ranges_per_request: usize,
+}
+
+/// The daemon's side, before the installer is asked: the index downloaded and checked against
+/// the manifest's hash (so that a bad one falls back, or fails, before the slot is touched),
+/// the store's Range support probed.
+pub async fn offer_delta(
+    image: &crate::release::manifest::Image,
+    settings: &super::FetchSettings,
+    work_dir: &Path,
+) -> Result<DeltaOffer, TransferError> {
+    use sha2::Digest;
+    let chunks = image
+        .chunks
+        .as_ref()
+        .ok_or_else(|| TransferError::BadImage {
+            url: esc(&image.url),
+            detail: "no block index".into(),
+        })?;
+    prepare_work_dir(work_dir)
+        .map_err(|e| TransferError::slot_io(work_dir, "create the work directory", e))?;
+    let http = HttpOptions {
+        connect_timeout: settings.connect_timeout,
+        stall_timeout: settings.stall_timeout,
+        extra_roots: &settings.extra_roots,
+    };
+    let url = parse_url(&chunks.url)?;
+    let shown = esc(url.as_str());
+    let cap = index_cap(image.size, chunks.chunk_size);
+    let mut file = tempfile::tempfile_in(work_dir)
+        .map_err(|e| TransferError::slot_io(work_dir, "make a file for the index", e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut head = Vec::new();
+    let len = download_whole(&url, &http, cap, &mut |chunk| {
+        hasher.update(chunk);
+        if head.len() < block_index::MAX_HEADER_LEN {
+            let take = (block_index::MAX_HEADER_LEN - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+        }
+        io::Write::write_all(&mut file, chunk)
+            .map_err(|e| TransferError::slot_io(work_dir, "write the index", e))
+    })
+    .await?;
+    let actual = hex::encode(hasher.finalize());
+    if !actual.eq_ignore_ascii_case(&chunks.sha256) {
+        return Err(TransferError::BlockIndex {
+            url: shown,
+            refusal: crate::release::Refusal::new(
+                crate::reason::ReasonCode::HashMismatch,
+                format!(
+                    "block index: its SHA-256 is {actual}, the signed manifest says {}",
+                    chunks.sha256
+                ),
+            ),
+        });
+    }
+    let header =
+        block_index::IndexHeader::parse(&head).map_err(|refusal| TransferError::BlockIndex {
+            url: shown.clone(),
+            refusal,
+        })?;
+    let store_url = url
+        .join(&header.store_name)
+        .map_err(|e| TransferError::UnsupportedUrl {
+            url: shown.clone(),
+            detail: format!("the store's url cannot be made: {e}"),
+        })?;
+    let store = Store::new(&store_url, &http)?;
+    let support = store.probe(header.store_size, &mut |n| n).await?;
+    let ranges_per_request = match support {
+        RangeSupport::Multi => MULTI_RANGES,
+        RangeSupport::Single => 1,
+        RangeSupport::None(answer) => {
+            return Err(TransferError::RangeUnsupported {
+                url: store.shown.clone(),
+                answer,
+            });
+        }
+    };
+    io::Seek::rewind(&mut file)
+        .map_err(|e| TransferError::slot_io(work_dir, "read the index", e))?;
+    Ok(DeltaOffer {
+        index: file,
+        index_len: len,
+        store,
+        ranges_per_request,
+    })
+}
+
+/// The daemon's side, once the installer took the request: sends the index, reads the ranges
+/// the installer asks for, fetches them and sends their bytes. Returns the bytes downloaded.
+pub async fn serve_delta(
+    offer: DeltaOffer,
+    stream: std::os::unix::net::UnixStream,
+    work_dir: &Path,
+    max_rate: Option<u64>,
+) -> Result<u64, TransferError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let shown = "the installer's stream";
+    let lost = |e: io::Error| TransferError::Download {
+        url: shown.to_string(),
+        detail: format!("the installer's stream broke: {e}"),
+    };
+    stream.set_nonblocking(true).map_err(lost)?;
+    let mut stream = tokio::net::UnixStream::from_std(stream).map_err(lost)?;
+    let DeltaOffer {
+        index,
+        index_len,
+        store,
+        ..
+    } = offer;
+    stream
+        .write_all(&index_len.to_le_bytes())
+        .await
+        .map_err(lost)?;
+    let mut index = tokio::fs::File::from_std(index);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = index.read(&mut buf).await.map_err(lost)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n]).await.map_err(lost)?;
+    }
+    // The ranges, bounded: no more requests than the index has frames, no more ranges each
+    // than the wire allows.
+    let count = stream.read_u32_le().await.map_err(lost)? as usize;
+    if count > 1 << 22 {
+        return Err(lost(io::Error::other(format!(
+            "{count} requests asked for"
+        ))));
+    }
+    let mut requests = Vec::with_capacity(count.min(4096));
+    for _ in 0..count {
+        let n = stream.read_u32_le().await.map_err(lost)? as usize;
+        if n == 0 || n > MAX_RANGES_PER_REQUEST {
+            return Err(lost(io::Error::other(format!("a request of {n} ranges"))));
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            let offset = stream.read_u64_le().await.map_err(lost)?;
+            let len = stream.read_u64_le().await.map_err(lost)?;
+            ranges.push(planner::StoreRange {
+                offset,
+                len,
+                frames: 0..0,
+            });
+        }
+        requests.push(Request { ranges });
+    }
+    let spool = tempfile::tempfile_in(work_dir)
+        .map_err(|e| TransferError::slot_io(work_dir, "make a spool file", e))?;
+    let mut rate = RateLimit::new(max_rate);
+    let mut downloaded = index_len;
+    for request in &requests {
+        store
+            .fetch(request, &spool, &mut |n| {
+                downloaded += n;
+                n
+            })
+            .await?;
+        rate.take(request.bytes()).await;
+        for range in &request.ranges {
+            let mut at = range.offset;
+            let end = range.end();
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                spool
+                    .read_exact_at(&mut buf[..n], at)
+                    .map_err(|e| TransferError::slot_io(work_dir, "read the spool", e))?;
+                stream.write_all(&buf[..n]).await.map_err(lost)?;
+                at += n as u64;
+            }
+        }
+    }
+    stream.flush().await.map_err(lost)?;
+    Ok(downloaded)
+}
+
+/// Downloads a whole (small) file, at most `cap` bytes, handing each chunk on.
+async fn download_whole(
+    url: &Url,
+    http: &HttpOptions<'_>,
+    cap: u64,
+    each: &mut (dyn FnMut(&[u8]) -> Result<(), TransferError> + Send),
+) -> Result<u64, TransferError> {
+    let shown = esc(url.as_str());
+    match url.scheme() {
+        "file" => {
+            let path = url
+                .to_file_path()
+                .map_err(|()| TransferError::UnsupportedUrl {
+                    url: shown.clone(),
+                    detail: "a file url must name an absolute local path".into(),
+                })?;
+            let bytes = std::fs::read(&path).map_err(|e| TransferError::Download {
+                url: shown.clone(),
+                detail: format!("cannot read: {e}"),
+            })?;
+            check_cap(bytes.len() as u64, cap, &shown)?;
+            each(&bytes)?;
+            Ok(bytes.len() as u64)
+        }
+        "http" | "https" => {
+            let client = source::client(url, &shown, http)?;
+            let response = send(
+                client.get(url.clone()).header(ACCEPT_ENCODING, "identity"),
+                &shown,
+                http.stall_timeout,
+            )
+            .await?;
+            if response.status().as_u16() != 200 {
+                return Err(TransferError::HttpStatus {
+                    url: shown,
+                    status: response.status().as_u16(),
+                });
+            }
+            let mut body = Body {
+                response,
+                shown: shown.clone(),
+                stall: http.stall_timeout,
+                received: 0,
+            };
+            while let Some(chunk) = body.next().await? {
+                check_cap(body.received, cap, &shown)?;
+                each(&chunk)?;
+            }
+            Ok(body.received)
+        }
+        other => Err(TransferError::UnsupportedUrl {
+            url: shown,
+            detail: format!(
+                "the scheme {:?} is not one of https, http, file",
+                esc(other)
+            ),
+        }),
     }
 }
 

@@ -64,7 +64,10 @@ use url::Url;
 
 use crate::release::manifest::{Compression, Image};
 
-pub use delta::{BootedSlot, DeltaSettings, DeltaStats};
+pub use delta::{
+    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, booted_table_key,
+    offer_delta, receive_delta, serve_delta,
+};
 pub use error::TransferError;
 pub use readback::verify_slot;
 pub use source::MAX_REDIRECTS;

@@ -37,6 +37,11 @@ pub struct FetchSettings {
     pub extra_roots: Vec<CertificateDer<'static>>,
     /// Bandwidth cap, bytes per second.
     pub max_rate: Option<u64>,
+    /// Delta updates under the split: where the daemon keeps the index and its spool (`None`:
+    /// the whole image is sent).
+    pub delta_work_dir: Option<PathBuf>,
+    /// A delta that is not possible sends the whole image instead of failing.
+    pub full_download_fallback: bool,
 }
 
 /// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
@@ -295,7 +300,7 @@ impl SlotStream {
     }
 }
 
-fn wait_readable(
+pub(super) fn wait_readable(
     stream: &File,
     timeout: Duration,
     shown: &str,
