@@ -302,20 +302,9 @@ fn ideal_bytes(image: &Path, index: &IndexFile, plan: &update_agent::delta::plan
     zstd::bulk::compress(&needed, 19).unwrap().len() as u64
 }
 
-/// The whole image at zstd -19 (the zstd tool, two threads; cached beside the image).
+/// The whole image at zstd -19 (the zstd tool, two threads; cached under build/).
 fn zstd_size(image: &Path) -> u64 {
-    let cache = PathBuf::from(format!("{}.zst19.size", image.display()));
-    if let Ok(text) = std::fs::read_to_string(&cache) {
-        return text.trim().parse().unwrap();
-    }
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("zstd -19 -T2 -c -q '{}' | wc -c", image.display()))
-        .output()
-        .expect("zstd");
-    let size: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    std::fs::write(&cache, size.to_string()).unwrap();
-    size
+    std::fs::metadata(zstd_file(image)).unwrap().len()
 }
 
 /// Part 2: a slot of `mib` MiB of distinct blocks; its table built by a child process from the
@@ -481,6 +470,8 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
                     .unwrap(),
                 )
                 .unwrap();
+                // A device meets each release once: the index is downloaded every round.
+                let _ = std::fs::remove_dir_all(scratch.join("work"));
                 server.clear_log();
                 let started = Instant::now();
                 let out = Command::new(&exe)

@@ -23,6 +23,8 @@
 //! - [`daemon`]: `update-agent run`, the service loop around the agent.
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
 //! - [`delta`]: delta updates on the device: local block tables and the fetch planner.
+//! - `sim` (feature `sim`: the demo and the tests, never a device build): a simulated gateway
+//!   built from typed parts, the image server, releases, and the brokers and bus around it.
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
@@ -44,6 +46,8 @@ pub mod mqtt;
 pub mod outbox;
 pub mod reason;
 pub mod release;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod state_store;
 pub mod system;
 pub mod transfer;

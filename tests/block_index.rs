@@ -56,11 +56,11 @@ fn tree(dir: &Path, extra: bool) {
 }
 
 fn ext4(dir: &Path, name: &str, extra: bool) -> PathBuf {
-    let mkfs = common::require_tool("mkfs.ext4", "e2fsprogs");
+    let mkfs = common::require("mkfs.ext4", "e2fsprogs");
     let root = dir.join(format!("tree-{name}"));
     tree(&root, extra);
     let image = dir.join(format!("{name}.img"));
-    common::run_ok(
+    common::sim::tools::run_ok(
         Command::new(mkfs)
             .env("E2FSPROGS_FAKE_TIME", "1767225600")
             .args([
@@ -75,7 +75,8 @@ fn ext4(dir: &Path, name: &str, extra: bool) -> PathBuf {
             .arg(&root)
             .arg(&image)
             .arg("16M"),
-    );
+    )
+    .unwrap();
     image
 }
 

@@ -52,6 +52,7 @@ mod chooser;
 mod counter;
 mod file;
 mod grub;
+#[cfg(feature = "sim")]
 pub mod simulator;
 pub mod slots;
 mod store;

@@ -118,7 +118,9 @@ impl Default for PlanOptions {
             min_gap: 4096,
             // About what a cellular link carries during one round trip.
             max_gap: 64 * 1024,
-            max_requests: 100,
+            // 100 HTTP requests in all: the index and up to two probes of the server's Range
+            // support come first.
+            max_requests: 97,
             ranges_per_request: 1,
             max_download: None,
         }
