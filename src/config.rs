@@ -237,6 +237,10 @@ pub struct Mqtt {
     pub broker: String,
     /// This device's id: its MQTT client id and its topic segment (`devices/{device_id}/…`).
     pub device_id: String,
+    /// `"5"` (default) or `"3.1.1"`, for brokers that speak nothing newer; then the broker
+    /// must bound the message size itself (README, "MQTT 3.1.1").
+    #[serde(default)]
+    pub protocol: crate::mqtt::Protocol,
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
     /// PEM file with the CA certificate(s) the broker's certificate must chain to. Only these

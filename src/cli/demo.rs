@@ -23,7 +23,7 @@ use update_agent::config::Config;
 use update_agent::engine::{Event, TxnState};
 use update_agent::keys::{self, KeyId};
 use update_agent::mqtt::oneshot::{self, Seen, Watcher};
-use update_agent::mqtt::{BrokerUrl, Endpoint, topics};
+use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol, topics};
 use update_agent::reason::ReasonCode;
 use update_agent::release::Envelope;
 use update_agent::release::build::{digest_image, sign_manifest};
@@ -98,6 +98,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
             tls: false,
         },
         tls: None,
+        protocol: Protocol::V5,
     };
     detail(&format!("listening on {}", endpoint.shown()));
 

@@ -75,6 +75,16 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
 
 #[test]
 fn whole_cycle_over_mqtt_retained_release_to_commit() {
+    whole_cycle("5");
+}
+
+#[test]
+fn whole_cycle_over_mqtt_3_1_1_retained_release_to_commit() {
+    whole_cycle("3.1.1");
+}
+
+/// The whole cycle with the agent and the operator's tools speaking `protocol`.
+fn whole_cycle(protocol: &str) {
     let dir = test_dir();
     let broker = Mosquitto::start(dir.path(), PLAIN);
     let client = ClientArgs {
@@ -82,7 +92,14 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
         tls: None,
     };
     let signer = Signer::new();
-    let mut device = plain_device(dir.path(), &broker, &signer);
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"{protocol}\"",
+            broker.port
+        ),
+    );
     let image_path = dir.path().join("rootfs-2.0.img");
     let image = write_image(&image_path);
     let server = ImageServer::start(image.clone(), Duration::ZERO);
@@ -91,7 +108,7 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     let release_file = dir.path().join("release.json");
     fs::write(&release_file, &release).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["release", "publish", "--broker"])
+        .args(["release", "publish", "--protocol", protocol, "--broker"])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .args(["--fleet", COMPATIBLE])
         .arg(&release_file)
@@ -112,6 +129,8 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
             "7",
             "--timeout",
             "60",
+            "--protocol",
+            protocol,
             "--broker",
         ])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
@@ -149,6 +168,13 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     );
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+    assert!(
+        device
+            .logs()
+            .contains(&format!("connected to mqtt://127.0.0.1:{} (MQTT {protocol})", broker.port)),
+        "{}",
+        device.logs()
+    );
     let txn = &events[0]["txn"];
     assert!(events.iter().all(|e| &e["txn"] == txn));
     assert!(
@@ -185,7 +211,7 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     assert!(streamed.iter().all(|e| e["device"] == DEVICE));
     // And as a table, from the retained topics.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["monitor", "--once", "--broker"])
+        .args(["monitor", "--once", "--protocol", protocol, "--broker"])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .output()
         .unwrap();
@@ -398,6 +424,124 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
     assert!(
         state_bytes < 256 * 1024,
         "state directory grew to {state_bytes} bytes"
+    );
+}
+
+/// MQTT 3.1.1 cannot tell the broker the agent's maximum packet size. With the broker's own
+/// limit (as the README tells integrators) an oversized publish never gets in and the agent
+/// stays connected; without it, a retained oversized release closes the agent's connection
+/// every time it subscribes, and the agent then waits its longest back-off instead of
+/// reconnecting at once — and recovers when the release is replaced.
+#[test]
+fn over_3_1_1_the_size_bound_is_the_brokers_and_an_oversized_retained_release_does_not_make_the_agent_hammer_it()
+ {
+    // With the broker's limit.
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), &format!("{PLAIN}\nmax_packet_size 131072"));
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let signer = Signer::new();
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"3.1.1\"",
+            broker.port
+        ),
+    );
+    let sub = Sub::start(&client, &[&topic("events"), &topic("online")], None);
+    device.start_agent();
+    wait_for("online=true", Duration::from_secs(10), || {
+        sub.raw(&topic("online"))
+            .contains(&"true".to_string())
+            .then_some(())
+    });
+    let oversized = tempfile::NamedTempFile::new().unwrap();
+    fs::write(oversized.path(), vec![b'x'; 200 * 1024]).unwrap();
+    let refused_by_broker = std::process::Command::new(tool("mosquitto_pub", "mosquitto-clients"))
+        .args(["-p", &broker.port.to_string(), "-q", "1", "-r", "-t"])
+        .arg(topic("release"))
+        .arg("-f")
+        .arg(oversized.path())
+        .output()
+        .unwrap();
+    assert!(
+        !refused_by_broker.status.success(),
+        "mosquitto took a 200 KiB publish despite max_packet_size"
+    );
+    let mut big = b"{\"manifest\": \"".to_vec();
+    big.resize(70 * 1024, b'A');
+    publish(&client, &topic("release"), &big, false);
+    wait_for("too-large", Duration::from_secs(5), || {
+        sub.payloads(&topic("events"))
+            .iter()
+            .any(|e| e["state"] == "refused" && e["reason"] == "too-large")
+            .then_some(())
+    });
+    assert_eq!(retained(&client, &topic("release")), None);
+    let logs = device.logs();
+    assert_eq!(logs.matches("connected to mqtt://").count(), 1, "{logs}");
+    assert!(device.stop_agent().success());
+    drop(sub);
+    drop(broker);
+
+    // Without it: the retained 200 KiB release is in, and the agent meets it on every connect.
+    let dir = test_dir();
+    let broker = Mosquitto::start(dir.path(), PLAIN);
+    let client = ClientArgs {
+        port: broker.port,
+        tls: None,
+    };
+    let reconnect_max = 1.5;
+    let mut device = Device::new(
+        dir.path(),
+        &signer,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"3.1.1\"",
+            broker.port
+        ),
+    );
+    let config = fs::read_to_string(&device.config)
+        .unwrap()
+        .replace("reconnect_max = 0.5", &format!("reconnect_max = {reconnect_max}"));
+    fs::write(&device.config, config).unwrap();
+    publish(&client, &fleet_topic(), &vec![b'x'; 200 * 1024], true);
+    device.start_agent();
+    let watched = Duration::from_secs(6);
+    std::thread::sleep(watched);
+    let logs = device.logs();
+    let connections = logs.matches("connected to mqtt://").count();
+    // Every connection but the last is cut by the release; each is followed by a wait of
+    // reconnect_max/2..reconnect_max, so at most watched/(reconnect_max/2) + 1 of them. The
+    // shortest back-off (0.05 s, reset by every successful connection) would allow ~100.
+    let most = (watched.as_secs_f64() / (reconnect_max / 2.0)) as usize + 1;
+    assert!(
+        (2..=most).contains(&connections),
+        "{connections} connections in {watched:?}: {logs}"
+    );
+    assert!(
+        logs.contains("more than the 131072 this agent takes")
+            && logs.contains("max_packet_size"),
+        "{logs}"
+    );
+    assert!(device.agent_running());
+
+    // The operator replaces the release: the agent recovers at its next try and acts on it.
+    let sub = Sub::start(&client, &[&topic("events")], None);
+    let image_path = dir.path().join("rootfs-2.0.img");
+    write_image(&image_path);
+    let good = signer.release("2.0", &image_path, "http://127.0.0.1:9/none");
+    publish(&client, &fleet_topic(), &good, true);
+    wait_for(
+        "the replacement release accepted",
+        Duration::from_secs(10),
+        || {
+            states(&sub.payloads(&topic("events")))
+                .contains(&"accepted".to_string())
+                .then_some(())
+        },
     );
 }
 
