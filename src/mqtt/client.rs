@@ -153,7 +153,12 @@ impl Client {
     pub fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
         match self {
             Client::V5(c) => c
-                .try_publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload)
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    retain,
+                    payload,
+                )
                 .map_err(|e| e.to_string()),
             Client::V311(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
@@ -165,7 +170,12 @@ impl Client {
     pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
         match self {
             Client::V5(c) => c
-                .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload)
+                .publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    retain,
+                    payload,
+                )
                 .await
                 .map_err(|e| e.to_string()),
             Client::V311(c) => c

@@ -63,9 +63,7 @@ impl std::str::FromStr for Protocol {
         match text {
             "5" => Ok(Protocol::V5),
             "3.1.1" => Ok(Protocol::V311),
-            other => Err(format!(
-                "MQTT protocol {other:?} is not \"5\" or \"3.1.1\""
-            )),
+            other => Err(format!("MQTT protocol {other:?} is not \"5\" or \"3.1.1\"")),
         }
     }
 }
