@@ -487,6 +487,11 @@ pub const SLOT_SIZE: u64 = 8 * 1024 * 1024;
 impl Device {
     /// `mqtt` is the `[mqtt]` section's body (broker, TLS files) without device_id.
     pub fn new(dir: &Path, signer: &Signer, mqtt: &str) -> Device {
+        Device::with_id(dir, signer, mqtt, DEVICE)
+    }
+
+    /// The same with another device id (several devices on one broker).
+    pub fn with_id(dir: &Path, signer: &Signer, mqtt: &str, id: &str) -> Device {
         let keys = dir.join("keys.d");
         signer.write_anchor(&keys);
         fs::write(dir.join("slot-a.img"), vec![0xa5u8; SLOT_SIZE as usize]).unwrap();
@@ -537,7 +542,7 @@ reboot_command = ["touch", "{reboot}"]
 enabled = false
 
 [mqtt]
-device_id = "{DEVICE}"
+device_id = "{id}"
 keepalive = 5
 reconnect_min = 0.05
 reconnect_max = 0.5
@@ -672,7 +677,11 @@ impl Drop for Device {
 }
 
 pub fn topic(leaf: &str) -> String {
-    format!("{PREFIX}/devices/{DEVICE}/{leaf}")
+    topic_of(DEVICE, leaf)
+}
+
+pub fn topic_of(device: &str, leaf: &str) -> String {
+    format!("{PREFIX}/devices/{device}/{leaf}")
 }
 
 pub fn fleet_topic() -> String {

@@ -4,6 +4,7 @@
 //! free loopback port and stops it by PID.
 
 mod harness;
+mod rollout;
 
 use std::fs;
 use std::time::Duration;
@@ -169,9 +170,10 @@ fn whole_cycle(protocol: &str) {
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
     assert!(
-        device
-            .logs()
-            .contains(&format!("connected to mqtt://127.0.0.1:{} (MQTT {protocol})", broker.port)),
+        device.logs().contains(&format!(
+            "connected to mqtt://127.0.0.1:{} (MQTT {protocol})",
+            broker.port
+        )),
         "{}",
         device.logs()
     );
@@ -211,7 +213,14 @@ fn whole_cycle(protocol: &str) {
     assert!(streamed.iter().all(|e| e["device"] == DEVICE));
     // And as a table, from the retained topics.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["monitor", "--once", "--protocol", protocol, "--broker"])
+        .args([
+            "monitor",
+            "--once",
+            "--devices",
+            "--protocol",
+            protocol,
+            "--broker",
+        ])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .output()
         .unwrap();
@@ -220,6 +229,22 @@ fn whole_cycle(protocol: &str) {
     for cell in ["2.0", "idle", "#6 committed", "yes"] {
         assert!(row.contains(cell), "{cell} missing in {table}");
     }
+    // The fleet at a glance: counts per version and state.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
+        .args(["monitor", "--once", "--protocol", protocol, "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+        .output()
+        .unwrap();
+    let view = String::from_utf8(out.stdout).unwrap();
+    assert!(view.contains("1 device: 1 online"), "{view}");
+    let row = view
+        .lines()
+        .find(|l| l.trim_start().starts_with("2.0"))
+        .expect(&view);
+    assert!(
+        row.contains("idle") && row.trim_end().ends_with('1'),
+        "{view}"
+    );
 
     // The retained release came again with the new connection: recognised, nothing happens.
     std::thread::sleep(Duration::from_millis(500));
@@ -503,9 +528,10 @@ fn over_3_1_1_the_size_bound_is_the_brokers_and_an_oversized_retained_release_do
             broker.port
         ),
     );
-    let config = fs::read_to_string(&device.config)
-        .unwrap()
-        .replace("reconnect_max = 0.5", &format!("reconnect_max = {reconnect_max}"));
+    let config = fs::read_to_string(&device.config).unwrap().replace(
+        "reconnect_max = 0.5",
+        &format!("reconnect_max = {reconnect_max}"),
+    );
     fs::write(&device.config, config).unwrap();
     publish(&client, &fleet_topic(), &vec![b'x'; 200 * 1024], true);
     device.start_agent();
@@ -522,8 +548,7 @@ fn over_3_1_1_the_size_bound_is_the_brokers_and_an_oversized_retained_release_do
         "{connections} connections in {watched:?}: {logs}"
     );
     assert!(
-        logs.contains("more than the 131072 this agent takes")
-            && logs.contains("max_packet_size"),
+        logs.contains("more than the 131072 this agent takes") && logs.contains("max_packet_size"),
         "{logs}"
     );
     assert!(device.agent_running());
