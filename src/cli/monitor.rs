@@ -101,7 +101,13 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                     } else {
-                        view.observe(&seen.device, &seen.leaf, &seen.payload, Timestamp::now());
+                        view.observe_as(
+                            &seen.device,
+                            &seen.leaf,
+                            &seen.payload,
+                            seen.retained,
+                            Timestamp::now(),
+                        );
                         dirty = true;
                     }
                 }

@@ -258,7 +258,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 next = heard.recv() => match next {
                     Some(Heard::Message(seen)) => {
-                        view.observe(&seen.device, &seen.leaf, &seen.payload, Timestamp::now());
+                        view.observe_as(&seen.device, &seen.leaf, &seen.payload, seen.retained, Timestamp::now());
                         dirty = true;
                     }
                     Some(Heard::Subscribed(_)) => {}
@@ -339,7 +339,13 @@ async fn settle(
                 subscribed.insert(index);
             }
             Ok(Some(Heard::Message(seen))) => {
-                view.observe(&seen.device, &seen.leaf, &seen.payload, Timestamp::now());
+                view.observe_as(
+                    &seen.device,
+                    &seen.leaf,
+                    &seen.payload,
+                    seen.retained,
+                    Timestamp::now(),
+                );
             }
             Ok(Some(Heard::Trouble(e))) => eprintln!("rollout: {e}"),
             Ok(None) => anyhow::bail!("the connection tasks stopped"),

@@ -378,8 +378,23 @@ impl FleetView {
     }
 
     /// Takes one message from `{prefix}/devices/{device}/{leaf}` (leaf `state`, `online` or
-    /// `events`); others are ignored.
+    /// `events`) as the broker's retained one; others are ignored.
     pub fn observe(&mut self, device: &str, leaf: &str, payload: &[u8], now: Timestamp) {
+        self.observe_as(device, leaf, payload, true, now);
+    }
+
+    /// The same, saying whether the message came from the retained store or live. Only a
+    /// retained state sets where a device's expected events start: a live one may have
+    /// overtaken the events it names (and RabbitMQ sends no retained messages to a wildcard
+    /// subscription at all, so there the first event does).
+    pub fn observe_as(
+        &mut self,
+        device: &str,
+        leaf: &str,
+        payload: &[u8],
+        retained: bool,
+        now: Timestamp,
+    ) {
         if !matches!(leaf, "online" | "state" | "events") {
             return;
         }
@@ -398,12 +413,12 @@ impl FleetView {
                     _ => None,
                 };
             }
-            "state" => Self::take_state(entry, payload),
+            "state" => Self::take_state(entry, payload, retained),
             _ => self.take_event(&key, payload),
         }
     }
 
-    fn take_state(device: &mut Device, payload: &[u8]) {
+    fn take_state(device: &mut Device, payload: &[u8], retained: bool) {
         #[derive(Deserialize)]
         struct StateDoc {
             compatible: Option<String>,
@@ -437,9 +452,11 @@ impl FleetView {
             let at = last.get("at").and_then(|a| a.as_str()?.parse().ok());
             Some((seq, state, at))
         });
-        device
-            .seqs
-            .start_at(device.state_last_event.as_ref().map(|(seq, _, _)| *seq));
+        if retained {
+            device
+                .seqs
+                .start_at(device.state_last_event.as_ref().map(|(seq, _, _)| *seq));
+        }
         if let Some(error) = doc.last_error
             && device.reason.is_none()
         {
@@ -507,15 +524,23 @@ impl FleetView {
     }
 
     /// Where `device` stands with the target release.
+    ///
+    /// An event that ended the release's transaction settles it. Otherwise the retained state
+    /// comes first: a broker may drop live messages for a slow subscriber (mosquitto's
+    /// `max_queued_messages`), and the tool re-reads the retained state periodically, so the
+    /// state is what converges; the events' stage counts only while the state shows nothing.
     fn stage(&self, device: &Device, target: &Target) -> Stage {
-        if let Some(stage) = device.stage_from_events {
+        let from_events = device.stage_from_events;
+        if let Some(stage) = from_events.filter(|s| s.is_settled()) {
             return stage;
+        }
+        let up_to_date =
+            device.version.as_deref() == Some(escape_for_log(&target.version, MAX_TEXT).as_str());
+        if up_to_date && device.pending_release.is_none() {
+            return Stage::Committed;
         }
         if device.pending_release.as_deref() == Some(target.release_id.as_str()) {
             return Stage::of_phase(device.phase.as_deref().unwrap_or(""));
-        }
-        if device.version.as_deref() == Some(escape_for_log(&target.version, MAX_TEXT).as_str()) {
-            return Stage::Committed;
         }
         // A failure the retained state reports after the release was created is taken to be
         // this release's (the state names no release for its last event).
@@ -528,7 +553,7 @@ impl FleetView {
                 _ => {}
             }
         }
-        Stage::Waiting
+        from_events.unwrap_or(Stage::Waiting)
     }
 
     fn counts(&self, device: &Device) -> bool {

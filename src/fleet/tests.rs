@@ -378,3 +378,43 @@ fn percentages() {
         assert!(parse_percent(bad).is_err(), "{bad}");
     }
 }
+
+/// A broker may drop live messages for a slow subscriber: the retained state, read again, still
+/// tells where each device is, and the lost events count as missing.
+#[test]
+fn the_retained_state_settles_devices_whose_last_events_were_lost() {
+    let mut view = fleet(2);
+    run(&mut view, "gw-00", &["accepted", "writing"], t(10));
+    run(&mut view, "gw-01", &["accepted", "writing"], t(10));
+    // gw-00's later events are lost; its state, re-read, shows 2.0 committed.
+    view.observe("gw-00", "state", &state("2.0", "idle", Some(11)), t(30));
+    // gw-01 rolled back; its state says so (after the release was created).
+    let mut back = serde_json::from_slice::<Value>(&state("1.0", "idle", Some(12))).unwrap();
+    back["last_event"] = json!({"seq": 12, "state": "rolled-back", "at": t(25)});
+    view.observe("gw-01", "state", &serde_json::to_vec(&back).unwrap(), t(30));
+    let summary = view.summary(&Rules::default(), t(31));
+    let rollout = summary.rollout.unwrap();
+    assert_eq!(rollout.stages[&Stage::Committed], 1);
+    assert_eq!(rollout.stages[&Stage::RolledBack], 1);
+    assert!(rollout.settled);
+    assert_eq!(summary.events.missing, 5 + 6, "7..11 and 7..12");
+}
+
+/// A live state may overtake the event it names (several brokers, or RabbitMQ, which sends no
+/// retained messages to wildcard subscriptions): it does not set where events start.
+#[test]
+fn a_live_state_does_not_make_the_event_it_names_a_duplicate() {
+    let mut view = FleetView::new(None, Some(target()));
+    view.observe_as(
+        "gw",
+        "state",
+        &state("1.0", "writing", Some(5)),
+        false,
+        t(1),
+    );
+    view.observe_as("gw", "events", &event(5, "accepted", RELEASE), false, t(1));
+    view.observe_as("gw", "events", &event(6, "writing", RELEASE), false, t(1));
+    let summary = view.summary(&Rules::default(), t(2));
+    assert_eq!(summary.events.duplicates, 0);
+    assert_eq!(summary.events.missing, 0);
+}

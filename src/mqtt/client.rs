@@ -30,8 +30,13 @@ pub enum Event {
         pkid: u16,
         refusals: Vec<Option<String>>,
     },
-    /// A message on a subscribed topic.
-    Message { topic: Bytes, payload: Bytes },
+    /// A message on a subscribed topic; `retained` when the broker sent it from its retained
+    /// store (because of a subscription), not live.
+    Message {
+        topic: Bytes,
+        payload: Bytes,
+        retained: bool,
+    },
     /// PUBACK: `refusal` is the broker's reason when it did not take the message (MQTT 5 only;
     /// a 3.1.1 broker acknowledges what it drops).
     Acked { pkid: u16, refusal: Option<String> },
@@ -264,6 +269,7 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: publish.topic,
             payload: publish.payload,
+            retained: publish.retain,
         },
         E::Incoming(Packet::PubAck(ack)) => Event::Acked {
             pkid: ack.pkid,
@@ -298,6 +304,7 @@ fn from_v311(event: rumqttc::Event) -> Event {
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: Bytes::from(publish.topic),
             payload: publish.payload,
+            retained: publish.retain,
         },
         E::Incoming(Packet::PubAck(ack)) => Event::Acked {
             pkid: ack.pkid,

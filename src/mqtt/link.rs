@@ -406,7 +406,7 @@ impl Session {
                     self.fill_outbox();
                 }
             }
-            Event::Message { topic, payload } => {
+            Event::Message { topic, payload, .. } => {
                 match self.topics.release_source(&topic) {
                     // An empty retained message clears the topic: nothing to look at.
                     Some(source) if !payload.is_empty() => self.inbox.put(source, payload),

@@ -78,6 +78,21 @@ pub struct Seen {
     /// `state`, `online` or `events`.
     pub leaf: String,
     pub payload: Bytes,
+    /// From the broker's retained store (sent because of the subscription), not live.
+    pub retained: bool,
+}
+
+/// See [`Watcher::resubscriber`].
+pub struct Resubscriber {
+    client: Client,
+    filters: Vec<String>,
+}
+
+impl Resubscriber {
+    /// Queues the subscription again; false when the request queue is full or closed.
+    pub fn resubscribe(&self) -> bool {
+        self.client.try_subscribe(&self.filters).is_ok()
+    }
 }
 
 /// Watches every device's `state`, `online` and `events` under a prefix.
@@ -111,6 +126,16 @@ impl Watcher {
         &self.broker
     }
 
+    /// A handle that subscribes again from another task (`next` must not be cancelled, so it
+    /// cannot be raced against a timer): the broker then sends every retained `state` and
+    /// `online` again — how a follower recovers what a broker dropped while it was behind.
+    pub fn resubscriber(&self) -> Resubscriber {
+        Resubscriber {
+            client: self.client.clone(),
+            filters: monitor::filters(&self.prefix).to_vec(),
+        }
+    }
+
     /// The next message, or an error when the connection failed (call again to reconnect; the
     /// subscription is made on every connection).
     /// `Ok(None)` means the subscription was granted: retained messages follow at once.
@@ -121,13 +146,18 @@ impl Watcher {
                 detail,
             };
             match self.eventloop.poll().await {
-                Ok(Event::Message { topic, payload }) => {
+                Ok(Event::Message {
+                    topic,
+                    payload,
+                    retained,
+                }) => {
                     let topic = String::from_utf8_lossy(&topic);
                     if let Some((device, leaf)) = monitor::parse(&self.prefix, &topic) {
                         return Ok(Some(Seen {
                             device: device.to_string(),
                             leaf: leaf.to_string(),
                             payload,
+                            retained,
                         }));
                     }
                 }
@@ -190,7 +220,9 @@ pub async fn read_retained(
         let message = tokio::time::timeout(quiet, async {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Message { topic: t, payload }) if t == topic.as_bytes() => {
+                    Ok(Event::Message {
+                        topic: t, payload, ..
+                    }) if t == topic.as_bytes() => {
                         return Ok(payload);
                     }
                     Ok(_) => {}

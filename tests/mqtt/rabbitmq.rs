@@ -84,12 +84,14 @@ impl RabbitMq {
             let node = broker.start_node(name, &names);
             broker.nodes.push(node);
         }
+        // An open port is not enough: until the MQTT plugin's client-id registry has its
+        // quorum, a node answers CONNECT with "server unavailable".
         for node in &broker.nodes {
             let port = node.mqtt_port;
             wait_until(
-                &format!("RabbitMQ node {} to accept MQTT", node.name),
+                &format!("RabbitMQ node {} to accept MQTT connections", node.name),
                 Duration::from_secs(180),
-                || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                || mqtt_accepts(port),
             );
         }
         if count > 1 {
@@ -229,6 +231,26 @@ impl Drop for RabbitMq {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether an MQTT 3.1.1 CONNECT on `port` is answered with CONNACK "accepted".
+fn mqtt_accepts(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let id = b"ready-probe";
+    let mut packet = vec![0x10, (10 + 2 + id.len()) as u8];
+    packet.extend_from_slice(b"\x00\x04MQTT\x04\x02\x00\x3c");
+    packet.extend_from_slice(&[0, id.len() as u8]);
+    packet.extend_from_slice(id);
+    let mut answer = [0u8; 4];
+    let accepted = stream.write_all(&packet).is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && answer == [0x20, 0x02, 0x00, 0x00];
+    let _ = stream.write_all(&[0xe0, 0x00]);
+    accepted
 }
 
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
