@@ -137,6 +137,11 @@ impl TrustAnchor {
         self.keys.get(id)
     }
 
+    /// The ids of the trusted keys, in order.
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.keys()
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len()
     }

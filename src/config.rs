@@ -10,7 +10,7 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::Deserialize;
 
-use crate::engine::{PolicyConfig, RebootPolicy, Window};
+use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -40,6 +40,109 @@ pub struct Config {
     /// and the bootloader environment (one-shot commands as root, the demo, tests).
     #[serde(default)]
     pub installer: Option<InstallerConfig>,
+    /// What the manufacturer declares for the conformance report (`update-agent conformance`)
+    /// and the agent cannot know; reported as declarations, never as verified.
+    #[serde(default)]
+    pub conformance: Conformance,
+}
+
+/// The manufacturer's declarations for ETSI EN 303 645 §5.3 that no device can check: where
+/// things are published, what the product's UI shows, the manufacturer's own processes. Each
+/// is free text (a URL, a sentence), at most [`MAX_DECLARATION`] bytes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conformance {
+    /// Where the vulnerability disclosure policy is published (5.2-1; IXIT 2-UserInfo).
+    pub vulnerability_disclosure: Option<String>,
+    /// How and where the defined support period is published (5.3-13; IXIT 2-UserInfo).
+    pub support_period_publication: Option<String>,
+    /// How the model designation is recognisable on the device: type plate, label (5.3-16).
+    pub model_label: Option<String>,
+    /// Software outside the slot image the agent updates (boot loader, radio firmware, ...),
+    /// with how each is updated or why it is not (5.3-1; IXIT 6-SoftComp).
+    pub other_software: Option<String>,
+    /// The manufacturer's procedure for producing and shipping security updates (5.3-8;
+    /// IXIT 8-UpdProc "Description").
+    pub update_procedure: Option<String>,
+    /// How soon security updates ship once a vulnerability is known (5.3-8; IXIT 8-UpdProc
+    /// "Time Frame").
+    pub update_time_frame: Option<String>,
+    /// How the product shows the user the agent's D-Bus notices (update available with its
+    /// advisory, disruption ahead) (5.3-11, 5.3-12).
+    pub user_interface: Option<String>,
+    /// How the product can be taken off the network (IXIT 9-ReplSup "Isolation").
+    pub isolation: Option<String>,
+    /// How the hardware can be replaced (IXIT 9-ReplSup "Hardware Replacement").
+    pub hardware_replacement: Option<String>,
+    /// Why a provision is not met or not applicable, each `"5.3-N: why"`: ETSI TS 103 701
+    /// test case 4-1-1 asks for one for every recommendation not fulfilled.
+    #[serde(default)]
+    pub justifications: Vec<String>,
+}
+
+/// The longest declaration accepted: a paragraph or a URL, not a document.
+pub const MAX_DECLARATION: usize = 2048;
+
+impl Conformance {
+    /// Each declaration with its config key, in the order the report lists them.
+    pub fn declarations(&self) -> [(&'static str, Option<&str>); 9] {
+        [
+            (
+                "vulnerability_disclosure",
+                self.vulnerability_disclosure.as_deref(),
+            ),
+            (
+                "support_period_publication",
+                self.support_period_publication.as_deref(),
+            ),
+            ("model_label", self.model_label.as_deref()),
+            ("other_software", self.other_software.as_deref()),
+            ("update_procedure", self.update_procedure.as_deref()),
+            ("update_time_frame", self.update_time_frame.as_deref()),
+            ("user_interface", self.user_interface.as_deref()),
+            ("isolation", self.isolation.as_deref()),
+            ("hardware_replacement", self.hardware_replacement.as_deref()),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (key, value) in self.declarations() {
+            if value.is_some_and(|text| text.len() > MAX_DECLARATION) {
+                return Err(format!(
+                    "conformance.{key} is longer than {MAX_DECLARATION} bytes: refer to a document instead"
+                ));
+            }
+        }
+        for entry in &self.justifications {
+            let provision = entry.split(':').next().unwrap_or_default();
+            let known = provision
+                .strip_prefix("5.3-")
+                .and_then(|n| n.parse::<u8>().ok())
+                .is_some_and(|n| {
+                    (1..=16).contains(&n) && provision.len() == 4 + n.to_string().len()
+                });
+            if !known || !entry.contains(':') {
+                return Err(format!(
+                    "conformance.justifications: {:?} does not start with a provision of EN 303 645 §5.3 and a colon (\"5.3-6: why\")",
+                    crate::release::escape_for_log(entry, 40)
+                ));
+            }
+            if entry.len() > MAX_DECLARATION {
+                return Err(format!(
+                    "conformance.justifications: the one for {provision} is longer than {MAX_DECLARATION} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The manufacturer's justification for provision `id` (`5.3-6`), if any.
+    pub fn justification(&self, id: &str) -> Option<&str> {
+        self.justifications.iter().find_map(|entry| {
+            let (provision, why) = entry.split_once(':')?;
+            (provision == id).then(|| why.trim())
+        })
+    }
 }
 
 /// Where the privileged installer listens and whom it serves. The daemon and the installer read
@@ -150,7 +253,7 @@ pub struct Slot {
     /// Block device or, for tests and the demo, a regular file.
     pub device: PathBuf,
     /// The name the bootloader knows the slot by (`A`, `B`).
-    pub bootname: String,
+    pub bootname: Bootname,
     /// Capacity in bytes for a regular-file slot; a block device's size is read from the device.
     #[serde(default)]
     pub size: Option<u64>,
@@ -399,21 +502,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        // Each bootname was checked as it was read (`Bootname`).
         let (a, b) = (&self.slots.a, &self.slots.b);
-        for slot in [a, b] {
-            let name_ok = !slot.bootname.is_empty()
-                && slot.bootname.len() <= 16
-                && slot
-                    .bootname
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_');
-            if !name_ok {
-                return Err(format!(
-                    "slot bootname {:?} must be 1 to 16 letters, digits or '_'",
-                    slot.bootname
-                ));
-            }
-        }
         if a.bootname == b.bootname {
             return Err("slots a and b have the same bootname".into());
         }
@@ -432,6 +522,7 @@ impl Config {
         if let Some(mqtt) = &self.mqtt {
             mqtt.validate(&self.device.compatible)?;
         }
+        self.conformance.validate()?;
         if let Some(name) = &self.policy.time_zone {
             TimeZone::get(name).map_err(|e| {
                 format!(
@@ -445,7 +536,7 @@ impl Config {
     pub fn slot_by_bootname(&self, bootname: &str) -> Option<&Slot> {
         [&self.slots.a, &self.slots.b]
             .into_iter()
-            .find(|slot| slot.bootname == bootname)
+            .find(|slot| slot.bootname == *bootname)
     }
 }
 
@@ -618,6 +709,63 @@ mod tests {
             let err = Config::parse(&example.replace(from, to)).unwrap_err();
             assert!(err.contains(expect), "{from}: {err}");
         }
+    }
+
+    /// A bootname becomes a `Bootname` as the file is read: the rule is checked there, once,
+    /// and the error names the rule and the line.
+    #[test]
+    fn bootnames_are_checked_as_the_config_is_read() {
+        let example = include_str!("../config/agent.toml");
+        let good = Config::parse(example).unwrap();
+        assert_eq!(good.slots.a.bootname, "A");
+        for bad in ["", "A B", "B;reset", "ABCDEFGHIJKLMNOPQ", "A\\nB"] {
+            let text = example.replace("bootname = \"B\"", &format!("bootname = \"{bad}\""));
+            let err = Config::parse(&text).unwrap_err();
+            assert!(
+                err.contains("must be 1 to 16 letters, digits or '_'"),
+                "{bad:?}: {err}"
+            );
+            assert!(err.contains("line 44"), "{bad:?}: {err}");
+        }
+        let same = example.replace("bootname = \"B\"", "bootname = \"A\"");
+        assert!(Config::parse(&same).unwrap_err().contains("same bootname"));
+    }
+
+    #[test]
+    fn conformance_declarations_are_bounded_and_justifications_name_a_provision() {
+        let example = include_str!("../config/agent.toml");
+        let with = |extra: &str| Config::parse(&format!("{example}{extra}\n"));
+        let config = with("justifications = [\"5.3-6: the user installs by hand\"]").unwrap();
+        assert_eq!(
+            config.conformance.justification("5.3-6"),
+            Some("the user installs by hand")
+        );
+        assert_eq!(config.conformance.justification("5.3-1"), None);
+        assert!(config.conformance.model_label.is_some());
+        for bad in [
+            "5.3-17: no such provision",
+            "5.3-06: padded",
+            "5.3-6 no colon",
+            "why",
+        ] {
+            let err = with(&format!("justifications = [{bad:?}]")).unwrap_err();
+            assert!(
+                err.contains("does not start with a provision"),
+                "{bad}: {err}"
+            );
+        }
+        let long = "x".repeat(MAX_DECLARATION + 1);
+        let text = example.replace(
+            "model_label = \"type plate",
+            &format!("model_label = \"{long} type plate"),
+        );
+        assert!(
+            Config::parse(&text)
+                .unwrap_err()
+                .contains("conformance.model_label is longer")
+        );
+        let typo = example.replace("[conformance]", "[conformance]\nmodel_lable = \"x\"");
+        assert!(Config::parse(&typo).unwrap_err().contains("model_lable"));
     }
 
     #[test]

@@ -13,17 +13,23 @@ use crate::reason::ReasonCode;
 use crate::release::escape_for_log;
 
 pub async fn run_checks(health: &Health) -> Result<(), Failure> {
+    // The process group of the check running now: at the timeout, the whole group is killed,
+    // not just its leader (`sh -c "sleep 300; true"` would leave `sleep` behind).
+    let running = std::sync::Mutex::new(None);
     let checks = async {
         for argv in &health.commands {
-            run_command(argv).await?;
+            run_command(argv, &running).await?;
         }
         for unit in &health.units {
-            run_command(&[
-                "systemctl".to_string(),
-                "is-active".to_string(),
-                "--quiet".to_string(),
-                unit.clone(),
-            ])
+            run_command(
+                &[
+                    "systemctl".to_string(),
+                    "is-active".to_string(),
+                    "--quiet".to_string(),
+                    unit.clone(),
+                ],
+                &running,
+            )
             .await
             .map_err(|_| {
                 Failure::new(
@@ -34,7 +40,11 @@ pub async fn run_checks(health: &Health) -> Result<(), Failure> {
         }
         Ok(())
     };
-    match tokio::time::timeout(health.timeout, checks).await {
+    let result = tokio::time::timeout(health.timeout, checks).await;
+    if let Some(group) = running.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        crate::system::kill_group(group);
+    }
+    match result {
         Ok(result) => result,
         Err(_) => Err(Failure::new(
             ReasonCode::HealthCheckFailed,
@@ -46,7 +56,10 @@ pub async fn run_checks(health: &Health) -> Result<(), Failure> {
     }
 }
 
-async fn run_command(argv: &[String]) -> Result<(), Failure> {
+async fn run_command(
+    argv: &[String],
+    running: &std::sync::Mutex<Option<u32>>,
+) -> Result<(), Failure> {
     let Some((program, args)) = argv.split_first() else {
         return Err(Failure::new(
             ReasonCode::HealthCheckFailed,
@@ -54,21 +67,34 @@ async fn run_command(argv: &[String]) -> Result<(), Failure> {
         ));
     };
     let shown = escape_for_log(&argv.join(" "), 120);
-    let status = Command::new(program)
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        // A check that outlives the timeout is killed, not left behind.
+        // A group of its own, killed whole when the check outlives the timeout (and after it
+        // ends: nothing a check started stays behind).
+        .process_group(0)
         .kill_on_drop(true)
-        .status()
-        .await
+        .spawn()
         .map_err(|e| {
             Failure::new(
                 ReasonCode::HealthCheckFailed,
                 format!("health check `{shown}` could not be started: {e}"),
             )
         })?;
+    let group = child.id();
+    *running.lock().unwrap_or_else(|e| e.into_inner()) = group;
+    let status = child.wait().await;
+    if let Some(group) = running.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        crate::system::kill_group(group);
+    }
+    let status = status.map_err(|e| {
+        Failure::new(
+            ReasonCode::HealthCheckFailed,
+            format!("health check `{shown}` could not be waited for: {e}"),
+        )
+    })?;
     if status.success() {
         Ok(())
     } else {
@@ -121,6 +147,30 @@ mod tests {
             .await
             .unwrap_err();
         assert!(failure.message.contains("could not be started"));
+    }
+
+    #[tokio::test]
+    async fn a_check_that_hangs_is_killed_with_its_children_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 300 & echo $! > {}; wait; true", pidfile.display());
+        let failure = run_checks(&health(&[&["sh", "-c", &script]], 1))
+            .await
+            .unwrap_err();
+        assert!(
+            failure.message.contains("within 1 s"),
+            "{}",
+            failure.message
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            crate::system::tests::gone(pid),
+            "the check's child survived"
+        );
     }
 
     #[tokio::test]

@@ -11,6 +11,8 @@
 //! - [`state_store`]: the engine's persisted state and the local event log.
 //! - [`system`]: facts about the running system: boot id, booted slot.
 //! - [`config`]: the agent's TOML configuration, parsed strictly.
+//! - [`conformance`]: the agent's own EN 303 645 §5.3 evidence (ICS, IXIT, live checks,
+//!   CycloneDX attestation).
 //! - [`durable`]: atomic file replacement and size-bounded reads.
 //! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
 //! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
@@ -29,6 +31,7 @@ pub mod agent;
 pub mod anchor;
 pub mod bootloader;
 pub mod config;
+pub mod conformance;
 pub mod daemon;
 pub mod dbus;
 pub mod durable;

@@ -227,13 +227,13 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::TxnState;
+    use crate::engine::EventKind;
 
     fn event(seq: u64) -> Event {
         Event {
             seq,
             at: Timestamp::UNIX_EPOCH,
-            state: TxnState::Refused,
+            kind: EventKind::Refused,
             txn: None,
             release_id: None,
             from_version: None,
@@ -244,6 +244,7 @@ mod tests {
             waiting: None,
             until: None,
             clamped: None,
+            created: None,
         }
     }
 

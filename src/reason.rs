@@ -96,6 +96,11 @@ pub enum ReasonCode {
     Forbidden,
     /// The privileged installer could not be reached, or broke off the conversation.
     InstallerUnavailable,
+    /// The installer has not verified the slot's bytes against a signed release since they were
+    /// last written: it does not let the bootloader choose that slot.
+    UnverifiedSlot,
+    /// The reboot command failed; the agent reports it and tries again later.
+    RebootFailed,
 }
 
 impl ReasonCode {
@@ -138,6 +143,8 @@ impl ReasonCode {
         ReasonCode::BootedSlot,
         ReasonCode::Forbidden,
         ReasonCode::InstallerUnavailable,
+        ReasonCode::UnverifiedSlot,
+        ReasonCode::RebootFailed,
     ];
 
     /// True for the codes release verification can give (`release::verify`).
@@ -197,6 +204,8 @@ impl ReasonCode {
             ReasonCode::BootedSlot => "booted-slot",
             ReasonCode::Forbidden => "forbidden",
             ReasonCode::InstallerUnavailable => "installer-unavailable",
+            ReasonCode::UnverifiedSlot => "unverified-slot",
+            ReasonCode::RebootFailed => "reboot-failed",
         }
     }
 
@@ -218,6 +227,74 @@ impl fmt::Display for ReasonCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The codes are wire format (MQTT events, D-Bus errors, `state.json`, the CLI): each one's
+    /// string is pinned here, not derived from the code, so a rename fails this test.
+    #[test]
+    fn every_code_keeps_its_wire_name() {
+        use ReasonCode::*;
+        let pinned = [
+            (TooLarge, "too-large"),
+            (Malformed, "malformed"),
+            (UnsupportedFormat, "unsupported-format"),
+            (BadSignature, "bad-signature"),
+            (UntrustedKey, "untrusted-key"),
+            (BelowThreshold, "below-threshold"),
+            (Incompatible, "incompatible"),
+            (Downgrade, "downgrade"),
+            (Expired, "expired"),
+            (UnsupportedUrl, "unsupported-url"),
+            (DownloadFailed, "download-failed"),
+            (TlsFailed, "tls-failed"),
+            (HttpStatus, "http-status"),
+            (StallTimeout, "stall-timeout"),
+            (RedirectLoop, "redirect-loop"),
+            (InsecureRedirect, "insecure-redirect"),
+            (SizeMismatch, "size-mismatch"),
+            (HashMismatch, "hash-mismatch"),
+            (ImageTooLarge, "image-too-large"),
+            (ReadbackMismatch, "readback-mismatch"),
+            (DecompressFailed, "decompress-failed"),
+            (SlotIo, "slot-io"),
+            (Cancelled, "cancelled"),
+            (Busy, "busy"),
+            (NotReady, "not-ready"),
+            (PreviouslyRolledBack, "previously-rolled-back"),
+            (BootloaderFailed, "bootloader-failed"),
+            (UnexpectedBoot, "unexpected-boot"),
+            (HealthCheckFailed, "health-check-failed"),
+            (FellBack, "fell-back"),
+            (NothingPending, "nothing-pending"),
+            (InvalidRequest, "invalid-request"),
+            (NotPostponable, "not-postponable"),
+            (BootedSlot, "booted-slot"),
+            (Forbidden, "forbidden"),
+            (InstallerUnavailable, "installer-unavailable"),
+            (UnverifiedSlot, "unverified-slot"),
+            (RebootFailed, "reboot-failed"),
+        ];
+        // A code missing from the table does not compile: the match has no wildcard.
+        #[allow(dead_code)]
+        fn every_code_is_listed(code: ReasonCode) {
+            match code {
+                TooLarge | Malformed | UnsupportedFormat | BadSignature | UntrustedKey
+                | BelowThreshold | Incompatible | Downgrade | Expired | UnsupportedUrl
+                | DownloadFailed | TlsFailed | HttpStatus | StallTimeout | RedirectLoop
+                | InsecureRedirect | SizeMismatch | HashMismatch | ImageTooLarge
+                | ReadbackMismatch | DecompressFailed | SlotIo | Cancelled | Busy | NotReady
+                | PreviouslyRolledBack | BootloaderFailed | UnexpectedBoot | HealthCheckFailed
+                | FellBack | NothingPending | InvalidRequest | NotPostponable | BootedSlot
+                | Forbidden | InstallerUnavailable | UnverifiedSlot | RebootFailed => {}
+            }
+        }
+        assert_eq!(pinned.len(), ReasonCode::ALL.len());
+        for (code, name) in pinned {
+            let quoted = format!("\"{name}\"");
+            assert_eq!(serde_json::to_string(&code).unwrap(), quoted);
+            assert_eq!(serde_json::from_str::<ReasonCode>(&quoted).unwrap(), code);
+            assert_eq!(code.to_string(), name);
+        }
+    }
 
     #[test]
     fn serde_name_matches_as_str_for_every_code() {

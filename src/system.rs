@@ -3,9 +3,11 @@
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::durable;
+use crate::engine::{BootId, Bootname};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
@@ -24,27 +26,33 @@ pub enum SystemError {
     },
     #[error("the kernel command line names slot {name:?}, which is neither {a:?} nor {b:?}")]
     BootedNotConfigured { name: String, a: String, b: String },
+    #[error(
+        "the kernel command line says slot {cmdline} is booted, but / is on slot {root}'s device; \
+         refusing to guess which slot may be written: check the boot script's bootargs (the \
+         last update_agent.slot= or rauc.slot= counts) and the slots' devices in the config"
+    )]
+    BootedMismatch { cmdline: Bootname, root: Bootname },
+    #[error("cannot run {command:?}: {message}")]
+    Command { command: String, message: String },
 }
 
-pub fn boot_id(config: &Config) -> Result<String, SystemError> {
+pub fn boot_id(config: &Config) -> Result<BootId, SystemError> {
     let path = &config.system.boot_id_path;
     let bytes = durable::read_bounded(path, 256).map_err(|source| SystemError::BootId {
         path: path.clone(),
         source,
     })?;
-    let id = String::from_utf8_lossy(&bytes).trim().to_string();
-    if id.is_empty() {
-        return Err(SystemError::BootId {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "empty"),
-        });
-    }
-    Ok(id)
+    BootId::new(String::from_utf8_lossy(&bytes).trim()).map_err(|e| SystemError::BootId {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// The bootname of the booted slot: the override, else the kernel command line, else the slot
-/// whose block device holds `/`.
-pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
+/// whose block device holds `/`. Where a slot's block device holds `/`, the command line must
+/// name that slot: a disagreement is an error, since acting on the wrong one would write the
+/// running system.
+pub fn booted_slot(config: &Config) -> Result<Bootname, SystemError> {
     let (a, b) = (&config.slots.a, &config.slots.b);
     let name = match &config.system.booted_slot {
         Some(name) => Some(name.clone()),
@@ -52,35 +60,109 @@ pub fn booted_slot(config: &Config) -> Result<String, SystemError> {
             .ok()
             .and_then(|bytes| slot_from_cmdline(&String::from_utf8_lossy(&bytes))),
     };
-    if let Some(name) = name {
-        if config.slot_by_bootname(&name).is_none() {
-            return Err(SystemError::BootedNotConfigured {
-                name: crate::release::escape_for_log(&name, 32),
-                a: a.bootname.clone(),
-                b: b.bootname.clone(),
-            });
-        }
-        return Ok(name);
-    }
-    for slot in [a, b] {
-        if holds_root(&slot.device) {
-            return Ok(slot.bootname.clone());
-        }
-    }
-    Err(SystemError::BootedUnknown {
+    // The configured slot's name: only a name the configuration holds goes on.
+    let named = match name {
+        Some(name) => match config.slot_by_bootname(&name) {
+            Some(slot) => Some(slot.bootname.clone()),
+            None => {
+                return Err(SystemError::BootedNotConfigured {
+                    name: crate::release::escape_for_log(&name, 32),
+                    a: a.bootname.to_string(),
+                    b: b.bootname.to_string(),
+                });
+            }
+        },
+        None => None,
+    };
+    let root = [a, b]
+        .into_iter()
+        .find(|slot| holds_root(&slot.device))
+        .map(|slot| slot.bootname.clone());
+    reconcile(named, root).ok_or_else(|| SystemError::BootedUnknown {
         cmdline: config.system.cmdline_path.clone(),
         a: a.device.clone(),
         b: b.device.clone(),
-    })
+    })?
 }
 
-/// `update_agent.slot=B` (ours) or `rauc.slot=B` (RAUC's, so boards set up for RAUC work).
+/// The booted slot from what the command line names and which slot's device holds `/`.
+fn reconcile(
+    cmdline: Option<Bootname>,
+    root: Option<Bootname>,
+) -> Option<Result<Bootname, SystemError>> {
+    match (cmdline, root) {
+        (Some(cmdline), Some(root)) if cmdline != root => {
+            Some(Err(SystemError::BootedMismatch { cmdline, root }))
+        }
+        (Some(name), _) | (None, Some(name)) => Some(Ok(name)),
+        (None, None) => None,
+    }
+}
+
+/// `update_agent.slot=B` (ours) or `rauc.slot=B` (RAUC's, so boards set up for RAUC work): the
+/// last one on the line. Boot scripts append theirs to `bootargs` (this project's U-Boot
+/// script does), so an earlier one is a stale default and the last is the bootloader's choice,
+/// as the kernel itself lets a later parameter override an earlier one.
 pub fn slot_from_cmdline(cmdline: &str) -> Option<String> {
-    cmdline.split_ascii_whitespace().find_map(|word| {
-        word.strip_prefix("update_agent.slot=")
-            .or_else(|| word.strip_prefix("rauc.slot="))
-            .map(str::to_owned)
-    })
+    cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .find_map(|word| {
+            word.strip_prefix("update_agent.slot=")
+                .or_else(|| word.strip_prefix("rauc.slot="))
+        })
+        .map(str::to_owned)
+}
+
+/// The longest a reboot command may take (`systemctl reboot` only queues the job and returns).
+pub const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `argv` (a reboot command) and waits at most `timeout` for it; past that its whole
+/// process group is killed and the run is an error.
+pub fn run_bounded(argv: &[String], timeout: Duration) -> Result<(), SystemError> {
+    use std::os::unix::process::CommandExt;
+    let shown = crate::release::escape_for_log(&argv.join(" "), 200);
+    let failed = |message: String| SystemError::Command {
+        command: shown.clone(),
+        message,
+    };
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| failed("the command is empty".into()))?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(failed(status.to_string())),
+            Ok(None) if Instant::now() >= deadline => {
+                kill_group(child.id());
+                let _ = child.wait();
+                return Err(failed(format!(
+                    "it did not finish within {} s and was killed",
+                    timeout.as_secs()
+                )));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+}
+
+/// SIGKILL to the process group a child leads (started with `process_group(0)`): its own
+/// children go with it.
+pub fn kill_group(leader: u32) {
+    if let Ok(pid) = i32::try_from(leader) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// True when `device` is the block device the running system's `/` is on.
@@ -92,7 +174,7 @@ pub fn holds_root(device: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -103,5 +185,73 @@ mod tests {
         );
         assert_eq!(slot_from_cmdline("rauc.slot=A"), Some("A".into()));
         assert_eq!(slot_from_cmdline("root=/dev/vda3 quiet"), None);
+    }
+
+    #[test]
+    fn the_last_slot_on_the_cmdline_counts() {
+        // A stale default in bootargs, then the boot script's append.
+        assert_eq!(
+            slot_from_cmdline("rauc.slot=A root=/dev/mmcblk0p3 rauc.slot=B"),
+            Some("B".into())
+        );
+        assert_eq!(
+            slot_from_cmdline("update_agent.slot=A quiet rauc.slot=B"),
+            Some("B".into())
+        );
+    }
+
+    #[test]
+    fn the_root_device_and_the_cmdline_must_agree() {
+        let some = |s: &str| Some(Bootname::new(s).unwrap());
+        assert!(matches!(reconcile(some("B"), some("B")), Some(Ok(s)) if s == "B"));
+        assert!(matches!(reconcile(some("B"), None), Some(Ok(s)) if s == "B"));
+        assert!(matches!(reconcile(None, some("A")), Some(Ok(s)) if s == "A"));
+        assert!(matches!(
+            reconcile(some("A"), some("B")),
+            Some(Err(SystemError::BootedMismatch { .. }))
+        ));
+        assert!(reconcile(None, None).is_none());
+    }
+
+    #[test]
+    fn a_command_that_hangs_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+        let argv = ["sh".to_string(), "-c".to_string(), script];
+        let started = Instant::now();
+        let err = run_bounded(&argv, Duration::from_millis(500)).unwrap_err();
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(gone(pid), "the command's child survived");
+        assert!(run_bounded(&["true".to_string()], Duration::from_secs(5)).is_ok());
+        assert!(run_bounded(&["false".to_string()], Duration::from_secs(5)).is_err());
+    }
+
+    /// Ended: no such process, or a zombie waiting for whoever reaps orphans here.
+    pub(crate) fn gone(pid: i32) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next();
+            if matches!(state, None | Some('Z') | Some('X')) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -1208,6 +1208,18 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     });
     assert_eq!(pending["waiting"], "window", "{}", logs(device));
     assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
+    // Any local user sees what this configuration weakens (EN 303 645 §5.3): the test
+    // device's plain MQTT and its writable anchor.
+    let conformance = get_property(bus, Who::Nobody, "Conformance");
+    assert!(
+        conformance.starts_with("(ss) \"ETSI EN 303 645"),
+        "{conformance}"
+    );
+    assert!(conformance.contains("5.3-10:plain-mqtt"), "{conformance}");
+    assert!(
+        conformance.contains("5.3-2:anchor-unprotected"),
+        "{conformance}"
+    );
 
     // The user asks for two days; max_postpone (a day) clamps it.
     let out = agent_cli(&bus.address, Who::Root, &["postpone", "48h", "--json"]);

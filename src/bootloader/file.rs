@@ -5,7 +5,6 @@
 //! A missing file reads as an empty environment, as an erased U-Boot environment does with an
 //! empty default: the boot script's defaults apply.
 
-use std::fs;
 use std::io::{self, Read};
 use std::path::PathBuf;
 
@@ -28,7 +27,8 @@ impl FileEnv {
             source,
             hint: "check the path in `bootloader.env_file`".to_owned(),
         };
-        let file = match fs::File::open(&self.path) {
+        // Not a plain open: a FIFO put at the path would block it forever.
+        let file = match durable::open_regular(&self.path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(read_err(e)),
@@ -80,6 +80,7 @@ impl EnvStore for FileEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn change_is_merged_into_the_file_and_removal_drops_the_line() {

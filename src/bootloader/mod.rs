@@ -240,6 +240,12 @@ pub enum BootloaderError {
         stderr: String,
         hint: String,
     },
+    #[error("`{command}` did not finish within {seconds} s and was killed; {hint}")]
+    ToolTimedOut {
+        command: String,
+        seconds: u64,
+        hint: String,
+    },
     #[error(
         "`{command}` printed more than {limit} bytes, more than any bootloader environment; check that it is the right program"
     )]

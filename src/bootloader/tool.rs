@@ -3,8 +3,12 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use super::BootloaderError;
 use crate::release::escape_for_log;
@@ -12,6 +16,10 @@ use crate::release::escape_for_log;
 /// The most a tool may print on stdout. A U-Boot environment's text is a few KiB; a grubenv is
 /// 1 KiB. More than this is not an environment.
 pub const MAX_TOOL_OUTPUT: usize = 64 * 1024;
+/// The longest a tool may run: reading or writing an environment takes well under a second,
+/// even with a flash erase; a tool that hangs (a device that never answers, a lock never
+/// released) must not hold the installer or a boot.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of a tool's stderr is kept for the error message.
 const MAX_STDERR_KEPT: usize = 4096;
 /// How much of that stderr is shown in the message.
@@ -43,8 +51,13 @@ impl Tool {
     }
 
     /// Runs the tool and returns its stdout; a non-zero exit is an error that carries the
-    /// tool's stderr and the hint.
+    /// tool's stderr and the hint. A tool that has not finished after [`TOOL_TIMEOUT`] is
+    /// killed with its process group.
     pub fn run(&self, args: &[OsString]) -> Result<Vec<u8>, BootloaderError> {
+        self.run_within(args, TOOL_TIMEOUT)
+    }
+
+    fn run_within(&self, args: &[OsString], timeout: Duration) -> Result<Vec<u8>, BootloaderError> {
         let command = self.display(args);
         let mut child = Command::new(&self.program)
             .args(&self.leading_args)
@@ -54,12 +67,24 @@ impl Tool {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own group: the watchdog below kills whatever the tool started, too.
+            .process_group(0)
             .spawn()
             .map_err(|source| self.spawn_error(&command, source))?;
         let (Some(mut stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             unreachable!("stdout and stderr were set to piped")
         };
-        let (stdout_result, stderr_text) = std::thread::scope(|scope| {
+        let pid = child.id();
+        let timed_out = AtomicBool::new(false);
+        let (finished, watched) = std::sync::mpsc::channel::<()>();
+        let (stdout_result, stderr_text, status) = std::thread::scope(|scope| {
+            let timed_out = &timed_out;
+            scope.spawn(move || {
+                if let Err(RecvTimeoutError::Timeout) = watched.recv_timeout(timeout) {
+                    timed_out.store(true, Ordering::SeqCst);
+                    crate::system::kill_group(pid);
+                }
+            });
             // stderr is drained on its own thread: a tool that fills the stderr pipe while we
             // wait on stdout would otherwise never finish.
             let stderr_reader = scope.spawn(move || read_capped_then_drain(stderr));
@@ -74,11 +99,18 @@ impl Tool {
             }
             drop(stdout);
             let stderr_text = stderr_reader.join().unwrap_or_default();
-            (result, stderr_text)
+            let status = child.wait();
+            let _ = finished.send(());
+            (result, stderr_text, status)
         });
-        let status = child
-            .wait()
-            .map_err(|source| self.spawn_error(&command, source))?;
+        if timed_out.load(Ordering::SeqCst) {
+            return Err(BootloaderError::ToolTimedOut {
+                command,
+                seconds: timeout.as_secs(),
+                hint: self.failure_hint.clone(),
+            });
+        }
+        let status = status.map_err(|source| self.spawn_error(&command, source))?;
         let out = stdout_result.map_err(|source| self.spawn_error(&command, source))?;
         if out.len() > MAX_TOOL_OUTPUT {
             return Err(BootloaderError::OutputTooLarge {
@@ -179,6 +211,32 @@ mod tests {
             tool.run(&args),
             Err(BootloaderError::OutputTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_tool_that_hangs_is_killed_with_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let (tool, args) = sh(&format!(
+            "sleep 300 & echo $! > {}; wait",
+            pidfile.display()
+        ));
+        let started = std::time::Instant::now();
+        let err = tool
+            .run_within(&args, Duration::from_millis(500))
+            .unwrap_err();
+        assert!(matches!(err, BootloaderError::ToolTimedOut { .. }), "{err}");
+        assert!(
+            err.to_string().contains("did not finish within 0 s"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(crate::system::tests::gone(pid), "the tool's child survived");
     }
 
     #[test]

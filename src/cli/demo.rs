@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 use update_agent::bootloader::simulator::{BootSim, SimEnv};
 use update_agent::config::Config;
-use update_agent::engine::{Event, TxnState};
+use update_agent::engine::{Event, EventKind};
 use update_agent::keys::{self, KeyId};
 use update_agent::mqtt::oneshot::{self, Seen, Watcher};
 use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol, topics};
@@ -212,7 +212,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     );
     let mut daemon = Daemon::start(config.clone());
     feed.until("the commit", Duration::from_secs(60), |f| {
-        f.states().contains(&TxnState::Committed)
+        f.states().contains(&EventKind::Committed)
     })
     .await?;
 
@@ -227,7 +227,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     );
     oneshot::publish_retained(&endpoint, &device_topic, tampered, Duration::from_secs(10)).await?;
     feed.until("the refusal", Duration::from_secs(20), |f| {
-        f.states().contains(&TxnState::Refused)
+        f.states().contains(&EventKind::Refused)
     })
     .await?;
     let refusal = feed.events.last().cloned().context("no refusal event")?;
@@ -247,7 +247,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
         state["last_event"]["seq"],
         state["last_event"]["state"].as_str().unwrap_or("?"),
     ));
-    use TxnState::*;
+    use EventKind::*;
     let states = feed.states();
     ensure!(
         states
@@ -352,8 +352,8 @@ impl Feed {
         })
     }
 
-    fn states(&self) -> Vec<TxnState> {
-        self.events.iter().map(|e| e.state).collect()
+    fn states(&self) -> Vec<EventKind> {
+        self.events.iter().map(|e| e.kind).collect()
     }
 
     /// Shows what arrives until `done` holds; fails after `timeout`.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use update_agent::agent::{Agent, Observer, RebootMode};
 use update_agent::config::Config;
-use update_agent::engine::{Event, Phase, Progress, TxnState};
+use update_agent::engine::{Event, EventKind, Phase, Progress};
 use update_agent::release::{self, escape_for_log};
 
 use super::EXIT_REFUSED;
@@ -104,7 +104,7 @@ fn finish(agent: &Agent, narrator: &Narrator, outcome: Outcome) -> ExitCode {
             ExitCode::SUCCESS
         }
         Phase::Idle => match narrator.last_outcome {
-            Some(TxnState::Failed | TxnState::RolledBack)
+            Some(EventKind::Failed | EventKind::RolledBack)
                 if matches!(outcome, Outcome::FailureIsError) =>
             {
                 ExitCode::from(EXIT_REFUSED)
@@ -122,7 +122,7 @@ fn finish(agent: &Agent, narrator: &Narrator, outcome: Outcome) -> ExitCode {
 pub struct Narrator {
     bar: Option<ProgressBar>,
     terminal: bool,
-    last_outcome: Option<TxnState>,
+    last_outcome: Option<EventKind>,
 }
 
 impl Narrator {
@@ -149,10 +149,10 @@ impl Observer for Narrator {
             None => println!("{line}"),
         }
         if matches!(
-            event.state,
-            TxnState::Committed | TxnState::Failed | TxnState::RolledBack
+            event.kind,
+            EventKind::Committed | EventKind::Failed | EventKind::RolledBack
         ) {
-            self.last_outcome = Some(event.state);
+            self.last_outcome = Some(event.kind);
             self.done();
         }
     }
@@ -186,40 +186,40 @@ fn until(event: &Event) -> String {
 pub fn describe(event: &Event) -> String {
     let version = event.to_version.as_deref().map(|v| escape_for_log(v, 64));
     let slot = event.slot.as_deref().unwrap_or("?");
-    let what = match event.state {
-        TxnState::Refused => "release refused".to_string(),
-        TxnState::Accepted => format!(
+    let what = match event.kind {
+        EventKind::Refused => "release refused".to_string(),
+        EventKind::Accepted => format!(
             "release {} accepted; installing into slot {slot}",
             version.as_deref().unwrap_or("?")
         ),
-        TxnState::Writing => format!("writing slot {slot}"),
-        TxnState::Written => format!("slot {slot} written and read back; hash verified"),
-        TxnState::Activated => format!("bootloader set to try slot {slot} once"),
-        TxnState::Rebooting => "reboot requested".to_string(),
-        TxnState::TrialBoot => format!("trial boot of slot {slot}; running health checks"),
-        TxnState::Committed => format!(
+        EventKind::Writing => format!("writing slot {slot}"),
+        EventKind::Written => format!("slot {slot} written and read back; hash verified"),
+        EventKind::Activated => format!("bootloader set to try slot {slot} once"),
+        EventKind::Rebooting => "reboot requested".to_string(),
+        EventKind::TrialBoot => format!("trial boot of slot {slot}; running health checks"),
+        EventKind::Committed => format!(
             "committed: slot {slot} runs {} and is marked good",
             version.as_deref().unwrap_or("?")
         ),
-        TxnState::Failed => "install failed".to_string(),
-        TxnState::RollingBack => format!("rolling back from slot {slot}"),
-        TxnState::RolledBack => format!("rolled back; slot {slot} marked bad"),
-        TxnState::Pending => format!(
+        EventKind::Failed => "install failed".to_string(),
+        EventKind::RollingBack => format!("rolling back from slot {slot}"),
+        EventKind::RolledBack => format!("rolled back; slot {slot} marked bad"),
+        EventKind::Pending => format!(
             "release {} waits: {}{}",
             version.as_deref().unwrap_or("?"),
             event.waiting.map(|w| w.as_str()).unwrap_or("?"),
             until(event)
         ),
-        TxnState::Superseded => format!(
+        EventKind::Superseded => format!(
             "release {} superseded before it was written",
             version.as_deref().unwrap_or("?")
         ),
-        TxnState::RebootScheduled => format!(
+        EventKind::RebootScheduled => format!(
             "reboot into slot {slot} scheduled: {}{}",
             event.waiting.map(|w| w.as_str()).unwrap_or("?"),
             until(event)
         ),
-        TxnState::Postponed => format!(
+        EventKind::Postponed => format!(
             "postponed{}{}",
             until(event),
             event
@@ -227,15 +227,16 @@ pub fn describe(event: &Event) -> String {
                 .map(|c| format!(" (clamped: {})", c.as_str()))
                 .unwrap_or_default()
         ),
-        TxnState::Resumed => "postponement withdrawn".to_string(),
-        TxnState::AutoInstallEnabled => "automatic install switched on".to_string(),
-        TxnState::AutoInstallDisabled => {
+        EventKind::Resumed => "postponement withdrawn".to_string(),
+        EventKind::AutoInstallEnabled => "automatic install switched on".to_string(),
+        EventKind::AutoInstallDisabled => {
             "automatic install switched off: updates are announced, not installed".to_string()
         }
-        TxnState::InstallNow => "install now, as the user asked".to_string(),
-        TxnState::CheckRequested => "check for updates requested".to_string(),
-        TxnState::MarkedGood => format!("slot {slot} marked good by hand"),
-        TxnState::MarkedBad => format!("slot {slot} marked bad by hand"),
+        EventKind::InstallNow => "install now, as the user asked".to_string(),
+        EventKind::CheckRequested => "check for updates requested".to_string(),
+        EventKind::MarkedGood => format!("slot {slot} marked good by hand"),
+        EventKind::MarkedBad => format!("slot {slot} marked bad by hand"),
+        EventKind::RebootFailed => "the reboot failed; it is tried again later".to_string(),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
@@ -94,7 +95,7 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let control = UnixStream::connect(&args.socket)
         .with_context(|| format!("cannot connect to {}", args.socket.display()))?;
     // Long enough for a write and its read-back in the tests; a request nobody answers fails.
-    control.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = match args.op {
         Kind::Write => {
             let (ours, theirs) = socketpair(
@@ -103,10 +104,10 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
                 None,
                 SockFlag::SOCK_CLOEXEC,
             )?;
-            let sent = send_frame(&control, &request, Some(theirs.as_fd()));
+            let sent = send_frame(&control, &request, Some(theirs.as_fd()), deadline);
             drop(theirs);
             // A refusal may come before the request was all sent: the answer tells why.
-            let (reply, _) = recv_frame::<Reply>(&control, MAX_REPLY).map_err(|e| {
+            let (reply, _) = recv_frame::<Reply>(&control, MAX_REPLY, deadline).map_err(|e| {
                 sent.err()
                     .map_or_else(|| anyhow::Error::from(e), Into::into)
             })?;
@@ -122,8 +123,8 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
             reply
         }
         _ => {
-            let sent = send_frame(&control, &request, None);
-            recv_frame::<Reply>(&control, MAX_REPLY)
+            let sent = send_frame(&control, &request, None, deadline);
+            recv_frame::<Reply>(&control, MAX_REPLY, deadline)
                 .map_err(|e| {
                     sent.err()
                         .map_or_else(|| anyhow::Error::from(e), Into::into)
@@ -132,7 +133,7 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         }
     };
     while !last.is_final() {
-        last = recv_frame::<Reply>(&control, MAX_REPLY)?.0;
+        last = recv_frame::<Reply>(&control, MAX_REPLY, deadline)?.0;
     }
     println!("{}", serde_json::to_string(&last)?);
     Ok(match last {

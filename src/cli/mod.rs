@@ -3,6 +3,7 @@
 
 #[cfg(feature = "operator")]
 mod broker;
+mod conformance;
 #[cfg(feature = "demo")]
 mod demo;
 #[cfg(feature = "demo")]
@@ -75,6 +76,8 @@ enum Command {
     BootCheck(install::BootCheckArgs),
     /// What the agent does: from the running agent over D-Bus, else from the state on disk
     Status(status::StatusArgs),
+    /// The device's own evidence for ETSI EN 303 645 §5.3: text, JSON or CycloneDX 1.6
+    Conformance(conformance::ConformanceArgs),
     /// Postpone the pending update (and its reboot): `postpone 4h` or `postpone --until TIME`
     Postpone(user::PostponeArgs),
     /// Withdraw a postponement
@@ -132,6 +135,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Install(args) => install::install(args),
         Command::BootCheck(args) => install::boot_check(args),
         Command::Status(args) => status::status(args),
+        Command::Conformance(args) => conformance::run(args),
         Command::Mark(args) => status::mark(args),
         Command::Postpone(args) => user::postpone(args),
         Command::Resume(args) => user::resume(args),

@@ -141,8 +141,11 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// One event record as a JSON line with the device's id added. serde_json escapes every
-/// control character, so the line is safe on a terminal.
+/// The longest line `--json` prints for one event record; a device's records are a few hundred
+/// bytes, and a longer one is summed up instead of flooding the terminal.
+const MAX_JSON_LINE: usize = 8 * 1024;
+
+/// One event record as a JSON line with the device's id added, bounded and ASCII-only.
 fn print_event(seen: &Seen) {
     let record = match serde_json::from_slice::<Value>(&seen.payload) {
         Ok(Value::Object(mut map)) => {
@@ -154,7 +157,33 @@ fn print_event(seen: &Seen) {
             "unreadable": escape_for_log(&String::from_utf8_lossy(&seen.payload), 200),
         }),
     };
-    println!("{record}");
+    let line = terminal_safe_json(&record);
+    if line.len() > MAX_JSON_LINE {
+        let summary = serde_json::json!({"device": seen.device, "oversized": line.len()});
+        println!("{}", terminal_safe_json(&summary));
+    } else {
+        println!("{line}");
+    }
+}
+
+/// JSON with every character outside printable ASCII written as a `\uXXXX` escape: still the
+/// same JSON for a program reading it, but nothing a device sent (bidi overrides, escape
+/// sequences, look-alike letters) reaches the operator's terminal as it is. serde_json already
+/// escapes the C0 controls; DEL and everything non-ASCII are escaped here.
+fn terminal_safe_json(value: &Value) -> String {
+    let text = value.to_string();
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() && c != '\x7f' {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
 }
 
 /// The aggregate view: one screen whatever the fleet's size.
@@ -288,4 +317,18 @@ fn render_devices(lines: &[DeviceLine]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_keep_their_meaning_and_lose_what_a_terminal_would_act_on() {
+        let hostile = serde_json::json!({"seq": "\u{202e}1\u{7f}\u{1b}[2J", "state": "\u{1F600}"});
+        let line = terminal_safe_json(&hostile);
+        assert!(line.bytes().all(|b| (0x20..0x7f).contains(&b)), "{line}");
+        let back: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, hostile);
+    }
 }

@@ -107,7 +107,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             if args.json {
                 let out = json!({
                     "accepted": true,
-                    "id": verified.id_hex(),
+                    "id": verified.release_id(),
                     "version": verified.manifest.version,
                     "security_version": verified.manifest.security_version,
                     "compatible": verified.manifest.compatible,
@@ -121,7 +121,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                     verified.manifest.security_version,
                     escape_for_log(&verified.manifest.compatible, 64),
                     verified.signers.len(),
-                    verified.id_hex()
+                    verified.release_id()
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -62,7 +62,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         eprintln!("note: the update agent is not running; showing the state on disk");
     }
     let config = Config::load(&args.config)?;
-    let store = StateStore::open(&config.device.state_dir)?;
+    // Read only: root may look at the daemon's state without taking it over.
+    let store = StateStore::existing(&config.device.state_dir);
     let state = store.load()?;
     let bootloader = open_bootloader(&config)?;
     let booted = system::booted_slot(&config).ok();
@@ -83,7 +84,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "primary": primary.as_deref() == Some(slot.bootname.as_str()),
             "bootloader": boot_state,
             "version": version,
-            "release_id": record.map(|r| r.release_id.clone()),
+            "release_id": record.map(|r| r.release_id),
             "sha256": record.map(|r| r.sha256.clone()),
             "committed": record.map(|r| r.committed),
         }));
@@ -202,7 +203,7 @@ pub fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
             bootloader.mark_bad(&slot)?
         }
         Mark::Active => {
-            let state = StateStore::open(&config.device.state_dir)?.load()?;
+            let state = StateStore::existing(&config.device.state_dir).load()?;
             let verified = state.slots.contains_key(&slot) || slot == booted;
             if !verified && !args.force {
                 anyhow::bail!(

@@ -10,6 +10,7 @@
 pub mod intake;
 pub mod notify;
 pub mod report;
+#[cfg(feature = "test-hooks")]
 pub mod test_clock;
 
 use std::future::Future;
@@ -46,6 +47,12 @@ const MAX_POLICY_SLEEP: Duration = Duration::from_secs(24 * 3600);
 const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// The first wait before a failed reboot command is tried again; it doubles up to
+/// [`REBOOT_RETRY_MAX`].
+const REBOOT_RETRY_MIN: Duration = Duration::from_secs(10);
+const REBOOT_RETRY_MAX: Duration = Duration::from_secs(600);
+/// How often the daemon looks again whether the state is free, while a one-shot command has it.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// The re-check interval varies by this fraction either way, so a fleet spreads out.
 const RECHECK_JITTER: f64 = 0.2;
 
@@ -94,8 +101,36 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
+/// Opens the agent once no other process holds the state: a one-shot `install` or
+/// `boot-check` started by hand finishes first (never two writers). `None`: asked to stop
+/// meanwhile.
+async fn open_when_free(
+    config: &Config,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Option<Agent>, DaemonError> {
+    let mut told = false;
+    loop {
+        match Agent::open(config.clone(), RebootMode::Defer) {
+            Err(AgentError::Store(StoreError::Locked { holder, .. })) => {
+                if !told {
+                    tracing::warn!(
+                        "the state is in use by {holder}; waiting for it to finish before starting"
+                    );
+                    told = true;
+                }
+            }
+            other => return Ok(Some(other?)),
+        }
+        tokio::select! {
+            () = &mut *shutdown => return Ok(None),
+            () = tokio::time::sleep(LOCK_RETRY) => {}
+        }
+    }
+}
+
 /// Runs until `shutdown` completes (then says `online=false` and disconnects) or a fatal error.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    tokio::pin!(shutdown);
     let mqtt = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
     let endpoint = Endpoint::from_config(&mqtt).map_err(DaemonError::Config)?;
     if !endpoint.url.tls {
@@ -115,8 +150,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         mqtt.device_id,
         endpoint.shown()
     );
-    let mut agent = Agent::open(config.clone(), RebootMode::Defer)?;
+    let Some(mut agent) = open_when_free(&config, &mut shutdown).await? else {
+        tracing::info!("stopping");
+        return Ok(());
+    };
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let mut longest_sleep = MAX_POLICY_SLEEP;
+    #[cfg(feature = "test-hooks")]
     if let Some((clock, path)) = test_clock::from_env() {
         tracing::warn!(
             "TEST CLOCK: the time is read from {} ({}); never set this outside tests",
@@ -152,6 +192,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         outbox.clone(),
     )?;
+    // What this build and configuration leave weakened (EN 303 645 §5.3), for the operators
+    // (retained state) and the user (D-Bus); the full report is `update-agent conformance`.
+    let conformance = crate::conformance::Summary::at_start(&config);
+    if !conformance.weakened.is_empty() || !conformance.not_met.is_empty() {
+        tracing::warn!("conformance: {}", conformance.text());
+    }
+    record_checks(&link, config.device.state_dir.clone());
     let facts = DeviceFacts {
         device: mqtt.device_id.clone(),
         compatible: config.device.compatible.clone(),
@@ -159,12 +206,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         support_end: config.device.support_end,
         factory_version: config.device.factory_version.clone(),
         floor: config.trust.floor,
+        conformance: Some(conformance.clone()),
     };
     let mut reporter = Reporter::new(facts, outbox.clone(), link.publisher());
     reporter.logged(&logged);
     reporter.publish();
     let user = if config.dbus.enabled {
-        Some(UserSide::start(&agent).await?)
+        Some(UserSide::start(&agent, &conformance).await?)
     } else {
         tracing::info!("D-Bus service off ([dbus] enabled = false)");
         None
@@ -196,10 +244,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         user,
         check_asked: false,
         longest_sleep,
+        reboot_retry: None,
+        reboot_backoff: REBOOT_RETRY_MIN,
     };
     let result = tokio::select! {
         result = daemon.serve() => result,
-        () = shutdown => {
+        () = &mut shutdown => {
             tracing::info!("stopping");
             Ok(())
         }
@@ -226,7 +276,10 @@ struct UserSide {
 impl UserSide {
     /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set), serves the object and
     /// takes the name.
-    async fn start(agent: &Agent) -> Result<UserSide, DaemonError> {
+    async fn start(
+        agent: &Agent,
+        conformance: &crate::conformance::Summary,
+    ) -> Result<UserSide, DaemonError> {
         let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
             .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
         let failed = |what| {
@@ -241,7 +294,8 @@ impl UserSide {
             .build()
             .await
             .map_err(failed("connect to"))?;
-        let (feed, handle) = Feed::new(agent.engine(), agent.config());
+        let (mut feed, handle) = Feed::new(agent.engine(), agent.config());
+        feed.set_conformance(conformance);
         let access = Access::from_config(agent.config());
         // The task that sends signals and PropertiesChanged ends with the feed.
         let signals = dbus::serve(&connection, handle, access)
@@ -254,6 +308,27 @@ impl UserSide {
             _connection: connection,
         })
     }
+}
+
+/// Keeps the time of the latest check for updates (the broker granted the subscription to
+/// the release topics, so it sent the retained releases) in the state directory, for the
+/// conformance report's 5.3-5 evidence. Ends with the link.
+fn record_checks(link: &Link, state_dir: std::path::PathBuf) {
+    let mut status = link.status();
+    tokio::spawn(async move {
+        let mut recorded = None;
+        while status.changed().await.is_ok() {
+            let checked = status.borrow_and_update().last_check;
+            if let Some(at) = checked
+                && checked != recorded
+            {
+                recorded = checked;
+                if let Err(e) = crate::conformance::record_check(&state_dir, at) {
+                    tracing::warn!("cannot record the time of the check for updates: {e}");
+                }
+            }
+        }
+    });
 }
 
 /// The next user call, as an input; never, without the service.
@@ -276,6 +351,9 @@ struct Daemon<'a> {
     /// The user asked for a check during the last input (`Action::Check`).
     check_asked: bool,
     longest_sleep: Duration,
+    /// A reboot whose command failed: the slot and when to try again, and the next back-off.
+    reboot_retry: Option<(String, Instant)>,
+    reboot_backoff: Duration,
 }
 
 /// Everyone who hears what the driver does: the operators (outbox, retained state) and, when
@@ -380,6 +458,11 @@ impl Daemon<'_> {
                         }
                     }
                 }
+                () = sleep_until_some(self.reboot_retry.as_ref().map(|(_, at)| *at)), if !rebooting => {
+                    if let Some((slot, _)) = self.reboot_retry.take() {
+                        rebooting = self.after(Stop::RebootNeeded { slot }).await?;
+                    }
+                }
                 () = tokio::time::sleep_until(next_check) => {
                     next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
                     tracing::info!("periodic check of the retained releases");
@@ -399,12 +482,19 @@ impl Daemon<'_> {
         }
         match self.agent.verify(payload) {
             Ok(verified) => {
-                if !self.intake.offer(digest, &verified.id_hex()) {
+                if !self
+                    .intake
+                    .offer(digest, &verified.release_id().to_string())
+                {
                     return Ok(Stop::Idle);
                 }
                 // The engine would refuse it (`previously-rolled-back`) and report that at
                 // every re-check; the rollback itself was reported when it happened.
-                if self.agent.engine().rolled_back_before(&verified.id_hex()) {
+                if self
+                    .agent
+                    .engine()
+                    .rolled_back_before(&verified.release_id())
+                {
                     tracing::info!(
                         "{} release {} rolled back on this device before; not retried",
                         source.as_str(),
@@ -492,17 +582,39 @@ impl Daemon<'_> {
         }
         self.flush(REBOOT_FLUSH).await;
         tracing::info!("rebooting to slot {slot}");
-        self.agent.reboot()?;
-        Ok(true)
+        match self.agent.reboot() {
+            Ok(()) => {
+                self.reboot_retry = None;
+                self.reboot_backoff = REBOOT_RETRY_MIN;
+                Ok(true)
+            }
+            // The daemon stays up: the failure is reported, the reboot tried again later, and
+            // meanwhile MQTT and D-Bus keep working (a fixing release can still arrive).
+            Err(err) => {
+                let wait = self.reboot_backoff;
+                tracing::error!(
+                    message_id = message_id::DAEMON_FAILED,
+                    "{err}; trying again in {} s",
+                    wait.as_secs()
+                );
+                let (agent, mut audience) = self.audience();
+                agent.report_reboot_failed(&err, &mut audience).await?;
+                self.refresh();
+                self.reboot_retry = Some((slot, Instant::now() + wait));
+                self.reboot_backoff = (wait * 2).min(REBOOT_RETRY_MAX);
+                Ok(false)
+            }
+        }
     }
 
-    /// Waits (bounded) until the broker acknowledged every event, while connected.
+    /// Waits (bounded) until the broker is connected and acknowledged every event: right after a
+    /// start the link may not be up yet, and the events before a reboot must reach the
+    /// operators first.
     async fn flush(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let status = self.link.status();
         while Instant::now() < deadline
-            && status.borrow().connected
-            && !self.outbox.lock().expect("outbox lock").is_empty()
+            && !(status.borrow().connected && self.outbox.lock().expect("outbox lock").is_empty())
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use jiff::Timestamp;
 
 use crate::agent::Observer;
-use crate::engine::{Engine, Event, PersistentState, Progress, TxnState};
+use crate::engine::{Engine, Event, EventKind, PersistentState, Progress};
 use crate::logging::message_id;
 use crate::mqtt::link::Publisher;
 use crate::mqtt::payload::{DeviceFacts, DeviceState};
@@ -34,7 +34,7 @@ impl Reporter {
 
     /// Takes the whole state from the engine (after it learnt the boot, after each input).
     pub fn refresh(&mut self, engine: &Engine) {
-        self.booted = engine.booted().map(str::to_owned);
+        self.booted = engine.booted().map(ToString::to_string);
         self.doc
             .apply_persisted(&self.facts, self.booted.as_deref(), engine.state());
         self.publish();
@@ -102,16 +102,16 @@ fn log_event(event: &Event) {
         .as_deref()
         .map(|m| escape_for_log(m, 300))
         .unwrap_or_default();
-    let state = event.state.as_str();
-    match event.state {
-        TxnState::Failed | TxnState::RollingBack | TxnState::RolledBack => tracing::error!(
+    let state = event.kind.as_str();
+    match event.kind {
+        EventKind::Failed | EventKind::RollingBack | EventKind::RolledBack => tracing::error!(
             message_id = message_id::INSTALL_FAILED,
             seq = event.seq,
             txn,
             reason,
             "{state} {version}: {reason}: {message}"
         ),
-        TxnState::Refused => tracing::warn!(
+        EventKind::Refused => tracing::warn!(
             message_id = message_id::RELEASE_REFUSED,
             seq = event.seq,
             reason,

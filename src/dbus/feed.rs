@@ -11,7 +11,7 @@ use crate::agent::Observer;
 use crate::config::Config;
 use crate::dbus::{Call, Handle, Snapshot};
 use crate::engine::{
-    Answer, Engine, Event, Failure, Input, Notice, PersistentState, Progress, TxnState,
+    Answer, Engine, Event, EventKind, Failure, Input, Notice, PersistentState, Progress,
 };
 use crate::reason::ReasonCode;
 
@@ -32,6 +32,8 @@ pub struct Feed {
     /// The last failure or refusal seen in an event, newer than the state's last outcome
     /// (a refused release is not a transaction outcome, yet the user must hear of it: 5.7-2).
     last_error: Option<(String, String)>,
+    /// The `Conformance` property, as the owner assessed it at start.
+    conformance: (String, String),
 }
 
 impl Feed {
@@ -49,6 +51,7 @@ impl Feed {
             queued: 0,
             reply: None,
             last_error: None,
+            conformance: Default::default(),
         };
         let handle = Handle {
             calls: call_tx,
@@ -92,9 +95,21 @@ impl Feed {
         if let Some(error) = &self.last_error {
             snapshot.last_error = error.clone();
         }
+        snapshot.conformance = self.conformance.clone();
         self.snapshots.send_if_modified(|current| {
             let changed = *current != snapshot;
             *current = snapshot;
+            changed
+        });
+    }
+
+    /// Sets the `Conformance` property (kept in every later snapshot).
+    pub fn set_conformance(&mut self, summary: &crate::conformance::Summary) {
+        self.conformance = (summary.text(), summary.findings.join(" "));
+        let conformance = self.conformance.clone();
+        self.snapshots.send_if_modified(|s| {
+            let changed = s.conformance != conformance;
+            s.conformance = conformance;
             changed
         });
     }
@@ -122,14 +137,14 @@ impl Observer for Feed {
                 reason.to_string(),
                 event.message.clone().unwrap_or_default(),
             ));
-        } else if event.state == TxnState::Committed {
+        } else if event.kind == EventKind::Committed {
             self.last_error = None;
         }
         // The phase an event leads into, for the `State` property during a long job.
-        let state = match event.state {
-            TxnState::Writing => Some("writing"),
-            TxnState::Written => Some("activating"),
-            TxnState::Rebooting => Some("reboot-pending"),
+        let state = match event.kind {
+            EventKind::Writing => Some("writing"),
+            EventKind::Written => Some("activating"),
+            EventKind::Rebooting => Some("reboot-pending"),
             _ => None,
         };
         if let Some(state) = state {

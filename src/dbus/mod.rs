@@ -76,6 +76,9 @@ pub struct Snapshot {
     pub support_end: String,
     pub model: String,
     pub compatible: String,
+    /// EN 303 645 §5.3 in short, and `provision:finding` for what this build and configuration
+    /// weaken, separated by spaces (the start-up assessment; empty when the owner made none).
+    pub conformance: (String, String),
 }
 
 impl Snapshot {
@@ -83,7 +86,7 @@ impl Snapshot {
         let state = engine.state();
         let mut snapshot = Snapshot {
             state: state.phase.name().to_string(),
-            booted_slot: engine.booted().unwrap_or_default().to_string(),
+            booted_slot: engine.booted().map(ToString::to_string).unwrap_or_default(),
             current_version: engine.booted_version().unwrap_or_default().to_string(),
             auto_install: engine.auto_install(),
             postponed_until: seconds(state.user.postponed_until),
@@ -468,6 +471,14 @@ impl Agent1 {
         self.snap().compatible.clone()
     }
 
+    /// ETSI EN 303 645 §5.3 for this build and configuration: a one-line summary, and
+    /// `provision:finding` for each weakened or unmet provision, separated by spaces (e.g.
+    /// `5.3-6:auto-install-off 5.3-10:plain-mqtt`). The same D-Bus type as `LastError`.
+    #[zbus(property)]
+    fn conformance(&self) -> (String, String) {
+        self.snap().conformance.clone()
+    }
+
     /// A release was accepted: its version, what it fixes, whether it is a security release,
     /// its severity and its deadline (0: none).
     #[zbus(signal)]
@@ -633,6 +644,7 @@ async fn properties_changed(
         support_end => support_end_changed,
         model => model_changed,
         compatible => compatible_changed,
+        conformance => conformance_changed,
     );
     Ok(())
 }

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::names::{BootId, Bootname};
 use crate::engine::policy::{Clamp, UserChoices, Wait};
 use crate::reason::ReasonCode;
-use crate::release::Manifest;
+use crate::release::{Manifest, ReleaseId};
 
 /// How many refused-after-rollback release ids are remembered; older ones are forgotten first.
 pub const MAX_ROLLED_BACK_REMEMBERED: usize = 32;
@@ -24,11 +25,11 @@ pub struct PersistentState {
     /// Next transaction number.
     pub next_txn: u64,
     /// What each slot (by bootname) holds, as far as this agent wrote it.
-    pub slots: BTreeMap<String, SlotRecord>,
+    pub slots: BTreeMap<Bootname, SlotRecord>,
     /// The outcome of the most recent transaction.
     pub last: Option<Outcome>,
-    /// Releases (manifest sha256, hex) that rolled back: never retried automatically.
-    pub rolled_back: Vec<String>,
+    /// Releases that rolled back: never retried automatically.
+    pub rolled_back: Vec<ReleaseId>,
     /// The events of the most recent transition, persisted with it. A power cut can fall between
     /// persisting a transition and reporting its events; so the engine reports these again when
     /// it learns of the next boot (`BootObserved`), with the same sequence numbers. Events are
@@ -65,7 +66,7 @@ pub enum Phase {
     /// user's postponement, or the user under policy `manual`). `at` is when it is due.
     RebootScheduled {
         txn: Transaction,
-        boot_id_at_activation: String,
+        boot_id_at_activation: BootId,
         waiting: Wait,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         at: Option<Timestamp>,
@@ -73,10 +74,10 @@ pub enum Phase {
     /// The bootloader will try the target slot at the next boot.
     RebootPending {
         txn: Transaction,
-        boot_id_at_activation: String,
+        boot_id_at_activation: BootId,
     },
     /// Booted into the target slot for the first time; health checks decide.
-    Trial { txn: Transaction, boot_id: String },
+    Trial { txn: Transaction, boot_id: BootId },
     /// Health checks passed; the slot is being marked good.
     Committing { txn: Transaction },
     /// The trial failed; the target was marked bad and the device reboots back.
@@ -121,13 +122,12 @@ impl Phase {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transaction {
     pub id: String,
-    /// Hex SHA-256 of the manifest bytes.
-    pub release_id: String,
+    pub release_id: ReleaseId,
     pub manifest: Manifest,
     /// Slot class being updated and the bootnames involved.
     pub class: String,
-    pub from_slot: String,
-    pub to_slot: String,
+    pub from_slot: Bootname,
+    pub to_slot: Bootname,
     pub from_version: Option<String>,
     pub started: Timestamp,
     /// The user asked for this install now (`install`, `InstallNow`): maintenance windows,
@@ -149,7 +149,7 @@ impl Transaction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRecord {
     pub version: String,
-    pub release_id: String,
+    pub release_id: ReleaseId,
     pub security_version: u64,
     pub sha256: String,
     pub written: Timestamp,
@@ -161,16 +161,17 @@ pub struct SlotRecord {
 pub struct Outcome {
     pub txn: String,
     pub version: String,
-    pub result: TxnState,
+    pub result: EventKind,
     pub reason: Option<ReasonCode>,
     pub message: Option<String>,
     pub at: Timestamp,
 }
 
-/// The states a transaction passes through, as operators see them in events.
+/// What an event records: a step of a transaction (as operators see it), a refusal, or a
+/// user's decision. On the wire (events, `state.json`) it is the event's `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum TxnState {
+pub enum EventKind {
     /// A release arrived and was refused before any transaction started.
     Refused,
     Accepted,
@@ -206,33 +207,37 @@ pub enum TxnState {
     /// The user marked a slot good or bad by hand.
     MarkedGood,
     MarkedBad,
+    /// The reboot command failed (`reason` `reboot-failed`, `message` why); the agent stays up
+    /// and tries again later. Not an end: the transaction still waits for its reboot.
+    RebootFailed,
 }
 
-impl TxnState {
+impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
-            TxnState::Refused => "refused",
-            TxnState::Accepted => "accepted",
-            TxnState::Writing => "writing",
-            TxnState::Written => "written",
-            TxnState::Activated => "activated",
-            TxnState::Rebooting => "rebooting",
-            TxnState::TrialBoot => "trial-boot",
-            TxnState::Committed => "committed",
-            TxnState::Failed => "failed",
-            TxnState::RollingBack => "rolling-back",
-            TxnState::RolledBack => "rolled-back",
-            TxnState::Pending => "pending",
-            TxnState::RebootScheduled => "reboot-scheduled",
-            TxnState::Superseded => "superseded",
-            TxnState::Postponed => "postponed",
-            TxnState::Resumed => "resumed",
-            TxnState::AutoInstallEnabled => "auto-install-enabled",
-            TxnState::AutoInstallDisabled => "auto-install-disabled",
-            TxnState::InstallNow => "install-now",
-            TxnState::CheckRequested => "check-requested",
-            TxnState::MarkedGood => "marked-good",
-            TxnState::MarkedBad => "marked-bad",
+            EventKind::Refused => "refused",
+            EventKind::Accepted => "accepted",
+            EventKind::Writing => "writing",
+            EventKind::Written => "written",
+            EventKind::Activated => "activated",
+            EventKind::Rebooting => "rebooting",
+            EventKind::TrialBoot => "trial-boot",
+            EventKind::Committed => "committed",
+            EventKind::Failed => "failed",
+            EventKind::RollingBack => "rolling-back",
+            EventKind::RolledBack => "rolled-back",
+            EventKind::Pending => "pending",
+            EventKind::RebootScheduled => "reboot-scheduled",
+            EventKind::Superseded => "superseded",
+            EventKind::Postponed => "postponed",
+            EventKind::Resumed => "resumed",
+            EventKind::AutoInstallEnabled => "auto-install-enabled",
+            EventKind::AutoInstallDisabled => "auto-install-disabled",
+            EventKind::InstallNow => "install-now",
+            EventKind::CheckRequested => "check-requested",
+            EventKind::MarkedGood => "marked-good",
+            EventKind::MarkedBad => "marked-bad",
+            EventKind::RebootFailed => "reboot-failed",
         }
     }
 }
@@ -242,17 +247,18 @@ impl TxnState {
 pub struct Event {
     pub seq: u64,
     pub at: Timestamp,
-    pub state: TxnState,
+    #[serde(rename = "state")]
+    pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub txn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release_id: Option<String>,
+    pub release_id: Option<ReleaseId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot: Option<String>,
+    pub slot: Option<Bootname>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<ReasonCode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -266,14 +272,47 @@ pub struct Event {
     /// What limited a postponement (`postponed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamped: Option<Clamp>,
+    /// When the release was signed (its manifest's `created`), on `accepted` and `committed`:
+    /// with `at` it gives the time from release to installation on this device (5.3-8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Timestamp>,
 }
 
-impl TxnState {
-    /// The states that end a transaction.
+impl Event {
+    /// An event with sequence number `seq`, about `txn` if it is about a transaction.
+    pub(super) fn about(
+        seq: u64,
+        at: Timestamp,
+        kind: EventKind,
+        txn: Option<&Transaction>,
+    ) -> Event {
+        Event {
+            seq,
+            at,
+            kind,
+            txn: txn.map(|t| t.id.clone()),
+            release_id: txn.map(|t| t.release_id),
+            from_version: txn.and_then(|t| t.from_version.clone()),
+            to_version: txn.map(|t| t.manifest.version.clone()),
+            slot: txn.map(|t| t.to_slot.clone()),
+            reason: None,
+            message: None,
+            waiting: None,
+            until: None,
+            clamped: None,
+            created: txn
+                .filter(|_| matches!(kind, EventKind::Accepted | EventKind::Committed))
+                .map(|t| t.manifest.created),
+        }
+    }
+}
+
+impl EventKind {
+    /// The kinds that end a transaction.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TxnState::Committed | TxnState::Failed | TxnState::RolledBack
+            EventKind::Committed | EventKind::Failed | EventKind::RolledBack
         )
     }
 }

@@ -7,9 +7,10 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::*;
 use crate::anchor::TrustAnchor;
+use crate::reason::ReasonCode;
 use crate::release::build::sign_manifest;
-use crate::release::manifest::{Disruption, FORMAT, Severity};
-use crate::release::{Manifest, Policy, verify};
+use crate::release::manifest::{Disruption, FORMAT, Image, Severity};
+use crate::release::{Manifest, Policy, VerifiedRelease, verify};
 
 const BOOT_1: &str = "boot-1";
 const BOOT_2: &str = "boot-2";
@@ -62,6 +63,8 @@ struct Harness {
     persisted: Vec<PersistentState>,
     notices: Vec<Notice>,
     answers: Vec<Answer>,
+    /// The job the engine asked for last, which [`Harness::answer`] answers, as a driver does.
+    running: Option<Job>,
 }
 
 impl Harness {
@@ -76,7 +79,7 @@ impl Harness {
     fn with_policy(policy: PolicyConfig, state: PersistentState) -> Harness {
         let slots = SlotPair {
             class: "rootfs".into(),
-            bootnames: ["A".into(), "B".into()],
+            bootnames: [bootname("A"), bootname("B")],
         };
         Harness {
             engine: Engine::new(slots, state).with_policy(policy),
@@ -85,24 +88,35 @@ impl Harness {
             persisted: Vec::new(),
             notices: Vec::new(),
             answers: Vec::new(),
+            running: None,
         }
     }
 
-    /// Feeds one input and returns the job actions (not Persist/Report, which are recorded).
-    fn feed(&mut self, input: Input) -> Vec<Action> {
+    /// Feeds one input and returns the job it asks for, if any (what else comes out is
+    /// recorded).
+    fn feed(&mut self, input: Input) -> Vec<Job> {
         self.now += SignedDuration::from_secs(1);
         self.feed_now(input)
     }
 
     /// Feeds one input at `at` (the fake clock jumps there).
-    fn feed_at(&mut self, at: Timestamp, input: Input) -> Vec<Action> {
+    fn feed_at(&mut self, at: Timestamp, input: Input) -> Vec<Job> {
         self.now = at;
         self.feed_now(input)
     }
 
-    fn feed_now(&mut self, input: Input) -> Vec<Action> {
+    /// Answers the job the engine asked for last with `result`, as a driver does.
+    fn answer(&mut self, result: Result<(), Failure>) -> Vec<Job> {
+        let job = self.running.take().expect("the engine asked for no job");
+        self.feed(Input::JobDone(job, result))
+    }
+
+    fn feed_now(&mut self, input: Input) -> Vec<Job> {
+        let first_new_seq = self.engine.state().next_seq;
+        let actions = self.engine.handle(input, self.now);
+        assert_driver_order(&actions, first_new_seq);
         let mut jobs = Vec::new();
-        for action in self.engine.handle(input, self.now) {
+        for action in actions {
             match action {
                 Action::Persist => self.persisted.push(self.engine.state().clone()),
                 // Like the event log: a seq reported again after a restart is kept once.
@@ -111,35 +125,76 @@ impl Harness {
                         self.events.push(event);
                     }
                 }
-                Action::ReportProgress(_) => {}
+                Action::ReportProgress(_) | Action::Check => {}
                 Action::Notify(notice) => self.notices.push(notice),
                 Action::Answer(answer) => self.answers.push(answer),
-                job => jobs.push(job),
+                Action::Run(job) => jobs.push(job),
             }
+        }
+        if let Some(job) = jobs.last() {
+            self.running = Some(job.clone());
         }
         jobs
     }
 
-    fn states(&self) -> Vec<TxnState> {
-        self.events.iter().map(|e| e.state).collect()
+    fn states(&self) -> Vec<EventKind> {
+        self.events.iter().map(|e| e.kind).collect()
     }
 
     /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
     fn install_until_reboot(&mut self, release: VerifiedRelease) {
         let jobs = self.feed(Input::ReleaseVerified(Box::new(release)));
-        assert_eq!(jobs, vec![Action::PrepareTarget { slot: "B".into() }]);
-        let jobs = self.feed(Input::TargetPrepared(Ok(())));
-        assert!(
-            matches!(&jobs[..], [Action::StartWrite { slot, resume_from: 0, .. }] if slot == "B")
+        assert_eq!(
+            jobs,
+            vec![Job::PrepareTarget {
+                slot: bootname("B")
+            }]
         );
+        let jobs = self.answer(Ok(()));
+        assert!(matches!(&jobs[..], [Job::Write { slot, resume_from: 0, .. }] if slot == "B"));
         assert!(
             self.feed(Input::WriteCheckpoint { durable: 2048 })
                 .is_empty()
         );
-        let jobs = self.feed(Input::WriteFinished(Ok(())));
-        assert_eq!(jobs, vec![Action::Activate { slot: "B".into() }]);
-        let jobs = self.feed(Input::BootloaderDone(Ok(())));
-        assert_eq!(jobs, vec![Action::Reboot]);
+        let jobs = self.answer(Ok(()));
+        assert_eq!(
+            jobs,
+            vec![Job::Activate {
+                slot: bootname("B")
+            }]
+        );
+        let jobs = self.answer(Ok(()));
+        assert_eq!(jobs, vec![Job::Reboot]);
+    }
+}
+
+/// The order the driver relies on, checked on every output of every test that uses the
+/// harness: events replayed from before this input come before the one `Persist`, the events
+/// this input made after it; the answer after every report and notice; at most one job, last.
+fn assert_driver_order(actions: &[Action], first_new_seq: u64) {
+    let persist = actions.iter().position(|a| *a == Action::Persist);
+    let count = |f: fn(&Action) -> bool| actions.iter().filter(|a| f(a)).count();
+    assert!(count(|a| *a == Action::Persist) <= 1, "{actions:?}");
+    assert!(
+        count(|a| matches!(a, Action::Answer(_))) <= 1,
+        "{actions:?}"
+    );
+    assert!(count(|a| matches!(a, Action::Run(_))) <= 1, "{actions:?}");
+    for (i, action) in actions.iter().enumerate() {
+        match action {
+            Action::Report(event) if event.seq >= first_new_seq => {
+                assert!(persist.is_some_and(|p| p < i), "{actions:?}")
+            }
+            Action::Report(_) => assert!(persist.is_some_and(|p| i < p), "{actions:?}"),
+            Action::Answer(_) => assert!(
+                actions[i..]
+                    .iter()
+                    .all(|a| !matches!(a, Action::Report(_) | Action::Notify(_) | Action::Persist)),
+                "{actions:?}"
+            ),
+            Action::Run(_) => assert_eq!(i, actions.len() - 1, "{actions:?}"),
+            _ => {}
+        }
     }
 }
 
@@ -150,16 +205,23 @@ fn install_reboot_trial_commit() {
     let mut h = Harness::new();
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Action::MarkGood { slot: "A".into() }]
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
-    assert_eq!(jobs, vec![Action::RunHealthChecks]);
-    let jobs = h.feed(Input::HealthFinished(Ok(())));
-    assert_eq!(jobs, vec![Action::MarkGood { slot: "B".into() }]);
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
-    use TxnState::*;
+    assert_eq!(jobs, vec![Job::CheckHealth]);
+    let jobs = h.answer(Ok(()));
+    assert_eq!(
+        jobs,
+        vec![Job::MarkGood {
+            slot: bootname("B")
+        }]
+    );
+    assert!(h.answer(Ok(())).is_empty());
+    use EventKind::*;
     assert_eq!(
         h.states(),
         [
@@ -185,16 +247,28 @@ fn state_is_persisted_before_every_irreversible_job() {
     let persist = actions.iter().position(|a| *a == Action::Persist).unwrap();
     let prepare = actions
         .iter()
-        .position(|a| matches!(a, Action::PrepareTarget { .. }))
+        .position(|a| matches!(a, Action::Run(Job::PrepareTarget { .. })))
         .unwrap();
     assert!(persist < prepare);
-    h.engine.handle(Input::TargetPrepared(Ok(())), h.now);
-    let actions = h.engine.handle(Input::WriteFinished(Ok(())), h.now);
+    let prepare = Job::PrepareTarget {
+        slot: bootname("B"),
+    };
+    let actions = h.engine.handle(Input::JobDone(prepare, Ok(())), h.now);
+    let Some(Action::Run(write)) = actions.last().cloned() else {
+        panic!("{actions:?}")
+    };
+    let actions = h.engine.handle(Input::JobDone(write, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
-    assert!(matches!(actions.last(), Some(Action::Activate { .. })));
-    let actions = h.engine.handle(Input::BootloaderDone(Ok(())), h.now);
+    assert!(matches!(
+        actions.last(),
+        Some(Action::Run(Job::Activate { .. }))
+    ));
+    let activate = Job::Activate {
+        slot: bootname("B"),
+    };
+    let actions = h.engine.handle(Input::JobDone(activate, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
-    assert_eq!(actions.last(), Some(&Action::Reboot));
+    assert_eq!(actions.last(), Some(&Action::Run(Job::Reboot)));
 }
 
 #[test]
@@ -205,9 +279,14 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
     h.install_until_reboot(rel.clone());
     // The new slot never came up healthy: the bootloader went back to A.
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::FellBack));
     assert_eq!(
         h.engine.state().floor,
@@ -216,15 +295,17 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
     );
     // Then A, which came back, gets back the try its boot spent.
     assert_eq!(
-        h.feed(Input::BootloaderDone(Ok(()))),
-        vec![Action::MarkGood { slot: "A".into() }]
+        h.answer(Ok(())),
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert!(h.answer(Ok(())).is_empty());
     // The same release, delivered again, is refused and not installed.
     let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::Refused);
+    assert_eq!(last.kind, EventKind::Refused);
     assert_eq!(last.reason, Some(ReasonCode::PreviouslyRolledBack));
 }
 
@@ -235,22 +316,34 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    let jobs = h.feed(Input::HealthFinished(Err(failure)));
-    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
-    assert_eq!(h.feed(Input::BootloaderDone(Ok(()))), vec![Action::Reboot]);
+    let jobs = h.answer(Err(failure));
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
+    assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
     let jobs = h.feed(boot("boot-3", "A"));
-    assert_eq!(jobs, vec![Action::MarkBad { slot: "B".into() }]);
+    assert_eq!(
+        jobs,
+        vec![Job::MarkBad {
+            slot: bootname("B")
+        }]
+    );
     let last = h.events.last().unwrap();
-    assert_eq!(last.state, TxnState::RolledBack);
+    assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
     assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
     // Even when marking B bad failed, A is kept.
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
     assert_eq!(
-        h.feed(Input::BootloaderDone(Err(failure))),
-        vec![Action::MarkGood { slot: "A".into() }]
+        h.answer(Err(failure)),
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert!(h.answer(Ok(())).is_empty());
 }
 
 /// Regression: nothing gave the running slot back the try its boot spent, so a committed slot
@@ -261,20 +354,24 @@ fn every_boot_in_idle_marks_the_booted_slot_good() {
     let mut h = Harness::new();
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Action::MarkGood { slot: "A".into() }]
+        vec![Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
-    h.feed(Input::HealthFinished(Ok(())));
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    h.answer(Ok(()));
+    assert!(h.answer(Ok(())).is_empty());
     let count = h.events.len();
     for boot_id in ["boot-3", "boot-4", "boot-5"] {
         assert_eq!(
             h.feed(boot(boot_id, "B")),
-            vec![Action::MarkGood { slot: "B".into() }]
+            vec![Job::MarkGood {
+                slot: bootname("B")
+            }]
         );
-        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+        assert!(h.answer(Ok(())).is_empty());
     }
     assert_eq!(h.events.len(), count, "an ordinary boot is not an event");
     assert_eq!(h.persisted.last(), Some(h.engine.state()));
@@ -285,7 +382,7 @@ fn restart_during_write_resumes_from_the_durable_checkpoint() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
-    h.feed(Input::TargetPrepared(Ok(())));
+    h.answer(Ok(()));
     h.feed(Input::WriteCheckpoint { durable: 1024 });
     h.feed(Input::WriteProgress {
         written: 3000,
@@ -295,11 +392,16 @@ fn restart_during_write_resumes_from_the_durable_checkpoint() {
     let saved = h.persisted.last().unwrap().clone();
     let mut h = Harness::restore(saved);
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(jobs, vec![Action::PrepareTarget { slot: "B".into() }]);
-    let jobs = h.feed(Input::TargetPrepared(Ok(())));
+    assert_eq!(
+        jobs,
+        vec![Job::PrepareTarget {
+            slot: bootname("B")
+        }]
+    );
+    let jobs = h.answer(Ok(()));
     assert!(matches!(
         &jobs[..],
-        [Action::StartWrite {
+        [Job::Write {
             resume_from: 1024,
             ..
         }]
@@ -312,7 +414,7 @@ fn restart_while_reboot_pending_in_the_same_boot_asks_for_the_reboot_again() {
     h.feed(boot(BOOT_1, "A"));
     h.install_until_reboot(release("2.0", 1));
     let mut h = Harness::restore(h.persisted.last().unwrap().clone());
-    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Action::Reboot]);
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Job::Reboot]);
 }
 
 #[test]
@@ -320,12 +422,14 @@ fn restart_after_activation_was_persisted_activates_again() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
-    h.feed(Input::TargetPrepared(Ok(())));
-    h.feed(Input::WriteFinished(Ok(())));
+    h.answer(Ok(()));
+    h.answer(Ok(()));
     let mut h = Harness::restore(h.persisted.last().unwrap().clone());
     assert_eq!(
         h.feed(boot(BOOT_1, "A")),
-        vec![Action::Activate { slot: "B".into() }]
+        vec![Job::Activate {
+            slot: bootname("B")
+        }]
     );
 }
 
@@ -334,17 +438,17 @@ fn booting_the_new_slot_while_activating_is_its_trial_boot() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
-    h.feed(Input::TargetPrepared(Ok(())));
-    h.feed(Input::WriteFinished(Ok(())));
+    h.answer(Ok(()));
+    h.answer(Ok(()));
     // Cut after the bootloader switched, before RebootPending was persisted; B came up.
     let mut h = Harness::restore(h.persisted.last().unwrap().clone());
     let actions = h.engine.handle(boot(BOOT_2, "B"), h.now);
     let kinds: Vec<_> = actions
         .iter()
         .map(|a| match a {
-            Action::Report(e) => e.state.as_str(),
+            Action::Report(e) => e.kind.as_str(),
             Action::Persist => "persist",
-            Action::RunHealthChecks => "health",
+            Action::Run(Job::CheckHealth) => "health",
             _ => "other",
         })
         .collect();
@@ -360,11 +464,8 @@ fn failed_write_ends_the_transaction_with_its_reason() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
-    h.feed(Input::TargetPrepared(Ok(())));
-    let jobs = h.feed(Input::WriteFinished(Err(Failure::new(
-        ReasonCode::SlotIo,
-        "short write",
-    ))));
+    h.answer(Ok(()));
+    let jobs = h.answer(Err(Failure::new(ReasonCode::SlotIo, "short write")));
     assert!(jobs.is_empty());
     let state = h.engine.state();
     assert_eq!(state.phase, Phase::Idle);
@@ -373,7 +474,7 @@ fn failed_write_ends_the_transaction_with_its_reason() {
         state.last.as_ref().unwrap().reason,
         Some(ReasonCode::SlotIo)
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::Failed);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Failed);
 }
 
 #[test]
@@ -399,8 +500,8 @@ fn the_running_release_delivered_again_is_ignored() {
     let rel = release("2.0", 1);
     h.install_until_reboot(rel.clone());
     h.feed(boot(BOOT_2, "B"));
-    h.feed(Input::HealthFinished(Ok(())));
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.answer(Ok(()));
+    h.answer(Ok(()));
     let count = h.events.len();
     assert!(h.feed(Input::ReleaseVerified(Box::new(rel))).is_empty());
     assert_eq!(h.events.len(), count);
@@ -411,7 +512,7 @@ fn progress_is_rate_limited_by_injected_time() {
     let mut h = Harness::new();
     h.feed(boot(BOOT_1, "A"));
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
-    h.feed(Input::TargetPrepared(Ok(())));
+    h.answer(Ok(()));
     let now = h.now;
     let mut reports = 0;
     for i in 0..100u64 {
@@ -432,10 +533,14 @@ fn progress_is_rate_limited_by_injected_time() {
     assert!((5..=6).contains(&reports), "got {reports} progress reports");
 }
 
+fn bootname(name: &str) -> Bootname {
+    Bootname::new(name).unwrap()
+}
+
 fn boot(boot_id: &str, booted: &str) -> Input {
     Input::BootObserved {
-        boot_id: boot_id.into(),
-        booted: booted.into(),
+        boot_id: BootId::new(boot_id).unwrap(),
+        booted: bootname(booted),
     }
 }
 
@@ -449,14 +554,14 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    h.feed(Input::HealthFinished(Err(failure)));
-    let actions = h.engine.handle(
-        Input::BootloaderDone(Err(Failure::new(
-            ReasonCode::BootloaderFailed,
-            "fw_setenv failed",
-        ))),
-        h.now,
-    );
+    h.answer(Err(failure));
+    let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
+    let mark_bad = Job::MarkBad {
+        slot: bootname("B"),
+    };
+    let actions = h
+        .engine
+        .handle(Input::JobDone(mark_bad, Err(failed)), h.now);
     let reported: Vec<u64> = actions
         .iter()
         .filter_map(|a| match a {
@@ -474,7 +579,7 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
         persist.is_some_and(|p| p < report),
         "the event's seq must be persisted before it is reported: {actions:?}"
     );
-    assert_eq!(actions.last(), Some(&Action::Reboot));
+    assert_eq!(actions.last(), Some(&Action::Run(Job::Reboot)));
     // The reboot: what the last `Persist` wrote is all that is left.
     let saved = match persist {
         Some(_) => h.engine.state().clone(),
@@ -485,7 +590,7 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
     let rolled_back = h
         .events
         .iter()
-        .find(|e| e.state == TxnState::RolledBack)
+        .find(|e| e.kind == EventKind::RolledBack)
         .unwrap();
     assert!(
         rolled_back.seq > reported[0],
@@ -504,14 +609,17 @@ fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() 
     h.feed(boot(BOOT_1, "A"));
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
-    h.feed(Input::HealthFinished(Ok(())));
+    h.answer(Ok(()));
     // Commit: the state is persisted, then the agent dies before it reports `committed`.
-    let actions = h.engine.handle(Input::BootloaderDone(Ok(())), h.now);
+    let mark_good = Job::MarkGood {
+        slot: bootname("B"),
+    };
+    let actions = h.engine.handle(Input::JobDone(mark_good, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
     let Some(Action::Report(committed)) = actions.get(1).cloned() else {
         panic!("{actions:?}");
     };
-    assert_eq!(committed.state, TxnState::Committed);
+    assert_eq!(committed.kind, EventKind::Committed);
     let saved = h.engine.state().clone();
     assert_eq!(saved.phase, Phase::Idle);
 
@@ -548,13 +656,13 @@ fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
     // In the trial boot, the agent dies before it persists the trial phase.
     let mut h = Harness::restore(saved.clone());
     h.feed(boot(BOOT_2, "B"));
-    assert_eq!(h.events.last().unwrap().state, TxnState::TrialBoot);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::TrialBoot);
     assert_eq!(h.events.last().unwrap().seq, next_seq);
     // The power comes back: nothing of that boot was persisted, nothing of it was reported.
     let mut h = Harness::restore(saved);
     h.feed(boot("boot-3", "B"));
     let trial = h.events.last().unwrap();
-    assert_eq!((trial.state, trial.seq), (TxnState::TrialBoot, next_seq));
+    assert_eq!((trial.kind, trial.seq), (EventKind::TrialBoot, next_seq));
 }
 
 #[test]
@@ -564,11 +672,11 @@ fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    h.feed(Input::HealthFinished(Err(failure)));
+    h.answer(Err(failure));
     let persisted = h.persisted.last().unwrap();
     assert_eq!(persisted.recent_events, h.events[h.events.len() - 1..]);
     let kept = &persisted.recent_events[0];
-    assert_eq!(kept.state, TxnState::RollingBack);
+    assert_eq!(kept.kind, EventKind::RollingBack);
     assert_eq!(kept.reason, Some(ReasonCode::HealthCheckFailed));
     // Every transition that reports an event persists, with that event kept.
     for state in &h.persisted {
@@ -588,17 +696,91 @@ fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
     h.feed(boot(BOOT_1, "A"));
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
-    h.feed(Input::HealthFinished(Ok(())));
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.answer(Ok(()));
+    h.answer(Ok(()));
     assert_eq!(h.engine.state().phase, Phase::Idle);
     for (i, slot) in ["B", "B", "A"].into_iter().enumerate() {
         let jobs = h.feed(boot(&format!("boot-{}", i + 3), slot));
-        assert_eq!(jobs, vec![Action::MarkGood { slot: slot.into() }]);
-        assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+        assert_eq!(
+            jobs,
+            vec![Job::MarkGood {
+                slot: bootname(slot)
+            }]
+        );
+        assert!(h.answer(Ok(())).is_empty());
+        // A second answer to the same job is stale.
         let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
-        assert!(h.feed(Input::BootloaderDone(Err(failed))).is_empty());
+        let mark = Job::MarkGood {
+            slot: bootname(slot),
+        };
+        assert!(h.feed(Input::JobDone(mark, Err(failed))).is_empty());
         assert_eq!(h.engine.state().phase, Phase::Idle);
     }
     // A slot the configuration does not know is left alone.
     assert!(h.feed(boot("boot-9", "recovery")).is_empty());
+}
+
+mod wire;
+
+/// The engine waits for one job and matches its answer to it: an answer to any other job
+/// (an earlier run's, a repeat, a bootloader change that was not asked for) leads nowhere, and
+/// the job asked for is still answered afterwards.
+#[test]
+fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.answer(Ok(()));
+    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.answer(Ok(()));
+    assert_eq!(
+        h.answer(Ok(())),
+        vec![Job::Activate {
+            slot: bootname("B")
+        }]
+    );
+    let count = (h.events.len(), h.persisted.len());
+    for stale in [
+        Job::MarkGood {
+            slot: bootname("A"),
+        },
+        Job::MarkBad {
+            slot: bootname("B"),
+        },
+        Job::PrepareTarget {
+            slot: bootname("B"),
+        },
+        Job::Activate {
+            slot: bootname("A"),
+        },
+        Job::CheckHealth,
+    ] {
+        let failed = Failure::new(ReasonCode::BootloaderFailed, "not asked for");
+        assert!(h.feed(Input::JobDone(stale.clone(), Ok(()))).is_empty());
+        assert!(h.feed(Input::JobDone(stale, Err(failed))).is_empty());
+    }
+    assert_eq!((h.events.len(), h.persisted.len()), count);
+    assert_eq!(h.engine.state().phase.name(), "activating");
+    assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
+}
+
+#[test]
+fn a_failed_reboot_is_reported_and_the_reboot_stays_due() {
+    let mut h = Harness::new();
+    h.feed(boot(BOOT_1, "A"));
+    h.answer(Ok(()));
+    h.install_until_reboot(release("2.0", 5));
+    let failure = Failure::new(ReasonCode::RebootFailed, "`systemctl reboot` exited 1");
+    assert!(h.feed(Input::RebootFailed(failure)).is_empty());
+    let last = h.events.last().unwrap();
+    assert_eq!(last.kind, EventKind::RebootFailed);
+    assert_eq!(last.reason, Some(ReasonCode::RebootFailed));
+    assert_eq!(last.slot.as_ref().map(|s| s.as_str()), Some("B"));
+    assert!(matches!(
+        h.persisted.last().unwrap().phase,
+        Phase::RebootPending { .. }
+    ));
+    // The agent restarts in the same boot: the reboot is asked for again.
+    let state = h.engine.state().clone();
+    let mut h = Harness::restore(state);
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Job::Reboot]);
 }

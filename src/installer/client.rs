@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
@@ -16,8 +16,15 @@ use crate::reason::ReasonCode;
 use crate::release::manifest::Image;
 use crate::transfer::{FetchSettings, TransferError, TransferEvent, send_image};
 
-/// Longest wait for the answer to a bootloader change or a reboot.
+/// Longest wait for the answer to a bootloader change or a reboot (the installer bounds its
+/// bootloader tools and reboot command well below this), and for a request to be taken.
 const SHORT_ANSWER: Duration = Duration::from_secs(120);
+/// Longest wait for an answer that comes after the installer read a whole slot (the re-hash
+/// before `ready`, the read-back after `verifying`, an activation's read-back), and for the next
+/// frame of a write (progress comes every second while bytes flow; the installer's own stall
+/// timeout ends a write that gets none). A hung installer fails the request after this, with
+/// `installer-unavailable`, instead of holding the daemon forever.
+const LONG_ANSWER: Duration = Duration::from_secs(30 * 60);
 
 /// How a remote write failed: the daemon's side (network, decompression) or the installer's.
 #[derive(Debug, thiserror::Error)]
@@ -45,12 +52,17 @@ impl WriteError {
 #[derive(Debug, Clone)]
 pub struct RemoteInstaller {
     socket: PathBuf,
+    /// [`SHORT_ANSWER`] and [`LONG_ANSWER`]; shorter in this module's tests.
+    short: Duration,
+    long: Duration,
 }
 
 impl RemoteInstaller {
     pub fn new(socket: impl Into<PathBuf>) -> RemoteInstaller {
         RemoteInstaller {
             socket: socket.into(),
+            short: SHORT_ANSWER,
+            long: LONG_ANSWER,
         }
     }
 
@@ -60,16 +72,13 @@ impl RemoteInstaller {
 
     /// A bootloader change or the reboot: one request, one answer. Blocking.
     pub fn call(&self, op: Op) -> Result<(), Failure> {
-        let timeout = match op {
+        let wait = match op {
             // Activation reads the whole slot back first.
-            Op::Activate { .. } => None,
-            _ => Some(SHORT_ANSWER),
+            Op::Activate { .. } => self.long,
+            _ => self.short,
         };
         let stream = self.send(op, None)?;
-        stream
-            .set_read_timeout(timeout)
-            .map_err(|e| self.unavailable(&e))?;
-        match recv_frame::<Reply>(&stream, MAX_REPLY) {
+        match recv_frame::<Reply>(&stream, MAX_REPLY, Instant::now() + wait) {
             Ok((Reply::Done, _)) => Ok(()),
             Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
             Ok((other, _)) => Err(self.unavailable(&format!("unexpected answer {other:?}"))),
@@ -79,16 +88,13 @@ impl RemoteInstaller {
 
     fn send(&self, op: Op, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<UnixStream, Failure> {
         let stream = UnixStream::connect(&self.socket).map_err(|e| self.unavailable(&e))?;
-        stream
-            .set_write_timeout(Some(SHORT_ANSWER))
-            .map_err(|e| self.unavailable(&e))?;
         let request = Request {
             version: PROTOCOL_VERSION,
             op,
         };
-        if let Err(e) = send_frame(&stream, &request, fd) {
+        if let Err(e) = send_frame(&stream, &request, fd, Instant::now() + self.short) {
             // The installer refuses a caller before reading its request: its answer says why.
-            return match recv_frame::<Reply>(&stream, MAX_REPLY) {
+            return match recv_frame::<Reply>(&stream, MAX_REPLY, Instant::now() + self.short) {
                 Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
                 _ => Err(self.unavailable(&e)),
             };
@@ -141,10 +147,7 @@ impl RemoteInstaller {
             let control = this.send(op, Some(theirs.as_fd()))?;
             drop(theirs);
             // Re-hashing the slot up to the checkpoint comes before `ready`.
-            control
-                .set_read_timeout(None)
-                .map_err(|e| this.unavailable(&e))?;
-            match recv_frame::<Reply>(&control, MAX_REPLY) {
+            match recv_frame::<Reply>(&control, MAX_REPLY, Instant::now() + this.long) {
                 Ok((Reply::Ready { start }, _)) => Ok((control, start)),
                 Ok((Reply::Refused { reason, message }, _)) => Err(refused(reason, &message)),
                 Ok((other, _)) => Err(this.unavailable(&format!("unexpected answer {other:?}"))),
@@ -156,11 +159,13 @@ impl RemoteInstaller {
         let (control, start) = opened.map_err(WriteError::Installer)?;
 
         let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Reply, FrameError>>(16);
+        let long = self.long;
         std::thread::Builder::new()
             .name("installer-replies".into())
             .spawn(move || {
                 loop {
-                    let reply = recv_frame::<Reply>(&control, MAX_REPLY).map(|(reply, _)| reply);
+                    let reply = recv_frame::<Reply>(&control, MAX_REPLY, Instant::now() + long)
+                        .map(|(reply, _)| reply);
                     let last = !matches!(&reply, Ok(reply) if !reply.is_final());
                     if replies_tx.blocking_send(reply).is_err() || last {
                         return;
@@ -217,4 +222,44 @@ fn refused(reason: ReasonCode, message: &str) -> Failure {
             crate::release::escape_for_log(message, 1024)
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// An installer that takes requests and never answers: every call fails at its deadline
+    /// with `installer-unavailable` instead of holding the daemon.
+    #[test]
+    fn a_silent_installer_fails_the_call_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("installer.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let held = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            for stream in listener.incoming().take(2) {
+                kept.push(stream.unwrap());
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let installer = RemoteInstaller {
+            short: Duration::from_millis(300),
+            long: Duration::from_millis(600),
+            ..RemoteInstaller::new(&path)
+        };
+        for op in [
+            Op::MarkGood { slot: "A".into() },
+            Op::Activate {
+                slot: "B".into(),
+                release: "{}".into(),
+            },
+        ] {
+            let started = Instant::now();
+            let failure = installer.call(op).unwrap_err();
+            assert_eq!(failure.reason, ReasonCode::InstallerUnavailable);
+            assert!(started.elapsed() < Duration::from_secs(3), "{failure:?}");
+        }
+        drop(held);
+    }
 }

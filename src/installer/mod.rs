@@ -8,8 +8,9 @@
 //!   anchor, hashes the image bytes it writes itself, never writes the booted slot, and activates
 //!   only a slot it has just read back and found to hold that release's image.
 //! - [`client`]: the daemon's side ([`RemoteInstaller`]).
-//! - `floor`: the installer's own anti-rollback floor, raised when a slot it verified is marked
-//!   good while booted.
+//! - `ledger`: what the installer itself knows of each slot's bytes (verified, unverified, seen
+//!   booted) and its own anti-rollback floor. It refuses every request that would let the
+//!   bootloader choose a slot whose bytes it did not verify (see `ledger` for the rule).
 //!
 //! # Wire format (version [`PROTOCOL_VERSION`])
 //!
@@ -21,18 +22,36 @@
 //! names.
 
 pub mod client;
-mod floor;
+mod ledger;
 pub mod server;
 
-use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::reason::ReasonCode;
 
 pub use client::{RemoteInstaller, WriteError};
+
+/// The daemon's user (`[installer] daemon_user`, a name or a numeric uid) and, when it has an
+/// entry in the user database, its primary group. `None`: no such user.
+pub fn daemon_user(
+    settings: &crate::config::InstallerConfig,
+) -> Option<(nix::unistd::Uid, Option<nix::unistd::Gid>)> {
+    use nix::unistd::{Uid, User};
+    let name = &settings.daemon_user;
+    if let Ok(uid) = name.parse::<u32>() {
+        let uid = Uid::from_raw(uid);
+        let gid = User::from_uid(uid).ok().flatten().map(|user| user.gid);
+        return Some((uid, gid));
+    }
+    let user = User::from_name(name).ok().flatten()?;
+    Some((user.uid, Some(user.gid)))
+}
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// A request holds at most a release (64 KiB of JSON) and a few names.
@@ -128,24 +147,71 @@ pub enum FrameError {
     TooManyFds,
 }
 
-/// Sends all of `bytes` on a socket, without `SIGPIPE` when the peer went away (the CLI restores
-/// the default `SIGPIPE` disposition, which would end the process).
-pub fn send_all(socket: &impl AsFd, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match nix::sys::socket::send(socket.as_fd().as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => bytes = &bytes[n..],
+/// How long a send may make no progress before it fails (`send_all`: the image stream, whose
+/// reader syncs checkpoints to slow storage between reads).
+pub const SEND_STALL: Duration = Duration::from_secs(300);
+
+/// Waits until `socket` is ready for `events` or `deadline` passes (`TimedOut`). Every wait of
+/// the split's sockets goes through here: a peer cannot hold either side past a deadline.
+pub fn wait_ready(socket: &impl AsFd, events: PollFlags, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not keep up with the deadline",
+            ));
+        }
+        let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(socket.as_fd(), events)];
+        match poll(&mut fds, PollTimeout::from(millis)) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends all of `bytes` on a socket, without `SIGPIPE` when the peer went away (the CLI restores
+/// the default `SIGPIPE` disposition, which would end the process), and failing when the peer
+/// takes nothing for [`SEND_STALL`].
+pub fn send_all(socket: &impl AsFd, bytes: &[u8]) -> io::Result<()> {
+    send_all_within(socket, bytes, None)
+}
+
+/// [`send_all`] that also fails once `deadline` passes.
+fn send_all_within(
+    socket: &impl AsFd,
+    mut bytes: &[u8],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    let raw = socket.as_fd().as_raw_fd();
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    let mut stall = Instant::now() + SEND_STALL;
+    while !bytes.is_empty() {
+        match nix::sys::socket::send(raw, bytes, flags) {
+            Ok(n) => {
+                bytes = &bytes[n..];
+                stall = Instant::now() + SEND_STALL;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                let until = deadline.map_or(stall, |deadline| deadline.min(stall));
+                wait_ready(socket, PollFlags::POLLOUT, until)?;
+            }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
-/// Sends one frame, with `fd` attached to its first byte.
+/// Sends one frame, with `fd` attached to its first byte, all of it before `deadline`.
 pub fn send_frame(
     socket: &impl AsFd,
     message: &impl Serialize,
     fd: Option<std::os::fd::BorrowedFd<'_>>,
+    deadline: Instant,
 ) -> Result<(), FrameError> {
     let body = serde_json::to_vec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
@@ -164,26 +230,32 @@ pub fn send_frame(
                     raw,
                     &[IoSlice::new(&frame)],
                     &cmsg,
-                    MsgFlags::MSG_NOSIGNAL,
+                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
                     None,
                 ) {
                     Ok(n) => break n,
                     Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        wait_ready(socket, PollFlags::POLLOUT, deadline)?;
+                    }
                     Err(e) => return Err(io::Error::from(e).into()),
                 }
             }
         }
         None => 0,
     };
-    send_all(&socket.as_fd(), &frame[sent..])?;
+    send_all_within(&socket.as_fd(), &frame[sent..], Some(deadline))?;
     Ok(())
 }
 
-/// Receives one frame of at most `max` bytes, and the file descriptor that came with it, if any.
-/// A read timeout set on the socket applies.
+/// Receives one frame of at most `max` bytes, and the file descriptor that came with it, if any:
+/// all of it before `deadline` (a peer that sends a byte at a time gets no more time than one
+/// that sends nothing). Reads never block: `poll`, then a read with `MSG_DONTWAIT`, so that no
+/// socket option the peer chose (`SO_RCVLOWAT`) can hold this side in the kernel.
 pub fn recv_frame<T: DeserializeOwned>(
     socket: &impl AsFd,
     max: usize,
+    deadline: Instant,
 ) -> Result<(T, Option<OwnedFd>), FrameError> {
     let raw = socket.as_fd().as_raw_fd();
     let mut header = [0u8; 4];
@@ -195,9 +267,17 @@ pub fn recv_frame<T: DeserializeOwned>(
         let (n, truncated, fds) = {
             let mut iov = [IoSliceMut::new(&mut header[got..])];
             let message = loop {
-                match recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+                match recvmsg::<()>(
+                    raw,
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+                ) {
                     Ok(message) => break message,
                     Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        wait_ready(socket, PollFlags::POLLIN, deadline)?;
+                    }
                     Err(e) => return Err(io::Error::from(e).into()),
                 }
             };
@@ -234,10 +314,37 @@ pub fn recv_frame<T: DeserializeOwned>(
         return Err(FrameError::TooLarge { len, max });
     }
     let mut body = vec![0u8; len];
-    let mut file = std::fs::File::from(socket.as_fd().try_clone_to_owned()?);
-    file.read_exact(&mut body)?;
+    let mut filled = 0;
+    while filled < len {
+        match nix::sys::socket::recv(raw, &mut body[filled..], MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => filled += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => wait_ready(socket, PollFlags::POLLIN, deadline)?,
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    }
     let message = serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(bounded(&e)))?;
     Ok((message, fd))
+}
+
+/// Checks that a descriptor the daemon passed is a stream socket (the image stream), not a
+/// file, pipe or device whose reads could block or mean something else.
+pub fn check_stream_socket(fd: &impl AsFd) -> io::Result<()> {
+    let stat = nix::sys::stat::fstat(fd.as_fd()).map_err(io::Error::from)?;
+    let is_socket = nix::sys::stat::SFlag::from_bits_truncate(stat.st_mode)
+        .contains(nix::sys::stat::SFlag::S_IFSOCK);
+    let stream = is_socket
+        && nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SockType)
+            .is_ok_and(|kind| kind == nix::sys::socket::SockType::Stream);
+    if stream {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the descriptor passed with the request is not a stream socket",
+        ))
+    }
 }
 
 fn bounded(error: &serde_json::Error) -> String {
@@ -261,18 +368,18 @@ mod tests {
                 resume_from: 7,
             },
         };
-        send_frame(&a, &request, Some(passed.as_fd())).unwrap();
-        let (got, fd): (Request, _) = recv_frame(&b, MAX_REQUEST).unwrap();
+        send_frame(&a, &request, Some(passed.as_fd()), soon()).unwrap();
+        let (got, fd): (Request, _) = recv_frame(&b, MAX_REQUEST, soon()).unwrap();
         assert_eq!(got, request);
         let fd = fd.expect("the descriptor came along");
         drop(passed);
         send_all(&fd, b"xy").unwrap();
         let mut two = [0u8; 2];
-        (&keep).read_exact(&mut two).unwrap();
+        std::io::Read::read_exact(&mut (&keep), &mut two).unwrap();
         assert_eq!(&two, b"xy");
 
-        send_frame(&a, &Reply::Done, None).unwrap();
-        let result: Result<(Reply, _), _> = recv_frame(&b, 4);
+        send_frame(&a, &Reply::Done, None, soon()).unwrap();
+        let result: Result<(Reply, _), _> = recv_frame(&b, 4, soon());
         assert!(matches!(result, Err(FrameError::TooLarge { max: 4, .. })));
     }
 
@@ -283,7 +390,39 @@ mod tests {
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         send_all(&a, &frame).unwrap();
-        let result: Result<(Request, _), _> = recv_frame(&b, MAX_REQUEST);
+        let result: Result<(Request, _), _> = recv_frame(&b, MAX_REQUEST, soon());
         assert!(matches!(result, Err(FrameError::Malformed(_))));
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[test]
+    fn a_frame_sent_a_byte_at_a_time_gets_no_more_than_the_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let body = br#"{"version":1,"op":{"kind":"reboot"}}"#;
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        // A slow peer: half the frame now, the rest never.
+        send_all(&a, &frame[..frame.len() / 2]).unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        let result: Result<(Request, _), _> = recv_frame(&b, MAX_REQUEST, deadline);
+        assert!(
+            matches!(&result, Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn only_a_stream_socket_passes_as_the_image_stream() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(check_stream_socket(&a).is_ok());
+        let file = tempfile::tempfile().unwrap();
+        assert!(check_stream_socket(&file).is_err());
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(check_stream_socket(&r).is_err());
     }
 }

@@ -5,13 +5,13 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::{Gid, Uid};
 
-use super::floor::Floor;
+use super::ledger::Ledger;
 use super::{
     FrameError, MAX_REQUEST, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame,
 };
@@ -23,7 +23,9 @@ use crate::release::{self, Policy, VerifiedRelease};
 use crate::system;
 use crate::transfer::{SlotStream, SlotStreamRequest, TransferEvent, verify_slot};
 
-/// How long a client may take to send its request, and to take a reply off the socket.
+/// How long a client may take to send its whole request, and to take each reply off the socket.
+/// A deadline for the frame, not for each read: a caller that trickles a byte at a time gets no
+/// more time than one that sends nothing.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,17 @@ pub enum ServeError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "the installer's socket directory {dir} must be a directory of root's that only root can \
+         write (it is {owner}'s, mode {mode:04o}): whoever can write it could replace the socket \
+         with a link while the installer sets its owner and mode. Use a root-only directory such \
+         as /run/update-agent (`chown root: {dir}; chmod 0755 {dir}`)"
+    )]
+    UnsafeSocketDir {
+        dir: String,
+        owner: String,
+        mode: u32,
     },
     #[error("cannot listen on {path}: {source}")]
     Listen {
@@ -73,11 +86,17 @@ pub struct Installer {
     bootloader: Box<dyn Bootloader>,
     daemon_uid: Uid,
     daemon_gid: Option<Gid>,
-    floor: Floor,
+    ledger: Ledger,
     /// Slots this process wrote and read back, with the release id: activating one of those
     /// needs no second read-back. Forgotten when a write to the slot starts.
     written: std::collections::BTreeMap<String, [u8; 32]>,
 }
+
+/// How much of a slot's head is overwritten with zeros after a write whose bytes were refused:
+/// the superblocks of the filesystems a bootloader reads (ext2/3/4 at 1 KiB, squashfs and FAT
+/// at 0, EROFS at 1 KiB) and the kernel a boot script would load are gone, so what stays of
+/// the refused bytes is nothing a bootloader can start, whatever the environment says.
+const WIPED_HEAD: u64 = 1024 * 1024;
 
 impl Installer {
     pub fn open(config: Config) -> Result<Installer, ServeError> {
@@ -85,13 +104,13 @@ impl Installer {
         let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
         let anchor = TrustAnchor::for_config(&config.trust)?;
         let bootloader = crate::agent::open_bootloader(&config)?;
-        let floor = Floor::open(&settings.state_dir).map_err(|source| ServeError::State {
+        let ledger = Ledger::open(&settings.state_dir).map_err(|source| ServeError::State {
             path: settings.state_dir.display().to_string(),
             source,
         })?;
         Ok(Installer {
             written: Default::default(),
-            floor,
+            ledger,
             config,
             anchor,
             bootloader,
@@ -103,6 +122,11 @@ impl Installer {
     /// The socket systemd passed (socket activation, `LISTEN_FDS`), else one bound at the
     /// configured path: owned by root and the daemon user's group, mode 0660 (0666 when the
     /// daemon user has no group; the peer check still keeps everyone else out).
+    ///
+    /// The socket's directory must be root's and writable by root alone (it is created so when
+    /// missing): the path is removed, bound, then chowned and chmodded, and a user who could
+    /// write the directory could swap the new socket for a link in between and have root
+    /// hand them another file.
     pub fn listener(&self) -> Result<UnixListener, ServeError> {
         if let Some(listener) = inherited_listener() {
             return Ok(listener);
@@ -117,8 +141,22 @@ impl Installer {
             path: path.display().to_string(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(listen_err)?;
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(listen_err)?;
+                // Reachable for the daemon's user (the socket's own mode decides who connects).
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(listen_err)?;
+            }
+            let meta = std::fs::symlink_metadata(dir).map_err(listen_err)?;
+            use std::os::unix::fs::MetadataExt;
+            if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                return Err(ServeError::UnsafeSocketDir {
+                    dir: dir.display().to_string(),
+                    owner: crate::state_store::describe_uid(meta.uid()),
+                    mode: meta.mode() & 0o7777,
+                });
+            }
         }
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -128,8 +166,8 @@ impl Installer {
         let listener = UnixListener::bind(path).map_err(listen_err)?;
         let mode = match self.daemon_gid {
             Some(gid) => {
-                nix::unistd::chown(path, None, Some(gid))
-                    .map_err(|e| listen_err(std::io::Error::from(e)))?;
+                // Not following a link, should one be there after all.
+                std::os::unix::fs::lchown(path, None, Some(gid.as_raw())).map_err(listen_err)?;
                 0o660
             }
             None => 0o666,
@@ -165,13 +203,9 @@ impl Installer {
             }
         };
         let (uid, pid) = (peer.uid(), peer.pid());
-        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-        // The caller is checked before its request is looked at.
+        // The caller is checked before a byte of its request is read: anyone else is answered
+        // at once and the connection closed, so it cannot hold the installer for a moment.
         if uid != self.daemon_uid.as_raw() {
-            // Taken off the socket unread (any descriptor with it closed), so that the caller
-            // gets the refusal rather than a connection reset in the middle of its request.
-            let _ = recv_frame::<serde::de::IgnoredAny>(&stream, MAX_REQUEST);
             let refused = Refused::new(
                 ReasonCode::Forbidden,
                 format!(
@@ -182,7 +216,8 @@ impl Installer {
             self.answer(&stream, "request", uid, Err(refused));
             return;
         }
-        let (request, fd) = match recv_frame::<Request>(&stream, MAX_REQUEST) {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let (request, fd) = match recv_frame::<Request>(&stream, MAX_REQUEST, deadline) {
             Ok(received) => received,
             Err(FrameError::Io(e)) => {
                 tracing::warn!("installer: no request from uid {uid} (pid {pid}): {e}");
@@ -236,7 +271,7 @@ impl Installer {
                 }
             }
         };
-        if let Err(e) = send_frame(stream, &reply, None) {
+        if let Err(e) = send_frame(stream, &reply, None, Instant::now() + REQUEST_TIMEOUT) {
             tracing::warn!("installer: cannot answer {op} to uid {uid}: {e}");
         }
     }
@@ -247,17 +282,33 @@ impl Installer {
         fd: Option<OwnedFd>,
         stream: &UnixStream,
     ) -> Result<(), Refused> {
+        // The booted slot counts as verified (it is what the device runs) unless the ledger
+        // holds an unverified write of it; recorded now, it still counts after the device
+        // boots the other slot.
+        let booted = system::booted_slot(&self.config).ok();
+        if let Some(booted) = &booted {
+            self.ledger.saw_booted(booted).map_err(ledger_failed)?;
+        }
         match op {
             Op::MarkBad { slot } => {
                 self.configured(&slot)?;
+                self.may_mark_bad(&slot, booted.as_deref())?;
                 self.bootloader_op(|b| b.mark_bad(&slot))
             }
             Op::MarkGood { slot } => {
                 self.configured(&slot)?;
+                self.ledger
+                    .may_mark_good(&slot, booted.as_deref(), self.floor())
+                    .map_err(|why| {
+                        Refused::new(
+                            ReasonCode::UnverifiedSlot,
+                            format!("slot {slot} is not marked good: {}", why.0),
+                        )
+                    })?;
                 self.bootloader_op(|b| b.mark_good(&slot))?;
                 // Good while booted: the commit (or an ordinary boot) of what the slot holds.
-                if system::booted_slot(&self.config).is_ok_and(|booted| booted == slot)
-                    && let Err(e) = self.floor.committed(&slot)
+                if booted.as_deref() == Some(slot.as_str())
+                    && let Err(e) = self.ledger.committed(&slot)
                 {
                     tracing::error!("installer: cannot raise its anti-rollback floor: {e}");
                 }
@@ -272,10 +323,47 @@ impl Installer {
                 let stream_fd = fd.ok_or_else(|| {
                     Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
                 })?;
+                super::check_stream_socket(&stream_fd)
+                    .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
                 self.write(&slot, &release, resume_from, stream_fd, stream)
             }
             Op::Reboot => self.reboot(),
         }
+    }
+
+    /// The floor releases and verified slots are held to: the configured one or the one the
+    /// ledger raised at a commit.
+    fn floor(&self) -> u64 {
+        self.config.trust.floor.max(self.ledger.floor())
+    }
+
+    /// A slot may be marked bad only while another one stays that the bootloader may fall back
+    /// to: verified bytes, or the running system. Otherwise the boot scripts' last resort
+    /// (U-Boot: an emptied `BOOT_ORDER` reads as "A B" with every counter reset; GRUB: entry 0
+    /// when no slot is OK) could start bytes the installer never verified.
+    fn may_mark_bad(&self, slot: &str, booted: Option<&str>) -> Result<(), Refused> {
+        let mut why = Vec::new();
+        for other in [&self.config.slots.a, &self.config.slots.b] {
+            if other.bootname == slot {
+                continue;
+            }
+            match self.ledger.may_fall_back_to(
+                &other.bootname,
+                booted,
+                self.floor(),
+                self.config.trust.floor,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(untrusted) => why.push(untrusted.0),
+            }
+        }
+        Err(Refused::new(
+            ReasonCode::UnverifiedSlot,
+            format!(
+                "slot {slot} is not marked bad: the bootloader would be left with no slot to fall back to that holds verified bytes ({})",
+                why.join("; ")
+            ),
+        ))
     }
 
     fn configured(&self, slot: &str) -> Result<&crate::config::Slot, Refused> {
@@ -304,7 +392,7 @@ impl Installer {
         let policy = Policy {
             threshold: self.config.trust.threshold,
             compatible: Some(self.config.device.compatible.clone()),
-            floor: self.config.trust.floor.max(self.floor.floor()),
+            floor: self.floor(),
             now: Timestamp::now(),
         };
         release::verify(release.as_bytes(), &self.anchor, &policy)
@@ -331,7 +419,7 @@ impl Installer {
         let target = self.configured(slot)?.clone();
         let booted = system::booted_slot(&self.config)
             .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
-        if slot == booted || system::holds_root(&target.device) {
+        if booted == slot || system::holds_root(&target.device) {
             return Err(Refused::new(
                 ReasonCode::BootedSlot,
                 format!(
@@ -355,16 +443,10 @@ impl Installer {
         let (size, sha256) = self.image(&verified)?;
         let target = self.writable(slot)?;
         // The bootloader must never name a slot whose bytes are changing, whatever the daemon
-        // did or did not ask before.
+        // did or did not ask before; and the ledger says so before the first byte changes.
         self.bootloader_op(|b| b.mark_bad(slot))?;
-        let state = |e: std::io::Error| {
-            Refused::new(
-                ReasonCode::SlotIo,
-                format!("cannot record the installer's state: {e}"),
-            )
-        };
         self.written.remove(slot);
-        self.floor.forget(slot).map_err(state)?;
+        self.ledger.writing(slot).map_err(ledger_failed)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
         let slot_stream = SlotStream::open(SlotStreamRequest {
             slot_path: target.device.clone(),
@@ -377,7 +459,8 @@ impl Installer {
         })
         .map_err(transfer)?;
         let tell = |reply: &Reply| {
-            send_frame(control, reply, None).map_err(|e| std::io::Error::other(e.to_string()))
+            send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
+                .map_err(|e| std::io::Error::other(e.to_string()))
         };
         if slot_stream.start() > 0 {
             tracing::info!(
@@ -396,16 +479,29 @@ impl Installer {
                 TransferEvent::Verifying => Reply::Verifying,
             })
         };
-        slot_stream
-            .run(File::from(image_stream), &mut events)
-            .map_err(transfer)?;
-        self.floor
-            .wrote(slot, verified.manifest.security_version)
-            .map_err(state)?;
+        if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {
+            // Bytes that were refused go. A stream that stopped early (the network, the daemon
+            // gone) keeps its checkpoint for the resume: the ledger keeps the slot unverified,
+            // and so unbootable, meanwhile.
+            if matches!(
+                e.reason(),
+                ReasonCode::HashMismatch | ReasonCode::ReadbackMismatch | ReasonCode::SizeMismatch
+            ) {
+                wipe_head(&target.device, slot);
+            }
+            return Err(transfer(e));
+        }
+        self.ledger
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
+            .map_err(ledger_failed)?;
         self.written.insert(slot.to_string(), verified.id);
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {})",
-            verified.id_hex(),
+            verified.release_id(),
             hex::encode(sha256)
         );
         Ok(())
@@ -421,41 +517,57 @@ impl Installer {
             verify_slot(&target.device, size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
+        self.ledger
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
+            .map_err(ledger_failed)?;
         self.bootloader_op(|b| b.mark_active(slot))
     }
 
     fn reboot(&self) -> Result<(), Refused> {
-        let command = &self.config.system.reboot_command;
-        let failed = |message: String| {
-            Refused::new(
-                ReasonCode::InvalidRequest,
-                format!("cannot reboot with {command:?}: {message}"),
-            )
-        };
-        let status = std::process::Command::new(&command[0])
-            .args(&command[1..])
-            .status()
-            .map_err(|e| failed(e.to_string()))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(failed(status.to_string()))
-        }
+        system::run_bounded(&self.config.system.reboot_command, system::REBOOT_TIMEOUT)
+            .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.to_string()))
+    }
+}
+
+fn ledger_failed(e: std::io::Error) -> Refused {
+    Refused::new(
+        ReasonCode::SlotIo,
+        format!("cannot record the installer's ledger: {e}"),
+    )
+}
+
+/// Overwrites the head of a slot whose new bytes were refused (see [`WIPED_HEAD`]) and syncs
+/// it. Best effort: the slot is marked bad and recorded unverified either way.
+fn wipe_head(device: &std::path::Path, slot: &str) {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .and_then(|mut file| {
+            let len = file.seek(SeekFrom::End(0))?.min(WIPED_HEAD);
+            file.write_all_at(&vec![0u8; len as usize], 0)?;
+            file.sync_data()?;
+            Ok(len)
+        });
+    match result {
+        Ok(len) => tracing::warn!(
+            "installer: the first {len} bytes of slot {slot} overwritten with zeros: its new bytes were refused"
+        ),
+        Err(e) => tracing::error!(
+            "installer: cannot overwrite the head of slot {slot} ({}) after refusing its bytes: {e}; it stays marked bad and unverified",
+            device.display()
+        ),
     }
 }
 
 fn resolve_user(settings: &InstallerConfig) -> Result<(Uid, Option<Gid>), ServeError> {
-    let name = &settings.daemon_user;
-    let unknown = || ServeError::UnknownUser(name.clone());
-    if let Ok(uid) = name.parse::<u32>() {
-        let uid = Uid::from_raw(uid);
-        let gid = User::from_uid(uid).ok().flatten().map(|user| user.gid);
-        return Ok((uid, gid));
-    }
-    let user = User::from_name(name)
-        .map_err(|_| unknown())?
-        .ok_or_else(unknown)?;
-    Ok((user.uid, Some(user.gid)))
+    super::daemon_user(settings)
+        .ok_or_else(|| ServeError::UnknownUser(settings.daemon_user.clone()))
 }
 
 /// The listening socket systemd passes when `update-agent-installer.socket` activates the

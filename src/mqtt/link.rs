@@ -65,6 +65,9 @@ pub struct Status {
     pub connections: u64,
     /// Connections the broker broke by sending a packet over the size bound (3.1.1 only).
     pub oversized: u64,
+    /// When the broker last granted the subscription to the release topics, i.e. sent the
+    /// retained releases: the device's latest check for updates.
+    pub last_check: Option<jiff::Timestamp>,
 }
 
 /// Received releases, newest per topic.
@@ -385,6 +388,9 @@ impl Session {
                             "the broker refused the subscription to {topic} ({code}); releases sent there will not arrive: check the broker's ACL for this device"
                         );
                     }
+                }
+                if granted {
+                    self.update_status(|s| s.last_check = Some(jiff::Timestamp::now()));
                 }
                 if !self.ready {
                     self.ready = true;

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Event, PersistentState, Phase, Progress, TxnState};
+use crate::conformance::Summary;
+use crate::engine::{Event, EventKind, PersistentState, Phase, Progress};
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Severity};
 
@@ -46,6 +47,10 @@ pub struct DeviceState {
     pub policy: PolicyState,
     pub last_event: Option<LastEvent>,
     pub last_error: Option<LastError>,
+    /// How this build and configuration stand against EN 303 645 §5.3, in short (computed at
+    /// start; `update-agent conformance` on the device gives the whole report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conformance: Option<Summary>,
     pub updated: Timestamp,
 }
 
@@ -86,7 +91,7 @@ pub struct PolicyState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastEvent {
     pub seq: u64,
-    pub state: TxnState,
+    pub state: EventKind,
     pub at: Timestamp,
 }
 
@@ -107,6 +112,7 @@ pub struct DeviceFacts {
     pub factory_version: Option<String>,
     /// The configured floor; the state's own floor rises with commits.
     pub floor: u64,
+    pub conformance: Option<Summary>,
 }
 
 impl DeviceState {
@@ -130,6 +136,7 @@ impl DeviceState {
             },
             last_event: None,
             last_error: None,
+            conformance: facts.conformance.clone(),
             updated: now,
         }
     }
@@ -155,7 +162,7 @@ impl DeviceState {
                     version: record.version.clone(),
                     committed: record.committed,
                 };
-                (name.clone(), slot)
+                (name.to_string(), slot)
             })
             .collect();
         self.state = state.phase.name().into();
@@ -163,7 +170,7 @@ impl DeviceState {
         self.pending = state.phase.transaction().map(|txn| PendingRelease {
             txn: txn.id.clone(),
             version: txn.manifest.version.clone(),
-            release_id: txn.release_id.clone(),
+            release_id: txn.release_id.to_string(),
             security: txn.manifest.security,
             severity: txn.manifest.severity,
             advisory: txn.manifest.advisory.clone(),
@@ -207,7 +214,7 @@ impl DeviceState {
         }
         self.last_event = Some(LastEvent {
             seq: event.seq,
-            state: event.state,
+            state: event.kind,
             at: event.at,
         });
     }
@@ -258,6 +265,13 @@ mod tests {
             support_end: Some(jiff::civil::date(2031, 12, 31)),
             factory_version: Some("1.0".into()),
             floor: 3,
+            conformance: Some(Summary {
+                standard: "ETSI EN 303 645 V2.1.1 5.3".into(),
+                met: 13,
+                weakened: vec!["5.3-10".into()],
+                findings: vec!["5.3-10:plain-mqtt".into()],
+                ..Summary::default()
+            }),
         };
         let mut state = DeviceState::new(&facts, Timestamp::UNIX_EPOCH);
         state.apply_persisted(&facts, Some("A"), &PersistentState::default());
@@ -282,6 +296,7 @@ mod tests {
             "policy",
             "last_event",
             "last_error",
+            "conformance",
             "updated",
         ] {
             assert!(json.get(field).is_some(), "{field} missing in {json}");
@@ -291,6 +306,8 @@ mod tests {
         assert_eq!(json["progress"]["percent"], 25);
         assert_eq!(json["policy"]["floor"], 3);
         assert_eq!(json["support_end"], "2031-12-31");
+        assert_eq!(json["conformance"]["weakened"][0], "5.3-10");
+        assert_eq!(json["conformance"]["findings"][0], "5.3-10:plain-mqtt");
     }
 
     fn event(seq: u64, state: &str) -> Event {
@@ -307,12 +324,13 @@ mod tests {
             support_end: None,
             factory_version: None,
             floor: 0,
+            conformance: None,
         };
         let mut state = DeviceState::new(&facts, Timestamp::UNIX_EPOCH);
         state.take_last_event(&event(6, "committed"));
         state.take_last_event(&event(5, "trial-boot"));
         let last = state.last_event.as_ref().unwrap();
-        assert_eq!((last.seq, last.state), (6, TxnState::Committed));
+        assert_eq!((last.seq, last.state), (6, EventKind::Committed));
         state.apply_event(&event(7, "accepted"));
         assert_eq!(state.last_event.unwrap().seq, 7);
     }

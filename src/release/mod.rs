@@ -8,9 +8,11 @@
 //! - [`manifest`]: the strict inner parse, after signatures were checked.
 //! - [`verify`]: the order of checks that decides whether the device may act on a release.
 //! - [`build`]: the operator side — create and sign.
+//! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
 
 pub mod build;
 pub mod envelope;
+mod id;
 mod json;
 pub mod manifest;
 pub mod verify;
@@ -20,6 +22,7 @@ use std::fmt;
 use crate::reason::ReasonCode;
 
 pub use envelope::{Envelope, MAX_RELEASE_SIZE};
+pub use id::{BadReleaseId, ReleaseId};
 pub use manifest::Manifest;
 pub use verify::{Policy, VerifiedRelease, verify};
 

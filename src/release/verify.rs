@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::anchor::TrustAnchor;
 use crate::keys::KeyId;
 use crate::reason::ReasonCode;
-use crate::release::{Envelope, Manifest, Refusal, escape_for_log};
+use crate::release::{Envelope, Manifest, Refusal, ReleaseId, escape_for_log};
 
 /// What the device requires of a release, besides trusted signatures.
 #[derive(Debug, Clone)]
@@ -41,8 +41,8 @@ pub struct VerifiedRelease {
 }
 
 impl VerifiedRelease {
-    pub fn id_hex(&self) -> String {
-        hex::encode(self.id)
+    pub fn release_id(&self) -> ReleaseId {
+        ReleaseId::from_digest(self.id)
     }
 }
 

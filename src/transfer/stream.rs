@@ -8,8 +8,8 @@
 //! nothing of what the daemon says about the bytes, only the signed release.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -171,7 +171,8 @@ impl SlotStream {
     }
 
     /// Writes the stream's bytes from [`SlotStream::start`] on, then reads the slot back.
-    /// Blocking. A stream that ends early leaves a checkpoint for what arrived and fails with
+    /// Blocking. `stream` must be a stream socket (the installer checks the descriptor it was
+    /// passed); each wait for it is bounded by the stall timeout. A stream that ends early leaves a checkpoint for what arrived and fails with
     /// a transient `download-failed`.
     pub fn run(
         self,
@@ -216,15 +217,21 @@ impl SlotStream {
         };
         let expected = request.size - start;
         let mut received = 0u64;
-        let mut stream = stream;
         let failure = (|| {
             reporter.update(true)?;
             loop {
                 wait_readable(&stream, request.stall_timeout, &shown, start + received)?;
                 let mut buf = BytesMut::zeroed(STREAM_CHUNK);
-                let n = match stream.read(&mut buf) {
+                // Never a blocking read after `poll`: a stream socket whose sender set
+                // `SO_RCVLOWAT` high is readable for `poll` and would block a plain read until
+                // that many bytes came. With MSG_DONTWAIT the read takes what is there.
+                let n = match nix::sys::socket::recv(
+                    stream.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                ) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
                     Err(e) => {
                         return Err(TransferError::Download {
                             url: shown.clone(),

@@ -53,6 +53,28 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
     assert_eq!(state["model"], "Test Gateway");
     assert_eq!(state["support_end"], "2031-12-31");
     assert_eq!(state["policy"]["auto_install"], true);
+    // What this build and configuration weaken (EN 303 645 §5.3), for the fleet: the test
+    // device's plain MQTT, its writable anchor (allowed by its config) and no D-Bus service.
+    let conformance = &state["conformance"];
+    assert_eq!(
+        conformance["weakened"],
+        serde_json::json!(["5.3-10"]),
+        "{conformance}"
+    );
+    assert_eq!(
+        conformance["not_met"],
+        serde_json::json!(["5.3-2", "5.3-6", "5.3-11", "5.3-12"]),
+        "{conformance}"
+    );
+    let findings = conformance["findings"].to_string();
+    assert!(findings.contains("5.3-10:plain-mqtt"), "{findings}");
+    assert!(findings.contains("5.3-2:anchor-unprotected"), "{findings}");
+    // The check for updates (the broker sent the retained releases) is recorded with its time.
+    let last_check = device.dir.join("state/last-check");
+    let checked: jiff::Timestamp = wait_for("the recorded check", Duration::from_secs(5), || {
+        fs::read_to_string(&last_check).ok()?.trim().parse().ok()
+    });
+    assert!(jiff::Timestamp::now().duration_since(checked) < jiff::SignedDuration::from_secs(60));
 
     // A crash leaves the broker to say it: the last will, retained.
     device.kill_agent();

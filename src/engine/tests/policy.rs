@@ -30,7 +30,7 @@ fn policy(windows: &[&str], reboot: RebootPolicy) -> PolicyConfig {
 fn booted(policy: PolicyConfig, now: &str) -> Harness {
     let mut h = Harness::with_policy(policy, PersistentState::default());
     h.feed_at(ts(now), boot(BOOT_1, "A"));
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.answer(Ok(()));
     h
 }
 
@@ -47,21 +47,22 @@ fn security_release(deadline: &str) -> VerifiedRelease {
     })
 }
 
-fn is_prepare(jobs: &[Action]) -> bool {
-    jobs == [Action::PrepareTarget { slot: "B".into() }]
+fn is_prepare(jobs: &[Job]) -> bool {
+    jobs == [Job::PrepareTarget {
+        slot: bootname("B"),
+    }]
 }
 
 /// Answers the write and activation jobs with success, up to the activation's answer.
-fn write_and_activate(h: &mut Harness) -> Vec<Action> {
-    assert!(matches!(
-        h.feed(Input::TargetPrepared(Ok(())))[..],
-        [Action::StartWrite { .. }]
-    ));
+fn write_and_activate(h: &mut Harness) -> Vec<Job> {
+    assert!(matches!(h.answer(Ok(()))[..], [Job::Write { .. }]));
     assert_eq!(
-        h.feed(Input::WriteFinished(Ok(()))),
-        [Action::Activate { slot: "B".into() }]
+        h.answer(Ok(())),
+        [Job::Activate {
+            slot: bootname("B")
+        }]
     );
-    h.feed(Input::BootloaderDone(Ok(())))
+    h.answer(Ok(()))
 }
 
 #[test]
@@ -89,7 +90,7 @@ fn window_across_midnight_is_open_at_night_and_closed_by_day() {
             .is_empty()
     );
     let pending = h.events.last().unwrap();
-    assert_eq!(pending.state, TxnState::Pending);
+    assert_eq!(pending.kind, EventKind::Pending);
     assert_eq!(pending.waiting, Some(Wait::Window));
     assert_eq!(pending.until, Some(ts("2026-06-01T22:00:00Z")));
     assert_eq!(h.engine.poll_timeout(), Some(ts("2026-06-01T22:00:00Z")));
@@ -166,8 +167,8 @@ fn postponing_beyond_the_maximum_is_clamped_to_it() {
     );
     let event = h.events.last().unwrap();
     assert_eq!(
-        (event.state, event.until, event.clamped),
-        (TxnState::Postponed, Some(until), Some(Clamp::MaxPostpone))
+        (event.kind, event.until, event.clamped),
+        (EventKind::Postponed, Some(until), Some(Clamp::MaxPostpone))
     );
     assert_eq!(event.to_version.as_deref(), Some("2.0"));
     assert_eq!(h.engine.state().user.postponed_until, Some(until));
@@ -231,8 +232,8 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
         let mut h = booted(p, "2026-06-01T12:00:00Z");
         assert!(h.feed(Input::UserSetAutoInstall(false)).is_empty());
         assert_eq!(
-            h.events.last().unwrap().state,
-            TxnState::AutoInstallDisabled
+            h.events.last().unwrap().kind,
+            EventKind::AutoInstallDisabled
         );
         assert!(!h.engine.auto_install());
 
@@ -240,8 +241,8 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
         h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
         let pending = h.events.last().unwrap();
         assert_eq!(
-            (pending.state, pending.waiting, pending.until),
-            (TxnState::Pending, Some(Wait::AutoInstallOff), None)
+            (pending.kind, pending.waiting, pending.until),
+            (EventKind::Pending, Some(Wait::AutoInstallOff), None)
         );
         assert!(matches!(
             h.notices.last(),
@@ -287,7 +288,7 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
         h.feed_at(ts("2026-07-01T00:00:00Z"), Input::Tick)
             .is_empty()
     );
-    assert_eq!(h.feed(Input::UserInstallNow), [Action::Reboot]);
+    assert_eq!(h.feed(Input::UserInstallNow), [Job::Reboot]);
     assert!(matches!(
         h.notices.last(),
         Some(Notice::DisruptionAhead {
@@ -317,8 +318,8 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
         })
     ));
     assert_eq!(h.engine.poll_timeout(), Some(deadline));
-    assert_eq!(h.feed_at(deadline, Input::Tick), [Action::Reboot]);
-    assert_eq!(h.events.last().unwrap().state, TxnState::Rebooting);
+    assert_eq!(h.feed_at(deadline, Input::Tick), [Job::Reboot]);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Rebooting);
 }
 
 #[test]
@@ -329,8 +330,8 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
     );
     h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
     assert!(is_prepare(&h.feed(Input::UserInstallNow)));
-    assert_eq!(write_and_activate(&mut h), [Action::Reboot]);
-    use TxnState::*;
+    assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
+    use EventKind::*;
     assert_eq!(
         h.states(),
         [
@@ -345,7 +346,7 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
     assert!(is_prepare(
         &h.feed(Input::UserInstall(Box::new(release("2.0", 1))))
     ));
-    assert_eq!(write_and_activate(&mut h), [Action::Reboot]);
+    assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
     assert_eq!(
         h.states(),
         [Accepted, Writing, Written, Activated, Rebooting]
@@ -406,26 +407,28 @@ fn user_requests_that_cannot_apply_are_refused_with_a_reason() {
     );
     // Only the decision that took effect is an event.
     assert_eq!(h.events.len(), count + 1);
-    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Resumed);
     // Marking: the booted slot good, the other bad, never the booted bad. The answer and the
     // event wait for the bootloader's result.
     let answered = h.answers.len();
     assert_eq!(
         h.feed(Input::UserMark { good: false }),
-        [Action::MarkBad { slot: "B".into() }]
+        [Job::MarkBad {
+            slot: bootname("B")
+        }]
     );
     assert_eq!(
         h.answers.len(),
         answered,
         "answered before the bootloader ran"
     );
-    assert_eq!(h.events.last().unwrap().state, TxnState::Resumed);
-    assert!(h.feed(Input::BootloaderDone(Ok(()))).is_empty());
+    assert_eq!(h.events.last().unwrap().kind, EventKind::Resumed);
+    assert!(h.answer(Ok(())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Done));
     let marked = h.events.last().unwrap();
     assert_eq!(
-        (marked.state, marked.slot.as_deref(), marked.reason),
-        (TxnState::MarkedBad, Some("B"), None)
+        (marked.kind, marked.slot.as_deref(), marked.reason),
+        (EventKind::MarkedBad, Some("B"), None)
     );
 }
 
@@ -434,22 +437,26 @@ fn a_mark_the_bootloader_fails_is_answered_with_its_reason() {
     let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
     assert_eq!(
         h.feed(Input::UserMark { good: true }),
-        [Action::MarkGood { slot: "A".into() }]
+        [Job::MarkGood {
+            slot: bootname("A")
+        }]
     );
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv: no space left");
-    assert!(
-        h.feed(Input::BootloaderDone(Err(failure.clone())))
-            .is_empty()
-    );
+    assert!(h.answer(Err(failure.clone())).is_empty());
     assert_eq!(h.answers.last(), Some(&Answer::Refused(failure)));
     let marked = h.events.last().unwrap();
     assert_eq!(
-        (marked.state, marked.reason),
-        (TxnState::MarkedGood, Some(ReasonCode::BootloaderFailed))
+        (marked.kind, marked.reason),
+        (EventKind::MarkedGood, Some(ReasonCode::BootloaderFailed))
     );
     // The next bootloader answer (an unrelated one) is no longer taken for the mark's.
     let answers = h.answers.len();
-    h.feed(Input::BootloaderDone(Ok(())));
+    h.feed(Input::JobDone(
+        Job::MarkGood {
+            slot: bootname("A"),
+        },
+        Ok(()),
+    ));
     assert_eq!(h.answers.len(), answers);
 }
 
@@ -486,18 +493,12 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
         // which the engine must treat as a harmless extra tick).
         if let Some(job) = jobs.pop() {
             let input = match job {
-                Action::PrepareTarget { .. } => Input::TargetPrepared(Ok(())),
-                Action::StartWrite { .. } => Input::WriteFinished(Ok(())),
-                Action::Activate { .. } | Action::MarkGood { .. } | Action::MarkBad { .. } => {
-                    Input::BootloaderDone(Ok(()))
-                }
-                Action::RunHealthChecks => Input::HealthFinished(Ok(())),
-                Action::Reboot => {
+                Job::Reboot => {
                     assert!(reboot_told.is_some(), "rebooted without telling the user");
                     boots += 1;
                     boot(&format!("boot-{boots}"), "B")
                 }
-                other => panic!("unexpected job {other:?}"),
+                job => Input::JobDone(job, Ok(())),
             };
             jobs = h.feed(input);
             continue;
@@ -512,7 +513,7 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
         jobs = h.feed_at(next, Input::Tick);
     }
     let elapsed = started.elapsed();
-    use TxnState::*;
+    use EventKind::*;
     let states: Vec<_> = h.states().into_iter().filter(|s| *s != Postponed).collect();
     assert_eq!(
         states,
@@ -520,7 +521,7 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
             Accepted, Pending, Writing, Written, Activated, Rebooting, TrialBoot, Committed
         ]
     );
-    let at = |state| h.events.iter().find(|e| e.state == state).unwrap().at;
+    let at = |state| h.events.iter().find(|e| e.kind == state).unwrap().at;
     // Postponed over the first night (02:00 CEST on 2 June = 00:00 UTC); the second night's
     // window opens at 2026-06-03T00:00Z, and the write and reboot happen inside it.
     let window = ts("2026-06-03T00:00:00Z");
@@ -581,8 +582,12 @@ fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
     assert!(jobs.is_empty(), "nothing is written outside the window");
     let new: Vec<_> = h.events[before..].to_vec();
     assert_eq!(
-        new.iter().map(|e| e.state).collect::<Vec<_>>(),
-        [TxnState::Superseded, TxnState::Accepted, TxnState::Pending]
+        new.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::Superseded,
+            EventKind::Accepted,
+            EventKind::Pending
+        ]
     );
     assert_eq!(new[0].txn.as_deref(), Some(old_txn.as_str()));
     assert_eq!(new[0].to_version.as_deref(), Some("2.0"));
@@ -636,13 +641,13 @@ fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_no
         "2026-05-02T00:00:00Z",
     ))));
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
-    assert!(h.states().contains(&TxnState::Superseded));
+    assert!(h.states().contains(&EventKind::Superseded));
     // The first one again (a periodic re-check sees both retained releases): refused.
     h.feed(Input::ReleaseVerified(Box::new(first)));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Downgrade))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
 }
@@ -658,11 +663,11 @@ fn an_older_release_does_not_supersede_the_pending_one() {
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Downgrade))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
-    assert!(!h.states().contains(&TxnState::Superseded));
+    assert!(!h.states().contains(&EventKind::Superseded));
 }
 
 #[test]
@@ -680,11 +685,11 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
     h.feed(Input::ReleaseVerified(Box::new(other_class)));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Incompatible))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Incompatible))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0"));
-    assert!(!h.states().contains(&TxnState::Superseded));
+    assert!(!h.states().contains(&EventKind::Superseded));
 }
 
 #[test]
@@ -696,7 +701,7 @@ fn a_newer_release_while_one_is_being_written_is_refused_busy() {
     h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
     let last = h.events.last().unwrap();
     assert_eq!(
-        (last.state, last.reason),
-        (TxnState::Refused, Some(ReasonCode::Busy))
+        (last.kind, last.reason),
+        (EventKind::Refused, Some(ReasonCode::Busy))
     );
 }

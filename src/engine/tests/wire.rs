@@ -1,0 +1,202 @@
+//! The engine's wire formats: the names of its enums as MQTT, D-Bus, the CLI and `state.json`
+//! spell them, and `state.json` files written by earlier versions, which must still load into the
+//! same document they were written as. A rename must fail here.
+
+use super::*;
+use crate::release::manifest::Compression;
+
+/// The pinned wire name of every variant of a serde enum of unit variants. A variant left out
+/// does not compile (the match has no wildcard), so a new variant gets its name pinned too.
+macro_rules! wire_names {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {{
+        #[allow(dead_code)]
+        fn every_variant_is_listed(value: $ty) {
+            match value {
+                $($ty::$variant => {}),*
+            }
+        }
+        vec![$(($ty::$variant, $name)),*]
+    }};
+}
+
+/// Serialises to exactly `"name"`, and `"name"` deserialises to it.
+fn assert_wire_name<T>(value: T, name: &str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let quoted = format!("\"{name}\"");
+    assert_eq!(serde_json::to_string(&value).unwrap(), quoted, "{value:?}");
+    assert_eq!(serde_json::from_str::<T>(&quoted).unwrap(), value, "{name}");
+}
+
+#[test]
+fn event_kinds_keep_their_wire_names() {
+    let names = wire_names!(EventKind {
+        Refused => "refused",
+        Accepted => "accepted",
+        Writing => "writing",
+        Written => "written",
+        Activated => "activated",
+        Rebooting => "rebooting",
+        TrialBoot => "trial-boot",
+        Committed => "committed",
+        Failed => "failed",
+        RollingBack => "rolling-back",
+        RolledBack => "rolled-back",
+        Pending => "pending",
+        RebootScheduled => "reboot-scheduled",
+        Superseded => "superseded",
+        Postponed => "postponed",
+        Resumed => "resumed",
+        AutoInstallEnabled => "auto-install-enabled",
+        AutoInstallDisabled => "auto-install-disabled",
+        InstallNow => "install-now",
+        CheckRequested => "check-requested",
+        MarkedGood => "marked-good",
+        MarkedBad => "marked-bad",
+        RebootFailed => "reboot-failed",
+    });
+    for (kind, name) in names {
+        assert_wire_name(kind, name);
+        assert_eq!(kind.as_str(), name);
+    }
+}
+
+#[test]
+fn policy_words_keep_their_wire_names() {
+    let waits = wire_names!(Wait {
+        Window => "window",
+        Postponed => "postponed",
+        AutoInstallOff => "auto-install-off",
+        ManualReboot => "manual-reboot",
+    });
+    for (wait, name) in waits {
+        assert_wire_name(wait, name);
+        assert_eq!(wait.as_str(), name);
+    }
+    let clamps = wire_names!(Clamp {
+        MaxPostpone => "max-postpone",
+        Deadline => "deadline",
+    });
+    for (clamp, name) in clamps {
+        assert_wire_name(clamp, name);
+        assert_eq!(clamp.as_str(), name);
+    }
+    // Also the configuration's words (`[policy] reboot`).
+    let reboots = wire_names!(RebootPolicy {
+        Immediate => "immediate",
+        Window => "window",
+        Manual => "manual",
+    });
+    for (reboot, name) in reboots {
+        assert_wire_name(reboot, name);
+        assert_eq!(reboot.as_str(), name);
+    }
+}
+
+#[test]
+fn manifest_words_keep_their_wire_names() {
+    let severities = wire_names!(Severity {
+        None => "none",
+        Low => "low",
+        Medium => "medium",
+        High => "high",
+        Critical => "critical",
+    });
+    for (severity, name) in severities {
+        assert_wire_name(severity, name);
+        assert_eq!(severity.as_str(), name);
+    }
+    for (compression, name) in wire_names!(Compression { Zstd => "zstd" }) {
+        assert_wire_name(compression, name);
+    }
+}
+
+/// State files written by the agent at `0bedbaf` (its engine driven through transactions that
+/// reach every phase: postponed, superseded, written, activated, scheduled, trial, rolled back,
+/// committed), byte for byte as its state store wrote them.
+const STATES_WRITTEN_BY_MAIN: &[(&str, &str)] = &[
+    (
+        "pending-postponed-clamped",
+        include_str!("states-written-by-main/pending-postponed-clamped.json"),
+    ),
+    (
+        "pending-superseded",
+        include_str!("states-written-by-main/pending-superseded.json"),
+    ),
+    (
+        "writing-install-now",
+        include_str!("states-written-by-main/writing-install-now.json"),
+    ),
+    (
+        "writing-checkpoint",
+        include_str!("states-written-by-main/writing-checkpoint.json"),
+    ),
+    (
+        "activating",
+        include_str!("states-written-by-main/activating.json"),
+    ),
+    (
+        "reboot-scheduled-manual",
+        include_str!("states-written-by-main/reboot-scheduled-manual.json"),
+    ),
+    (
+        "reboot-scheduled-postponed",
+        include_str!("states-written-by-main/reboot-scheduled-postponed.json"),
+    ),
+    (
+        "reboot-pending",
+        include_str!("states-written-by-main/reboot-pending.json"),
+    ),
+    ("trial", include_str!("states-written-by-main/trial.json")),
+    (
+        "committing",
+        include_str!("states-written-by-main/committing.json"),
+    ),
+    (
+        "rolling-back-mark-bad-failed",
+        include_str!("states-written-by-main/rolling-back-mark-bad-failed.json"),
+    ),
+    (
+        "idle-after-rollback",
+        include_str!("states-written-by-main/idle-after-rollback.json"),
+    ),
+    (
+        "idle-after-commit-and-refusal",
+        include_str!("states-written-by-main/idle-after-commit-and-refusal.json"),
+    ),
+];
+
+#[test]
+fn state_files_written_by_main_load_and_are_written_back_unchanged() {
+    let mut phases = std::collections::BTreeSet::new();
+    for (name, text) in STATES_WRITTEN_BY_MAIN {
+        let state: PersistentState =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        phases.insert(state.phase.name());
+        // The phase's status name (D-Bus `State`, `status`, the MQTT state) is its wire tag.
+        let tag = serde_json::to_value(&state.phase).unwrap()["phase"].clone();
+        assert_eq!(tag, state.phase.name(), "{name}");
+        // What the state store writes (`to_vec_pretty`) is what it read: no field renamed,
+        // dropped or added.
+        let written = serde_json::to_string_pretty(&state).unwrap();
+        assert_eq!(&written, text, "{name} is written back differently");
+    }
+    assert_eq!(
+        phases.len(),
+        9,
+        "every phase has a state file written by main: {phases:?}"
+    );
+}
+
+#[test]
+fn an_install_interrupted_by_the_reboot_goes_on_from_a_state_written_by_main() {
+    let (_, text) = STATES_WRITTEN_BY_MAIN
+        .iter()
+        .find(|(name, _)| *name == "reboot-pending")
+        .unwrap();
+    let mut h = Harness::restore(serde_json::from_str(text).unwrap());
+    // The reboot happened and the new slot came up: its trial boot.
+    assert_eq!(h.feed(boot(BOOT_2, "B")), vec![Job::CheckHealth]);
+    assert_eq!(h.states().last(), Some(&EventKind::TrialBoot));
+}
