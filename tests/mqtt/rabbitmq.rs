@@ -140,6 +140,7 @@ impl RabbitMq {
             .env("RABBITMQ_PLUGINS_EXPAND_DIR", dir.join("plugins-expand"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_PID_FILE", dir.join("beam.pid"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -202,6 +203,8 @@ impl RabbitMq {
     }
 
     /// Stops every node (SIGTERM to its server script, which stops the VM cleanly), then epmd.
+    /// A VM that is still up after 30 s is killed by the PID it wrote, so that none outlives
+    /// the test even when the script's clean stop hangs.
     pub fn stop(&mut self) {
         for node in &mut self.nodes {
             if let Some(child) = &node.child {
@@ -215,6 +218,14 @@ impl RabbitMq {
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(50));
+                }
+                if child.try_wait().ok().flatten().is_none() {
+                    let vm = fs::read_to_string(node.dir.join("beam.pid")).unwrap_or_default();
+                    if let Ok(pid) = vm.trim().parse::<u32>() {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status();
+                    }
                 }
                 let _ = child.kill();
                 let _ = child.wait();
