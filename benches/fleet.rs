@@ -304,29 +304,11 @@ impl Brokers {
         }
     }
 
-    /// PIDs whose CPU is the broker's (for RabbitMQ, the Erlang VMs: the children of the
-    /// nodes' server scripts).
+    /// PIDs whose CPU is the broker's (for RabbitMQ, the nodes' Erlang VMs).
     fn pids(&self) -> Vec<u32> {
         match self {
             Brokers::Mosquitto { child, .. } => vec![child.id()],
-            Brokers::Rabbit(_) => {
-                // beam.smp processes whose parent is one of ours.
-                let mut pids = Vec::new();
-                for entry in fs::read_dir("/proc").unwrap().flatten() {
-                    let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                        continue;
-                    };
-                    let Ok(cmd) = fs::read_to_string(format!("/proc/{pid}/cmdline")) else {
-                        continue;
-                    };
-                    if cmd.contains("beam.smp")
-                        && cmd.contains(&format!("-{:x}@", std::process::id()))
-                    {
-                        pids.push(pid);
-                    }
-                }
-                pids
-            }
+            Brokers::Rabbit(cluster) => cluster.vm_pids(),
         }
     }
 

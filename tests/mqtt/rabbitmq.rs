@@ -80,16 +80,18 @@ impl RabbitMq {
             epmd: Some(epmd),
             started_in: Duration::ZERO,
         };
+        // One node after the other: the MQTT plugin's client-id registry (a Raft cluster)
+        // refuses a node that asks to join before the first node has elected itself leader
+        // ("NOT appended to log"), and the joining node then never accepts MQTT connections
+        // (seen on 3.10.8 with three nodes started at once on a loaded machine).
+        // An open port is not enough: until the registry has its quorum, a node answers
+        // CONNECT with "server unavailable".
         for name in &names {
             let node = broker.start_node(name, &names);
-            broker.nodes.push(node);
-        }
-        // An open port is not enough: until the MQTT plugin's client-id registry has its
-        // quorum, a node answers CONNECT with "server unavailable".
-        for node in &broker.nodes {
             let port = node.mqtt_port;
+            broker.nodes.push(node);
             wait_until(
-                &format!("RabbitMQ node {} to accept MQTT connections", node.name),
+                &format!("RabbitMQ node {name} to accept MQTT connections"),
                 Duration::from_secs(180),
                 || mqtt_accepts(port),
             );
@@ -163,6 +165,20 @@ impl RabbitMq {
             .env("RABBITMQ_CONF_ENV_FILE", "/dev/null")
             .current_dir(&self.home);
         command
+    }
+
+    /// The nodes' Erlang VMs (the PIDs they wrote to `RABBITMQ_PID_FILE`).
+    pub fn vm_pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|node| {
+                fs::read_to_string(node.dir.join("beam.pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// How many nodes the first node sees running in its cluster.
