@@ -11,15 +11,19 @@
 //! received and how many were missing by seq (and, independently, the bench's own subscriber),
 //! the fleet's total RSS and PSS (idle and peak), and the CPU time of the broker, the tool and
 //! the fleet. Then a round where `--fail-percent` of the devices fail their health check and the
-//! tool halts at `--halt-at`. Today every device starts at once when the release is published:
-//! that is the baseline a rollout schedule on the device is meant to improve.
+//! tool halts at `--halt-at`. Without `--window` every device starts at once when the release
+//! is published. With `--window 60` the releases carry a signed 60 s rollout schedule (an agent
+//! that knows manifest format 2): a first round without one is the baseline, and each staged
+//! round prints the moments the devices reported (histogram, largest gap from uniform against
+//! the 95 % bound of a uniform draw), peak downloads against the baseline's, and in the failing
+//! round the devices that reported `withdrawn` after the halt.
 //!
 //! With `--rabbitmq N` it first finds out whether a retained release published at one node
 //! reaches devices connected to the others (RabbitMQ's MQTT retained store is node-local), then
 //! rolls out with the release published at every node (`rollout start --broker …` per node).
 //!
 //! Not run in CI. Run it through `benches/fleet.sh` (builds the device binary, raises limits):
-//!   benches/fleet.sh --devices 1000
+//!   benches/fleet.sh --devices 1000 [--window 60]
 //!   benches/fleet.sh --devices 200 --rabbitmq 3
 //! Work files go to /dev/shm by default (tmpfs): 1,000 devices fsyncing into this machine's one
 //! disk would measure that disk, not the fleet; each real gateway has its own.
@@ -91,6 +95,12 @@ struct Opts {
     /// The device build (`cargo build --release --no-default-features`)
     #[arg(long, env = "DEVICE_BIN")]
     device_bin: PathBuf,
+    /// A staged rollout: each release carries a signed schedule of this many seconds
+    /// (`release create --rollout-start/--rollout-duration`, manifest format 2; needs an agent
+    /// that knows it), and each round prints the devices' moments (histogram, largest gap from
+    /// uniform). Without it, every device starts at the publish: the baseline.
+    #[arg(long)]
+    window: Option<u64>,
     /// Seconds a rollout round may take
     #[arg(long, default_value_t = 900)]
     round_timeout: u64,
@@ -623,6 +633,11 @@ struct Seen {
     seqs: HashMap<String, HashMap<String, HashSet<u64>>>,
     /// release id → device → final state (committed, rolled-back, failed).
     finished: HashMap<String, HashMap<String, String>>,
+    /// release id → device → its rollout moment (`until` of a `pending` event waiting for
+    /// `rollout`).
+    moments: HashMap<String, HashMap<String, jiff::Timestamp>>,
+    /// release id → devices that reported `withdrawn`.
+    withdrawn: HashMap<String, HashSet<String>>,
 }
 
 fn subscribe(urls: &[String], protocol: Protocol) -> Arc<Mutex<Seen>> {
@@ -694,6 +709,22 @@ fn subscribe(urls: &[String], protocol: Protocol) -> Arc<Mutex<Seen>> {
                                 .entry(message.device.clone())
                                 .or_insert_with(Instant::now);
                         }
+                        if state == "pending"
+                            && event["waiting"] == "rollout"
+                            && let Some(until) =
+                                event["until"].as_str().and_then(|u| u.parse().ok())
+                        {
+                            seen.moments
+                                .entry(release.clone())
+                                .or_default()
+                                .insert(message.device.clone(), until);
+                        }
+                        if state == "withdrawn" {
+                            seen.withdrawn
+                                .entry(release.clone())
+                                .or_default()
+                                .insert(message.device.clone());
+                        }
                         if matches!(state, "committed" | "rolled-back" | "failed") {
                             seen.finished
                                 .entry(release)
@@ -730,9 +761,79 @@ struct Round {
     duration: Duration,
     peak_rss_mib: f64,
     end_pss_mib: f64,
+    /// With `--window`: the moments' spread (histogram and largest gap from uniform).
+    moments: Option<Moments>,
+    /// Devices that reported `withdrawn` (the bench's subscriber) and the tool's count.
+    withdrawn: usize,
+    tool_withdrawn: u64,
     broker_cpu: f64,
     tool_cpu: f64,
     fleet_cpu: f64,
+}
+
+/// How the devices' rollout moments spread over the window.
+struct Moments {
+    window: u64,
+    /// Devices that reported a moment.
+    devices: usize,
+    /// Moments per tenth of the window (before and after it: first and last bin).
+    histogram: [usize; 10],
+    /// The largest gap between the moments' distribution and a uniform one over the window
+    /// (Kolmogorov–Smirnov: the largest difference of the cumulative shares).
+    largest_gap: f64,
+}
+
+impl Moments {
+    /// `offsets`: each moment as a share of the window (0 = its start, 1 = its end).
+    fn of(mut offsets: Vec<f64>, window: u64) -> Moments {
+        offsets.sort_by(f64::total_cmp);
+        let n = offsets.len();
+        let mut histogram = [0usize; 10];
+        let mut largest_gap = 0.0f64;
+        for (i, x) in offsets.iter().enumerate() {
+            histogram[((x * 10.0).floor().clamp(0.0, 9.0)) as usize] += 1;
+            let x = x.clamp(0.0, 1.0);
+            let below = i as f64 / n as f64;
+            let upto = (i + 1) as f64 / n as f64;
+            largest_gap = largest_gap.max((x - below).abs()).max((upto - x).abs());
+        }
+        Moments {
+            window,
+            devices: n,
+            histogram,
+            largest_gap,
+        }
+    }
+
+    /// What a sample of this size from a truly uniform draw stays under 95 % of the time
+    /// (1.36 / sqrt(n)): the baseline the largest gap is compared with.
+    fn expected_gap(&self) -> f64 {
+        1.36 / (self.devices.max(1) as f64).sqrt()
+    }
+
+    fn show(&self) -> String {
+        let most = self.histogram.iter().copied().max().unwrap_or(1).max(1);
+        let mut out = format!(
+            "  moments of {} devices over the {} s window (each row a tenth):\n",
+            self.devices, self.window
+        );
+        for (bin, count) in self.histogram.iter().enumerate() {
+            let from = self.window as f64 * bin as f64 / 10.0;
+            out.push_str(&format!(
+                "  {:>6.1} s {:>5} {}\n",
+                from,
+                count,
+                "#".repeat(count * 50 / most)
+            ));
+        }
+        out.push_str(&format!(
+            "  largest gap from uniform: {:.2} % of the fleet ({:.2}× the 95 % bound of a uniform draw, {:.2} %)",
+            self.largest_gap * 100.0,
+            self.largest_gap / self.expected_gap(),
+            self.expected_gap() * 100.0
+        ));
+        out
+    }
 }
 
 struct Bench {
@@ -750,7 +851,13 @@ struct Bench {
 
 impl Bench {
     /// A signed release of `version` for an image of its own, served by the image server.
-    fn release(&self, version: &str, security_version: u64) -> (PathBuf, String, String) {
+    /// With `window`, a staged release whose window opens in 3 s (returned too).
+    fn release(
+        &self,
+        version: &str,
+        security_version: u64,
+        window: Option<u64>,
+    ) -> (PathBuf, String, String, Option<jiff::Timestamp>) {
         let image: Vec<u8> = format!("rootfs {version} ")
             .bytes()
             .cycle()
@@ -761,8 +868,17 @@ impl Bench {
         let path = format!("/rootfs-{version}.img");
         let url = self.server.add(&path, image);
         let out = self.dir.join(format!("release-{version}.json"));
-        let status = Command::new(&self.tool)
-            .args(["release", "create", "--key"])
+        let mut command = Command::new(&self.tool);
+        command.args(["release", "create"]);
+        let start = window.map(|_| jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3));
+        if let (Some(window), Some(start)) = (window, start) {
+            // The window opens about when the tool publishes.
+            command
+                .args(["--rollout-start", &start.to_string()])
+                .args(["--rollout-duration", &window.to_string()]);
+        }
+        let status = command
+            .arg("--key")
             .arg(&self.key)
             .arg("--image")
             .arg(&image_path)
@@ -791,11 +907,17 @@ impl Bench {
             .as_str()
             .unwrap()
             .to_string();
-        (out, id, path)
+        (out, id, path, start)
     }
 
-    fn round(&self, name: &str, version: &str, security_version: u64) -> Round {
-        let (release, id, path) = self.release(version, security_version);
+    fn round(
+        &self,
+        name: &str,
+        version: &str,
+        security_version: u64,
+        window: Option<u64>,
+    ) -> Round {
+        let (release, id, path, window_start) = self.release(version, security_version, window);
         let mut command = Command::new(&self.tool);
         command.args([
             "rollout",
@@ -896,6 +1018,19 @@ impl Bench {
             .map(|d| d.values().map(HashSet::len).sum())
             .unwrap_or(0);
         let (downloads, peak_downloads) = self.server.downloads(&path);
+        let moments = window.zip(window_start).map(|(window, start)| {
+            let offsets: Vec<f64> = seen
+                .moments
+                .get(&id)
+                .map(|m| {
+                    m.values()
+                        .map(|t| t.duration_since(start).as_secs_f64() / window as f64)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Moments::of(offsets, window)
+        });
+        let withdrawn = seen.withdrawn.get(&id).map_or(0, HashSet::len);
         let events = &last["summary"]["events"];
         let stages = &last["summary"]["rollout"]["stages"];
         Round {
@@ -918,6 +1053,9 @@ impl Bench {
             duration,
             peak_rss_mib: peak_rss as f64 / 1024.0,
             end_pss_mib: end_pss as f64 / 1024.0,
+            moments,
+            withdrawn,
+            tool_withdrawn: stages["withdrawn"].as_u64().unwrap_or(0),
             broker_cpu,
             tool_cpu,
             fleet_cpu,
@@ -1039,7 +1177,7 @@ fn main() {
     let mut cluster_finding = None;
     let mut next_version = 2;
     if opts.rabbitmq.is_some() {
-        let (release, id, _) = bench.release("2.0", 2);
+        let (release, id, _, _) = bench.release("2.0", 2, None);
         let status = Command::new(&tool)
             .args([
                 "release",
@@ -1111,10 +1249,23 @@ fn main() {
         );
     }
 
+    // With a window: first a round without one, the baseline the staged rounds compare with.
+    let baseline = opts.window.map(|_| {
+        let version = format!("{next_version}.0");
+        let round = bench.round("baseline, no schedule", &version, next_version, None);
+        next_version += 1;
+        report(&round);
+        round
+    });
     let mut rounds = Vec::new();
     for r in 0..opts.rounds {
         let version = format!("{next_version}.0");
-        let round = bench.round(&format!("healthy {}", r + 1), &version, next_version);
+        let round = bench.round(
+            &format!("healthy {}", r + 1),
+            &version,
+            next_version,
+            opts.window,
+        );
         next_version += 1;
         report(&round);
         rounds.push(round);
@@ -1130,6 +1281,7 @@ fn main() {
         &format!("{failing} of {} fail health", opts.devices),
         &version,
         next_version,
+        opts.window,
     );
     report(&failing_round);
 
@@ -1176,6 +1328,26 @@ fn main() {
         m(|r| r.fleet_cpu),
         m(|r| r.tool_cpu) / m(|r| r.broker_cpu),
     );
+    if let Some(baseline) = &baseline {
+        println!(
+            "staged over {} s: peak concurrent downloads {:.0} against {} without a schedule ({:.2}×); \
+             largest gap from uniform (median) {:.2} %; the failing round: {} devices withdrawn \
+             (the tool counted {}), {} had started",
+            opts.window.unwrap_or(0),
+            m(|r| r.peak_downloads as f64),
+            baseline.peak_downloads,
+            m(|r| r.peak_downloads as f64) / baseline.peak_downloads.max(1) as f64,
+            m(|r| r
+                .moments
+                .as_ref()
+                .map_or(f64::NAN, |m| m.largest_gap * 100.0)),
+            failing_round.withdrawn,
+            failing_round.tool_withdrawn,
+            failing_round
+                .started_at_halt
+                .map_or("-".into(), |n| n.to_string()),
+        );
+    }
     if !opts.keep {
         drop(bench);
         let _ = fs::remove_dir_all(&dir);
@@ -1212,4 +1384,13 @@ fn report(r: &Round) {
         r.tool_cpu,
         r.fleet_cpu,
     );
+    if r.withdrawn > 0 || r.tool_withdrawn > 0 {
+        println!(
+            "  withdrawn: {} devices reported it (the tool counted {})",
+            r.withdrawn, r.tool_withdrawn
+        );
+    }
+    if let Some(moments) = &r.moments {
+        println!("{}", moments.show());
+    }
 }

@@ -788,19 +788,26 @@ fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
         true,
     );
     let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
-    let out = Command::new(BIN)
-        .args(["monitor", "--broker", &broker_url, "--once"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let shown = String::from_utf8(out.stdout.clone()).unwrap();
-    assert!(shown.contains(mqtt::DEVICE), "{shown}");
-    for line in shown.lines() {
-        assert!(line.len() < 200, "a line of {} bytes", line.len());
-        assert!(
-            line.chars().all(|c| c == '…' || (' '..='~').contains(&c)),
-            "{line:?}"
-        );
+    // The aggregate view (versions and states counted) and the one-line-per-device table.
+    for (view, shows) in [
+        (&[][..], "2.0\\u{202e}"),
+        (&["--devices"][..], mqtt::DEVICE),
+    ] {
+        let out = Command::new(BIN)
+            .args(["monitor", "--broker", &broker_url, "--once"])
+            .args(view)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let shown = String::from_utf8(out.stdout.clone()).unwrap();
+        assert!(shown.contains(shows), "{view:?}: {shown}");
+        for line in shown.lines() {
+            assert!(line.len() < 200, "a line of {} bytes", line.len());
+            assert!(
+                line.chars().all(|c| c == '…' || (' '..='~').contains(&c)),
+                "{line:?}"
+            );
+        }
     }
 
     // --json: an event whose seq is a string with a bidi override and an escape sequence.
