@@ -992,7 +992,10 @@ impl Bench {
             let line: Value = serde_json::from_str(line).ok()?;
             (line["halted"] == true).then(|| {
                 let stages = &line["summary"]["rollout"]["stages"];
-                let not_started = stages["waiting"].as_u64().unwrap_or(0);
+                // Started: writing or further. Waiting (no sign yet) and pending (accepted,
+                // waiting for its moment) devices have written nothing.
+                let not_started = stages["waiting"].as_u64().unwrap_or(0)
+                    + stages["pending"].as_u64().unwrap_or(0);
                 (
                     at.duration_since(published),
                     self.opts.devices as u64 - not_started,
