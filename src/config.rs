@@ -8,14 +8,16 @@ use std::time::Duration;
 use jiff::SignedDuration;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
+use crate::mqtt::Endpoint;
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub device: Device,
@@ -49,7 +51,7 @@ pub struct Config {
 /// The manufacturer's declarations for ETSI EN 303 645 §5.3 that no device can check: where
 /// things are published, what the product's UI shows, the manufacturer's own processes. Each
 /// is free text (a URL, a sentence), at most [`MAX_DECLARATION`] bytes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Conformance {
     /// Where the vulnerability disclosure policy is published (5.2-1; IXIT 2-UserInfo).
@@ -148,7 +150,7 @@ impl Conformance {
 /// Where the privileged installer listens and whom it serves. The daemon and the installer read
 /// the same file: the daemon connects to `socket`, the installer (`update-agent installer`)
 /// listens on it unless systemd hands it the socket, and serves only `daemon_user`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstallerConfig {
     #[serde(default = "default_installer_socket")]
@@ -174,7 +176,7 @@ fn default_daemon_user() -> String {
     "update-agent".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     /// Product string; releases for another product are refused.
@@ -192,7 +194,7 @@ pub struct Device {
     pub support_end: Option<Date>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trust {
     #[serde(default = "default_keys_dir")]
@@ -208,7 +210,24 @@ pub struct Trust {
     pub insecure_writable_anchor: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl Trust {
+    /// The anchor `[trust]` names, enforced unless the config says `insecure_writable_anchor`;
+    /// what enforcement would have refused is logged as a warning then.
+    pub fn anchor(&self) -> Result<TrustAnchor, AnchorError> {
+        let protection = if self.insecure_writable_anchor {
+            Protection::AllowWritable
+        } else {
+            Protection::Enforce
+        };
+        let anchor = TrustAnchor::load(&self.keys_dir, protection)?;
+        for warning in &anchor.warnings {
+            tracing::warn!("insecure trust anchor (development mode): {warning}");
+        }
+        Ok(anchor)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BootloaderConfig {
     /// U-Boot through libubootenv's fw_printenv/fw_setenv.
@@ -237,7 +256,7 @@ pub enum BootloaderConfig {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotClass {
     /// The slot class images are given for in manifests, e.g. `rootfs`.
@@ -247,7 +266,7 @@ pub struct SlotClass {
     pub b: Slot,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Slot {
     /// Block device or, for tests and the demo, a regular file.
@@ -259,7 +278,7 @@ pub struct Slot {
     pub size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Install {
     /// Bytes between durable checkpoints (fdatasync + persisted offset).
@@ -279,7 +298,7 @@ impl Default for Install {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     /// Commands (argv) that must exit 0 during the trial boot.
@@ -305,7 +324,7 @@ impl Default for Health {
 
 /// Where the agent reads facts about the running system. The defaults are the kernel's files;
 /// tests point them at files of their own to simulate boots.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct System {
     #[serde(default = "default_boot_id_path")]
@@ -332,7 +351,7 @@ impl Default for System {
 }
 
 /// The MQTT connection of `update-agent run` (topics: see `mqtt::topics`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mqtt {
     /// `mqtts://host[:port]` (TLS, port 8883 by default) or `mqtt://host[:port]` (plain TCP, for
@@ -374,7 +393,7 @@ pub struct Mqtt {
 }
 
 /// When updates install and reboot, and how far the user may push them back (EN 303 645 5.3-6).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Install releases automatically unless the user turned it off.
@@ -439,7 +458,7 @@ fn to_signed(duration: Duration) -> SignedDuration {
 }
 
 /// The D-Bus service (`org.updateagent.Agent1` on the system bus).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DBus {
     /// Whether `update-agent run` hosts the service. On, the daemon stops with an error when
@@ -501,6 +520,12 @@ impl Config {
         Ok(config)
     }
 
+    /// The file [`Config::parse`] reads back as this config: every key written out, defaults
+    /// included. Fails only for a path that is not UTF-8 (TOML cannot hold it).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     fn validate(&self) -> Result<(), String> {
         // Each bootname was checked as it was read (`Bootname`).
         let (a, b) = (&self.slots.a, &self.slots.b);
@@ -541,6 +566,38 @@ impl Config {
 }
 
 impl Mqtt {
+    /// Where and as whom the daemon connects.
+    pub fn endpoint(&self) -> Result<Endpoint, String> {
+        let url = crate::mqtt::BrokerUrl::parse(&self.broker)?;
+        let tls = self.ca_file.as_ref().map(|ca| crate::mqtt::tls::TlsFiles {
+            ca: ca.clone(),
+            client: self.cert_file.clone().zip(self.key_file.clone()),
+        });
+        Ok(Endpoint {
+            url,
+            tls,
+            protocol: self.protocol,
+        })
+    }
+
+    /// A connection to `broker` as `device_id`, with every other setting at its default.
+    pub fn new(broker: impl Into<String>, device_id: impl Into<String>) -> Mqtt {
+        Mqtt {
+            broker: broker.into(),
+            device_id: device_id.into(),
+            topic_prefix: default_topic_prefix(),
+            protocol: crate::mqtt::Protocol::default(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            keepalive: default_keepalive(),
+            recheck_interval: default_recheck_interval(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+            outbox_capacity: default_outbox_capacity(),
+        }
+    }
+
     fn validate(&self, compatible: &str) -> Result<(), String> {
         let url =
             crate::mqtt::BrokerUrl::parse(&self.broker).map_err(|e| format!("mqtt.broker: {e}"))?;
@@ -581,21 +638,30 @@ impl Mqtt {
 mod fractional_seconds {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer, de::Error};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let secs = f64::deserialize(d)?;
         Duration::try_from_secs_f64(secs).map_err(D::Error::custom)
     }
+
+    pub fn serialize<S: Serializer>(duration: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(duration.as_secs_f64())
+    }
 }
 
+/// Whole seconds; a sub-second part is cut off when written (the file cannot say it).
 mod seconds {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+
+    pub fn serialize<S: Serializer>(duration: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(duration.as_secs())
     }
 }
 
@@ -729,6 +795,27 @@ mod tests {
         }
         let same = example.replace("bootname = \"B\"", "bootname = \"A\"");
         assert!(Config::parse(&same).unwrap_err().contains("same bootname"));
+    }
+
+    /// What `to_toml` writes reads back as the same config (the simulated gateway's configs
+    /// are written so), with every section of the example present.
+    #[test]
+    fn a_config_written_as_toml_reads_back_the_same() {
+        let example = Config::parse(include_str!("../config/agent.toml")).unwrap();
+        let written = example.to_toml().unwrap();
+        let again = Config::parse(&written).unwrap();
+        assert_eq!(again.to_toml().unwrap(), written);
+        assert_eq!(format!("{again:?}"), format!("{example:?}"));
+        for section in [
+            "[device]",
+            "[trust]",
+            "[bootloader]",
+            "[slots",
+            "[install]",
+            "[mqtt]",
+        ] {
+            assert!(written.contains(section), "{section} missing:\n{written}");
+        }
     }
 
     #[test]

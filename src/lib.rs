@@ -24,6 +24,11 @@
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
 //! - [`daemon`]: `update-agent run`, the service loop around the agent.
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
+//! - [`slot_control`]: who writes slots, changes the bootloader and reboots: this process
+//!   ([`slot_control::Local`]) or the privileged installer.
+//! - [`socket`]: non-blocking socket sends and waits with deadlines (the installer's sockets).
+//! - `sim` (feature `sim`: the demo and the tests, never a device build): a simulated gateway
+//!   built from typed parts, the image server, releases, and the brokers and bus around it.
 //! - [`transfer`]: fetch an image (http/https/file, optionally zstd) and stream it into a slot,
 //!   resumably, with hash checks on the way in and a read-back past the page cache.
 
@@ -46,6 +51,10 @@ pub mod mqtt;
 pub mod outbox;
 pub mod reason;
 pub mod release;
+#[cfg(feature = "sim")]
+pub mod sim;
+pub mod slot_control;
+pub mod socket;
 pub mod state_store;
 pub mod system;
 pub mod transfer;

@@ -8,19 +8,19 @@
 //! CI does. Needs `util-linux` (setpriv), `libubootenv-tool` and `grub-common`.
 
 mod common;
-#[allow(dead_code)]
-#[path = "mqtt/harness.rs"]
-mod mqtt;
-#[path = "split/harness.rs"]
-mod split;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{pattern, require_tool};
+use common::sim::gateway::{DAEMON_GID, DAEMON_UID, DEVICE_ID};
+use common::sim::mqtt::Mosquitto;
+use common::sim::{User, states};
+use common::split::*;
+use common::{BIN, Backend, describe as text, pattern, require, wait_for};
 use serde_json::Value;
-use split::*;
+use update_agent::mqtt::topics::{DEFAULT_PREFIX, device_topic};
 
 /// `installer-request` as the daemon's user: what a compromised daemon can send.
 fn ask(split: &Split, args: &[&str]) -> (Output, Value) {
@@ -53,19 +53,7 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     let (out, reply) = ask(&split, &["--op", "mark-bad", "--slot", "A"]);
     assert_refused(&out, &reply, "unverified-slot");
 
-    let (out, reply) = ask(
-        &split,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "B",
-            "--release",
-            release,
-            "--image",
-            evil_path,
-        ],
-    );
+    let (out, reply) = split.write_request(Some("B"), release, evil_path, &[]);
     assert_refused(&out, &reply, "hash-mismatch");
     let slot_b = split.slot("B");
     assert!(
@@ -100,16 +88,8 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     let env = split.env_text();
     match backend {
         Backend::Grub => {
-            assert_eq!(
-                split.grub.as_ref().unwrap().get("B_OK").as_deref(),
-                Some("0"),
-                "{env}"
-            );
-            assert_eq!(
-                split.grub.as_ref().unwrap().get("A_OK").as_deref(),
-                Some("1"),
-                "{env}"
-            );
+            assert_eq!(split.env_var("B_OK").as_deref(), Some("0"), "{env}");
+            assert_eq!(split.env_var("A_OK").as_deref(), Some("1"), "{env}");
         }
         Backend::File | Backend::UBoot => {
             assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("A"), "{env}");
@@ -117,15 +97,12 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
         }
     }
     // What the installer itself records, root's alone.
-    let ledger: Value =
-        serde_json::from_slice(&fs::read(split.path("installer-state/ledger.json")).unwrap())
-            .unwrap();
+    let ledger = split.ledger();
     assert_eq!(ledger["slots"]["B"]["held"], "unverified", "{ledger}");
     assert_eq!(ledger["slots"]["A"]["held"], "booted", "{ledger}");
 
-    let status = Command::new(BIN)
-        .args(["status", "--offline", "--config"])
-        .arg(split.path("agent.toml"))
+    let status = split
+        .command_as(&User::Current, &["status", "--offline"])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", text(&status));
@@ -142,20 +119,7 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     }
 
     // The same request after a correct write is carried out: the ledger vouches for B now.
-    let good = split.path("rootfs.img");
-    let (out, reply) = ask(
-        &split,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "B",
-            "--release",
-            release,
-            "--image",
-            good.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("B"), release, split.path("rootfs.img"), &[]);
     assert_done(&out, &reply);
     let (out, reply) = ask(&split, &["--op", "mark-good", "--slot", "B"]);
     assert_done(&out, &reply);
@@ -168,13 +132,13 @@ fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_the_file_backend() {
 
 #[test]
 fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_fw_setenv() {
-    require_tool("fw_setenv", "libubootenv-tool");
+    require("fw_setenv", "libubootenv-tool");
     a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::UBoot);
 }
 
 #[test]
 fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_grub_editenv() {
-    require_tool("grub-editenv", "grub-common");
+    require("grub-editenv", "grub-common");
     a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::Grub);
 }
 
@@ -239,7 +203,7 @@ fn forge_writing_state(split: &Split, release: &std::path::Path, evil: &[u8]) ->
 fn boot_check_as_root(split: &Split) -> Output {
     Command::new(BIN)
         .args(["boot-check", "--no-reboot", "--config"])
-        .arg(split.path("in-process.toml"))
+        .arg(split.config_without_installer())
         .output()
         .unwrap()
 }
@@ -379,10 +343,8 @@ fn item4_the_wrong_user_is_refused_before_touching_the_state() {
     let split = Split::new(Backend::File);
     let release = split.release("2.0", IMAGE_PATH);
     let state = split.path("state");
-    let out = Command::new(BIN)
-        .args(["install", "--config"])
-        .arg(split.path("agent.toml"))
-        .arg(&release)
+    let out = split
+        .command_as(&User::Current, &["install", release.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -438,10 +400,8 @@ fn item4_the_wrong_user_is_refused_before_touching_the_state() {
 /// for a one-shot command to finish before it starts.
 #[test]
 fn item3_one_process_owns_the_state_at_a_time() {
-    use std::time::Duration;
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let broker = Mosquitto::plain_temp();
+    let mut split = Split::with(Backend::File, |gw| gw.mqtt(&broker.url()));
     let release = split.release("2.0", IMAGE_PATH);
     let release = release.to_str().unwrap();
     let refused_naming = |out: &Output, holder: &str| {
@@ -452,9 +412,9 @@ fn item3_one_process_owns_the_state_at_a_time() {
     };
 
     // (a) and (c): the daemon runs.
-    let daemon = Daemon::start(&split, 1);
-    let pid = daemon.child.id();
-    let holder = mqtt::wait_for(
+    split.start_daemon(&[]);
+    let pid = split.daemon_pid().unwrap();
+    let holder = wait_for(
         "the daemon to hold the state",
         Duration::from_secs(20),
         || {
@@ -476,13 +436,13 @@ fn item3_one_process_owns_the_state_at_a_time() {
         Some("A B"),
         "nothing was written"
     );
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 
     // (b): a one-shot install whose download stalls holds the state meanwhile.
     let stalled = split.release("2.1", STALL_PATH);
     let first_log = split.path("first-install.log");
     let mut first = split.spawn_as_daemon(&["install", stalled.to_str().unwrap()], &first_log);
-    let holder = mqtt::wait_for(
+    let holder = wait_for(
         "the install to hold the state",
         Duration::from_secs(20),
         || {
@@ -492,39 +452,32 @@ fn item3_one_process_owns_the_state_at_a_time() {
                 .then_some(holder)
         },
     );
-    mqtt::wait_for("the install to write", Duration::from_secs(20), || {
+    wait_for("the install to write", Duration::from_secs(20), || {
         fs::read_to_string(&first_log)
             .unwrap_or_default()
             .contains("writing slot B")
-            .then_some(())
     });
     refused_naming(&split.as_daemon(&["install", release]), &holder);
     refused_naming(&split.as_daemon(&["boot-check"]), &holder);
     // The daemon started now waits for the install instead of driving the state beside it.
-    let daemon = Daemon::start(&split, 2);
-    mqtt::wait_for("the daemon to wait", Duration::from_secs(20), || {
-        daemon
-            .log()
-            .contains("waiting for it to finish")
-            .then_some(())
+    split.start_daemon(&[]);
+    wait_for("the daemon to wait", Duration::from_secs(20), || {
+        split.daemon_log().contains("waiting for it to finish")
     });
     assert!(
-        !daemon.log().contains("D-Bus service off"),
+        !split.daemon_log().contains("D-Bus service off"),
         "{}",
-        daemon.log()
+        split.daemon_log()
     );
     // The install this test started, by its pid; the daemon then takes over.
     first.kill().unwrap();
     first.wait().unwrap();
-    mqtt::wait_for("the daemon to start", Duration::from_secs(20), || {
-        daemon.log().contains("D-Bus service off").then_some(())
+    wait_for("the daemon to start", Duration::from_secs(20), || {
+        split.daemon_log().contains("D-Bus service off")
     });
-    assert!(
-        split
-            .lock_holder()
-            .starts_with(&format!("pid {} ", daemon.child.id()))
-    );
-    assert!(daemon.stop().success());
+    let pid = split.daemon_pid().unwrap();
+    assert!(split.lock_holder().starts_with(&format!("pid {pid} ")));
+    assert!(split.stop_daemon().success());
 }
 
 /// A hostile client of the installer's protocol (4-byte length + JSON, the image socket passed
@@ -587,23 +540,16 @@ fn python() -> &'static str {
 
 /// The hostile client as `uid`/`gid`, with `args` after the socket and the mode.
 fn hostile(split: &Split, uid: &str, gid: &str, args: &[&str]) -> Command {
-    let mut command = Command::new("setpriv");
+    let mut command = User::Ids(uid.into(), gid.into()).command("timeout");
     command
-        .args([
-            format!("--reuid={uid}"),
-            format!("--regid={gid}"),
-            "--clear-groups".into(),
-            "timeout".into(),
-            "60".into(),
-        ])
-        .args([python(), "-c", HOSTILE_CLIENT])
-        .arg(split.path("run/installer.sock"))
+        .args(["60", python(), "-c", HOSTILE_CLIENT])
+        .arg(split.installer_socket())
         .args(args);
     command
 }
 
 /// How long a request the daemon's user makes takes to be answered, and the answer.
-fn timed_request(split: &Split) -> (std::time::Duration, Value) {
+fn timed_request(split: &Split) -> (Duration, Value) {
     let started = std::time::Instant::now();
     let (out, reply) = ask(split, &["--op", "mark-good", "--slot", "A"]);
     assert_done(&out, &reply);
@@ -659,7 +605,7 @@ fn item5_a_slow_request_holds_the_installer_no_longer_than_its_deadline() {
     let mut trickler = hostile(&split, "4242", "nogroup", &["trickle"])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
     let (took, _) = timed_request(&split);
     assert!(
         took.as_secs() < 3,
@@ -671,7 +617,7 @@ fn item5_a_slow_request_holds_the_installer_no_longer_than_its_deadline() {
     let mut trickler = hostile(&split, "nobody", "nogroup", &["trickle"])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
     let (took, _) = timed_request(&split);
     trickler.kill().unwrap();
     trickler.wait().unwrap();
@@ -695,27 +641,23 @@ fn item5_a_slow_request_holds_the_installer_no_longer_than_its_deadline() {
 /// as the command works.
 #[test]
 fn item6_a_failing_reboot_command_is_reported_and_retried_by_a_daemon_that_stays_up() {
-    use std::time::Duration;
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
     // Fails until `reboots.allow` exists (the board's reboot broken, then fixed).
-    let split = Split::with_reboot(
-        Backend::File,
-        &mqtt_sections(broker.port),
-        "[ -e \"$0.allow\" ] || { echo 'reboot: Failed to connect to bus' >&2; exit 1; }; echo reboot >> \"$0\"",
-    );
+    let mut split = Split::with(Backend::File, |gw| {
+        gw.mqtt(&broker.url()).reboot_script(
+            "[ -e \"$0.allow\" ] || { echo 'reboot: Failed to connect to bus' >&2; exit 1; }; echo reboot >> \"$0\"",
+        )
+    });
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
-    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
-    mqtt::publish(&client, &mqtt::topic("release"), &release, true);
+    let events_topic = split.topic("events");
+    let sub = client.subscribe(&[&events_topic], None);
+    client.publish(&split.topic("release"), &release, true);
 
-    let mut daemon = Daemon::start(&split, 1);
+    split.start_daemon(&[]);
     let failed = |count: usize| {
-        mqtt::wait_for("reboot-failed on MQTT", Duration::from_secs(60), || {
-            let events = sub.payloads(&mqtt::topic("events"));
+        wait_for("reboot-failed on MQTT", Duration::from_secs(60), || {
+            let events = sub.payloads(&events_topic);
             let failed: Vec<Value> = events
                 .into_iter()
                 .filter(|e| e["state"] == "reboot-failed")
@@ -734,33 +676,27 @@ fn item6_a_failing_reboot_command_is_reported_and_retried_by_a_daemon_that_stays
         first[0]
     );
     assert_eq!(
-        mqtt_states(&sub)[..5],
+        states(&sub.payloads(&events_topic))[..5],
         ["accepted", "writing", "written", "activated", "rebooting"]
     );
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        daemon.child.try_wait().unwrap().is_none(),
-        "the daemon stays up"
-    );
-    let state = retained_state(&client);
+    assert!(split.daemon_running(), "the daemon stays up");
+    let state = client.retained_json(&split.topic("state"));
     assert_eq!(state["last_error"]["reason"], "reboot-failed", "{state}");
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 
     // A restart in the same boot: connected first, then the reboot, and its failure reported.
-    daemon = Daemon::start(&split, 2);
+    split.start_daemon(&[]);
     let again = failed(2);
     assert!(again[1]["seq"].as_u64() > again[0]["seq"].as_u64());
-    assert!(
-        daemon.child.try_wait().unwrap().is_none(),
-        "the daemon stays up"
-    );
+    assert!(split.daemon_running(), "the daemon stays up");
     // The command works again: the next try (10 s back-off) reboots.
     fs::write(split.path("reboots.allow"), "").unwrap();
-    mqtt::wait_for("the retried reboot", Duration::from_secs(30), || {
-        split.path("reboots").exists().then_some(())
+    wait_for("the retried reboot", Duration::from_secs(30), || {
+        split.path("reboots").exists()
     });
-    let log = daemon.log();
-    assert!(daemon.stop().success(), "{log}");
+    let log = split.daemon_log();
+    assert!(split.stop_daemon().success(), "{log}");
 }
 
 /// Item 7: `monitor` printed `last_event.seq` and an event's `seq` from the device's JSON as they
@@ -769,30 +705,23 @@ fn item6_a_failing_reboot_command_is_reported_and_retried_by_a_daemon_that_stays
 /// non-ASCII character as a `\u` escape (the same JSON) and sums up an oversized record.
 #[test]
 fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let device = device_topic(DEFAULT_PREFIX, DEVICE_ID);
     let hostile_seq = format!("\u{202e}\u{1b}[2J{}", "9".repeat(60_000));
     let state = serde_json::json!({
         "version": "2.0\u{202e}",
         "state": "idle",
         "last_event": {"seq": hostile_seq, "state": "committed"},
     });
-    mqtt::publish(
-        &client,
-        &mqtt::topic("state"),
+    client.publish(
+        &format!("{device}/state"),
         &serde_json::to_vec(&state).unwrap(),
         true,
     );
-    let broker_url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let broker_url = broker.url();
     // The aggregate view (versions and states counted) and the one-line-per-device table.
-    for (view, shows) in [
-        (&[][..], "2.0\\u{202e}"),
-        (&["--devices"][..], mqtt::DEVICE),
-    ] {
+    for (view, shows) in [(&[][..], "2.0\\u{202e}"), (&["--devices"][..], DEVICE_ID)] {
         let out = Command::new(BIN)
             .args(["monitor", "--broker", &broker_url, "--once"])
             .args(view)
@@ -817,18 +746,16 @@ fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1));
     let event = serde_json::json!({"seq": "\u{202e}7\u{1b}[31m", "state": "committed"});
-    mqtt::publish(
-        &client,
-        &mqtt::topic("events"),
+    client.publish(
+        &format!("{device}/events"),
         &serde_json::to_vec(&event).unwrap(),
         false,
     );
     let huge = serde_json::json!({"seq": 8, "state": "committed", "message": "x".repeat(60_000)});
-    mqtt::publish(
-        &client,
-        &mqtt::topic("events"),
+    client.publish(
+        &format!("{device}/events"),
         &serde_json::to_vec(&huge).unwrap(),
         false,
     );
@@ -857,14 +784,14 @@ fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
 fn item7_a_fifo_at_the_environment_path_is_refused_not_waited_on() {
     let split = Split::new(Backend::File);
     chown_tree(&split.path("state"), 0);
-    let env = split.path("bootenv");
+    let env = split.env.file_path().to_owned();
     fs::remove_file(&env).unwrap();
     nix::unistd::mkfifo(&env, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let out = Command::new("timeout")
         .arg("20")
         .arg(BIN)
         .args(["boot-check", "--no-reboot", "--config"])
-        .arg(split.path("in-process.toml"))
+        .arg(split.config_without_installer())
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(124), "boot-check hung on the FIFO");
@@ -908,7 +835,7 @@ fn item7_the_last_slot_on_the_kernel_command_line_is_the_booted_one() {
 #[test]
 fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
     let split = Split::new(Backend::File);
-    let config = fs::read_to_string(split.path("agent.toml")).unwrap();
+    let config = fs::read_to_string(split.config_path()).unwrap();
     for (name, uid, mode) in [("daemon-run", DAEMON_UID, 0o755), ("shared-run", 0, 0o775)] {
         let dir = split.path(name);
         fs::create_dir(&dir).unwrap();
@@ -916,7 +843,7 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
         let socket = dir.join("installer.sock");
         let moved = config.replace(
-            &split.path("run/installer.sock").display().to_string(),
+            &split.installer_socket().display().to_string(),
             &socket.display().to_string(),
         );
         assert_ne!(moved, config);
@@ -943,7 +870,7 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
     fs::write(
         &path,
         config.replace(
-            &split.path("run/installer.sock").display().to_string(),
+            &split.installer_socket().display().to_string(),
             &fresh.join("installer.sock").display().to_string(),
         ),
     )
@@ -954,8 +881,8 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    mqtt::wait_for("the socket", std::time::Duration::from_secs(20), || {
-        fresh.join("installer.sock").exists().then_some(())
+    wait_for("the socket", Duration::from_secs(20), || {
+        fresh.join("installer.sock").exists()
     });
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(&fresh).unwrap();

@@ -8,25 +8,22 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use common::boot_sim::{BootSim, SimEnv};
-use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile};
+use common::sim::BootEnv;
+use common::sim::bootenv::UBOOT_ENV_SIZE;
+use common::sim::tools::run_ok;
+use common::{Backend, require};
 use update_agent::bootloader::{
     Bootloader, BootloaderError, BootloaderKind, BootloaderParams, SlotBootState, from_config,
 };
+use update_agent::config::BootloaderConfig;
 
 const ATTEMPTS: u32 = 3;
 
-enum Env {
-    UBoot(UBootEnvFile),
-    Grub(GrubEnvFile),
-    File(PathBuf),
-}
-
-/// One device: a backend, the simulator on the same environment, and direct access to it.
+/// One device: a backend, and the environment it works on, which the test reads and changes
+/// with the real tools and boots with the boot scripts' simulator.
 struct Rig {
     bl: Box<dyn Bootloader>,
-    sim: BootSim,
-    env: Env,
+    env: BootEnv,
     _dir: tempfile::TempDir,
 }
 
@@ -37,125 +34,86 @@ fn params() -> BootloaderParams {
     }
 }
 
-impl Rig {
-    fn uboot() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
-        Rig::on_uboot(dir, env)
-    }
-
-    fn on_uboot(dir: tempfile::TempDir, env: UBootEnvFile) -> Rig {
-        let bl = from_config(
+/// The backend's settings for `env`, as the agent's config would give them.
+fn settings(env: &BootEnv) -> (BootloaderKind, BootloaderParams) {
+    match env.config() {
+        BootloaderConfig::Uboot {
+            fw_env_config,
+            fw_printenv,
+            fw_setenv,
+            ..
+        } => (
             BootloaderKind::UBoot,
-            &BootloaderParams {
-                fw_printenv: env.fw_printenv.clone(),
-                fw_setenv: env.fw_setenv.clone(),
-                fw_env_config: Some(env.config.clone()),
+            BootloaderParams {
+                fw_printenv,
+                fw_setenv,
+                fw_env_config,
                 ..params()
             },
-        )
-        .unwrap();
-        let sim = BootSim::new(
-            SimEnv::UBoot {
-                fw_printenv: env.fw_printenv.clone(),
-                fw_setenv: env.fw_setenv.clone(),
-                config: env.config.clone(),
+        ),
+        BootloaderConfig::Grub {
+            grubenv,
+            grub_editenv,
+        } => (
+            BootloaderKind::Grub,
+            BootloaderParams {
+                grub_editenv,
+                grubenv,
+                ..params()
             },
-            &["A", "B"],
-            ATTEMPTS,
-        );
+        ),
+        BootloaderConfig::File { path, .. } => (
+            BootloaderKind::File,
+            BootloaderParams {
+                env_file: Some(path),
+                ..params()
+            },
+        ),
+    }
+}
+
+impl Rig {
+    /// A fresh environment: the file backend's file absent, an empty U-Boot environment, an
+    /// empty grubenv.
+    fn new(backend: Backend) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let env = BootEnv::create(backend, dir.path()).unwrap();
+        Rig::on(dir, env)
+    }
+
+    fn on(dir: tempfile::TempDir, env: BootEnv) -> Rig {
+        let (kind, params) = settings(&env);
         Rig {
-            bl,
-            sim,
-            env: Env::UBoot(env),
+            bl: from_config(kind, &params).unwrap(),
+            env,
             _dir: dir,
         }
+    }
+
+    fn uboot() -> Rig {
+        Rig::new(Backend::UBoot)
     }
 
     fn grub() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let env = GrubEnvFile::create(dir.path());
-        let bl = from_config(
-            BootloaderKind::Grub,
-            &BootloaderParams {
-                grub_editenv: env.editenv.clone(),
-                grubenv: env.grubenv.clone(),
-                ..params()
-            },
-        )
-        .unwrap();
-        let sim = BootSim::new(
-            SimEnv::Grub {
-                editenv: env.editenv.clone(),
-                grubenv: env.grubenv.clone(),
-            },
-            &["A", "B"],
-            ATTEMPTS,
-        );
-        Rig {
-            bl,
-            sim,
-            env: Env::Grub(env),
-            _dir: dir,
-        }
+        Rig::new(Backend::Grub)
     }
 
     fn file() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("boot.env");
-        let bl = from_config(
-            BootloaderKind::File,
-            &BootloaderParams {
-                env_file: Some(path.clone()),
-                ..params()
-            },
-        )
-        .unwrap();
-        let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], ATTEMPTS);
-        Rig {
-            bl,
-            sim,
-            env: Env::File(path),
-            _dir: dir,
-        }
+        Rig::new(Backend::File)
     }
 
     /// A variable as the tool (or the file) shows it, bypassing the agent's parser.
     fn get(&self, name: &str) -> Option<String> {
-        match &self.env {
-            Env::UBoot(env) => env.get(name),
-            Env::Grub(env) => env.get(name),
-            Env::File(path) => {
-                let prefix = format!("{name}=");
-                fs::read_to_string(path)
-                    .unwrap_or_default()
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
-            }
-        }
+        self.env.get(name)
     }
 
     /// Sets a variable behind the agent's back.
     fn set(&self, name: &str, value: &str) {
-        match &self.env {
-            Env::UBoot(env) => env.set(name, value),
-            Env::Grub(env) => env.set(name, value),
-            Env::File(path) => {
-                let prefix = format!("{name}=");
-                let mut text: String = fs::read_to_string(path)
-                    .unwrap_or_default()
-                    .lines()
-                    .filter(|l| !l.starts_with(&prefix))
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                text.push_str(&format!("{name}={value}\n"));
-                fs::write(path, text).unwrap();
-            }
-        }
+        self.env.set(name, value)
     }
 
     fn boot(&self) -> String {
-        self.sim.boot().expect("the simulated board boots")
+        self.env.boot().expect("the simulated board boots")
     }
 
     fn primary(&self) -> Option<String> {
@@ -164,27 +122,41 @@ impl Rig {
 
     /// How many boots a freshly activated slot gets before the script falls back.
     fn trial_boots(&self) -> usize {
-        match self.env {
-            Env::Grub(_) => 1,
+        match self.env.backend() {
+            Backend::Grub => 1,
             _ => ATTEMPTS as usize,
         }
     }
 }
 
+/// `#[test] fn NAME()` running `scenario` on a fresh rig of the backend, for each pair.
+macro_rules! scenario_tests {
+    ($scenario:ident: $($name:ident => $backend:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $scenario(&Rig::new(Backend::$backend));
+            }
+        )*
+    };
+}
+
 // --- the operations write exactly RAUC's variables -------------------------------------------
+
+/// What the backend says of a slot: in the boot order, good, tries left.
+fn boot_state(in_order: bool, good: bool, tries_left: Option<u32>) -> SlotBootState {
+    SlotBootState {
+        in_order,
+        good,
+        tries_left,
+    }
+}
 
 fn counter_operations(rig: &Rig) {
     let bl = &rig.bl;
     // Nothing set yet: the script's defaults (configured order, full budget).
     assert_eq!(rig.primary().as_deref(), Some("A"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: None
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, None));
 
     bl.mark_active("A").unwrap();
     assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("A B"));
@@ -195,14 +167,7 @@ fn counter_operations(rig: &Rig) {
     assert_eq!(rig.get("BOOT_ORDER").as_deref(), Some("B A"));
     assert_eq!(rig.get("BOOT_B_LEFT").as_deref(), Some("3"));
     assert_eq!(rig.primary().as_deref(), Some("B"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(3)
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, Some(3)));
 
     rig.set("BOOT_B_LEFT", "1");
     bl.mark_good("B").unwrap();
@@ -215,11 +180,7 @@ fn counter_operations(rig: &Rig) {
     assert_eq!(rig.primary().as_deref(), Some("A"));
     assert_eq!(
         bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: false,
-            good: false,
-            tries_left: Some(0)
-        }
+        boot_state(false, false, Some(0))
     );
 
     // Activating a slot that was marked bad puts it back in front.
@@ -232,11 +193,8 @@ fn counter_operations(rig: &Rig) {
 fn uboot_operations_write_boot_order_and_counters() {
     let rig = Rig::uboot();
     counter_operations(&rig);
-    let Env::UBoot(env) = &rig.env else {
-        unreachable!()
-    };
     assert_eq!(
-        env.printenv(),
+        rig.env.text(),
         "BOOT_A_LEFT=3\nBOOT_B_LEFT=3\nBOOT_ORDER=B A\nbootdelay=2\n",
         "nothing else was written and the board's own variables are kept"
     );
@@ -246,11 +204,8 @@ fn uboot_operations_write_boot_order_and_counters() {
 fn file_operations_write_boot_order_and_counters() {
     let rig = Rig::file();
     counter_operations(&rig);
-    let Env::File(path) = &rig.env else {
-        unreachable!()
-    };
     assert_eq!(
-        fs::read_to_string(path).unwrap(),
+        fs::read_to_string(rig.env.file_path()).unwrap(),
         "BOOT_ORDER=B A\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n"
     );
 }
@@ -263,11 +218,7 @@ fn grub_operations_write_order_ok_and_try() {
     assert_eq!(rig.primary(), None);
     assert_eq!(
         bl.slot_state("A").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: false,
-            tries_left: Some(0)
-        }
+        boot_state(true, false, Some(0))
     );
 
     bl.mark_active("A").unwrap();
@@ -279,14 +230,7 @@ fn grub_operations_write_order_ok_and_try() {
     bl.mark_active("B").unwrap();
     assert_eq!(rig.get("ORDER").as_deref(), Some("B A"));
     assert_eq!(rig.primary().as_deref(), Some("B"));
-    assert_eq!(
-        bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(1)
-        }
-    );
+    assert_eq!(bl.slot_state("B").unwrap(), boot_state(true, true, Some(1)));
 
     // After its one try B is no longer primary: GRUB would fall back to A next.
     rig.set("B_TRY", "1");
@@ -308,11 +252,8 @@ fn grub_operations_write_order_ok_and_try() {
     );
     assert_eq!(rig.primary().as_deref(), Some("A"));
 
-    let Env::Grub(env) = &rig.env else {
-        unreachable!()
-    };
     assert_eq!(
-        env.list(),
+        rig.env.text(),
         "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n",
         "nothing else was written"
     );
@@ -383,45 +324,20 @@ fn unmarked_failed_slot_is_tried_again(rig: &Rig) {
     assert_eq!(retried, "B");
 }
 
-#[test]
-fn uboot_trial_boot_then_mark_good_stays_on_new_slot() {
-    trial_then_commit(&Rig::uboot());
-}
-
-#[test]
-fn grub_trial_boot_then_mark_good_stays_on_new_slot() {
-    trial_then_commit(&Rig::grub());
-}
-
-#[test]
-fn file_trial_boot_then_mark_good_stays_on_new_slot() {
-    trial_then_commit(&Rig::file());
-}
-
-#[test]
-fn uboot_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away() {
-    failed_trial_falls_back(&Rig::uboot());
-}
-
-#[test]
-fn grub_failed_trial_falls_back_after_one_try_and_mark_bad_keeps_it_away() {
-    failed_trial_falls_back(&Rig::grub());
-}
-
-#[test]
-fn file_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away() {
-    failed_trial_falls_back(&Rig::file());
-}
-
-#[test]
-fn uboot_unmarked_failed_slot_is_tried_again() {
-    unmarked_failed_slot_is_tried_again(&Rig::uboot());
-}
-
-#[test]
-fn grub_unmarked_failed_slot_is_tried_again() {
-    unmarked_failed_slot_is_tried_again(&Rig::grub());
-}
+scenario_tests!(trial_then_commit:
+    uboot_trial_boot_then_mark_good_stays_on_new_slot => UBoot,
+    grub_trial_boot_then_mark_good_stays_on_new_slot => Grub,
+    file_trial_boot_then_mark_good_stays_on_new_slot => File,
+);
+scenario_tests!(failed_trial_falls_back:
+    uboot_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away => UBoot,
+    grub_failed_trial_falls_back_after_one_try_and_mark_bad_keeps_it_away => Grub,
+    file_failed_trial_falls_back_after_its_tries_and_mark_bad_keeps_it_away => File,
+);
+scenario_tests!(unmarked_failed_slot_is_tried_again:
+    uboot_unmarked_failed_slot_is_tried_again => UBoot,
+    grub_unmarked_failed_slot_is_tried_again => Grub,
+);
 
 #[test]
 fn fresh_environments_boot_the_first_slot() {
@@ -467,11 +383,7 @@ fn hostile_boot_order(rig: &Rig) {
     assert_eq!(rig.primary().as_deref(), Some("B"));
     assert_eq!(
         rig.bl.slot_state("B").unwrap(),
-        SlotBootState {
-            in_order: true,
-            good: true,
-            tries_left: Some(2)
-        }
+        boot_state(true, true, Some(2))
     );
     assert_eq!(rig.boot(), "B");
 
@@ -483,15 +395,10 @@ fn hostile_boot_order(rig: &Rig) {
     assert_eq!(rig.boot(), "A");
 }
 
-#[test]
-fn uboot_hostile_boot_order_is_walked_safely_and_rewritten_bounded() {
-    hostile_boot_order(&Rig::uboot());
-}
-
-#[test]
-fn file_hostile_boot_order_is_walked_safely_and_rewritten_bounded() {
-    hostile_boot_order(&Rig::file());
-}
+scenario_tests!(hostile_boot_order:
+    uboot_hostile_boot_order_is_walked_safely_and_rewritten_bounded => UBoot,
+    file_hostile_boot_order_is_walked_safely_and_rewritten_bounded => File,
+);
 
 fn counters_that_are_not_numbers(rig: &Rig) {
     rig.bl.mark_active("B").unwrap();
@@ -513,15 +420,10 @@ fn counters_that_are_not_numbers(rig: &Rig) {
     assert_eq!(rig.primary().as_deref(), Some("B"));
 }
 
-#[test]
-fn uboot_counter_that_is_not_a_number_is_a_clean_error() {
-    counters_that_are_not_numbers(&Rig::uboot());
-}
-
-#[test]
-fn file_counter_that_is_not_a_number_is_a_clean_error() {
-    counters_that_are_not_numbers(&Rig::file());
-}
+scenario_tests!(counters_that_are_not_numbers:
+    uboot_counter_that_is_not_a_number_is_a_clean_error => UBoot,
+    file_counter_that_is_not_a_number_is_a_clean_error => File,
+);
 
 #[test]
 fn grub_hostile_values_are_clean_errors_or_passed_over() {
@@ -556,20 +458,21 @@ fn uboot_value_imitating_a_variable_is_refused() {
 #[test]
 fn uboot_environment_listing_larger_than_the_bound_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let env = UBootEnvFile::create(dir.path(), 0x20000);
+    let env = BootEnv::uboot(dir.path(), 0x20000).unwrap();
     let script = dir.path().join("fill");
     let line = "v".repeat(900);
     let text: String = (0..100).map(|i| format!("FILL{i}={line}\n")).collect();
     fs::write(&script, text).unwrap();
-    common::run_ok(
-        std::process::Command::new(&env.fw_setenv)
+    run_ok(
+        std::process::Command::new(env.setter().unwrap())
             .arg("-c")
-            .arg(&env.config)
+            .arg(env.uboot_config().unwrap())
             .arg("-s")
             .arg(&script),
-    );
-    assert!(env.printenv().len() > update_agent::bootloader::MAX_TOOL_OUTPUT);
-    let rig = Rig::on_uboot(dir, env);
+    )
+    .unwrap();
+    assert!(env.text().len() > update_agent::bootloader::MAX_TOOL_OUTPUT);
+    let rig = Rig::on(dir, env);
     assert!(matches!(
         rig.bl.primary(),
         Err(BootloaderError::OutputTooLarge { .. })
@@ -579,9 +482,7 @@ fn uboot_environment_listing_larger_than_the_bound_is_refused() {
 #[test]
 fn file_garbage_is_a_clean_error() {
     let rig = Rig::file();
-    let Env::File(path) = &rig.env else {
-        unreachable!()
-    };
+    let path = rig.env.file_path();
     for garbage in [
         &b"\xff\xfe\x00garbage"[..],
         b"BOOT_ORDER=A B\nBOOT_ORDER=B A\n",
@@ -599,9 +500,9 @@ fn file_garbage_is_a_clean_error() {
 #[test]
 fn uboot_unreadable_environment_is_a_clean_error_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
-    let env = UBootEnvFile::erased(dir.path(), UBOOT_ENV_SIZE);
-    let config = env.config.display().to_string();
-    let rig = Rig::on_uboot(dir, env);
+    let env = BootEnv::uboot_erased(dir.path(), UBOOT_ENV_SIZE).unwrap();
+    let config = env.uboot_config().unwrap().display().to_string();
+    let rig = Rig::on(dir, env);
     let err = rig.bl.primary().unwrap_err();
     assert!(matches!(err, BootloaderError::ToolFailed { .. }), "{err}");
     let text = err.to_string();
@@ -612,7 +513,7 @@ fn uboot_unreadable_environment_is_a_clean_error_with_a_hint() {
 #[test]
 fn grub_missing_grubenv_is_reported_not_created() {
     let dir = tempfile::tempdir().unwrap();
-    let editenv = common::require_tool("grub-editenv", "grub-common");
+    let editenv = require("grub-editenv", "grub-common");
     let grubenv = dir.path().join("boot/grub/grubenv");
     let bl = from_config(
         BootloaderKind::Grub,
@@ -632,17 +533,16 @@ fn grub_missing_grubenv_is_reported_not_created() {
 #[test]
 fn a_tool_that_reports_success_without_writing_is_caught() {
     let dir = tempfile::tempdir().unwrap();
-    let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
+    let env = BootEnv::uboot(dir.path(), UBOOT_ENV_SIZE).unwrap();
     let fake = dir.path().join("fw_setenv");
     fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let (kind, params) = settings(&env);
     let bl = from_config(
-        BootloaderKind::UBoot,
+        kind,
         &BootloaderParams {
-            fw_printenv: env.fw_printenv.clone(),
             fw_setenv: fake,
-            fw_env_config: Some(env.config.clone()),
-            ..params()
+            ..params
         },
     )
     .unwrap();
@@ -653,10 +553,7 @@ fn a_tool_that_reports_success_without_writing_is_caught() {
 #[test]
 fn bad_or_unknown_bootnames_are_refused_before_anything_is_written() {
     let rig = Rig::uboot();
-    let Env::UBoot(env) = &rig.env else {
-        unreachable!()
-    };
-    let before = env.printenv();
+    let before = rig.env.text();
     for name in ["C", "A\nBOOT_B_LEFT=9", "A B", "", "A=1", "B;reset"] {
         assert!(rig.bl.mark_active(name).is_err(), "{name:?}");
         assert!(rig.bl.mark_good(name).is_err(), "{name:?}");
@@ -667,14 +564,14 @@ fn bad_or_unknown_bootnames_are_refused_before_anything_is_written() {
         rig.bl.mark_active("C"),
         Err(BootloaderError::UnknownSlot { .. })
     ));
-    assert_eq!(env.printenv(), before);
+    assert_eq!(rig.env.text(), before);
 }
 
 #[test]
 fn from_config_refuses_bad_settings_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothere");
-    let cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
+    let mut cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
         (
             BootloaderKind::UBoot,
             BootloaderParams {
@@ -700,52 +597,26 @@ fn from_config_refuses_bad_settings_at_start_up() {
             "grub-common",
         ),
         (BootloaderKind::File, params(), "env_file"),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                attempts: 0,
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "attempts",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                attempts: 10,
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "attempts",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec!["A".into(), "A".into()],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "twice",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec![],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
-            "slots",
-        ),
-        (
-            BootloaderKind::File,
-            BootloaderParams {
-                slots: vec!["A".into(), "B;reset".into()],
-                env_file: Some(missing.clone()),
-                ..params()
-            },
+    ];
+    // The file backend with an environment file named, and one setting wrong.
+    let file = |wrong: fn(&mut BootloaderParams), expected| {
+        let mut params = BootloaderParams {
+            env_file: Some(missing.clone()),
+            ..params()
+        };
+        wrong(&mut params);
+        (BootloaderKind::File, params, expected)
+    };
+    cases.extend([
+        file(|p| p.attempts = 0, "attempts"),
+        file(|p| p.attempts = 10, "attempts"),
+        file(|p| p.slots = vec!["A".into(), "A".into()], "twice"),
+        file(|p| p.slots = vec![], "slots"),
+        file(
+            |p| p.slots = vec!["A".into(), "B;reset".into()],
             "letters and digits",
         ),
-    ];
+    ]);
     for (kind, params, expected) in cases {
         let err = from_config(kind, &params).err().expect("refused");
         assert!(err.to_string().contains(expected), "{kind}: {err}");
@@ -778,11 +649,12 @@ fn params_read_from_toml_with_defaults() {
 
 #[test]
 fn shipped_grub_cfg_is_a_valid_grub_script() {
-    let check = common::require_tool("grub-script-check", "grub-common");
-    common::run_ok(
+    let check = require("grub-script-check", "grub-common");
+    run_ok(
         std::process::Command::new(check)
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/boot/grub.cfg")),
-    );
+    )
+    .unwrap();
 }
 
 #[test]

@@ -18,7 +18,6 @@ use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use serde_json::{Value, json};
 use update_agent::conformance::{standard, test_map};
 
-const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 /// The example config's product, which the self-test's release must name.
 const EXAMPLE_COMPATIBLE: &str = "acme-gateway-v1";
 
@@ -125,16 +124,7 @@ impl Device {
                 o = out.display()
             ));
         }
-        let status = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-                "sh",
-            ])
+        let status = in_mount_namespace(&script)
             .arg(self.path("anchor"))
             .arg(self.path("anchor-source"))
             .status()
@@ -743,126 +733,63 @@ fn every_test_named_in_the_test_unit_map_exists() {
 /// agent's own event log: time from signing to commit, refusals by reason, the rollback.
 #[test]
 fn time_to_patch_refusals_and_rollbacks_come_from_the_event_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = |name: &str| dir.path().join(name);
-    write_pub(&path("keys"), KEY_A);
+    let mut dev = common::gateway()
+        .compatible(EXAMPLE_COMPATIBLE)
+        .signer(sim::Signer::from_seed(KEY_A))
+        .slot_size(1024 * 1024)
+        .slot_contents(pattern(200_003, 1), Vec::new())
+        .configure(|c| c.device.factory_version = Some("1.0".into()))
+        .build()
+        .unwrap();
     let image = pattern(300_017, 7);
-    fs::write(path("rootfs.img"), &image).unwrap();
-    fs::write(path("slot-a"), pattern(200_003, 1)).unwrap();
-    fs::write(path("slot-b"), b"").unwrap();
-    fs::write(
-        path("bootenv"),
-        "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n",
-    )
-    .unwrap();
-    let config = path("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"[device]
-compatible = "{EXAMPLE_COMPATIBLE}"
-state_dir = "{state}"
-factory_version = "1.0"
-model = "Test Gateway"
-support_end = "2031-12-31"
-
-[trust]
-keys_dir = "{keys}"
-insecure_writable_anchor = true
-
-[bootloader]
-backend = "file"
-path = "{bootenv}"
-
-[slots]
-a = {{ device = "{a}", bootname = "A", size = 1048576 }}
-b = {{ device = "{b}", bootname = "B", size = 1048576 }}
-
-[health]
-commands = [["sh", "-c", "test ! -e {unhealthy}"]]
-timeout = 10
-
-[system]
-boot_id_path = "{boot_id}"
-cmdline_path = "{cmdline}"
-reboot_command = ["true"]
-
-[dbus]
-enabled = false
-"#,
-            state = path("state").display(),
-            keys = path("keys").display(),
-            bootenv = path("bootenv").display(),
-            a = path("slot-a").display(),
-            b = path("slot-b").display(),
-            unhealthy = path("unhealthy").display(),
-            boot_id = path("boot_id").display(),
-            cmdline = path("cmdline").display(),
-        ),
-    )
-    .unwrap();
-    let mut boots = 0;
-    let mut boot = |slot: &str| {
-        boots += 1;
-        fs::write(path("boot_id"), format!("boot-{boots}\n")).unwrap();
-        fs::write(path("cmdline"), format!("update_agent.slot={slot}\n")).unwrap();
-    };
-    let agent = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        (out.status.code(), text(&out.stdout) + &text(&out.stderr))
-    };
-    let release_file = |name: &str, version: &str, security_version: u64, created: &str| {
-        let manifest = json!({
-            "format": 1,
-            "version": version,
-            "security_version": security_version,
-            "compatible": EXAMPLE_COMPATIBLE,
-            "created": created,
-            "images": {"rootfs": {
-                "url": format!("file://{}", path("rootfs.img").display()),
-                "size": image.len(),
-                "sha256": sha256_hex(&image),
-            }}
-        });
-        let file = path(name);
-        fs::write(&file, signed(&to_bytes(&manifest), &[KEY_A])).unwrap();
-        file
+    fs::write(dev.path("rootfs.img"), &image).unwrap();
+    let url = format!("file://{}", dev.path("rootfs.img").display());
+    let release_file = |name: &str, version: &str, security_version: u64, created| {
+        dev.release(version)
+            .security_version(security_version)
+            .created(created)
+            .image(&url, &image)
+            .write(&dev.path(name))
+            .unwrap()
     };
     // Signed three days ago: that is the time-to-patch the report must show.
     let created = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(72);
-    let v2 = release_file("v2.json", "2.0", 5, &created.to_string());
-    let v3 = release_file("v3.json", "3.0", 6, &jiff::Timestamp::now().to_string());
-    let old = release_file("old.json", "0.9", 1, &created.to_string());
-    let mut tampered = fs::read(&v2).unwrap();
-    let at = tampered.len() / 3;
-    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
-    fs::write(path("tampered.json"), tampered).unwrap();
+    let v2 = release_file("v2.json", "2.0", 5, created);
+    let v3 = release_file("v3.json", "3.0", 6, jiff::Timestamp::now());
+    let old = release_file("old.json", "0.9", 1, created);
+    fs::write(
+        dev.path("tampered.json"),
+        sim::tamper(&fs::read(&v2).unwrap()),
+    )
+    .unwrap();
+    let config = dev.config_path().to_owned();
+    let agent = |dev: &Gateway, args: &[&str]| {
+        let out = dev.run(args);
+        (out.status.code(), text(&out.stdout) + &text(&out.stderr))
+    };
 
-    boot("A");
-    assert_eq!(agent(&["boot-check", "--no-reboot"]).0, Some(0));
-    let (code, log) = agent(&["install", path("tampered.json").to_str().unwrap()]);
+    assert_eq!(agent(&dev, &["boot-check", "--no-reboot"]).0, Some(0));
+    let (code, log) = agent(
+        &dev,
+        &["install", dev.path("tampered.json").to_str().unwrap()],
+    );
     assert_eq!(code, Some(1), "{log}");
-    let (code, log) = agent(&["install", v2.to_str().unwrap()]);
+    let (code, log) = agent(&dev, &["install", v2.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{log}");
-    boot("B");
-    let (code, log) = agent(&["boot-check", "--no-reboot"]);
+    assert_eq!(dev.boot(), "B");
+    let (code, log) = agent(&dev, &["boot-check", "--no-reboot"]);
     assert_eq!(code, Some(0), "{log}");
     // The floor is 5 now: the older release is a downgrade.
-    let (code, log) = agent(&["install", old.to_str().unwrap()]);
+    let (code, log) = agent(&dev, &["install", old.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{log}");
     // 3.0 goes to A, whose trial fails its health check: back to B.
-    let (code, log) = agent(&["install", v3.to_str().unwrap()]);
+    let (code, log) = agent(&dev, &["install", v3.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{log}");
-    fs::write(path("unhealthy"), "").unwrap();
-    boot("A");
-    agent(&["boot-check", "--no-reboot"]);
-    boot("B");
-    agent(&["boot-check", "--no-reboot"]);
+    dev.set_health(&[&["false"]]);
+    assert_eq!(dev.boot(), "A");
+    agent(&dev, &["boot-check", "--no-reboot"]);
+    assert_eq!(dev.boot(), "B");
+    agent(&dev, &["boot-check", "--no-reboot"]);
 
     let out = Command::new(BIN)
         .args(["conformance", "--format", "json", "--config"])

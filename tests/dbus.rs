@@ -4,12 +4,14 @@
 //! `busctl` and the real `update-agent` binary, as root and as `nobody` (through `setpriv`).
 //! Most tests host the service in this process on a fake clock (`dbus::host::Host`, with the
 //! daemon's own `Feed`), so time is injected, never waited for; the last ones run the daemon,
-//! `update-agent run`, as a process with a mosquitto of their own (`mqtt/harness.rs`) and move
-//! its test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`).
+//! `update-agent run`, as a process with a mosquitto of their own and move its test clock
+//! (`UPDATE_AGENT_TEST_CLOCK_FILE`). The device is a simulated gateway (`update_agent::sim`) with
+//! D-Bus on; the bus is `sim::bus::Bus`.
 //!
 //! Must run as root (it switches to `nobody`); CI does. Needs `dbus` (dbus-daemon, and
 //! dbus-send from dbus-bin), `systemd` (busctl) and `util-linux` (setpriv).
 
+#[macro_use]
 mod common;
 
 use std::fs;
@@ -18,17 +20,18 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::require_tool;
+use common::sim::bus::{Bus, BusPolicy};
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
+use common::sim::{Act, GatewayBuilder, User, states};
+use common::{Gateway, ImageServer, pattern, require, wait_for};
 use futures_util::StreamExt;
 use jiff::Timestamp;
 use tokio::sync::mpsc;
 use update_agent::agent::{Agent, RebootMode, Stop};
-use update_agent::config::Config;
+use update_agent::config::{Config, Policy};
 use update_agent::dbus::host::{Control, Host, Request};
 use update_agent::dbus::{self, Access, Snapshot};
-use update_agent::keys;
-use update_agent::release::build::{digest_image, sign_manifest};
-use update_agent::release::manifest::{Disruption, FORMAT, Image, Manifest, Severity};
+use update_agent::engine::RebootPolicy;
 
 /// The admin group of the tests: one that exists on every Debian system and that `nobody` is
 /// not in.
@@ -45,6 +48,15 @@ const MUTATING: &[&[&str]] = &[
     &["MarkGood"],
     &["MarkBad"],
 ];
+/// The events of a security release postponed by the user, installed in the next window and
+/// rebooted at its deadline.
+#[rustfmt::skip]
+const POSTPONED_TO_THE_WINDOW: [&str; 8] = [
+    "accepted", "pending", "postponed", "writing", "written", "activated", "reboot-scheduled",
+    "rebooting",
+];
+/// How long a test waits for what it sees from outside the service (a property, a line).
+const WAIT: Duration = Duration::from_secs(20);
 
 fn ts(text: &str) -> Timestamp {
     text.parse().unwrap()
@@ -58,95 +70,7 @@ fn admin_gid() -> u32 {
         .as_raw()
 }
 
-/// A `dbus-daemon` of our own; killed (by its pid) when dropped.
-struct Bus {
-    /// Holds the socket and the configuration until the bus is gone.
-    _dir: tempfile::TempDir,
-    child: Child,
-    address: String,
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum BusPolicy {
-    /// The project's policy file, as installed.
-    Project,
-    /// The project's file plus a rule after it that lets everyone call everything: only the
-    /// service's own check stands between `nobody` and the methods.
-    Permissive,
-}
-
-impl Bus {
-    fn start(policy: BusPolicy) -> Bus {
-        let daemon = require_tool("dbus-daemon", "dbus");
-        let dir = tempfile::tempdir().unwrap();
-        // `nobody` must reach the socket.
-        set_mode(dir.path(), 0o755);
-        let project = fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/dbus/org.updateagent.Agent1.conf"),
-        )
-        .unwrap();
-        let adapted = project.replace("group=\"update-admin\"", &format!("group=\"{GROUP}\""));
-        assert_ne!(
-            adapted, project,
-            "the policy file names no group update-admin"
-        );
-        fs::write(dir.path().join("org.updateagent.Agent1.conf"), adapted).unwrap();
-        let socket = dir.path().join("bus");
-        let permissive = match policy {
-            BusPolicy::Project => "",
-            BusPolicy::Permissive => {
-                r#"<policy context="default"><allow send_destination="org.updateagent.Agent1"/></policy>"#
-            }
-        };
-        // Debian's system bus defaults (system.conf): method calls denied unless a rule
-        // allows them; the project's file is included as from /usr/share/dbus-1/system.d.
-        let config = format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>{dir}/org.updateagent.Agent1.conf</include>
-  {permissive}
-</busconfig>
-"#,
-            socket = socket.display(),
-            dir = dir.path().display(),
-        );
-        let config_path = dir.path().join("bus.conf");
-        fs::write(&config_path, config).unwrap();
-        let child = Command::new(daemon)
-            .arg(format!("--config-file={}", config_path.display()))
-            .arg("--nofork")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for("the bus socket", || socket.exists());
-        Bus {
-            address: format!("unix:path={}", socket.display()),
-            _dir: dir,
-            child,
-        }
-    }
-}
-
-/// A child process this test started, killed (by pid) and reaped when the test ends early.
+/// A child process this test started, killed (by its pid) and reaped when the test ends early.
 struct KillOnDrop(Option<Child>);
 
 impl Drop for KillOnDrop {
@@ -160,151 +84,73 @@ impl Drop for KillOnDrop {
     }
 }
 
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn bus(policy: BusPolicy) -> Bus {
+    Bus::start(policy, GROUP)
+}
+
+/// Updates between 02:00 and 04:00 UTC, reboots when the user says (or at the deadline),
+/// postponements of up to `max_postpone` seconds, the user told 300 s before a reboot.
+fn window_manual(max_postpone: u64) -> Policy {
+    Policy {
+        windows: vec!["02:00-04:00".parse().unwrap()],
+        time_zone: Some("UTC".into()),
+        reboot: RebootPolicy::Manual,
+        max_postpone: Duration::from_secs(max_postpone),
+        disruption_notice: Duration::from_secs(300),
+        ..Policy::default()
     }
 }
 
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+/// A gateway on files with the D-Bus service on for group `adm`: 1.0 in slot A, B empty.
+fn gateway(policy: Policy) -> GatewayBuilder {
+    let slot_size = 4 * 1024 * 1024;
+    common::gateway()
+        .compatible("test-gw")
+        .slot_size(slot_size)
+        .slot_contents(pattern(slot_size as usize, 1), Vec::new())
+        .empty_b()
+        .dbus(GROUP)
+        .policy(policy)
+        .configure(|c| {
+            c.device.factory_version = Some("1.0".into());
+            c.device.model = Some("Test Gateway 1".into());
+            c.device.support_end = Some(jiff::civil::date(2031, 12, 31));
+        })
 }
 
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A device on files: two slots, the file bootloader, a key, and a signed security release
-/// (image by file://) with a deadline.
+/// A device and a signed security release of 2.0 (image by file://) with a deadline.
 struct Device {
-    dir: tempfile::TempDir,
-    config: PathBuf,
+    gateway: Gateway,
     release: Vec<u8>,
 }
 
+derefs_to_gateway!(Device);
 impl Device {
-    fn new(policy: &str) -> Device {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let key = keys::generate_signing_key().unwrap();
-        fs::create_dir_all(d.join("keys.d")).unwrap();
-        keys::write_key_pair(&key, &d.join("keys.d/release")).unwrap();
-        fs::remove_file(d.join("keys.d/release.key")).unwrap();
-        let slot_size = 4 * 1024 * 1024u64;
-        fs::write(d.join("slot-a.img"), common::pattern(slot_size as usize, 1)).unwrap();
-        fs::write(d.join("slot-b.img"), b"").unwrap();
-        fs::write(
-            d.join("bootenv"),
-            "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\n",
-        )
-        .unwrap();
-        fs::write(d.join("boot_id"), "boot-1\n").unwrap();
-        fs::write(d.join("cmdline"), "root=/dev/x update_agent.slot=A\n").unwrap();
-        let image = d.join("rootfs-2.0.img");
-        fs::write(&image, common::pattern(1024 * 1024, 2)).unwrap();
-        let digest = digest_image(&image, None).unwrap();
-        let manifest = Manifest {
-            format: FORMAT,
-            version: "2.0".into(),
-            security_version: 2,
-            compatible: "test-gw".into(),
-            created: ts("2026-05-01T00:00:00Z"),
-            expires: None,
-            security: true,
-            severity: Severity::High,
-            advisory: "Fixes CVE-2026-0001 in the web UI.".into(),
-            disruption: Disruption {
-                reboot: true,
-                downtime_seconds: 90,
-            },
-            deadline: Some(ts(DEADLINE)),
-            images: [(
-                "rootfs".to_string(),
-                Image::uncompressed(
-                    format!("file://{}", image.display()),
-                    digest.size,
-                    digest.sha256,
-                ),
-            )]
-            .into_iter()
-            .collect(),
-        };
-        let release = sign_manifest(&manifest, &key)
-            .unwrap()
-            .to_json()
-            .into_bytes();
-        let p = |name: &str| d.join(name).display().to_string();
-        let config = format!(
-            r#"[device]
-compatible = "test-gw"
-state_dir = "{state}"
-factory_version = "1.0"
-model = "Test Gateway 1"
-support_end = "2031-12-31"
-
-[trust]
-keys_dir = "{keys}"
-insecure_writable_anchor = true
-
-[bootloader]
-backend = "file"
-path = "{bootenv}"
-
-[slots]
-a = {{ device = "{a}", bootname = "A", size = {slot_size} }}
-b = {{ device = "{b}", bootname = "B", size = {slot_size} }}
-
-[install]
-checkpoint_interval = 1048576
-
-[health]
-commands = [["true"]]
-timeout = 10
-
-[system]
-boot_id_path = "{boot_id}"
-cmdline_path = "{cmdline}"
-reboot_command = ["true"]
-
-[policy]
-{policy}
-
-[dbus]
-admin_group = "{GROUP}"
-"#,
-            state = p("state"),
-            keys = p("keys.d"),
-            bootenv = p("bootenv"),
-            a = p("slot-a.img"),
-            b = p("slot-b.img"),
-            boot_id = p("boot_id"),
-            cmdline = p("cmdline"),
-        );
-        let config_path = d.join("agent.toml");
-        fs::write(&config_path, config).unwrap();
-        Device {
-            dir,
-            config: config_path,
-            release,
-        }
+    fn new(policy: Policy) -> Device {
+        let gateway = gateway(policy).build().unwrap();
+        let image = pattern(1024 * 1024, 2);
+        let path = gateway.path("rootfs-2.0.img");
+        fs::write(&path, &image).unwrap();
+        let release = gateway
+            .release("2.0")
+            .security_version(2)
+            .created(ts("2026-05-01T00:00:00Z"))
+            .deadline(ts(DEADLINE))
+            .advisory("Fixes CVE-2026-0001 in the web UI.")
+            .downtime(90)
+            .image(&format!("file://{}", path.display()), &image)
+            .sign();
+        Device { gateway, release }
     }
+}
 
-    fn events(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.dir.path().join("state/events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
+/// A bus with `policy`, a device with updates in a night window and reboots when the user says
+/// (postponements up to a week), and its service hosted here.
+fn hosted(policy: BusPolicy) -> (Bus, Device, Service) {
+    let bus = bus(policy);
+    let device = Device::new(window_manual(604_800));
+    let service = Service::start(&bus, &device);
+    (bus, device, service)
 }
 
 /// The service on `bus`, hosted in this process on its own thread and runtime (the test's
@@ -318,7 +164,7 @@ struct Service {
 
 impl Service {
     fn start(bus: &Bus, device: &Device) -> Service {
-        let config = Config::load(&device.config).unwrap();
+        let config = Config::load(device.config_path()).unwrap();
         let access = Access::from_config(&config);
         let clock = Arc::new(Mutex::new(ts(T0)));
         let now = clock.clone();
@@ -371,7 +217,7 @@ impl Service {
     }
 
     fn wait_state(&self, what: &str, ready: impl Fn(&Snapshot) -> bool) -> Snapshot {
-        wait_for(what, || ready(&self.snapshots.borrow()));
+        wait_for(what, WAIT, || ready(&self.snapshots.borrow()));
         self.snapshots.borrow().clone()
     }
 
@@ -399,24 +245,16 @@ enum Who {
 }
 
 fn command(who: Who, program: &Path) -> Command {
-    let setpriv = require_tool("setpriv", "util-linux");
     match who {
-        Who::Root => Command::new(program),
-        Who::Nobody | Who::NobodyInGroup => {
-            let mut c = Command::new(setpriv);
-            c.args(["--reuid=nobody", "--regid=nogroup"]);
-            match who {
-                Who::NobodyInGroup => c.arg(format!("--groups={}", admin_gid())),
-                _ => c.arg("--clear-groups"),
-            };
-            c.arg(program);
-            c
-        }
+        Who::Root => User::Current,
+        Who::Nobody => User::Nobody,
+        Who::NobodyInGroup => User::NobodyInGroup(admin_gid()),
     }
+    .command(program)
 }
 
 fn busctl(bus: &Bus, who: Who, args: &[&str]) -> Output {
-    let busctl = require_tool("busctl", "systemd");
+    let busctl = require("busctl", "systemd");
     command(who, &busctl)
         .arg(format!("--address={}", bus.address))
         .args(args)
@@ -433,7 +271,7 @@ fn call(bus: &Bus, who: Who, method: &[&str]) -> Output {
 /// The same call through `dbus-send`, which prints the error's message (busctl prints only a
 /// summary of the name): the tests tell the bus's denial from the service's by it.
 fn send(bus: &Bus, who: Who, method: &[&str]) -> Output {
-    let dbus_send = require_tool("dbus-send", "dbus-bin");
+    let dbus_send = require("dbus-send", "dbus-bin");
     let mut c = command(who, &dbus_send);
     c.arg(format!("--bus={}", bus.address))
         .arg("--print-reply")
@@ -484,17 +322,9 @@ fn get_property(bus: &Bus, who: Who, name: &str) -> String {
     text(&out.stdout).trim().to_string()
 }
 
-const POLICY_WINDOW_MANUAL: &str = r#"windows = ["02:00-04:00"]
-time_zone = "UTC"
-reboot = "manual"
-max_postpone = 604800
-disruption_notice = 300"#;
-
 #[test]
 fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open() {
-    let bus = Bus::start(BusPolicy::Project);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let service = Service::start(&bus, &device);
+    let (bus, _device, service) = hosted(BusPolicy::Project);
 
     // Root: every call reaches the service. InstallNow with nothing pending is the engine's
     // refusal, not an access denial.
@@ -519,14 +349,7 @@ fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open(
             "{}",
             text(&out.stderr)
         );
-        let out = send(&bus, Who::Nobody, method);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success(), "{method:?} as nobody succeeded");
-        assert!(
-            stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
-                && stderr.contains("Rejected send message"),
-            "{method:?} as nobody: {stderr}"
-        );
+        assert_denied_to_nobody(&bus, method, "Rejected send message");
     }
     // Setting a property is mutating too (and none is writable).
     let out = busctl(
@@ -568,21 +391,25 @@ fn mutating_calls_need_root_or_the_admin_group_at_the_bus_while_reading_is_open(
     service.wait_state("auto install off", |s| !s.auto_install);
 }
 
+/// `method` sent by `nobody` fails with the standard AccessDenied error, saying `why`.
+#[track_caller]
+fn assert_denied_to_nobody(bus: &Bus, method: &[&str], why: &str) {
+    let out = send(bus, Who::Nobody, method);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{method:?} as nobody succeeded");
+    assert!(
+        stderr.contains("org.freedesktop.DBus.Error.AccessDenied") && stderr.contains(why),
+        "{method:?} as nobody: {stderr}"
+    );
+}
+
 #[test]
 fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() {
-    let bus = Bus::start(BusPolicy::Permissive);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Permissive);
     for method in MUTATING {
-        let out = send(&bus, Who::Nobody, method);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success(), "{method:?} as nobody succeeded");
-        assert!(
-            stderr.contains("org.freedesktop.DBus.Error.AccessDenied")
-                && stderr
-                    .contains("update-agent: changing updates needs root or members of group adm"),
-            "{method:?}: the service's own answer expected, got: {stderr}"
-        );
+        // The service's own answer.
+        let why = "update-agent: changing updates needs root or members of group adm";
+        assert_denied_to_nobody(&bus, method, why);
     }
     // Nothing changed: no user decision was recorded.
     let decisions = device
@@ -606,10 +433,8 @@ fn the_service_denies_nobody_itself_when_the_bus_policy_lets_everyone_through() 
 /// a refusal with the reason when it failed (here the environment file became a directory).
 #[test]
 fn mark_good_and_bad_answer_with_the_bootloaders_result() {
-    let bus = Bus::start(BusPolicy::Project);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let service = Service::start(&bus, &device);
-    let bootenv = device.dir.path().join("bootenv");
+    let (bus, device, service) = hosted(BusPolicy::Project);
+    let bootenv = device.env.file_path().to_owned();
     let out = send(&bus, Who::Root, &["MarkBad"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Answered after the change: the file already says so when the caller has its answer.
@@ -638,9 +463,7 @@ fn mark_good_and_bad_answer_with_the_bootloaders_result() {
 
 #[test]
 fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
-    let bus = Bus::start(BusPolicy::Project);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let _service = Service::start(&bus, &device);
+    let (bus, _device, _service) = hosted(BusPolicy::Project);
     let out = busctl(
         &bus,
         Who::Root,
@@ -697,9 +520,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
 
 #[test]
 fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
-    let bus = Bus::start(BusPolicy::Project);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Project);
     let ok = |args: &[&str]| {
         let out = agent_cli(&bus.address, Who::Root, args);
         assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
@@ -750,11 +571,7 @@ fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
         "{stderr}"
     );
     // Every user decision above is an event for the operators.
-    let states: Vec<String> = device
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
+    let states = states(&device.events());
     assert_eq!(
         states,
         [
@@ -773,7 +590,7 @@ fn the_cli_talks_to_the_running_agent_and_says_clearly_what_went_wrong() {
     let out = agent_cli(
         &bus.address,
         Who::Root,
-        &["status", "--config", device.config.to_str().unwrap()],
+        &["status", "--config", device.config_path().to_str().unwrap()],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
@@ -872,9 +689,7 @@ fn watch_signals(bus: &Bus) -> (Seen, mpsc::Sender<()>) {
 /// reboot is asked for.
 #[test]
 fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_reboot() {
-    let bus = Bus::start(BusPolicy::Project);
-    let device = Device::new(POLICY_WINDOW_MANUAL);
-    let service = Service::start(&bus, &device);
+    let (bus, device, service) = hosted(BusPolicy::Project);
     let (seen, stop_watching) = watch_signals(&bus);
     // What `update-agent status --follow --json` prints meanwhile, line by line.
     let follow = command(Who::Nobody, Path::new(env!("CARGO_BIN_EXE_update-agent")))
@@ -899,7 +714,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         })
     };
     // The first lines are the status and the properties' current values: subscribed.
-    wait_for("status --follow to start", || {
+    wait_for("status --follow to start", WAIT, || {
         followed
             .lock()
             .unwrap()
@@ -947,7 +762,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
 
     // 300 s before the deadline the user is told; at the deadline the reboot is asked for.
     service.set_time("2026-06-04T11:55:00Z");
-    wait_for("the disruption notice", || {
+    wait_for("the disruption notice", WAIT, || {
         seen_lines(&seen)
             .iter()
             .any(|l| l.starts_with("DisruptionAhead 300"))
@@ -955,15 +770,15 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     assert_eq!(service.stop(), None, "no reboot before the deadline");
     service.set_time(DEADLINE);
     service.wait_state("reboot pending", |s| s.state == "reboot-pending");
-    wait_for("the reboot request", || service.stop().is_some());
+    wait_for("the reboot request", WAIT, || service.stop().is_some());
     assert!(matches!(service.stop(), Some(Stop::RebootNeeded { ref slot }) if slot == "B"));
-    wait_for("the client to see reboot-pending", || {
+    wait_for("the client to see reboot-pending", WAIT, || {
         seen_lines(&seen)
             .iter()
             .any(|l| l == "State reboot-pending")
     });
     let _ = stop_watching.blocking_send(());
-    wait_for("status --follow to see the reboot notice", || {
+    wait_for("status --follow to see the reboot notice", WAIT, || {
         followed
             .lock()
             .unwrap()
@@ -1013,24 +828,8 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         position("DisruptionAhead 0") < position("State reboot-pending"),
         "{seen:#?}"
     );
-    let states: Vec<String> = device
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(
-        states,
-        [
-            "accepted",
-            "pending",
-            "postponed",
-            "writing",
-            "written",
-            "activated",
-            "reboot-scheduled",
-            "rebooting"
-        ]
-    );
+    let states = states(&device.events());
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW);
     let writing = device
         .events()
         .into_iter()
@@ -1038,12 +837,6 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
         .unwrap();
     assert_eq!(writing["at"], "2026-06-03T02:00:00Z");
 }
-
-/// The MQTT world of `tests/mqtt/` (mosquitto on a free port, a device on files, an image
-/// server), for the end-to-end test of the daemon as a process.
-#[allow(dead_code)]
-#[path = "mqtt/harness.rs"]
-mod mqtt;
 
 /// Moves the daemon's test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`): it reads the file at every
 /// look at the time. Replaced atomically, so the daemon never reads half a time.
@@ -1059,53 +852,45 @@ fn set_daemon_time(file: &Path, at: Timestamp) {
 /// the bus with the project's policy file, a subscriber to the events, and the daemon's test
 /// clock at `t0`.
 struct DaemonWorld {
-    dir: tempfile::TempDir,
-    _broker: mqtt::Mosquitto,
-    _server: mqtt::ImageServer,
-    client: mqtt::ClientArgs,
-    device: mqtt::Device,
+    _broker: Mosquitto,
+    _server: ImageServer,
+    client: ClientArgs,
+    device: Gateway,
     bus: Bus,
     clock: PathBuf,
-    sub: mqtt::Sub,
+    sub: Sub,
     events_topic: String,
     release: Vec<u8>,
 }
 
 impl DaemonWorld {
-    fn start(policy: &str, chunk_delay: Duration, t0: Timestamp, deadline: Timestamp) -> Self {
-        let dir = mqtt::test_dir();
-        let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
-        let client = mqtt::ClientArgs {
-            port: broker.port,
-            tls: None,
-        };
-        let signer = mqtt::Signer::new();
-        let device = mqtt::Device::new(
-            dir.path(),
-            &signer,
-            &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
-        );
-        let config = fs::read_to_string(&device.config).unwrap();
-        let with_dbus = config.replace(
-            "[dbus]\nenabled = false\n",
-            &format!("[dbus]\nenabled = true\nadmin_group = \"{GROUP}\"\n"),
-        );
-        assert_ne!(
-            with_dbus, config,
-            "the harness config has no [dbus] section"
-        );
-        fs::write(&device.config, format!("{with_dbus}\n[policy]\n{policy}")).unwrap();
-        let image_path = dir.path().join("rootfs-2.0.img");
-        let image = mqtt::write_image(&image_path);
-        let server = mqtt::ImageServer::start(image, chunk_delay);
-        let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
-        let bus = Bus::start(BusPolicy::Project);
-        let clock = dir.path().join("now");
+    fn start(policy: Policy, chunk_delay: Duration, t0: Timestamp, deadline: Timestamp) -> Self {
+        let broker = Mosquitto::plain_temp();
+        let client = broker.client();
+        let slot_size = 8 * 1024 * 1024;
+        let device = gateway(policy)
+            .slot_size(slot_size)
+            .mqtt(&broker.url())
+            .build()
+            .unwrap();
+        let image = common::sim::text_pattern("rootfs 2.0 ", slot_size as usize * 3 / 4);
+        let server = ImageServer::builder(image.clone())
+            .route("/image.img", Act::Serve)
+            .throttle(256 * 1024, chunk_delay)
+            .start_background()
+            .unwrap();
+        let release = device
+            .release("2.0")
+            .security_version(2)
+            .deadline(deadline)
+            .image(&server.url("/image.img"), &image)
+            .sign();
+        let bus = bus(BusPolicy::Project);
+        let clock = device.path("now");
         set_daemon_time(&clock, t0);
-        let events_topic = mqtt::topic("events");
-        let sub = mqtt::Sub::start(&client, &[&events_topic], None);
+        let events_topic = device.topic("events");
+        let sub = client.subscribe(&[&events_topic], None);
         DaemonWorld {
-            dir,
             _broker: broker,
             _server: server,
             client,
@@ -1133,13 +918,13 @@ impl DaemonWorld {
                 .unwrap();
             zbus::fdo::DBusProxy::new(&conn).await.unwrap()
         });
-        let notify_path = self.dir.path().join("notify.sock");
+        let notify_path = self.device.path("notify.sock");
         let _ = fs::remove_file(&notify_path);
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        self.device.start_agent_with_env(&[
+        self.device.start_daemon(&[
             ("DBUS_SYSTEM_BUS_ADDRESS", self.bus.address.as_ref()),
             ("UPDATE_AGENT_TEST_CLOCK_FILE", self.clock.as_os_str()),
             ("NOTIFY_SOCKET", notify_path.as_os_str()),
@@ -1181,13 +966,10 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     let t0 = at(0, 12);
     let deadline = at(3, 12);
 
-    let policy = "windows = [\"02:00-04:00\"]\ntime_zone = \"UTC\"\nreboot = \"manual\"\n\
-                  max_postpone = 86400\ndisruption_notice = 300\n";
-    let mut world = DaemonWorld::start(policy, Duration::ZERO, t0, deadline);
+    let mut world = DaemonWorld::start(window_manual(86_400), Duration::ZERO, t0, deadline);
     let (seen, stop_watching) = watch_signals(&world.bus);
     world.start_daemon();
     let DaemonWorld {
-        dir,
         client,
         device,
         bus,
@@ -1198,14 +980,12 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
         ..
     } = &mut world;
     let (client, bus, clock, sub, release) = (&*client, &*bus, &*clock, &*sub, &*release);
-    let logs = |device: &mqtt::Device| device.logs();
+    let logs = |device: &Gateway| device.logs();
     let events = || sub.payloads(events_topic);
     let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
 
-    mqtt::publish(client, &mqtt::fleet_topic(), release, true);
-    let pending = mqtt::wait_for("pending on MQTT", Duration::from_secs(20), || {
-        event("pending")
-    });
+    client.publish(&device.fleet_topic(), release, true);
+    let pending = wait_for("pending on MQTT", WAIT, || event("pending"));
     assert_eq!(pending["waiting"], "window", "{}", logs(device));
     assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
     // Any local user sees what this configuration weakens (EN 303 645 §5.3): the test
@@ -1227,9 +1007,7 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let clamped_until = t0.checked_add(24 * hour).unwrap();
     assert_eq!(answer["postponed_until"], clamped_until.to_string());
-    let postponed = mqtt::wait_for("postponed on MQTT", Duration::from_secs(20), || {
-        event("postponed")
-    });
+    let postponed = wait_for("postponed on MQTT", WAIT, || event("postponed"));
     assert_eq!(postponed["until"], clamped_until.to_string());
     assert_eq!(postponed["clamped"], "max-postpone");
     assert_eq!(postponed["to_version"], "2.0");
@@ -1238,19 +1016,19 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     // The night's window passes while postponed; the postponement ends outside a window.
     set_daemon_time(clock, at(1, 2) + jiff::SignedDuration::from_mins(30));
     set_daemon_time(clock, clamped_until);
-    wait_for("waiting for the window", || {
+    wait_for("waiting for the window", WAIT, || {
         get_property(bus, Who::Nobody, "Waiting") == "s \"window\""
     });
     assert!(event("writing").is_none(), "{:#?}", events());
 
     // The next window: the install runs; the reboot waits for the deadline.
     set_daemon_time(clock, at(2, 2));
-    let scheduled = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
+    let scheduled = wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
         event("reboot-scheduled")
     });
     assert_eq!(scheduled["until"], deadline.to_string(), "{}", logs(device));
     set_daemon_time(clock, deadline - jiff::SignedDuration::from_mins(5));
-    wait_for("the disruption notice", || {
+    wait_for("the disruption notice", WAIT, || {
         seen_lines(&seen)
             .iter()
             .any(|l| l.starts_with("DisruptionAhead 300"))
@@ -1258,21 +1036,19 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     assert!(!device.reboot_requested(), "rebooted before the deadline");
 
     set_daemon_time(clock, deadline);
-    mqtt::wait_for("the reboot command", Duration::from_secs(20), || {
+    wait_for("the reboot command", WAIT, || {
         device.reboot_requested().then_some(())
     });
-    let rebooted_at = fs::metadata(dir.path().join("reboot-requested"))
+    let rebooted_at = fs::metadata(device.path("reboots"))
         .unwrap()
         .modified()
         .unwrap();
-    let rebooting = mqtt::wait_for("rebooting on MQTT", Duration::from_secs(20), || {
-        event("rebooting")
-    });
+    let rebooting = wait_for("rebooting on MQTT", WAIT, || event("rebooting"));
     assert_eq!(rebooting["at"], deadline.to_string());
     let _ = stop_watching.blocking_send(());
 
     // Told before the disruption: both notices arrived before the reboot command ran (the
-    // marker file's modification time is when `touch` ran).
+    // reboot log's modification time is when the reboot command ran).
     let seen = seen.lock().unwrap().clone();
     let arrived = |prefix: &str| {
         seen.iter()
@@ -1299,29 +1075,12 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
 
     // The operators' record: one transaction, in order, with increasing sequence numbers.
     let events = events();
-    let states: Vec<&str> = events
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        states,
-        [
-            "accepted",
-            "pending",
-            "postponed",
-            "writing",
-            "written",
-            "activated",
-            "reboot-scheduled",
-            "rebooting"
-        ],
-        "{}",
-        logs(device)
-    );
+    let states = states(&events);
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", logs(device));
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
-    device.stop_agent();
+    device.stop_daemon();
 }
 
 /// The daemon answers a D-Bus call while it writes a slot (taken between two steps of the
@@ -1336,14 +1095,19 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
         .unwrap();
     // 6 MiB in 256 KiB chunks, 150 ms apart: the write takes about 3.6 s.
     let mut world = DaemonWorld::start(
-        "reboot = \"manual\"\n",
+        Policy {
+            reboot: RebootPolicy::Manual,
+            ..Policy::default()
+        },
         Duration::from_millis(150),
         t0,
         deadline,
     );
     world.start_daemon();
-    mqtt::publish(&world.client, &mqtt::fleet_topic(), &world.release, true);
-    mqtt::wait_for("writing on MQTT", Duration::from_secs(20), || {
+    world
+        .client
+        .publish(&world.device.fleet_topic(), &world.release, true);
+    wait_for("writing on MQTT", WAIT, || {
         world
             .events()
             .iter()
@@ -1364,7 +1128,7 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
         "s \"writing\"",
         "the write ended before the answer came ({answered_in:?})"
     );
-    let events = mqtt::wait_for("reboot-scheduled on MQTT", Duration::from_secs(30), || {
+    let events = wait_for("reboot-scheduled on MQTT", Duration::from_secs(30), || {
         let events = world.events();
         events
             .iter()
@@ -1392,14 +1156,14 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
     // again; the engine knows it already.
     let out = agent_cli(&world.bus.address, Who::Root, &["check", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    mqtt::wait_for("check-requested on MQTT", Duration::from_secs(20), || {
+    wait_for("check-requested on MQTT", WAIT, || {
         world
             .events()
             .iter()
             .any(|e| e["state"] == "check-requested")
             .then_some(())
     });
-    mqtt::wait_for("the release read again", Duration::from_secs(20), || {
+    wait_for("the release read again", WAIT, || {
         (world
             .device
             .logs()
@@ -1408,30 +1172,21 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
             == 2)
             .then_some(())
     });
-    world.device.stop_agent();
+    world.device.stop_daemon();
 }
 
 /// With the service on and no bus, the daemon stops at once and says what to do, instead of
 /// running with a user who cannot be told of updates.
 #[test]
 fn the_daemon_stops_with_a_clear_error_when_the_service_is_on_and_the_bus_is_unreachable() {
-    let dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(dir.path(), "allow_anonymous true");
-    let device = mqtt::Device::new(
-        dir.path(),
-        &mqtt::Signer::new(),
-        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
-    );
-    let config = fs::read_to_string(&device.config).unwrap();
-    fs::write(
-        &device.config,
-        config.replace("[dbus]\nenabled = false\n", "[dbus]\nenabled = true\n"),
-    )
-    .unwrap();
-    let missing = dir.path().join("no-bus");
-    let out = Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["run", "--log", "stderr", "--config"])
-        .arg(&device.config)
+    let broker = Mosquitto::plain_temp();
+    let device = gateway(Policy::default())
+        .mqtt(&broker.url())
+        .build()
+        .unwrap();
+    let missing = device.path("no-bus");
+    let out = device
+        .command(&["run", "--log", "stderr"])
         .env(
             "DBUS_SYSTEM_BUS_ADDRESS",
             format!("unix:path={}", missing.display()),

@@ -2,30 +2,28 @@
 //! tools: U-Boot through `fw_printenv`/`fw_setenv` on a file-backed environment, GRUB through
 //! `grub-editenv` on a 1 KiB grubenv, and the agent's file backend.
 //!
-//! A [`Device`] is a temporary directory with two file slots, a bootloader environment, a
-//! config, and the kernel facts a boot changes (boot id, kernel command line). A reboot is
-//! simulated by running the boot scripts' rules on the environment ([`BootSim`], which reads
-//! and writes it with the same tools) and writing a new boot id and `update_agent.slot=` for the
-//! slot that came up. The agent only ever runs as a process: `install`, `boot-check`, `status`,
-//! `mark`, as on a device.
+//! A [`Device`] is a simulated gateway (`update_agent::sim`: two file slots, a bootloader
+//! environment, a config, the kernel facts a boot changes) with an image server on loopback. A
+//! reboot runs the boot scripts' rules on the environment with the same tools. The agent only
+//! ever runs as a process: `install`, `boot-check`, `status`, `mark`, as on a device.
 //!
 //! Every device starts as it leaves the factory: slot A holds the factory image, the
 //! environment says "A, then B" with both slots bootable, and the device has booted A once and
 //! run `boot-check` there.
 
+#[macro_use]
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::boot_sim::{BootSim, SimEnv};
-use common::http::{Act, BackgroundServer};
-use common::{GrubEnvFile, UBOOT_ENV_SIZE, UBootEnvFile, pattern, run_ok, sha256_hex};
+use common::sim::{Act, Signer, states, tamper};
+use common::{
+    Backend, COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, pattern, sha256_hex,
+};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 const COMPATIBLE: &str = "acme-gw-cycle";
 /// The try budget of the U-Boot script and the file backend (`bootloader.attempts`).
 const ATTEMPTS: u32 = 3;
@@ -45,38 +43,14 @@ const WRONG_PATH: &str = "/wrong.img";
 const HEALTHY: &[&[&str]] = &[&["true"]];
 const UNHEALTHY: &[&[&str]] = &[&["false"]];
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    UBoot,
-    Grub,
-    File,
-}
-
-/// The environment, and how the test reads it behind the agent's back.
-enum Env {
-    UBoot(UBootEnvFile),
-    Grub(GrubEnvFile),
-    File(PathBuf),
-}
-
 struct Device {
+    gateway: Gateway,
     backend: Backend,
-    dir: tempfile::TempDir,
-    env: Env,
-    sim: BootSim,
-    server: BackgroundServer,
+    server: ImageServer,
     image: Vec<u8>,
-    boots: u32,
 }
 
-fn toml_str(text: &str) -> String {
-    // A JSON string is a valid TOML basic string.
-    serde_json::to_string(text).unwrap()
-}
-
-fn toml_path(path: &Path) -> String {
-    toml_str(path.to_str().expect("temporary paths are UTF-8"))
-}
+derefs_to_gateway!(Device);
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -86,383 +60,127 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[track_caller]
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: exit status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    );
-}
-
 impl Device {
     /// A device fresh from the factory, booted once into A.
     fn new(backend: Backend) -> Device {
-        let dir = tempfile::tempdir().unwrap();
-        let path = |name: &str| dir.path().join(name);
-
-        // The operator's key, and the device's trust anchor holding its public half.
-        let out = Command::new(BIN)
-            .arg("keygen")
-            .arg("--out")
-            .arg(path("signer"))
-            .output()
+        let gateway = common::gateway()
+            .backend(backend)
+            .compatible(COMPATIBLE)
+            .slot_size(SLOT_SIZE)
+            .slot_contents(pattern(FACTORY_A_LEN, 2), pattern(FACTORY_B_LEN, 3))
+            .configure(|c| c.install.stall_timeout = std::time::Duration::from_secs(5))
+            .build()
             .unwrap();
-        assert_exit(&out, 0, "keygen");
-        fs::create_dir(path("keys")).unwrap();
-        fs::copy(path("signer.pub"), path("keys/signer.pub")).unwrap();
-
         let image = pattern(IMAGE_LEN, 1);
-        fs::write(path("rootfs.img"), &image).unwrap();
-        fs::write(path("slot-a"), pattern(FACTORY_A_LEN, 2)).unwrap();
-        fs::write(path("slot-b"), pattern(FACTORY_B_LEN, 3)).unwrap();
-
-        let slots = ["A", "B"];
-        let (env, sim_env) = match backend {
-            Backend::UBoot => {
-                let env = UBootEnvFile::create(dir.path(), UBOOT_ENV_SIZE);
-                for (name, value) in [
-                    ("BOOT_ORDER", "A B"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "3"),
-                ] {
-                    env.set(name, value);
-                }
-                let sim = SimEnv::UBoot {
-                    fw_printenv: env.fw_printenv.clone(),
-                    fw_setenv: env.fw_setenv.clone(),
-                    config: env.config.clone(),
-                };
-                (Env::UBoot(env), sim)
-            }
-            Backend::Grub => {
-                let env = GrubEnvFile::create(dir.path());
-                run_ok(Command::new(&env.editenv).arg(&env.grubenv).args([
-                    "set",
-                    "ORDER=A B",
-                    "A_OK=1",
-                    "A_TRY=0",
-                    "B_OK=1",
-                    "B_TRY=0",
-                ]));
-                let sim = SimEnv::Grub {
-                    editenv: env.editenv.clone(),
-                    grubenv: env.grubenv.clone(),
-                };
-                (Env::Grub(env), sim)
-            }
-            Backend::File => {
-                let file = path("bootenv");
-                fs::write(&file, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n").unwrap();
-                (Env::File(file.clone()), SimEnv::File { path: file })
-            }
-        };
         let mut wrong = image.clone();
         wrong[IMAGE_LEN / 2] ^= 0x01;
-        let server = BackgroundServer::start(
+        let server = ImageServer::background(
             image.clone(),
             vec![(IMAGE_PATH, Act::Serve), (WRONG_PATH, Act::Body(wrong))],
         );
-        let mut device = Device {
+        let device = Device {
+            gateway,
             backend,
-            sim: BootSim::new(sim_env, &slots, ATTEMPTS),
-            dir,
-            env,
             server,
             image,
-            boots: 0,
         };
-        device.set_health(HEALTHY);
-        assert_eq!(device.boot(), "A", "the factory boot");
         assert_exit(&device.boot_check(), 0, "boot-check at the factory boot");
         device
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.path("agent.toml")
-    }
-
-    /// (Re)writes the config with these health checks: the config a boot reads is the one of
-    /// the slot that booted, so a test changes it before booting into the new slot.
-    fn set_health(&self, commands: &[&[&str]]) {
-        let bootloader = match &self.env {
-            Env::UBoot(env) => format!(
-                "backend = \"uboot\"\nfw_env_config = {}\nattempts = {ATTEMPTS}\nfw_printenv = {}\nfw_setenv = {}\n",
-                toml_path(&env.config),
-                toml_path(&env.fw_printenv),
-                toml_path(&env.fw_setenv),
-            ),
-            Env::Grub(env) => format!(
-                "backend = \"grub\"\ngrubenv = {}\ngrub_editenv = {}\n",
-                toml_path(&env.grubenv),
-                toml_path(&env.editenv),
-            ),
-            Env::File(file) => format!(
-                "backend = \"file\"\npath = {}\nattempts = {ATTEMPTS}\n",
-                toml_path(file)
-            ),
-        };
-        let commands: Vec<Vec<&str>> = commands.iter().map(|c| c.to_vec()).collect();
-        // Records that a reboot was asked for; the test does the rebooting.
-        let log = self.path("reboots");
-        let reboot = ["sh", "-c", "echo reboot >> \"$0\"", log.to_str().unwrap()];
-        let config = format!(
-            r#"[device]
-compatible = {compatible}
-state_dir = {state}
-
-[trust]
-keys_dir = {keys}
-insecure_writable_anchor = true
-
-[bootloader]
-{bootloader}
-[slots]
-class = "rootfs"
-a = {{ device = {a}, bootname = "A", size = {SLOT_SIZE} }}
-b = {{ device = {b}, bootname = "B", size = {SLOT_SIZE} }}
-
-[install]
-checkpoint_interval = 1048576
-stall_timeout = 5
-
-[health]
-commands = {commands}
-timeout = 10
-
-[system]
-boot_id_path = {boot_id}
-cmdline_path = {cmdline}
-reboot_command = {reboot}
-"#,
-            compatible = toml_str(COMPATIBLE),
-            state = toml_path(&self.path("state")),
-            keys = toml_path(&self.path("keys")),
-            a = toml_path(&self.path("slot-a")),
-            b = toml_path(&self.path("slot-b")),
-            commands = serde_json::to_string(&commands).unwrap(),
-            boot_id = toml_path(&self.path("boot_id")),
-            cmdline = toml_path(&self.path("cmdline")),
-            reboot = serde_json::to_string(&reboot).unwrap(),
-        );
-        fs::write(self.config_path(), config).unwrap();
-    }
-
-    /// Powers the device on: the boot script picks a slot and updates the environment, the
-    /// kernel gets a new boot id and names the slot on its command line. Returns the slot.
-    fn boot(&mut self) -> String {
-        let slot = self.sim.boot().expect("the boot script finds a slot");
-        self.boots += 1;
-        fs::write(
-            self.path("boot_id"),
-            format!("6a1c0f3e-0000-4000-8000-{:012x}\n", self.boots),
-        )
-        .unwrap();
-        fs::write(
-            self.path("cmdline"),
-            format!("console=ttyS0 rootwait update_agent.slot={slot} quiet\n"),
-        )
-        .unwrap();
-        slot
-    }
-
-    fn agent(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(self.config_path())
-            .output()
-            .unwrap()
-    }
-
     fn install(&self, release: &Path) -> Output {
-        Command::new(BIN)
-            .arg("install")
-            .arg("--config")
-            .arg(self.config_path())
-            .arg(release)
-            .output()
-            .unwrap()
+        self.run(&["install", release.to_str().unwrap()])
     }
 
     fn boot_check(&self) -> Output {
-        self.agent(&["boot-check"])
+        self.run(&["boot-check"])
     }
 
-    fn status_json(&self) -> Value {
-        let out = self.agent(&["status", "--json"]);
-        assert_exit(&out, 0, "status --json");
-        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
-    }
-
-    /// Signs a release of the device's image with `key` (`signer`: the trusted one), served
+    /// A release of the device's image signed by `signer` (the device trusts its own), served
     /// at `url_path` on the loopback server.
-    fn release_with_key(
+    fn release_by(
         &self,
-        key: &str,
+        signer: &Signer,
         version: &str,
         security_version: u64,
         url_path: &str,
     ) -> PathBuf {
-        let out_path = self.path(&format!("release-{version}-{key}.json"));
-        let out = Command::new(BIN)
-            .args(["release", "create", "--key"])
-            .arg(self.path(&format!("{key}.key")))
-            .arg("--image")
-            .arg(self.path("rootfs.img"))
-            .args(["--version", version, "--security-version"])
-            .arg(security_version.to_string())
-            .args(["--compatible", COMPATIBLE, "--url"])
-            .arg(self.server.url(url_path))
-            .args(["--advisory", "Fixes the frobnicator", "--security"])
-            .args(["--severity", "high", "--reboot", "--no-chunks", "--out"])
-            .arg(&out_path)
-            .output()
-            .unwrap();
-        assert_exit(&out, 0, "release create");
-        out_path
+        let out = self.path(&format!(
+            "release-{version}-{}.json",
+            signer.key_id().short()
+        ));
+        signer
+            .release(COMPATIBLE, version)
+            .security_version(security_version)
+            .advisory("Fixes the frobnicator")
+            .image(&self.server.url(url_path), &self.image)
+            .write(&out)
+            .unwrap()
     }
 
-    fn release(&self, version: &str, security_version: u64) -> PathBuf {
-        self.release_with_key("signer", version, security_version, IMAGE_PATH)
-    }
-
-    /// The event log, oldest first, as the agent wrote it.
-    fn events(&self) -> Vec<Value> {
-        let text = fs::read_to_string(self.path("state/events.jsonl")).unwrap_or_default();
-        text.lines()
-            .map(|line| serde_json::from_str(line).expect("each event line is JSON"))
-            .collect()
-    }
-
-    fn last_event(&self) -> Value {
-        self.events().pop().expect("an event was logged")
-    }
-
-    fn reboots_requested(&self) -> usize {
-        fs::read_to_string(self.path("reboots"))
-            .map(|text| text.lines().count())
-            .unwrap_or(0)
-    }
-
-    fn slot(&self, name: &str) -> Vec<u8> {
-        fs::read(self.path(&format!("slot-{}", name.to_ascii_lowercase()))).unwrap()
-    }
-
-    fn slot_hash(&self, name: &str) -> String {
-        sha256_hex(&self.slot(name))
-    }
-
-    /// Every variable, read with the real tool (the file backend: the file itself).
-    fn env_vars(&self) -> BTreeMap<String, String> {
-        let text = match &self.env {
-            Env::UBoot(env) => env.printenv(),
-            Env::Grub(env) => env.list(),
-            Env::File(file) => fs::read_to_string(file).unwrap(),
-        };
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    /// The variables that decide the boot, in one line, for messages and before/after checks.
-    fn env_text(&self) -> String {
-        self.env_vars()
-            .iter()
-            .filter(|(name, _)| name.as_str() != "bootdelay")
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    fn order(&self) -> Vec<String> {
-        let vars = self.env_vars();
-        let var = match self.backend {
-            Backend::Grub => "ORDER",
-            Backend::UBoot | Backend::File => "BOOT_ORDER",
-        };
-        vars.get(var)
-            .map(String::as_str)
-            .unwrap_or("A B")
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Whether the boot script would boot `slot` when it reaches it in the order, by the rules
-    /// of `config/boot/`, from the variables as the tool prints them.
-    fn bootable(&self, slot: &str) -> bool {
-        let vars = self.env_vars();
-        let get = |name: String| vars.get(&name).cloned();
-        match self.backend {
-            Backend::Grub => {
-                get(format!("{slot}_OK")).as_deref() == Some("1")
-                    && get(format!("{slot}_TRY")).as_deref().unwrap_or("0") == "0"
-            }
-            Backend::UBoot | Backend::File => {
-                let left = get(format!("BOOT_{slot}_LEFT")).unwrap_or_else(|| "3".into());
-                u32::from_str_radix(&left, 16).expect("BOOT_x_LEFT is hex") > 0
-            }
-        }
-    }
-
-    /// The slot the next boot picks (without the scripts' last-resort fallback).
-    fn primary(&self) -> Option<String> {
-        self.order()
-            .into_iter()
-            .find(|slot| (slot == "A" || slot == "B") && self.bootable(slot))
+    fn release_at(&self, version: &str, security_version: u64) -> PathBuf {
+        self.release_by(self.signer(), version, security_version, IMAGE_PATH)
     }
 
     /// `slot` is first in the order with its full budget: activated or marked good.
     #[track_caller]
     fn assert_env_first_and_good(&self, slot: &str) {
-        let env = self.env_text();
+        let env = self.env.summary();
         assert_eq!(
-            self.order().first().map(String::as_str),
+            self.env.order().first().map(String::as_str),
             Some(slot),
             "{env}"
         );
-        let vars = self.env_vars();
         match self.backend {
             Backend::Grub => {
-                assert_eq!(vars.get(&format!("{slot}_OK")).unwrap(), "1", "{env}");
-                assert_eq!(vars.get(&format!("{slot}_TRY")).unwrap(), "0", "{env}");
+                assert_eq!(self.env.get(&format!("{slot}_OK")).unwrap(), "1", "{env}");
+                assert_eq!(self.env.get(&format!("{slot}_TRY")).unwrap(), "0", "{env}");
             }
             Backend::UBoot | Backend::File => {
-                let left = vars.get(&format!("BOOT_{slot}_LEFT")).unwrap();
-                assert_eq!(*left, format!("{ATTEMPTS:x}"), "{env}");
+                let left = self.env.get(&format!("BOOT_{slot}_LEFT")).unwrap();
+                assert_eq!(left, format!("{ATTEMPTS:x}"), "{env}");
             }
         }
-        assert_eq!(self.primary().as_deref(), Some(slot), "{env}");
+        assert_eq!(self.env.primary().as_deref(), Some(slot), "{env}");
+    }
+
+    /// `status --json` after a transaction that ended in `result` for `reason`: idle, A next.
+    #[track_caller]
+    fn assert_idle_after(&self, result: &str, reason: &str) -> Value {
+        let status = self.status_json();
+        assert_eq!(status["primary"], "A", "{status:#}");
+        assert_eq!(status["phase"], "idle", "{status:#}");
+        assert_eq!(status["last"]["result"], result, "{status:#}");
+        assert_eq!(status["last"]["reason"], reason, "{status:#}");
+        status
+    }
+
+    /// B out of the rotation, A the slot that boots next.
+    #[track_caller]
+    fn assert_back_to_a(&self) {
+        self.assert_env_bad("B");
+        let env = self.env.summary();
+        assert_eq!(self.env.primary().as_deref(), Some("A"), "{env}");
     }
 
     /// `slot` is marked bad: out of the order with no tries (U-Boot, file) or not OK (GRUB).
     #[track_caller]
     fn assert_env_bad(&self, slot: &str) {
-        let env = self.env_text();
-        let vars = self.env_vars();
+        let env = self.env.summary();
         match self.backend {
             Backend::Grub => {
-                assert_eq!(vars.get(&format!("{slot}_OK")).unwrap(), "0", "{env}");
+                assert_eq!(self.env.get(&format!("{slot}_OK")).unwrap(), "0", "{env}");
             }
             Backend::UBoot | Backend::File => {
-                assert!(!self.order().iter().any(|s| s == slot), "{env}");
+                assert!(!self.env.order().iter().any(|s| s == slot), "{env}");
                 assert_eq!(
-                    vars.get(&format!("BOOT_{slot}_LEFT")).unwrap(),
+                    self.env.get(&format!("BOOT_{slot}_LEFT")).unwrap(),
                     "0",
                     "{env}"
                 );
             }
         }
-        assert!(!self.bootable(slot), "{env}");
+        assert!(!self.env.bootable(slot), "{env}");
     }
 
     /// Installs `release`, boots into B and commits it there.
@@ -472,13 +190,6 @@ reboot_command = {reboot}
         assert_exit(&self.boot_check(), 0, "boot-check in the new slot");
         assert_eq!(self.last_event()["state"], "committed");
     }
-}
-
-fn states(events: &[Value]) -> Vec<&str> {
-    events
-        .iter()
-        .map(|e| e["state"].as_str().expect("every event has a state"))
-        .collect()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, and a real instant.
@@ -557,7 +268,7 @@ fn assert_one_transaction(events: &[Value], version: &str, slot: &str) {
 fn happy_path(backend: Backend) {
     let mut dev = Device::new(backend);
     let a_before = dev.slot_hash("A");
-    let release = dev.release("2026.06.1", 5);
+    let release = dev.release_at("2026.06.1", 5);
 
     let out = dev.install(&release);
     assert_exit(&out, 0, "install");
@@ -582,18 +293,7 @@ fn happy_path(backend: Backend) {
     assert_exit(&out, 0, "boot-check in the new slot");
 
     let events = dev.events();
-    assert_eq!(
-        states(&events),
-        [
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "committed"
-        ]
-    );
+    assert_eq!(states(&events), COMMITTED);
     assert_event_log_well_formed(&events);
     assert_one_transaction(&events, "2026.06.1", "B");
     assert!(
@@ -633,7 +333,7 @@ fn happy_path(backend: Backend) {
 fn health_check_fails(backend: Backend) {
     let mut dev = Device::new(backend);
     let a_before = dev.slot_hash("A");
-    let release = dev.release("2026.06.1", 5);
+    let release = dev.release_at("2026.06.1", 5);
     assert_exit(&dev.install(&release), 0, "install");
 
     dev.set_health(UNHEALTHY);
@@ -648,8 +348,7 @@ fn health_check_fails(backend: Backend) {
         last["message"].as_str().unwrap().contains("false"),
         "{last}"
     );
-    dev.assert_env_bad("B");
-    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
+    dev.assert_back_to_a();
     assert_eq!(dev.status_json()["phase"], "rolling-back");
 
     dev.set_health(HEALTHY);
@@ -663,19 +362,7 @@ fn health_check_fails(backend: Backend) {
     assert_eq!(dev.reboots_requested(), 1, "no second reboot");
 
     let events = dev.events();
-    assert_eq!(
-        states(&events),
-        [
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "rolling-back",
-            "rolled-back"
-        ]
-    );
+    assert_eq!(states(&events), ROLLED_BACK);
     assert_event_log_well_formed(&events);
     assert_one_transaction(&events, "2026.06.1", "B");
     assert_eq!(
@@ -699,7 +386,7 @@ fn health_check_fails(backend: Backend) {
 
     // The same release once more: refused, nothing downloaded or written, nothing switched.
     let b_before = dev.slot_hash("B");
-    let env_before = dev.env_text();
+    let env_before = dev.env.summary();
     let fetches = dev.server.seen().len();
     let out = dev.install(&release);
     assert_exit(&out, 1, "install of a release that rolled back");
@@ -713,7 +400,7 @@ fn health_check_fails(backend: Backend) {
     assert_eq!(last["reason"], "previously-rolled-back", "{last}");
     assert_event_log_well_formed(&dev.events());
     assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
-    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    assert_eq!(dev.env.summary(), env_before, "the environment changed");
     assert_eq!(
         dev.server.seen().len(),
         fetches,
@@ -728,7 +415,7 @@ fn health_check_fails(backend: Backend) {
 fn new_slot_never_comes_up(backend: Backend) {
     let mut dev = Device::new(backend);
     let a_before = dev.slot_hash("A");
-    let release = dev.release("2026.06.1", 5);
+    let release = dev.release_at("2026.06.1", 5);
     assert_exit(&dev.install(&release), 0, "install");
 
     let mut tries_of_b = 0;
@@ -765,14 +452,9 @@ fn new_slot_never_comes_up(backend: Backend) {
     assert_one_transaction(&events, "2026.06.1", "B");
     assert_eq!(events[5]["reason"], "fell-back", "{:#}", events[5]);
 
-    dev.assert_env_bad("B");
-    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
-    let status = dev.status_json();
+    dev.assert_back_to_a();
+    let status = dev.assert_idle_after("rolled-back", "fell-back");
     assert_eq!(status["booted"], "A", "{status:#}");
-    assert_eq!(status["primary"], "A", "{status:#}");
-    assert_eq!(status["phase"], "idle", "{status:#}");
-    assert_eq!(status["last"]["result"], "rolled-back", "{status:#}");
-    assert_eq!(status["last"]["reason"], "fell-back", "{status:#}");
     assert_eq!(
         status["slots"][1]["bootloader"]["good"], false,
         "{status:#}"
@@ -789,27 +471,13 @@ fn tampered_release(backend: Backend) {
     let dev = Device::new(backend);
     let a_before = dev.slot_hash("A");
     let b_before = dev.slot_hash("B");
-    let env_before = dev.env_text();
+    let env_before = dev.env.summary();
 
-    // One base64 character of the manifest changed into another: it still decodes, to
-    // different bytes.
-    let genuine = dev.release("2026.06.1", 5);
-    let mut envelope: Value = serde_json::from_slice(&fs::read(&genuine).unwrap()).unwrap();
-    let mut manifest: Vec<u8> = envelope["manifest"].as_str().unwrap().bytes().collect();
-    let i = manifest.len() / 2;
-    manifest[i] = if manifest[i] == b'A' { b'B' } else { b'A' };
-    envelope["manifest"] = Value::String(String::from_utf8(manifest).unwrap());
+    // One byte of the signed manifest changed, the signature kept; and a key it does not trust.
+    let genuine = dev.release_at("2026.06.1", 5);
     let tampered = dev.path("tampered.json");
-    fs::write(&tampered, serde_json::to_vec_pretty(&envelope).unwrap()).unwrap();
-
-    let out = Command::new(BIN)
-        .arg("keygen")
-        .arg("--out")
-        .arg(dev.path("rogue"))
-        .output()
-        .unwrap();
-    assert_exit(&out, 0, "keygen");
-    let untrusted = dev.release_with_key("rogue", "2026.06.2", 5, IMAGE_PATH);
+    fs::write(&tampered, tamper(&fs::read(&genuine).unwrap())).unwrap();
+    let untrusted = dev.release_by(&Signer::from_seed(99), "2026.06.2", 5, IMAGE_PATH);
 
     for (release, reason) in [(&tampered, "bad-signature"), (&untrusted, "untrusted-key")] {
         let out = dev.install(release);
@@ -829,7 +497,7 @@ fn tampered_release(backend: Backend) {
 
     assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
     assert_eq!(dev.slot_hash("A"), a_before, "slot A was written");
-    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    assert_eq!(dev.env.summary(), env_before, "the environment changed");
     assert!(dev.server.seen().is_empty(), "an image was fetched");
     assert_eq!(dev.reboots_requested(), 0);
     let status = dev.status_json();
@@ -842,7 +510,7 @@ fn tampered_release(backend: Backend) {
 fn wrong_image_bytes(backend: Backend) {
     let dev = Device::new(backend);
     let a_before = dev.slot_hash("A");
-    let release = dev.release_with_key("signer", "2026.06.1", 5, WRONG_PATH);
+    let release = dev.release_by(dev.signer(), "2026.06.1", 5, WRONG_PATH);
 
     let out = dev.install(&release);
     assert_exit(&out, 1, "install of wrong bytes");
@@ -853,13 +521,8 @@ fn wrong_image_bytes(backend: Backend) {
     assert_eq!(events[2]["reason"], "hash-mismatch", "{:#}", events[2]);
 
     // B was made unbootable before its first byte was written and stays so.
-    dev.assert_env_bad("B");
-    assert_eq!(dev.primary().as_deref(), Some("A"), "{}", dev.env_text());
-    let status = dev.status_json();
-    assert_eq!(status["primary"], "A", "{status:#}");
-    assert_eq!(status["phase"], "idle", "{status:#}");
-    assert_eq!(status["last"]["result"], "failed", "{status:#}");
-    assert_eq!(status["last"]["reason"], "hash-mismatch", "{status:#}");
+    dev.assert_back_to_a();
+    let status = dev.assert_idle_after("failed", "hash-mismatch");
     assert_eq!(status["slots"][1]["version"], Value::Null, "{status:#}");
     assert_eq!(dev.slot_hash("A"), a_before);
     assert_eq!(dev.reboots_requested(), 0);
@@ -868,15 +531,15 @@ fn wrong_image_bytes(backend: Backend) {
 /// After security version 5 committed, a release with security version 4 is refused.
 fn downgrade(backend: Backend) {
     let mut dev = Device::new(backend);
-    let release = dev.release("2026.06.1", 5);
+    let release = dev.release_at("2026.06.1", 5);
     dev.install_and_commit(&release);
     assert_eq!(dev.status_json()["floor"], 5);
 
     // A now is the inactive slot: the one a downgrade would overwrite.
     let a_before = dev.slot_hash("A");
     let b_before = dev.slot_hash("B");
-    let env_before = dev.env_text();
-    let older = dev.release("2026.05.3", 4);
+    let env_before = dev.env.summary();
+    let older = dev.release_at("2026.05.3", 4);
     let out = dev.install(&older);
     assert_exit(&out, 1, "install of a downgrade");
     assert!(stderr(&out).contains("downgrade"), "{}", stderr(&out));
@@ -891,7 +554,7 @@ fn downgrade(backend: Backend) {
         "the inactive slot was written"
     );
     assert_eq!(dev.slot_hash("B"), b_before, "the booted slot was written");
-    assert_eq!(dev.env_text(), env_before, "the environment changed");
+    assert_eq!(dev.env.summary(), env_before, "the environment changed");
     let status = dev.status_json();
     assert_eq!(status["floor"], 5, "{status:#}");
     assert_eq!(status["booted"], "B", "{status:#}");
@@ -902,19 +565,19 @@ fn downgrade(backend: Backend) {
 /// `mark` and `status` by hand, as an integrator at the console would use them.
 fn mark_cli(backend: Backend) {
     let dev = Device::new(backend);
-    let env_before = dev.env_text();
+    let env_before = dev.env.summary();
 
     // B holds nothing the agent wrote: activating it needs --force.
-    let out = dev.agent(&["mark", "active", "other"]);
+    let out = dev.run(&["mark", "active", "other"]);
     assert_exit(&out, 2, "mark active other");
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
     assert_eq!(
-        dev.env_text(),
+        dev.env.summary(),
         env_before,
         "a refused mark changed the environment"
     );
 
-    let out = dev.agent(&["mark", "good", "booted"]);
+    let out = dev.run(&["mark", "good", "booted"]);
     assert_exit(&out, 0, "mark good booted");
     assert!(
         stdout(&out).contains("marked slot A good"),
@@ -923,7 +586,7 @@ fn mark_cli(backend: Backend) {
     );
     dev.assert_env_first_and_good("A");
 
-    let out = dev.agent(&["status"]);
+    let out = dev.run(&["status"]);
     assert_exit(&out, 0, "status");
     let text = stdout(&out);
     assert!(text.contains("booted slot:  A"), "{text}");
@@ -938,7 +601,7 @@ fn mark_cli(backend: Backend) {
         );
     }
 
-    let out = dev.agent(&["mark", "active", "other", "--force"]);
+    let out = dev.run(&["mark", "active", "other", "--force"]);
     assert_exit(&out, 0, "mark active other --force");
     assert!(
         stdout(&out).contains("marked slot B active"),
@@ -958,20 +621,20 @@ fn mark_cli(backend: Backend) {
 /// mark-good service does, or the device drifts back to the other slot by itself.
 fn stays_in_the_running_slot_across_reboots(backend: Backend) {
     let mut dev = Device::new(backend);
-    let release = dev.release("2026.06.1", 5);
+    let release = dev.release_at("2026.06.1", 5);
     dev.install_and_commit(&release);
     for boot in 1..=ATTEMPTS + 1 {
         assert_eq!(
             dev.boot(),
             "B",
             "boot {boot} after the commit: {}",
-            dev.env_text()
+            dev.env.summary()
         );
         assert_exit(&dev.boot_check(), 0, "boot-check");
     }
 
     // The next update goes into A, fails its trial and rolls back into B.
-    let second = dev.release("2026.07.1", 6);
+    let second = dev.release_at("2026.07.1", 6);
     assert_exit(&dev.install(&second), 0, "install into A");
     dev.set_health(UNHEALTHY);
     assert_eq!(dev.boot(), "A");
@@ -985,7 +648,7 @@ fn stays_in_the_running_slot_across_reboots(backend: Backend) {
             dev.boot(),
             "B",
             "boot {boot} after the rollback: {}",
-            dev.env_text()
+            dev.env.summary()
         );
         assert_exit(&dev.boot_check(), 0, "boot-check");
     }
@@ -996,45 +659,13 @@ fn stays_in_the_running_slot_across_reboots(backend: Backend) {
     assert_eq!(status["primary"], "B", "{status:#}");
 }
 
-macro_rules! backend_tests {
-    ($module:ident, $backend:expr) => {
-        mod $module {
-            #[test]
-            fn happy_path() {
-                super::happy_path($backend);
-            }
-            #[test]
-            fn health_check_fails() {
-                super::health_check_fails($backend);
-            }
-            #[test]
-            fn new_slot_never_comes_up() {
-                super::new_slot_never_comes_up($backend);
-            }
-            #[test]
-            fn tampered_release() {
-                super::tampered_release($backend);
-            }
-            #[test]
-            fn wrong_image_bytes() {
-                super::wrong_image_bytes($backend);
-            }
-            #[test]
-            fn downgrade() {
-                super::downgrade($backend);
-            }
-            #[test]
-            fn mark_cli() {
-                super::mark_cli($backend);
-            }
-            #[test]
-            fn stays_in_the_running_slot_across_reboots() {
-                super::stays_in_the_running_slot_across_reboots($backend);
-            }
-        }
-    };
-}
-
-backend_tests!(uboot, super::Backend::UBoot);
-backend_tests!(grub, super::Backend::Grub);
-backend_tests!(file, super::Backend::File);
+backend_tests!(
+    happy_path,
+    health_check_fails,
+    new_slot_never_comes_up,
+    tampered_release,
+    wrong_image_bytes,
+    downgrade,
+    mark_cli,
+    stays_in_the_running_slot_across_reboots,
+);

@@ -9,24 +9,22 @@
 //! loopback port, with the same installer.
 //!
 //! Must run as root (it starts the installer as root and switches to `nobody`); CI does. Needs
-//! `util-linux` (setpriv) and `libubootenv-tool` (fw_printenv, fw_setenv).
+//! `util-linux` (setpriv) and `libubootenv-tool` (fw_printenv, fw_setenv). The split is a
+//! simulated gateway (`update_agent::sim`) built with `.split()`.
 
+#[macro_use]
 mod common;
-// The MQTT tests' world (broker, subscriber, publisher); this file uses part of it.
-#[allow(dead_code)]
-#[path = "mqtt/harness.rs"]
-mod mqtt;
-#[path = "split/harness.rs"]
-mod split;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{pattern, require_tool};
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
+use common::sim::{User, states, tamper};
+use common::split::*;
+use common::{BIN, Backend, COMMITTED, describe as text, pattern, require, wait_for};
 use serde_json::Value;
-use split::*;
 
 fn happy_path(backend: Backend) {
     let mut split = Split::new(backend);
@@ -54,11 +52,7 @@ fn happy_path(backend: Backend) {
     assert_eq!(split.boot(), "B", "the activated slot boots");
     let out = split.as_daemon(&["boot-check"]);
     assert!(out.status.success(), "boot-check in B: {}", text(&out));
-    let states: Vec<String> = split
-        .events()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_owned())
-        .collect();
+    let states = states(&split.events());
     assert_eq!(
         states.last().map(String::as_str),
         Some("committed"),
@@ -81,27 +75,13 @@ fn happy_path(backend: Backend) {
 
     // The commit raised the installer's own floor: an older signed release (security version
     // 1) is refused by the installer itself, whatever the daemon's state says.
-    let ledger: Value =
-        serde_json::from_slice(&fs::read(split.path("installer-state/ledger.json")).unwrap())
-            .unwrap();
+    let ledger = split.ledger();
     assert_eq!(ledger["floor"], 2, "{ledger}");
     assert_eq!(ledger["slots"]["B"]["held"], "verified", "{ledger}");
     assert_eq!(ledger["slots"]["A"]["held"], "booted", "{ledger}");
     let old = split.release_at("1.5", 1, IMAGE_PATH);
     let slot_a = split.slot("A");
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "A",
-            "--release",
-            old.to_str().unwrap(),
-            "--image",
-            split.path("rootfs.img").to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("A"), &old, split.path("rootfs.img"), &[]);
     assert_refused(&out, &reply, "downgrade");
     assert_eq!(split.slot("A"), slot_a, "slot A untouched");
 }
@@ -109,33 +89,16 @@ fn happy_path(backend: Backend) {
 #[test]
 fn a_compressed_image_is_decompressed_by_the_daemon_and_hashed_by_the_installer() {
     let split = Split::new(Backend::File);
-    let release = split.path("release-zstd.json");
+    let compressed = zstd::encode_all(&split.image[..], 3).unwrap();
+    fs::write(split.path("rootfs.img.zst"), &compressed).unwrap();
     let url = format!("file://{}", split.path("rootfs.img.zst").display());
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(split.path("rootfs.img"))
-        .args([
-            "--version",
-            "2.0",
-            "--security-version",
-            "2",
-            "--compress",
-            "zstd",
-        ])
-        .args([
-            "--compatible",
-            COMPATIBLE,
-            "--url",
-            &url,
-            "--no-chunks",
-            "--out",
-        ])
-        .arg(&release)
-        .output()
+    let release = split
+        .gateway
+        .release("2.0")
+        .security_version(2)
+        .zstd_image(&url, &split.image, &compressed)
+        .write(&split.path("release-zstd.json"))
         .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
     let out = split.as_daemon(&["install", release.to_str().unwrap()]);
     assert!(out.status.success(), "install as nobody: {}", text(&out));
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
@@ -152,33 +115,17 @@ fn a_daemon_killed_mid_write_resumes_from_the_installers_checkpoint() {
     // Three checkpoints' worth (1 MiB each) and a bit.
     let big = pattern(3 * 1024 * 1024 + 4099, 7);
     fs::write(split.path("big.img"), &big).unwrap();
-    let release = split.path("release-big.json");
     let url = format!("file://{}", split.path("big.img").display());
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(split.path("big.img"))
-        .args(["--version", "3.0", "--security-version", "3"])
-        .args([
-            "--compatible",
-            COMPATIBLE,
-            "--url",
-            &url,
-            "--no-chunks",
-            "--out",
-        ])
-        .arg(&release)
-        .output()
+    let release = split
+        .gateway
+        .release("3.0")
+        .security_version(3)
+        .image(&url, &big)
+        .write(&split.path("release-big.json"))
         .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
     // kill -9 of the daemon role right after it persisted the installer's first checkpoint.
-    let config = split.path("agent.toml");
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(BIN)
-        .args(["install", "--config", config.to_str().unwrap()])
-        .arg(&release)
+    let out = split
+        .command(&["install", release.to_str().unwrap()])
         .env("UPDATE_AGENT_CRASH_AT", "checkpoint:1")
         .output()
         .unwrap();
@@ -207,7 +154,7 @@ fn happy_path_across_both_roles_with_the_file_backend() {
 
 #[test]
 fn happy_path_across_both_roles_with_fw_setenv() {
-    require_tool("fw_setenv", "libubootenv-tool");
+    require("fw_setenv", "libubootenv-tool");
     happy_path(Backend::UBoot);
 }
 
@@ -215,7 +162,7 @@ fn happy_path_across_both_roles_with_fw_setenv() {
 fn the_daemon_user_cannot_open_a_slot_or_the_environment() {
     for backend in [Backend::File, Backend::UBoot] {
         let split = Split::new(backend);
-        let env_file = split.env_file();
+        let env_file = split.env.file_path().to_owned();
         for file in [split.path("slot-b"), env_file.clone()] {
             // An open for reading and writing, as the writer and the bootloader backends do.
             let out = split.as_nobody_sh(&format!("exec 3<>'{}'", file.display()));
@@ -230,7 +177,7 @@ fn the_daemon_user_cannot_open_a_slot_or_the_environment() {
         // nothing changes.
         let before = (split.slot("B"), split.env_text());
         let release = split.release("2.0", IMAGE_PATH);
-        let config = split.path("in-process.toml");
+        let config = split.config_without_installer();
         let out = split.as_nobody(&[
             "install",
             "--config",
@@ -301,35 +248,22 @@ fn a_caller_other_than_the_daemon_user_is_refused() {
     assert_eq!(split.env_text(), before);
     assert_eq!(&split.slot("B")[..], &pattern(FACTORY_B_LEN, 3)[..]);
     // An unprivileged uid in the socket's group gets in, and is refused by the peer check.
-    let socket = split.path("run/installer.sock");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=4242",
-            "--regid=nogroup",
-            "--clear-groups",
-            BIN,
-            "installer-request",
-        ])
-        .args(["--socket", socket.to_str().unwrap(), "--op", "reboot"])
-        .output()
-        .unwrap();
-    let reply: Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    let stranger = |gid: &str| User::Ids("4242".into(), gid.into());
+    let (out, reply) = split
+        .gateway
+        .request(&stranger("nogroup"), &["--op", "reboot"]);
     assert_refused(&out, &reply, "forbidden");
     assert!(
         reply["message"].as_str().unwrap().contains("uid 4242"),
         "{reply}"
     );
     // One outside the group does not get past the socket's mode (root:nogroup 0660).
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=4242",
-            "--regid=4242",
-            "--clear-groups",
-            BIN,
-            "installer-request",
-        ])
-        .args(["--socket", socket.to_str().unwrap(), "--op", "reboot"])
+    let out = stranger("4242")
+        .command(BIN)
+        .arg("installer-request")
+        .arg("--socket")
+        .arg(split.installer_socket())
+        .args(["--op", "reboot"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
@@ -369,19 +303,7 @@ fn a_tampered_release_is_refused_and_the_slot_untouched() {
         "{log}"
     );
     // The booted slot is never written, whatever the release.
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--slot",
-            "A",
-            "--release",
-            release.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(Some("A"), &release, &image, &[]);
     assert_refused(&out, &reply, "booted-slot");
     assert_eq!(&split.slot("A")[..], &pattern(200_003, 2)[..]);
 }
@@ -401,17 +323,7 @@ fn image_bytes_that_do_not_match_the_manifest_are_refused_and_not_activated() {
         );
         assert_eq!(split.env_var("BOOT_B_LEFT").as_deref(), Some("0"));
     };
-    let (out, reply) = split.request(
-        false,
-        &[
-            "--op",
-            "write",
-            "--release",
-            release.to_str().unwrap(),
-            "--image",
-            wrong.to_str().unwrap(),
-        ],
-    );
+    let (out, reply) = split.write_request(None, &release, &wrong, &[]);
     assert_refused(&out, &reply, "hash-mismatch");
     // The installer marked the target bad before writing, and will not activate it.
     b_not_activated();
@@ -447,21 +359,8 @@ fn a_resumed_write_rehashes_the_slot_prefix_itself() {
     let split = Split::new(Backend::File);
     let release = split.release("2.0", IMAGE_PATH);
     let image = split.path("rootfs.img");
-    let write = |resume: &str| {
-        split.request(
-            false,
-            &[
-                "--op",
-                "write",
-                "--release",
-                release.to_str().unwrap(),
-                "--image",
-                image.to_str().unwrap(),
-                "--resume-from",
-                resume,
-            ],
-        )
-    };
+    let write =
+        |resume: &str| split.write_request(None, &release, &image, &["--resume-from", resume]);
     let (out, reply) = write("0");
     assert_eq!(reply["kind"], "done", "{}", text(&out));
     // A resume from a checkpoint the slot really holds: only the rest is sent, and it verifies.
@@ -479,7 +378,7 @@ fn a_resumed_write_rehashes_the_slot_prefix_itself() {
 #[test]
 fn the_installer_serves_on_the_socket_systemd_passes_it() {
     let split = Split::new(Backend::File);
-    let tool = require_tool("systemd-socket-activate", "systemd");
+    let tool = require("systemd-socket-activate", "systemd");
     let socket = split.path("activated.sock");
     let log = fs::File::create(split.path("activated.log")).unwrap();
     // Listens itself and hands the socket over as fd 3 with LISTEN_FDS=1, as the .socket unit
@@ -494,14 +393,11 @@ fn the_installer_serves_on_the_socket_systemd_passes_it() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "systemd-socket-activate never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "systemd-socket-activate to listen",
+        Duration::from_secs(20),
+        || socket.exists(),
+    );
     // Root is not the daemon user: the refusal shows the installer answered on this socket.
     let out = Command::new(BIN)
         .args(["installer-request", "--socket", socket.to_str().unwrap()])
@@ -520,23 +416,27 @@ fn the_installer_serves_on_the_socket_systemd_passes_it() {
     assert_refused(&out, &reply, "forbidden");
 }
 
+fn mqtt_states(split: &Split, sub: &Sub) -> Vec<String> {
+    states(&sub.payloads(&split.topic("events")))
+}
+
+fn retained_state(split: &Split, client: &ClientArgs) -> Value {
+    client.retained_json(&split.topic("state"))
+}
+
 #[test]
 fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_the_reboot() {
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let mut split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let mut split = Split::with(Backend::File, |gw| gw.mqtt(&broker.url()));
     let slot_a = split.slot("A");
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
-    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
-    mqtt::publish(&client, &mqtt::topic("release"), &release, true);
+    let sub = client.subscribe(&[&split.topic("events")], None);
+    client.publish(&split.topic("release"), &release, true);
 
-    let daemon = Daemon::start(&split, 1);
+    split.start_daemon(&[]);
     let reboots = split.path("reboots");
-    mqtt::wait_for(
+    wait_for(
         "the reboot through the installer",
         Duration::from_secs(60),
         || reboots.exists().then_some(()),
@@ -545,45 +445,32 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     assert_eq!(fs::metadata(&reboots).unwrap().uid(), 0);
     assert_eq!(fs::read_to_string(&reboots).unwrap(), "reboot\n");
     let before_reboot = ["accepted", "writing", "written", "activated", "rebooting"];
-    mqtt::wait_for(
+    wait_for(
         "the events up to the reboot on MQTT",
         Duration::from_secs(15),
-        || (mqtt_states(&sub) == before_reboot).then_some(()),
+        || (mqtt_states(&split, &sub) == before_reboot).then_some(()),
     );
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
     assert_eq!(split.slot("A"), slot_a, "the active slot is never written");
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 
     assert_eq!(split.boot(), "B", "the activated slot boots");
     let out = split.as_daemon(&["boot-check"]);
     assert!(out.status.success(), "boot-check in B: {}", text(&out));
-    let daemon = Daemon::start(&split, 2);
-    let events = mqtt::wait_for("the commit on MQTT", Duration::from_secs(30), || {
-        let events = sub.payloads(&mqtt::topic("events"));
+    split.start_daemon(&[]);
+    let events = wait_for("the commit on MQTT", Duration::from_secs(30), || {
+        let events = sub.payloads(&split.topic("events"));
         (events.len() >= 7).then_some(events)
     });
-    assert_eq!(
-        mqtt::states(&events),
-        [
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "committed"
-        ],
-        "daemon:\n{}",
-        daemon.log()
-    );
+    assert_eq!(states(&events), COMMITTED, "daemon:\n{}", split.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
     assert_eq!(events[6]["to_version"], "2.0");
     // The retained state: the new version, and the commit boot-check made as its last event
     // (taken over from the outbox, not recorded by this daemon).
-    let state = mqtt::wait_for("the committed state", Duration::from_secs(10), || {
-        let state = retained_state(&client);
+    let state = wait_for("the committed state", Duration::from_secs(10), || {
+        let state = retained_state(&split, &client);
         (state["version"] == "2.0").then_some(state)
     });
     assert_eq!(state["booted_slot"], "B");
@@ -601,43 +488,39 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     ] {
         assert!(log.contains(op), "installer log lacks {op:?}:\n{log}");
     }
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 }
 
 #[test]
 fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_installer() {
-    let broker_dir = mqtt::test_dir();
-    let broker = mqtt::Mosquitto::start(broker_dir.path(), "allow_anonymous true");
-    let client = mqtt::ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let split = Split::with_sections(Backend::File, &mqtt_sections(broker.port));
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let mut split = Split::with(Backend::File, |gw| gw.mqtt(&broker.url()));
     let slots = (split.slot("A"), split.slot("B"));
     let env = split.env_text();
     let release = fs::read(split.release("2.0", IMAGE_PATH)).unwrap();
-    let sub = mqtt::Sub::start(&client, &[&mqtt::topic("events")], None);
-    mqtt::publish(
-        &client,
-        &mqtt::topic("release"),
-        &mqtt::tamper(&release),
-        true,
-    );
+    let sub = client.subscribe(&[&split.topic("events")], None);
+    client.publish(&split.topic("release"), &tamper(&release), true);
 
-    let daemon = Daemon::start(&split, 1);
-    let refusal = mqtt::wait_for("the refusal on MQTT", Duration::from_secs(30), || {
-        sub.payloads(&mqtt::topic("events")).pop()
+    split.start_daemon(&[]);
+    let refusal = wait_for("the refusal on MQTT", Duration::from_secs(30), || {
+        sub.payloads(&split.topic("events")).pop()
     });
     assert_eq!(refusal["state"], "refused", "{refusal}");
     assert_eq!(refusal["reason"], "bad-signature", "{refusal}");
-    let state = mqtt::wait_for("the refusal in the state", Duration::from_secs(10), || {
-        let state = retained_state(&client);
+    let state = wait_for("the refusal in the state", Duration::from_secs(10), || {
+        let state = retained_state(&split, &client);
         (state["last_error"]["reason"] == "bad-signature").then_some(state)
     });
     assert_eq!(state["last_event"]["state"], "refused", "{state}");
     // A moment for anything that would follow (nothing should).
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(mqtt_states(&sub), ["refused"], "daemon:\n{}", daemon.log());
+    assert_eq!(
+        mqtt_states(&split, &sub),
+        ["refused"],
+        "daemon:\n{}",
+        split.logs()
+    );
     assert_eq!(
         (split.slot("A"), split.slot("B")),
         slots,
@@ -654,7 +537,7 @@ fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_ins
     ] {
         assert!(!log.contains(asked), "the installer saw {asked:?}:\n{log}");
     }
-    assert!(daemon.stop().success());
+    assert!(split.stop_daemon().success());
 }
 
 /// The installer's ledger refuses to leave the bootloader only unverified bytes, and a rollback
@@ -663,12 +546,7 @@ fn a_tampered_release_on_mqtt_is_refused_by_the_daemon_and_never_reaches_the_ins
 #[test]
 fn a_failed_trial_rolls_back_through_the_installer() {
     for backend in [Backend::File, Backend::UBoot, Backend::Grub] {
-        let mut split = Split::with_health(
-            backend,
-            "",
-            "echo reboot >> \"$0\"",
-            r#"[["sh", "-c", "exit 3"]]"#,
-        );
+        let mut split = Split::with(backend, |gw| gw.health(&[&["sh", "-c", "exit 3"]]));
         let slot_a = split.slot("A");
         let release = split.release("2.0", IMAGE_PATH);
         let out = split.as_daemon(&["install", release.to_str().unwrap()]);
@@ -691,11 +569,7 @@ fn a_failed_trial_rolls_back_through_the_installer() {
         assert_eq!(split.boot(), "A", "{backend:?}: back in the old slot");
         let out = split.as_daemon(&["boot-check"]);
         assert!(out.status.success(), "{backend:?}: {}", text(&out));
-        let states: Vec<String> = split
-            .events()
-            .iter()
-            .map(|e| e["state"].as_str().unwrap().to_owned())
-            .collect();
+        let states = states(&split.events());
         assert_eq!(
             states.last().map(String::as_str),
             Some("rolled-back"),

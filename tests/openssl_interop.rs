@@ -159,16 +159,21 @@ fn manifest_signed_by_openssl_verifies_with_library_and_binary() {
     );
 }
 
+/// `update-agent keygen --out prefix`, which must succeed.
+fn keygen(prefix: &Path) {
+    let out = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(prefix)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
 #[test]
 fn signature_by_update_agent_release_create_verifies_with_openssl() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("signer");
-    let keygen = Command::new(BIN)
-        .args(["keygen", "--out"])
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
+    keygen(&prefix);
     let image = dir.path().join("rootfs.img");
     fs::write(&image, vec![0x5a; 10_000]).unwrap();
     let release_path = dir.path().join("release.json");
@@ -245,12 +250,7 @@ fn signature_by_update_agent_release_create_verifies_with_openssl() {
 fn key_made_by_update_agent_keygen_is_read_by_openssl() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("k");
-    let keygen = Command::new(BIN)
-        .args(["keygen", "--out"])
-        .arg(&prefix)
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
+    keygen(&prefix);
     let private = dir.path().join("k.key");
     let public = dir.path().join("k.pub");
     ok(

@@ -8,8 +8,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::http::{Act, serve, start, tls_pair};
-use common::{pattern, sha256_hex};
+use common::sim::Act;
+use common::{ImageServer, pattern, sha256_hex};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::manifest::{Compression, Image};
@@ -125,7 +125,7 @@ async fn expect_failure(slots: &Slots, req: &WriteRequest, reason: ReasonCode) -
 #[tokio::test]
 async fn http_image_is_written_checkpointed_and_read_back() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -168,8 +168,7 @@ async fn file_url_image_is_written() {
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
     let data = pattern(SIZE, 0x2545);
-    let (acceptor, cert) = tls_pair();
-    let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
+    let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
     req.extra_roots = vec![cert];
@@ -183,8 +182,7 @@ async fn https_image_is_written_with_an_extra_root() {
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
     let data = pattern(SIZE, 0x2545);
-    let (acceptor, _cert) = tls_pair();
-    let server = start(data.clone(), vec![("/img", Act::Serve)], Some(acceptor)).await;
+    let (server, _cert) = https(data.clone(), "/img", Act::Serve).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -197,7 +195,7 @@ async fn https_server_with_an_unknown_certificate_is_refused() {
 async fn zstd_image_is_decompressed_and_both_hashes_checked() {
     let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
 
@@ -215,7 +213,7 @@ async fn zstd_image_is_decompressed_and_both_hashes_checked() {
 async fn zstd_transport_hash_mismatch_is_refused() {
     let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let mut image = zstd_image(&server.url("/img.zst"), &data, &compressed);
     image.transport_sha256 = Some(sha256_hex(b"something else"));
@@ -234,7 +232,7 @@ async fn redirects_within_the_limit_are_followed() {
         let next = hops.get(i + 1).copied().unwrap_or("/img");
         routes.push((hop, Act::Redirect(next.to_string())));
     }
-    let server = serve(data.clone(), routes).await;
+    let server = ImageServer::serve(data.clone(), routes).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/r1"), &data));
 
@@ -248,7 +246,7 @@ async fn redirects_within_the_limit_are_followed() {
 #[tokio::test]
 async fn truncated_body_is_a_download_failure() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(
+    let server = ImageServer::serve(
         data.clone(),
         vec![("/img", Act::Truncate { after: SIZE / 2 })],
     )
@@ -263,7 +261,7 @@ async fn truncated_body_is_a_download_failure() {
 #[tokio::test]
 async fn short_close_delimited_body_is_a_size_mismatch() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(
+    let server = ImageServer::serve(
         data.clone(),
         vec![("/img", Act::CloseDelimited { extra: vec![] })],
     )
@@ -281,7 +279,7 @@ async fn wrong_bytes_are_a_hash_mismatch() {
     let data = pattern(SIZE, 0x2545);
     let mut evil = data.clone();
     evil[SIZE / 3] ^= 0x40;
-    let server = serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -293,7 +291,8 @@ async fn wrong_bytes_are_a_hash_mismatch() {
 async fn extra_bytes_without_length_stop_at_the_first_one() {
     let data = pattern(SIZE, 0x2545);
     let extra = vec![0xEE; 300 * 1024];
-    let server = serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
+    let server =
+        ImageServer::serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -306,7 +305,7 @@ async fn extra_bytes_without_length_stop_at_the_first_one() {
 #[tokio::test]
 async fn announced_longer_body_is_refused_before_writing() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(
+    let server = ImageServer::serve(
         data.clone(),
         vec![("/img", Act::LongerLength { extra: vec![1; 10] })],
     )
@@ -321,7 +320,8 @@ async fn announced_longer_body_is_refused_before_writing() {
 #[tokio::test]
 async fn stalled_server_times_out() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
+    let server =
+        ImageServer::serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
     req.stall_timeout = Duration::from_secs(1);
@@ -339,7 +339,7 @@ async fn stalled_server_times_out() {
 #[tokio::test]
 async fn redirect_loop_is_refused() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(
+    let server = ImageServer::serve(
         data.clone(),
         vec![
             ("/a", Act::Redirect("/b".into())),
@@ -363,7 +363,7 @@ async fn too_many_redirects_are_refused() {
         .enumerate()
         .map(|(i, p)| (p.as_str(), Act::Redirect(format!("/r{}", i + 1))))
         .collect();
-    let server = serve(data.clone(), routes).await;
+    let server = ImageServer::serve(data.clone(), routes).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/r0"), &data));
 
@@ -377,14 +377,8 @@ async fn too_many_redirects_are_refused() {
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
     let data = pattern(SIZE, 0x2545);
-    let plain = serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let (acceptor, cert) = tls_pair();
-    let secure = start(
-        data.clone(),
-        vec![("/img", Act::Redirect(plain.url("/img")))],
-        Some(acceptor),
-    )
-    .await;
+    let plain = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let (secure, cert) = https(data.clone(), "/img", Act::Redirect(plain.url("/img"))).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&secure.url("/img"), &data));
     req.extra_roots = vec![cert];
@@ -401,7 +395,8 @@ async fn https_to_http_redirect_is_refused() {
 #[tokio::test]
 async fn connection_reset_midway_is_a_download_failure() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
+    let server =
+        ImageServer::serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -412,7 +407,7 @@ async fn connection_reset_midway_is_a_download_failure() {
 #[tokio::test]
 async fn server_error_status_is_reported_with_the_status() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Status(500))]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Status(500))]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -425,7 +420,7 @@ async fn server_error_status_is_reported_with_the_status() {
 #[tokio::test]
 async fn missing_image_is_a_404() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![]).await;
+    let server = ImageServer::serve(data.clone(), vec![]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/nope"), &data));
 
@@ -439,7 +434,7 @@ async fn zstd_bomb_stops_at_the_image_size() {
     // 64 MiB of zeros: a few KiB on the wire.
     let bomb = zstd::encode_all(&vec![0u8; 64 * 1024 * 1024][..], 19).unwrap();
     assert!(bomb.len() < 64 * 1024);
-    let server = serve(bomb.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let server = ImageServer::serve(bomb.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &bomb));
 
@@ -456,7 +451,7 @@ async fn zstd_frame_with_a_huge_window_is_refused() {
     encoder.include_contentsize(false).unwrap();
     io::Write::write_all(&mut encoder, &data).unwrap();
     let compressed = encoder.finish().unwrap();
-    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
 
@@ -467,7 +462,7 @@ async fn zstd_frame_with_a_huge_window_is_refused() {
 #[tokio::test]
 async fn image_larger_than_the_slot_is_refused_before_anything() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, b"old system").unwrap();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -481,7 +476,7 @@ async fn image_larger_than_the_slot_is_refused_before_anything() {
 #[tokio::test]
 async fn missing_slot_is_not_created() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
     req.slot_path = slots.slot.with_file_name("no-such-slot");
@@ -495,7 +490,7 @@ async fn missing_slot_is_not_created() {
 #[tokio::test]
 async fn failing_checkpoint_handler_cancels_the_install() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
 
@@ -518,9 +513,9 @@ async fn failing_checkpoint_handler_cancels_the_install() {
 async fn resume_after_a_reset_continues_with_a_range_request() {
     let data = pattern(SIZE, 0x2545);
     let reset_at = 600 * 1024 + 123;
-    let server = serve(
+    let server = ImageServer::serve(
         data.clone(),
-        vec![("/img", Act::ResetOnce { after: reset_at })],
+        vec![("/img", Act::once(Act::Reset { after: reset_at }))],
     )
     .await;
     let slots = Slots::new();
@@ -558,7 +553,7 @@ async fn resume_after_a_reset_continues_with_a_range_request() {
 #[tokio::test]
 async fn resume_answered_with_200_restarts_from_zero() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
     let slots = Slots::new();
     // A slot left half-written with garbage by an earlier attempt at some other image.
     std::fs::write(&slots.slot, vec![0x55; SIZE / 2]).unwrap();
@@ -579,7 +574,7 @@ async fn resume_answered_with_200_restarts_from_zero() {
 #[tokio::test]
 async fn resume_from_the_full_size_only_reads_back() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data).unwrap();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -592,7 +587,7 @@ async fn resume_from_the_full_size_only_reads_back() {
 #[tokio::test]
 async fn resume_past_a_truncated_slot_starts_over() {
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data[..1000]).unwrap();
     let mut req = slots.request(image(&server.url("/img"), &data));
@@ -694,7 +689,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
         return;
     };
     let data = pattern(SIZE, 0x2545);
-    let server = serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
     req.slot_path = device.dev.clone();
@@ -733,7 +728,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
 async fn compressed_image_ignores_resume_from() {
     let data = pattern(SIZE, 0x2545);
     let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
     let slots = Slots::new();
     std::fs::write(&slots.slot, &data[..SIZE / 2]).unwrap();
     let mut req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
@@ -742,4 +737,33 @@ async fn compressed_image_ignores_resume_from() {
     install(&req).await.0.unwrap();
     assert_eq!(slots.slot_bytes(), data);
     assert_eq!(server.seen()[0].range, None);
+}
+
+/// An HTTPS image server with a fresh self-signed certificate for 127.0.0.1 serving `act` at
+/// `path`, and that certificate for the client to trust.
+async fn https(
+    data: Vec<u8>,
+    path: &str,
+    act: Act,
+) -> (ImageServer, rustls::pki_types::CertificateDer<'static>) {
+    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = key.cert.der().clone();
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()),
+    );
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], private)
+    .unwrap();
+    let server = ImageServer::builder(data)
+        .route(path, act)
+        .tls(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+        .start()
+        .await
+        .unwrap();
+    (server, cert)
 }

@@ -8,7 +8,6 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use ed25519_dalek::pkcs8::EncodePublicKey;
@@ -186,16 +185,7 @@ chmod 0644 "$1"/*
 mount -o remount,ro "$1"
 exec "$3" --exact {INNER_TEST} --nocapture --test-threads 1"#
     );
-    let output = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-            "sh",
-        ])
+    let output = in_mount_namespace(&script)
         .arg(mount_point.path())
         .arg(source.path())
         .arg(&test_binary)

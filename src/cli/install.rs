@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use update_agent::agent::{Agent, Observer, RebootMode};
+use update_agent::agent::{Agent, Observer, Output, RebootMode};
 use update_agent::config::Config;
 use update_agent::engine::{Event, EventKind, Phase, Progress};
 use update_agent::release::{self, escape_for_log};
@@ -142,6 +142,16 @@ impl Narrator {
 }
 
 impl Observer for Narrator {
+    fn observe(&mut self, output: Output<'_>) {
+        match output {
+            Output::Event(event) => self.event(event),
+            Output::Progress(progress) => self.progress(progress),
+            _ => {}
+        }
+    }
+}
+
+impl Narrator {
     fn event(&mut self, event: &Event) {
         let line = describe(event);
         match &self.bar {

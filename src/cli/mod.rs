@@ -23,6 +23,7 @@ mod publish;
 mod release;
 #[cfg(feature = "operator")]
 mod release_create;
+mod release_summary;
 #[cfg(feature = "operator")]
 mod rollout;
 mod run;

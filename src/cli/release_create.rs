@@ -15,7 +15,7 @@ use update_agent::release::manifest::{
     ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Severity,
 };
 
-use super::release::{print_summary, read_envelope};
+use super::release_summary::{print_summary, read_envelope};
 
 #[derive(clap::Args)]
 pub struct CreateArgs {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::json;
-use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
 use update_agent::release::escape_for_log;
 use update_agent::state_store::StateStore;
@@ -65,7 +64,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     // Read only: root may look at the daemon's state without taking it over.
     let store = StateStore::existing(&config.device.state_dir);
     let state = store.load()?;
-    let bootloader = open_bootloader(&config)?;
+    let bootloader = update_agent::bootloader::open(&config)?;
     let booted = system::booted_slot(&config).ok();
     let primary = bootloader.primary()?;
     let mut slots = Vec::new();
@@ -191,7 +190,7 @@ pub fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
             .find(|name| *name != booted)
             .expect("two distinct slots are configured"),
     };
-    let bootloader = open_bootloader(&config)?;
+    let bootloader = update_agent::bootloader::open(&config)?;
     match args.how {
         Mark::Good => bootloader.mark_good(&slot)?,
         Mark::Bad => {

@@ -20,17 +20,17 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentError, Observer, RebootMode, Stop};
+use crate::agent::{Agent, AgentError, Observer, Output, RebootMode, Stop};
 use crate::config::Config;
 use crate::dbus::feed::Feed;
 use crate::dbus::{self, Access};
-use crate::engine::{Answer, Event, Input, Notice, PersistentState, Progress};
+use crate::engine::Input;
 use crate::logging::message_id;
+use crate::mqtt::MqttError;
 use crate::mqtt::backoff::{jittered, random_unit};
 use crate::mqtt::link::{Link, LinkSettings};
 use crate::mqtt::payload::DeviceFacts;
 use crate::mqtt::topics::{ReleaseSource, Topics};
-use crate::mqtt::{Endpoint, MqttError};
 use crate::outbox::Outbox;
 use crate::release::escape_for_log;
 use crate::state_store::{StateStore, StoreError};
@@ -132,7 +132,7 @@ async fn open_when_free(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     tokio::pin!(shutdown);
     let mqtt = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
-    let endpoint = Endpoint::from_config(&mqtt).map_err(DaemonError::Config)?;
+    let endpoint = mqtt.endpoint().map_err(DaemonError::Config)?;
     if !endpoint.url.tls {
         tracing::warn!(
             "the broker connection {} is not encrypted: use mqtts:// outside development",
@@ -194,7 +194,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )?;
     // What this build and configuration leave weakened (EN 303 645 §5.3), for the operators
     // (retained state) and the user (D-Bus); the full report is `update-agent conformance`.
-    let conformance = crate::conformance::Summary::at_start(&config);
+    let conformance = crate::conformance::summary_at_start(&config);
     if !conformance.weakened.is_empty() || !conformance.not_met.is_empty() {
         tracing::warn!("conformance: {}", conformance.text());
     }
@@ -278,7 +278,7 @@ impl UserSide {
     /// takes the name.
     async fn start(
         agent: &Agent,
-        conformance: &crate::conformance::Summary,
+        conformance: &crate::mqtt::payload::ConformanceSummary,
     ) -> Result<UserSide, DaemonError> {
         let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
             .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
@@ -365,41 +365,14 @@ struct Audience<'a> {
 }
 
 impl Observer for Audience<'_> {
-    fn event(&mut self, event: &Event) {
-        self.reporter.event(event);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.event(event);
+    fn observe(&mut self, output: Output<'_>) {
+        if let Output::Check = output {
+            *self.check_asked = true;
         }
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.reporter.progress(progress);
+        self.reporter.observe(output);
         if let Some(feed) = self.feed.as_deref_mut() {
-            feed.progress(progress);
+            feed.observe(output);
         }
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.reporter.persisted(state);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.persisted(state);
-        }
-    }
-
-    fn notice(&mut self, notice: &Notice) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.notice(notice);
-        }
-    }
-
-    fn answer(&mut self, answer: &Answer) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.answer(answer);
-        }
-    }
-
-    fn check(&mut self) {
-        *self.check_asked = true;
     }
 
     fn interjection(&mut self) -> Option<Input> {

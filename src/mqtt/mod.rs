@@ -56,6 +56,13 @@ impl Protocol {
     }
 }
 
+/// Written as the config spells it (the simulated gateway writes configs).
+impl serde::Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for Protocol {
     type Err = String;
 
@@ -145,19 +152,6 @@ pub enum MqttError {
 }
 
 impl Endpoint {
-    pub fn from_config(mqtt: &crate::config::Mqtt) -> Result<Endpoint, String> {
-        let url = BrokerUrl::parse(&mqtt.broker)?;
-        let tls = mqtt.ca_file.as_ref().map(|ca| tls::TlsFiles {
-            ca: ca.clone(),
-            client: mqtt.cert_file.clone().zip(mqtt.key_file.clone()),
-        });
-        Ok(Endpoint {
-            url,
-            tls,
-            protocol: mqtt.protocol,
-        })
-    }
-
     pub fn shown(&self) -> String {
         let scheme = if self.url.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}:{}", self.url.host, self.url.port)

@@ -1,50 +1,104 @@
 //! `update-agent run` against a real mosquitto (Debian's `mosquitto` and `mosquitto-clients`):
 //! plain and mutual-TLS connections under an ACL, the whole update cycle over MQTT, a broker
 //! outage in the middle of an install, and hostile input. Each test starts its own broker on a
-//! free loopback port and stops it by PID.
+//! free loopback port and stops it by PID; the device is a simulated gateway
+//! (`update_agent::sim`) whose agent runs as a child process. `UPDATE_AGENT_SIM_KEEP=1` keeps
+//! its directory (config, state, daemon logs) for a post-mortem.
 
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(dead_code)]
 mod harness;
 mod rollout;
+mod v311;
 
 use std::fs;
 use std::time::Duration;
 
-use harness::*;
+use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
+use common::sim::states;
+use common::sim::{Act, GatewayBuilder, tamper};
+use common::{COMMITTED, Gateway, ImageServer, ROLLED_BACK, require, wait_for};
 use serde_json::Value;
 
-const PLAIN: &str = "allow_anonymous true";
+const COMPATIBLE: &str = "test-gw";
+const DEVICE: &str = common::sim::gateway::DEVICE_ID;
+const PREFIX: &str = update_agent::mqtt::topics::DEFAULT_PREFIX;
+const SLOT_SIZE: u64 = 8 * 1024 * 1024;
 
-fn plain_device(dir: &std::path::Path, broker: &Mosquitto, signer: &Signer) -> Device {
-    Device::new(
-        dir,
-        signer,
-        &format!("broker = \"mqtt://127.0.0.1:{}\"", broker.port),
-    )
+/// A gateway fresh from the factory on MQTT to `broker`: 1.0 in slot A, nothing in B.
+fn device(broker: &str) -> GatewayBuilder {
+    common::gateway()
+        .compatible(COMPATIBLE)
+        .slot_size(SLOT_SIZE)
+        .slot_contents(vec![0xa5; SLOT_SIZE as usize], Vec::new())
+        .empty_b()
+        .mqtt(broker)
+        .configure(|c| {
+            c.device.factory_version = Some("1.0".into());
+            c.device.model = Some("Test Gateway".into());
+            c.device.support_end = Some(jiff::civil::date(2031, 12, 31));
+        })
 }
 
-fn state(client: &ClientArgs) -> Value {
-    serde_json::from_str(&retained(client, &topic("state")).expect("a retained state")).unwrap()
+/// A broker for anonymous plain-TCP clients, and the operators' client of it.
+fn plain_broker() -> (Mosquitto, ClientArgs) {
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    (broker, client)
+}
+
+fn plain_device(broker: &Mosquitto) -> Gateway {
+    device(&broker.url()).build().unwrap()
+}
+
+/// The image of release 2.0: three quarters of a slot.
+fn image() -> Vec<u8> {
+    common::sim::text_pattern("rootfs 2.0 ", (SLOT_SIZE * 3 / 4) as usize)
+}
+
+/// `image` at `/image.img` on a loopback server, `pause` after each 256 KiB (so that an install
+/// takes long enough to interrupt).
+fn serve(image: &[u8], pause: Duration) -> (ImageServer, String) {
+    let server = ImageServer::builder(image.to_vec())
+        .route("/image.img", Act::Serve)
+        .throttle(256 * 1024, pause)
+        .start_background()
+        .unwrap();
+    let url = server.url("/image.img");
+    (server, url)
+}
+
+/// Release 2.0 of `image` at `url` (security version 2), signed by the device's key.
+fn release(device: &Gateway, image: &[u8], url: &str) -> Vec<u8> {
+    device
+        .release("2.0")
+        .security_version(2)
+        .image(url, image)
+        .sign()
+}
+
+fn state(device: &Gateway, client: &ClientArgs) -> Value {
+    client.retained_json(&device.topic("state"))
+}
+
+/// Stops the daemon as systemd does: it says itself, at once, that it is offline.
+#[track_caller]
+fn stop_and_see_offline(device: &mut Gateway, client: &ClientArgs) {
+    assert!(device.stop_daemon().success(), "{}", device.logs());
+    let online = client.retained(&device.topic("online"));
+    assert_eq!(online.as_deref(), Some("false"));
 }
 
 #[test]
 fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_crash() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = plain_device(dir.path(), &broker, &signer);
-    let sub = Sub::start(&client, &[&topic("online"), &topic("state")], None);
-    device.start_agent();
-    wait_for("online=true", Duration::from_secs(10), || {
-        sub.raw(&topic("online"))
-            .contains(&"true".to_string())
-            .then_some(())
-    });
+    let (broker, client) = plain_broker();
+    let mut device = plain_device(&broker);
+    let sub = client.subscribe(&[&device.topic("online"), &device.topic("state")], None);
+    device.start_daemon(&[]);
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
     let state = wait_for("a state document", Duration::from_secs(5), || {
-        sub.payloads(&topic("state")).pop()
+        sub.payloads(&device.topic("state")).pop()
     });
     assert_eq!(state["device"], DEVICE);
     assert_eq!(state["version"], "1.0");
@@ -70,68 +124,40 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
     assert!(findings.contains("5.3-10:plain-mqtt"), "{findings}");
     assert!(findings.contains("5.3-2:anchor-unprotected"), "{findings}");
     // The check for updates (the broker sent the retained releases) is recorded with its time.
-    let last_check = device.dir.join("state/last-check");
+    let last_check = device.dir().join("state/last-check");
     let checked: jiff::Timestamp = wait_for("the recorded check", Duration::from_secs(5), || {
         fs::read_to_string(&last_check).ok()?.trim().parse().ok()
     });
     assert!(jiff::Timestamp::now().duration_since(checked) < jiff::SignedDuration::from_secs(60));
 
     // A crash leaves the broker to say it: the last will, retained.
-    device.kill_agent();
+    device.kill_daemon();
     wait_for(
         "the last will (online=false)",
         Duration::from_secs(20),
-        || (retained(&client, &topic("online")).as_deref() == Some("false")).then_some(()),
+        || (client.retained(&device.topic("online")).as_deref() == Some("false")).then_some(()),
     );
 
     // A clean stop says it itself, at once.
-    device.start_agent();
+    device.start_daemon(&[]);
     wait_for("online=true again", Duration::from_secs(10), || {
-        (retained(&client, &topic("online")).as_deref() == Some("true")).then_some(())
+        (client.retained(&device.topic("online")).as_deref() == Some("true")).then_some(())
     });
-    assert!(device.stop_agent().success(), "{}", device.logs());
-    assert_eq!(
-        retained(&client, &topic("online")).as_deref(),
-        Some("false")
-    );
+    stop_and_see_offline(&mut device, &client);
 }
 
 #[test]
 fn whole_cycle_over_mqtt_retained_release_to_commit() {
-    whole_cycle("5");
-}
-
-#[test]
-fn whole_cycle_over_mqtt_3_1_1_retained_release_to_commit() {
-    whole_cycle("3.1.1");
-}
-
-/// The whole cycle with the agent and the operator's tools speaking `protocol`.
-fn whole_cycle(protocol: &str) {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"{protocol}\"",
-            broker.port
-        ),
-    );
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image.clone(), Duration::ZERO);
-    let release = signer.release("2.0", &image_path, &server.url);
+    let (broker, client) = plain_broker();
+    let mut device = plain_device(&broker);
+    let image = image();
+    let (_server, url) = serve(&image, Duration::ZERO);
+    let release = release(&device, &image, &url);
     // The operator publishes before the device is even up: the retained message waits.
-    let release_file = dir.path().join("release.json");
+    let release_file = device.path("release.json");
     fs::write(&release_file, &release).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["release", "publish", "--protocol", protocol, "--broker"])
+        .args(["release", "publish", "--broker"])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .args(["--fleet", COMPATIBLE])
         .arg(&release_file)
@@ -142,7 +168,7 @@ fn whole_cycle(protocol: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let sub = Sub::start(&client, &[&topic("events")], None);
+    let sub = client.subscribe(&[&device.topic("events")], None);
     // The operator's monitor, as a JSON event stream.
     let monitor = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
         .args([
@@ -152,8 +178,6 @@ fn whole_cycle(protocol: &str) {
             "7",
             "--timeout",
             "60",
-            "--protocol",
-            protocol,
             "--broker",
         ])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
@@ -162,43 +186,21 @@ fn whole_cycle(protocol: &str) {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    device.start_agent();
+    device.start_daemon(&[]);
     wait_for("the reboot request", Duration::from_secs(30), || {
         device.reboot_requested().then_some(())
     });
     let booted = device.reboot();
     assert_eq!(booted, "B");
-    device.start_agent();
-    let events = wait_for("the commit event", Duration::from_secs(20), || {
-        let events = sub.payloads(&topic("events"));
-        states(&events)
-            .contains(&"committed".to_string())
-            .then_some(events)
-    });
-    assert_eq!(
-        states(&events),
-        [
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "committed"
-        ],
-        "{}",
-        device.logs()
+    device.start_daemon(&[]);
+    let events = sub.events_until(
+        &device.topic("events"),
+        "committed",
+        Duration::from_secs(20),
     );
+    assert_eq!(states(&events), COMMITTED, "{}", device.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
-    assert!(
-        device.logs().contains(&format!(
-            "connected to mqtt://127.0.0.1:{} (MQTT {protocol})",
-            broker.port
-        )),
-        "{}",
-        device.logs()
-    );
     let txn = &events[0]["txn"];
     assert!(events.iter().all(|e| &e["txn"] == txn));
     assert!(
@@ -210,7 +212,7 @@ fn whole_cycle(protocol: &str) {
     assert_eq!(events[6]["from_version"], "1.0");
 
     let state = wait_for("the committed state", Duration::from_secs(5), || {
-        let state = state(&client);
+        let state = state(&device, &client);
         (state["version"] == "2.0").then_some(state)
     });
     assert_eq!(state["state"], "idle");
@@ -218,11 +220,7 @@ fn whole_cycle(protocol: &str) {
     assert_eq!(state["slots"]["B"]["committed"], true);
     assert_eq!(state["last_event"]["state"], "committed");
     assert_eq!(state["policy"]["floor"], 2);
-    assert!(
-        fs::read(dir.path().join("slot-b.img"))
-            .unwrap()
-            .starts_with(&image)
-    );
+    assert!(device.slot("B").starts_with(&image));
 
     let out = monitor.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -233,16 +231,9 @@ fn whole_cycle(protocol: &str) {
         .collect();
     assert_eq!(states(&streamed), states(&events));
     assert!(streamed.iter().all(|e| e["device"] == DEVICE));
-    // And as a table, from the retained topics.
+    // And as a table, one line per device, from the retained topics.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args([
-            "monitor",
-            "--once",
-            "--devices",
-            "--protocol",
-            protocol,
-            "--broker",
-        ])
+        .args(["monitor", "--once", "--devices", "--broker"])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .output()
         .unwrap();
@@ -251,92 +242,59 @@ fn whole_cycle(protocol: &str) {
     for cell in ["2.0", "idle", "#6 committed", "yes"] {
         assert!(row.contains(cell), "{cell} missing in {table}");
     }
-    // The fleet at a glance: counts per version and state.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["monitor", "--once", "--protocol", protocol, "--broker"])
-        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
-        .output()
-        .unwrap();
-    let view = String::from_utf8(out.stdout).unwrap();
-    assert!(view.contains("1 device: 1 online"), "{view}");
-    let row = view
-        .lines()
-        .find(|l| l.trim_start().starts_with("2.0"))
-        .expect(&view);
-    assert!(
-        row.contains("idle") && row.trim_end().ends_with('1'),
-        "{view}"
-    );
 
     // The retained release came again with the new connection: recognised, nothing happens.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(sub.payloads(&topic("events")).len(), 7);
+    assert_eq!(sub.payloads(&device.topic("events")).len(), 7);
     assert_eq!(device.outbox_files(), 1, "only meta.json is left");
-    assert!(device.stop_agent().success());
+    assert!(device.stop_daemon().success());
 
     // A restarted daemon records nothing new: the last event it publishes is still the
     // commit, from the event log.
     let before = state["updated"].clone();
-    device.start_agent();
+    device.start_daemon(&[]);
     let restarted = wait_for(
         "the restarted daemon's state",
         Duration::from_secs(10),
         || {
-            let state = self::state(&client);
+            let state = self::state(&device, &client);
             (state["updated"] != before).then_some(state)
         },
     );
     assert_eq!(restarted["last_event"]["state"], "committed", "{restarted}");
     assert_eq!(restarted["last_event"]["seq"], 6, "{restarted}");
-    assert!(device.stop_agent().success());
+    assert!(device.stop_daemon().success());
 }
 
 #[test]
 fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
-    let dir = test_dir();
-    let mut broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = plain_device(dir.path(), &broker, &signer);
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
+    let (mut broker, client) = plain_broker();
+    let mut device = plain_device(&broker);
     // 6 MiB at 256 KiB per 60 ms: about 1.5 s of writing, long enough to cut into.
-    let server = ImageServer::start(image, Duration::from_millis(60));
-    let release = signer.release("2.0", &image_path, &server.url);
-    publish(&client, &topic("release"), &release, true);
+    let (_server, url) = serve(&image(), Duration::from_millis(60));
+    let release = release(&device, &image(), &url);
+    client.publish(&device.topic("release"), &release, true);
     // A persistent session: what is published while it is away is kept for it.
-    let sub = Sub::start(&client, &[&topic("events")], Some("observer"));
+    let sub = client.subscribe(&[&device.topic("events")], Some("observer"));
 
-    device.start_agent();
-    wait_for("the writing event", Duration::from_secs(10), || {
-        states(&sub.payloads(&topic("events")))
-            .contains(&"writing".to_string())
-            .then_some(())
-    });
+    device.start_daemon(&[]);
+    sub.events_until(&device.topic("events"), "writing", Duration::from_secs(10));
     broker.stop();
     std::thread::sleep(Duration::from_millis(200));
     assert!(!device.reboot_requested(), "the install finished too soon");
-    device.kill_agent();
+    device.kill_daemon();
     // Restarted while the broker is down: it resumes the install and asks for the reboot; the
     // events wait in the outbox.
-    device.start_agent();
+    device.start_daemon(&[]);
     wait_for("the reboot request", Duration::from_secs(30), || {
         device.reboot_requested().then_some(())
     });
     assert!(device.outbox_files() > 1, "events wait in the outbox");
     broker.resume();
-    let events = wait_for(
-        "every event after the broker returned",
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
         Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
     );
     // At least once, each with its sequence number; none missing.
     let mut by_seq = std::collections::BTreeMap::new();
@@ -370,52 +328,40 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
 
 #[test]
 fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connected() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = plain_device(dir.path(), &broker, &signer);
-    let sub = Sub::start(&client, &[&topic("events"), &topic("online")], None);
-    device.start_agent();
-    wait_for("online=true", Duration::from_secs(10), || {
-        sub.raw(&topic("online"))
-            .contains(&"true".to_string())
-            .then_some(())
-    });
-    let release_topic = topic("release");
+    let (broker, client) = plain_broker();
+    let mut device = plain_device(&broker);
+    let sub = client.subscribe(&[&device.topic("events"), &device.topic("online")], None);
+    device.start_daemon(&[]);
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
+    let release_topic = device.topic("release");
     let refused = |sub: &Sub| -> Vec<Value> {
-        sub.payloads(&topic("events"))
+        sub.payloads(&device.topic("events"))
             .into_iter()
             .filter(|e| e["state"] == "refused")
             .collect()
     };
 
     // Larger than the agent's maximum packet size: the broker drops it for the agent.
-    publish(&client, &release_topic, &vec![b'x'; 200 * 1024], false);
+    client.publish(&release_topic, &vec![b'x'; 200 * 1024], false);
     // Larger than a release may be, within the packet size: refused as too-large.
     let mut big = b"{\"manifest\": \"".to_vec();
     big.resize(70 * 1024, b'A');
-    publish(&client, &release_topic, &big, false);
+    client.publish(&release_topic, &big, false);
     wait_for("too-large", Duration::from_secs(5), || {
         refused(&sub)
             .iter()
             .any(|e| e["reason"] == "too-large")
             .then_some(())
     });
-    publish(&client, &release_topic, b"{not json", false);
+    client.publish(&release_topic, b"{not json", false);
     wait_for("malformed", Duration::from_secs(5), || {
         refused(&sub)
             .iter()
             .any(|e| e["reason"] == "malformed")
             .then_some(())
     });
-    let image_path = dir.path().join("rootfs-2.0.img");
-    write_image(&image_path);
-    let good = signer.release("2.0", &image_path, "http://127.0.0.1:9/none");
-    publish(&client, &release_topic, &tamper(&good), false);
+    let good = release(&device, &image(), "http://127.0.0.1:9/none");
+    client.publish(&release_topic, &tamper(&good), false);
     wait_for("bad-signature", Duration::from_secs(5), || {
         refused(&sub)
             .iter()
@@ -423,15 +369,15 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
             .then_some(())
     });
     // The same bad bytes again: recognised, not reported twice.
-    publish(&client, &release_topic, b"{not json", false);
+    client.publish(&release_topic, b"{not json", false);
 
     // 1,000 bad messages in a burst. The agent looks at the newest message per topic when it
     // gets to it, so how many of the burst it sees depends on the machine's speed; a trickle of
     // distinct bad messages afterwards makes sure the limit is reached either way.
     let burst: String = (0..1000).map(|i| format!("{{\"n\": {i}}}\n")).collect();
-    publish_lines(&client, &release_topic, &burst);
+    client.publish_lines(&release_topic, &burst);
     for i in 0..6 {
-        publish(&client, &release_topic, format!("[{i}]").as_bytes(), false);
+        client.publish(&release_topic, format!("[{i}]").as_bytes(), false);
         std::thread::sleep(Duration::from_millis(100));
     }
     let limit = update_agent::daemon::intake::REFUSAL_BURST as usize;
@@ -445,7 +391,10 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
     assert_eq!(reports.len(), limit, "{reports:?}");
 
     // Still connected (no last will, no reconnect) and responsive: a good release is acted on.
-    assert!(!sub.raw(&topic("online")).contains(&"false".to_string()));
+    assert!(
+        !sub.raw(&device.topic("online"))
+            .contains(&"false".to_string())
+    );
     let logs = device.logs();
     assert_eq!(
         logs.matches("connected to mqtt://").count(),
@@ -458,138 +407,337 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
         logs.lines().count() < 60,
         "the log is rate-limited too: {logs}"
     );
-    publish(&client, &release_topic, &good, false);
-    wait_for("the good release accepted", Duration::from_secs(10), || {
-        states(&sub.payloads(&topic("events")))
-            .contains(&"accepted".to_string())
-            .then_some(())
-    });
+    client.publish(&release_topic, &good, false);
+    sub.events_until(&device.topic("events"), "accepted", Duration::from_secs(10));
 
     // Bounded: the outbox never held more than its capacity, and the state directory is small.
     assert!(device.outbox_files() <= 256 + 1);
-    let state_bytes: u64 = walk_size(&dir.path().join("state"));
+    let state_bytes: u64 = walk_size(&device.config().device.state_dir);
     assert!(
         state_bytes < 256 * 1024,
         "state directory grew to {state_bytes} bytes"
     );
 }
 
-/// MQTT 3.1.1 cannot tell the broker the agent's maximum packet size. With the broker's own
-/// limit (as the README tells integrators) an oversized publish never gets in and the agent
-/// stays connected; without it, a retained oversized release closes the agent's connection
-/// every time it subscribes, and the agent then waits its longest back-off instead of
-/// reconnecting at once — and recovers when the release is replaced.
 #[test]
-fn over_3_1_1_the_size_bound_is_the_brokers_and_an_oversized_retained_release_does_not_make_the_agent_hammer_it()
- {
-    // With the broker's limit.
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), &format!("{PLAIN}\nmax_packet_size 131072"));
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = Device::new(
+fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "fleet");
+    let (server_cert, server_key) = pki.issue("broker", &["localhost", "127.0.0.1"]);
+    let (device_cert, device_key) = pki.issue(DEVICE, &[]);
+    let (operator_cert, operator_key) = pki.issue("operator", &[]);
+    // The device may read its release topics and write its own state, events and online.
+    let acl = dir.path().join("acl");
+    fs::write(
+        &acl,
+        format!(
+            "user operator\n\
+             topic readwrite {PREFIX}/#\n\
+             \n\
+             pattern read {PREFIX}/fleet/{COMPATIBLE}/release\n\
+             pattern read {PREFIX}/devices/%u/release\n\
+             pattern write {PREFIX}/devices/%u/state\n\
+             pattern write {PREFIX}/devices/%u/events\n\
+             pattern write {PREFIX}/devices/%u/online\n"
+        ),
+    )
+    .unwrap();
+    let broker = Mosquitto::start(
         dir.path(),
-        &signer,
         &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"3.1.1\"",
-            broker.port
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\ntls_version tlsv1.2\nacl_file {}",
+            pki.ca().display(),
+            server_cert.display(),
+            server_key.display(),
+            acl.display()
         ),
     );
-    let sub = Sub::start(&client, &[&topic("events"), &topic("online")], None);
-    device.start_agent();
-    wait_for("online=true", Duration::from_secs(10), || {
-        sub.raw(&topic("online"))
-            .contains(&"true".to_string())
-            .then_some(())
-    });
-    let oversized = tempfile::NamedTempFile::new().unwrap();
-    fs::write(oversized.path(), vec![b'x'; 200 * 1024]).unwrap();
-    let refused_by_broker = std::process::Command::new(tool("mosquitto_pub", "mosquitto-clients"))
-        .args(["-p", &broker.port.to_string(), "-q", "1", "-r", "-t"])
-        .arg(topic("release"))
-        .arg("-f")
-        .arg(oversized.path())
-        .output()
-        .unwrap();
-    assert!(
-        !refused_by_broker.status.success(),
-        "mosquitto took a 200 KiB publish despite max_packet_size"
-    );
-    let mut big = b"{\"manifest\": \"".to_vec();
-    big.resize(70 * 1024, b'A');
-    publish(&client, &topic("release"), &big, false);
-    wait_for("too-large", Duration::from_secs(5), || {
-        sub.payloads(&topic("events"))
-            .iter()
-            .any(|e| e["state"] == "refused" && e["reason"] == "too-large")
-            .then_some(())
-    });
-    assert_eq!(retained(&client, &topic("release")), None);
-    let logs = device.logs();
-    assert_eq!(logs.matches("connected to mqtt://").count(), 1, "{logs}");
-    assert!(device.stop_agent().success());
-    drop(sub);
-    drop(broker);
-
-    // Without it: the retained 200 KiB release is in, and the agent meets it on every connect.
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
+    let operator = ClientArgs {
         port: broker.port,
-        tls: None,
+        tls: Some((pki.ca(), operator_cert, operator_key)),
     };
-    let reconnect_max = 1.5;
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"3.1.1\"",
-            broker.port
-        ),
-    );
-    let config = fs::read_to_string(&device.config).unwrap().replace(
-        "reconnect_max = 0.5",
-        &format!("reconnect_max = {reconnect_max}"),
-    );
-    fs::write(&device.config, config).unwrap();
-    publish(&client, &fleet_topic(), &vec![b'x'; 200 * 1024], true);
-    device.start_agent();
-    let watched = Duration::from_secs(6);
-    std::thread::sleep(watched);
-    let logs = device.logs();
-    let connections = logs.matches("connected to mqtt://").count();
-    // Every connection but the last is cut by the release; each is followed by a wait of
-    // reconnect_max/2..reconnect_max, so at most watched/(reconnect_max/2) + 1 of them. The
-    // shortest back-off (0.05 s, reset by every successful connection) would allow ~100.
-    let most = (watched.as_secs_f64() / (reconnect_max / 2.0)) as usize + 1;
-    assert!(
-        (2..=most).contains(&connections),
-        "{connections} connections in {watched:?}: {logs}"
-    );
-    assert!(
-        logs.contains("more than the 131072 this agent takes") && logs.contains("max_packet_size"),
-        "{logs}"
-    );
-    assert!(device.agent_running());
+    // The device's identity, trusting the broker's certificates under `ca`.
+    let over_tls = |ca: std::path::PathBuf| {
+        let (cert, key) = (device_cert.clone(), device_key.clone());
+        device(&format!("mqtts://127.0.0.1:{}", broker.port))
+            .configure(move |c| {
+                let mqtt = c.mqtt.as_mut().unwrap();
+                (mqtt.ca_file, mqtt.cert_file, mqtt.key_file) = (Some(ca), Some(cert), Some(key));
+            })
+            .build()
+            .unwrap()
+    };
 
-    // The operator replaces the release: the agent recovers at its next try and acts on it.
-    let sub = Sub::start(&client, &[&topic("events")], None);
-    let image_path = dir.path().join("rootfs-2.0.img");
-    write_image(&image_path);
-    let good = signer.release("2.0", &image_path, "http://127.0.0.1:9/none");
-    publish(&client, &fleet_topic(), &good, true);
+    // A device that pins another CA does not talk to this broker.
+    let other = Pki::new(dir.path(), "other");
+    let mut wrong = over_tls(other.ca());
+    wrong.start_daemon(&[]);
     wait_for(
-        "the replacement release accepted",
+        "the refused connection to be logged",
         Duration::from_secs(10),
         || {
-            states(&sub.payloads(&topic("events")))
-                .contains(&"accepted".to_string())
+            wrong
+                .logs()
+                .contains("cannot connect to mqtts://")
                 .then_some(())
         },
     );
+    assert!(
+        wrong.daemon_running(),
+        "a broker it cannot trust is retried, not fatal"
+    );
+    assert!(
+        wrong.logs().to_lowercase().contains("certificate"),
+        "{}",
+        wrong.logs()
+    );
+    wrong.kill_daemon();
+
+    let mut device = over_tls(pki.ca());
+    let sub = operator.subscribe(&[&device.topic("events"), &device.topic("online")], None);
+    device.start_daemon(&[]);
+    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
+    // The fleet topic: a tampered release is read, refused, and the report is written.
+    let (_server, url) = serve(&image(), Duration::ZERO);
+    let good = release(&device, &image(), &url);
+    operator.publish(&device.fleet_topic(), &tamper(&good), true);
+    wait_for(
+        "the refusal on the events topic",
+        Duration::from_secs(10),
+        || {
+            sub.payloads(&device.topic("events"))
+                .iter()
+                .any(|e| e["reason"] == "bad-signature")
+                .then_some(())
+        },
+    );
+    // The device topic: a good release is installed, reported all the way to the reboot.
+    operator.publish(&device.topic("release"), &good, false);
+    sub.events_until(
+        &device.topic("events"),
+        "rebooting",
+        Duration::from_secs(20),
+    );
+    let state: Value =
+        serde_json::from_str(&operator.retained(&device.topic("state")).unwrap()).unwrap();
+    assert_eq!(state["state"], "reboot-pending");
+    assert_eq!(state["pending"]["version"], "2.0");
+    let logs = device.logs();
+    assert!(
+        !logs.contains("refused the"),
+        "the ACL refused something: {logs}"
+    );
+
+    // The ACL holds: the device's identity cannot read another device's topics.
+    operator.publish(
+        &format!("{PREFIX}/devices/gw-0002/state"),
+        b"secret-of-gw-0002",
+        true,
+    );
+    let (device_cert2, device_key2) = (
+        pki.dir.join(format!("{DEVICE}.pem")),
+        pki.dir.join(format!("{DEVICE}.key")),
+    );
+    let mut probe = std::process::Command::new(require("mosquitto_sub", "mosquitto-clients"));
+    probe
+        .args(["-h", "localhost", "-p", &broker.port.to_string()])
+        .arg("--cafile")
+        .arg(pki.ca())
+        .arg("--cert")
+        .arg(device_cert2)
+        .arg("--key")
+        .arg(device_key2)
+        .args([
+            "-i",
+            "probe",
+            "-t",
+            &format!("{PREFIX}/devices/gw-0002/state"),
+        ])
+        .args(["-C", "1", "-W", "2", "-V", "mqttv5"]);
+    let out = probe.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("secret-of-gw-0002"),
+        "the ACL let the device read {stdout}"
+    );
+    // Under the operator's identity the same topic does give the message: the probe can see it.
+    assert_eq!(
+        operator
+            .retained(&format!("{PREFIX}/devices/gw-0002/state"))
+            .as_deref(),
+        Some("secret-of-gw-0002")
+    );
+
+    stop_and_see_offline(&mut device, &operator);
+}
+
+#[test]
+fn the_periodic_check_retries_a_release_whose_install_failed() {
+    let (broker, client) = plain_broker();
+    let mut device = device(&broker.url())
+        .configure(|c| c.mqtt.as_mut().unwrap().recheck_interval = Duration::from_secs(1))
+        .build()
+        .unwrap();
+    // The image is not on the server yet when the release is first seen.
+    let server = ImageServer::builder(image())
+        .route("/image.img", Act::once(Act::Status(404)))
+        .start_background()
+        .unwrap();
+    let release = release(&device, &image(), &server.url("/image.img"));
+    client.publish(&device.fleet_topic(), &release, true);
+    let sub = client.subscribe(&[&device.topic("events")], None);
+    device.start_daemon(&[]);
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        states(&events),
+        [
+            "accepted",
+            "writing",
+            "failed",
+            "accepted",
+            "writing",
+            "written",
+            "activated",
+            "rebooting"
+        ],
+        "{}",
+        device.logs()
+    );
+    assert_eq!(events[2]["reason"], "http-status");
+    assert!(device.logs().contains("periodic check"));
+}
+
+/// A release that rolled back is not retried, and seeing it again (the retained message after
+/// the reboot, then every periodic check) is not news for the operators: no `refused` event.
+#[test]
+fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietly() {
+    let (broker, client) = plain_broker();
+    // The new system fails its health check.
+    let mut device = device(&broker.url())
+        .configure(|c| c.mqtt.as_mut().unwrap().recheck_interval = Duration::from_secs(1))
+        .health(&[&["false"]])
+        .build()
+        .unwrap();
+    let (_server, url) = serve(&image(), Duration::ZERO);
+    let release = release(&device, &image(), &url);
+    client.publish(&device.fleet_topic(), &release, true);
+    let sub = client.subscribe(&[&device.topic("events")], None);
+
+    device.start_daemon(&[]);
+    wait_for(
+        "the reboot into the new slot",
+        Duration::from_secs(30),
+        || device.reboot_requested().then_some(()),
+    );
+    assert_eq!(device.reboot(), "B");
+    device.start_daemon(&[]);
+    wait_for("the reboot back", Duration::from_secs(30), || {
+        device.reboot_requested().then_some(())
+    });
+    assert_eq!(device.reboot(), "A");
+    device.start_daemon(&[]);
+    sub.events_until(
+        &device.topic("events"),
+        "rolled-back",
+        Duration::from_secs(20),
+    );
+    // Three periodic checks after this start, each of which sees the retained release again.
+    wait_for("three periodic checks", Duration::from_secs(20), || {
+        let logs = device.logs();
+        let third = logs.split("--- agent run 3 ---").nth(1)?.to_string();
+        (third.matches("periodic check").count() >= 3).then_some(())
+    });
+    let logs = device.logs();
+    let third = logs.split("--- agent run 3 ---").nth(1).unwrap();
+    assert!(
+        third
+            .matches("rolled back on this device before; not retried")
+            .count()
+            >= 3,
+        "{third}"
+    );
+    let events = sub.payloads(&device.topic("events"));
+    assert_eq!(states(&events), ROLLED_BACK, "{logs}");
+}
+
+/// The engine never reads a clock: the daemon must wake it when the policy's next moment comes.
+/// With automatic install off, a security release waits (`pending`) and installs at its signed
+/// deadline — a few seconds away here — without any other input.
+#[test]
+fn the_daemon_wakes_the_policy_at_a_security_deadline() {
+    let (broker, client) = plain_broker();
+    let mut device = device(&broker.url())
+        .policy(update_agent::config::Policy {
+            auto_install: false,
+            security_deadline_when_off: true,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let (_server, url) = serve(&image(), Duration::ZERO);
+    let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+    let release = device
+        .release("2.0")
+        .security_version(2)
+        .deadline(deadline)
+        .image(&url, &image())
+        .sign();
+    client.publish(&device.fleet_topic(), &release, true);
+    let sub = client.subscribe(&[&device.topic("events")], None);
+    device.start_daemon(&[]);
+    let events = sub.events_until(
+        &device.topic("events"),
+        "rebooting",
+        Duration::from_secs(20),
+    );
+    let seen = states(&events);
+    let pending = seen.iter().position(|s| s == "pending");
+    let writing = seen.iter().position(|s| s == "writing");
+    assert!(
+        matches!((pending, writing), (Some(p), Some(w)) if p < w),
+        "{seen:?}\n{}",
+        device.logs()
+    );
+    let written_at: jiff::Timestamp = events[writing.unwrap()]["at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        written_at >= deadline,
+        "the install started at {written_at}, before the deadline {deadline}"
+    );
+}
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once the daemon runs, then WATCHDOG=1
+/// at half the watchdog interval, through the socket systemd names in $NOTIFY_SOCKET.
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
+    let broker = Mosquitto::plain_temp();
+    let mut device = plain_device(&broker);
+    let socket_path = device.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    device.start_daemon(&[
+        ("NOTIFY_SOCKET", socket_path.as_os_str()),
+        ("WATCHDOG_USEC", std::ffi::OsStr::new("200000")),
+    ]);
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 256];
+    while messages.iter().filter(|m| *m == "WATCHDOG=1").count() < 3 {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!("no notification ({e}); got {messages:?}\n{}", device.logs())
+        });
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(messages[0], "READY=1", "{messages:?}");
 }
 
 fn walk_size(dir: &std::path::Path) -> u64 {
@@ -658,405 +806,4 @@ impl Pki {
         fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
         (cert_path, key_path)
     }
-}
-
-#[test]
-fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topics() {
-    let dir = test_dir();
-    let pki = Pki::new(dir.path(), "fleet");
-    let (server_cert, server_key) = pki.issue("broker", &["localhost", "127.0.0.1"]);
-    let (device_cert, device_key) = pki.issue(DEVICE, &[]);
-    let (operator_cert, operator_key) = pki.issue("operator", &[]);
-    // The device may read its release topics and write its own state, events and online.
-    let acl = dir.path().join("acl");
-    fs::write(
-        &acl,
-        format!(
-            "user operator\n\
-             topic readwrite {PREFIX}/#\n\
-             \n\
-             pattern read {PREFIX}/fleet/{COMPATIBLE}/release\n\
-             pattern read {PREFIX}/devices/%u/release\n\
-             pattern write {PREFIX}/devices/%u/state\n\
-             pattern write {PREFIX}/devices/%u/events\n\
-             pattern write {PREFIX}/devices/%u/online\n"
-        ),
-    )
-    .unwrap();
-    let broker = Mosquitto::start(
-        dir.path(),
-        &format!(
-            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
-             use_identity_as_username true\ntls_version tlsv1.2\nacl_file {}",
-            pki.ca().display(),
-            server_cert.display(),
-            server_key.display(),
-            acl.display()
-        ),
-    );
-    let operator = ClientArgs {
-        port: broker.port,
-        tls: Some((pki.ca(), operator_cert, operator_key)),
-    };
-    let signer = Signer::new();
-
-    // A device that pins another CA does not talk to this broker.
-    let other = Pki::new(dir.path(), "other");
-    let wrong_dir = dir.path().join("wrong-ca");
-    fs::create_dir_all(&wrong_dir).unwrap();
-    let mut wrong = Device::new(
-        &wrong_dir,
-        &signer,
-        &format!(
-            "broker = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
-            broker.port,
-            other.ca().display(),
-            device_cert.display(),
-            device_key.display()
-        ),
-    );
-    wrong.start_agent();
-    wait_for(
-        "the refused connection to be logged",
-        Duration::from_secs(10),
-        || {
-            wrong
-                .logs()
-                .contains("cannot connect to mqtts://")
-                .then_some(())
-        },
-    );
-    assert!(
-        wrong.agent_running(),
-        "a broker it cannot trust is retried, not fatal"
-    );
-    assert!(
-        wrong.logs().to_lowercase().contains("certificate"),
-        "{}",
-        wrong.logs()
-    );
-    wrong.kill_agent();
-
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtts://127.0.0.1:{}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
-            broker.port,
-            pki.ca().display(),
-            device_cert.display(),
-            device_key.display()
-        ),
-    );
-    let sub = Sub::start(&operator, &[&topic("events"), &topic("online")], None);
-    device.start_agent();
-    wait_for(
-        "online=true over mutual TLS",
-        Duration::from_secs(10),
-        || {
-            sub.raw(&topic("online"))
-                .contains(&"true".to_string())
-                .then_some(())
-        },
-    );
-    // The fleet topic: a tampered release is read, refused, and the report is written.
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    let good = signer.release("2.0", &image_path, &server.url);
-    publish(&operator, &fleet_topic(), &tamper(&good), true);
-    wait_for(
-        "the refusal on the events topic",
-        Duration::from_secs(10),
-        || {
-            sub.payloads(&topic("events"))
-                .iter()
-                .any(|e| e["reason"] == "bad-signature")
-                .then_some(())
-        },
-    );
-    // The device topic: a good release is installed, reported all the way to the reboot.
-    publish(&operator, &topic("release"), &good, false);
-    wait_for("the install under the ACL", Duration::from_secs(20), || {
-        states(&sub.payloads(&topic("events")))
-            .contains(&"rebooting".to_string())
-            .then_some(())
-    });
-    let state: Value =
-        serde_json::from_str(&retained(&operator, &topic("state")).unwrap()).unwrap();
-    assert_eq!(state["state"], "reboot-pending");
-    assert_eq!(state["pending"]["version"], "2.0");
-    let logs = device.logs();
-    assert!(
-        !logs.contains("refused the"),
-        "the ACL refused something: {logs}"
-    );
-
-    // The ACL holds: the device's identity cannot read another device's topics.
-    publish(
-        &operator,
-        &format!("{PREFIX}/devices/gw-0002/state"),
-        b"secret-of-gw-0002",
-        true,
-    );
-    let (device_cert2, device_key2) = (
-        pki.dir.join(format!("{DEVICE}.pem")),
-        pki.dir.join(format!("{DEVICE}.key")),
-    );
-    let mut probe = std::process::Command::new(tool("mosquitto_sub", "mosquitto-clients"));
-    probe
-        .args(["-h", "localhost", "-p", &broker.port.to_string()])
-        .arg("--cafile")
-        .arg(pki.ca())
-        .arg("--cert")
-        .arg(device_cert2)
-        .arg("--key")
-        .arg(device_key2)
-        .args([
-            "-i",
-            "probe",
-            "-t",
-            &format!("{PREFIX}/devices/gw-0002/state"),
-        ])
-        .args(["-C", "1", "-W", "2", "-V", "mqttv5"]);
-    let out = probe.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !stdout.contains("secret-of-gw-0002"),
-        "the ACL let the device read {stdout}"
-    );
-    // Under the operator's identity the same topic does give the message: the probe can see it.
-    assert_eq!(
-        retained(&operator, &format!("{PREFIX}/devices/gw-0002/state")).as_deref(),
-        Some("secret-of-gw-0002")
-    );
-
-    assert!(device.stop_agent().success());
-    assert_eq!(
-        retained(&operator, &topic("online")).as_deref(),
-        Some("false")
-    );
-}
-
-#[test]
-fn the_periodic_check_retries_a_release_whose_install_failed() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nrecheck_interval = 1",
-            broker.port
-        ),
-    );
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    // The image is not on the server yet when the release is first seen.
-    server.missing.store(1, std::sync::atomic::Ordering::SeqCst);
-    let release = signer.release("2.0", &image_path, &server.url);
-    publish(&client, &fleet_topic(), &release, true);
-    let sub = Sub::start(&client, &[&topic("events")], None);
-    device.start_agent();
-    let events = wait_for(
-        "the retry after the failure",
-        Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
-    );
-    assert_eq!(
-        states(&events),
-        [
-            "accepted",
-            "writing",
-            "failed",
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting"
-        ],
-        "{}",
-        device.logs()
-    );
-    assert_eq!(events[2]["reason"], "http-status");
-    assert!(device.logs().contains("periodic check"));
-}
-
-/// A release that rolled back is not retried, and seeing it again (the retained message after
-/// the reboot, then every periodic check) is not news for the operators: no `refused` event.
-#[test]
-fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietly() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nrecheck_interval = 1",
-            broker.port
-        ),
-    );
-    // The new system fails its health check.
-    let config = fs::read_to_string(&device.config).unwrap();
-    fs::write(
-        &device.config,
-        config.replace("commands = [[\"true\"]]", "commands = [[\"false\"]]"),
-    )
-    .unwrap();
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    let release = signer.release("2.0", &image_path, &server.url);
-    publish(&client, &fleet_topic(), &release, true);
-    let sub = Sub::start(&client, &[&topic("events")], None);
-
-    device.start_agent();
-    wait_for(
-        "the reboot into the new slot",
-        Duration::from_secs(30),
-        || device.reboot_requested().then_some(()),
-    );
-    assert_eq!(device.reboot(), "B");
-    device.start_agent();
-    wait_for("the reboot back", Duration::from_secs(30), || {
-        device.reboot_requested().then_some(())
-    });
-    assert_eq!(device.reboot(), "A");
-    device.start_agent();
-    wait_for("rolled-back", Duration::from_secs(20), || {
-        states(&sub.payloads(&topic("events")))
-            .contains(&"rolled-back".to_string())
-            .then_some(())
-    });
-    // Three periodic checks after this start, each of which sees the retained release again.
-    wait_for("three periodic checks", Duration::from_secs(20), || {
-        let logs = device.logs();
-        let third = logs.split("--- agent run 3 ---").nth(1)?.to_string();
-        (third.matches("periodic check").count() >= 3).then_some(())
-    });
-    let logs = device.logs();
-    let third = logs.split("--- agent run 3 ---").nth(1).unwrap();
-    assert!(
-        third
-            .matches("rolled back on this device before; not retried")
-            .count()
-            >= 3,
-        "{third}"
-    );
-    let events = sub.payloads(&topic("events"));
-    assert_eq!(
-        states(&events),
-        [
-            "accepted",
-            "writing",
-            "written",
-            "activated",
-            "rebooting",
-            "trial-boot",
-            "rolling-back",
-            "rolled-back"
-        ],
-        "{logs}"
-    );
-}
-
-/// The engine never reads a clock: the daemon must wake it when the policy's next moment comes.
-/// With automatic install off, a security release waits (`pending`) and installs at its signed
-/// deadline — a few seconds away here — without any other input.
-#[test]
-fn the_daemon_wakes_the_policy_at_a_security_deadline() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let signer = Signer::new();
-    let mut device = Device::new(
-        dir.path(),
-        &signer,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\n\n[policy]\nauto_install = false\nsecurity_deadline_when_off = true",
-            broker.port
-        ),
-    );
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
-    let release = signer.release_with_deadline("2.0", &image_path, &server.url, Some(deadline));
-    publish(&client, &fleet_topic(), &release, true);
-    let sub = Sub::start(&client, &[&topic("events")], None);
-    device.start_agent();
-    let events = wait_for(
-        "the install at the deadline",
-        Duration::from_secs(20),
-        || {
-            let events = sub.payloads(&topic("events"));
-            states(&events)
-                .contains(&"rebooting".to_string())
-                .then_some(events)
-        },
-    );
-    let seen = states(&events);
-    let pending = seen.iter().position(|s| s == "pending");
-    let writing = seen.iter().position(|s| s == "writing");
-    assert!(
-        matches!((pending, writing), (Some(p), Some(w)) if p < w),
-        "{seen:?}\n{}",
-        device.logs()
-    );
-    let written_at: jiff::Timestamp = events[writing.unwrap()]["at"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        written_at >= deadline,
-        "the install started at {written_at}, before the deadline {deadline}"
-    );
-}
-
-/// Under systemd (`Type=notify`, `WatchdogSec=`): READY=1 once the daemon runs, then WATCHDOG=1
-/// at half the watchdog interval, through the socket systemd names in $NOTIFY_SOCKET.
-#[test]
-fn the_daemon_tells_systemd_it_is_ready_and_keeps_the_watchdog_fed() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let signer = Signer::new();
-    let mut device = plain_device(dir.path(), &broker, &signer);
-    let socket_path = dir.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    device.start_agent_with_env(&[
-        ("NOTIFY_SOCKET", socket_path.as_os_str()),
-        ("WATCHDOG_USEC", std::ffi::OsStr::new("200000")),
-    ]);
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 256];
-    while messages.iter().filter(|m| *m == "WATCHDOG=1").count() < 3 {
-        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no notification ({e}); got {messages:?}\n{}", device.logs())
-        });
-        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
-    assert_eq!(messages[0], "READY=1", "{messages:?}");
 }

@@ -1,0 +1,176 @@
+//! The least-privilege split for the tests that play it (`installer_split`, `attacks`): a
+//! simulated gateway built with `.split()` (`update-agent installer` as root on a socket in the
+//! gateway's directory, root-owned 0600 slots and environment, the daemon role as `nobody`), the
+//! image and wrong bytes on a loopback server and in files beside it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::sim::{Act, GatewayBuilder, User, tamper};
+use super::{BIN, Backend, Gateway, ImageServer, describe as text, pattern, require};
+
+pub const COMPATIBLE: &str = "acme-gw-split";
+pub const ATTEMPTS: u32 = 3;
+pub const IMAGE_LEN: usize = 300_017;
+pub const FACTORY_B_LEN: usize = 400_009;
+pub const IMAGE_PATH: &str = "/rootfs.img";
+pub const WRONG_PATH: &str = "/wrong.img";
+/// Sends the first 64 KiB of the image and then nothing, keeping the connection open.
+pub const STALL_PATH: &str = "/stall.img";
+
+/// The split on a simulated gateway, with the image on a loopback server and in
+/// `rootfs.img` (and the same with one byte changed in `wrong.img`).
+pub struct Split {
+    pub gateway: Gateway,
+    pub server: ImageServer,
+    pub image: Vec<u8>,
+}
+
+derefs_to_gateway!(Split);
+
+impl Split {
+    pub fn new(backend: Backend) -> Split {
+        Split::with(backend, |gateway| gateway)
+    }
+
+    /// The split whose gateway `more` sets up further (MQTT, health checks, the reboot).
+    pub fn with(backend: Backend, more: impl FnOnce(GatewayBuilder) -> GatewayBuilder) -> Split {
+        require("setpriv", "util-linux");
+        let gateway = super::gateway()
+            .backend(backend)
+            .compatible(COMPATIBLE)
+            .split()
+            .configure(|c| c.install.stall_timeout = Duration::from_secs(5));
+        let gateway = more(gateway).build().unwrap();
+        let image = pattern(IMAGE_LEN, 1);
+        let mut wrong = image.clone();
+        wrong[IMAGE_LEN / 2] ^= 0x01;
+        fs::write(gateway.path("rootfs.img"), &image).unwrap();
+        fs::write(gateway.path("wrong.img"), &wrong).unwrap();
+        let server = ImageServer::background(
+            image.clone(),
+            vec![
+                (IMAGE_PATH, Act::Serve),
+                (WRONG_PATH, Act::Body(wrong)),
+                (STALL_PATH, Act::Stall { after: 65536 }),
+            ],
+        );
+        let split = Split {
+            gateway,
+            server,
+            image,
+        };
+        let out = split.as_daemon(&["boot-check"]);
+        assert!(out.status.success(), "factory boot-check: {}", text(&out));
+        split
+    }
+
+    /// Runs the binary as `nobody`/`nogroup` without supplementary groups: the daemon's user.
+    pub fn as_nobody(&self, args: &[&str]) -> Output {
+        User::Nobody
+            .command(BIN)
+            .args(args)
+            .current_dir(self.dir())
+            .output()
+            .unwrap()
+    }
+
+    /// The daemon role: a one-shot command with the `[installer]` config, as `nobody`.
+    pub fn as_daemon(&self, args: &[&str]) -> Output {
+        self.run(args)
+    }
+
+    /// The daemon role started in the background, its stdout into `log`.
+    pub fn spawn_as_daemon(&self, args: &[&str], log: &Path) -> Child {
+        self.command(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn as_nobody_sh(&self, script: &str) -> Output {
+        User::Nobody
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap()
+    }
+
+    pub fn release(&self, version: &str, url_path: &str) -> PathBuf {
+        self.release_at(version, 2, url_path)
+    }
+
+    pub fn release_at(&self, version: &str, security_version: u64, url_path: &str) -> PathBuf {
+        self.gateway
+            .release(version)
+            .security_version(security_version)
+            .image(&self.server.url(url_path), &self.image)
+            .write(&self.path(&format!("release-{version}.json")))
+            .unwrap()
+    }
+
+    /// The release with one byte of its signed manifest changed and the signatures kept.
+    pub fn tampered(&self, release: &Path) -> PathBuf {
+        let out = self.path("tampered.json");
+        fs::write(&out, tamper(&fs::read(release).unwrap())).unwrap();
+        out
+    }
+
+    /// A hand-made request to the installer, as `nobody` (the daemon's uid) or as root.
+    pub fn request(&self, as_root: bool, args: &[&str]) -> (Output, Value) {
+        let user = if as_root { User::Current } else { User::Nobody };
+        self.gateway.request(&user, args)
+    }
+
+    /// A write request as the daemon's user: `release` with the bytes of the file `image`, into
+    /// `slot` (`None`: the installer's pick, the inactive one), then `more` (`--resume-from N`).
+    pub fn write_request(
+        &self,
+        slot: Option<&str>,
+        release: impl AsRef<Path>,
+        image: impl AsRef<Path>,
+        more: &[&str],
+    ) -> (Output, Value) {
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        let (release, image) = (path(release.as_ref()), path(image.as_ref()));
+        let mut args = vec!["--op", "write", "--release", &release, "--image", &image];
+        if let Some(slot) = slot {
+            args.extend(["--slot", slot]);
+        }
+        args.extend(more);
+        self.request(false, &args)
+    }
+
+    pub fn env_text(&self) -> String {
+        self.env.text()
+    }
+
+    pub fn env_var(&self, name: &str) -> Option<String> {
+        self.env.get(name)
+    }
+
+    /// Who holds the state directory's lock, as its lock file says.
+    pub fn lock_holder(&self) -> String {
+        fs::read_to_string(self.path("state/lock")).unwrap_or_default()
+    }
+
+    /// What the installer records of each slot and its floor (root's alone).
+    pub fn ledger(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.path("installer-state/ledger.json")).unwrap())
+            .unwrap()
+    }
+}
+
+#[track_caller]
+pub fn assert_refused(out: &Output, reply: &Value, reason: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", text(out));
+    assert_eq!(reply["kind"], "refused", "{reply}");
+    assert_eq!(reply["reason"], reason, "{reply}");
+}
