@@ -141,7 +141,40 @@ pub struct Agent {
     reboot_failed: Option<AgentError>,
 }
 
+/// The id a device's rollout moment and download jitter are drawn from: its MQTT device id, or
+/// (a device without MQTT, whose releases come from `install`) the compatible string.
+fn device_id(config: &Config) -> String {
+    match &config.mqtt {
+        Some(mqtt) => mqtt.device_id.clone(),
+        None => config.device.compatible.clone(),
+    }
+}
+
 impl Agent {
+    /// Before a download starts from its first byte: this device's share of
+    /// `install.download_jitter`, unless a person asked for the install (they wait for it).
+    async fn download_jitter(&self) {
+        let Some(txn) = self.engine.state().phase.transaction() else {
+            return;
+        };
+        let bound = jiff::SignedDuration::try_from(self.config.install.download_jitter)
+            .unwrap_or(jiff::SignedDuration::ZERO);
+        if txn.user_now || bound.is_zero() {
+            return;
+        }
+        let wait = crate::engine::rollout::download_jitter(
+            &txn.release_id,
+            self.engine.device_id(),
+            bound,
+        );
+        tracing::info!(
+            "download of {} starts in {:.1} s (this device's share of install.download_jitter)",
+            txn.id,
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(std::time::Duration::try_from(wait).unwrap_or_default()).await;
+    }
+
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
         let anchor = config.trust.anchor()?;
         // Before anything in the state directory is created or read.
@@ -166,7 +199,8 @@ impl Agent {
         Ok(Agent {
             engine: Engine::new(slots, state)
                 .with_factory_version(config.device.factory_version.clone())
-                .with_policy(config.policy.engine_policy()),
+                .with_policy(config.policy.engine_policy())
+                .with_device_id(device_id(&config)),
             config,
             anchor,
             store,
@@ -620,6 +654,9 @@ impl Agent {
                 message_id = crate::logging::message_id::TAMPER_ALERT,
                 "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
             );
+        }
+        if resume_from == 0 {
+            self.download_jitter().await;
         }
         let mut request = self.write_request(slot, signed_image, resume_from)?;
         let fetch = FetchSettings {

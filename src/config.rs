@@ -287,6 +287,11 @@ pub struct Install {
     /// A download that delivers no byte for this long fails.
     #[serde(default = "default_stall_timeout", with = "seconds")]
     pub stall_timeout: Duration,
+    /// Bound of the wait before a release's download starts, in seconds: each device waits
+    /// its own share of it (drawn from the release id and its device id), so that a fleet told
+    /// at once does not reach the image server in the same second. 0: none.
+    #[serde(default = "default_download_jitter", with = "seconds")]
+    pub download_jitter: Duration,
 }
 
 impl Default for Install {
@@ -294,6 +299,7 @@ impl Default for Install {
         Install {
             checkpoint_interval: default_checkpoint_interval(),
             stall_timeout: default_stall_timeout(),
+            download_jitter: default_download_jitter(),
         }
     }
 }
@@ -548,6 +554,9 @@ impl Config {
             mqtt.validate(&self.device.compatible)?;
         }
         self.conformance.validate()?;
+        if self.install.download_jitter > MAX_DOWNLOAD_JITTER {
+            return Err("install.download_jitter is at most 3600 seconds".into());
+        }
         if let Some(name) = &self.policy.time_zone {
             TimeZone::get(name).map_err(|e| {
                 format!(
@@ -671,6 +680,11 @@ fn yes() -> bool {
 fn default_max_postpone() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
+fn default_download_jitter() -> Duration {
+    Duration::from_secs(10)
+}
+/// The longest `install.download_jitter` taken: it delays every install, so it stays small.
+pub const MAX_DOWNLOAD_JITTER: Duration = Duration::from_secs(3600);
 fn default_notice() -> Duration {
     Duration::from_secs(300)
 }

@@ -247,6 +247,10 @@ pub fn describe(event: &Event) -> String {
         EventKind::MarkedGood => format!("slot {slot} marked good by hand"),
         EventKind::MarkedBad => format!("slot {slot} marked bad by hand"),
         EventKind::RebootFailed => "the reboot failed; it is tried again later".to_string(),
+        EventKind::Withdrawn => format!(
+            "version {} withdrawn before it started installing",
+            version.as_deref().unwrap_or("?")
+        ),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

@@ -12,7 +12,8 @@ use update_agent::keys::{self, KeyId};
 use update_agent::release::Manifest;
 use update_agent::release::build::{self, ImageDigest};
 use update_agent::release::manifest::{
-    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Severity,
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Rollout,
+    Severity,
 };
 
 use super::release_summary::{print_summary, read_envelope};
@@ -48,6 +49,14 @@ pub struct CreateArgs {
     /// Latest install time (RFC 3339); users cannot postpone past it
     #[arg(long)]
     deadline: Option<Timestamp>,
+    /// Staged rollout: when the window opens (RFC 3339; default: now). Each device installs
+    /// at its own moment in [start, start + duration), drawn from the release and its device
+    /// id. Makes the manifest format 2, which agents older than the rollout schedule refuse
+    #[arg(long)]
+    rollout_start: Option<Timestamp>,
+    /// Staged rollout: the window's length in seconds (with --rollout-start, or from now)
+    #[arg(long)]
+    rollout_duration: Option<u64>,
     /// Devices refuse the release after this time (RFC 3339)
     #[arg(long)]
     expires: Option<Timestamp>,
@@ -132,12 +141,20 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         transport_sha256: transport.as_ref().map(|(_, d)| hex::encode(d.sha256)),
         chunks,
     };
-    let manifest = Manifest {
+    let created = Timestamp::now();
+    let rollout = match (args.rollout_start, args.rollout_duration) {
+        (None, None) => None,
+        (start, duration) => Some(Rollout {
+            start: start.unwrap_or(created),
+            duration: duration.unwrap_or(0),
+        }),
+    };
+    let mut manifest = Manifest {
         format: FORMAT,
         version: args.version,
         security_version: args.security_version,
         compatible: args.compatible,
-        created: Timestamp::now(),
+        created,
         expires: args.expires,
         security: args.security,
         severity: match args.severity {
@@ -154,7 +171,9 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         },
         deadline: args.deadline,
         images: [(args.slot_class, image)].into_iter().collect(),
+        rollout,
     };
+    manifest.format = manifest.required_format();
     let envelope = build::sign_manifest(&manifest, &key)
         .map_err(|refusal| anyhow::anyhow!("the release would be refused by devices: {refusal}"))?;
     write_atomically(&args.out, envelope.to_json().as_bytes())?;

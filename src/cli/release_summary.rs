@@ -25,6 +25,14 @@ pub(super) fn print_summary(manifest: &Manifest, envelope: &Envelope) {
     if let Some(deadline) = manifest.deadline {
         println!("  deadline:         {deadline}");
     }
+    if let Some(rollout) = &manifest.rollout {
+        println!(
+            "  rollout:          {} to {} ({} s; each device at its own moment)",
+            rollout.start,
+            rollout.end(),
+            rollout.duration
+        );
+    }
     println!(
         "  security fix:     {} (severity {})",
         if manifest.security { "yes" } else { "no" },

@@ -70,32 +70,74 @@ pub struct Status {
     pub last_check: Option<jiff::Timestamp>,
 }
 
-/// Received releases, newest per topic.
+/// A message on a release topic: a release, or empty (the retained release was cleared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub source: ReleaseSource,
+    pub payload: Bytes,
+    /// The number of the subscription it came after (see [`Inbox::checked`]).
+    pub check: u64,
+}
+
+#[derive(Default)]
+struct Unread {
+    messages: Vec<Received>,
+    /// Subscriptions sent so far: after each, the broker sends what the topics retain.
+    checks: u64,
+    /// `checks` as the daemon last took it.
+    checks_taken: u64,
+}
+
+/// Received release-topic messages, newest per topic, in order with the subscriptions (a
+/// message tagged with a subscription arrived after it was sent), so the daemon can tell which
+/// topics answered a check with a retained message and which stayed empty.
 #[derive(Default)]
 pub struct Inbox {
-    latest: Mutex<Vec<(ReleaseSource, Bytes)>>,
+    unread: Mutex<Unread>,
     notify: Notify,
 }
 
 impl Inbox {
     fn put(&self, source: ReleaseSource, payload: Bytes) {
-        let mut latest = self.latest.lock().expect("inbox lock");
-        match latest.iter_mut().find(|(s, _)| *s == source) {
+        let mut unread = self.unread.lock().expect("inbox lock");
+        let check = unread.checks;
+        let message = Received {
+            source,
+            payload,
+            check,
+        };
+        match unread.messages.iter_mut().find(|m| m.source == source) {
             // An unprocessed older message on the same topic is superseded, as a retained
             // message would be.
-            Some(slot) => slot.1 = payload,
-            None => latest.push((source, payload)),
+            Some(slot) => *slot = message,
+            None => unread.messages.push(message),
         }
-        drop(latest);
+        drop(unread);
         self.notify.notify_one();
     }
 
-    /// Waits for and takes the releases received since the last call (at most one per topic).
-    pub async fn next(&self) -> Vec<(ReleaseSource, Bytes)> {
+    /// The subscription to the release topics is sent: what they retain follows.
+    fn checked(&self) {
+        self.unread.lock().expect("inbox lock").checks += 1;
+        self.notify.notify_one();
+    }
+
+    /// Whether messages wait to be taken.
+    pub fn has_unread(&self) -> bool {
+        !self.unread.lock().expect("inbox lock").messages.is_empty()
+    }
+
+    /// Waits for and takes the messages received since the last call (at most one per topic),
+    /// with the number of the latest subscription; also returns (maybe without messages) when
+    /// a new one was sent.
+    pub async fn next(&self) -> (u64, Vec<Received>) {
         loop {
-            let taken = std::mem::take(&mut *self.latest.lock().expect("inbox lock"));
-            if !taken.is_empty() {
-                return taken;
+            {
+                let mut unread = self.unread.lock().expect("inbox lock");
+                if !unread.messages.is_empty() || unread.checks != unread.checks_taken {
+                    unread.checks_taken = unread.checks;
+                    return (unread.checks, std::mem::take(&mut unread.messages));
+                }
             }
             self.notify.notified().await;
         }
@@ -414,9 +456,8 @@ impl Session {
             }
             Event::Message { topic, payload, .. } => {
                 match self.topics.release_source(&topic) {
-                    // An empty retained message clears the topic: nothing to look at.
-                    Some(source) if !payload.is_empty() => self.inbox.put(source, payload),
-                    Some(_) => {}
+                    // An empty message too: it cleared the retained release (a halt).
+                    Some(source) => self.inbox.put(source, payload),
                     None => tracing::debug!(
                         "ignoring a message on {}",
                         escape_for_log(&String::from_utf8_lossy(&topic), 200)
@@ -541,7 +582,12 @@ impl Session {
             self.topics.device_release.clone(),
         ];
         match self.client.try_subscribe(&filters) {
-            Ok(()) => self.issued.push_back(Issued::Subscribe),
+            Ok(()) => {
+                self.issued.push_back(Issued::Subscribe);
+                // What the topics retain comes from here on (some brokers send it before the
+                // grant, some after).
+                self.inbox.checked();
+            }
             Err(e) => tracing::warn!("cannot queue the subscription: {e}"),
         }
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Event, EventKind, PersistentState, Phase, Progress};
+use crate::engine::{Event, EventKind, PersistentState, Phase, Progress, Wait};
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Severity};
 
@@ -77,6 +77,12 @@ pub struct PendingRelease {
     pub advisory: String,
     pub disruption: Disruption,
     pub deadline: Option<Timestamp>,
+    /// While the release waits to install (phase `pending`): why, and until when — e.g.
+    /// `rollout` and this device's moment in the release's rollout window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Wait>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +213,14 @@ impl DeviceState {
             advisory: txn.manifest.advisory.clone(),
             disruption: txn.manifest.disruption.clone(),
             deadline: txn.manifest.deadline,
+            waiting: match &state.phase {
+                Phase::Pending { waiting, .. } => Some(*waiting),
+                _ => None,
+            },
+            until: match &state.phase {
+                Phase::Pending { until, .. } => *until,
+                _ => None,
+            },
         });
         if !matches!(state.phase, Phase::Writing { .. }) {
             self.progress = None;

@@ -459,6 +459,7 @@ impl Signer {
                 downtime_seconds: 30,
             },
             deadline,
+            rollout: None,
             images: [(
                 "rootfs".to_string(),
                 Image::uncompressed(url, digest.size, digest.sha256),

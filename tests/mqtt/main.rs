@@ -11,6 +11,7 @@ mod common;
 mod harness;
 mod rollout;
 mod v311;
+mod withdrawal;
 
 use std::fs;
 use std::time::Duration;
