@@ -62,6 +62,7 @@ fn release(key: &SigningKey) -> Vec<u8> {
         )]
         .into_iter()
         .collect(),
+        rollout: None,
     };
     sign_manifest(&manifest, key)
         .unwrap()

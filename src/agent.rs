@@ -2,7 +2,7 @@
 //! and carries out the engine's actions in order. The one-shot commands (`install`,
 //! `boot-check`) and the daemon use it; none of the update logic lives here.
 //!
-//! Slot writes, bootloader changes and the reboot go to a [`Privileged`] executor: in this
+//! Slot writes, bootloader changes and the reboot go to a [`SlotControl`]: [`Local`] in this
 //! process (root: the one-shot commands, the demo, tests), or the privileged installer over its
 //! socket when the configuration has an `[installer]` section (the unprivileged daemon).
 
@@ -15,19 +15,20 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::anchor::{AnchorError, TrustAnchor};
-use crate::bootloader::{self, Bootloader};
+use crate::bootloader;
 use crate::config::Config;
 use crate::engine::{
     Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
     Progress, SlotPair,
 };
 use crate::health;
-use crate::installer::{Op, RemoteInstaller};
+use crate::installer::RemoteInstaller;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, Refusal, VerifiedRelease};
+use crate::slot_control::{Local, RebootError, Release, SlotControl};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{self, FetchSettings, TransferEvent, WriteRequest};
+use crate::transfer::{FetchSettings, TransferEvent, WriteRequest};
 
 /// How often a transient download failure (reset, stall) is retried, resuming from the last
 /// checkpoint, before the transaction fails.
@@ -42,20 +43,29 @@ pub enum RebootMode {
     Defer,
 }
 
-/// What the caller sees while the driver works.
-pub trait Observer: Send {
-    fn event(&mut self, event: &Event);
-    fn progress(&mut self, progress: &Progress);
+/// What the driver tells its observer: the engine's actions other than jobs, in the engine's
+/// order, as they are carried out.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
     /// The engine's state was just saved (it comes before the events it explains). The daemon
     /// publishes it; the one-shot commands do not need it.
-    fn persisted(&mut self, _state: &PersistentState) {}
+    Persisted(&'a PersistentState),
+    /// An event, once it is in the local event log.
+    Event(&'a Event),
+    Progress(&'a Progress),
     /// What the user is to be told (D-Bus signals).
-    fn notice(&mut self, _notice: &Notice) {}
+    Notice(&'a Notice),
     /// The engine's answer to a user request, as soon as it is durable (before any job the
     /// request started runs).
-    fn answer(&mut self, _answer: &Answer) {}
+    Answer(&'a Answer),
     /// The user asked for a check for new releases; the release source is the caller's.
-    fn check(&mut self) {}
+    Check,
+}
+
+/// What the caller sees while the driver works.
+pub trait Observer: Send {
+    /// One output; each observer takes what concerns it and passes over the rest.
+    fn observe(&mut self, output: Output<'_>);
     /// A user request that arrived while a job runs, to be handled between two of its steps
     /// (so that a D-Bus caller is answered during a slot write, not after it).
     fn interjection(&mut self) -> Option<Input> {
@@ -106,14 +116,6 @@ pub enum Stop {
     Rebooting,
 }
 
-/// Who carries out what needs privileges: slot writes, bootloader changes, the reboot.
-pub enum Privileged {
-    /// This process, with the bootloader backend it opened.
-    InProcess(Box<dyn Bootloader>),
-    /// The privileged installer (`update-agent installer`), which verifies for itself.
-    Remote(RemoteInstaller),
-}
-
 /// A bootloader change the engine asked for.
 #[derive(Debug, Clone, Copy)]
 enum BootChange {
@@ -126,7 +128,8 @@ pub struct Agent {
     config: Config,
     anchor: TrustAnchor,
     store: StateStore,
-    privileged: Privileged,
+    /// Who carries out slot writes, bootloader changes and the reboot.
+    control: Box<dyn SlotControl>,
     engine: Engine,
     /// This process owns the state directory while the agent lives: never two writers.
     _lock: crate::state_store::StateLock,
@@ -136,14 +139,44 @@ pub struct Agent {
     /// The reboot command failed in [`RebootMode::Run`]: reported to the engine, then returned
     /// by `drive`.
     reboot_failed: Option<AgentError>,
-    /// The slot this process wrote and read back in-process, with the release id: activating
-    /// it needs no second read-back (as in the installer).
-    written: Option<(String, crate::release::ReleaseId)>,
+}
+
+/// The id a device's rollout moment and download jitter are drawn from: its MQTT device id, or
+/// (a device without MQTT, whose releases come from `install`) the compatible string.
+fn device_id(config: &Config) -> String {
+    match &config.mqtt {
+        Some(mqtt) => mqtt.device_id.clone(),
+        None => config.device.compatible.clone(),
+    }
 }
 
 impl Agent {
+    /// Before a download starts from its first byte: this device's share of
+    /// `install.download_jitter`, unless a person asked for the install (they wait for it).
+    async fn download_jitter(&self) {
+        let Some(txn) = self.engine.state().phase.transaction() else {
+            return;
+        };
+        let bound = jiff::SignedDuration::try_from(self.config.install.download_jitter)
+            .unwrap_or(jiff::SignedDuration::ZERO);
+        if txn.user_now || bound.is_zero() {
+            return;
+        }
+        let wait = crate::engine::rollout::download_jitter(
+            &txn.release_id,
+            self.engine.device_id(),
+            bound,
+        );
+        tracing::info!(
+            "download of {} starts in {:.1} s (this device's share of install.download_jitter)",
+            txn.id,
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(std::time::Duration::try_from(wait).unwrap_or_default()).await;
+    }
+
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
-        let anchor = TrustAnchor::for_config(&config.trust)?;
+        let anchor = config.trust.anchor()?;
         // Before anything in the state directory is created or read.
         if let Some(installer) = &config.installer {
             check_daemon_user(installer)?;
@@ -151,10 +184,10 @@ impl Agent {
         let store = StateStore::open(&config.device.state_dir)?;
         let lock = store.lock()?;
         let state = store.load()?;
-        let privileged = match &config.installer {
+        let control: Box<dyn SlotControl> = match &config.installer {
             // The daemon's user can neither open the environment nor the slots: it never tries.
-            Some(installer) => Privileged::Remote(RemoteInstaller::new(&installer.socket)),
-            None => Privileged::InProcess(open_bootloader(&config)?),
+            Some(installer) => Box::new(RemoteInstaller::new(&installer.socket)),
+            None => Box::new(Local::open(&config)?),
         };
         let slots = SlotPair {
             class: config.slots.class.clone(),
@@ -166,16 +199,16 @@ impl Agent {
         Ok(Agent {
             engine: Engine::new(slots, state)
                 .with_factory_version(config.device.factory_version.clone())
-                .with_policy(config.policy.engine_policy()),
+                .with_policy(config.policy.engine_policy())
+                .with_device_id(device_id(&config)),
             config,
             anchor,
             store,
             _lock: lock,
-            privileged,
+            control,
             reboot,
             crash: CrashPoints::from_env(),
             clock: Arc::new(Timestamp::now),
-            written: None,
             reboot_failed: None,
         })
     }
@@ -367,7 +400,7 @@ impl Agent {
                 self.crash.point(&format!("persist:{phase}:before"));
                 self.store.save(self.engine.state())?;
                 self.crash.point(&format!("persist:{phase}:after"));
-                observer.persisted(self.engine.state());
+                observer.observe(Output::Persisted(self.engine.state()));
                 None
             }
             Action::Report(event) => {
@@ -375,19 +408,19 @@ impl Agent {
                 None
             }
             Action::ReportProgress(progress) => {
-                observer.progress(&progress);
+                observer.observe(Output::Progress(&progress));
                 None
             }
             Action::Notify(notice) => {
-                observer.notice(&notice);
+                observer.observe(Output::Notice(&notice));
                 None
             }
             Action::Answer(answer) => {
-                observer.answer(&answer);
+                observer.observe(Output::Answer(&answer));
                 None
             }
             Action::Check => {
-                observer.check();
+                observer.observe(Output::Check);
                 None
             }
             Action::Run(job) => self.run(job, observer, stop).await?,
@@ -472,7 +505,7 @@ impl Agent {
             Ok(Logged::AlreadyLogged) => return,
             Err(err) => tracing::error!("cannot record event {}: {err}", event.seq),
         }
-        observer.event(event);
+        observer.observe(Output::Event(event));
     }
 
     async fn bootloader_op(
@@ -482,35 +515,10 @@ impl Agent {
         change: BootChange,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
-        let checked = match (&self.privileged, change) {
-            // As the installer does: the slot is activated only when it holds the image of the
-            // transaction's signed release, verified again now, never on the state's word.
-            (Privileged::InProcess(_), BootChange::Active) => self.check_activation(slot).await,
-            _ => Ok(()),
-        };
-        let result = match &self.privileged {
-            Privileged::InProcess(_) if checked.is_err() => checked,
-            Privileged::InProcess(bootloader) => match change {
-                BootChange::Bad => bootloader.mark_bad(slot),
-                BootChange::Active => bootloader.mark_active(slot),
-                BootChange::Good => bootloader.mark_good(slot),
-            }
-            .map_err(|err| Failure::new(ReasonCode::BootloaderFailed, err.to_string())),
-            Privileged::Remote(installer) => {
-                let slot = slot.to_string();
-                let op = match change {
-                    BootChange::Bad => Ok(Op::MarkBad { slot }),
-                    BootChange::Good => Ok(Op::MarkGood { slot }),
-                    // The installer reads the slot back against the release it verifies itself.
-                    BootChange::Active => self
-                        .current_release()
-                        .map(|release| Op::Activate { slot, release }),
-                };
-                match op {
-                    Ok(op) => ask_installer(installer.clone(), op).await,
-                    Err(failure) => Err(failure),
-                }
-            }
+        let result = match change {
+            BootChange::Bad => self.control.mark_bad(slot).await,
+            BootChange::Good => self.control.mark_good(slot).await,
+            BootChange::Active => self.activate(slot).await,
         };
         if let Err(failure) = &result {
             // Some of these failures end no transaction (the running slot's mark-good at an
@@ -522,6 +530,19 @@ impl Agent {
         }
         self.crash.point(&format!("bootloader:{name}:after"));
         result
+    }
+
+    /// The slot is activated only when it holds the image of the transaction's signed release,
+    /// verified again now, never on the state's word.
+    async fn activate(&mut self, slot: &str) -> Result<(), Failure> {
+        let (signed, verified) = self.transaction_release()?;
+        let image = self.signed_image(&verified)?;
+        let release = Release {
+            signed: &signed,
+            id: verified.release_id(),
+            image: &image,
+        };
+        self.control.activate(slot, release).await
     }
 
     /// Keeps the signed release, by release id, next to the state: an install resumed after a
@@ -619,27 +640,6 @@ impl Agent {
         })
     }
 
-    /// In-process activation: the slot must hold the image of the transaction's signed
-    /// release, written and read back by this process or read back now.
-    async fn check_activation(&self, slot: &str) -> Result<(), Failure> {
-        let (_, verified) = self.transaction_release()?;
-        if self.written.as_ref() == Some(&(slot.to_string(), verified.release_id())) {
-            return Ok(());
-        }
-        let image = self.signed_image(&verified)?;
-        let target = self.config.slot_by_bootname(slot).ok_or_else(|| {
-            Failure::new(ReasonCode::SlotIo, format!("slot {slot} is not configured"))
-        })?;
-        let mut sha256 = [0u8; 32];
-        hex::decode_to_slice(&image.sha256, &mut sha256)
-            .map_err(|_| Failure::new(ReasonCode::Malformed, "image sha256 is not hex"))?;
-        let device = target.device.clone();
-        tokio::task::spawn_blocking(move || transfer::verify_slot(&device, image.size, &sha256))
-            .await
-            .map_err(|e| Failure::new(ReasonCode::SlotIo, e.to_string()))?
-            .map_err(|e| Failure::new(e.reason(), e.to_string()))
-    }
-
     async fn write(
         &mut self,
         slot: &str,
@@ -647,7 +647,6 @@ impl Agent {
         resume_from: u64,
         observer: &mut dyn Observer,
     ) -> Result<(), Failure> {
-        self.written = None;
         let (signed, verified) = self.transaction_release()?;
         let signed_image = self.signed_image(&verified)?;
         if signed_image != image {
@@ -656,11 +655,10 @@ impl Agent {
                 "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
             );
         }
+        if resume_from == 0 {
+            self.download_jitter().await;
+        }
         let mut request = self.write_request(slot, signed_image, resume_from)?;
-        let release = match &self.privileged {
-            Privileged::Remote(_) => Some(signed),
-            Privileged::InProcess(_) => None,
-        };
         let fetch = FetchSettings {
             stall_timeout: request.stall_timeout,
             connect_timeout: request.connect_timeout,
@@ -710,36 +708,23 @@ impl Agent {
                     while let Some(input) = observer.interjection() {
                         for action in engine.handle(input, clock()) {
                             if record_during_write(action, engine, store, observer)? {
-                                observer.persisted(engine.state());
+                                observer.observe(Output::Persisted(engine.state()));
                             }
                         }
                     }
                     Ok(())
                 };
-                match (&self.privileged, &release) {
-                    (Privileged::Remote(installer), Some(release)) => {
-                        installer
-                            .write(
-                                slot,
-                                release,
-                                &request.image,
-                                request.resume_from,
-                                &fetch,
-                                &mut on_event,
-                            )
-                            .await
-                    }
-                    _ => transfer::install_image(&request, &mut on_event)
-                        .await
-                        .map(|_| ())
-                        .map_err(crate::installer::WriteError::Transfer),
-                }
+                let release = Release {
+                    signed: &signed,
+                    id: verified.release_id(),
+                    image: &request.image,
+                };
+                self.control
+                    .write(slot, release, &request, &fetch, &mut on_event)
+                    .await
             };
             match result {
-                Ok(()) => {
-                    self.written = Some((slot.to_string(), verified.release_id()));
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
                     tracing::warn!("download interrupted (attempt {attempt}): {err}; resuming");
                     attempt += 1;
@@ -779,22 +764,23 @@ impl Agent {
         request.checkpoint_interval = self.config.install.checkpoint_interval;
         request.stall_timeout = self.config.install.stall_timeout;
         request.max_rate = self.config.install.max_rate;
-        // A delta reads the local slots: here only where this process owns them (no split).
-        // Under the split the installer reads them and the daemon fetches what it asks for.
-        if self.config.install.delta && matches!(self.privileged, Privileged::InProcess(_)) {
+        // A delta reads the local slots: this request is for when this process owns them (no
+        // split); under the split the installer reads them and the daemon fetches what it asks
+        // for (`FetchSettings::delta_work_dir`).
+        if self.config.install.delta {
             let booted = self
                 .config
                 .slot_by_bootname(booted)
                 .filter(|_| !booted.is_empty())
-                .map(|slot| transfer::BootedSlot {
+                .map(|slot| crate::transfer::BootedSlot {
                     path: slot.device.clone(),
                     // A booted slot does not change under the running system: its table holds
                     // for this boot (and only proposes candidates, each checked before use).
                     key: system::boot_id(&self.config)
                         .ok()
-                        .map(|id| transfer::booted_table_key(id.as_str(), &slot.device)),
+                        .map(|id| crate::transfer::booted_table_key(id.as_str(), &slot.device)),
                 });
-            request.delta = Some(transfer::DeltaSettings {
+            request.delta = Some(crate::transfer::DeltaSettings {
                 work_dir: self.config.device.state_dir.join("delta"),
                 booted,
                 full_download_fallback: self.config.install.full_download_fallback,
@@ -818,19 +804,9 @@ impl Agent {
     /// Runs the configured reboot command (for callers that deferred the reboot and are now
     /// ready for it, like the daemon once its outbox is flushed).
     pub fn reboot(&self) -> Result<(), AgentError> {
-        if let Privileged::Remote(installer) = &self.privileged {
-            return installer
-                .call(Op::Reboot)
-                .map_err(|failure| AgentError::Reboot {
-                    command: vec![format!("installer at {}", installer.socket().display())],
-                    message: failure.message,
-                });
-        }
-        let command = &self.config.system.reboot_command;
-        system::run_bounded(command, system::REBOOT_TIMEOUT).map_err(|e| AgentError::Reboot {
-            command: command.clone(),
-            message: e.to_string(),
-        })
+        self.control
+            .reboot()
+            .map_err(|RebootError { command, message }| AgentError::Reboot { command, message })
     }
 }
 
@@ -848,34 +824,16 @@ struct NoteRefusal<'a> {
 }
 
 impl Observer for NoteRefusal<'_> {
-    fn event(&mut self, event: &Event) {
-        if event.kind == EventKind::Refused {
+    fn observe(&mut self, output: Output<'_>) {
+        if let Output::Event(event) = output
+            && event.kind == EventKind::Refused
+        {
             self.refusal = Some(Refusal::new(
                 event.reason.unwrap_or(ReasonCode::NotReady),
                 event.message.clone().unwrap_or_default(),
             ));
         }
-        self.inner.event(event);
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.inner.progress(progress);
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.inner.persisted(state);
-    }
-
-    fn notice(&mut self, notice: &Notice) {
-        self.inner.notice(notice);
-    }
-
-    fn answer(&mut self, answer: &Answer) {
-        self.inner.answer(answer);
-    }
-
-    fn check(&mut self) {
-        self.inner.check();
+        self.inner.observe(output);
     }
 
     fn interjection(&mut self) -> Option<Input> {
@@ -897,15 +855,15 @@ fn record_during_write(
             store.save(engine.state()).map_err(std::io::Error::other)?;
             return Ok(true);
         }
-        Action::ReportProgress(progress) => observer.progress(&progress),
+        Action::ReportProgress(progress) => observer.observe(Output::Progress(&progress)),
         Action::Report(event) => {
             // The write itself reports no transition; keep any such event rather than drop it.
             let _ = store.log_event(&event);
-            observer.event(&event);
+            observer.observe(Output::Event(&event));
         }
-        Action::Answer(answer) => observer.answer(&answer),
-        Action::Notify(notice) => observer.notice(&notice),
-        Action::Check => observer.check(),
+        Action::Answer(answer) => observer.observe(Output::Answer(&answer)),
+        Action::Notify(notice) => observer.observe(Output::Notice(&notice)),
+        Action::Check => observer.observe(Output::Check),
         other => tracing::error!("engine asked for {other:?} during a write"),
     }
     Ok(false)
@@ -930,61 +888,6 @@ fn check_daemon_user(installer: &crate::config::InstallerConfig) -> Result<(), A
         actual: crate::state_store::describe_uid(euid.as_raw()),
         name,
     })
-}
-
-/// One request to the installer, off the async threads (an activation reads the whole slot).
-async fn ask_installer(installer: RemoteInstaller, op: Op) -> Result<(), Failure> {
-    tokio::task::spawn_blocking(move || installer.call(op))
-        .await
-        .unwrap_or_else(|e| {
-            Err(Failure::new(
-                ReasonCode::InstallerUnavailable,
-                e.to_string(),
-            ))
-        })
-}
-
-/// Chooses the bootloader backend once, from the configuration.
-pub fn open_bootloader(
-    config: &Config,
-) -> Result<Box<dyn Bootloader>, bootloader::BootloaderError> {
-    use crate::bootloader::{BootloaderKind, BootloaderParams};
-    use crate::config::BootloaderConfig;
-    let mut params = BootloaderParams {
-        slots: vec![
-            config.slots.a.bootname.to_string(),
-            config.slots.b.bootname.to_string(),
-        ],
-        ..BootloaderParams::default()
-    };
-    let kind = match &config.bootloader {
-        BootloaderConfig::Uboot {
-            fw_env_config,
-            attempts,
-            fw_printenv,
-            fw_setenv,
-        } => {
-            params.fw_env_config = fw_env_config.clone();
-            params.attempts = *attempts;
-            params.fw_printenv = fw_printenv.clone();
-            params.fw_setenv = fw_setenv.clone();
-            BootloaderKind::UBoot
-        }
-        BootloaderConfig::Grub {
-            grubenv,
-            grub_editenv,
-        } => {
-            params.grubenv = grubenv.clone();
-            params.grub_editenv = grub_editenv.clone();
-            BootloaderKind::Grub
-        }
-        BootloaderConfig::File { path, attempts } => {
-            params.env_file = Some(path.clone());
-            params.attempts = *attempts;
-            BootloaderKind::File
-        }
-    };
-    bootloader::from_config(kind, &params)
 }
 
 /// A file slot's capacity is configured (it may grow up to it); a block device's is its size,

@@ -65,21 +65,6 @@ impl TrustAnchor {
         }
     }
 
-    /// The anchor `[trust]` names, enforced unless the config says `insecure_writable_anchor`;
-    /// what enforcement would have refused is logged as a warning then.
-    pub fn for_config(trust: &crate::config::Trust) -> Result<TrustAnchor, AnchorError> {
-        let protection = if trust.insecure_writable_anchor {
-            Protection::AllowWritable
-        } else {
-            Protection::Enforce
-        };
-        let anchor = TrustAnchor::load(&trust.keys_dir, protection)?;
-        for warning in &anchor.warnings {
-            tracing::warn!("insecure trust anchor (development mode): {warning}");
-        }
-        Ok(anchor)
-    }
-
     pub fn load(dir: &Path, protection: Protection) -> Result<TrustAnchor, AnchorError> {
         let read_err = |source| AnchorError::Read {
             path: dir.to_owned(),

@@ -10,7 +10,9 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
+use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
+use crate::mqtt::Endpoint;
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -208,6 +210,23 @@ pub struct Trust {
     pub insecure_writable_anchor: bool,
 }
 
+impl Trust {
+    /// The anchor `[trust]` names, enforced unless the config says `insecure_writable_anchor`;
+    /// what enforcement would have refused is logged as a warning then.
+    pub fn anchor(&self) -> Result<TrustAnchor, AnchorError> {
+        let protection = if self.insecure_writable_anchor {
+            Protection::AllowWritable
+        } else {
+            Protection::Enforce
+        };
+        let anchor = TrustAnchor::load(&self.keys_dir, protection)?;
+        for warning in &anchor.warnings {
+            tracing::warn!("insecure trust anchor (development mode): {warning}");
+        }
+        Ok(anchor)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BootloaderConfig {
@@ -279,6 +298,11 @@ pub struct Install {
     /// is refused), download the whole image instead of refusing. Off: the data budget holds.
     #[serde(default)]
     pub full_download_fallback: bool,
+    /// Bound of the wait before a release's download starts, in seconds: each device waits
+    /// its own share of it (drawn from the release id and its device id), so that a fleet told
+    /// at once does not reach the image server in the same second. 0: none.
+    #[serde(default = "default_download_jitter", with = "seconds")]
+    pub download_jitter: Duration,
 }
 
 impl Default for Install {
@@ -289,6 +313,7 @@ impl Default for Install {
             delta: true,
             max_rate: None,
             full_download_fallback: false,
+            download_jitter: default_download_jitter(),
         }
     }
 }
@@ -354,6 +379,10 @@ pub struct Mqtt {
     pub broker: String,
     /// This device's id: its MQTT client id and its topic segment (`devices/{device_id}/…`).
     pub device_id: String,
+    /// `"5"` (default) or `"3.1.1"`, for brokers that speak nothing newer; then the broker
+    /// must bound the message size itself (README, "MQTT 3.1.1").
+    #[serde(default)]
+    pub protocol: crate::mqtt::Protocol,
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
     /// PEM file with the CA certificate(s) the broker's certificate must chain to. Only these
@@ -539,6 +568,9 @@ impl Config {
             mqtt.validate(&self.device.compatible)?;
         }
         self.conformance.validate()?;
+        if self.install.download_jitter > MAX_DOWNLOAD_JITTER {
+            return Err("install.download_jitter is at most 3600 seconds".into());
+        }
         if let Some(name) = &self.policy.time_zone {
             TimeZone::get(name).map_err(|e| {
                 format!(
@@ -557,12 +589,27 @@ impl Config {
 }
 
 impl Mqtt {
+    /// Where and as whom the daemon connects.
+    pub fn endpoint(&self) -> Result<Endpoint, String> {
+        let url = crate::mqtt::BrokerUrl::parse(&self.broker)?;
+        let tls = self.ca_file.as_ref().map(|ca| crate::mqtt::tls::TlsFiles {
+            ca: ca.clone(),
+            client: self.cert_file.clone().zip(self.key_file.clone()),
+        });
+        Ok(Endpoint {
+            url,
+            tls,
+            protocol: self.protocol,
+        })
+    }
+
     /// A connection to `broker` as `device_id`, with every other setting at its default.
     pub fn new(broker: impl Into<String>, device_id: impl Into<String>) -> Mqtt {
         Mqtt {
             broker: broker.into(),
             device_id: device_id.into(),
             topic_prefix: default_topic_prefix(),
+            protocol: crate::mqtt::Protocol::default(),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -647,6 +694,11 @@ fn yes() -> bool {
 fn default_max_postpone() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
+fn default_download_jitter() -> Duration {
+    Duration::from_secs(10)
+}
+/// The longest `install.download_jitter` taken: it delays every install, so it stays small.
+pub const MAX_DOWNLOAD_JITTER: Duration = Duration::from_secs(3600);
 fn default_notice() -> Duration {
     Duration::from_secs(300)
 }

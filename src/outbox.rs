@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::durable;
 use crate::engine::Event;
-use crate::mqtt::payload::{self, Dropped};
 
 /// An event record is a few hundred bytes; a file larger than this is not one of ours.
 const MAX_RECORD_SIZE: u64 = 64 * 1024;
@@ -37,6 +36,17 @@ pub enum Key {
     Event {
         seq: u64,
     },
+}
+
+/// The outbox overflowed: `count` events, sequence numbers `first_seq..=last_seq`, were dropped
+/// unsent. A later record may cover an earlier one's range again (counts are cumulative until
+/// one is acknowledged). Published on the events topic, first, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub dropped: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub at: Timestamp,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +114,8 @@ impl Outbox {
 
     /// Takes one event in; it is on disk when this returns.
     pub fn push(&mut self, event: &Event, now: Timestamp) -> io::Result<()> {
-        let bytes = payload::event_json(event);
+        // The record on the events topic is the event exactly as the engine made it.
+        let bytes = serde_json::to_vec(event).expect("events always serialise");
         durable::write_atomically(&self.event_path(event.seq), &bytes, 0o600)?;
         self.events.insert(event.seq, bytes);
         self.meta.next_seq = event.seq + 1;

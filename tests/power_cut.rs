@@ -59,7 +59,6 @@ use common::{
     Backend, COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, pattern, sha256_hex,
 };
 use serde_json::Value;
-use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
 
 const MIB: usize = 1024 * 1024;
@@ -308,7 +307,10 @@ impl Device {
         // The agent's own reading of the environment (what `status` shows as primary) agrees
         // with the boot script; `None` (no slot has tries left) is where the script resets.
         let config = Config::load(self.gateway.config_path()).unwrap();
-        let primary = open_bootloader(&config).unwrap().primary().unwrap();
+        let primary = update_agent::bootloader::open(&config)
+            .unwrap()
+            .primary()
+            .unwrap();
         if let Some(primary) = &primary {
             assert_eq!(
                 *primary,

@@ -876,18 +876,49 @@ fn generate() -> Vec<Case> {
 
     // --- format version ---
     g.manifest(
-        "format-2",
+        "format-3",
         "unsupported-format",
         "a newer manifest format",
+        |m| m["format"] = json!(3),
+    );
+    g.manifest(
+        "format-3-with-new-fields",
+        "unsupported-format",
+        "format 3 with a field formats 1 and 2 do not know: refused as unsupported, not malformed",
+        |m| {
+            m["format"] = json!(3);
+            m["delta"] = json!({"from": "2026.05.1"});
+        },
+    );
+    g.manifest(
+        "format-2-rollout",
+        ACCEPT,
+        "format 2 with a rollout schedule (agents that read only format 1 refuse it as unsupported-format)",
+        |m| {
+            m["format"] = json!(2);
+            m["rollout"] = json!({"start": "2026-06-01T00:00:00Z", "duration": 86400});
+        },
+    );
+    g.manifest(
+        "format-1-with-rollout",
+        "malformed",
+        "a rollout schedule in format 1, which older agents would not read",
+        |m| m["rollout"] = json!({"start": "2026-06-01T00:00:00Z", "duration": 86400}),
+    );
+    g.manifest(
+        "format-2-without-rollout",
+        "malformed",
+        "format 2 without the schedule that format 2 is for",
         |m| m["format"] = json!(2),
     );
     g.manifest(
-        "format-2-with-new-fields",
-        "unsupported-format",
-        "format 2 with a field format 1 does not know: refused as unsupported, not malformed",
+        "rollout-unknown-field",
+        "malformed",
+        "a rollout schedule with a field it does not have",
         |m| {
             m["format"] = json!(2);
-            m["delta"] = json!({"from": "2026.05.1"});
+            m["rollout"] =
+                json!({"start": "2026-06-01T00:00:00Z", "duration": 86400, "percent": 10});
         },
     );
     g.manifest("format-0", "unsupported-format", "format 0", |m| {

@@ -1,6 +1,7 @@
 //! Bootloader backends: how the agent tells U-Boot, GRUB or a plain file which slot to boot
 //! next, and reads back what the bootloader will do. The backend is chosen once, at start-up,
-//! by [`from_config`]; everything after that goes through the [`Bootloader`] trait.
+//! by [`open`] from the agent's `[bootloader]` and `[slots]` (or by [`from_config`] from the
+//! settings alone); everything after that goes through the [`Bootloader`] trait.
 //!
 //! Slots are named by their **bootname** (`A`, `B`, `system0`), the word the boot script uses.
 //! The variables and their meaning are RAUC's, so a board set up for RAUC works unchanged.
@@ -215,6 +216,47 @@ pub fn from_config(
             Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
         }
     })
+}
+
+/// Chooses the bootloader backend once, from the agent's configuration: the slots' bootnames
+/// and the backend's `[bootloader]` settings.
+pub fn open(config: &crate::config::Config) -> Result<Box<dyn Bootloader>, BootloaderError> {
+    use crate::config::BootloaderConfig;
+    let mut params = BootloaderParams {
+        slots: vec![
+            config.slots.a.bootname.to_string(),
+            config.slots.b.bootname.to_string(),
+        ],
+        ..BootloaderParams::default()
+    };
+    let kind = match &config.bootloader {
+        BootloaderConfig::Uboot {
+            fw_env_config,
+            attempts,
+            fw_printenv,
+            fw_setenv,
+        } => {
+            params.fw_env_config = fw_env_config.clone();
+            params.attempts = *attempts;
+            params.fw_printenv = fw_printenv.clone();
+            params.fw_setenv = fw_setenv.clone();
+            BootloaderKind::UBoot
+        }
+        BootloaderConfig::Grub {
+            grubenv,
+            grub_editenv,
+        } => {
+            params.grubenv = grubenv.clone();
+            params.grub_editenv = grub_editenv.clone();
+            BootloaderKind::Grub
+        }
+        BootloaderConfig::File { path, attempts } => {
+            params.env_file = Some(path.clone());
+            params.attempts = *attempts;
+            BootloaderKind::File
+        }
+    };
+    from_config(kind, &params)
 }
 
 /// Why a bootloader operation failed; each message names the command or file and what to check.

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use update_agent::agent::{Agent, Observer, RebootMode};
+use update_agent::agent::{Agent, Observer, Output, RebootMode};
 use update_agent::config::Config;
 use update_agent::engine::{Event, EventKind, Phase, Progress};
 use update_agent::release::{self, escape_for_log};
@@ -142,6 +142,16 @@ impl Narrator {
 }
 
 impl Observer for Narrator {
+    fn observe(&mut self, output: Output<'_>) {
+        match output {
+            Output::Event(event) => self.event(event),
+            Output::Progress(progress) => self.progress(progress),
+            _ => {}
+        }
+    }
+}
+
+impl Narrator {
     fn event(&mut self, event: &Event) {
         let line = describe(event);
         match &self.bar {
@@ -237,6 +247,10 @@ pub fn describe(event: &Event) -> String {
         EventKind::MarkedGood => format!("slot {slot} marked good by hand"),
         EventKind::MarkedBad => format!("slot {slot} marked bad by hand"),
         EventKind::RebootFailed => "the reboot failed; it is tried again later".to_string(),
+        EventKind::Withdrawn => format!(
+            "version {} withdrawn before it started installing",
+            version.as_deref().unwrap_or("?")
+        ),
     };
     let mut line = format!("[{}] #{} {what}", event.at, event.seq);
     if let Some(reason) = event.reason {

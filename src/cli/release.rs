@@ -11,10 +11,10 @@ use update_agent::anchor::{Protection, TrustAnchor};
 use update_agent::keys::KeyId;
 use update_agent::release::block_index::{self, IndexHeader};
 use update_agent::release::build;
-use update_agent::release::manifest::Compression;
-use update_agent::release::{self, Envelope, Manifest, Policy, escape_for_log};
+use update_agent::release::{self, Manifest, Policy, escape_for_log};
 
 use super::EXIT_REFUSED;
+use super::release_summary::{print_summary, read_envelope};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -249,66 +249,5 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::from(EXIT_REFUSED))
         }
-    }
-}
-
-pub(super) fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
-    let bytes = release::read_release_file(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Envelope::parse(&bytes).map_err(|refusal| anyhow::anyhow!("{}: {refusal}", path.display()))
-}
-
-pub(super) fn print_summary(manifest: &Manifest, envelope: &Envelope) {
-    let show = |text: &str| escape_for_log(text, 200);
-    println!("  version:          {}", show(&manifest.version));
-    println!("  security version: {}", manifest.security_version);
-    println!("  compatible:       {}", show(&manifest.compatible));
-    println!("  created:          {}", manifest.created);
-    if let Some(expires) = manifest.expires {
-        println!("  expires:          {expires}");
-    }
-    if let Some(deadline) = manifest.deadline {
-        println!("  deadline:         {deadline}");
-    }
-    println!(
-        "  security fix:     {} (severity {})",
-        if manifest.security { "yes" } else { "no" },
-        manifest.severity.as_str()
-    );
-    if !manifest.advisory.is_empty() {
-        println!("  advisory:         {}", show(&manifest.advisory));
-    }
-    println!(
-        "  disruption:       {}, about {} s downtime",
-        if manifest.disruption.reboot {
-            "reboot"
-        } else {
-            "no reboot"
-        },
-        manifest.disruption.downtime_seconds
-    );
-    for (class, image) in &manifest.images {
-        println!(
-            "  image {}:  {} bytes, sha256 {}{}",
-            show(class),
-            image.size,
-            image.sha256,
-            match image.compression {
-                Some(Compression::Zstd) => ", zstd in transport",
-                None => "",
-            }
-        );
-        println!("    from {}", show(&image.url));
-        if let Some(chunks) = &image.chunks {
-            println!(
-                "    block index {} (sha256 {}, {}-byte blocks)",
-                show(&chunks.url),
-                chunks.sha256,
-                chunks.chunk_size
-            );
-        }
-    }
-    for entry in &envelope.signatures {
-        println!("  signed by key:    {}", entry.keyid);
     }
 }

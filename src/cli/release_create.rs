@@ -14,10 +14,10 @@ use update_agent::release::block_index::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use update_agent::release::build::{self, ImageDigest};
 use update_agent::release::index_build::{self, StoreParams};
 use update_agent::release::manifest::{
-    ChunkIndexRef, Compression, Disruption, FORMAT, Image, Severity,
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, Rollout, Severity,
 };
 
-use super::release::{print_summary, read_envelope};
+use super::release_summary::{print_summary, read_envelope};
 
 #[derive(clap::Args)]
 pub struct CreateArgs {
@@ -50,6 +50,14 @@ pub struct CreateArgs {
     /// Latest install time (RFC 3339); users cannot postpone past it
     #[arg(long)]
     deadline: Option<Timestamp>,
+    /// Staged rollout: when the window opens (RFC 3339; default: now). Each device installs
+    /// at its own moment in [start, start + duration), drawn from the release and its device
+    /// id. Makes the manifest format 2, which agents older than the rollout schedule refuse
+    #[arg(long)]
+    rollout_start: Option<Timestamp>,
+    /// Staged rollout: the window's length in seconds (with --rollout-start, or from now)
+    #[arg(long)]
+    rollout_duration: Option<u64>,
     /// Devices refuse the release after this time (RFC 3339)
     #[arg(long)]
     expires: Option<Timestamp>,
@@ -210,12 +218,20 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         transport_sha256: transport.as_ref().map(|(_, d)| hex::encode(d.sha256)),
         chunks,
     };
-    let manifest = Manifest {
+    let created = Timestamp::now();
+    let rollout = match (args.rollout_start, args.rollout_duration) {
+        (None, None) => None,
+        (start, duration) => Some(Rollout {
+            start: start.unwrap_or(created),
+            duration: duration.unwrap_or(0),
+        }),
+    };
+    let mut manifest = Manifest {
         format: FORMAT,
         version: args.version,
         security_version: args.security_version,
         compatible: args.compatible,
-        created: Timestamp::now(),
+        created,
         expires: args.expires,
         security: args.security,
         severity: match args.severity {
@@ -232,7 +248,9 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         },
         deadline: args.deadline,
         images: [(args.slot_class, image)].into_iter().collect(),
+        rollout,
     };
+    manifest.format = manifest.required_format();
     let envelope = build::sign_manifest(&manifest, &key)
         .map_err(|refusal| anyhow::anyhow!("the release would be refused by devices: {refusal}"))?;
     write_atomically(&args.out, envelope.to_json().as_bytes())?;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::json;
-use update_agent::agent::open_bootloader;
 use update_agent::config::Config;
+use update_agent::engine::Phase;
 use update_agent::release::escape_for_log;
 use update_agent::state_store::StateStore;
 use update_agent::system;
@@ -65,7 +65,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     // Read only: root may look at the daemon's state without taking it over.
     let store = StateStore::existing(&config.device.state_dir);
     let state = store.load()?;
-    let bootloader = open_bootloader(&config)?;
+    let bootloader = update_agent::bootloader::open(&config)?;
     let booted = system::booted_slot(&config).ok();
     let primary = bootloader.primary()?;
     let mut slots = Vec::new();
@@ -89,6 +89,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "committed": record.map(|r| r.committed),
         }));
     }
+    let waiting = match &state.phase {
+        Phase::Pending { waiting, until, .. } => Some((*waiting, *until)),
+        Phase::RebootScheduled { waiting, at, .. } => Some((*waiting, *at)),
+        _ => None,
+    };
     let events = store.events()?;
     let recent: Vec<_> = events.iter().rev().take(5).rev().collect();
     if args.json {
@@ -98,6 +103,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "primary": primary,
             "phase": state.phase.name(),
             "transaction": state.phase.transaction(),
+            "waiting": waiting.map(|(why, _)| why),
+            "until": waiting.and_then(|(_, until)| until),
             "floor": config.trust.floor.max(state.floor),
             "slots": slots,
             "last": state.last,
@@ -119,6 +126,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             txn.id,
             escape_for_log(txn.to_version(), 64),
             txn.to_slot
+        );
+    }
+    if let Some((why, until)) = waiting {
+        println!(
+            "waiting:      {}{}",
+            why.as_str(),
+            until.map(|u| format!(" until {u}")).unwrap_or_default()
         );
     }
     println!(
@@ -191,7 +205,7 @@ pub fn mark(args: MarkArgs) -> anyhow::Result<ExitCode> {
             .find(|name| *name != booted)
             .expect("two distinct slots are configured"),
     };
-    let bootloader = open_bootloader(&config)?;
+    let bootloader = update_agent::bootloader::open(&config)?;
     match args.how {
         Mark::Good => bootloader.mark_good(&slot)?,
         Mark::Bad => {

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use assess::assess;
 pub use facts::{Facts, LAST_CHECK_FILE, last_check, record_check};
 
+use crate::mqtt::payload::ConformanceSummary;
 use standard::{Level, UnitKind};
 
 /// How this build and configuration stand against one provision.
@@ -183,7 +184,7 @@ impl Report {
         !self_test_failed && self.provisions.iter().all(|p| p.status != Status::NotMet)
     }
 
-    pub fn summary(&self) -> Summary {
+    pub fn summary(&self) -> ConformanceSummary {
         let ids = |status: Status| {
             self.provisions
                 .iter()
@@ -191,7 +192,7 @@ impl Report {
                 .map(|p| p.id.to_string())
                 .collect::<Vec<_>>()
         };
-        Summary {
+        ConformanceSummary {
             standard: format!(
                 "{} V{} {}",
                 standard::STANDARD,
@@ -211,41 +212,9 @@ impl Report {
     }
 }
 
-/// The report in a few words, for the fleet: in the retained MQTT state and the D-Bus
-/// `Conformance` property. Computed when the daemon starts, from the build, the configuration
-/// and the trust anchor (the event log and the self-test are the full report's).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Summary {
-    pub standard: String,
-    /// Provisions met (by the agent, or by the manufacturer's declaration).
-    pub met: usize,
-    pub weakened: Vec<String>,
-    pub not_met: Vec<String>,
-    pub needs_declaration: Vec<String>,
-    /// `provision:code` for each finding, e.g. `5.3-10:plain-mqtt`.
-    pub findings: Vec<String>,
-}
-
-impl Summary {
-    /// What the daemon publishes: the static part of the report.
-    pub fn at_start(config: &crate::config::Config) -> Summary {
-        assess(config, &Facts::at_start(config), "").summary()
-    }
-
-    /// One line: `EN 303 645 5.3: 13 met, weakened 5.3-10, not met 5.3-6`.
-    pub fn text(&self) -> String {
-        let mut text = format!("{}: {} met", self.standard, self.met);
-        for (label, ids) in [
-            ("weakened", &self.weakened),
-            ("not met", &self.not_met),
-            ("needs declaration", &self.needs_declaration),
-        ] {
-            if !ids.is_empty() {
-                text.push_str(&format!(", {label} {}", ids.join(" ")));
-            }
-        }
-        text
-    }
+/// What the daemon publishes: the static part of the report.
+pub fn summary_at_start(config: &crate::config::Config) -> ConformanceSummary {
+    assess(config, &Facts::at_start(config), "").summary()
 }
 
 /// A level as the standard's annex abbreviates it.

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod report;
 #[cfg(feature = "test-hooks")]
 pub mod test_clock;
+pub mod withdrawal;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -20,22 +21,23 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentError, Observer, RebootMode, Stop};
+use crate::agent::{Agent, AgentError, Observer, Output, RebootMode, Stop};
 use crate::config::Config;
 use crate::dbus::feed::Feed;
 use crate::dbus::{self, Access};
-use crate::engine::{Answer, Event, Input, Notice, PersistentState, Progress};
+use crate::engine::Input;
 use crate::logging::message_id;
+use crate::mqtt::MqttError;
 use crate::mqtt::backoff::{jittered, random_unit};
-use crate::mqtt::link::{Link, LinkSettings};
+use crate::mqtt::link::{Link, LinkSettings, Received};
 use crate::mqtt::payload::DeviceFacts;
 use crate::mqtt::topics::{ReleaseSource, Topics};
-use crate::mqtt::{Endpoint, MqttError};
 use crate::outbox::Outbox;
 use crate::release::escape_for_log;
 use crate::state_store::{StateStore, StoreError};
 use intake::{Allowance, Intake};
 use report::Reporter;
+use withdrawal::{CHECK_GRACE, Offers, Why};
 
 /// How long the daemon waits for the outbox to reach the broker before a reboot.
 const REBOOT_FLUSH: Duration = Duration::from_secs(10);
@@ -132,7 +134,7 @@ async fn open_when_free(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     tokio::pin!(shutdown);
     let mqtt = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
-    let endpoint = Endpoint::from_config(&mqtt).map_err(DaemonError::Config)?;
+    let endpoint = mqtt.endpoint().map_err(DaemonError::Config)?;
     if !endpoint.url.tls {
         tracing::warn!(
             "the broker connection {} is not encrypted: use mqtts:// outside development",
@@ -194,7 +196,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )?;
     // What this build and configuration leave weakened (EN 303 645 §5.3), for the operators
     // (retained state) and the user (D-Bus); the full report is `update-agent conformance`.
-    let conformance = crate::conformance::Summary::at_start(&config);
+    let conformance = crate::conformance::summary_at_start(&config);
     if !conformance.weakened.is_empty() || !conformance.not_met.is_empty() {
         tracing::warn!("conformance: {}", conformance.text());
     }
@@ -240,6 +242,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         outbox,
         store,
         intake: Intake::default(),
+        offers: Offers::default(),
+        check_grace: None,
         recheck: mqtt.recheck_interval,
         user,
         check_asked: false,
@@ -278,7 +282,7 @@ impl UserSide {
     /// takes the name.
     async fn start(
         agent: &Agent,
-        conformance: &crate::conformance::Summary,
+        conformance: &crate::mqtt::payload::ConformanceSummary,
     ) -> Result<UserSide, DaemonError> {
         let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
             .unwrap_or_else(|_| "unix:path=/var/run/dbus/system_bus_socket".into());
@@ -346,6 +350,10 @@ struct Daemon<'a> {
     outbox: Arc<Mutex<Outbox>>,
     store: StateStore,
     intake: Intake,
+    /// What the release topics hold, to tell when the pending release was withdrawn.
+    offers: Offers,
+    /// When the topics must have answered the latest subscription.
+    check_grace: Option<Instant>,
     recheck: Duration,
     user: Option<UserSide>,
     /// The user asked for a check during the last input (`Action::Check`).
@@ -365,41 +373,14 @@ struct Audience<'a> {
 }
 
 impl Observer for Audience<'_> {
-    fn event(&mut self, event: &Event) {
-        self.reporter.event(event);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.event(event);
+    fn observe(&mut self, output: Output<'_>) {
+        if let Output::Check = output {
+            *self.check_asked = true;
         }
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.reporter.progress(progress);
+        self.reporter.observe(output);
         if let Some(feed) = self.feed.as_deref_mut() {
-            feed.progress(progress);
+            feed.observe(output);
         }
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.reporter.persisted(state);
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.persisted(state);
-        }
-    }
-
-    fn notice(&mut self, notice: &Notice) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.notice(notice);
-        }
-    }
-
-    fn answer(&mut self, answer: &Answer) {
-        if let Some(feed) = self.feed.as_deref_mut() {
-            feed.answer(answer);
-        }
-    }
-
-    fn check(&mut self) {
-        *self.check_asked = true;
     }
 
     fn interjection(&mut self) -> Option<Input> {
@@ -449,14 +430,20 @@ impl Daemon<'_> {
                         rebooting = self.after(stop).await?;
                     }
                 }
-                releases = link.inbox.next(), if !rebooting => {
-                    for (source, payload) in releases {
-                        let stop = self.take(source, &payload).await?;
+                (check, messages) = link.inbox.next(), if !rebooting => {
+                    if self.offers.checked(check) {
+                        self.check_grace = Some(Instant::now() + CHECK_GRACE);
+                    }
+                    for message in messages {
+                        let stop = self.receive(message).await?;
                         rebooting = self.after(stop).await?;
                         if rebooting {
                             break;
                         }
                     }
+                }
+                () = sleep_until_some(self.check_grace), if !rebooting => {
+                    self.check_answered().await?;
                 }
                 () = sleep_until_some(self.reboot_retry.as_ref().map(|(_, at)| *at)), if !rebooting => {
                     if let Some((slot, _)) = self.reboot_retry.take() {
@@ -470,6 +457,80 @@ impl Daemon<'_> {
                 }
             }
         }
+    }
+
+    /// One message on a release topic: the release is taken (below); then, if the topic held
+    /// the pending release and now holds something else that did not supersede it (an empty
+    /// message: a halt), the pending release is withdrawn and the replacement looked at on its
+    /// own.
+    async fn receive(&mut self, message: Received) -> Result<Stop, DaemonError> {
+        let source = message.source;
+        let was = self.offers.holds(source);
+        self.offers.heard(&message);
+        let cleared = message.payload.is_empty();
+        let mut stop = Stop::Idle;
+        if cleared {
+            tracing::info!("the {} release topic was cleared", source.as_str());
+        } else {
+            stop = self.take(source, &message.payload).await?;
+        }
+        let pending = self.pending_release();
+        if let Some(why) = self.offers.after_message(source, was, cleared, pending) {
+            self.withdraw(why).await?;
+            if !cleared {
+                stop = self.take(source, &message.payload).await?;
+            }
+        }
+        Ok(stop)
+    }
+
+    /// The grace after a subscription ended: a pending release that no topic answered
+    /// with is no longer offered (cleared while this device was offline).
+    async fn check_answered(&mut self) -> Result<(), DaemonError> {
+        if self.link.inbox.has_unread() {
+            // Answers wait to be taken (the daemon was busy): take them first.
+            self.check_grace = Some(Instant::now() + Duration::from_secs(1));
+            return Ok(());
+        }
+        self.check_grace = None;
+        let status = self.link.status().borrow().clone();
+        if !status.connected || !status.subscribed {
+            // The connection broke before the topics answered, or the broker refused the
+            // subscription (logged): nothing can be concluded; the next one is checked anew.
+            return Ok(());
+        }
+        if let Some(why) = self.offers.after_check(self.pending_release()) {
+            self.withdraw(why).await?;
+        }
+        Ok(())
+    }
+
+    /// The release pending now (accepted, nothing written), unless a person asked for it.
+    fn pending_release(&self) -> Option<crate::release::ReleaseId> {
+        match &self.agent.engine().state().phase {
+            crate::engine::Phase::Pending { txn, .. } if !txn.user_now => Some(txn.release_id),
+            _ => None,
+        }
+    }
+
+    /// Drops the pending release (`withdrawn`); it is looked at anew if offered again.
+    async fn withdraw(&mut self, why: Why) -> Result<(), DaemonError> {
+        let Some(release_id) = self.pending_release() else {
+            return Ok(());
+        };
+        tracing::info!(
+            "the pending release {} is withdrawn: {why}",
+            release_id.short()
+        );
+        let input = Input::Withdrawn {
+            release_id,
+            why: why.to_string(),
+        };
+        let (agent, mut audience) = self.audience();
+        agent.handle(input, &mut audience).await?;
+        self.refresh();
+        self.intake.forget_offered();
+        Ok(())
     }
 
     /// One received release: recognised repeat, verified and offered, or refused and reported

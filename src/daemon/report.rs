@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 
-use crate::agent::Observer;
-use crate::engine::{Engine, Event, EventKind, PersistentState, Progress};
+use crate::agent::{Observer, Output};
+use crate::engine::{Engine, Event, EventKind};
 use crate::logging::message_id;
 use crate::mqtt::link::Publisher;
 use crate::mqtt::payload::{DeviceFacts, DeviceState};
@@ -54,7 +54,27 @@ impl Reporter {
     }
 }
 
+/// The operators' view: events into the outbox, progress and saved state into the retained
+/// state document. What is for the user (notices, answers) is the D-Bus feed's.
 impl Observer for Reporter {
+    fn observe(&mut self, output: Output<'_>) {
+        match output {
+            Output::Event(event) => self.event(event),
+            Output::Progress(progress) => {
+                self.doc.apply_progress(progress);
+                self.publish();
+            }
+            Output::Persisted(state) => {
+                self.doc
+                    .apply_persisted(&self.facts, self.booted.as_deref(), state);
+                self.publish();
+            }
+            Output::Notice(_) | Output::Answer(_) | Output::Check => {}
+        }
+    }
+}
+
+impl Reporter {
     fn event(&mut self, event: &Event) {
         log_event(event);
         let pushed = self
@@ -72,17 +92,6 @@ impl Observer for Reporter {
             ),
         }
         self.doc.apply_event(event);
-        self.publish();
-    }
-
-    fn progress(&mut self, progress: &Progress) {
-        self.doc.apply_progress(progress);
-        self.publish();
-    }
-
-    fn persisted(&mut self, state: &PersistentState) {
-        self.doc
-            .apply_persisted(&self.facts, self.booted.as_deref(), state);
         self.publish();
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::agent::Observer;
+use crate::agent::{Observer, Output};
 use crate::config::Config;
 use crate::dbus::{Call, Handle, Snapshot};
 use crate::engine::{
@@ -104,7 +104,7 @@ impl Feed {
     }
 
     /// Sets the `Conformance` property (kept in every later snapshot).
-    pub fn set_conformance(&mut self, summary: &crate::conformance::Summary) {
+    pub fn set_conformance(&mut self, summary: &crate::mqtt::payload::ConformanceSummary) {
         self.conformance = (summary.text(), summary.findings.join(" "));
         let conformance = self.conformance.clone();
         self.snapshots.send_if_modified(|s| {
@@ -130,7 +130,31 @@ impl Feed {
     }
 }
 
+/// The user's view: properties (state, progress, choices, last error), notices as signals, the
+/// answer to the caller waiting for it.
 impl Observer for Feed {
+    fn observe(&mut self, output: Output<'_>) {
+        match output {
+            Output::Event(event) => self.event(event),
+            Output::Progress(progress) => self.progress(progress),
+            Output::Persisted(state) => self.persisted(state),
+            Output::Notice(notice) => self.notice(notice),
+            Output::Answer(answer) => self.answer(answer),
+            Output::Check => {}
+        }
+    }
+
+    /// A call that arrived during a job, once the previous caller was answered.
+    fn interjection(&mut self) -> Option<Input> {
+        if self.reply.is_some() {
+            return None;
+        }
+        let call = self.calls.try_recv().ok()?;
+        Some(self.take(call))
+    }
+}
+
+impl Feed {
     fn event(&mut self, event: &Event) {
         if let Some(reason) = event.reason {
             self.last_error = Some((
@@ -189,14 +213,5 @@ impl Observer for Feed {
             s.auto_install = auto_install.unwrap_or(s.auto_install);
             before != (s.postponed_until, s.auto_install)
         });
-    }
-
-    /// A call that arrived during a job, once the previous caller was answered.
-    fn interjection(&mut self) -> Option<Input> {
-        if self.reply.is_some() {
-            return None;
-        }
-        let call = self.calls.try_recv().ok()?;
-        Some(self.take(call))
     }
 }

@@ -47,7 +47,7 @@ impl Host {
     /// the host runs, so that what the boot finishes (a commit, a rollback) is signalled.
     pub fn new(agent: Agent) -> (Host, Handle, Control) {
         let (mut feed, handle) = Feed::new(agent.engine(), agent.config());
-        feed.set_conformance(&crate::conformance::Summary::at_start(agent.config()));
+        feed.set_conformance(&crate::conformance::summary_at_start(agent.config()));
         let (request_tx, requests) = mpsc::channel(16);
         let (stops, stop_rx) = watch::channel(None);
         let host = Host {

@@ -5,7 +5,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::action::Job;
 use super::names::{BootId, Bootname};
 use crate::reason::ReasonCode;
-use crate::release::VerifiedRelease;
+use crate::release::{ReleaseId, VerifiedRelease};
 
 /// What the driver tells the engine.
 #[derive(Debug, Clone)]
@@ -54,6 +54,14 @@ pub enum Input {
     /// Mark the booted slot good (`good`), or the other slot bad.
     UserMark {
         good: bool,
+    },
+    /// The release is no longer offered where it came from: its retained message was cleared
+    /// (an operator's halt) or replaced by something that does not supersede it. A release
+    /// still pending is dropped (`withdrawn`); one whose install started goes on.
+    Withdrawn {
+        release_id: ReleaseId,
+        /// Why, for the event's message (e.g. "the fleet release topic was cleared").
+        why: String,
     },
     /// The reboot the engine asked for ([`Job::Reboot`]) did not happen: the command failed.
     /// Reported; the phase stays and the driver tries again.

@@ -41,6 +41,7 @@ pub mod input;
 mod names;
 mod outputs;
 pub mod policy;
+pub mod rollout;
 mod schedule;
 pub mod state;
 mod transaction;
@@ -134,6 +135,8 @@ pub struct Engine {
     /// The reboot time the user was last told of (`Notice::DisruptionAhead`), so that it is
     /// told once per schedule. Not persisted: after a restart the user is told again.
     announced: Option<Timestamp>,
+    /// This device's id (its MQTT client id), from which its moment in a rollout is drawn.
+    device_id: String,
 }
 
 impl Engine {
@@ -148,7 +151,19 @@ impl Engine {
             policy: PolicyConfig::default(),
             timer: None,
             announced: None,
+            device_id: String::new(),
         }
+    }
+
+    /// The device id the rollout moments are drawn from (the MQTT device id): the same id
+    /// gives the same moment after every restart.
+    pub fn with_device_id(mut self, device_id: impl Into<String>) -> Engine {
+        self.device_id = device_id.into();
+        self
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.device_id
     }
 
     pub fn with_policy(mut self, policy: PolicyConfig) -> Engine {
@@ -238,6 +253,10 @@ impl Engine {
                 None
             }
             Input::UserMark { good } => self.on_user_mark(good, &mut out),
+            Input::Withdrawn { release_id, why } => {
+                self.on_withdrawn(release_id, &why, now, &mut out);
+                None
+            }
             Input::RebootFailed(failure) => {
                 let txn = self.state.phase.transaction().cloned();
                 let event = self.event(EventKind::RebootFailed, now, txn.as_ref(), |e| {

@@ -185,6 +185,8 @@ pub enum Wait {
     AutoInstallOff,
     /// Reboot policy `manual`: the user reboots (or asks for it).
     ManualReboot,
+    /// The release's rollout schedule: this device's moment in the window has not come.
+    Rollout,
 }
 
 impl Wait {
@@ -194,6 +196,7 @@ impl Wait {
             Wait::Postponed => "postponed",
             Wait::AutoInstallOff => "auto-install-off",
             Wait::ManualReboot => "manual-reboot",
+            Wait::Rollout => "rollout",
         }
     }
 }
@@ -238,12 +241,16 @@ impl PolicyConfig {
         }
     }
 
-    /// May installing (writing the inactive slot) start now?
+    /// May installing (writing the inactive slot) start now? `moment` is this device's moment
+    /// in the release's rollout window, if it has one: nothing installs before it unless the
+    /// deadline comes first (a person's install-now does not ask the policy at all). After it,
+    /// maintenance windows and postponement apply as to any release.
     pub fn install_decision(
         &self,
         now: Timestamp,
         choices: &UserChoices,
         manifest: &Manifest,
+        moment: Option<Timestamp>,
     ) -> Decision {
         let deadline = self.install_deadline(manifest, choices);
         if deadline.is_some_and(|d| now >= d) {
@@ -254,6 +261,9 @@ impl PolicyConfig {
         }
         if let Some(until) = choices.postponed_until.filter(|&p| p > now) {
             return wait(Wait::Postponed, Some(until), deadline);
+        }
+        if let Some(moment) = moment.filter(|&m| m > now) {
+            return wait(Wait::Rollout, Some(moment), deadline);
         }
         if !self.windows.is_empty() && !self.in_window(now) {
             return wait(Wait::Window, self.next_window_start(now), deadline);

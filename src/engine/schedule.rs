@@ -8,6 +8,23 @@ use super::outputs::Outputs;
 use super::{Awaiting, Decision, Engine, Notice, Phase, Transaction};
 
 impl Engine {
+    /// May the pending `txn` start installing now: the policy, with this device's moment in the
+    /// release's rollout window.
+    pub(super) fn install_decision(&self, txn: &Transaction, now: Timestamp) -> Decision {
+        self.policy
+            .install_decision(now, &self.state.user, &txn.manifest, self.moment(txn))
+    }
+
+    /// This device's moment in the rollout window of `txn`'s release, if it has a schedule.
+    pub fn moment(&self, txn: &Transaction) -> Option<Timestamp> {
+        let rollout = txn.manifest.rollout.as_ref()?;
+        Some(super::rollout::moment(
+            rollout,
+            &txn.release_id,
+            &self.device_id,
+        ))
+    }
+
     pub(super) fn reboot_decision(&self, txn: &Transaction, now: Timestamp) -> Decision {
         if txn.user_now {
             Decision::Now
@@ -35,15 +52,10 @@ impl Engine {
     /// When the engine next needs a `Tick`, from the state and the policy at `now`.
     pub(super) fn next_wake(&self, now: Timestamp) -> Option<Timestamp> {
         match &self.state.phase {
-            Phase::Pending { txn, .. } => {
-                match self
-                    .policy
-                    .install_decision(now, &self.state.user, &txn.manifest)
-                {
-                    Decision::Now => Some(now),
-                    Decision::Wait { until, .. } => until,
-                }
-            }
+            Phase::Pending { txn, .. } => match self.install_decision(txn, now) {
+                Decision::Now => Some(now),
+                Decision::Wait { until, .. } => until,
+            },
             Phase::RebootScheduled { txn, .. } => match self.reboot_decision(txn, now) {
                 Decision::Now => Some(now),
                 Decision::Wait { until: None, .. } => None,
@@ -73,9 +85,7 @@ impl Engine {
                 waiting,
                 until,
             } => {
-                let decision = self
-                    .policy
-                    .install_decision(now, &self.state.user, &txn.manifest);
+                let decision = self.install_decision(&txn, now);
                 match decision {
                     Decision::Now => self.start_writing(txn, out),
                     Decision::Wait { why, until: next } => {

@@ -191,6 +191,10 @@ pub enum EventKind {
     /// A pending transaction (nothing written) ended: a newer release took its place
     /// (`message` names it). Not a failure, so no reason code.
     Superseded,
+    /// A pending transaction (nothing written) ended: its release is no longer offered on the
+    /// topic it came from (cleared by an operator's halt, or replaced; `message` says which).
+    /// Not a failure, so no reason code. A release whose install started is never withdrawn.
+    Withdrawn,
     // --- user decisions (D-Bus or CLI): each is an event, operators see every one ---
     /// The user postponed installing/rebooting to `until` (`clamped` when limited).
     Postponed,
@@ -229,6 +233,7 @@ impl EventKind {
             EventKind::Pending => "pending",
             EventKind::RebootScheduled => "reboot-scheduled",
             EventKind::Superseded => "superseded",
+            EventKind::Withdrawn => "withdrawn",
             EventKind::Postponed => "postponed",
             EventKind::Resumed => "resumed",
             EventKind::AutoInstallEnabled => "auto-install-enabled",

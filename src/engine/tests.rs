@@ -42,6 +42,7 @@ fn release_with(
             "rootfs".to_string(),
             Image::uncompressed("http://127.0.0.1/image", 4096, [0xab; 32]),
         )]),
+        rollout: None,
     };
     let mut manifest = manifest;
     edit(&mut manifest);
@@ -199,6 +200,7 @@ fn assert_driver_order(actions: &[Action], first_new_seq: u64) {
 }
 
 mod policy;
+mod rollout;
 
 #[test]
 fn install_reboot_trial_commit() {

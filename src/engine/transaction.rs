@@ -129,8 +129,7 @@ impl Engine {
         let decision = if user_now {
             Decision::Now
         } else {
-            self.policy
-                .install_decision(now, &self.state.user, &txn.manifest)
+            self.install_decision(&txn, now)
         };
         match decision {
             Decision::Now => self.start_writing(txn, out),
@@ -362,5 +361,43 @@ impl Engine {
             None => Then::Nothing,
         };
         Awaiting::then(Job::MarkBad { slot }, then)
+    }
+}
+
+impl Engine {
+    /// The release is no longer offered where it came from. Only a pending transaction of that
+    /// release ends (`withdrawn`); once writing started, the install goes on (a half-done
+    /// install is what a halt must not cause), and anything else is not about this release.
+    pub(super) fn on_withdrawn(
+        &mut self,
+        release_id: crate::release::ReleaseId,
+        why: &str,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let Phase::Pending { txn, .. } = &self.state.phase else {
+            return;
+        };
+        if txn.release_id != release_id {
+            return;
+        }
+        let Phase::Pending { txn, .. } = std::mem::take(&mut self.state.phase) else {
+            unreachable!("matched above")
+        };
+        let event = self.event(EventKind::Withdrawn, now, Some(&txn), |e| {
+            e.message = Some(format!(
+                "{why}: version {} is dropped; this device had not started installing it",
+                txn.manifest.version
+            ));
+        });
+        self.state.last = Some(Outcome {
+            txn: txn.id.clone(),
+            version: txn.manifest.version.clone(),
+            result: EventKind::Withdrawn,
+            reason: None,
+            message: event.message.clone(),
+            at: now,
+        });
+        out.report(event);
     }
 }

@@ -14,7 +14,8 @@ use super::{FrameError, MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_fr
 use crate::engine::Failure;
 use crate::reason::ReasonCode;
 use crate::release::manifest::Image;
-use crate::transfer::{FetchSettings, TransferError, TransferEvent, send_image};
+use crate::slot_control::{Events, Pending, RebootError, Release, SlotControl, WriteError};
+use crate::transfer::{FetchSettings, TransferError, TransferEvent, WriteRequest, send_image};
 
 /// Longest wait for the answer to a bootloader change or a reboot (the installer bounds its
 /// bootloader tools and reboot command well below this), and for a request to be taken.
@@ -25,29 +26,6 @@ const SHORT_ANSWER: Duration = Duration::from_secs(120);
 /// timeout ends a write that gets none). A hung installer fails the request after this, with
 /// `installer-unavailable`, instead of holding the daemon forever.
 const LONG_ANSWER: Duration = Duration::from_secs(30 * 60);
-
-/// How a remote write failed: the daemon's side (network, decompression) or the installer's.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error(transparent)]
-    Transfer(TransferError),
-    #[error("{}: {}", .0.reason, .0.message)]
-    Installer(Failure),
-}
-
-impl WriteError {
-    /// Worth a retry from the last checkpoint: only the network's moments are.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, WriteError::Transfer(e) if e.is_transient())
-    }
-
-    pub fn into_failure(self) -> Failure {
-        match self {
-            WriteError::Transfer(e) => Failure::new(e.reason(), e.to_string()),
-            WriteError::Installer(failure) => failure,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct RemoteInstaller {
@@ -113,7 +91,7 @@ impl RemoteInstaller {
     /// to `resume_from` and names where the stream starts; this side fetches and decompresses
     /// from there and sends the image bytes. Progress, checkpoints (the installer's, after its
     /// `fdatasync`) and the start of the read-back reach `events`.
-    pub async fn write(
+    pub async fn write_image(
         &self,
         slot: &str,
         release: &str,
@@ -275,6 +253,76 @@ impl RemoteInstaller {
             // The network failing is the cause; the installer only saw the stream end early.
             (Some(Err(e)), Err(_)) => Err(WriteError::Transfer(e)),
             (_, Err(failure)) => Err(WriteError::Installer(failure)),
+        }
+    }
+}
+
+/// The daemon's control: every operation is a request to the installer, which verifies the
+/// release itself and keeps its own ledger of what each slot holds.
+impl SlotControl for RemoteInstaller {
+    fn mark_bad<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
+        Box::pin(self.ask(Op::MarkBad {
+            slot: slot.to_string(),
+        }))
+    }
+
+    fn mark_good<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
+        Box::pin(self.ask(Op::MarkGood {
+            slot: slot.to_string(),
+        }))
+    }
+
+    /// The installer reads the slot back against the release it verifies itself.
+    fn activate<'a>(
+        &'a mut self,
+        slot: &'a str,
+        release: Release<'a>,
+    ) -> Pending<'a, Result<(), Failure>> {
+        Box::pin(self.ask(Op::Activate {
+            slot: slot.to_string(),
+            release: release.signed.to_string(),
+        }))
+    }
+
+    fn write<'a>(
+        &'a mut self,
+        slot: &'a str,
+        release: Release<'a>,
+        request: &'a WriteRequest,
+        fetch: &'a FetchSettings,
+        events: Events<'a>,
+    ) -> Pending<'a, Result<(), WriteError>> {
+        Box::pin(self.write_image(
+            slot,
+            release.signed,
+            &request.image,
+            request.resume_from,
+            fetch,
+            events,
+        ))
+    }
+
+    fn reboot(&self) -> Result<(), RebootError> {
+        self.call(Op::Reboot).map_err(|failure| RebootError {
+            command: vec![format!("installer at {}", self.socket().display())],
+            message: failure.message,
+        })
+    }
+}
+
+impl RemoteInstaller {
+    /// One request, off the async threads (an activation reads the whole slot).
+    fn ask(&self, op: Op) -> impl Future<Output = Result<(), Failure>> + Send + 'static {
+        let installer = self.clone();
+        async move {
+            tokio::task::spawn_blocking(move || installer.call(op))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Failure::new(
+                        ReasonCode::InstallerUnavailable,
+                        e.to_string(),
+                    ))
+                })
         }
     }
 }

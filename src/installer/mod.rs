@@ -29,15 +29,18 @@ pub mod server;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::PollFlags;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::reason::ReasonCode;
+use crate::socket::{send_all_within, wait_ready};
 
-pub use client::{RemoteInstaller, WriteError};
+pub use crate::socket::send_all;
+
+pub use client::RemoteInstaller;
 
 /// The daemon's user (`[installer] daemon_user`, a name or a numeric uid) and, when it has an
 /// entry in the user database, its primary group. `None`: no such user.
@@ -157,65 +160,6 @@ pub enum FrameError {
     Malformed(String),
     #[error("more file descriptors than expected came with the frame")]
     TooManyFds,
-}
-
-/// How long a send may make no progress before it fails (`send_all`: the image stream, whose
-/// reader syncs checkpoints to slow storage between reads).
-pub const SEND_STALL: Duration = Duration::from_secs(300);
-
-/// Waits until `socket` is ready for `events` or `deadline` passes (`TimedOut`). Every wait of
-/// the split's sockets goes through here: a peer cannot hold either side past a deadline.
-pub fn wait_ready(socket: &impl AsFd, events: PollFlags, deadline: Instant) -> io::Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer did not keep up with the deadline",
-            ));
-        }
-        let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(socket.as_fd(), events)];
-        match poll(&mut fds, PollTimeout::from(millis)) {
-            Ok(0) => {}
-            Ok(_) => return Ok(()),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// Sends all of `bytes` on a socket, without `SIGPIPE` when the peer went away (the CLI restores
-/// the default `SIGPIPE` disposition, which would end the process), and failing when the peer
-/// takes nothing for [`SEND_STALL`].
-pub fn send_all(socket: &impl AsFd, bytes: &[u8]) -> io::Result<()> {
-    send_all_within(socket, bytes, None)
-}
-
-/// [`send_all`] that also fails once `deadline` passes.
-fn send_all_within(
-    socket: &impl AsFd,
-    mut bytes: &[u8],
-    deadline: Option<Instant>,
-) -> io::Result<()> {
-    let raw = socket.as_fd().as_raw_fd();
-    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-    let mut stall = Instant::now() + SEND_STALL;
-    while !bytes.is_empty() {
-        match nix::sys::socket::send(raw, bytes, flags) {
-            Ok(n) => {
-                bytes = &bytes[n..];
-                stall = Instant::now() + SEND_STALL;
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => {
-                let until = deadline.map_or(stall, |deadline| deadline.min(stall));
-                wait_ready(socket, PollFlags::POLLOUT, until)?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Sends one frame, with `fd` attached to its first byte, all of it before `deadline`.
@@ -367,6 +311,7 @@ fn bounded(error: &serde_json::Error) -> String {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
+    use std::time::Duration;
 
     #[test]
     fn a_frame_carries_its_descriptor_and_is_bounded() {

@@ -16,10 +16,11 @@ use super::{
     FrameError, MAX_REQUEST, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame,
 };
 use crate::anchor::{AnchorError, TrustAnchor};
-use crate::bootloader::{Bootloader, BootloaderError};
+use crate::bootloader::BootloaderError;
 use crate::config::{Config, InstallerConfig};
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, VerifiedRelease};
+use crate::slot_control::Local;
 use crate::system;
 use crate::transfer::{SlotStream, SlotStreamRequest, TransferEvent, verify_slot};
 
@@ -71,6 +72,12 @@ struct Refused {
     message: String,
 }
 
+impl From<crate::engine::Failure> for Refused {
+    fn from(failure: crate::engine::Failure) -> Refused {
+        Refused::new(failure.reason, failure.message)
+    }
+}
+
 impl Refused {
     fn new(reason: ReasonCode, message: impl Into<String>) -> Refused {
         Refused {
@@ -83,7 +90,8 @@ impl Refused {
 pub struct Installer {
     config: Config,
     anchor: TrustAnchor,
-    bootloader: Box<dyn Bootloader>,
+    /// What it carries out once a request passed its checks: the bootloader, the reboot.
+    local: Local,
     daemon_uid: Uid,
     daemon_gid: Option<Gid>,
     ledger: Ledger,
@@ -102,8 +110,8 @@ impl Installer {
     pub fn open(config: Config) -> Result<Installer, ServeError> {
         let settings = config.installer.clone().ok_or(ServeError::NotConfigured)?;
         let (daemon_uid, daemon_gid) = resolve_user(&settings)?;
-        let anchor = TrustAnchor::for_config(&config.trust)?;
-        let bootloader = crate::agent::open_bootloader(&config)?;
+        let anchor = config.trust.anchor()?;
+        let local = Local::open(&config)?;
         let ledger = Ledger::open(&settings.state_dir).map_err(|source| ServeError::State {
             path: settings.state_dir.display().to_string(),
             source,
@@ -113,7 +121,7 @@ impl Installer {
             ledger,
             config,
             anchor,
-            bootloader,
+            local,
             daemon_uid,
             daemon_gid,
         })
@@ -293,7 +301,7 @@ impl Installer {
             Op::MarkBad { slot } => {
                 self.configured(&slot)?;
                 self.may_mark_bad(&slot, booted.as_deref())?;
-                self.bootloader_op(|b| b.mark_bad(&slot))
+                self.local.mark_bad_now(&slot).map_err(Refused::from)
             }
             Op::MarkGood { slot } => {
                 self.configured(&slot)?;
@@ -305,7 +313,7 @@ impl Installer {
                             format!("slot {slot} is not marked good: {}", why.0),
                         )
                     })?;
-                self.bootloader_op(|b| b.mark_good(&slot))?;
+                self.local.mark_good_now(&slot).map_err(Refused::from)?;
                 // Good while booted: the commit (or an ordinary boot) of what the slot holds.
                 if booted.as_deref() == Some(slot.as_str())
                     && let Err(e) = self.ledger.committed(&slot)
@@ -390,14 +398,6 @@ impl Installer {
         })
     }
 
-    fn bootloader_op(
-        &self,
-        op: impl FnOnce(&dyn Bootloader) -> Result<(), BootloaderError>,
-    ) -> Result<(), Refused> {
-        op(self.bootloader.as_ref())
-            .map_err(|e| Refused::new(ReasonCode::BootloaderFailed, e.to_string()))
-    }
-
     /// The installer's own verification, against its own trust anchor: what the daemon says a
     /// release is counts for nothing.
     fn verify(&self, release: &str) -> Result<VerifiedRelease, Refused> {
@@ -456,7 +456,7 @@ impl Installer {
         let target = self.writable(slot)?;
         // The bootloader must never name a slot whose bytes are changing, whatever the daemon
         // did or did not ask before; and the ledger says so before the first byte changes.
-        self.bootloader_op(|b| b.mark_bad(slot))?;
+        self.local.mark_bad_now(slot).map_err(Refused::from)?;
         self.written.remove(slot);
         self.ledger.writing(slot).map_err(ledger_failed)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
@@ -560,7 +560,7 @@ impl Installer {
                 .map(|id| crate::transfer::booted_table_key(id.as_str(), &device));
             Some(crate::transfer::BootedSlot { path: device, key })
         });
-        self.bootloader_op(|b| b.mark_bad(slot))?;
+        self.local.mark_bad_now(slot).map_err(Refused::from)?;
         self.written.remove(slot);
         self.ledger.writing(slot).map_err(ledger_failed)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
@@ -627,12 +627,13 @@ impl Installer {
                 verified.manifest.security_version,
             )
             .map_err(ledger_failed)?;
-        self.bootloader_op(|b| b.mark_active(slot))
+        self.local.mark_active_now(slot).map_err(Refused::from)
     }
 
     fn reboot(&self) -> Result<(), Refused> {
-        system::run_bounded(&self.config.system.reboot_command, system::REBOOT_TIMEOUT)
-            .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.to_string()))
+        self.local
+            .reboot_now()
+            .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.message))
     }
 }
 

@@ -3,7 +3,7 @@
 //! - `state` (retained): one [`DeviceState`] document, replaced on every change.
 //! - `events` (QoS 1): one [`Event`](crate::engine::Event) record per transition, exactly as
 //!   the engine made it (`seq`, `at`, `state`, `txn`, versions, `reason`, `message`), or a
-//!   [`Dropped`] record when the outbox overflowed while the broker was unreachable.
+//!   [`Dropped`](crate::outbox::Dropped) record when the outbox overflowed while the broker was unreachable.
 //! - `online` (retained): `true` once connected and subscribed; the last will sets `false`.
 
 use std::collections::BTreeMap;
@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::conformance::Summary;
-use crate::engine::{Event, EventKind, PersistentState, Phase, Progress};
+use crate::engine::{Event, EventKind, PersistentState, Phase, Progress, Wait};
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Severity};
 
@@ -50,7 +49,7 @@ pub struct DeviceState {
     /// How this build and configuration stand against EN 303 645 §5.3, in short (computed at
     /// start; `update-agent conformance` on the device gives the whole report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conformance: Option<Summary>,
+    pub conformance: Option<ConformanceSummary>,
     pub updated: Timestamp,
 }
 
@@ -78,6 +77,12 @@ pub struct PendingRelease {
     pub advisory: String,
     pub disruption: Disruption,
     pub deadline: Option<Timestamp>,
+    /// While the release waits to install (phase `pending`): why, and until when — e.g.
+    /// `rollout` and this device's moment in the release's rollout window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Wait>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +107,38 @@ pub struct LastError {
     pub at: Timestamp,
 }
 
+/// The report in a few words, for the fleet: in the retained MQTT state and the D-Bus
+/// `Conformance` property. Computed when the daemon starts, from the build, the configuration
+/// and the trust anchor (the event log and the self-test are the full report's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConformanceSummary {
+    pub standard: String,
+    /// Provisions met (by the agent, or by the manufacturer's declaration).
+    pub met: usize,
+    pub weakened: Vec<String>,
+    pub not_met: Vec<String>,
+    pub needs_declaration: Vec<String>,
+    /// `provision:code` for each finding, e.g. `5.3-10:plain-mqtt`.
+    pub findings: Vec<String>,
+}
+
+impl ConformanceSummary {
+    /// One line: `EN 303 645 5.3: 13 met, weakened 5.3-10, not met 5.3-6`.
+    pub fn text(&self) -> String {
+        let mut text = format!("{}: {} met", self.standard, self.met);
+        for (label, ids) in [
+            ("weakened", &self.weakened),
+            ("not met", &self.not_met),
+            ("needs declaration", &self.needs_declaration),
+        ] {
+            if !ids.is_empty() {
+                text.push_str(&format!(", {label} {}", ids.join(" ")));
+            }
+        }
+        text
+    }
+}
+
 /// What does not change while the agent runs.
 #[derive(Debug, Clone)]
 pub struct DeviceFacts {
@@ -112,7 +149,7 @@ pub struct DeviceFacts {
     pub factory_version: Option<String>,
     /// The configured floor; the state's own floor rises with commits.
     pub floor: u64,
-    pub conformance: Option<Summary>,
+    pub conformance: Option<ConformanceSummary>,
 }
 
 impl DeviceState {
@@ -176,6 +213,14 @@ impl DeviceState {
             advisory: txn.manifest.advisory.clone(),
             disruption: txn.manifest.disruption.clone(),
             deadline: txn.manifest.deadline,
+            waiting: match &state.phase {
+                Phase::Pending { waiting, .. } => Some(*waiting),
+                _ => None,
+            },
+            until: match &state.phase {
+                Phase::Pending { until, .. } => *until,
+                _ => None,
+            },
         });
         if !matches!(state.phase, Phase::Writing { .. }) {
             self.progress = None;
@@ -236,22 +281,6 @@ impl DeviceState {
     }
 }
 
-/// The outbox overflowed: `count` events, sequence numbers `first_seq..=last_seq`, were dropped
-/// unsent. A later record may cover an earlier one's range again (counts are cumulative until
-/// one is acknowledged).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Dropped {
-    pub dropped: u64,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub at: Timestamp,
-}
-
-/// One record on the events topic.
-pub fn event_json(event: &Event) -> Vec<u8> {
-    serde_json::to_vec(event).expect("events always serialise")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,12 +294,12 @@ mod tests {
             support_end: Some(jiff::civil::date(2031, 12, 31)),
             factory_version: Some("1.0".into()),
             floor: 3,
-            conformance: Some(Summary {
+            conformance: Some(ConformanceSummary {
                 standard: "ETSI EN 303 645 V2.1.1 5.3".into(),
                 met: 13,
                 weakened: vec!["5.3-10".into()],
                 findings: vec!["5.3-10:plain-mqtt".into()],
-                ..Summary::default()
+                ..ConformanceSummary::default()
             }),
         };
         let mut state = DeviceState::new(&facts, Timestamp::UNIX_EPOCH);

@@ -10,8 +10,16 @@ use crate::reason::ReasonCode;
 use crate::release::Refusal;
 use crate::release::json::{self, Object};
 
-/// The manifest format this agent reads and writes.
+/// The manifest format of a release without a rollout schedule: every agent reads it.
 pub const FORMAT: u32 = 1;
+/// The format of a release with a rollout schedule (`rollout`). Agents that predate the
+/// schedule read format 1 only and refuse it as `unsupported-format` ("update the agent
+/// first"): a schedule is never silently ignored by an agent that would install at once.
+pub const FORMAT_ROLLOUT: u32 = 2;
+/// The formats this agent reads.
+pub const SUPPORTED_FORMATS: [u32; 2] = [FORMAT, FORMAT_ROLLOUT];
+/// The longest rollout window: a bound on arithmetic and on how long a device holds a release.
+pub const MAX_ROLLOUT_DURATION: u64 = 90 * 24 * 3600;
 
 /// Largest image the agent will consider (1 TiB): a bound on arithmetic, not on real slots.
 pub const MAX_IMAGE_SIZE: u64 = 1 << 40;
@@ -51,6 +59,34 @@ pub struct Manifest {
     /// One image per slot class, e.g. `rootfs`. A class named twice is refused, not resolved.
     #[serde(deserialize_with = "images_without_duplicates")]
     pub images: BTreeMap<String, Image>,
+    /// The staged rollout (format 2): each device installs at its own moment in the window.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "json::optional_object"
+    )]
+    pub rollout: Option<Rollout>,
+}
+
+/// A signed rollout schedule: the window `[start, start + duration)` over which the fleet's
+/// devices spread their installs, each at a moment derived from the release id and its device
+/// id (`engine::rollout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub start: Timestamp,
+    /// Seconds; 0 means every device at `start`.
+    pub duration: u64,
+}
+
+impl Rollout {
+    pub fn end(&self) -> Timestamp {
+        let duration =
+            jiff::SignedDuration::from_secs(self.duration.min(MAX_ROLLOUT_DURATION) as i64);
+        self.start
+            .saturating_add(duration)
+            .unwrap_or(Timestamp::MAX)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -165,6 +201,17 @@ where
 }
 
 impl Manifest {
+    /// The format a manifest with this content is written in: 2 with a rollout schedule, so
+    /// that older agents refuse it as a format they do not read; 1 otherwise, so that every
+    /// agent reads it.
+    pub fn required_format(&self) -> u32 {
+        if self.rollout.is_some() {
+            FORMAT_ROLLOUT
+        } else {
+            FORMAT
+        }
+    }
+
     /// Strict parse of manifest bytes whose signatures have already been verified.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, Refusal> {
         // Look at `format` first, so a newer manifest is refused as such rather than as malformed.
@@ -174,13 +221,15 @@ impl Manifest {
         }
         if let Ok(Object(FormatOnly { format })) =
             serde_json::from_slice::<Object<FormatOnly>>(bytes)
-            && format.as_u64() != Some(u64::from(FORMAT))
             && format.is_u64()
+            && !SUPPORTED_FORMATS
+                .iter()
+                .any(|&f| format.as_u64() == Some(u64::from(f)))
         {
             return Err(Refusal::new(
                 ReasonCode::UnsupportedFormat,
                 format!(
-                    "manifest format {format} is not supported (this agent reads format {FORMAT}); update the agent first"
+                    "manifest format {format} is not supported (this agent reads formats {FORMAT} and {FORMAT_ROLLOUT}); update the agent first"
                 ),
             ));
         }
@@ -193,14 +242,44 @@ impl Manifest {
     /// Checks the values serde cannot: ranges, lengths, hex digests and URL schemes.
     pub fn validate(&self) -> Result<(), Refusal> {
         let malformed = |msg: String| Err(Refusal::new(ReasonCode::Malformed, msg));
-        if self.format != FORMAT {
+        if !SUPPORTED_FORMATS.contains(&self.format) {
             return Err(Refusal::new(
                 ReasonCode::UnsupportedFormat,
                 format!(
-                    "manifest format {} is not supported (this agent reads format {FORMAT})",
+                    "manifest format {} is not supported (this agent reads formats {FORMAT} and {FORMAT_ROLLOUT})",
                     self.format
                 ),
             ));
+        }
+        // The format says what an agent must understand: a schedule in format 1 would be
+        // ignored by the agents that read only format 1, so it is refused here too.
+        if self.format != self.required_format() {
+            return malformed(format!(
+                "manifest format {} does not match its content: a release {} rollout is format {}",
+                self.format,
+                if self.rollout.is_some() {
+                    "with a"
+                } else {
+                    "without a"
+                },
+                self.required_format()
+            ));
+        }
+        if let Some(rollout) = &self.rollout {
+            if rollout.duration > MAX_ROLLOUT_DURATION {
+                return malformed(format!(
+                    "rollout.duration {} s is longer than 90 days",
+                    rollout.duration
+                ));
+            }
+            if let Some(expires) = self.expires
+                && rollout.end() > expires
+            {
+                return malformed(
+                    "the rollout window ends after the release expires: some devices would never install it"
+                        .into(),
+                );
+            }
         }
         check_text("version", &self.version, MAX_VERSION_LEN)?;
         check_text("compatible", &self.compatible, MAX_COMPATIBLE_LEN)?;
@@ -421,6 +500,59 @@ mod tests {
             "{}",
             refusal.message
         );
+    }
+
+    fn with(format: u32, extra: &str) -> String {
+        let image = format!(
+            r#"{{"rootfs": {{"url": "https://a.example/1", "size": 1, "sha256": "{SHA}"}}}}"#
+        );
+        manifest_with_images(&image)
+            .replacen(r#""format": 1"#, &format!(r#""format": {format}"#), 1)
+            .replacen(r#""images""#, &format!(r#"{extra}"images""#), 1)
+    }
+
+    const WINDOW: &str = r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 86400}, "#;
+
+    #[test]
+    fn a_rollout_schedule_is_format_2_and_format_1_stays_as_it_was() {
+        // Format 1 without a schedule: as every agent reads it.
+        let old = Manifest::parse(with(1, "").as_bytes()).unwrap();
+        assert_eq!((old.format, old.rollout), (1, None));
+        assert_eq!(old.required_format(), FORMAT);
+        // Format 2 with one.
+        let staged = Manifest::parse(with(2, WINDOW).as_bytes()).unwrap();
+        let rollout = staged.rollout.unwrap();
+        assert_eq!(rollout.start.to_string(), "2026-02-01T00:00:00Z");
+        assert_eq!(rollout.end().to_string(), "2026-02-02T00:00:00Z");
+        // A schedule in format 1 would be ignored by the agents that read only format 1.
+        let refusal = Manifest::parse(with(1, WINDOW).as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed, "{}", refusal.message);
+        let refusal = Manifest::parse(with(2, "").as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::Malformed, "{}", refusal.message);
+        // A format from the future is refused as such, not as malformed.
+        let refusal = Manifest::parse(with(3, WINDOW).as_bytes()).unwrap_err();
+        assert_eq!(refusal.code, ReasonCode::UnsupportedFormat);
+        // The schedule is strict too.
+        for bad in [
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 86400, "percent": 5}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z"}, "#,
+            r#""rollout": {"start": "soon", "duration": 60}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": -1}, "#,
+            r#""rollout": {"start": "2026-02-01T00:00:00Z", "duration": 7776001}, "#,
+            r#""rollout": [], "#,
+        ] {
+            let refusal = Manifest::parse(with(2, bad).as_bytes()).unwrap_err();
+            assert_eq!(
+                refusal.code,
+                ReasonCode::Malformed,
+                "{bad}: {}",
+                refusal.message
+            );
+        }
+        // A window that outlasts the release would leave devices that never install it.
+        let expiring = format!(r#"{WINDOW}"expires": "2026-02-01T12:00:00Z", "#);
+        let refusal = Manifest::parse(with(2, &expiring).as_bytes()).unwrap_err();
+        assert!(refusal.message.contains("expires"), "{}", refusal.message);
     }
 
     #[test]

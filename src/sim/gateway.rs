@@ -235,6 +235,8 @@ impl GatewayBuilder {
             install: Install {
                 checkpoint_interval: 1024 * 1024,
                 stall_timeout: Duration::from_secs(10),
+                // Tests wait for installs; the jitter's spread is tested in `engine::rollout`.
+                download_jitter: Duration::ZERO,
                 ..Install::default()
             },
             health: Health {

@@ -186,6 +186,21 @@ impl ClientArgs {
         command
     }
 
+    /// An empty retained message on `topic`, QoS 1: it removes what the topic retains (what
+    /// `rollout halt` and `release publish --clear` send).
+    pub fn clear(&self, topic: &str) {
+        let out = self
+            .command("mosquitto_pub")
+            .args(["-q", "1", "-r", "-n", "-t", topic])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -n failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// One message from a file (binary-safe), QoS 1.
     pub fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
         let file = tempfile::NamedTempFile::new().unwrap();

@@ -12,7 +12,9 @@ use jiff::Timestamp;
 use crate::keys::{self, KeyId};
 use crate::release::Envelope;
 use crate::release::build::{sha256_of, sign_manifest};
-use crate::release::manifest::{Compression, Disruption, FORMAT, Image, Manifest, Severity};
+use crate::release::manifest::{
+    Compression, Disruption, FORMAT, Image, Manifest, Rollout, Severity,
+};
 
 /// A release signing key.
 #[derive(Clone)]
@@ -73,6 +75,7 @@ impl Signer {
                 },
                 deadline: None,
                 images: Default::default(),
+                rollout: None,
             },
         }
     }
@@ -98,6 +101,13 @@ impl ReleaseBuilder<'_> {
 
     pub fn deadline(mut self, at: Timestamp) -> Self {
         self.manifest.deadline = Some(at);
+        self
+    }
+
+    /// A staged rollout over `[start, start + duration)` (manifest format 2).
+    pub fn rollout(mut self, start: Timestamp, duration: u64) -> Self {
+        self.manifest.rollout = Some(Rollout { start, duration });
+        self.manifest.format = self.manifest.required_format();
         self
     }
 

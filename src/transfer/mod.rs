@@ -277,11 +277,16 @@ async fn install_full(
             checkpoint_interval: req.checkpoint_interval,
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,
-            stream: false,
         };
         let written = written.clone();
         tokio::task::spawn_blocking(move || {
-            writer::run_sink(file, config, queue_rx, written, checkpoint_tx)
+            writer::run_sink(
+                writer::SlotFile(file),
+                config,
+                queue_rx,
+                written,
+                checkpoint_tx,
+            )
         })
     };
 

@@ -86,11 +86,16 @@ pub async fn send_image(
             checkpoint_interval: 0,
             report_checkpoints: false,
             zstd: plan.zstd,
-            stream: true,
         };
         let written = Arc::new(AtomicU64::new(start));
         tokio::task::spawn_blocking(move || {
-            writer::run_sink(out, config, queue_rx, written, checkpoints)
+            writer::run_sink(
+                writer::InstallerStream(out),
+                config,
+                queue_rx,
+                written,
+                checkpoints,
+            )
         })
     };
     let mut rate = super::RateLimit::new(settings.max_rate);
@@ -210,12 +215,19 @@ impl SlotStream {
                 checkpoint_interval: request.checkpoint_interval,
                 report_checkpoints: true,
                 zstd: None,
-                stream: false,
             };
             let written = written.clone();
             std::thread::Builder::new()
                 .name("slot-writer".into())
-                .spawn(move || writer::run_sink(file, config, queue_rx, written, checkpoint_tx))
+                .spawn(move || {
+                    writer::run_sink(
+                        writer::SlotFile(file),
+                        config,
+                        queue_rx,
+                        written,
+                        checkpoint_tx,
+                    )
+                })
                 .map_err(|e| TransferError::slot_io(&request.slot_path, "start writing", e))?
         };
         let mut reporter = Reporter {

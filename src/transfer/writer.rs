@@ -144,10 +144,52 @@ pub(crate) struct SinkConfig {
     pub report_checkpoints: bool,
     /// The expected transport SHA-256 of a zstd-compressed image.
     pub zstd: Option<[u8; 32]>,
-    /// The "slot" is the byte stream to the privileged installer (a socket): bytes go out in
-    /// order, nothing is synced, and the image hash is the installer's to check (it alone sees
-    /// the whole image when resuming).
-    pub stream: bool,
+}
+
+/// Where the sink's bytes go.
+pub(crate) trait Destination: Send {
+    /// What [`Destination::put`] does, for messages (`cannot write …`).
+    const PUT: &'static str;
+    /// Whether the image hash is checked here.
+    const CHECKS_HASH: bool;
+    /// Takes `bytes`, whose place in the slot is offset `at`.
+    fn put(&mut self, bytes: &[u8], at: u64) -> io::Result<()>;
+    /// Makes everything put so far durable.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// The slot itself (a block device or a regular file): written at offsets, `fdatasync`ed.
+pub(crate) struct SlotFile(pub File);
+
+impl Destination for SlotFile {
+    const PUT: &'static str = "write";
+    const CHECKS_HASH: bool = true;
+
+    fn put(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
+        self.0.write_all_at(bytes, at)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// The byte stream to the privileged installer (a socket): bytes go out in order, nothing is
+/// synced here, and the image hash is the installer's to check (it alone sees the whole image
+/// when resuming).
+pub(crate) struct InstallerStream(pub File);
+
+impl Destination for InstallerStream {
+    const PUT: &'static str = "send to";
+    const CHECKS_HASH: bool = false;
+
+    fn put(&mut self, bytes: &[u8], _at: u64) -> io::Result<()> {
+        crate::socket::send_all(&self.0, bytes)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) enum SinkOutcome {
@@ -160,8 +202,8 @@ pub(crate) enum SinkOutcome {
 
 /// Runs the sink until the queue ends. `written` is updated after each write;
 /// `checkpoints` receives each durable offset after its `fdatasync`.
-pub(crate) fn run_sink(
-    file: File,
+pub(crate) fn run_sink<D: Destination>(
+    destination: D,
     mut config: SinkConfig,
     mut queue: tokio::sync::mpsc::Receiver<Msg>,
     written: Arc<AtomicU64>,
@@ -173,7 +215,7 @@ pub(crate) fn run_sink(
     };
     let state = std::mem::take(&mut config.hasher);
     let hash = match unzstd {
-        _ if config.stream => ImageHash::Off,
+        _ if !D::CHECKS_HASH => ImageHash::Off,
         // Decompressed output lives in a reused buffer: nothing to share with another thread,
         // and the decoder is the slow part anyway.
         Some(_) => ImageHash::Inline(state),
@@ -182,7 +224,7 @@ pub(crate) fn run_sink(
     let mut slot = SlotWriter {
         hash,
         next_checkpoint: next_multiple(config.start, config.checkpoint_interval),
-        file,
+        destination,
         buf: Vec::with_capacity(WRITE_BUFFER),
         flushed: config.start,
         durable: config.start,
@@ -221,8 +263,8 @@ fn next_multiple(offset: u64, interval: u64) -> Option<u64> {
     Some((offset / interval + 1).saturating_mul(interval))
 }
 
-struct SlotWriter {
-    file: File,
+struct SlotWriter<D> {
+    destination: D,
     hash: ImageHash,
     config: SinkConfig,
     buf: Vec<u8>,
@@ -235,7 +277,7 @@ struct SlotWriter {
     checkpoints: Option<std::sync::mpsc::Sender<u64>>,
 }
 
-impl SlotWriter {
+impl<D: Destination> SlotWriter<D> {
     fn accepted(&self) -> u64 {
         self.flushed + self.buf.len() as u64
     }
@@ -294,14 +336,9 @@ impl SlotWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if self.config.stream {
-            crate::installer::send_all(&self.file, &self.buf)
-                .map_err(|e| TransferError::slot_io(&self.config.path, "send to", e))?;
-        } else {
-            self.file
-                .write_all_at(&self.buf, self.flushed)
-                .map_err(|e| TransferError::slot_io(&self.config.path, "write", e))?;
-        }
+        self.destination
+            .put(&self.buf, self.flushed)
+            .map_err(|e| TransferError::slot_io(&self.config.path, D::PUT, e))?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         self.written.store(self.flushed, Ordering::Relaxed);
@@ -321,11 +358,8 @@ impl SlotWriter {
     }
 
     fn sync(&mut self) -> Result<(), TransferError> {
-        if self.config.stream {
-            return Ok(());
-        }
-        self.file
-            .sync_data()
+        self.destination
+            .sync()
             .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))
     }
 
@@ -343,7 +377,7 @@ impl SlotWriter {
             });
         }
         let actual = self.hash.finalize();
-        if !self.config.stream && actual != self.config.expected {
+        if D::CHECKS_HASH && actual != self.config.expected {
             return Err(TransferError::HashMismatch {
                 url: self.config.shown.clone(),
                 what: "image",
@@ -458,7 +492,11 @@ impl Unzstd {
         })
     }
 
-    fn feed(&mut self, data: &[u8], slot: &mut SlotWriter) -> Result<(), TransferError> {
+    fn feed<D: Destination>(
+        &mut self,
+        data: &[u8],
+        slot: &mut SlotWriter<D>,
+    ) -> Result<(), TransferError> {
         self.hasher.update(data);
         let mut input = InBuffer::around(data);
         loop {
@@ -483,7 +521,7 @@ impl Unzstd {
         }
     }
 
-    fn finish(&mut self, slot: &mut SlotWriter) -> Result<(), TransferError> {
+    fn finish<D: Destination>(&mut self, slot: &mut SlotWriter<D>) -> Result<(), TransferError> {
         let actual: [u8; 32] = self.hasher.clone().finalize().into();
         if actual != self.expected {
             return Err(TransferError::HashMismatch {

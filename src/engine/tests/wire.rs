@@ -46,6 +46,7 @@ fn event_kinds_keep_their_wire_names() {
         Pending => "pending",
         RebootScheduled => "reboot-scheduled",
         Superseded => "superseded",
+        Withdrawn => "withdrawn",
         Postponed => "postponed",
         Resumed => "resumed",
         AutoInstallEnabled => "auto-install-enabled",
@@ -69,6 +70,7 @@ fn policy_words_keep_their_wire_names() {
         Postponed => "postponed",
         AutoInstallOff => "auto-install-off",
         ManualReboot => "manual-reboot",
+        Rollout => "rollout",
     });
     for (wait, name) in waits {
         assert_wire_name(wait, name);
