@@ -1081,7 +1081,7 @@ pub fn receive_delta(
             list.extend_from_slice(&range.len.to_le_bytes());
         }
     }
-    crate::installer::send_all(stream, &list)
+    crate::socket::send_all(stream, &list)
         .map_err(|e| wire(format!("cannot send the ranges: {e}")))?;
 
     // The ranges' bytes, into the spool.
