@@ -663,6 +663,13 @@ impl Agent {
             stall_timeout: request.stall_timeout,
             connect_timeout: request.connect_timeout,
             extra_roots: request.extra_roots.clone(),
+            max_rate: request.max_rate,
+            delta_work_dir: self
+                .config
+                .install
+                .delta
+                .then(|| self.config.device.state_dir.join("delta")),
+            full_download_fallback: self.config.install.full_download_fallback,
         };
         let mut attempt = 1;
         loop {
@@ -680,6 +687,14 @@ impl Agent {
                         TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
                         TransferEvent::Verifying => {
                             crash.point("readback:before");
+                            return Ok(());
+                        }
+                        TransferEvent::Downloaded {
+                            downloaded,
+                            expected,
+                        } => {
+                            crash.bytes_downloaded(downloaded);
+                            tracing::debug!("delta: {downloaded} of {expected} bytes downloaded");
                             return Ok(());
                         }
                     };
@@ -748,6 +763,29 @@ impl Agent {
         request.resume_from = resume_from;
         request.checkpoint_interval = self.config.install.checkpoint_interval;
         request.stall_timeout = self.config.install.stall_timeout;
+        request.max_rate = self.config.install.max_rate;
+        // A delta reads the local slots: this request is for when this process owns them (no
+        // split); under the split the installer reads them and the daemon fetches what it asks
+        // for (`FetchSettings::delta_work_dir`).
+        if self.config.install.delta {
+            let booted = self
+                .config
+                .slot_by_bootname(booted)
+                .filter(|_| !booted.is_empty())
+                .map(|slot| crate::transfer::BootedSlot {
+                    path: slot.device.clone(),
+                    // A booted slot does not change under the running system: its table holds
+                    // for this boot (and only proposes candidates, each checked before use).
+                    key: system::boot_id(&self.config)
+                        .ok()
+                        .map(|id| crate::transfer::booted_table_key(id.as_str(), &slot.device)),
+                });
+            request.delta = Some(crate::transfer::DeltaSettings {
+                work_dir: self.config.device.state_dir.join("delta"),
+                booted,
+                full_download_fallback: self.config.install.full_download_fallback,
+            });
+        }
         Ok(request)
     }
 
@@ -884,6 +922,8 @@ impl CrashPoints {
     fn checkpoint_persisted(&self) {}
 
     fn bytes_written(&self, _written: u64) {}
+
+    fn bytes_downloaded(&self, _downloaded: u64) {}
 }
 
 #[cfg(feature = "test-hooks")]
@@ -911,6 +951,18 @@ impl CrashPoints {
             && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
         {
             crash(&format!("bytes:{limit}"));
+        }
+    }
+
+    /// `downloaded:N`: a delta update's download reached N bytes (index and store ranges).
+    fn bytes_downloaded(&self, downloaded: u64) {
+        if let Some(limit) = self
+            .at
+            .as_deref()
+            .and_then(|at| at.strip_prefix("downloaded:"))
+            && limit.parse::<u64>().is_ok_and(|limit| downloaded >= limit)
+        {
+            crash(&format!("downloaded:{limit}"));
         }
     }
 }

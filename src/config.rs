@@ -287,6 +287,17 @@ pub struct Install {
     /// A download that delivers no byte for this long fails.
     #[serde(default = "default_stall_timeout", with = "seconds")]
     pub stall_timeout: Duration,
+    /// Delta updates: when the release has a block index, reuse the blocks the device already
+    /// holds (booted and inactive slot) and fetch only the others with HTTP Range requests.
+    #[serde(default = "yes")]
+    pub delta: bool,
+    /// Bandwidth cap for image downloads, in bytes per second (none when absent).
+    #[serde(default)]
+    pub max_rate: Option<u64>,
+    /// When a delta update is not possible (the server ignores Range requests, the block index
+    /// is refused), download the whole image instead of refusing. Off: the data budget holds.
+    #[serde(default)]
+    pub full_download_fallback: bool,
     /// Bound of the wait before a release's download starts, in seconds: each device waits
     /// its own share of it (drawn from the release id and its device id), so that a fleet told
     /// at once does not reach the image server in the same second. 0: none.
@@ -299,6 +310,9 @@ impl Default for Install {
         Install {
             checkpoint_interval: default_checkpoint_interval(),
             stall_timeout: default_stall_timeout(),
+            delta: true,
+            max_rate: None,
+            full_download_fallback: false,
             download_jitter: default_download_jitter(),
         }
     }
@@ -365,6 +379,10 @@ pub struct Mqtt {
     pub broker: String,
     /// This device's id: its MQTT client id and its topic segment (`devices/{device_id}/…`).
     pub device_id: String,
+    /// `"5"` (default) or `"3.1.1"`, for brokers that speak nothing newer; then the broker
+    /// must bound the message size itself (README, "MQTT 3.1.1").
+    #[serde(default)]
+    pub protocol: crate::mqtt::Protocol,
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
     /// PEM file with the CA certificate(s) the broker's certificate must chain to. Only these
@@ -578,7 +596,11 @@ impl Mqtt {
             ca: ca.clone(),
             client: self.cert_file.clone().zip(self.key_file.clone()),
         });
-        Ok(Endpoint { url, tls })
+        Ok(Endpoint {
+            url,
+            tls,
+            protocol: self.protocol,
+        })
     }
 
     /// A connection to `broker` as `device_id`, with every other setting at its default.
@@ -587,6 +609,7 @@ impl Mqtt {
             broker: broker.into(),
             device_id: device_id.into(),
             topic_prefix: default_topic_prefix(),
+            protocol: crate::mqtt::Protocol::default(),
             ca_file: None,
             cert_file: None,
             key_file: None,

@@ -18,10 +18,13 @@
 //! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
 //!   small host that owns the agent for it until the daemon does.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
-//! - [`mqtt`]: the broker connection (rumqttc, MQTT 5, TLS), topics and payloads.
+//! - [`mqtt`]: the broker connection (rumqttc, MQTT 5 or 3.1.1, TLS), topics and payloads.
+//! - `fleet` (feature `operator`): the operator's aggregate view of a fleet from what the
+//!   devices publish: states, a rollout's stages and failure rate, stragglers, missing events.
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
 //! - [`daemon`]: `update-agent run`, the service loop around the agent.
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
+//! - [`delta`]: delta updates on the device: local block tables and the fetch planner.
 //! - [`slot_control`]: who writes slots, changes the bootloader and reboots: this process
 //!   ([`slot_control::Local`]) or the privileged installer.
 //! - [`socket`]: non-blocking socket sends and waits with deadlines (the installer's sockets).
@@ -37,8 +40,11 @@ pub mod config;
 pub mod conformance;
 pub mod daemon;
 pub mod dbus;
+pub mod delta;
 pub mod durable;
 pub mod engine;
+#[cfg(feature = "operator")]
+pub mod fleet;
 pub mod health;
 pub mod installer;
 pub mod keys;

@@ -62,6 +62,10 @@ pub enum ReasonCode {
     SlotIo,
     /// The agent stopped the install (its progress or checkpoint handler failed).
     Cancelled,
+    /// A delta download needs HTTP Range requests and the server answers them with the whole
+    /// file; refused (the data budget) unless `[install] full_download_fallback` allows the
+    /// full download.
+    RangeUnsupported,
 
     // --- the transaction ---
     /// Another transaction is in progress; the release will be looked at again later.
@@ -130,6 +134,7 @@ impl ReasonCode {
         ReasonCode::DecompressFailed,
         ReasonCode::SlotIo,
         ReasonCode::Cancelled,
+        ReasonCode::RangeUnsupported,
         ReasonCode::Busy,
         ReasonCode::NotReady,
         ReasonCode::PreviouslyRolledBack,
@@ -190,6 +195,7 @@ impl ReasonCode {
             ReasonCode::DecompressFailed => "decompress-failed",
             ReasonCode::SlotIo => "slot-io",
             ReasonCode::Cancelled => "cancelled",
+            ReasonCode::RangeUnsupported => "range-unsupported",
 
             ReasonCode::Busy => "busy",
             ReasonCode::NotReady => "not-ready",
@@ -257,6 +263,7 @@ mod tests {
             (DecompressFailed, "decompress-failed"),
             (SlotIo, "slot-io"),
             (Cancelled, "cancelled"),
+            (RangeUnsupported, "range-unsupported"),
             (Busy, "busy"),
             (NotReady, "not-ready"),
             (PreviouslyRolledBack, "previously-rolled-back"),
@@ -281,10 +288,11 @@ mod tests {
                 | BelowThreshold | Incompatible | Downgrade | Expired | UnsupportedUrl
                 | DownloadFailed | TlsFailed | HttpStatus | StallTimeout | RedirectLoop
                 | InsecureRedirect | SizeMismatch | HashMismatch | ImageTooLarge
-                | ReadbackMismatch | DecompressFailed | SlotIo | Cancelled | Busy | NotReady
-                | PreviouslyRolledBack | BootloaderFailed | UnexpectedBoot | HealthCheckFailed
-                | FellBack | NothingPending | InvalidRequest | NotPostponable | BootedSlot
-                | Forbidden | InstallerUnavailable | UnverifiedSlot | RebootFailed => {}
+                | ReadbackMismatch | DecompressFailed | SlotIo | Cancelled | RangeUnsupported
+                | Busy | NotReady | PreviouslyRolledBack | BootloaderFailed | UnexpectedBoot
+                | HealthCheckFailed | FellBack | NothingPending | InvalidRequest
+                | NotPostponable | BootedSlot | Forbidden | InstallerUnavailable
+                | UnverifiedSlot | RebootFailed => {}
             }
         }
         assert_eq!(pinned.len(), ReasonCode::ALL.len());

@@ -720,19 +720,23 @@ fn item7_monitor_shows_nothing_a_device_sends_unescaped() {
         true,
     );
     let broker_url = broker.url();
-    let out = Command::new(BIN)
-        .args(["monitor", "--broker", &broker_url, "--once"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    let shown = String::from_utf8(out.stdout.clone()).unwrap();
-    assert!(shown.contains(DEVICE_ID), "{shown}");
-    for line in shown.lines() {
-        assert!(line.len() < 200, "a line of {} bytes", line.len());
-        assert!(
-            line.chars().all(|c| c == '…' || (' '..='~').contains(&c)),
-            "{line:?}"
-        );
+    // The aggregate view (versions and states counted) and the one-line-per-device table.
+    for (view, shows) in [(&[][..], "2.0\\u{202e}"), (&["--devices"][..], DEVICE_ID)] {
+        let out = Command::new(BIN)
+            .args(["monitor", "--broker", &broker_url, "--once"])
+            .args(view)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let shown = String::from_utf8(out.stdout.clone()).unwrap();
+        assert!(shown.contains(shows), "{view:?}: {shown}");
+        for line in shown.lines() {
+            assert!(line.len() < 200, "a line of {} bytes", line.len());
+            assert!(
+                line.chars().all(|c| c == '…' || (' '..='~').contains(&c)),
+                "{line:?}"
+            );
+        }
     }
 
     // --json: an event whose seq is a string with a bidi override and an escape sequence.

@@ -13,6 +13,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use update_agent::keys::{self, KeyId};
+use update_agent::release::block_index::IndexHeader;
 
 const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 
@@ -386,18 +387,27 @@ fn create_with_zstd_writes_a_compressed_image_the_manifest_describes() {
     assert_eq!(entry["sha256"], hex::encode(Sha256::digest(&image)));
     assert_eq!(zstd::decode_all(compressed.as_slice()).unwrap(), image);
 
-    // The chunk index: one SHA-256 per 64 KiB of the image as written, the last chunk short.
-    let chunks = fs::read(setup.path("rootfs.img.zst.chunks")).unwrap();
-    assert_eq!(chunks.len(), image.len().div_ceil(65536) * 32);
-    assert_eq!(&chunks[..32], Sha256::digest(&image[..65536]).as_slice());
+    // The block index beside the served image, bound by its hash; it names the store beside it
+    // (`--chunk-size` is the old spelling of `--block-size`).
+    let index = fs::read(setup.path("rootfs.img.zst.index")).unwrap();
     assert_eq!(
         entry["chunks"]["sha256"],
-        hex::encode(Sha256::digest(&chunks))
+        hex::encode(Sha256::digest(&index))
     );
     assert_eq!(entry["chunks"]["chunk_size"], 65536);
     assert_eq!(
         entry["chunks"]["url"],
-        "https://updates.example.com/rootfs.img.chunks"
+        "https://updates.example.com/rootfs.img.zst.index"
+    );
+    let header = IndexHeader::parse(&index).unwrap();
+    assert_eq!(header.block_size, 65536);
+    assert_eq!(header.image_size, image.len() as u64);
+    assert_eq!(header.store_name, "rootfs.img.zst.store");
+    assert_eq!(
+        fs::metadata(setup.path("rootfs.img.zst.store"))
+            .unwrap()
+            .len(),
+        header.store_size
     );
 
     assert_exit(&setup.verify(&[]), 0);

@@ -581,3 +581,68 @@ fn a_failed_trial_rolls_back_through_the_installer() {
         }
     }
 }
+
+/// A delta update under the split: the installer (root) reads slot A, which the daemon
+/// (`nobody`) cannot even open, and asks the daemon for just the store's ranges it lacks; the
+/// daemon fetches them from a static server with Range support and never touches a slot.
+#[test]
+fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the_rest() {
+    use common::range_server::{RangeMode, RangeServer};
+    use std::os::unix::fs::PermissionsExt;
+    let split = Split::new(Backend::File);
+    split
+        .gateway
+        .signer()
+        .write_key_pair(&split.path("signer"))
+        .unwrap();
+    // The new image: slot A's content with one block changed, and 100 KB more.
+    let mut new = split.slot("A")[..200_003].to_vec();
+    new[10 * 4096 + 5] ^= 0x55;
+    new.extend_from_slice(&pattern(100_000, 77));
+    let serve = split.path("serve");
+    fs::create_dir(&serve).unwrap();
+    fs::write(split.path("new.img"), &new).unwrap();
+    let server = RangeServer::start(serve.clone(), RangeMode::Multi);
+    let release = split.path("release-delta.json");
+    let out = Command::new(BIN)
+        .args(["release", "create", "--key"])
+        .arg(split.path("signer.key"))
+        .arg("--image")
+        .arg(split.path("new.img"))
+        .args(["--version", "3.0", "--security-version", "3"])
+        .args(["--compatible", COMPATIBLE, "--url", &server.url("new.img")])
+        .args(["--store-level", "3", "--out-dir"])
+        .arg(&serve)
+        .arg("--out")
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "release create: {}", text(&out));
+    fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "install as nobody: {}\ninstaller:\n{}",
+        text(&out),
+        split.installer_log()
+    );
+    assert_eq!(
+        &split.slot("B")[..new.len()],
+        &new[..],
+        "slot B holds the image"
+    );
+    assert_eq!(server.requests_of("new.img"), 0, "never the whole image");
+    let store = fs::metadata(serve.join("new.img.store")).unwrap().len();
+    let fetched = server.ranged_bytes_of("new.img.store");
+    assert!(
+        fetched > 0 && fetched * 2 < store,
+        "{fetched} of the store's {store} bytes"
+    );
+    assert!(
+        split.installer_log().contains("by delta"),
+        "{}",
+        split.installer_log()
+    );
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+}

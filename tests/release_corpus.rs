@@ -175,12 +175,24 @@ fn generate() -> Vec<Case> {
             image["transport_size"] = json!(400000);
             image["transport_sha256"] = json!(IMAGE_SHA256);
             image["chunks"] = json!({
-                "url": "https://updates.example.com/rootfs.img.chunks",
+                "url": "https://updates.example.com/rootfs.img.zst.index",
                 "sha256": IMAGE_SHA256,
-                "chunk_size": 1048576
+                "chunk_size": 4096
             });
             m["images"]["appfs"] =
                 json!({"url": "file:///media/usb/appfs.img", "size": 4096, "sha256": IMAGE_SHA256});
+        },
+    );
+    g.manifest(
+        "valid-block-index-in-format-1",
+        ACCEPT,
+        "a block index (docs/block-index.md) is named by format 1's chunk index: agents that do not read it take the release and download the image in full",
+        |m| {
+            image(m)["chunks"] = json!({
+                "url": "https://updates.example.com/rootfs.img.index",
+                "sha256": IMAGE_SHA256,
+                "chunk_size": 4096
+            })
         },
     );
     g.push(

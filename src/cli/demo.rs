@@ -15,7 +15,7 @@ use anyhow::{Context, bail, ensure};
 use update_agent::config::Config;
 use update_agent::engine::{Event, EventKind};
 use update_agent::mqtt::oneshot::{self, Seen, Watcher};
-use update_agent::mqtt::{BrokerUrl, Endpoint, topics};
+use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol, topics};
 use update_agent::reason::ReasonCode;
 use update_agent::sim::{self, Act, Gateway, ImageServer, Signer};
 use update_agent::state_store::StateStore;
@@ -82,6 +82,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
             tls: false,
         },
         tls: None,
+        protocol: Protocol::V5,
     };
     detail(&format!("listening on {}", endpoint.shown()));
 

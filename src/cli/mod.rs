@@ -8,10 +8,14 @@ mod conformance;
 mod demo;
 #[cfg(feature = "demo")]
 mod demo_broker;
+#[cfg(feature = "operator")]
+mod follow;
 mod install;
 mod installer;
 #[cfg(feature = "operator")]
 mod keygen;
+#[cfg(feature = "operator")]
+mod metrics_server;
 #[cfg(feature = "operator")]
 mod monitor;
 #[cfg(feature = "operator")]
@@ -20,6 +24,8 @@ mod release;
 #[cfg(feature = "operator")]
 mod release_create;
 mod release_summary;
+#[cfg(feature = "operator")]
+mod rollout;
 mod run;
 mod status;
 mod user;
@@ -57,9 +63,14 @@ enum Command {
     Release(release::Command),
     /// Run the agent as a service: releases from MQTT in, state and events out
     Run(run::RunArgs),
-    /// Watch the fleet: a live table of devices from their retained state, or --json events
+    /// Watch the fleet: counts per version and state, failures, stragglers; or --json events
     #[cfg(feature = "operator")]
     Monitor(monitor::MonitorArgs),
+    /// Roll a release out to the fleet over MQTT: start (publish, follow, halt on failures),
+    /// status, halt
+    #[cfg(feature = "operator")]
+    #[command(subcommand)]
+    Rollout(rollout::Command),
     /// Install a release from a file now (like `rauc install`); reboot to try it
     Install(install::InstallArgs),
     /// At boot: finish an interrupted install, run the trial's health checks, commit or roll back
@@ -120,6 +131,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         #[cfg(feature = "operator")]
         Command::Monitor(args) => monitor::run(args),
+        #[cfg(feature = "operator")]
+        Command::Rollout(command) => rollout::run(command),
         Command::Install(args) => install::install(args),
         Command::BootCheck(args) => install::boot_check(args),
         Command::Status(args) => status::status(args),

@@ -1,28 +1,40 @@
-//! `update-agent monitor`: what the fleet is doing, from the broker. A table of devices built
-//! from their retained `state` and `online` topics (redrawn live on a terminal), or with
-//! `--json` one line per event record. Everything shown came over the network, so every string
-//! is escaped and bounded before it reaches the terminal.
+//! `update-agent monitor`: what the fleet is doing, from the broker. By default an aggregate
+//! view that stays one screen at 1,000 devices and more — devices online, counts per version
+//! and state, events received and missing (by `seq`), the newest failures and the stragglers —
+//! redrawn live on a terminal. `--devices` lists one line per device instead; `--json` prints
+//! one line per event record. Everything shown came over the network: the fleet view escapes
+//! and bounds every string before it gets here.
 
-use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 use tokio::time::Instant;
-use update_agent::mqtt::oneshot::{Seen, Watcher};
+use update_agent::fleet::{DeviceLine, FleetView, Named, Rules, Summary};
+use update_agent::mqtt::oneshot::Seen;
+use update_agent::mqtt::topics;
 use update_agent::release::escape_for_log;
 
 use super::broker::{BrokerArgs, runtime};
+use super::follow::{Heard, follow};
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
     #[command(flatten)]
     broker: BrokerArgs,
-    /// Print each event record as one JSON line (with a "device" field) instead of the table
+    /// Only devices of this product (their retained state's compatible)
+    #[arg(long)]
+    fleet: Option<String>,
+    /// Print each event record as one JSON line (with a "device" field) instead of the view
     #[arg(long)]
     json: bool,
-    /// Print the table of the retained state once and exit
+    /// One line per device (id, version, state, progress, newest event, online) instead of
+    /// the aggregate view
+    #[arg(long, conflicts_with = "json")]
+    devices: bool,
+    /// Print the view of the retained state once and exit
     #[arg(long, conflicts_with = "json")]
     once: bool,
     /// With --json: exit after this many events
@@ -31,30 +43,40 @@ pub struct MonitorArgs {
     /// Exit after this many seconds
     #[arg(long)]
     timeout: Option<u64>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Row {
-    version: String,
-    state: String,
-    progress: String,
-    last_event: String,
-    online: String,
+    /// Seconds without a message after which an offline or busy device is listed as a
+    /// straggler
+    #[arg(long, default_value_t = 600)]
+    straggler_after: u64,
 }
 
 pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     let endpoint = args.broker.endpoint()?;
-    let mut watcher = Watcher::new(&endpoint, &args.broker.prefix)?;
+    if let Some(fleet) = &args.fleet {
+        topics::check_segment("--fleet", fleet).map_err(anyhow::Error::msg)?;
+    }
+    let shown = format!("{}, {}", endpoint.shown(), args.broker.prefix);
     runtime()?.block_on(async move {
+        let mut heard = follow(std::slice::from_ref(&endpoint), &args.broker.prefix)?;
         let deadline = args
             .timeout
             .map(|s| Instant::now() + Duration::from_secs(s));
-        let mut table: BTreeMap<String, Row> = BTreeMap::new();
+        let rules = Rules {
+            straggler_after: SignedDuration::from_secs(args.straggler_after as i64),
+            ..Rules::default()
+        };
+        let mut view = FleetView::new(args.fleet.clone(), None);
         let mut events = 0u64;
         let terminal = std::io::stdout().is_terminal();
         let mut subscribed = false;
         let mut last_draw: Option<Instant> = None;
         let mut dirty = false;
+        let draw = |view: &FleetView| {
+            if args.devices {
+                render_devices(&view.devices())
+            } else {
+                render(&view.summary(&rules, Timestamp::now()), &shown)
+            }
+        };
         loop {
             // With --once: the retained messages come right after the subscription; a short
             // quiet spell means they are all in.
@@ -67,9 +89,9 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                 Some(d) => quiet.min(d.saturating_duration_since(Instant::now())),
                 None => quiet,
             };
-            match tokio::time::timeout(wait, watcher.next()).await {
-                Ok(Ok(None)) => subscribed = true,
-                Ok(Ok(Some(seen))) => {
+            match tokio::time::timeout(wait, heard.recv()).await {
+                Ok(Some(Heard::Subscribed(_))) => subscribed = true,
+                Ok(Some(Heard::Message(seen))) => {
                     if args.json {
                         if seen.leaf == "events" {
                             print_event(&seen);
@@ -79,34 +101,39 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                     } else {
-                        update(&mut table, &seen);
+                        view.observe_as(
+                            &seen.device,
+                            &seen.leaf,
+                            &seen.payload,
+                            seen.retained,
+                            Timestamp::now(),
+                        );
                         dirty = true;
                     }
                 }
-                Ok(Err(e)) => {
-                    eprintln!("monitor: {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+                Ok(Some(Heard::Trouble(e))) => eprintln!("monitor: {e}"),
+                Ok(None) => anyhow::bail!("the connection tasks stopped"),
                 Err(_) => {
                     if args.once && subscribed {
-                        print!("{}", render(&table));
+                        print!("{}", draw(&view));
                         return Ok(ExitCode::SUCCESS);
                     }
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 if !args.json {
-                    print!("{}", render(&table));
+                    print!("{}", draw(&view));
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             let due = last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
             if dirty && due && !args.json && !args.once {
+                let mut out = std::io::stdout().lock();
                 if terminal {
-                    print!("\x1b[H\x1b[2J");
+                    let _ = write!(out, "\x1b[H\x1b[2J");
                 }
-                print!("{}", render(&table));
-                let _ = std::io::stdout().flush();
+                let _ = write!(out, "{}", draw(&view));
+                let _ = out.flush();
                 last_draw = Some(Instant::now());
                 dirty = false;
             }
@@ -118,6 +145,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
 /// bytes, and a longer one is summed up instead of flooding the terminal.
 const MAX_JSON_LINE: usize = 8 * 1024;
 
+/// One event record as a JSON line with the device's id added, bounded and ASCII-only.
 fn print_event(seen: &Seen) {
     let record = match serde_json::from_slice::<Value>(&seen.payload) {
         Ok(Value::Object(mut map)) => {
@@ -158,79 +186,134 @@ fn terminal_safe_json(value: &Value) -> String {
     out
 }
 
-/// A sequence number as the table shows it: the number, or (a device sending something else)
-/// its escaped, bounded text.
-fn seq_text(seq: &Value) -> String {
-    match seq.as_u64() {
-        Some(n) => n.to_string(),
-        None => escape_for_log(&seq.to_string(), 12),
-    }
-}
-
-fn update(table: &mut BTreeMap<String, Row>, seen: &Seen) {
-    let row = table.entry(seen.device.clone()).or_default();
-    let doc: Value = serde_json::from_slice(&seen.payload).unwrap_or(Value::Null);
-    let text = |v: &Value| match v {
-        Value::String(s) => escape_for_log(s, 32),
-        Value::Null => "-".into(),
-        other => escape_for_log(&other.to_string(), 32),
-    };
-    match seen.leaf.as_str() {
-        "online" => {
-            row.online = match &seen.payload[..] {
-                b"true" => "yes".into(),
-                b"false" => "no".into(),
-                other => escape_for_log(&String::from_utf8_lossy(other), 8),
-            }
-        }
-        "state" => {
-            row.version = text(&doc["version"]);
-            row.state = text(&doc["state"]);
-            row.progress = match doc["progress"]["percent"].as_u64() {
-                Some(p) => format!("{p}%"),
-                None => "-".into(),
-            };
-            let last = &doc["last_event"];
-            if last.is_object() {
-                row.last_event = format!("#{} {}", seq_text(&last["seq"]), text(&last["state"]));
-            }
-        }
-        "events" => {
-            row.last_event = format!(
-                "#{} {}{}",
-                seq_text(&doc["seq"]),
-                text(&doc["state"]),
-                doc["reason"]
-                    .as_str()
-                    .map(|r| format!(" ({})", escape_for_log(r, 32)))
-                    .unwrap_or_default()
-            );
-        }
-        _ => {}
-    }
-}
-
-fn render(table: &BTreeMap<String, Row>) -> String {
+/// The aggregate view: one screen whatever the fleet's size.
+pub(super) fn render(summary: &Summary, shown: &str) -> String {
     let mut out = format!(
-        "{:<20} {:<12} {:<15} {:<8} {:<34} {}\n",
+        "{} device{}: {} online, {} offline, {} unknown  ({shown})\n",
+        summary.devices,
+        if summary.devices == 1 { "" } else { "s" },
+        summary.online,
+        summary.offline,
+        summary.online_unknown,
+    );
+    let e = &summary.events;
+    out.push_str(&format!(
+        "events: {} received, {} missing, {} duplicate, {} dropped by devices, {} unreadable\n",
+        e.received, e.missing, e.duplicates, e.dropped_by_devices, e.unreadable
+    ));
+    if summary.ignored_devices > 0 {
+        out.push_str(&format!(
+            "{} messages from devices beyond the first {} ignored\n",
+            summary.ignored_devices,
+            update_agent::fleet::MAX_DEVICES
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<24} {:<18} {:>8}\n",
+        "VERSION", "STATE", "DEVICES"
+    ));
+    for row in &summary.by_state {
+        out.push_str(&format!(
+            "{:<24} {:<18} {:>8}\n",
+            row.version, row.state, row.devices
+        ));
+    }
+    if let Some(rollout) = &summary.rollout {
+        out.push_str(&format!(
+            "\nrollout of {} (release {}…):",
+            rollout.version,
+            &rollout.release_id[..rollout.release_id.len().min(12)]
+        ));
+        for (stage, count) in &rollout.stages {
+            out.push_str(&format!(" {count} {}", stage.as_str()));
+        }
+        out.push('\n');
+        match rollout.failure_rate {
+            Some(rate) => out.push_str(&format!(
+                "failure rate {:.1} %: {} of {} finished devices rolled back or failed\n",
+                rate * 100.0,
+                rollout.failed,
+                rollout.finished
+            )),
+            None => out.push_str(&format!(
+                "failure rate: not yet ({} finished, {} rolled back or failed)\n",
+                rollout.finished, rollout.failed
+            )),
+        }
+    }
+    list(
+        &mut out,
+        "failures",
+        "newest first",
+        &summary.failures,
+        summary.failures_total,
+    );
+    list(
+        &mut out,
+        "stragglers",
+        "quietest first",
+        &summary.stragglers,
+        summary.stragglers_total,
+    );
+    out
+}
+
+fn list(out: &mut String, title: &str, order: &str, named: &[Named], total: usize) {
+    if total == 0 {
+        return;
+    }
+    out.push_str(&format!(
+        "\n{title} ({} of {total}, {order}):\n",
+        named.len()
+    ));
+    for n in named {
+        let stage = n.stage.map(|s| s.as_str()).unwrap_or("-");
+        let online = match n.online {
+            Some(true) => "online",
+            Some(false) => "offline",
+            None => "online?",
+        };
+        let quiet = n
+            .quiet_for
+            .map(|s| format!("quiet {s} s"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {:<24} {:<12} {:<14} {:<12} {:<8} {:<12} {}{}\n",
+            n.device,
+            stage,
+            n.state,
+            n.version,
+            online,
+            quiet,
+            n.reason.as_deref().unwrap_or(""),
+            n.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ));
+    }
+}
+
+/// One line per device (`--devices`).
+fn render_devices(lines: &[DeviceLine]) -> String {
+    let mut out = format!(
+        "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
         "DEVICE", "VERSION", "STATE", "PROGRESS", "LAST EVENT", "ONLINE"
     );
-    for (device, row) in table {
-        let cell = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                s.to_string()
-            }
+    for line in lines {
+        let online = match line.online {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
         };
         out.push_str(&format!(
-            "{:<20} {:<12} {:<15} {:<8} {:<34} {}\n",
-            escape_for_log(device, 20),
-            cell(&row.version),
-            cell(&row.state),
-            cell(&row.progress),
-            cell(&row.last_event),
-            cell(&row.online)
+            "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
+            line.device,
+            line.version.as_deref().unwrap_or("-"),
+            line.state.as_deref().unwrap_or("-"),
+            line.percent.map(|p| format!("{p}%")).unwrap_or("-".into()),
+            line.last_event.as_deref().unwrap_or("-"),
+            online
         ));
     }
     out
@@ -247,9 +330,5 @@ mod tests {
         assert!(line.bytes().all(|b| (0x20..0x7f).contains(&b)), "{line}");
         let back: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(back, hostile);
-        assert_eq!(seq_text(&serde_json::json!(17)), "17");
-        let shown = seq_text(&serde_json::json!("\u{202e}".repeat(1000)));
-        assert!(shown.is_ascii() || shown.ends_with('…'), "{shown}");
-        assert!(shown.chars().count() <= 13, "{shown}");
     }
 }

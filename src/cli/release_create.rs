@@ -10,10 +10,11 @@ use jiff::Timestamp;
 use update_agent::durable;
 use update_agent::keys::{self, KeyId};
 use update_agent::release::Manifest;
+use update_agent::release::block_index::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use update_agent::release::build::{self, ImageDigest};
+use update_agent::release::index_build::{self, StoreParams};
 use update_agent::release::manifest::{
-    ChunkIndexRef, Compression, Disruption, FORMAT, Image, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Rollout,
-    Severity,
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, Rollout, Severity,
 };
 
 use super::release_summary::{print_summary, read_envelope};
@@ -68,18 +69,27 @@ pub struct CreateArgs {
     downtime: u64,
     #[arg(long, default_value = "rootfs")]
     slot_class: String,
-    /// Compress the image for transport; writes IMAGE.zst, to be served at --url
+    /// Compress the image for transport; writes NAME.zst, to be served at --url
     #[arg(long, value_enum)]
     compress: Option<CompressArg>,
-    /// Chunk size of the chunk index, in bytes (power of two, 4 KiB to 64 MiB)
-    #[arg(long, default_value_t = 1024 * 1024)]
-    chunk_size: u64,
-    /// Where devices find the chunk index; defaults to the image URL with ".chunks" appended
+    /// Block size of the block index, in bytes (power of two, 4 KiB to 64 KiB)
+    #[arg(long, alias = "chunk-size", default_value_t = 4096)]
+    block_size: u32,
+    /// Where devices find the block index; defaults to NAME.index beside the --url
+    #[arg(long, alias = "chunks-url")]
+    index_url: Option<String>,
+    /// Write no block index and no block store: devices download the whole image
+    #[arg(long, alias = "no-chunks")]
+    no_index: bool,
+    /// zstd level of the block store's frames (1 to 19; 19 is the smallest download and the
+    /// slowest to build)
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=19))]
+    store_level: i32,
+    /// The directory to serve: the image (NAME: the image's file name, NAME.zst with
+    /// --compress), NAME.index and NAME.store go here; defaults to the image's directory
     #[arg(long)]
-    chunks_url: Option<String>,
-    /// Do not write a chunk index
-    #[arg(long)]
-    no_chunks: bool,
+    out_dir: Option<PathBuf>,
+    /// The release (signed manifest) to write
     #[arg(long)]
     out: PathBuf,
 }
@@ -107,29 +117,96 @@ pub struct SignArgs {
 
 pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let key = keys::load_signing_key(&args.key)?;
-    let chunk_size = (!args.no_chunks).then_some(args.chunk_size);
-    let valid_chunk_size = MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE;
-    if chunk_size.is_some_and(|c| !c.is_power_of_two() || !valid_chunk_size.contains(&c)) {
-        anyhow::bail!("--chunk-size must be a power of two from 4096 to 67108864");
+    if !args.no_index
+        && (!args.block_size.is_power_of_two()
+            || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&args.block_size))
+    {
+        anyhow::bail!(
+            "--block-size must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+        );
     }
-    let digest = build::digest_image(&args.image, chunk_size)
+    let image_name = args
+        .image
+        .file_name()
+        .with_context(|| format!("{} names no file", args.image.display()))?
+        .to_owned();
+    let out_dir = match &args.out_dir {
+        Some(dir) => dir.clone(),
+        None => args
+            .image
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf(),
+    };
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let digest = build::digest_image(&args.image, None)
         .with_context(|| format!("cannot read image {}", args.image.display()))?;
     let transport = match args.compress {
-        None => None,
-        Some(CompressArg::Zstd) => Some(compress_zstd(&args.image)?),
+        None => {
+            place_image(&args.image, &out_dir.join(&image_name))?;
+            None
+        }
+        Some(CompressArg::Zstd) => {
+            let mut name = image_name.clone();
+            name.push(".zst");
+            Some(compress_zstd(&args.image, &out_dir.join(name))?)
+        }
     };
-    let chunks = if args.no_chunks {
+    // The served image's name; the index and the store are named after it.
+    let served = match &transport {
+        Some((path, _)) => path.file_name().expect("named above").to_owned(),
+        None => image_name,
+    };
+    let chunks = if args.no_index {
         None
     } else {
-        let path = with_extension(transport.as_ref().map_or(&args.image, |(p, _)| p), "chunks");
-        fs::write(&path, &digest.chunk_hashes)
-            .with_context(|| format!("cannot write chunk index {}", path.display()))?;
+        let index_path = out_dir.join(with_extension(Path::new(&served), "index"));
+        let store_path = out_dir.join(with_extension(Path::new(&served), "store"));
+        let params = StoreParams {
+            block_size: args.block_size,
+            level: args.store_level,
+            ..StoreParams::default()
+        };
+        let built = index_build::build(&args.image, params, &index_path, &store_path)
+            .with_context(|| {
+                format!(
+                    "cannot build the block index of {} into {} and {}",
+                    args.image.display(),
+                    index_path.display(),
+                    store_path.display()
+                )
+            })?;
+        let index_url = match args.index_url {
+            Some(url) => url,
+            None => url::Url::parse(&args.url)
+                .and_then(|u| u.join(&index_path.file_name().unwrap().to_string_lossy()))
+                .with_context(|| format!("cannot place the index beside {}", args.url))?
+                .to_string(),
+        };
+        println!(
+            "block index: {} ({} bytes: {} blocks of {}, {} in the store)",
+            index_path.display(),
+            built.index_size,
+            built.header.block_count(),
+            built.header.block_size,
+            built.header.stored_blocks
+        );
+        println!(
+            "block store: {} ({} bytes in {} frames{})",
+            store_path.display(),
+            built.header.store_size,
+            built.header.frame_count,
+            if built.header.dictionary_size > 0 {
+                format!(", a {}-byte dictionary", built.header.dictionary_size)
+            } else {
+                String::new()
+            }
+        );
         Some(ChunkIndexRef {
-            url: args
-                .chunks_url
-                .unwrap_or_else(|| format!("{}.chunks", args.url)),
-            sha256: hex::encode(build::sha256_of(&digest.chunk_hashes)),
-            chunk_size: args.chunk_size,
+            url: index_url,
+            sha256: hex::encode(built.index_sha256),
+            chunk_size: u64::from(args.block_size),
         })
     };
     let image = Image {
@@ -177,19 +254,35 @@ pub fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     let envelope = build::sign_manifest(&manifest, &key)
         .map_err(|refusal| anyhow::anyhow!("the release would be refused by devices: {refusal}"))?;
     write_atomically(&args.out, envelope.to_json().as_bytes())?;
-    if let Some((path, _)) = &transport {
-        println!(
-            "compressed image: {} (serve it at the image URL)",
-            path.display()
-        );
-    }
+    println!(
+        "serve {} (the image at its URL; the index and the store beside it)",
+        out_dir.display()
+    );
     println!("release: {}", args.out.display());
     print_summary(&manifest, &envelope);
     Ok(ExitCode::SUCCESS)
 }
 
-fn compress_zstd(image: &Path) -> anyhow::Result<(PathBuf, ImageDigest)> {
-    let out = with_extension(image, "zst");
+/// Puts the image into the directory to serve, unless it is there already: a hard link when
+/// the file system allows, else a copy.
+fn place_image(image: &Path, served: &Path) -> anyhow::Result<()> {
+    let same = match (fs::canonicalize(image), fs::canonicalize(served)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Ok(());
+    }
+    let _ = fs::remove_file(served);
+    if fs::hard_link(image, served).is_err() {
+        fs::copy(image, served)
+            .with_context(|| format!("cannot copy {} to {}", image.display(), served.display()))?;
+    }
+    Ok(())
+}
+
+fn compress_zstd(image: &Path, out: &Path) -> anyhow::Result<(PathBuf, ImageDigest)> {
+    let out = out.to_path_buf();
     let input =
         fs::File::open(image).with_context(|| format!("cannot read {}", image.display()))?;
     let output =

@@ -62,6 +62,14 @@ pub(super) fn print_summary(manifest: &Manifest, envelope: &Envelope) {
             }
         );
         println!("    from {}", show(&image.url));
+        if let Some(chunks) = &image.chunks {
+            println!(
+                "    block index {} (sha256 {}, {}-byte blocks)",
+                show(&chunks.url),
+                chunks.sha256,
+                chunks.chunk_size
+            );
+        }
     }
     for entry in &envelope.signatures {
         println!("  signed by key:    {}", entry.keyid);

@@ -100,7 +100,22 @@ impl RemoteInstaller {
         settings: &FetchSettings,
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
-        let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
+        if let (Some(work_dir), Some(_)) = (&settings.delta_work_dir, &image.chunks) {
+            match crate::transfer::offer_delta(image, settings, work_dir).await {
+                Ok(offer) => {
+                    return self
+                        .write_delta(slot, release, offer, settings, work_dir, events)
+                        .await;
+                }
+                Err(e) if e.is_transient() => return Err(WriteError::Transfer(e)),
+                Err(e) if settings.full_download_fallback => {
+                    tracing::warn!(
+                        "no delta update ({e}); the whole image goes to the installer, as [install] full_download_fallback allows"
+                    );
+                }
+                Err(e) => return Err(WriteError::Transfer(e)),
+            }
+        }
         // A zstd decoder cannot restart in the middle of its output: a compressed image is
         // always sent from 0, and the installer must expect it so.
         let resume_from = if image.compression.is_some() {
@@ -108,6 +123,51 @@ impl RemoteInstaller {
         } else {
             resume_from
         };
+        let op = Op::Write {
+            slot: slot.to_string(),
+            release: release.to_string(),
+            resume_from,
+        };
+        let (control, start, ours) = self.open_write(op).await?;
+        let producer = send_image(image, start, settings, File::from(ours));
+        self.converse(control, producer, events).await
+    }
+
+    /// A delta: the installer reads the slots and asks for the store's ranges it lacks; this
+    /// side sends the index and those ranges (`transfer::serve_delta`).
+    async fn write_delta(
+        &self,
+        slot: &str,
+        release: &str,
+        offer: crate::transfer::DeltaOffer,
+        settings: &FetchSettings,
+        work_dir: &Path,
+        events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+    ) -> Result<(), WriteError> {
+        let op = Op::WriteDelta {
+            slot: slot.to_string(),
+            release: release.to_string(),
+            ranges_per_request: offer.ranges_per_request as u32,
+        };
+        let (control, _, ours) = self.open_write(op).await?;
+        let producer = async {
+            crate::transfer::serve_delta(offer, UnixStream::from(ours), work_dir, settings.max_rate)
+                .await
+                .map(|downloaded| {
+                    tracing::info!("delta: {downloaded} bytes downloaded for the installer");
+                })
+        };
+        self.converse(control, producer, events).await
+    }
+
+    /// Sends a write request with one end of a new socket pair and waits for `ready` (the
+    /// installer may read a whole slot first). Returns the control connection, where the
+    /// stream starts, and this side's end of the pair.
+    async fn open_write(
+        &self,
+        op: Op,
+    ) -> Result<(UnixStream, u64, std::os::fd::OwnedFd), WriteError> {
+        let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -115,11 +175,6 @@ impl RemoteInstaller {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| unavailable(&e))?;
-        let op = Op::Write {
-            slot: slot.to_string(),
-            release: release.to_string(),
-            resume_from,
-        };
         let this = self.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let control = this.send(op, Some(theirs.as_fd()))?;
@@ -135,7 +190,18 @@ impl RemoteInstaller {
         .await
         .map_err(|e| unavailable(&e))?;
         let (control, start) = opened.map_err(WriteError::Installer)?;
+        Ok((control, start, ours))
+    }
 
+    /// Runs `producer` (what feeds the image stream) while passing the installer's replies on
+    /// to `events`, until the installer's last word.
+    async fn converse(
+        &self,
+        control: UnixStream,
+        producer: impl std::future::Future<Output = Result<(), TransferError>>,
+        events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+    ) -> Result<(), WriteError> {
+        let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
         let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Reply, FrameError>>(16);
         let long = self.long;
         std::thread::Builder::new()
@@ -152,7 +218,6 @@ impl RemoteInstaller {
             })
             .map_err(|e| unavailable(&e))?;
 
-        let producer = send_image(image, start, settings, File::from(ours));
         tokio::pin!(producer);
         let mut produced: Option<Result<(), TransferError>> = None;
         let answer = loop {

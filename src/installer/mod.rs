@@ -19,7 +19,9 @@
 //! (each at most [`MAX_REPLY`]) from the installer, the last of them `done` or `refused`. A
 //! `write` request carries one file descriptor (`SCM_RIGHTS`): the receiving end of a socket
 //! pair the daemon sends the raw image bytes into, from the offset the installer's `ready`
-//! names.
+//! names. A `write-delta` request carries one too: over it the daemon sends the block index,
+//! the installer (which alone reads the slots) answers with the store ranges it needs, and the
+//! daemon sends their bytes (`transfer::receive_delta`).
 
 pub mod client;
 mod ledger;
@@ -90,6 +92,15 @@ pub enum Op {
         release: String,
         resume_from: u64,
     },
+    /// A delta update of `slot` (docs/wire-formats.md, installer protocol): over the stream
+    /// passed with the request the daemon sends the block index, the installer asks for the
+    /// store's ranges it finds in no local slot, the daemon sends their bytes.
+    /// `ranges_per_request`: what the daemon found the server to answer (1: single ranges).
+    WriteDelta {
+        slot: String,
+        release: String,
+        ranges_per_request: u32,
+    },
     Reboot,
 }
 
@@ -100,6 +111,7 @@ impl Op {
             Op::MarkGood { .. } => "mark-good",
             Op::Activate { .. } => "activate",
             Op::Write { .. } => "write",
+            Op::WriteDelta { .. } => "write-delta",
             Op::Reboot => "reboot",
         }
     }

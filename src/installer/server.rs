@@ -335,6 +335,18 @@ impl Installer {
                     .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
                 self.write(&slot, &release, resume_from, stream_fd, stream)
             }
+            Op::WriteDelta {
+                slot,
+                release,
+                ranges_per_request,
+            } => {
+                let stream_fd = fd.ok_or_else(|| {
+                    Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
+                })?;
+                super::check_stream_socket(&stream_fd)
+                    .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
+                self.write_delta(&slot, &release, ranges_per_request, stream_fd, stream)
+            }
             Op::Reboot => self.reboot(),
         }
     }
@@ -477,6 +489,8 @@ impl Installer {
                 TransferEvent::Progress { written, total } => Reply::Progress { written, total },
                 TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
                 TransferEvent::Verifying => Reply::Verifying,
+                // The stream carries the whole image: the installer downloads nothing.
+                TransferEvent::Downloaded { .. } => return Ok(()),
             })
         };
         if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {
@@ -503,6 +517,95 @@ impl Installer {
             "installer: slot {slot} holds release {} (sha256 {})",
             verified.release_id(),
             hex::encode(sha256)
+        );
+        Ok(())
+    }
+
+    /// A delta update: the installer reads the local slots (the target and the booted one) for
+    /// blocks to reuse, and takes from the daemon only the store's bytes it asks for; every block
+    /// is checked against the index its own verified release binds, and the slot read back.
+    fn write_delta(
+        &mut self,
+        slot: &str,
+        release: &str,
+        ranges_per_request: u32,
+        image_stream: OwnedFd,
+        control: &UnixStream,
+    ) -> Result<(), Refused> {
+        let verified = self.verify(release)?;
+        let class = &self.config.slots.class;
+        let image = verified
+            .manifest
+            .images
+            .get(class)
+            .cloned()
+            .ok_or_else(|| {
+                Refused::new(
+                    ReasonCode::Incompatible,
+                    format!("the release has no image for slot class {class}"),
+                )
+            })?;
+        if image.chunks.is_none() {
+            return Err(Refused::new(
+                ReasonCode::InvalidRequest,
+                "a delta of an image without a block index",
+            ));
+        }
+        let target = self.writable(slot)?;
+        let settings = self.config.installer.clone().expect("checked at open");
+        let booted = system::booted_slot(&self.config).ok().and_then(|name| {
+            let device = self.config.slot_by_bootname(&name)?.device.clone();
+            let key = system::boot_id(&self.config)
+                .ok()
+                .map(|id| crate::transfer::booted_table_key(id.as_str(), &device));
+            Some(crate::transfer::BootedSlot { path: device, key })
+        });
+        self.local.mark_bad_now(slot).map_err(Refused::from)?;
+        self.written.remove(slot);
+        self.ledger.writing(slot).map_err(ledger_failed)?;
+        let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
+        let tell = |reply: &Reply| {
+            send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        tell(&Reply::Ready { start: 0 })
+            .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
+        let mut events = |event: TransferEvent| {
+            tell(&match event {
+                TransferEvent::Progress { written, total } => Reply::Progress { written, total },
+                TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
+                TransferEvent::Verifying => Reply::Verifying,
+                TransferEvent::Downloaded { .. } => return Ok(()),
+            })
+        };
+        let request = crate::transfer::DeltaStreamRequest {
+            image,
+            slot_path: target.device.clone(),
+            slot_capacity: target.size.unwrap_or(u64::MAX),
+            checkpoint_interval: self.config.install.checkpoint_interval,
+            stall_timeout: self.config.install.stall_timeout,
+            work_dir: settings.state_dir.join("delta"),
+            booted,
+            ranges_per_request: ranges_per_request as usize,
+        };
+        let (written, stats) =
+            crate::transfer::receive_delta(&request, &File::from(image_stream), &mut events)
+                .map_err(transfer)?;
+        self.ledger
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
+            .map_err(ledger_failed)?;
+        self.written.insert(slot.to_string(), verified.id);
+        tracing::info!(
+            "installer: slot {slot} holds release {} (sha256 {}) by delta: {} bytes of the store received in {} requests, {} blocks reused",
+            verified.release_id(),
+            hex::encode(written.sha256),
+            stats.downloaded,
+            stats.requests,
+            stats.assembly.copied_blocks + stats.assembly.kept_blocks,
         );
         Ok(())
     }

@@ -36,6 +36,14 @@ impl Backoff {
         half + half.mul_f64(random.clamp(0.0, 1.0))
     }
 
+    /// The delay before the next attempt when retrying soon would only fail the same way: the
+    /// longest step, jittered like the others.
+    pub fn longest(&mut self, random: f64) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let half = self.max / 2;
+        half + half.mul_f64(random.clamp(0.0, 1.0))
+    }
+
     /// A connection succeeded: the next failure starts from the minimum again.
     pub fn reset(&mut self) {
         self.failures = 0;
@@ -68,6 +76,15 @@ mod tests {
         assert_eq!(top, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         b.reset();
         assert_eq!(b.next_delay(0.0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_longest_step_is_the_cap_and_a_success_still_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        assert_eq!(b.longest(0.0), Duration::from_secs(150));
+        assert_eq!(b.longest(1.0), Duration::from_secs(300));
+        b.reset();
+        assert_eq!(b.next_delay(1.0), Duration::from_secs(1));
     }
 
     #[test]

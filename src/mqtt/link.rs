@@ -13,6 +13,13 @@
 //! When a connection breaks, the driver waits until the session has forgotten every request of
 //! the old connection, then discards whatever rumqttc still holds for it; the outbox sends its
 //! records again on the next connection (at least once; the sequence numbers tell duplicates).
+//!
+//! An oversized packet from the broker (only a 3.1.1 broker without a limit of its own sends
+//! one: MQTT 5 brokers know the agent's maximum) makes rumqttc close the connection. When it
+//! is a retained message it arrives again after every reconnect, so the next try waits the
+//! longest back-off (`reconnect_max`) instead of the shortest: the device stays reachable at
+//! that interval (when an operator replaces the message, it recovers) without hammering the
+//! broker, and says why in the journal.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,16 +27,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::Outgoing;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::backoff::{Backoff, random_unit};
+use super::client::{self, Client, Down, Event, EventLoop, Will};
 use super::payload;
 use super::topics::{ReleaseSource, Topics};
-use super::{Endpoint, MqttError};
+use super::{Endpoint, MAX_PACKET_SIZE, MqttError};
 use crate::logging::message_id;
 use crate::outbox::{Key, Outbox};
 use crate::release::escape_for_log;
@@ -58,6 +63,8 @@ pub struct Status {
     pub subscribed: bool,
     /// Successful connections so far.
     pub connections: u64,
+    /// Connections the broker broke by sending a packet over the size bound (3.1.1 only).
+    pub oversized: u64,
     /// When the broker last granted the subscription to the release topics, i.e. sent the
     /// retained releases: the device's latest check for updates.
     pub last_check: Option<jiff::Timestamp>,
@@ -173,17 +180,18 @@ pub struct Link {
 impl Link {
     /// Starts connecting (in the background; failures are retried with back-off, never fatal).
     pub fn start(settings: LinkSettings, outbox: Arc<Mutex<Outbox>>) -> Result<Link, MqttError> {
-        let mut options = settings
-            .endpoint
-            .options(&settings.client_id, settings.keepalive)?;
-        options.set_last_will(LastWill::new(
-            settings.topics.online.clone(),
-            payload::OFFLINE,
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
-        let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let will = Will {
+            topic: settings.topics.online.clone(),
+            payload: Bytes::from_static(payload::OFFLINE),
+        };
+        let (client, eventloop) = client::new(
+            &settings.endpoint,
+            &settings.client_id,
+            settings.keepalive,
+            Some(will),
+            REQUEST_QUEUE,
+        )?;
+        let protocol = settings.endpoint.protocol.as_str();
         let (events_tx, events_rx) = mpsc::channel(64);
         let (state_tx, state_rx) = watch::channel(None);
         let (status_tx, status_rx) = watch::channel(Status::default());
@@ -193,6 +201,7 @@ impl Link {
         let session = Session {
             client,
             broker: settings.endpoint.shown(),
+            protocol,
             topics: settings.topics,
             outbox,
             inbox: inbox.clone(),
@@ -253,7 +262,7 @@ enum FromLoop {
     Event(Box<Event>),
     /// The connection failed or broke; the session answers with the delay before the next try,
     /// once it has forgotten the requests of the old connection.
-    Down(ConnectionError, oneshot::Sender<Duration>),
+    Down(Down, oneshot::Sender<Duration>),
 }
 
 async fn drive(mut eventloop: EventLoop, to_session: mpsc::Sender<FromLoop>) {
@@ -282,8 +291,7 @@ async fn drive(mut eventloop: EventLoop, to_session: mpsc::Sender<FromLoop>) {
                 };
                 // Requests the session made for the broken connection: a new connection starts
                 // a clean session, and the outbox sends its records again.
-                eventloop.clean();
-                eventloop.pending.clear();
+                eventloop.forget_requests();
                 tokio::time::sleep(delay).await;
             }
         }
@@ -301,8 +309,10 @@ enum Issued {
 }
 
 struct Session {
-    client: AsyncClient,
+    client: Client,
     broker: String,
+    /// "5" or "3.1.1", for the log.
+    protocol: &'static str,
     topics: Topics,
     outbox: Arc<Mutex<Outbox>>,
     inbox: Arc<Inbox>,
@@ -345,13 +355,18 @@ impl Session {
             tokio::select! {
                 from_loop = events.recv() => match from_loop {
                     Some(FromLoop::Event(event)) => self.on_event(*event, &mut state),
-                    Some(FromLoop::Down(err, delay)) => {
-                        self.on_down(&err);
+                    Some(FromLoop::Down(down, delay)) => {
+                        self.on_down(&down);
                         if self.closing.is_some() {
                             self.finish();
                             return;
                         }
-                        let _ = delay.send(self.backoff.next_delay(random_unit()));
+                        let wait = if down.oversized.is_some() {
+                            self.backoff.longest(random_unit())
+                        } else {
+                            self.backoff.next_delay(random_unit())
+                        };
+                        let _ = delay.send(wait);
                     }
                     None => return,
                 },
@@ -392,7 +407,7 @@ impl Session {
 
     fn on_event(&mut self, event: Event, state: &mut watch::Receiver<Option<Vec<u8>>>) {
         match event {
-            Event::Incoming(Packet::ConnAck(_)) => {
+            Event::Connected => {
                 self.connected = true;
                 self.backoff.reset();
                 self.failures_logged = 0;
@@ -400,19 +415,19 @@ impl Session {
                     s.connected = true;
                     s.connections += 1;
                 });
-                tracing::info!("connected to {}", self.broker);
+                tracing::info!("connected to {} (MQTT {})", self.broker, self.protocol);
                 self.subscribe();
             }
-            Event::Incoming(Packet::SubAck(ack)) => {
-                self.awaiting.remove(&ack.pkid);
+            Event::Subscribed { pkid, refusals } => {
+                self.awaiting.remove(&pkid);
                 let topics = [&self.topics.fleet_release, &self.topics.device_release];
                 let mut granted = true;
-                for (code, topic) in ack.return_codes.iter().zip(topics) {
-                    if !matches!(code, SubscribeReasonCode::Success(_)) {
+                for (refusal, topic) in refusals.iter().zip(topics) {
+                    if let Some(code) = refusal {
                         granted = false;
                         tracing::error!(
                             message_id = message_id::MQTT_REFUSED,
-                            "the broker refused the subscription to {topic} ({code:?}); releases sent there will not arrive: check the broker's ACL for this device"
+                            "the broker refused the subscription to {topic} ({code}); releases sent there will not arrive: check the broker's ACL for this device"
                         );
                     }
                 }
@@ -439,22 +454,19 @@ impl Session {
                     self.fill_outbox();
                 }
             }
-            Event::Incoming(Packet::Publish(publish)) => {
-                match self.topics.release_source(&publish.topic) {
+            Event::Message { topic, payload, .. } => {
+                match self.topics.release_source(&topic) {
                     // An empty message too: it cleared the retained release (a halt).
-                    Some(source) => self.inbox.put(source, publish.payload),
+                    Some(source) => self.inbox.put(source, payload),
                     None => tracing::debug!(
                         "ignoring a message on {}",
-                        escape_for_log(&String::from_utf8_lossy(&publish.topic), 200)
+                        escape_for_log(&String::from_utf8_lossy(&topic), 200)
                     ),
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                let accepted = matches!(
-                    ack.reason,
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
-                );
-                match self.awaiting.remove(&ack.pkid) {
+            Event::Acked { pkid, refusal } => {
+                let accepted = refusal.is_none();
+                match self.awaiting.remove(&pkid) {
                     Some(Issued::Record(key)) => {
                         self.in_flight.remove(&key);
                         if accepted {
@@ -469,9 +481,9 @@ impl Session {
                         } else {
                             tracing::error!(
                                 message_id = message_id::MQTT_REFUSED,
-                                "the broker refused an event on {} ({:?}); it stays in the outbox, retried in {} s: check the broker's ACL for this device",
+                                "the broker refused an event on {} ({}); it stays in the outbox, retried in {} s: check the broker's ACL for this device",
                                 self.topics.events,
-                                ack.reason,
+                                refusal.unwrap_or_default(),
                                 REFUSED_PAUSE.as_secs()
                             );
                             self.paused_until = Some(Instant::now() + REFUSED_PAUSE);
@@ -486,29 +498,28 @@ impl Session {
                     }
                     Some(what) if !accepted => tracing::error!(
                         message_id = message_id::MQTT_REFUSED,
-                        "the broker refused the {what:?} publish ({:?}): check the broker's ACL for this device",
-                        ack.reason
+                        "the broker refused the {what:?} publish ({}): check the broker's ACL for this device",
+                        refusal.unwrap_or_default()
                     ),
                     _ => {}
                 }
             }
-            Event::Incoming(Packet::Disconnect(disconnect)) => tracing::warn!(
+            Event::ClosedByBroker { reason } => tracing::warn!(
                 message_id = message_id::MQTT_CONNECTION,
-                "the broker closed the connection: {:?}",
-                disconnect.reason_code
+                "the broker closed the connection: {reason}"
             ),
-            Event::Outgoing(Outgoing::Publish(pkid) | Outgoing::Subscribe(pkid)) => {
+            Event::Sent(Outgoing::Publish(pkid) | Outgoing::Subscribe(pkid)) => {
                 if let Some(issued) = self.issued.pop_front() {
                     self.awaiting.insert(pkid, issued);
                 }
             }
-            Event::Outgoing(Outgoing::Disconnect) => {
+            Event::Sent(Outgoing::Disconnect) => {
                 self.issued.pop_front();
                 if self.closing.is_some() {
                     self.finish();
                 }
             }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            Event::Sent(Outgoing::AwaitAck(pkid)) => {
                 // rumqttc ran out of packet ids and holds the publish back: its packet id will
                 // be reported later, out of order. Start over on a fresh connection rather than
                 // guess which record it was.
@@ -522,7 +533,7 @@ impl Session {
         }
     }
 
-    fn on_down(&mut self, err: &ConnectionError) {
+    fn on_down(&mut self, down: &Down) {
         let was_connected = self.connected;
         self.connected = false;
         self.ready = false;
@@ -532,12 +543,22 @@ impl Session {
         self.update_status(|s| {
             s.connected = false;
             s.subscribed = false;
+            s.oversized += u64::from(down.oversized.is_some());
         });
         if self.closing.is_some() {
             return;
         }
-        let detail = escape_for_log(&err.to_string(), 300);
-        if was_connected {
+        let detail = escape_for_log(&down.detail, 300);
+        if let Some(size) = down.oversized {
+            tracing::error!(
+                message_id = message_id::MQTT_CONNECTION,
+                "the broker {} sent a packet of {size} bytes, more than the {MAX_PACKET_SIZE} this \
+                 agent takes: the connection is closed, and tried again only after the longest \
+                 back-off. With MQTT 3.1.1 the broker must refuse such messages itself (mosquitto: \
+                 max_packet_size 131072); a retained release this large must be replaced",
+                self.broker
+            );
+        } else if was_connected {
             tracing::warn!(
                 message_id = message_id::MQTT_CONNECTION,
                 "lost the connection to {}: {detail}; reconnecting",
@@ -556,9 +577,11 @@ impl Session {
     }
 
     fn subscribe(&mut self) {
-        let filters = [&self.topics.fleet_release, &self.topics.device_release]
-            .map(|topic| Filter::new(topic.clone(), QoS::AtLeastOnce));
-        match self.client.try_subscribe_many(filters) {
+        let filters = [
+            self.topics.fleet_release.clone(),
+            self.topics.device_release.clone(),
+        ];
+        match self.client.try_subscribe(&filters) {
             Ok(()) => {
                 self.issued.push_back(Issued::Subscribe);
                 // What the topics retain comes from here on (some brokers send it before the
@@ -570,10 +593,7 @@ impl Session {
     }
 
     fn publish(&mut self, what: Issued, topic: &str, payload: Vec<u8>, retain: bool) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-        {
+        match self.client.try_publish(topic, payload, retain) {
             Ok(()) => {
                 self.issued.push_back(what);
                 true

@@ -1,6 +1,8 @@
 //! The MQTT adapter: the only code that knows MQTT. It owns the connection to the fleet's
-//! broker (rumqttc, MQTT 5), the topic scheme and the payloads; it knows nothing of updates.
+//! broker (rumqttc, MQTT 5 or 3.1.1), the topic scheme and the payloads; it knows nothing of
+//! updates.
 //!
+//! - [`client`]: rumqttc's MQTT 5 and 3.1.1 clients behind one face.
 //! - [`topics`]: the topic scheme (`docs/wire-formats.md`).
 //! - [`payload`]: the retained state document and the event records, as JSON.
 //! - [`tls`]: rustls (ring provider) client configuration: pinned CA, mutual TLS, TLS ≥ 1.2.
@@ -9,30 +11,76 @@
 //!   publishes state and drains the outbox, hands received releases over.
 //! - [`oneshot`]: short-lived connections for the operator tools (`release publish`, `monitor`).
 //!
-//! Why MQTT 5: the client tells the broker the largest packet it accepts
+//! Why MQTT 5 is the default: the client tells the broker the largest packet it accepts
 //! ([`MAX_PACKET_SIZE`]) in CONNECT, and a v5 broker then drops a larger message for this client
-//! instead of sending it. With MQTT 3.1.1 an oversized packet can only be refused by closing the
-//! connection, and a retained oversized release would then close every reconnect — an easy way
-//! to keep a fleet offline.
+//! instead of sending it. With MQTT 3.1.1 (`[mqtt] protocol = "3.1.1"`, for brokers that speak
+//! nothing newer) an oversized packet can only be refused by closing the connection, and a
+//! retained oversized release would then close every reconnect. There the bound is the
+//! broker's to keep (its own maximum packet size, set by the integrator: README, "MQTT 3.1.1");
+//! should one arrive anyway, the link reconnects only after the longest back-off
+//! ([`link`]), so a device neither hammers the broker nor holds more than 128 KiB.
 
 pub mod backoff;
+pub mod client;
 pub mod link;
 pub mod oneshot;
 pub mod payload;
 pub mod tls;
 pub mod topics;
 
-use std::time::Duration;
-
-use rumqttc::v5::MqttOptions;
-
 use crate::release::MAX_RELEASE_SIZE;
 
 /// The largest MQTT packet the agent accepts. A release is at most 64 KiB; twice that leaves
 /// room for the topic and properties, and lets a moderately oversized release arrive so that it
-/// can be refused as `too-large` and reported. Anything larger the broker drops (MQTT 5
-/// Maximum Packet Size), so it cannot disconnect the agent.
+/// can be refused as `too-large` and reported. Anything larger an MQTT 5 broker drops (Maximum
+/// Packet Size), so it cannot disconnect the agent; on 3.1.1 the broker's own limit must.
 pub const MAX_PACKET_SIZE: u32 = 2 * MAX_RELEASE_SIZE as u32;
+
+/// The MQTT protocol version to speak (`[mqtt] protocol`, `"5"` or `"3.1.1"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// MQTT 5.0: the broker learns the agent's maximum packet size and drops larger messages.
+    #[default]
+    V5,
+    /// MQTT 3.1.1, for brokers and services that speak nothing newer (Azure IoT Hub, RabbitMQ
+    /// before 3.13, older appliances). The broker must bound the message size itself.
+    V311,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::V5 => "5",
+            Protocol::V311 => "3.1.1",
+        }
+    }
+}
+
+/// Written as the config spells it (the simulated gateway writes configs).
+impl serde::Serialize for Protocol {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Protocol, String> {
+        match text {
+            "5" => Ok(Protocol::V5),
+            "3.1.1" => Ok(Protocol::V311),
+            other => Err(format!("MQTT protocol {other:?} is not \"5\" or \"3.1.1\"")),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Outgoing QoS 1 publishes in flight at most. rumqttc allocates a slot per possible packet id
 /// up front; its default (65,535) costs about 13 MiB of RAM, more than the rest of the agent.
@@ -80,12 +128,13 @@ impl BrokerUrl {
     }
 }
 
-/// Where and as whom to connect.
+/// Where, as whom and in which protocol version to connect.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub url: BrokerUrl,
     /// Required for `mqtts://`.
     pub tls: Option<tls::TlsFiles>,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,25 +155,6 @@ impl Endpoint {
     pub fn shown(&self) -> String {
         let scheme = if self.url.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}:{}", self.url.host, self.url.port)
-    }
-
-    /// rumqttc options for this endpoint: MQTT 5, a clean start (the outbox, not the broker's
-    /// session, is what makes delivery reliable), the maximum packet size, TLS if asked for.
-    pub fn options(&self, client_id: &str, keepalive: Duration) -> Result<MqttOptions, MqttError> {
-        let mut options = MqttOptions::new(client_id, self.url.host.clone(), self.url.port);
-        options.set_keep_alive(keepalive);
-        options.set_clean_start(true);
-        options.set_max_packet_size(Some(MAX_PACKET_SIZE));
-        options.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
-        options.set_connection_timeout(10);
-        if self.url.tls {
-            let files = self.tls.as_ref().ok_or(MqttError::NoCa)?;
-            let config = tls::client_config(files)?;
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(config),
-            ));
-        }
-        Ok(options)
     }
 }
 
@@ -151,5 +181,15 @@ mod tests {
         ] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn protocol_versions() {
+        assert_eq!("5".parse::<Protocol>(), Ok(Protocol::V5));
+        assert_eq!("3.1.1".parse::<Protocol>(), Ok(Protocol::V311));
+        for bad in ["3", "3.1", "4", "5.0", "v5", ""] {
+            assert!(bad.parse::<Protocol>().is_err(), "{bad}");
+        }
+        assert_eq!(Protocol::default(), Protocol::V5);
     }
 }

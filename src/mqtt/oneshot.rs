@@ -1,13 +1,12 @@
 //! Short-lived connections for the operator tools: publish one retained message and wait for
-//! the broker's acknowledgement (`release publish`), or watch the devices' topics (`monitor`).
+//! the broker's acknowledgement (`release publish`, `rollout start|halt`), or watch the
+//! devices' topics (`monitor`, `rollout`).
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, EventLoop};
 
+use super::client::{self, Client, Event, EventLoop};
 use super::topics::monitor;
 use super::{Endpoint, MqttError};
 
@@ -27,37 +26,33 @@ pub async fn publish_retained(
     payload: Vec<u8>,
     timeout: Duration,
 ) -> Result<(), MqttError> {
-    let options = endpoint.options(
+    let (client, mut eventloop) = client::new(
+        endpoint,
         &tool_client_id("update-agent-publish"),
         Duration::from_secs(30),
+        None,
+        8,
     )?;
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
-    client
-        .publish(topic, QoS::AtLeastOnce, true, payload)
-        .await
-        .map_err(|e| MqttError::Connect {
-            url: endpoint.shown(),
-            detail: e.to_string(),
-        })?;
+    let failed = |detail: String| MqttError::Connect {
+        url: endpoint.shown(),
+        detail,
+    };
+    client.publish(topic, payload, true).await.map_err(failed)?;
     let acked = tokio::time::timeout(timeout, async {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    return match ack.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
-                        reason => Err(MqttError::Refused {
-                            what: format!("the publish to {topic}"),
-                            reason: format!("{reason:?}"),
-                        }),
-                    };
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(MqttError::Connect {
-                        url: endpoint.shown(),
-                        detail: e.to_string(),
+                Ok(Event::Acked { refusal: None, .. }) => return Ok(()),
+                Ok(Event::Acked {
+                    refusal: Some(reason),
+                    ..
+                }) => {
+                    return Err(MqttError::Refused {
+                        what: format!("the publish to {topic}"),
+                        reason,
                     });
                 }
+                Ok(_) => {}
+                Err(down) => return Err(failed(down.detail)),
             }
         }
     })
@@ -83,27 +78,62 @@ pub struct Seen {
     /// `state`, `online` or `events`.
     pub leaf: String,
     pub payload: Bytes,
+    /// From the broker's retained store (sent because of the subscription), not live.
+    pub retained: bool,
+}
+
+/// See [`Watcher::resubscriber`].
+pub struct Resubscriber {
+    client: Client,
+    filters: Vec<String>,
+}
+
+impl Resubscriber {
+    /// Queues the subscription again; false when the request queue is full or closed.
+    pub fn resubscribe(&self) -> bool {
+        self.client.try_subscribe(&self.filters).is_ok()
+    }
 }
 
 /// Watches every device's `state`, `online` and `events` under a prefix.
 pub struct Watcher {
     prefix: String,
+    broker: String,
     eventloop: EventLoop,
-    client: AsyncClient,
+    client: Client,
 }
 
 impl Watcher {
     pub fn new(endpoint: &Endpoint, prefix: &str) -> Result<Watcher, MqttError> {
-        let options = endpoint.options(
+        // The queue holds the subscription only; a fleet's messages arrive on the event loop.
+        let (client, eventloop) = client::new(
+            endpoint,
             &tool_client_id("update-agent-monitor"),
             Duration::from_secs(30),
+            None,
+            8,
         )?;
-        let (client, eventloop) = AsyncClient::new(options, 8);
         Ok(Watcher {
             prefix: prefix.to_string(),
+            broker: endpoint.shown(),
             eventloop,
             client,
         })
+    }
+
+    /// The broker this watcher is connected to, as shown to people.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    /// A handle that subscribes again from another task (`next` must not be cancelled, so it
+    /// cannot be raced against a timer): the broker then sends every retained `state` and
+    /// `online` again — how a follower recovers what a broker dropped while it was behind.
+    pub fn resubscriber(&self) -> Resubscriber {
+        Resubscriber {
+            client: self.client.clone(),
+            filters: monitor::filters(&self.prefix).to_vec(),
+        }
     }
 
     /// The next message, or an error when the connection failed (call again to reconnect; the
@@ -111,48 +141,112 @@ impl Watcher {
     /// `Ok(None)` means the subscription was granted: retained messages follow at once.
     pub async fn next(&mut self) -> Result<Option<Seen>, MqttError> {
         loop {
+            let failed = |detail: String| MqttError::Connect {
+                url: self.broker.clone(),
+                detail,
+            };
             match self.eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let topic = String::from_utf8_lossy(&publish.topic);
+                Ok(Event::Message {
+                    topic,
+                    payload,
+                    retained,
+                }) => {
+                    let topic = String::from_utf8_lossy(&topic);
                     if let Some((device, leaf)) = monitor::parse(&self.prefix, &topic) {
                         return Ok(Some(Seen {
                             device: device.to_string(),
                             leaf: leaf.to_string(),
-                            payload: publish.payload,
+                            payload,
+                            retained,
                         }));
                     }
                 }
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let filters =
-                        monitor::filters(&self.prefix).map(|f| Filter::new(f, QoS::AtLeastOnce));
+                Ok(Event::Connected) => {
                     self.client
-                        .try_subscribe_many(filters)
-                        .map_err(|e| MqttError::Connect {
-                            url: format!("{:?}", self.eventloop.options.broker_address()),
-                            detail: e.to_string(),
-                        })?;
+                        .try_subscribe(&monitor::filters(&self.prefix))
+                        .map_err(failed)?;
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if let Some(code) = ack
-                        .return_codes
-                        .iter()
-                        .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
-                    {
+                Ok(Event::Subscribed { refusals, .. }) => {
+                    if let Some(code) = refusals.into_iter().flatten().next() {
                         return Err(MqttError::Refused {
                             what: "the subscription".into(),
-                            reason: format!("{code:?}"),
+                            reason: code,
                         });
                     }
                     return Ok(None);
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    return Err(MqttError::Connect {
-                        url: format!("{:?}", self.eventloop.options.broker_address()),
-                        detail: e.to_string(),
-                    });
-                }
+                Err(down) => return Err(failed(down.detail)),
             }
         }
     }
+}
+
+/// The retained message on `topic`, if any: subscribes, and takes what arrives within `quiet`
+/// after the broker granted the subscription (a retained message comes at once).
+pub async fn read_retained(
+    endpoint: &Endpoint,
+    topic: &str,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Option<Bytes>, MqttError> {
+    let (client, mut eventloop) = client::new(
+        endpoint,
+        &tool_client_id("update-agent-read"),
+        Duration::from_secs(30),
+        None,
+        8,
+    )?;
+    let failed = |detail: String| MqttError::Connect {
+        url: endpoint.shown(),
+        detail,
+    };
+    let read = async {
+        loop {
+            match eventloop.poll().await.map_err(|d| failed(d.detail))? {
+                Event::Connected => client.try_subscribe(&[topic.to_string()]).map_err(failed)?,
+                Event::Subscribed { refusals, .. } => {
+                    if let Some(reason) = refusals.into_iter().flatten().next() {
+                        return Err(MqttError::Refused {
+                            what: format!("the subscription to {topic}"),
+                            reason,
+                        });
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let message = tokio::time::timeout(quiet, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Message {
+                        topic: t, payload, ..
+                    }) if t == topic.as_bytes() => {
+                        return Ok(payload);
+                    }
+                    Ok(_) => {}
+                    Err(down) => return Err(failed(down.detail)),
+                }
+            }
+        })
+        .await;
+        match message {
+            Ok(Ok(payload)) if !payload.is_empty() => Ok(Some(payload)),
+            Ok(Ok(_)) | Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e),
+        }
+    };
+    let result = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| MqttError::Timeout {
+            url: endpoint.shown(),
+            seconds: timeout.as_secs(),
+        })?;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    result
 }

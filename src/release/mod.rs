@@ -8,11 +8,16 @@
 //! - [`manifest`]: the strict inner parse, after signatures were checked.
 //! - [`verify`]: the order of checks that decides whether the device may act on a release.
 //! - [`build`]: the operator side — create and sign.
+//! - [`block_index`]: the block index of an image (delta downloads, per-block verification).
+//! - [`index_build`]: the operator side of the block index and its store (feature `operator`).
 //! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
 
+pub mod block_index;
 pub mod build;
 pub mod envelope;
 mod id;
+#[cfg(feature = "operator")]
+pub mod index_build;
 mod json;
 pub mod manifest;
 pub mod verify;

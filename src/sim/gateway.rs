@@ -237,6 +237,7 @@ impl GatewayBuilder {
                 stall_timeout: Duration::from_secs(10),
                 // Tests wait for installs; the jitter's spread is tested in `engine::rollout`.
                 download_jitter: Duration::ZERO,
+                ..Install::default()
             },
             health: Health {
                 commands: argvs(&[&["true"]]),

@@ -99,6 +99,19 @@ pub enum TransferError {
         source: io::Error,
     },
 
+    #[error(
+        "{url} ignores HTTP Range requests (it answered {answer}); a delta update fetches single blocks, so it was refused rather than downloading the whole image: serve the release from a server that answers Range requests (nginx, Apache, S3), or set [install] full_download_fallback = true"
+    )]
+    RangeUnsupported { url: String, answer: String },
+
+    #[error(
+        "the block index {url} is refused: {refusal}; a delta update cannot be trusted without it (set [install] full_download_fallback = true to download the whole image instead)"
+    )]
+    BlockIndex {
+        url: String,
+        refusal: crate::release::Refusal,
+    },
+
     #[error("install stopped by the agent: {source}")]
     Cancelled {
         #[source]
@@ -125,6 +138,8 @@ impl TransferError {
             TransferError::Decompress { .. } => ReasonCode::DecompressFailed,
             TransferError::SlotIo { .. } => ReasonCode::SlotIo,
             TransferError::Cancelled { .. } => ReasonCode::Cancelled,
+            TransferError::RangeUnsupported { .. } => ReasonCode::RangeUnsupported,
+            TransferError::BlockIndex { refusal, .. } => refusal.code,
         }
     }
 

@@ -45,6 +45,7 @@
 //! After a `hash-mismatch`, `size-mismatch` or `readback-mismatch` the caller must drop its
 //! checkpoint: resuming would re-hash the same wrong bytes and fail the same way.
 
+mod delta;
 mod error;
 mod readback;
 mod source;
@@ -63,6 +64,10 @@ use url::Url;
 
 use crate::release::manifest::{Compression, Image};
 
+pub use delta::{
+    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, booted_table_key,
+    offer_delta, receive_delta, serve_delta,
+};
 pub use error::TransferError;
 pub use readback::verify_slot;
 pub use source::MAX_REDIRECTS;
@@ -106,6 +111,11 @@ pub struct WriteRequest {
     pub connect_timeout: Duration,
     /// CA certificates trusted besides the system's, e.g. a private update server's CA.
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Bandwidth cap for downloads, bytes per second.
+    pub max_rate: Option<u64>,
+    /// Delta updates: when set and the image has a block index, reuse local blocks and fetch
+    /// only the others.
+    pub delta: Option<DeltaSettings>,
 }
 
 impl WriteRequest {
@@ -120,6 +130,8 @@ impl WriteRequest {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             extra_roots: Vec::new(),
+            max_rate: None,
+            delta: None,
         }
     }
 }
@@ -136,6 +148,9 @@ pub enum TransferEvent {
     Checkpoint { durable: u64 },
     /// All bytes are written and their hash matched; the read-back starts.
     Verifying,
+    /// A delta update: bytes downloaded so far (the block index and the store's ranges) and
+    /// what the plan expects in all. `Progress` still counts the image's bytes in place.
+    Downloaded { downloaded: u64, expected: u64 },
 }
 
 /// An image installed and read back.
@@ -152,6 +167,40 @@ pub struct Written {
 /// The slot is opened only after the image was found to fit, and only `[0, size)` of it is ever
 /// written. On success every byte was hashed on the way in and again read back from the medium.
 pub async fn install_image(
+    req: &WriteRequest,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+) -> Result<Written, TransferError> {
+    install_image_with_stats(req, events).await.map(|(w, _)| w)
+}
+
+/// [`install_image`], telling what a delta install did (`None`: the whole image was
+/// downloaded).
+pub async fn install_image_with_stats(
+    req: &WriteRequest,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+) -> Result<(Written, Option<DeltaStats>), TransferError> {
+    if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks) {
+        match delta::install(req, settings, chunks, events).await {
+            Ok((written, stats)) => return Ok((written, Some(stats))),
+            Err(delta::DeltaFailure::Failed(e)) => return Err(e),
+            Err(delta::DeltaFailure::Unavailable(e)) if settings.full_download_fallback => {
+                tracing::warn!(
+                    "no delta update ({e}); downloading the whole image, as [install] full_download_fallback allows"
+                );
+            }
+            Err(delta::DeltaFailure::Unavailable(e)) => return Err(e),
+            Err(delta::DeltaFailure::NotWorthIt(summary)) => {
+                tracing::info!(
+                    "a delta would download {} bytes, no less than the whole image: downloading the whole image",
+                    summary.download_bytes
+                );
+            }
+        }
+    }
+    install_full(req, events).await.map(|w| (w, None))
+}
+
+async fn install_full(
     req: &WriteRequest,
     events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
 ) -> Result<Written, TransferError> {
@@ -248,6 +297,7 @@ pub async fn install_image(
         total: size,
         last_progress: Instant::now(),
     };
+    let mut rate = RateLimit::new(req.max_rate);
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
         loop {
@@ -256,10 +306,12 @@ pub async fn install_image(
                 let _ = queue.send(Msg::End).await;
                 return Ok(());
             };
+            let len = chunk.len() as u64;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }
             reporter.update(false)?;
+            rate.take(len).await;
         }
     }
     .await
@@ -368,6 +420,33 @@ async fn read_back(
         bytes: size,
         sha256,
     })
+}
+
+/// A bandwidth cap: after each chunk, waits until the bytes so far fit the rate.
+pub(crate) struct RateLimit {
+    rate: Option<u64>,
+    started: Instant,
+    bytes: u64,
+}
+
+impl RateLimit {
+    pub(crate) fn new(rate: Option<u64>) -> RateLimit {
+        RateLimit {
+            rate: rate.filter(|&r| r > 0),
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    pub(crate) async fn take(&mut self, bytes: u64) {
+        let Some(rate) = self.rate else { return };
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
 }
 
 /// Passes sink news on to the caller's handler, at the pace the caller was promised.

@@ -240,7 +240,7 @@ async fn open_file(
 
 /// A reqwest client that speaks TLS 1.2/1.3 through rustls with the ring provider and verifies
 /// servers against the system's roots plus `extra_roots` — never against nothing.
-fn client(
+pub(crate) fn client(
     url: &Url,
     shown: &str,
     options: &HttpOptions<'_>,
@@ -335,7 +335,7 @@ fn redirect_policy() -> redirect::Policy {
     })
 }
 
-fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
+pub(crate) fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(err) = cause {
         if let Some(refused) = err.downcast_ref::<RedirectRefused>() {

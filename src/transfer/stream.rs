@@ -35,6 +35,13 @@ pub struct FetchSettings {
     pub stall_timeout: Duration,
     pub connect_timeout: Duration,
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Bandwidth cap, bytes per second.
+    pub max_rate: Option<u64>,
+    /// Delta updates under the split: where the daemon keeps the index and its spool (`None`:
+    /// the whole image is sent).
+    pub delta_work_dir: Option<PathBuf>,
+    /// A delta that is not possible sends the whole image instead of failing.
+    pub full_download_fallback: bool,
 }
 
 /// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
@@ -91,6 +98,7 @@ pub async fn send_image(
             )
         })
     };
+    let mut rate = super::RateLimit::new(settings.max_rate);
     let failure = async {
         loop {
             let Some(mut chunk) = source.next_chunk().await? else {
@@ -105,9 +113,11 @@ pub async fn send_image(
                     continue;
                 }
             }
+            let len = chunk.len() as u64;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }
+            rate.take(len).await;
         }
     }
     .await
@@ -302,7 +312,7 @@ impl SlotStream {
     }
 }
 
-fn wait_readable(
+pub(super) fn wait_readable(
     stream: &File,
     timeout: Duration,
     shown: &str,

@@ -99,7 +99,7 @@ nix::ioctl_read_bad!(
     u64
 );
 
-fn block_device_size(file: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: the fd is open for the whole call and `size` is a valid u64 the kernel fills.
     unsafe { blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;

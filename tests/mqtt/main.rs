@@ -7,6 +7,10 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+mod harness;
+mod rollout;
+mod v311;
 mod withdrawal;
 
 use std::fs;
@@ -228,9 +232,9 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
         .collect();
     assert_eq!(states(&streamed), states(&events));
     assert!(streamed.iter().all(|e| e["device"] == DEVICE));
-    // And as a table, from the retained topics.
+    // And as a table, one line per device, from the retained topics.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["monitor", "--once", "--broker"])
+        .args(["monitor", "--once", "--devices", "--broker"])
         .arg(format!("mqtt://127.0.0.1:{}", broker.port))
         .output()
         .unwrap();
