@@ -6,6 +6,12 @@ use clap::Parser;
 
 mod cli;
 
+// build.rs links release binaries without unwind tables, which only an aborting panic survives.
+#[cfg(all(no_unwind_tables, panic = "unwind"))]
+compile_error!(
+    "release binaries are linked without unwind tables: keep panic = \"abort\" in Cargo.toml's release profile"
+);
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     args.init_logging();

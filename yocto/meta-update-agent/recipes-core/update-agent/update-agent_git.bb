@@ -37,7 +37,9 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 PACKAGECONFIG_CONFARGS = "--no-default-features"
 
 # build.rs links glibc targets with `-z pack-relative-relocs` (RELR relocations, about 200 KiB
-# less): the image's glibc must be 2.36 or newer, as in every release with Rust 1.89.
+# less): the image's glibc must be 2.36 or newer, as in every release with Rust 1.89. It links
+# release builds without unwind tables (linker/no-unwind-tables.ld, for GNU ld and lld alike;
+# the release profile aborts on panic): gdb on the device walks stacks without CFI.
 
 # Cargo.toml's [profile.release] has no `strip`: the binary is installed with its symbols so
 # that bitbake splits them into ${PN}-dbg and strips it itself; a binary stripped by cargo would
