@@ -51,6 +51,7 @@ pub mod keys;
 pub mod logging;
 pub mod mqtt;
 pub mod outbox;
+pub mod progress_line;
 pub mod reason;
 pub mod release;
 #[cfg(feature = "sim")]

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use update_agent::agent::{Agent, Observer, Output, RebootMode};
 use update_agent::config::Config;
 use update_agent::engine::{Event, EventKind, Phase, Progress};
+use update_agent::progress_line::ProgressLine;
 use update_agent::release::{self, escape_for_log};
 
 use super::EXIT_REFUSED;
@@ -120,7 +120,7 @@ fn finish(agent: &Agent, narrator: &Narrator, outcome: Outcome) -> ExitCode {
 
 /// Tells a person what happens: one line per event, a progress bar while writing on a terminal.
 pub struct Narrator {
-    bar: Option<ProgressBar>,
+    bar: Option<ProgressLine>,
     terminal: bool,
     last_outcome: Option<EventKind>,
 }
@@ -171,17 +171,9 @@ impl Narrator {
         if !self.terminal {
             return;
         }
-        let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::new(progress.total);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "  writing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("the template is valid")
-                .progress_chars("=> "),
-            );
-            bar
-        });
+        let bar = self
+            .bar
+            .get_or_insert_with(|| ProgressLine::new(progress.total));
         bar.set_position(progress.done);
     }
 }

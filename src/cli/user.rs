@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use update_agent::agent::{Agent, RebootMode};
@@ -17,6 +16,7 @@ use update_agent::config::Config;
 use update_agent::dbus::client::{self, Agent1Proxy, ClientError, Status};
 use update_agent::dbus::host::{Host, Request};
 use update_agent::dbus::{self, Access};
+use update_agent::progress_line::ProgressLine;
 use update_agent::release::escape_for_log;
 
 use super::install::DEFAULT_CONFIG;
@@ -319,7 +319,7 @@ const FOLLOWED: [&str; 4] = ["State", "AutoInstall", "PostponedUntil", "Progress
 struct Follower {
     json: bool,
     terminal: bool,
-    bar: Option<ProgressBar>,
+    bar: Option<ProgressLine>,
 }
 
 impl Follower {
@@ -368,17 +368,7 @@ impl Follower {
                 if json {
                     self.say(json!({"progress": {"done": done, "total": total}}).to_string());
                 } else if self.terminal && total > 0 {
-                    let bar = self.bar.get_or_insert_with(|| {
-                        let bar = ProgressBar::new(total);
-                        bar.set_style(
-                            ProgressStyle::with_template(
-                                "  writing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                            )
-                            .expect("the template is valid")
-                            .progress_chars("=> "),
-                        );
-                        bar
-                    });
+                    let bar = self.bar.get_or_insert_with(|| ProgressLine::new(total));
                     bar.set_position(done);
                 }
             }
