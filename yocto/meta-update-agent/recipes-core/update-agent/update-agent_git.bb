@@ -41,6 +41,12 @@ PACKAGECONFIG_CONFARGS = "--no-default-features"
 # release builds without unwind tables (linker/no-unwind-tables.ld, for GNU ld and lld alike;
 # the release profile aborts on panic): gdb on the device walks stacks without CFI.
 
+# x86-64: LLVM's machine outliner, which it runs by default at opt-level "z" on aarch64 and arm
+# but on x86-64 only when asked (about 100 KiB less). The project's .cargo/config.toml asks for
+# it, but Yocto's exported RUSTFLAGS replace that file's; scripts/check-boot-glue checks that
+# these flags are the same as the file's.
+RUSTFLAGS:append:x86-64 = " -Cllvm-args=-enable-machine-outliner -Cllvm-args=-outliner-benefit-threshold=16"
+
 # Cargo.toml's [profile.release] has no `strip`: the binary is installed with its symbols so
 # that bitbake splits them into ${PN}-dbg and strips it itself; a binary stripped by cargo would
 # trip the already-stripped QA check and lose the debug package.
