@@ -328,11 +328,7 @@ impl Installer {
                 release,
                 resume_from,
             } => {
-                let stream_fd = fd.ok_or_else(|| {
-                    Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
-                })?;
-                super::check_stream_socket(&stream_fd)
-                    .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
+                let stream_fd = image_stream(fd)?;
                 self.write(&slot, &release, resume_from, stream_fd, stream)
             }
             Op::WriteDelta {
@@ -340,11 +336,7 @@ impl Installer {
                 release,
                 ranges_per_request,
             } => {
-                let stream_fd = fd.ok_or_else(|| {
-                    Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
-                })?;
-                super::check_stream_socket(&stream_fd)
-                    .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
+                let stream_fd = image_stream(fd)?;
                 self.write_delta(&slot, &release, ranges_per_request, stream_fd, stream)
             }
             Op::Reboot => self.reboot(),
@@ -686,4 +678,14 @@ fn inherited_listener() -> Option<UnixListener> {
     // variables checked above say it is ours, and nothing else in the process took it.
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     Some(UnixListener::from(fd))
+}
+
+/// The image stream a write or a delta write came with: present, and a stream socket.
+fn image_stream(fd: Option<OwnedFd>) -> Result<OwnedFd, Refused> {
+    let stream_fd = fd.ok_or_else(|| {
+        Refused::new(ReasonCode::InvalidRequest, "a write needs the image stream")
+    })?;
+    super::check_stream_socket(&stream_fd)
+        .map_err(|e| Refused::new(ReasonCode::InvalidRequest, e.to_string()))?;
+    Ok(stream_fd)
 }
