@@ -413,6 +413,24 @@ impl From<TransferError> for IndexFailure {
     }
 }
 
+/// The block index of `image` as an earlier fetch expanded it into `work_dir` (the file is
+/// named after the SHA-256 the signed manifest gives, and only ever appears there, renamed into
+/// place, once its bytes matched it), or `None`. Blocking: opening checks the whole file.
+pub(crate) fn expanded_index(
+    work_dir: &Path,
+    image: &crate::release::manifest::Image,
+    chunks: &ChunkIndexRef,
+) -> Option<IndexFile> {
+    if chunks.sha256.len() != 64 || !chunks.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let dest = work_dir.join(format!("{}.index", chunks.sha256.to_ascii_lowercase()));
+    IndexFile::open(&dest).ok().filter(|index| {
+        index.header().image_size == image.size
+            && u64::from(index.header().block_size) == chunks.chunk_size
+    })
+}
+
 /// The expanded index: reused when one of the same SHA-256 is in the work directory, else
 /// downloaded (at most what an index for this image can be) and expanded. Returns it and the
 /// bytes downloaded.
@@ -431,10 +449,7 @@ async fn fetch_index(
         )));
     }
     let dest = settings.work_dir.join(&name);
-    if let Ok(index) = IndexFile::open(&dest)
-        && index.header().image_size == image.size
-        && u64::from(index.header().block_size) == chunks.chunk_size
-    {
+    if let Some(index) = expanded_index(&settings.work_dir, image, chunks) {
         return Ok((index, 0));
     }
     // Indexes of other releases are of no more use.

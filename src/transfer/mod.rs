@@ -2,9 +2,10 @@
 //!
 //! The adapter job behind "write slot": [`install_image`] reads the image from its URL
 //! (`https://`, `http://`, `file://`), decompresses it when the release says zstd, hashes it,
-//! writes it into the slot with fixed buffers, syncs it at checkpoints, and finally reads the
-//! whole slot region back past the page cache and checks its hash again. Nothing is ever
-//! buffered whole: memory stays flat whatever the image size.
+//! writes it into the slot with fixed buffers, syncs it at checkpoints, and reads the slot
+//! region back past the page cache while the download goes on, each region as soon as it is
+//! synced, checking it against the release's block index (on every core) or, without one, the
+//! image's hash. Nothing is ever buffered whole: memory stays flat whatever the image size.
 //!
 //! Inside (all private; the API is what this module re-exports):
 //! - `source`: where bytes come from (reqwest with rustls+ring; local files), redirects, ranges.
@@ -25,8 +26,9 @@
 //! - Memory is bounded by fixed buffers and queue depths (about 10–14 MiB RSS for a whole
 //!   agent process in the benchmark, for a 128 MiB or a 1 GiB image alike).
 //! - Success means: the bytes' SHA-256 matched while writing (and the transport SHA-256 for
-//!   compressed images), all was `fdatasync`ed, and the region read back from the medium with
-//!   `O_DIRECT` matched again.
+//!   compressed images), all was `fdatasync`ed, and every byte of the region read back from the
+//!   medium with `O_DIRECT` matched a signed hash again (its block's in the block index, or the
+//!   image's).
 //!
 //! # Resuming
 //!
@@ -75,6 +77,7 @@ pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
 use error::esc;
+use readback::{Check, Readback};
 use source::{HttpOptions, Source};
 use writer::{Msg, SinkConfig, SinkOutcome};
 
@@ -146,7 +149,8 @@ pub enum TransferEvent {
     /// `[0, durable)` is on the storage (after `fdatasync`): persist it to resume from. Also
     /// sent, when possible, after a failed download for what did arrive.
     Checkpoint { durable: u64 },
-    /// All bytes are written and their hash matched; the read-back starts.
+    /// All bytes are written and their hash matched; what is left of the read-back (which ran
+    /// beside the write) is awaited.
     Verifying,
     /// A delta update: bytes downloaded so far (the block index and the store's ranges) and
     /// what the plan expects in all. `Progress` still counts the image's bytes in place.
@@ -234,6 +238,10 @@ async fn install_full(
     } else {
         file
     };
+    let check = {
+        let (req, sha256) = (req.clone(), plan.sha256);
+        blocking(move || Ok(readback_check(&req, sha256))).await?
+    };
     if start == size {
         // Everything was written before; only the read-back is left — unless the bytes are wrong,
         // then the only way on is a fresh download.
@@ -246,7 +254,8 @@ async fn install_full(
                 },
             )?;
             drop(file);
-            return read_back(req, &plan, events).await;
+            let readback = Readback::start(&req.slot_path, size, check, size)?;
+            return finish_read_back(readback, &plan, size, events).await;
         }
         start = 0;
         hasher = Sha256::new();
@@ -263,6 +272,8 @@ async fn install_full(
         hasher = Sha256::new();
     }
 
+    // The read-back runs beside the download: each region is read back once it is durable.
+    let readback = Readback::start(&req.slot_path, size, check, start)?;
     let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
     let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
     let written = Arc::new(AtomicU64::new(start));
@@ -277,6 +288,7 @@ async fn install_full(
             checkpoint_interval: req.checkpoint_interval,
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,
+            readback: Some(readback.feed()),
         };
         let written = written.clone();
         tokio::task::spawn_blocking(move || {
@@ -319,6 +331,8 @@ async fn install_full(
     drop(queue);
     drop(source);
 
+    // A read-back failure waits for the sink: bytes the source got wrong fail the image's hash
+    // there, which tells more than the read-back can (it only sees that the slot differs).
     let outcome = sink.await.map_err(join_error)?;
     // Checkpoints the sink made are durable whatever went wrong on the network: hand them over so
     // the next attempt resumes from the furthest one. Not after a lasting failure (the server's
@@ -341,7 +355,35 @@ async fn install_full(
         (None, Ok(SinkOutcome::Finished)) => reported?,
     }
     reporter.progress(true)?;
-    read_back(req, &plan, reporter.events).await
+    finish_read_back(readback, &plan, size, reporter.events).await
+}
+
+/// How the read-back checks the slot: against the release's block index when an earlier step
+/// (the delta planner) has it expanded in the work directory, else against the image's SHA-256.
+/// Blocking.
+fn readback_check(req: &WriteRequest, sha256: [u8; 32]) -> Check {
+    if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks)
+        && let Some(index) = delta::expanded_index(&settings.work_dir, &req.image, chunks)
+    {
+        return Check::Blocks(Arc::new(index));
+    }
+    Check::Whole(sha256)
+}
+
+/// The end of an install: every byte written and durable, the image's SHA-256 matched (in the
+/// stream, or by the read-back itself); waits for the rest of the read-back.
+async fn finish_read_back(
+    readback: Readback,
+    plan: &Plan,
+    size: u64,
+    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
+) -> Result<Written, TransferError> {
+    call(events, TransferEvent::Verifying)?;
+    blocking(move || readback.finish()).await?;
+    Ok(Written {
+        bytes: size,
+        sha256: plan.sha256,
+    })
 }
 
 /// What `install_image` needs from the image, checked once.

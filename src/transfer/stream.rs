@@ -21,6 +21,7 @@ use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 use super::error::TransferError;
+use super::readback::{Check, Readback};
 use super::source::{HttpOptions, Source};
 use super::writer::{self, Msg, SinkConfig, SinkOutcome};
 use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
@@ -86,6 +87,7 @@ pub async fn send_image(
             checkpoint_interval: 0,
             report_checkpoints: false,
             zstd: plan.zstd,
+            readback: None,
         };
         let written = Arc::new(AtomicU64::new(start));
         tokio::task::spawn_blocking(move || {
@@ -201,6 +203,15 @@ impl SlotStream {
             hasher,
         } = self;
         let shown = "the daemon's stream".to_string();
+        // The read-back runs beside the stream, each region once it is durable. The installer
+        // has no block index here (the daemon sends only the image's bytes): the regions are
+        // hashed in order against the image's SHA-256.
+        let readback = Readback::start(
+            &request.slot_path,
+            request.size,
+            Check::Whole(request.sha256),
+            start,
+        )?;
         let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
         let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
         let written = Arc::new(AtomicU64::new(start));
@@ -215,6 +226,7 @@ impl SlotStream {
                 checkpoint_interval: request.checkpoint_interval,
                 report_checkpoints: true,
                 zstd: None,
+                readback: Some(readback.feed()),
             };
             let written = written.clone();
             std::thread::Builder::new()
@@ -304,7 +316,7 @@ impl SlotStream {
             (None, Ok(SinkOutcome::Finished)) => reported?,
         }
         call(reporter.events, TransferEvent::Verifying)?;
-        super::verify_slot(&request.slot_path, request.size, &request.sha256)?;
+        readback.finish()?;
         Ok(Written {
             bytes: request.size,
             sha256: request.sha256,

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
 use super::error::TransferError;
+use super::readback::ReadbackFeed;
 
 /// Bytes gathered before one `pwrite`: large enough that a block device sees big requests, as
 /// with `dd bs=1M`.
@@ -144,6 +145,9 @@ pub(crate) struct SinkConfig {
     pub report_checkpoints: bool,
     /// The expected transport SHA-256 of a zstd-compressed image.
     pub zstd: Option<[u8; 32]>,
+    /// The read-back running beside the write: told each durable offset, also where no
+    /// checkpoint is reported (compressed images).
+    pub readback: Option<ReadbackFeed>,
 }
 
 /// Where the sink's bytes go.
@@ -350,6 +354,9 @@ impl<D: Destination> SlotWriter<D> {
     fn sync_and_report(&mut self) -> Result<(), TransferError> {
         self.sync()?;
         self.durable = self.flushed;
+        if let Some(readback) = &self.config.readback {
+            readback.durable(self.durable);
+        }
         if let Some(checkpoints) = &self.checkpoints {
             // The receiver is gone only when the caller already gave up: nothing to tell.
             let _ = checkpoints.send(self.durable);
@@ -367,6 +374,9 @@ impl<D: Destination> SlotWriter<D> {
         self.flush()?;
         self.sync()?;
         self.durable = self.flushed;
+        if let Some(readback) = &self.config.readback {
+            readback.durable(self.durable);
+        }
         if self.flushed != self.config.size {
             return Err(TransferError::SizeMismatch {
                 url: self.config.shown.clone(),
