@@ -35,7 +35,9 @@
 //!
 //! Points covered (file bootloader unless said): in `install` — persist:writing:before|after,
 //! bootloader:prepare:before|after (also U-Boot, GRUB), checkpoint:1|3|5 (5 = the whole image),
-//! bytes:<2.5 MiB> (mid-interval, own test), readback:before, persist:activating:before|after,
+//! bytes:<2.5 MiB> (mid-interval, own test), readback:bytes:<1 MiB> (the read-back of the first
+//! region, done while the download goes on, own test), readback:bytes:<4 MiB> (the read-back
+//! behind the last bytes, own test), readback:before, persist:activating:before|after,
 //! bootloader:activate:before|after (also U-Boot; after also GRUB),
 //! persist:reboot-pending:before|after, reboot:before; in the trial boot's `boot-check` —
 //! persist:trial:before|after, health:before|after, persist:committing:before|after,
@@ -744,6 +746,58 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
         requests[1].range.as_deref(),
         Some(format!("bytes={durable}-").as_str()),
         "the second download did not resume from the checkpoint\n{journal}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// Cuts in the read-back, which runs beside the download
+
+/// The read-back of a region starts once its `fdatasync` is done, while the download goes on:
+/// with the download slowed down, the cut comes after the first region (1 MiB) was read back
+/// and matched, and before the next checkpoint (2 MiB). The resumed write keeps nothing of that
+/// read-back: it reads `[0, checkpoint)` back again, and the slot is only activated once all of
+/// it matched.
+#[test]
+fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
+    let cycle = run_case(&Case {
+        point: format!("readback:bytes:{CHECKPOINT}"),
+        victim: Install,
+        outcome: Committed,
+        loader: Backend::File,
+        // About 160 ms per MiB: the read-back of a region takes a few.
+        throttle: Some(Throttle {
+            chunk: 32 * 1024,
+            pause: Duration::from_millis(5),
+        }),
+        checkpoint_interval: CHECKPOINT,
+    });
+    let journal = cycle.device.journal();
+    let durable = cycle
+        .durable_at_crash
+        .expect("the cut was in the writing phase");
+    // The first checkpoint may or may not have been persisted yet when its region's read-back
+    // ended (two threads), the second cannot have been.
+    assert!(
+        durable <= CHECKPOINT as u64,
+        "the cut came after checkpoint {durable}, not during the download of the second region
+{journal}"
+    );
+    assert_eq!(cycle.requests_at_crash, 1, "{journal}");
+}
+
+/// A cut while the read-back is behind the download: the last bytes are written (or nearly),
+/// the read-back has matched 4 MiB of the 4 MiB and a bit.
+#[test]
+fn cut_during_the_read_back_behind_the_last_bytes() {
+    let cycle = cut("readback:bytes:4194304", Install, Committed);
+    // Still writing: the slot was neither activated nor marked written. Which checkpoint was
+    // persisted by then is a race the test leaves open (the download may have queued every
+    // byte before the first checkpoint reached the state file); the cycle's own checks say
+    // the write resumed from it and B was only ever bootable holding the image.
+    assert!(
+        cycle.durable_at_crash.is_some(),
+        "the cut was not in the writing phase\n{}",
+        cycle.device.journal()
     );
 }
 
