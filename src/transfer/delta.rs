@@ -18,8 +18,8 @@
 //!    flat), then the image is assembled in ascending block order ([`crate::delta::assemble`]):
 //!    a block reaches the slot only after its SHA-256 matched the signed index. A local copy that
 //!    does not match is fetched with a request of its own.
-//! 5. Checkpoints (`fdatasync`) at the configured interval, then the whole-slot read-back past
-//!    the page cache against the image's SHA-256, as for a full download.
+//! 5. Checkpoints (`fdatasync`) at the configured interval; the read-back past the page cache
+//!    against the image's SHA-256 runs beside the assembly, each region once it is synced.
 //!
 //! Resuming needs nothing from the checkpoint: a new attempt hashes the target slot again, and
 //! every block an earlier attempt wrote is then found in place and kept.
@@ -36,10 +36,12 @@ use reqwest::header::{ACCEPT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use url::Url;
 
 use super::error::{TransferError, chain, esc};
+use super::readback::{Check, Readback};
 use super::source::{self, HttpOptions};
 use super::writer::{self, WRITE_BUFFER};
 use super::{
-    Plan, RateLimit, Reporter, TransferEvent, WriteRequest, Written, call, join_error, read_back,
+    Plan, RateLimit, Reporter, TransferEvent, WriteRequest, Written, call, finish_read_back,
+    join_error,
 };
 use crate::delta::assemble::{self, AssembleError, FrameSource, LocalSlot, Locals, Write};
 use crate::delta::lookup::{SlotTable, TableBuilder, TableKey};
@@ -265,6 +267,10 @@ pub(crate) async fn install(
     // reporter.
     let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
     let written = Arc::new(AtomicU64::new(0));
+    // The read-back beside the assembly, each region once synced: against the image's SHA-256
+    // (a delta has no in-stream hash of the whole image to pair the block index with).
+    let readback = Readback::start(&req.slot_path, size, Check::Whole(plan_image.sha256), 0)?;
+    let feed = readback.feed();
     let extra = Arc::new(AtomicU64::new(0));
     let extra_requests = Arc::new(AtomicU64::new(0));
     let assembly = {
@@ -290,6 +296,7 @@ pub(crate) async fn install(
             let mut notify = |note: SinkNote| match note {
                 SinkNote::Written(done) => written.store(done, Ordering::Relaxed),
                 SinkNote::Checkpoint(durable) => {
+                    feed.durable(durable);
                     let _ = checkpoint_tx.send(durable);
                 }
             };
@@ -336,7 +343,7 @@ pub(crate) async fn install(
             expected: expected_download,
         },
     )?;
-    let written = read_back(req, &plan_image, reporter.events).await?;
+    let written = finish_read_back(readback, &plan_image, size, reporter.events).await?;
     tracing::info!(
         "delta install: {} bytes downloaded (index {}) in {} requests; {} blocks written from the store, {} copied, {} kept, {} zero, {} local copies that did not match fetched again",
         stats.downloaded,
@@ -1137,7 +1144,14 @@ pub fn receive_delta(
     };
     let mut last_progress = Instant::now();
     let mut failed: Option<io::Error> = None;
+    // The read-back beside the assembly, each region once synced: against the image's SHA-256
+    // (a delta has no in-stream hash of the whole image to pair the block index with).
+    let readback = Readback::start(&req.slot_path, image.size, Check::Whole(sha256), 0)?;
+    let feed = readback.feed();
     let mut notify = |note: SinkNote| {
+        if let SinkNote::Checkpoint(durable) = note {
+            feed.durable(durable);
+        }
         let event = match note {
             SinkNote::Written(done) => {
                 if last_progress.elapsed() < super::PROGRESS_INTERVAL {
@@ -1182,7 +1196,7 @@ pub fn receive_delta(
         },
     )?;
     call(events, TransferEvent::Verifying)?;
-    super::verify_slot(&req.slot_path, image.size, &sha256)?;
+    readback.finish()?;
     Ok((
         Written {
             bytes: image.size,

@@ -449,21 +449,6 @@ fn decode_sha256(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-async fn read_back(
-    req: &WriteRequest,
-    plan: &Plan,
-    events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
-) -> Result<Written, TransferError> {
-    call(events, TransferEvent::Verifying)?;
-    let path = req.slot_path.clone();
-    let (size, sha256) = (req.image.size, plan.sha256);
-    blocking(move || verify_slot(&path, size, &sha256)).await?;
-    Ok(Written {
-        bytes: size,
-        sha256,
-    })
-}
-
 /// A bandwidth cap: after each chunk, waits until the bytes so far fit the rate.
 pub(crate) struct RateLimit {
     rate: Option<u64>,
