@@ -23,6 +23,8 @@
 #   BIN=path/to/update-agent: the agent that installs (default: the release build); it may be
 #   the device build (scripts/measure-size makes it). TOOLS_BIN=path: the one with the
 #   operator's tools (keygen, release create) when BIN has none; default BIN.
+#   BASELINE_BIN=path: another agent (an earlier build) that takes its turn in every round as
+#   the tool "agent-base", so a change is compared under the same load, not across runs.
 # Needs: root (RAUC mounts the bundle on a loop device), rauc, squashfs-tools, dbus, openssl,
 # util-linux (taskset), time. Data lives in target/bench-install/ and is deleted at the end.
 set -euo pipefail
@@ -39,6 +41,7 @@ if [[ -z "${BIN:-}" ]]; then
 fi
 BIN=$(realpath "$BIN")
 TOOLS_BIN=$(realpath "${TOOLS_BIN:-$BIN}")
+BASELINE_BIN=${BASELINE_BIN:+$(realpath "$BASELINE_BIN")}
 for tool in openssl dd taskset /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "$tool is missing" >&2; exit 2; }
 done
@@ -203,6 +206,7 @@ sha_split() {
 
 declare -A results
 tools=(dd sha-all sha-1 agent)
+[[ -n $BASELINE_BIN ]] && tools+=(agent-base)
 [[ $RAUC == 1 ]] && tools+=(rauc)
 
 for mib in $SIZES_MIB; do
@@ -242,9 +246,11 @@ for mib in $SIZES_MIB; do
                         rm -f "$work/slot-dd" ;;
                     sha-all) timed "${pin[@]}" bash -c "$(declare -f sha_split); sha_split '$image' $parts $mib" ;;
                     sha-1) timed taskset -c 0 openssl dgst -sha256 "$image" ;;
-                    agent)
+                    agent | agent-base)
                         agent_device "$work/dev" "$bytes"
-                        timed "${pin[@]}" "$BIN" install --config "$work/dev/agent.toml" "$work/release-$mib.json"
+                        agent_bin=$BIN
+                        [[ $tool == agent-base ]] && agent_bin=$BASELINE_BIN
+                        timed "${pin[@]}" "$agent_bin" install --config "$work/dev/agent.toml" "$work/release-$mib.json"
                         grep -q "activated" "$work/cmd.out" ||
                             { echo "the agent did not activate:" >&2; cat "$work/cmd.out" >&2; exit 1; }
                         cmp -s "$image" "$work/dev/slot-b" ||
@@ -291,9 +297,15 @@ for mib in $SIZES_MIB; do
             if [[ $RAUC == 1 ]]; then
                 echo "${mib} MiB, all cores: agent / rauc = $(verdict "$(awk -v a="$agent" -v r="${results[$mib,$cores,rauc,med]}" 'BEGIN { print a / r }')" 0.5)"
             fi
+            if [[ -n $BASELINE_BIN ]]; then
+                echo "${mib} MiB, all cores: agent / agent-base = $(awk -v a="$agent" -v b="${results[$mib,$cores,agent-base,med]}" 'BEGIN { printf "%.2f", a / b }')"
+            fi
         else
             sha1=${results[$mib,$cores,sha-1,med]}
             echo "${mib} MiB, one core: agent / (sha-1 + dd) = $(verdict "$(awk -v a="$agent" -v s="$sha1" -v d="$dd" 'BEGIN { print a / (s + d) }')" 1.25)"
+            if [[ -n $BASELINE_BIN ]]; then
+                echo "${mib} MiB, one core: agent / agent-base = $(awk -v a="$agent" -v b="${results[$mib,$cores,agent-base,med]}" 'BEGIN { printf "%.2f", a / b }')"
+            fi
         fi
         echo "${mib} MiB, $cores core(s): agent peak RSS $(verdict "$(awk -v k="${results[$mib,$cores,agent,rssmed]}" 'BEGIN { print k / 1024 }')" 16) MiB"
     done
