@@ -358,7 +358,13 @@ struct Device {
 
 impl Device {
     fn new() -> Device {
-        let r = release(RangeMode::Multi);
+        Device::with(RangeMode::Multi, "")
+    }
+
+    /// A device whose image server answers Range as `mode` says, with `install` added to the
+    /// configuration's `[install]` table.
+    fn with(mode: RangeMode, install: &str) -> Device {
+        let r = release(mode);
         let path = |name: &str| r.dir.path().join(name);
         let out = Command::new(BIN)
             .arg("keygen")
@@ -400,6 +406,7 @@ b = {{ device = {b}, bootname = "B", size = {size} }}
 [install]
 checkpoint_interval = 1048576
 stall_timeout = 5
+{install}
 
 [system]
 boot_id_path = {boot_id}
@@ -414,6 +421,7 @@ reboot_command = ["true"]
             size = BLOCKS * BS * 2,
             boot_id = toml_path(&path("boot_id")),
             cmdline = toml_path(&path("cmdline")),
+            install = install,
         );
         fs::write(path("agent.toml"), config).unwrap();
         let dev = Device { r };
@@ -513,6 +521,53 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
         0,
         "never the whole image"
     );
+    let status = dev.agent(&["status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["phase"], "reboot-pending", "{status}");
+}
+
+/// A release with a block index whose delta is not possible (the server ignores Range) on a
+/// device that allows the whole download instead: the read-back of that download checks each
+/// synced region against the block index the delta attempt fetched, on the pool, while the rest
+/// arrives. Cut (SIGKILL) after 2 MiB were read back, the next run writes and reads back
+/// everything again and only then activates.
+#[test]
+fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_survives_a_cut() {
+    let dev = Device::with(RangeMode::Ignore, "full_download_fallback = true");
+    let release = dev.release();
+    let release = release.to_str().unwrap();
+    let run = |crash_at: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["install", release, "--config"])
+            .arg(dev.path("agent.toml"))
+            .env("RUST_LOG", "info");
+        if let Some(point) = crash_at {
+            command.env("UPDATE_AGENT_CRASH_AT", point);
+        }
+        command.output().unwrap()
+    };
+    let out = run(Some("readback:bytes:2097152"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(9), "the crash point fired: {stderr}");
+    assert!(stderr.contains("crash point readback:bytes:2097152:"), "{stderr}");
+    assert!(
+        stderr.contains("checked against the block index"),
+        "the read-back used the index: {stderr}"
+    );
+    assert!(dev.r.server.requests_of("new.img") >= 1, "the whole image was downloaded");
+    let status = dev.agent(&["status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["phase"], "writing", "not activated at the cut: {status}");
+
+    let out = run(None);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fs::read(dev.path("slot-b")).unwrap()[..dev.r.new.len()] == dev.r.new[..]);
     let status = dev.agent(&["status", "--json"], None);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["phase"], "reboot-pending", "{status}");
