@@ -549,16 +549,29 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
     };
     let out = run(Some("readback:bytes:2097152"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.signal(), Some(9), "the crash point fired: {stderr}");
-    assert!(stderr.contains("crash point readback:bytes:2097152:"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the crash point fired: {stderr}"
+    );
+    assert!(
+        stderr.contains("crash point readback:bytes:2097152:"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("checked against the block index"),
         "the read-back used the index: {stderr}"
     );
-    assert!(dev.r.server.requests_of("new.img") >= 1, "the whole image was downloaded");
+    assert!(
+        dev.r.server.requests_of("new.img") >= 1,
+        "the whole image was downloaded"
+    );
     let status = dev.agent(&["status", "--json"], None);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["phase"], "writing", "not activated at the cut: {status}");
+    assert_eq!(
+        status["phase"], "writing",
+        "not activated at the cut: {status}"
+    );
 
     let out = run(None);
     assert!(
