@@ -11,7 +11,7 @@
 #            `rauc service` on a private system bus, started and stopped by this script; RAUC
 #            checks the bundle's signature but does not read the slot back): a baseline only
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
-# by round (interleaved), the source image warm in the page cache, the target a new file. Medians
+# by round (interleaved, the order turned by one each round), the source image warm in the page cache, the target a new file. Medians
 # of the rounds; peak RSS from /usr/bin/time (for rauc: the service's VmHWM, one service a round).
 # Targets (issue 15), printed as ratios:
 #   all cores: agent <= 1.25 x max(dd, sha-all), agent <= 0.5 x rauc
@@ -236,7 +236,11 @@ for mib in $SIZES_MIB; do
         if [[ $cores == one ]]; then pin=(taskset -c 0); parts=1; else pin=(); parts=$NCPU; fi
         for ((round = 1; round <= ROUNDS; round++)); do
             line="  ${mib} MiB, $cores core(s), round $round:"
-            for tool in "${tools[@]}"; do
+            # The order turns each round, so that no tool always runs right after the same one
+            # (a delete of the last one's 2 GiB slot file, its writeback, a warm cache).
+            shift_by=$(((round - 1) % ${#tools[@]}))
+            order=("${tools[@]:shift_by}" "${tools[@]:0:shift_by}")
+            for tool in "${order[@]}"; do
                 warm "$image"
                 [[ $tool == rauc ]] && warm "$work/bundle.raucb"
                 case $tool in
