@@ -303,6 +303,11 @@ pub struct Install {
     /// at once does not reach the image server in the same second. 0: none.
     #[serde(default = "default_download_jitter", with = "seconds")]
     pub download_jitter: Duration,
+    /// Read each checkpointed region back as soon as it is synced, while the rest downloads,
+    /// instead of after the last byte. Off by default: on the machine it was measured on (a
+    /// virtio disk) the reads beside the writes made a 2 GiB install 1.4x slower.
+    #[serde(default)]
+    pub readback_overlap: bool,
 }
 
 impl Default for Install {
@@ -314,6 +319,7 @@ impl Default for Install {
             max_rate: None,
             full_download_fallback: false,
             download_jitter: default_download_jitter(),
+            readback_overlap: false,
         }
     }
 }

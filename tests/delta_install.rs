@@ -533,7 +533,10 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
 /// everything again and only then activates.
 #[test]
 fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_survives_a_cut() {
-    let dev = Device::with(RangeMode::Ignore, "full_download_fallback = true");
+    let dev = Device::with(
+        RangeMode::Ignore,
+        "full_download_fallback = true\nreadback_overlap = true",
+    );
     let release = dev.release();
     let release = release.to_str().unwrap();
     let run = |crash_at: Option<&str>| {

@@ -35,9 +35,10 @@
 //!
 //! Points covered (file bootloader unless said): in `install` — persist:writing:before|after,
 //! bootloader:prepare:before|after (also U-Boot, GRUB), checkpoint:1|3|5 (5 = the whole image),
-//! bytes:<2.5 MiB> (mid-interval, own test), readback:bytes:<1 MiB> (the read-back of the first
-//! region, done while the download goes on, own test), readback:bytes:<4 MiB> (the read-back
-//! behind the last bytes, own test), readback:before, persist:activating:before|after,
+//! bytes:<2.5 MiB> (mid-interval, own test), readback:bytes:<1 MiB> (`readback_overlap`: the
+//! read-back of the first region, done while the download goes on, own test),
+//! readback:bytes:<4 MiB> (`readback_overlap`: the read-back behind the last bytes, own test),
+//! readback:bytes:<2 MiB> (the read-back after the last byte), readback:before, persist:activating:before|after,
 //! bootloader:activate:before|after (also U-Boot; after also GRUB),
 //! persist:reboot-pending:before|after, reboot:before; in the trial boot's `boot-check` —
 //! persist:trial:before|after, health:before|after, persist:committing:before|after,
@@ -131,6 +132,7 @@ impl Device {
         let server = server.start_background().unwrap();
         // A board as RAUC sets it up: both slots in the order, full try budgets.
         let interval = case.checkpoint_interval as u64;
+        let overlap = case.readback_overlap;
         let gateway = common::gateway()
             .backend(case.loader)
             .compatible("acme-gw-1")
@@ -140,6 +142,7 @@ impl Device {
             .configure(move |c| {
                 c.device.factory_version = Some("2026.01.0".into());
                 c.install.checkpoint_interval = interval;
+                c.install.readback_overlap = overlap;
             })
             .build()
             .unwrap();
@@ -359,6 +362,8 @@ struct Case {
     loader: Backend,
     throttle: Option<Throttle>,
     checkpoint_interval: usize,
+    /// `[install] readback_overlap`: the read-back beside the download.
+    readback_overlap: bool,
 }
 
 /// What a cycle observed, for the case-specific checks.
@@ -384,6 +389,7 @@ fn cut_on(loader: Backend, point: &'static str, victim: Victim, outcome: Outcome
         loader,
         throttle: None,
         checkpoint_interval: CHECKPOINT,
+        readback_overlap: false,
     })
 }
 
@@ -721,6 +727,7 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
             pause: Duration::from_millis(5),
         }),
         checkpoint_interval: interval,
+        readback_overlap: false,
     });
     let journal = cycle.device.journal();
     let durable = cycle
@@ -770,6 +777,7 @@ fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
             pause: Duration::from_millis(5),
         }),
         checkpoint_interval: CHECKPOINT,
+        readback_overlap: true,
     });
     let journal = cycle.device.journal();
     let durable = cycle
@@ -789,7 +797,15 @@ fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
 /// the read-back has matched 4 MiB of the 4 MiB and a bit.
 #[test]
 fn cut_during_the_read_back_behind_the_last_bytes() {
-    let cycle = cut("readback:bytes:4194304", Install, Committed);
+    let cycle = run_case(&Case {
+        point: "readback:bytes:4194304".into(),
+        victim: Install,
+        outcome: Committed,
+        loader: Backend::File,
+        throttle: None,
+        checkpoint_interval: CHECKPOINT,
+        readback_overlap: true,
+    });
     // Still writing: the slot was neither activated nor marked written. Which checkpoint was
     // persisted by then is a race the test leaves open (the download may have queued every
     // byte before the first checkpoint reached the state file); the cycle's own checks say
@@ -799,6 +815,15 @@ fn cut_during_the_read_back_behind_the_last_bytes() {
         "the cut was not in the writing phase\n{}",
         cycle.device.journal()
     );
+}
+
+/// Without the overlap (the default) the read-back starts after the last byte, once the whole
+/// image's checkpoint is persisted: a cut in it, after 2 MiB were read back, leaves only the
+/// read-back to redo.
+#[test]
+fn cut_during_the_read_back_after_the_last_byte() {
+    let cycle = cut("readback:bytes:2097152", Install, Committed);
+    assert_eq!(cycle.durable_at_crash, Some(IMAGE_LEN as u64));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -835,6 +860,7 @@ fn committed_slot_keeps_booting(loader: Backend) {
         loader,
         throttle: None,
         checkpoint_interval: CHECKPOINT,
+        readback_overlap: false,
     };
     let mut dev = Device::new(&case);
     dev.run("boot-check", None);

@@ -460,6 +460,7 @@ impl Installer {
             resume_from,
             checkpoint_interval: self.config.install.checkpoint_interval,
             stall_timeout: self.config.install.stall_timeout,
+            readback_overlap: self.config.install.readback_overlap,
         })
         .map_err(transfer)?;
         let tell = |reply: &Reply| {
@@ -579,6 +580,7 @@ impl Installer {
             work_dir: settings.state_dir.join("delta"),
             booted,
             ranges_per_request: ranges_per_request as usize,
+            readback_overlap: self.config.install.readback_overlap,
         };
         let (written, stats) =
             crate::transfer::receive_delta(&request, &File::from(image_stream), &mut events)

@@ -269,7 +269,13 @@ pub(crate) async fn install(
     let written = Arc::new(AtomicU64::new(0));
     // The read-back beside the assembly, each region once synced: against the image's SHA-256
     // (a delta has no in-stream hash of the whole image to pair the block index with).
-    let readback = Readback::start(&req.slot_path, size, Check::Whole(plan_image.sha256), 0)?;
+    let readback = Readback::start(
+        &req.slot_path,
+        size,
+        Check::Whole(plan_image.sha256),
+        0,
+        req.readback_overlap,
+    )?;
     let feed = readback.feed();
     let extra = Arc::new(AtomicU64::new(0));
     let extra_requests = Arc::new(AtomicU64::new(0));
@@ -976,6 +982,8 @@ pub struct DeltaStreamRequest {
     pub booted: Option<BootedSlot>,
     /// What the daemon found the server to answer: 1, or more for multi-range requests.
     pub ranges_per_request: usize,
+    /// Read each region back as soon as it is synced (`[install] readback_overlap`).
+    pub readback_overlap: bool,
 }
 
 /// The key a booted slot's table is cached under: it holds for one boot of one device path (a
@@ -1146,7 +1154,13 @@ pub fn receive_delta(
     let mut failed: Option<io::Error> = None;
     // The read-back beside the assembly, each region once synced: against the image's SHA-256
     // (a delta has no in-stream hash of the whole image to pair the block index with).
-    let readback = Readback::start(&req.slot_path, image.size, Check::Whole(sha256), 0)?;
+    let readback = Readback::start(
+        &req.slot_path,
+        image.size,
+        Check::Whole(sha256),
+        0,
+        req.readback_overlap,
+    )?;
     let feed = readback.feed();
     let mut notify = |note: SinkNote| {
         if let SinkNote::Checkpoint(durable) = note {

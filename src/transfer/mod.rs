@@ -119,6 +119,9 @@ pub struct WriteRequest {
     /// Delta updates: when set and the image has a block index, reuse local blocks and fetch
     /// only the others.
     pub delta: Option<DeltaSettings>,
+    /// Read each region back as soon as it is synced, while the rest arrives (`[install]
+    /// readback_overlap`); else after the last byte.
+    pub readback_overlap: bool,
 }
 
 impl WriteRequest {
@@ -135,6 +138,7 @@ impl WriteRequest {
             extra_roots: Vec::new(),
             max_rate: None,
             delta: None,
+            readback_overlap: false,
         }
     }
 }
@@ -254,7 +258,8 @@ async fn install_full(
                 },
             )?;
             drop(file);
-            let readback = Readback::start(&req.slot_path, size, check, size)?;
+            let readback =
+                Readback::start(&req.slot_path, size, check, size, req.readback_overlap)?;
             return finish_read_back(readback, &plan, size, events).await;
         }
         start = 0;
@@ -273,7 +278,7 @@ async fn install_full(
     }
 
     // The read-back runs beside the download: each region is read back once it is durable.
-    let readback = Readback::start(&req.slot_path, size, check, start)?;
+    let readback = Readback::start(&req.slot_path, size, check, start, req.readback_overlap)?;
     let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
     let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
     let written = Arc::new(AtomicU64::new(start));

@@ -228,7 +228,10 @@ impl ReadbackFeed {
         let mut state = self.0.lock();
         if upto > state.durable {
             state.durable = upto.min(self.0.size);
-            self.0.wake.notify_all();
+            if self.0.overlap {
+                state.released = state.durable;
+                self.0.wake.notify_all();
+            }
         }
     }
 }
@@ -236,6 +239,8 @@ impl ReadbackFeed {
 struct Shared {
     path: PathBuf,
     size: u64,
+    /// Whether regions are read back as they become durable, or only once all of them are.
+    overlap: bool,
     /// A region handed out ends on a multiple of this (or at `size`): block boundaries, or
     /// `O_DIRECT`'s alignment.
     granule: u64,
@@ -255,6 +260,9 @@ struct Shared {
 struct State {
     /// The writer's last `fdatasync` covered `[0, durable)`.
     durable: u64,
+    /// What may be read back: `durable` with the overlap, else nothing until
+    /// [`Readback::finish`].
+    released: u64,
     /// Where the next region to hand out starts.
     next: u64,
     failure: Option<TransferError>,
@@ -263,13 +271,16 @@ struct State {
 
 impl Readback {
     /// Starts the read-back of `[0, size)` of the slot at `path`; `[0, durable)` is already on
-    /// the storage (a resumed write's checkpoint).
+    /// the storage (a resumed write's checkpoint). With `overlap` each region is read back once
+    /// durable; without, nothing is read before [`Readback::finish`] (all of it durable by then).
     pub(crate) fn start(
         path: &Path,
         size: u64,
         check: Check,
         durable: u64,
+        overlap: bool,
     ) -> Result<Readback, TransferError> {
+        let durable = durable.min(size);
         let plain =
             File::open(path).map_err(|e| TransferError::slot_io(path, "open for read-back", e))?;
         let direct = match OpenOptions::new()
@@ -288,13 +299,15 @@ impl Readback {
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             size,
+            overlap,
             granule,
             plain_only: AtomicBool::new(direct.is_none()),
             direct,
             plain,
             verified: AtomicU64::new(0),
             state: Mutex::new(State {
-                durable: durable.min(size),
+                durable,
+                released: if overlap { durable } else { 0 },
                 next: 0,
                 failure: None,
                 stop: false,
@@ -376,6 +389,8 @@ impl Readback {
                     self.shared.size
                 )));
             }
+            state.released = self.shared.size;
+            self.shared.wake.notify_all();
         }
         self.join();
         let mut state = self.shared.lock();
@@ -447,10 +462,10 @@ impl Shared {
             if state.stop || state.next >= self.size {
                 return None;
             }
-            let limit = if state.durable >= self.size {
+            let limit = if state.released >= self.size {
                 self.size
             } else {
-                state.durable / self.granule * self.granule
+                state.released / self.granule * self.granule
             };
             let end = (state.next + max).min(limit);
             if end > state.next {
@@ -661,7 +676,7 @@ mod tests {
         let path = dir.path().join("slot");
         std::fs::write(&path, b"").unwrap();
         let slot = OpenOptions::new().write(true).open(&path).unwrap();
-        let readback = Readback::start(&path, image.len() as u64, check(), 0)?;
+        let readback = Readback::start(&path, image.len() as u64, check(), 0, true)?;
         let feed = readback.feed();
         // Steps that do not fall on block boundaries: the read-back takes whole blocks only.
         for step in slot_bytes.chunks(700_001) {
@@ -728,7 +743,8 @@ mod tests {
         let path = dir.path().join("slot");
         // The whole image is in the file, but only a part was reported durable.
         std::fs::write(&path, &image).unwrap();
-        let readback = Readback::start(&path, image.len() as u64, Check::Whole(sha256), 0).unwrap();
+        let readback =
+            Readback::start(&path, image.len() as u64, Check::Whole(sha256), 0, true).unwrap();
         readback.feed().durable(2 * PIECE as u64 + 1);
         let started = std::time::Instant::now();
         while readback.shared.verified.load(Ordering::Relaxed) < 2 * PIECE as u64 {

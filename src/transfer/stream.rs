@@ -150,6 +150,8 @@ pub struct SlotStreamRequest {
     pub checkpoint_interval: u64,
     /// Longest wait for the next byte of the stream.
     pub stall_timeout: Duration,
+    /// Read each region back as soon as it is synced (`[install] readback_overlap`).
+    pub readback_overlap: bool,
 }
 
 /// The installer's side: a slot opened for one image, with the hash of the prefix it resumes
@@ -211,6 +213,7 @@ impl SlotStream {
             request.size,
             Check::Whole(request.sha256),
             start,
+            request.readback_overlap,
         )?;
         let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
         let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
