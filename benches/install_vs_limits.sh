@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `update-agent install` against this machine's physical limits and against RAUC (issue 15), run
 # by hand (not in CI: it needs root, loop devices, minutes and several GiB under target/):
-#   agent    update-agent install of a signed release (file:// URL, 1 MiB chunk index) into a
+#   agent    update-agent install of a signed release (file:// URL, 4 KiB block index) into a
 #            file slot: write, checkpoints, read-back past the page cache, activation
 #   dd       dd bs=1M conv=fsync of the same image into a file: the write limit
 #   sha-all  openssl dgst -sha256 of the image split into one part per core, in parallel: the
@@ -11,7 +11,8 @@
 #            `rauc service` on a private system bus, started and stopped by this script; RAUC
 #            checks the bundle's signature but does not read the slot back): a baseline only
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
-# by round (interleaved, the order turned by one each round), the source image warm in the page cache, the target a new file. Medians
+# by round (interleaved, the order turned by one each round), the source image warm in the page
+# cache, the target a new file. Medians
 # of the rounds; peak RSS from /usr/bin/time (for rauc: the service's VmHWM, one service a round).
 # Targets (issue 15), printed as ratios:
 #   all cores: agent <= 1.25 x max(dd, sha-all), agent <= 0.5 x rauc
