@@ -7,7 +7,8 @@
 //! buffered whole: memory stays flat whatever the image size.
 //!
 //! Inside (all private; the API is what this module re-exports):
-//! - `source`: where bytes come from (reqwest with rustls+ring; local files), redirects, ranges.
+//! - `source`: where bytes come from (http(s) or local files), held to the declared size.
+//! - `http`: the HTTP/1.1 client (hyper, rustls+ring): redirects, ranges, kept connections.
 //! - `writer`: the slot side — size checks, resume re-hash, decompress/hash/write/sync.
 //! - `readback`: [`verify_slot`], also for the engine to re-check a slot after a restart.
 //! - `stream`: the same path cut in two for the least-privilege split: [`send_image`] (the
@@ -47,6 +48,7 @@
 
 mod delta;
 mod error;
+mod http;
 mod readback;
 mod source;
 mod stream;
@@ -69,8 +71,8 @@ pub use delta::{
     offer_delta, receive_delta, serve_delta,
 };
 pub use error::TransferError;
+pub use http::MAX_REDIRECTS;
 pub use readback::verify_slot;
-pub use source::MAX_REDIRECTS;
 pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
