@@ -678,11 +678,22 @@ impl Agent {
                 let store = &self.store;
                 let crash = &self.crash;
                 let clock = &self.clock;
+                // Progress carries both counts: bytes written (every `Progress`) and, when the
+                // transfer counts them, bytes downloaded (a delta's `Downloaded`, which also
+                // comes while nothing is written yet: the ranges are fetched first).
+                let (mut written_so_far, mut total_so_far) =
+                    (request.resume_from, request.image.size);
+                let mut downloaded_so_far = None;
                 let mut on_event = |event: TransferEvent| -> std::io::Result<()> {
                     let input = match event {
                         TransferEvent::Progress { written, total } => {
                             crash.bytes_written(written);
-                            Input::WriteProgress { written, total }
+                            (written_so_far, total_so_far) = (written, total);
+                            Input::WriteProgress {
+                                written,
+                                total,
+                                downloaded: downloaded_so_far,
+                            }
                         }
                         TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
                         TransferEvent::Verifying => {
@@ -695,7 +706,12 @@ impl Agent {
                         } => {
                             crash.bytes_downloaded(downloaded);
                             tracing::debug!("delta: {downloaded} of {expected} bytes downloaded");
-                            return Ok(());
+                            downloaded_so_far = Some(downloaded);
+                            Input::WriteProgress {
+                                written: written_so_far,
+                                total: total_so_far,
+                                downloaded: downloaded_so_far,
+                            }
                         }
                     };
                     for action in engine.handle(input, clock()) {

@@ -297,7 +297,7 @@ fn list(out: &mut String, title: &str, order: &str, named: &[Named], total: usiz
 /// One line per device (`--devices`).
 fn render_devices(lines: &[DeviceLine]) -> String {
     let mut out = format!(
-        "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
+        "{:<24} {:<12} {:<15} {:<16} {:<34} {}\n",
         "DEVICE", "VERSION", "STATE", "PROGRESS", "LAST EVENT", "ONLINE"
     );
     for line in lines {
@@ -306,12 +306,18 @@ fn render_devices(lines: &[DeviceLine]) -> String {
             Some(false) => "no",
             None => "-",
         };
+        // Written, and downloaded when the device counts it (a delta downloads far less).
+        let progress = match (line.percent, line.downloaded) {
+            (Some(p), Some(d)) => format!("{p}% {:.1} MB dl", d as f64 / 1e6),
+            (Some(p), None) => format!("{p}%"),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
+            "{:<24} {:<12} {:<15} {:<16} {:<34} {}\n",
             line.device,
             line.version.as_deref().unwrap_or("-"),
             line.state.as_deref().unwrap_or("-"),
-            line.percent.map(|p| format!("{p}%")).unwrap_or("-".into()),
+            progress,
             line.last_event.as_deref().unwrap_or("-"),
             online
         ));

@@ -235,8 +235,12 @@ impl Engine {
                 None
             }
             Input::JobDone(job, result) => self.on_job_done(job, result, now, &mut out),
-            Input::WriteProgress { written, total } => {
-                self.on_progress(written, total, now, &mut out);
+            Input::WriteProgress {
+                written,
+                total,
+                downloaded,
+            } => {
+                self.on_progress(written, total, downloaded, now, &mut out);
                 None
             }
             Input::WriteCheckpoint { durable } => {

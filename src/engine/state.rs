@@ -325,6 +325,11 @@ impl EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub txn: String,
+    /// Bytes of the image written to the slot (a delta counts reused blocks too).
     pub done: u64,
     pub total: u64,
+    /// Bytes downloaded for this write so far (a delta's block index and store ranges), when
+    /// the transfer counts them; a delta downloads far fewer than it writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<u64>,
 }

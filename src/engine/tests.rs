@@ -389,6 +389,7 @@ fn restart_during_write_resumes_from_the_durable_checkpoint() {
     h.feed(Input::WriteProgress {
         written: 3000,
         total: 4096,
+        downloaded: None,
     });
     // Power cut: only what was persisted survives.
     let saved = h.persisted.last().unwrap().clone();
@@ -524,13 +525,20 @@ fn progress_is_rate_limited_by_injected_time() {
             Input::WriteProgress {
                 written: i,
                 total: 4096,
+                downloaded: Some(i / 2),
             },
             at,
         );
-        reports += actions
-            .iter()
-            .filter(|a| matches!(a, Action::ReportProgress(_)))
-            .count();
+        for action in &actions {
+            if let Action::ReportProgress(progress) = action {
+                reports += 1;
+                assert_eq!(
+                    (progress.done, progress.downloaded),
+                    (i, Some(i / 2)),
+                    "the report carries the bytes written and downloaded it was given"
+                );
+            }
+        }
     }
     assert!((5..=6).contains(&reports), "got {reports} progress reports");
 }

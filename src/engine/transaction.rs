@@ -190,6 +190,7 @@ impl Engine {
         &mut self,
         written: u64,
         total: u64,
+        downloaded: Option<u64>,
         now: Timestamp,
         out: &mut Outputs,
     ) {
@@ -205,6 +206,7 @@ impl Engine {
                 txn: txn.id.clone(),
                 done: written,
                 total,
+                downloaded,
             });
         }
     }

@@ -65,8 +65,8 @@ use url::Url;
 use crate::release::manifest::{Compression, Image};
 
 pub use delta::{
-    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, booted_table_key,
-    offer_delta, receive_delta, serve_delta,
+    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, DownloadCount,
+    booted_table_key, offer_delta, receive_delta, serve_delta,
 };
 pub use error::TransferError;
 pub use readback::verify_slot;
