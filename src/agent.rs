@@ -678,9 +678,9 @@ impl Agent {
                 let store = &self.store;
                 let crash = &self.crash;
                 let clock = &self.clock;
-                // Progress carries both counts: bytes written (every `Progress`) and, when the
-                // transfer counts them, bytes downloaded (a delta's `Downloaded`, which also
-                // comes while nothing is written yet: the ranges are fetched first).
+                // Progress carries both counts: bytes written (`Progress`) and downloaded
+                // (`Downloaded`, which for a delta also comes while nothing is written yet: the
+                // ranges are fetched first).
                 let (mut written_so_far, mut total_so_far) =
                     (request.resume_from, request.image.size);
                 let mut downloaded_so_far = None;
@@ -970,7 +970,8 @@ impl CrashPoints {
         }
     }
 
-    /// `downloaded:N`: a delta update's download reached N bytes (index and store ranges).
+    /// `downloaded:N`: the download reached N bytes (a delta's index and store ranges, or a
+    /// full download's bytes as they came).
     fn bytes_downloaded(&self, downloaded: u64) {
         if let Some(limit) = self
             .at

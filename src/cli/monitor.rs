@@ -306,7 +306,7 @@ fn render_devices(lines: &[DeviceLine]) -> String {
             Some(false) => "no",
             None => "-",
         };
-        // Written, and downloaded when the device counts it (a delta downloads far less).
+        // Written, and downloaded when the device says (a delta downloads far less).
         let progress = match (line.percent, line.downloaded) {
             (Some(p), Some(d)) => format!("{p}% {:.1} MB dl", d as f64 / 1e6),
             (Some(p), None) => format!("{p}%"),

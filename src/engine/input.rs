@@ -32,7 +32,7 @@ pub enum Input {
     /// engine waits for is stale and ignored.
     JobDone(Job, Result<(), Failure>),
     /// Bytes of the image written so far, during [`Job::Write`], and the bytes downloaded for
-    /// it so far when the transfer counts them (a delta's index and store ranges).
+    /// it so far once the transfer counted any.
     WriteProgress {
         written: u64,
         total: u64,

@@ -328,8 +328,9 @@ pub struct Progress {
     /// Bytes of the image written to the slot (a delta counts reused blocks too).
     pub done: u64,
     pub total: u64,
-    /// Bytes downloaded for this write so far (a delta's block index and store ranges), when
-    /// the transfer counts them; a delta downloads far fewer than it writes.
+    /// Bytes downloaded for this write so far (compressed, as they came; a delta's block index
+    /// and store ranges), once the transfer counted any; a delta downloads far fewer than it
+    /// writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downloaded: Option<u64>,
 }

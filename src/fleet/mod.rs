@@ -255,7 +255,8 @@ struct Device {
     version: Option<String>,
     phase: Option<String>,
     percent: Option<u8>,
-    /// Bytes downloaded for the write in progress, when the device counts them (a delta).
+    /// Bytes downloaded for the write in progress, when the device says (agents before it
+    /// do not).
     downloaded: Option<u64>,
     /// The retained state's newest event: (seq, state, at).
     state_last_event: Option<(u64, String, Option<Timestamp>)>,
@@ -748,7 +749,8 @@ pub struct DeviceLine {
     pub version: Option<String>,
     pub state: Option<String>,
     pub percent: Option<u8>,
-    /// Bytes downloaded for the write in progress (a delta update's), when the device says.
+    /// Bytes downloaded for the write in progress, when the device says (a delta's are far
+    /// fewer than the bytes written).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downloaded: Option<u64>,
     pub last_event: Option<String>,

@@ -130,8 +130,9 @@ impl RemoteInstaller {
             resume_from,
         };
         let (control, start, ours) = self.open_write(op).await?;
-        let producer = send_image(image, start, settings, File::from(ours));
-        self.converse(control, producer, None, events).await
+        let count = crate::transfer::DownloadCount::default();
+        let producer = send_image(image, start, settings, File::from(ours), &count);
+        self.converse(control, producer, &count, events).await
     }
 
     /// A delta: the installer reads the slots and asks for the store's ranges it lacks; this
@@ -166,7 +167,7 @@ impl RemoteInstaller {
                 tracing::info!("delta: {downloaded} bytes downloaded for the installer");
             })
         };
-        self.converse(control, producer, Some(&count), events).await
+        self.converse(control, producer, &count, events).await
     }
 
     /// Sends a write request with one end of a new socket pair and waits for `ready` (the
@@ -203,22 +204,19 @@ impl RemoteInstaller {
     }
 
     /// Runs `producer` (what feeds the image stream) while passing the installer's replies on
-    /// to `events`, until the installer's last word; with `count` (a delta), the bytes the
-    /// producer downloaded go to `events` too, every progress interval while they change and
-    /// before each of the installer's progress reports.
+    /// to `events`, until the installer's last word. The bytes the producer downloaded
+    /// (`count`) go to `events` too, every progress interval while they change and before each
+    /// of the installer's progress reports: the installer sees only what it is sent.
     async fn converse(
         &self,
         control: UnixStream,
         producer: impl std::future::Future<Output = Result<(), TransferError>>,
-        count: Option<&crate::transfer::DownloadCount>,
+        count: &crate::transfer::DownloadCount,
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
         let mut reported = None;
         let mut report_download =
             |events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send)| {
-                let Some(count) = count else {
-                    return Ok(());
-                };
                 let downloaded = count.downloaded.load(Ordering::Relaxed);
                 if reported == Some(downloaded) {
                     return Ok(());
@@ -256,7 +254,7 @@ impl RemoteInstaller {
                     produced = Some(result);
                     report_download(events)?;
                 }
-                _ = ticks.tick(), if count.is_some() && produced.is_none() => {
+                _ = ticks.tick(), if produced.is_none() => {
                     report_download(events)?;
                 }
                 reply = replies.recv() => {

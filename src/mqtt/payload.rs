@@ -66,7 +66,7 @@ pub struct ProgressState {
     pub done: u64,
     pub total: u64,
     pub percent: u8,
-    /// Bytes downloaded for the write so far, when the transfer counts them (a delta update:
+    /// Bytes downloaded for the write so far (compressed, as they came; a delta update's are
     /// far fewer than `done`). Added within format 1: absent from older agents' documents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downloaded: Option<u64>,
