@@ -374,6 +374,10 @@ fn refused(reason: ReasonCode, message: &str) -> Failure {
     )
 }
 
+fn cancelled(source: io::Error) -> WriteError {
+    WriteError::Transfer(TransferError::Cancelled { source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,8 +433,4 @@ mod tests {
         }
         drop(held);
     }
-}
-
-fn cancelled(source: io::Error) -> WriteError {
-    WriteError::Transfer(TransferError::Cancelled { source })
 }
