@@ -486,6 +486,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
         ".MarkBad",
         ".State",
         ".Progress",
+        ".Downloaded",
         ".PendingAdvisory",
         ".PostponedUntil",
         ".LastError",
@@ -504,6 +505,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
         "s \"2031-12-31\""
     );
     assert_eq!(get_property(&bus, Who::Root, "State"), "s \"idle\"");
+    assert_eq!(get_property(&bus, Who::Root, "Downloaded"), "t 0");
     // 30 days asked, 7 days (max_postpone) given.
     let out = call(&bus, Who::Root, &["Postpone", "t", "2592000"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
