@@ -705,7 +705,7 @@ impl Agent {
                             expected,
                         } => {
                             crash.bytes_downloaded(downloaded);
-                            tracing::debug!("delta: {downloaded} of {expected} bytes downloaded");
+                            tracing::debug!("{downloaded} of {expected} bytes downloaded");
                             downloaded_so_far = Some(downloaded);
                             Input::WriteProgress {
                                 written: written_so_far,

@@ -1317,8 +1317,10 @@ pub async fn offer_delta(
     })
 }
 
-/// What [`serve_delta`] downloaded so far and expects to in all (the index, then the store's
-/// ranges the installer asked for), for the daemon's progress reports while it runs.
+/// What the daemon's side of a write under the split downloaded so far and expects to in all
+/// ([`serve_delta`]: the index, then the store's ranges the installer asked for;
+/// [`super::send_image`]: the image as it comes), for its progress reports while it runs: the
+/// installer sees only what it is sent.
 #[derive(Debug, Default)]
 pub struct DownloadCount {
     pub downloaded: AtomicU64,
