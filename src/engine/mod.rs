@@ -346,8 +346,42 @@ impl Engine {
         }
     }
 
-    fn txn_event(&mut self, kind: EventKind, txn: &Transaction, now: Timestamp) -> Event {
-        self.event(kind, now, Some(txn), |_| {})
+    /// Reports an event of `txn`.
+    fn report(&mut self, kind: EventKind, txn: &Transaction, now: Timestamp, out: &mut Outputs) {
+        let event = self.event(kind, now, Some(txn), |_| {});
+        out.report(event);
+    }
+
+    /// Reports an event of `txn` that says what went wrong.
+    fn report_failure(
+        &mut self,
+        kind: EventKind,
+        txn: &Transaction,
+        failure: &Failure,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let event = self.event(kind, now, Some(txn), |e| {
+            e.reason = Some(failure.reason);
+            e.message = Some(failure.message.clone());
+        });
+        out.report(event);
+    }
+
+    /// Reports an event of `txn` that says what it waits for (`pending`, `reboot-scheduled`).
+    fn report_wait(
+        &mut self,
+        kind: EventKind,
+        txn: &Transaction,
+        (why, until): (policy::Wait, Option<Timestamp>),
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let event = self.event(kind, now, Some(txn), |e| {
+            e.waiting = Some(why);
+            e.until = until;
+        });
+        out.report(event);
     }
 
     /// A new event, with the next sequence number (the caller reports it, which persists).
