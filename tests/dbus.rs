@@ -93,7 +93,7 @@ fn bus(policy: BusPolicy) -> Bus {
 fn window_manual(max_postpone: u64) -> Policy {
     Policy {
         windows: vec!["02:00-04:00".parse().unwrap()],
-        time_zone: Some("UTC".into()),
+        time_zone: Some(jiff::tz::TimeZone::get("UTC").unwrap()),
         reboot: RebootPolicy::Manual,
         max_postpone: Duration::from_secs(max_postpone),
         disruption_notice: Duration::from_secs(300),
