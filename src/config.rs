@@ -823,7 +823,15 @@ mod tests {
         let example = include_str!("../config/agent.toml");
         let good = Config::parse(example).unwrap();
         assert_eq!(good.slots.a.bootname, "A");
-        for bad in ["", "A B", "B;reset", "ABCDEFGHIJKLMNOPQ", "A\\nB", "0", "A_B"] {
+        for bad in [
+            "",
+            "A B",
+            "B;reset",
+            "ABCDEFGHIJKLMNOPQ",
+            "A\\nB",
+            "0",
+            "A_B",
+        ] {
             let text = example.replace("bootname = \"B\"", &format!("bootname = \"{bad}\""));
             let err = Config::parse(&text).unwrap_err();
             assert!(

@@ -14,8 +14,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{assert_exit, pattern};
 use common::range_server::{RangeMode, RangeServer};
+use common::{assert_exit, pattern};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::index_build::{self, StoreParams};

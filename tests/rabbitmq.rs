@@ -137,6 +137,9 @@ fn mqtt_3_1_1_against_rabbitmq_rollout_last_will_and_an_oversized_retained_relea
     let before = oversized();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(oversized(), before, "{}", device.logs());
-    assert_eq!(client.retained(&device.topic("online")).as_deref(), Some("true"));
+    assert_eq!(
+        client.retained(&device.topic("online")).as_deref(),
+        Some("true")
+    );
     assert!(device.stop_daemon().success());
 }

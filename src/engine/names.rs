@@ -172,7 +172,10 @@ mod tests {
             "Ä",
         ] {
             let err = Bootname::new(bad).unwrap_err().to_string();
-            assert!(err.contains("must be 1 to 16 ASCII letters"), "{bad:?}: {err}");
+            assert!(
+                err.contains("must be 1 to 16 ASCII letters"),
+                "{bad:?}: {err}"
+            );
             assert!(!err.contains('\n'), "the name is escaped: {err}");
         }
     }

@@ -306,12 +306,7 @@ pub struct Event {
 
 impl Event {
     /// An event with sequence number `seq`, about `txn` if it is about a transaction.
-    pub(super) fn about(
-        seq: u64,
-        at: Timestamp,
-        kind: EventKind,
-        txn: Option<&Transaction>,
-    ) -> Event {
+    pub fn about(seq: u64, at: Timestamp, kind: EventKind, txn: Option<&Transaction>) -> Event {
         Event {
             seq,
             at,

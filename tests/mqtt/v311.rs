@@ -44,13 +44,14 @@ fn over_3_1_1_the_size_bound_is_the_brokers_and_an_oversized_retained_release_do
     let sub = start_online(&mut device, &client, "events");
     let oversized = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(oversized.path(), vec![b'x'; 200 * 1024]).unwrap();
-    let refused_by_broker = std::process::Command::new(require("mosquitto_pub", "mosquitto-clients"))
-        .args(["-p", &broker.port.to_string(), "-q", "1", "-r", "-t"])
-        .arg(device.topic("release"))
-        .arg("-f")
-        .arg(oversized.path())
-        .output()
-        .unwrap();
+    let refused_by_broker =
+        std::process::Command::new(require("mosquitto_pub", "mosquitto-clients"))
+            .args(["-p", &broker.port.to_string(), "-q", "1", "-r", "-t"])
+            .arg(device.topic("release"))
+            .arg("-f")
+            .arg(oversized.path())
+            .output()
+            .unwrap();
     assert!(
         !refused_by_broker.status.success(),
         "mosquitto took a 200 KiB publish despite max_packet_size"
