@@ -140,6 +140,11 @@ impl Mosquitto {
         }
     }
 
+    /// The running broker's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
