@@ -144,36 +144,26 @@ impl Engine {
         Awaiting::step(Job::CheckHealth)
     }
 
+    /// The new system is healthy: its slot is marked good next.
     pub(super) fn health_checked(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
-        now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        match result {
-            Ok(()) => {
-                let slot = txn.to_slot.clone();
-                self.state.phase = Phase::Committing { txn };
-                out.persist();
-                Awaiting::step(Job::MarkGood { slot })
-            }
-            Err(failure) => self.start_rollback(txn, failure, now, out),
-        }
+        let slot = txn.to_slot.clone();
+        self.state.phase = Phase::Committing { txn };
+        out.persist();
+        Awaiting::step(Job::MarkGood { slot })
     }
 
-    /// The new slot was marked good: committed. Or it could not be: the bootloader would fall
-    /// back when its tries run out, so go back the orderly way instead.
+    /// The new slot was marked good: committed. (Had it failed, the bootloader would fall back
+    /// when its tries run out: `on_job_done` goes back the orderly way instead.)
     pub(super) fn committed(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            return self.start_rollback(txn, failure, now, out);
-        }
         if let Some(record) = self.state.slots.get_mut(&txn.to_slot) {
             record.committed = true;
         }
@@ -185,7 +175,7 @@ impl Engine {
         None
     }
 
-    fn start_rollback(
+    pub(super) fn start_rollback(
         &mut self,
         txn: Transaction,
         failure: Failure,

@@ -160,14 +160,9 @@ impl Engine {
         &mut self,
         txn: Transaction,
         durable: u64,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return None;
-        }
         // A slot record describes the content; while it is rewritten, it describes nothing.
         self.state.slots.remove(&txn.to_slot);
         self.report(EventKind::Writing, &txn, now, out);
@@ -213,14 +208,9 @@ impl Engine {
     pub(super) fn written(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return None;
-        }
         let image = &txn.manifest.images[&txn.class];
         self.state.slots.insert(
             txn.to_slot.clone(),
@@ -242,16 +232,9 @@ impl Engine {
     pub(super) fn activated(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            // The slot may be half-activated: make it unbootable again before giving up.
-            let slot = txn.to_slot.clone();
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return Awaiting::then(Job::MarkBad { slot }, Then::Nothing);
-        }
         let Some((boot_id, _)) = self.boot.clone() else {
             // Activation is only asked for after a boot was observed.
             self.state.phase = Phase::Activating { txn };
