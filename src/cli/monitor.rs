@@ -54,9 +54,12 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     if let Some(fleet) = &args.fleet {
         topics::check_segment("--fleet", fleet).map_err(anyhow::Error::msg)?;
     }
-    let shown = format!("{}, {}", endpoint.shown(), args.broker.prefix);
+    let shown = format!("{}, {}", endpoint.shown(), args.broker.connection.prefix);
     runtime()?.block_on(async move {
-        let mut heard = follow(std::slice::from_ref(&endpoint), &args.broker.prefix)?;
+        let mut heard = follow(
+            std::slice::from_ref(&endpoint),
+            &args.broker.connection.prefix,
+        )?;
         let deadline = args
             .timeout
             .map(|s| Instant::now() + Duration::from_secs(s));
