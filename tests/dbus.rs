@@ -1047,9 +1047,7 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     assert!(!device.reboot_requested(), "rebooted before the deadline");
 
     set_daemon_time(clock, deadline);
-    wait_for("the reboot command", WAIT, || {
-        device.reboot_requested().then_some(())
-    });
+    wait_for("the reboot command", WAIT, || device.reboot_requested());
     let rebooted_at = fs::metadata(device.path("reboots"))
         .unwrap()
         .modified()
@@ -1119,11 +1117,7 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
         .client
         .publish(&world.device.fleet_topic(), &world.release, true);
     wait_for("writing on MQTT", WAIT, || {
-        world
-            .events()
-            .iter()
-            .any(|e| e["state"] == "writing")
-            .then_some(())
+        world.events().iter().any(|e| e["state"] == "writing")
     });
     let asked = Instant::now();
     let out = agent_cli(&world.bus.address, Who::Root, &["postpone", "1h", "--json"]);
@@ -1172,16 +1166,10 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
             .events()
             .iter()
             .any(|e| e["state"] == "check-requested")
-            .then_some(())
     });
     wait_for("the release read again", WAIT, || {
-        (world
-            .device
-            .logs()
-            .matches("fleet release 2.0 verified")
-            .count()
-            == 2)
-            .then_some(())
+        let logs = world.device.logs();
+        logs.matches("fleet release 2.0 verified").count() == 2
     });
     world.device.stop_daemon();
 }
