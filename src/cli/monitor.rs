@@ -18,7 +18,7 @@ use update_agent::mqtt::topics;
 use update_agent::release::escape_for_log;
 
 use super::broker::{BrokerArgs, runtime};
-use super::follow::{Heard, follow};
+use super::follow::{Heard, follow, observe};
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
@@ -104,13 +104,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                     } else {
-                        view.observe_as(
-                            &seen.device,
-                            &seen.leaf,
-                            &seen.payload,
-                            seen.retained,
-                            Timestamp::now(),
-                        );
+                        observe(&mut view, &seen);
                         dirty = true;
                     }
                 }

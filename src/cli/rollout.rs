@@ -28,7 +28,7 @@ use update_agent::release::manifest::Manifest;
 use update_agent::release::{self, Envelope, build::sha256_of, escape_for_log};
 
 use super::broker::{Connection, runtime};
-use super::follow::{Heard, follow};
+use super::follow::{Heard, follow, observe};
 use super::metrics_server::{self, Exposed};
 use super::monitor::render;
 
@@ -237,7 +237,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 next = heard.recv() => match next {
                     Some(Heard::Message(seen)) => {
-                        view.observe_as(&seen.device, &seen.leaf, &seen.payload, seen.retained, Timestamp::now());
+                        observe(&mut view, &seen);
                         dirty = true;
                     }
                     Some(Heard::Subscribed(_)) => {}
@@ -318,13 +318,7 @@ async fn settle(
                 subscribed.insert(index);
             }
             Ok(Some(Heard::Message(seen))) => {
-                view.observe_as(
-                    &seen.device,
-                    &seen.leaf,
-                    &seen.payload,
-                    seen.retained,
-                    Timestamp::now(),
-                );
+                observe(view, &seen);
             }
             Ok(Some(Heard::Trouble(e))) => eprintln!("rollout: {e}"),
             Ok(None) => anyhow::bail!("the connection tasks stopped"),
