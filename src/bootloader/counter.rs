@@ -84,7 +84,6 @@ impl Scheme for Counter {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use crate::bootloader::chooser::EnvBootloader;
     use crate::bootloader::store::tests::Memory;
