@@ -18,7 +18,7 @@ use update_agent::mqtt::topics;
 use update_agent::release::escape_for_log;
 
 use super::broker::{BrokerArgs, runtime};
-use super::follow::{Heard, follow};
+use super::follow::{Heard, follow, observe};
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
@@ -54,9 +54,12 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     if let Some(fleet) = &args.fleet {
         topics::check_segment("--fleet", fleet).map_err(anyhow::Error::msg)?;
     }
-    let shown = format!("{}, {}", endpoint.shown(), args.broker.prefix);
+    let shown = format!("{}, {}", endpoint.shown(), args.broker.connection.prefix);
     runtime()?.block_on(async move {
-        let mut heard = follow(std::slice::from_ref(&endpoint), &args.broker.prefix)?;
+        let mut heard = follow(
+            std::slice::from_ref(&endpoint),
+            &args.broker.connection.prefix,
+        )?;
         let deadline = args
             .timeout
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -101,13 +104,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                     } else {
-                        view.observe_as(
-                            &seen.device,
-                            &seen.leaf,
-                            &seen.payload,
-                            seen.retained,
-                            Timestamp::now(),
-                        );
+                        observe(&mut view, &seen);
                         dirty = true;
                     }
                 }

@@ -167,6 +167,27 @@ pub struct Outcome {
     pub at: Timestamp,
 }
 
+impl Outcome {
+    /// How `txn` ended, at `at`.
+    pub fn of(
+        txn: &Transaction,
+        result: EventKind,
+        reason: Option<ReasonCode>,
+        message: Option<String>,
+        at: Timestamp,
+    ) -> Outcome {
+        let (txn, version) = (txn.id.clone(), txn.manifest.version.clone());
+        Outcome {
+            txn,
+            version,
+            result,
+            reason,
+            message,
+            at,
+        }
+    }
+}
+
 /// What an event records: a step of a transaction (as operators see it), a refusal, or a
 /// user's decision. On the wire (events, `state.json`) it is the event's `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,12 +306,7 @@ pub struct Event {
 
 impl Event {
     /// An event with sequence number `seq`, about `txn` if it is about a transaction.
-    pub(super) fn about(
-        seq: u64,
-        at: Timestamp,
-        kind: EventKind,
-        txn: Option<&Transaction>,
-    ) -> Event {
+    pub fn about(seq: u64, at: Timestamp, kind: EventKind, txn: Option<&Transaction>) -> Event {
         Event {
             seq,
             at,
