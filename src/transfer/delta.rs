@@ -1271,13 +1271,25 @@ pub async fn offer_delta(
     })
 }
 
+/// What the daemon's side of a write under the split downloaded so far and expects to in all
+/// ([`serve_delta`]: the index, then the store's ranges the installer asked for;
+/// [`super::send_image`]: the image as it comes), for its progress reports while it runs: the
+/// installer sees only what it is sent.
+#[derive(Debug, Default)]
+pub struct DownloadCount {
+    pub downloaded: AtomicU64,
+    pub expected: AtomicU64,
+}
+
 /// The daemon's side, once the installer took the request: sends the index, reads the ranges
-/// the installer asks for, fetches them and sends their bytes. Returns the bytes downloaded.
+/// the installer asks for, fetches them and sends their bytes, counting them in `progress`.
+/// Returns the bytes downloaded.
 pub async fn serve_delta(
     offer: DeltaOffer,
     stream: std::os::unix::net::UnixStream,
     work_dir: &Path,
     max_rate: Option<u64>,
+    progress: &DownloadCount,
 ) -> Result<u64, TransferError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let shown = "the installer's stream";
@@ -1293,6 +1305,8 @@ pub async fn serve_delta(
         store,
         ..
     } = offer;
+    progress.downloaded.store(index_len, Ordering::Relaxed);
+    progress.expected.store(index_len, Ordering::Relaxed);
     stream
         .write_all(&index_len.to_le_bytes())
         .await
@@ -1336,10 +1350,15 @@ pub async fn serve_delta(
         .map_err(|e| TransferError::slot_io(work_dir, "make a spool file", e))?;
     let mut rate = RateLimit::new(max_rate);
     let mut downloaded = index_len;
+    progress.expected.store(
+        index_len + requests.iter().map(Request::bytes).sum::<u64>(),
+        Ordering::Relaxed,
+    );
     for request in &requests {
         store
             .fetch(request, &spool, &mut |n| {
                 downloaded += n;
+                progress.downloaded.store(downloaded, Ordering::Relaxed);
                 n
             })
             .await?;

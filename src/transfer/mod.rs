@@ -67,8 +67,8 @@ use url::Url;
 use crate::release::manifest::{Compression, Image};
 
 pub use delta::{
-    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, booted_table_key,
-    offer_delta, receive_delta, serve_delta,
+    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, DownloadCount,
+    booted_table_key, offer_delta, receive_delta, serve_delta,
 };
 pub use error::TransferError;
 pub use http::MAX_REDIRECTS;
@@ -150,8 +150,10 @@ pub enum TransferEvent {
     Checkpoint { durable: u64 },
     /// All bytes are written and their hash matched; the read-back starts.
     Verifying,
-    /// A delta update: bytes downloaded so far (the block index and the store's ranges) and
-    /// what the plan expects in all. `Progress` still counts the image's bytes in place.
+    /// Bytes downloaded so far in this attempt and what it expects to download in all: a
+    /// delta's block index and store ranges (as its plan expects), or a full download's bytes
+    /// as they come over the network (compressed, for a zstd image). `Progress` still counts
+    /// the image's bytes in place.
     Downloaded { downloaded: u64, expected: u64 },
 }
 
@@ -300,6 +302,11 @@ async fn install_full(
         last_progress: Instant::now(),
     };
     let mut rate = RateLimit::new(req.max_rate);
+    // Bytes as they came over the network (compressed, for a zstd image), for the progress
+    // reports beside the bytes written.
+    let expected_download = plan.transport_size - source.start();
+    let mut downloaded = 0;
+    let mut last_download_note = Instant::now();
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
         loop {
@@ -309,8 +316,19 @@ async fn install_full(
                 return Ok(());
             };
             let len = chunk.len() as u64;
+            downloaded += len;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
+            }
+            if last_download_note.elapsed() >= PROGRESS_INTERVAL {
+                last_download_note = Instant::now();
+                call(
+                    reporter.events,
+                    TransferEvent::Downloaded {
+                        downloaded,
+                        expected: expected_download,
+                    },
+                )?;
             }
             reporter.update(false)?;
             rate.take(len).await;
@@ -342,6 +360,13 @@ async fn install_full(
         }
         (None, Ok(SinkOutcome::Finished)) => reported?,
     }
+    call(
+        reporter.events,
+        TransferEvent::Downloaded {
+            downloaded,
+            expected: expected_download,
+        },
+    )?;
     reporter.progress(true)?;
     read_back(req, &plan, reporter.events).await
 }
