@@ -7,8 +7,11 @@
 //!    a single-range server and a multi-range one, beside the whole image at zstd -19 and the
 //!    ideal (zstd -19 of just the blocks found nowhere in the old image).
 //! 2. The device side for a 2 GiB slot: building its table (hashing the slot on every core),
-//!    from the slot and from an index, and planning against it; wall time and peak RSS (VmHWM) of
-//!    a child process doing only that, medians of 3.
+//!    from the slot and from an index, and planning against it; then a whole delta install of a
+//!    2 GiB image (the slot with 64 runs of new blocks) into an empty 2 GiB slot, the slot as
+//!    the booted one, on loopback (index, table, plan, fetch, assembly, read-back). Wall time and
+//!    peak RSS (VmHWM) of a child process doing only that, medians of 3, against the issue's
+//!    budget of 16 MiB. Runs without the Debian images too (then alone).
 //!
 //! 3. Per case, the install itself on loopback (`INSTALL=0` skips it): a child process runs the
 //!    product's `transfer::install_image` against a static file server on 127.0.0.1 that answers
@@ -74,12 +77,25 @@ fn main() {
         return;
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/delta-bench");
-    if !dir.join("base.img").exists() {
-        eprintln!("no images: run benches/delta-images first (as root)");
-        std::process::exit(2);
-    }
+    std::fs::create_dir_all(&dir).unwrap();
     let only = std::env::var("CASE").ok();
     let scratch = tempfile::tempdir_in(&dir).unwrap();
+    let slot_mib: u64 = std::env::var("BENCH_SLOT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    if !dir.join("base.img").exists() {
+        // Part 2 makes its own slot: it runs without the Debian images.
+        eprintln!(
+            "no images in {}: parts 1 and 3 need benches/delta-images (as root); part 2 only",
+            dir.display()
+        );
+        if slot_mib == 0 {
+            std::process::exit(2);
+        }
+        device_side(scratch.path(), slot_mib);
+        return;
+    }
     println!("delta: images in {}", dir.display());
     let params = StoreParams::default();
     println!(
@@ -194,10 +210,6 @@ fn main() {
         install_part(&dir, scratch.path(), only.as_deref(), params);
     }
 
-    let slot_mib: u64 = std::env::var("BENCH_SLOT_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
     if slot_mib > 0 {
         device_side(scratch.path(), slot_mib);
     }
@@ -376,7 +388,127 @@ fn device_side(scratch: &Path, mib: u64) {
                 .join(" ")
         );
     }
+    install_into_slot(scratch, &slot, mib);
     std::fs::remove_file(&slot).unwrap();
+}
+
+/// The peak RSS budget of a delta install for a 2 GiB slot (issue 14).
+const RSS_BUDGET_MIB: f64 = 16.0;
+
+/// Part 2's whole install: the slot with 64 runs of 8 new blocks (2 MiB, a few files) as the
+/// new image, its index and store served by a multi-range server on loopback, installed into an
+/// empty slot by a child process with `slot` as the booted slot (its table hashed, as on a
+/// device's first delta).
+fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let serve = scratch.join("serve-slot");
+    std::fs::create_dir_all(&serve).unwrap();
+    let new = serve.join("changed.img");
+    std::fs::copy(slot, &new).unwrap();
+    {
+        let file = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
+        let blocks = slot_mib * 256;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut run = vec![0u8; 8 * 4096];
+        for i in 0..64u64 {
+            for word in run.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
+            let at = (i * (blocks / 64) + 17) % (blocks - 8);
+            file.write_all_at(&run, at * 4096).unwrap();
+        }
+    }
+    let params = StoreParams {
+        dictionary_size: 0,
+        level: 1,
+        ..StoreParams::default()
+    };
+    let started = Instant::now();
+    let built = index_build::build(
+        &new,
+        params,
+        &serve.join("changed.img.index"),
+        &serve.join("changed.img.store"),
+    )
+    .unwrap();
+    println!(
+        "  (index and store of the changed image built in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let size = std::fs::metadata(&new).unwrap().len();
+    let server = range_server::RangeServer::start(serve.clone(), range_server::RangeMode::Multi);
+    let mut image = Image::uncompressed(server.url("changed.img"), size, sha256_file(&new));
+    image.chunks = Some(ChunkIndexRef {
+        url: server.url("changed.img.index"),
+        sha256: hex::encode(built.index_sha256),
+        chunk_size: u64::from(built.header.block_size),
+    });
+    let exe = std::env::current_exe().unwrap();
+    let (mut walls, mut cpus, mut peaks, mut downloads) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        let target = scratch.join("target-slot");
+        File::create(&target).unwrap().set_len(size).unwrap();
+        let work = scratch.join("work");
+        let _ = std::fs::remove_dir_all(&work);
+        let job = scratch.join("job.json");
+        std::fs::write(
+            &job,
+            serde_json::to_vec(&serde_json::json!({
+                "image": image, "target": target, "booted": slot, "work": work,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        server.clear_log();
+        let started = Instant::now();
+        let out = Command::new(&exe)
+            .args(["--child", "install"])
+            .arg(&job)
+            .output()
+            .unwrap();
+        walls.push(started.elapsed().as_secs_f64());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["delta"], true, "the install took the delta path");
+        assert_eq!(sha256_file(&target), sha256_file(&new));
+        cpus.push(report["cpu"].as_f64().unwrap());
+        peaks.push(report["rss_kib"].as_f64().unwrap() / 1024.0);
+        downloads.push(server.log().iter().map(|l| l.body_bytes).sum::<u64>() as f64);
+        std::fs::remove_file(&target).unwrap();
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let peak = median(&mut peaks);
+    println!(
+        "  {:<11} median {:.2} s (cpu {:.2} s), peak RSS {:.1} MiB ({}: budget {RSS_BUDGET_MIB} MiB), downloaded {} of {} (rounds, RSS MiB: {})",
+        "install",
+        median(&mut walls),
+        median(&mut cpus),
+        peak,
+        if peak <= RSS_BUDGET_MIB {
+            "within"
+        } else {
+            "OVER"
+        },
+        mb(median(&mut downloads) as u64),
+        mib(size),
+        peaks
+            .iter()
+            .map(|p| format!("{p:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    drop(server);
+    std::fs::remove_dir_all(&serve).unwrap();
 }
 
 /// Part 3: installs on loopback, delta and full, in child processes.

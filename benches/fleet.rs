@@ -1,6 +1,7 @@
 //! The fleet benchmark (issue 16): N real `update-agent run` processes — the device build, each
-//! with its own tiny file slots, file bootloader, boot facts and state directory, distinct
-//! device ids — against one mosquitto on loopback (or, with `--rabbitmq 3`, a three-node
+//! a simulated gateway (`update_agent::sim`: tiny file slots, file bootloader, boot facts and
+//! state directory, distinct device ids) — against one mosquitto on loopback (the simulation's,
+//! without persistence) (or, with `--rabbitmq 3`, a three-node
 //! RabbitMQ cluster over MQTT 3.1.1), and `update-agent rollout start` publishing releases to
 //! them. Reboots are simulated by the bench (stop the agent, let the boot script's rules pick
 //! the slot, start it again), by a pool of workers.
@@ -37,18 +38,17 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::Value;
-use update_agent::bootloader::simulator::{BootSim, SimEnv};
 use update_agent::mqtt::oneshot::Watcher;
 use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol};
+use update_agent::sim::mqtt::Mosquitto;
+use update_agent::sim::{Gateway, Signer};
 
 const COMPATIBLE: &str = "bench-gw";
 const PREFIX: &str = "update-agent/v1";
@@ -107,14 +107,6 @@ struct Opts {
     // cargo bench passes --bench
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Duration {
@@ -302,14 +294,14 @@ fn serve(
 // ---------------------------------------------------------------- brokers
 
 enum Brokers {
-    Mosquitto { child: Child, port: u16 },
+    Mosquitto(Mosquitto),
     Rabbit(rabbitmq::RabbitMq),
 }
 
 impl Brokers {
     fn urls(&self) -> Vec<String> {
         match self {
-            Brokers::Mosquitto { port, .. } => vec![format!("mqtt://127.0.0.1:{port}")],
+            Brokers::Mosquitto(broker) => vec![broker.url()],
             Brokers::Rabbit(r) => (0..r.nodes.len()).map(|i| r.url(i)).collect(),
         }
     }
@@ -317,7 +309,7 @@ impl Brokers {
     /// PIDs whose CPU is the broker's (for RabbitMQ, the nodes' Erlang VMs).
     fn pids(&self) -> Vec<u32> {
         match self {
-            Brokers::Mosquitto { child, .. } => vec![child.id()],
+            Brokers::Mosquitto(broker) => broker.pid().into_iter().collect(),
             Brokers::Rabbit(cluster) => cluster.vm_pids(),
         }
     }
@@ -327,161 +319,76 @@ impl Brokers {
     }
 }
 
-impl Drop for Brokers {
-    fn drop(&mut self) {
-        if let Brokers::Mosquitto { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
+/// The simulation's mosquitto without persistence (1,000 sessions saved every second would be
+/// measured too) and without its connection and queue limits.
 fn start_mosquitto(dir: &Path, queue: usize) -> Brokers {
-    let port = free_port();
-    let conf = dir.join("mosquitto.conf");
-    let user = if nix::unistd::getuid().is_root() {
-        "user root\n"
-    } else {
-        ""
-    };
-    fs::write(
-        &conf,
-        format!(
-            "{user}persistence false\nlog_dest file {log}\nlog_type error\nlog_type warning\n\
-             log_type notice\n\
-             listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
-             max_queued_messages {queue}\n",
-            log = dir.join("mosquitto.log").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto (apt-get install mosquitto)");
-    wait_until("mosquitto", Duration::from_secs(10), || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    Brokers::Mosquitto { child, port }
+    let extra = format!(
+        "allow_anonymous true\npersistence false\nmax_connections -1\nmax_queued_messages {queue}"
+    );
+    Brokers::Mosquitto(Mosquitto::start(dir, &extra))
 }
 
 // ---------------------------------------------------------------- devices
 
+/// A gateway of the fleet and the broker (node) it talks to.
 struct Device {
     id: String,
-    dir: PathBuf,
     broker: usize,
-    child: Option<Child>,
-    boots: u32,
-    runs: u32,
+    gateway: Gateway,
 }
 
 struct Fleet {
     devices: Vec<Mutex<Device>>,
-    bin: PathBuf,
 }
 
 impl Fleet {
-    fn create(opts: &Opts, dir: &Path, keys: &Path, urls: &[String], protocol: Protocol) -> Fleet {
-        let slot = (opts.image_kib * 2 * 1024) as u64;
+    fn create(opts: &Opts, dir: &Path, urls: &[String], protocol: Protocol) -> Fleet {
+        let slot = opts.image_kib * 2 * 1024;
         let devices = (0..opts.devices)
             .map(|i| {
                 let id = format!("bench-{:04}", i + 1);
-                let home = dir.join(&id);
-                fs::create_dir_all(home.join("state")).unwrap();
-                fs::write(home.join("slot-a.img"), vec![0xa5u8; slot as usize]).unwrap();
-                fs::write(home.join("slot-b.img"), b"").unwrap();
-                fs::write(
-                    home.join("bootenv"),
-                    "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\n",
-                )
-                .unwrap();
                 let broker = i % urls.len();
-                let p = |name: &str| home.join(name).display().to_string();
-                fs::write(
-                    home.join("agent.toml"),
-                    format!(
-                        r#"[device]
-compatible = "{COMPATIBLE}"
-state_dir = "{state}"
-factory_version = "1.0"
-
-[trust]
-keys_dir = "{keys}"
-insecure_writable_anchor = true
-
-[bootloader]
-backend = "file"
-path = "{bootenv}"
-
-[slots]
-a = {{ device = "{a}", bootname = "A", size = {slot} }}
-b = {{ device = "{b}", bootname = "B", size = {slot} }}
-
-[health]
-commands = [["true"]]
-timeout = 30
-
-[system]
-boot_id_path = "{boot_id}"
-cmdline_path = "{cmdline}"
-reboot_command = ["touch", "{reboot}"]
-
-[dbus]
-enabled = false
-
-[mqtt]
-broker = "{url}"
-device_id = "{id}"
-protocol = "{protocol}"
-keepalive = 30
-reconnect_min = 0.5
-reconnect_max = 10
-"#,
-                        state = p("state"),
-                        keys = keys.display(),
-                        bootenv = p("bootenv"),
-                        a = p("slot-a.img"),
-                        b = p("slot-b.img"),
-                        boot_id = p("boot_id"),
-                        cmdline = p("cmdline"),
-                        reboot = p("reboot-requested"),
-                        url = urls[broker],
-                        protocol = protocol.as_str(),
-                    ),
-                )
-                .unwrap();
-                let mut device = Device {
+                let device_id = id.clone();
+                let gateway = Gateway::builder()
+                    .dir(&dir.join(&id))
+                    .binary(&opts.device_bin)
+                    .compatible(COMPATIBLE)
+                    .slot_size(slot as u64)
+                    .slot_contents(vec![0xa5; slot], Vec::new())
+                    .empty_b()
+                    .mqtt(&urls[broker])
+                    .configure(move |c| {
+                        c.device.factory_version = Some("1.0".into());
+                        c.health.timeout = Duration::from_secs(30);
+                        let mqtt = c.mqtt.as_mut().unwrap();
+                        mqtt.device_id = device_id;
+                        mqtt.protocol = protocol;
+                        mqtt.keepalive = Duration::from_secs(30);
+                        mqtt.reconnect_min = Duration::from_millis(500);
+                        mqtt.reconnect_max = Duration::from_secs(10);
+                    })
+                    .build()
+                    .unwrap();
+                Mutex::new(Device {
                     id,
-                    dir: home,
                     broker,
-                    child: None,
-                    boots: 0,
-                    runs: 0,
-                };
-                device.set_boot("A");
-                Mutex::new(device)
+                    gateway,
+                })
             })
             .collect();
-        Fleet {
-            devices,
-            bin: opts.device_bin.clone(),
-        }
+        Fleet { devices }
     }
 
     fn start_all(&self) {
         for device in &self.devices {
-            device.lock().unwrap().start(&self.bin);
+            device.lock().unwrap().start();
         }
     }
 
     fn pids(&self) -> Vec<u32> {
         self.devices
             .iter()
-            .filter_map(|d| d.lock().unwrap().child.as_ref().map(Child::id))
+            .filter_map(|d| d.lock().unwrap().gateway.daemon_pid())
             .collect()
     }
 
@@ -499,84 +406,21 @@ reconnect_max = 10
     }
 
     fn set_health(&self, index: usize, ok: bool) {
-        let device = self.devices[index].lock().unwrap();
-        let path = device.dir.join("agent.toml");
-        let text = fs::read_to_string(&path).unwrap();
-        let (from, to) = if ok {
-            ("[[\"false\"]]", "[[\"true\"]]")
-        } else {
-            ("[[\"true\"]]", "[[\"false\"]]")
-        };
-        fs::write(&path, text.replace(from, to)).unwrap();
+        let check = if ok { "true" } else { "false" };
+        let mut device = self.devices[index].lock().unwrap();
+        device.gateway.set_health(&[&[check]]);
     }
 }
 
 impl Device {
-    fn set_boot(&mut self, slot: &str) {
-        self.boots += 1;
-        fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
-        fs::write(
-            self.dir.join("cmdline"),
-            format!("update_agent.slot={slot}\n"),
-        )
-        .unwrap();
-    }
-
-    fn start(&mut self, bin: &Path) {
-        self.runs += 1;
-        let log = fs::File::create(self.dir.join(format!("agent-{}.log", self.runs))).unwrap();
-        let child = Command::new(bin)
-            .args(["run", "--log", "stderr", "--config"])
-            .arg(self.dir.join("agent.toml"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start update-agent run");
-        self.child = Some(child);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn start(&mut self) {
+        self.gateway.start_daemon(&[("RUST_LOG", "warn".as_ref())]);
     }
 
     /// The reboot the agent asked for: stop it, the boot script's rules pick the slot, start.
-    fn reboot(&mut self, bin: &Path) {
-        self.stop();
-        let _ = fs::remove_file(self.dir.join("reboot-requested"));
-        let booted = BootSim::new(
-            SimEnv::File {
-                path: self.dir.join("bootenv"),
-            },
-            &["A", "B"],
-            3,
-        )
-        .boot()
-        .unwrap();
-        self.set_boot(&booted);
-        self.start(bin);
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for device in &self.devices {
-            if let Ok(mut d) = device.lock()
-                && let Some(mut child) = d.child.take()
-            {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+    fn reboot(&mut self) {
+        self.gateway.reboot();
+        self.start();
     }
 }
 
@@ -596,22 +440,20 @@ fn reboot_loop(
             while !stop.load(Ordering::Relaxed) {
                 let next = rx.lock().unwrap().recv_timeout(Duration::from_millis(200));
                 if let Ok(index) = next {
-                    fleet.devices[index].lock().unwrap().reboot(&fleet.bin);
+                    fleet.devices[index].lock().unwrap().reboot();
                     queued.lock().unwrap().remove(&index);
                 }
             }
         }));
     }
-    // Read once: a device being rebooted holds its lock for a while.
-    let markers: Vec<PathBuf> = fleet
-        .devices
-        .iter()
-        .map(|d| d.lock().unwrap().dir.join("reboot-requested"))
-        .collect();
     let scanner = std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            for (index, marker) in markers.iter().enumerate() {
-                if marker.exists() && queued.lock().unwrap().insert(index) {
+            for (index, device) in fleet.devices.iter().enumerate() {
+                // A device being rebooted holds its lock for a while: passed over.
+                let asked = device
+                    .try_lock()
+                    .is_ok_and(|d| d.gateway.reboot_requested());
+                if asked && queued.lock().unwrap().insert(index) {
                     let _ = tx.send(index);
                 }
             }
@@ -1134,19 +976,9 @@ fn main() {
         Protocol::V5
     };
 
-    // Keys: the operator's pair, the devices' shared anchor directory with the public key.
+    // The operator's key pair; each device's anchor holds its public half.
     let key_prefix = dir.join("release");
-    assert!(
-        Command::new(&tool)
-            .args(["keygen", "--out"])
-            .arg(&key_prefix)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let keys = dir.join("keys.d");
-    fs::create_dir_all(&keys).unwrap();
-    fs::copy(key_prefix.with_extension("pub"), keys.join("release.pub")).unwrap();
+    Signer::from_seed(7).write_key_pair(&key_prefix).unwrap();
 
     let brokers = match opts.rabbitmq {
         Some(nodes) => {
@@ -1162,7 +994,7 @@ fn main() {
     let urls = brokers.urls();
     let server = ImageServer::start(opts.rate_kib);
     let seen = subscribe(&urls, protocol);
-    let fleet = Arc::new(Fleet::create(&opts, &dir, &keys, &urls, protocol));
+    let fleet = Arc::new(Fleet::create(&opts, &dir, &urls, protocol));
     let bench = Bench {
         opts: opts.clone(),
         dir: dir.clone(),

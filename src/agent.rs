@@ -678,11 +678,22 @@ impl Agent {
                 let store = &self.store;
                 let crash = &self.crash;
                 let clock = &self.clock;
+                // Progress carries both counts: bytes written (`Progress`) and downloaded
+                // (`Downloaded`, which for a delta also comes while nothing is written yet: the
+                // ranges are fetched first).
+                let (mut written_so_far, mut total_so_far) =
+                    (request.resume_from, request.image.size);
+                let mut downloaded_so_far = None;
                 let mut on_event = |event: TransferEvent| -> std::io::Result<()> {
                     let input = match event {
                         TransferEvent::Progress { written, total } => {
                             crash.bytes_written(written);
-                            Input::WriteProgress { written, total }
+                            (written_so_far, total_so_far) = (written, total);
+                            Input::WriteProgress {
+                                written,
+                                total,
+                                downloaded: downloaded_so_far,
+                            }
                         }
                         TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
                         TransferEvent::Verifying => {
@@ -694,8 +705,13 @@ impl Agent {
                             expected,
                         } => {
                             crash.bytes_downloaded(downloaded);
-                            tracing::debug!("delta: {downloaded} of {expected} bytes downloaded");
-                            return Ok(());
+                            tracing::debug!("{downloaded} of {expected} bytes downloaded");
+                            downloaded_so_far = Some(downloaded);
+                            Input::WriteProgress {
+                                written: written_so_far,
+                                total: total_so_far,
+                                downloaded: downloaded_so_far,
+                            }
                         }
                     };
                     for action in engine.handle(input, clock()) {
@@ -955,7 +971,8 @@ impl CrashPoints {
         }
     }
 
-    /// `downloaded:N`: a delta update's download reached N bytes (index and store ranges).
+    /// `downloaded:N`: the download reached N bytes (a delta's index and store ranges, or a
+    /// full download's bytes as they came).
     fn bytes_downloaded(&self, downloaded: u64) {
         if let Some(limit) = self
             .at

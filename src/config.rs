@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::anchor::{AnchorError, Protection, TrustAnchor};
 use crate::engine::{Bootname, PolicyConfig, RebootPolicy, Window};
-use crate::mqtt::Endpoint;
+use crate::mqtt::{BrokerUrl, Endpoint};
 
 /// A config file is a few KiB; this bounds what a wrong path (a disk image, say) can cost.
 const MAX_CONFIG_SIZE: u64 = 256 * 1024;
@@ -382,7 +382,7 @@ impl Default for System {
 pub struct Mqtt {
     /// `mqtts://host[:port]` (TLS, port 8883 by default) or `mqtt://host[:port]` (plain TCP, for
     /// development and tests only; 1883 by default).
-    pub broker: String,
+    pub broker: BrokerUrl,
     /// This device's id: its MQTT client id and its topic segment (`devices/{device_id}/…`).
     pub device_id: String,
     /// `"5"` (default) or `"3.1.1"`, for brokers that speak nothing newer; then the broker
@@ -442,8 +442,8 @@ pub struct Policy {
     #[serde(default = "default_notice", with = "seconds")]
     pub disruption_notice: Duration,
     /// IANA time zone of the windows (e.g. `Europe/Berlin`); default: the system's.
-    #[serde(default)]
-    pub time_zone: Option<String>,
+    #[serde(default, with = "zone")]
+    pub time_zone: Option<TimeZone>,
 }
 
 impl Default for Policy {
@@ -461,12 +461,9 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// The engine's form of this section. The time zone was checked by `Config::parse`.
+    /// The engine's form of this section.
     pub fn engine_policy(&self) -> PolicyConfig {
-        let time_zone = match &self.time_zone {
-            Some(name) => TimeZone::get(name).unwrap_or(TimeZone::UTC),
-            None => TimeZone::system(),
-        };
+        let time_zone = self.time_zone.clone().unwrap_or_else(TimeZone::system);
         PolicyConfig {
             auto_install: self.auto_install,
             windows: self.windows.clone(),
@@ -577,13 +574,6 @@ impl Config {
         if self.install.download_jitter > MAX_DOWNLOAD_JITTER {
             return Err("install.download_jitter is at most 3600 seconds".into());
         }
-        if let Some(name) = &self.policy.time_zone {
-            TimeZone::get(name).map_err(|e| {
-                format!(
-                    "policy.time_zone {name:?} is not a known time zone ({e}); is tzdata installed?"
-                )
-            })?;
-        }
         Ok(())
     }
 
@@ -596,23 +586,22 @@ impl Config {
 
 impl Mqtt {
     /// Where and as whom the daemon connects.
-    pub fn endpoint(&self) -> Result<Endpoint, String> {
-        let url = crate::mqtt::BrokerUrl::parse(&self.broker)?;
+    pub fn endpoint(&self) -> Endpoint {
         let tls = self.ca_file.as_ref().map(|ca| crate::mqtt::tls::TlsFiles {
             ca: ca.clone(),
             client: self.cert_file.clone().zip(self.key_file.clone()),
         });
-        Ok(Endpoint {
-            url,
+        Endpoint {
+            url: self.broker.clone(),
             tls,
             protocol: self.protocol,
-        })
+        }
     }
 
     /// A connection to `broker` as `device_id`, with every other setting at its default.
-    pub fn new(broker: impl Into<String>, device_id: impl Into<String>) -> Mqtt {
+    pub fn new(broker: BrokerUrl, device_id: impl Into<String>) -> Mqtt {
         Mqtt {
-            broker: broker.into(),
+            broker,
             device_id: device_id.into(),
             topic_prefix: default_topic_prefix(),
             protocol: crate::mqtt::Protocol::default(),
@@ -628,18 +617,16 @@ impl Mqtt {
     }
 
     fn validate(&self, compatible: &str) -> Result<(), String> {
-        let url =
-            crate::mqtt::BrokerUrl::parse(&self.broker).map_err(|e| format!("mqtt.broker: {e}"))?;
         crate::mqtt::topics::check_segment("mqtt.device_id", &self.device_id)?;
         crate::mqtt::topics::check_segment(
             "device.compatible (it is part of a topic)",
             compatible,
         )?;
         crate::mqtt::topics::check_prefix(&self.topic_prefix)?;
-        if url.tls && self.ca_file.is_none() {
+        if self.broker.tls && self.ca_file.is_none() {
             return Err("mqtt.ca_file is required for an mqtts:// broker".into());
         }
-        if !url.tls && (self.ca_file.is_some() || self.cert_file.is_some()) {
+        if !self.broker.tls && (self.ca_file.is_some() || self.cert_file.is_some()) {
             return Err("mqtt.ca_file/cert_file need an mqtts:// broker".into());
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
@@ -680,6 +667,30 @@ mod fractional_seconds {
 }
 
 /// Whole seconds; a sub-second part is cut off when written (the file cannot say it).
+/// An IANA time zone by its name, looked up in the system's tzdata as the file is read.
+mod zone {
+    use jiff::tz::TimeZone;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TimeZone>, D::Error> {
+        let Some(name) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        TimeZone::get(&name).map(Some).map_err(|e| {
+            D::Error::custom(format!(
+                "policy.time_zone {name:?} is not a known time zone ({e}); is tzdata installed?"
+            ))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(zone: &Option<TimeZone>, s: S) -> Result<S::Ok, S::Error> {
+        match zone.as_ref().and_then(TimeZone::iana_name) {
+            Some(name) => s.serialize_some(name),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 mod seconds {
     use std::time::Duration;
 
@@ -791,7 +802,7 @@ mod tests {
     fn mqtt_settings_are_checked() {
         let example = include_str!("../config/agent.toml");
         for (from, to, expect) in [
-            ("mqtts://", "ftp://", "mqtt.broker"),
+            ("mqtts://", "ftp://", "is not mqtts:// (TLS) or mqtt://"),
             (
                 "device_id = \"gw-0001\"",
                 "device_id = \"gw/+\"",
@@ -818,11 +829,19 @@ mod tests {
         let example = include_str!("../config/agent.toml");
         let good = Config::parse(example).unwrap();
         assert_eq!(good.slots.a.bootname, "A");
-        for bad in ["", "A B", "B;reset", "ABCDEFGHIJKLMNOPQ", "A\\nB"] {
+        for bad in [
+            "",
+            "A B",
+            "B;reset",
+            "ABCDEFGHIJKLMNOPQ",
+            "A\\nB",
+            "0",
+            "A_B",
+        ] {
             let text = example.replace("bootname = \"B\"", &format!("bootname = \"{bad}\""));
             let err = Config::parse(&text).unwrap_err();
             assert!(
-                err.contains("must be 1 to 16 letters, digits or '_'"),
+                err.contains("must be 1 to 16 ASCII letters and digits"),
                 "{bad:?}: {err}"
             );
             assert!(err.contains("line 44"), "{bad:?}: {err}");

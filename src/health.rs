@@ -149,39 +149,22 @@ mod tests {
         assert!(failure.message.contains("could not be started"));
     }
 
+    /// `argv` as the only check with a 1 s timeout fails, saying it did not finish in time.
+    async fn times_out(argv: &[&str]) {
+        let failure = run_checks(&health(&[argv], 1)).await.unwrap_err();
+        let message = failure.message;
+        assert!(message.contains("within 1 s"), "{message}");
+    }
+
     #[tokio::test]
     async fn a_check_that_hangs_is_killed_with_its_children_at_the_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        let script = format!("sleep 300 & echo $! > {}; wait; true", pidfile.display());
-        let failure = run_checks(&health(&[&["sh", "-c", &script]], 1))
-            .await
-            .unwrap_err();
-        assert!(
-            failure.message.contains("within 1 s"),
-            "{}",
-            failure.message
-        );
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(
-            crate::system::tests::gone(pid),
-            "the check's child survived"
-        );
+        let hang = crate::system::tests::Hanging::new("; true");
+        times_out(&["sh", "-c", &hang.script]).await;
+        assert!(hang.child_gone(), "the check's child survived");
     }
 
     #[tokio::test]
     async fn a_check_that_hangs_fails_at_the_timeout() {
-        let failure = run_checks(&health(&[&["sleep", "30"]], 1))
-            .await
-            .unwrap_err();
-        assert!(
-            failure.message.contains("within 1 s"),
-            "{}",
-            failure.message
-        );
+        times_out(&["sleep", "30"]).await;
     }
 }

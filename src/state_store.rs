@@ -462,22 +462,7 @@ mod tests {
     }
 
     fn event(seq: u64, state: EventKind) -> Event {
-        Event {
-            seq,
-            at: jiff::Timestamp::UNIX_EPOCH,
-            kind: state,
-            txn: None,
-            release_id: None,
-            from_version: None,
-            to_version: None,
-            slot: None,
-            reason: None,
-            message: None,
-            waiting: None,
-            until: None,
-            clamped: None,
-            created: None,
-        }
+        Event::about(seq, jiff::Timestamp::UNIX_EPOCH, state, None)
     }
 
     #[test]

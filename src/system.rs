@@ -215,22 +215,42 @@ pub(crate) mod tests {
 
     #[test]
     fn a_command_that_hangs_is_killed_with_its_children() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-        let argv = ["sh".to_string(), "-c".to_string(), script];
+        let hang = Hanging::new("");
+        let argv = ["sh".to_string(), "-c".to_string(), hang.script.clone()];
         let started = Instant::now();
         let err = run_bounded(&argv, Duration::from_millis(500)).unwrap_err();
         assert!(err.to_string().contains("did not finish"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(gone(pid), "the command's child survived");
+        assert!(hang.child_gone(), "the command's child survived");
         assert!(run_bounded(&["true".to_string()], Duration::from_secs(5)).is_ok());
         assert!(run_bounded(&["false".to_string()], Duration::from_secs(5)).is_err());
+    }
+
+    /// A shell script that hangs the way a stuck command does: a long `sleep` started in the
+    /// background (its pid written to a file), waited for, then `then`.
+    pub(crate) struct Hanging {
+        pub script: String,
+        pidfile: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Hanging {
+        pub fn new(then: &str) -> Hanging {
+            let dir = tempfile::tempdir().unwrap();
+            let pidfile = dir.path().join("pid");
+            let script = format!("sleep 300 & echo $! > {}; wait{then}", pidfile.display());
+            Hanging {
+                script,
+                pidfile,
+                _dir: dir,
+            }
+        }
+
+        /// Whether the script's `sleep` ended (killed with the script, as it must be).
+        pub fn child_gone(&self) -> bool {
+            let pid = std::fs::read_to_string(&self.pidfile).unwrap();
+            gone(pid.trim().parse().unwrap())
+        }
     }
 
     /// Ended: no such process, or a zombie waiting for whoever reaps orphans here.

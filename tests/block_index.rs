@@ -9,6 +9,7 @@
 #![cfg(feature = "operator")]
 
 mod common;
+use common::assert_exit;
 
 use std::fs;
 use std::io::BufReader;
@@ -101,11 +102,7 @@ fn make_release() -> Release {
     let new = ext4(dir.path(), "new", true);
     let key = dir.path().join("signer");
     let out = run(&["keygen", "--out"], &[&key]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "keygen");
     let serve = dir.path().join("serve");
     let out = Command::new(BIN)
         .args(["release", "create", "--key"])
@@ -132,11 +129,7 @@ fn make_release() -> Release {
         .arg(serve.join("release.json"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "release create");
     let release: serde_json::Value =
         serde_json::from_slice(&fs::read(serve.join("release.json")).unwrap()).unwrap();
     let manifest_bytes = base64::engine::general_purpose::STANDARD
@@ -425,11 +418,7 @@ fn a_changed_index_is_refused_before_anything_is_read_from_it() {
         &["release", "inspect", "--json", "--index"],
         &[&index_path, &r.serve.join("release.json")],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "release inspect");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["index"]["block_size"], 4096);
     assert_eq!(json["index"]["blocks"], 4096);
@@ -448,11 +437,7 @@ fn an_old_agent_reads_the_release_as_a_full_download() {
         &["release", "verify", "--compatible", "gw", "--keys"],
         &[&keys, &r.serve.join("release.json")],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "release verify");
     let manifest = serde_json::to_value(&r.manifest).unwrap();
     let chunks = &manifest["images"]["rootfs"]["chunks"];
     let mut keys: Vec<&str> = chunks

@@ -93,7 +93,7 @@ fn bus(policy: BusPolicy) -> Bus {
 fn window_manual(max_postpone: u64) -> Policy {
     Policy {
         windows: vec!["02:00-04:00".parse().unwrap()],
-        time_zone: Some("UTC".into()),
+        time_zone: Some(jiff::tz::TimeZone::get("UTC").unwrap()),
         reboot: RebootPolicy::Manual,
         max_postpone: Duration::from_secs(max_postpone),
         disruption_notice: Duration::from_secs(300),
@@ -173,24 +173,11 @@ impl Service {
             .with_clock(Arc::new(move || *now.lock().unwrap()));
         let (host, handle, control) = Host::new(agent);
         let snapshots = handle.snapshots.clone();
-        let address = bus.address.clone();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let conn = zbus::connection::Builder::address(address.as_str())
-                    .build()
-                    .await
-                    .unwrap();
-                let _publisher = dbus::serve(&conn, handle, access).await.unwrap();
-                ready_tx.send(()).unwrap();
-                host.run().await.unwrap();
-            });
+        let thread = on_bus_thread(bus, async move |conn, ready| {
+            let _publisher = dbus::serve(&conn, handle, access).await.unwrap();
+            ready.send(()).unwrap();
+            host.run().await.unwrap();
         });
-        ready.recv_timeout(Duration::from_secs(20)).unwrap();
         let service = Service {
             clock,
             control: Some(control),
@@ -486,6 +473,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
         ".MarkBad",
         ".State",
         ".Progress",
+        ".Downloaded",
         ".PendingAdvisory",
         ".PostponedUntil",
         ".LastError",
@@ -504,6 +492,7 @@ fn busctl_introspects_reads_properties_and_postpones_with_clamping() {
         "s \"2031-12-31\""
     );
     assert_eq!(get_property(&bus, Who::Root, "State"), "s \"idle\"");
+    assert_eq!(get_property(&bus, Who::Root, "Downloaded"), "t 0");
     // 30 days asked, 7 days (max_postpone) given.
     let out = call(&bus, Who::Root, &["Postpone", "t", "2592000"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -621,64 +610,93 @@ fn seen_lines(seen: &Seen) -> Vec<String> {
 fn watch_signals(bus: &Bus) -> (Seen, mpsc::Sender<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (stop_tx, mut stop) = mpsc::channel::<()>(1);
-    let (ready_tx, ready) = std::sync::mpsc::channel();
     let log = seen.clone();
-    let address = bus.address.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let conn = zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-                .unwrap();
-            let agent = dbus::client::proxy(&conn).await.unwrap();
-            // The proxy's subscriptions add the match rules; one stream of every message the
-            // connection receives keeps the order in which the service sent them.
-            let _available = agent.receive_update_available().await.unwrap();
-            let _disruption = agent.receive_disruption_ahead().await.unwrap();
-            let _states = agent.receive_state_changed().await;
-            let mut all = zbus::MessageStream::from(&conn);
-            ready_tx.send(()).unwrap();
-            let push = |line: String| {
-                log.lock()
-                    .unwrap()
-                    .push((std::time::SystemTime::now(), line))
+    on_bus_thread(bus, async move |conn, ready_tx| {
+        let agent = dbus::client::proxy(&conn).await.unwrap();
+        // The proxy's subscriptions add the match rules; one stream of every message the
+        // connection receives keeps the order in which the service sent them.
+        let _available = agent.receive_update_available().await.unwrap();
+        let _disruption = agent.receive_disruption_ahead().await.unwrap();
+        let _states = agent.receive_state_changed().await;
+        let mut all = zbus::MessageStream::from(&conn);
+        ready_tx.send(()).unwrap();
+        let push = |line: String| {
+            log.lock()
+                .unwrap()
+                .push((std::time::SystemTime::now(), line))
+        };
+        loop {
+            let message = tokio::select! {
+                _ = stop.recv() => break,
+                Some(Ok(message)) = all.next() => message,
             };
-            loop {
-                let message = tokio::select! {
-                    _ = stop.recv() => break,
-                    Some(Ok(message)) = all.next() => message,
-                };
-                let header = message.header();
-                let body = message.body();
-                match header.member().map(|m| m.as_str()) {
-                    Some("UpdateAvailable") => {
-                        let (version, advisory, security, _, deadline): (String, String, bool, String, i64) =
-                            body.deserialize().unwrap();
-                        push(format!("UpdateAvailable {version} security={security} deadline={deadline} {advisory}"));
-                    }
-                    Some("DisruptionAhead") => {
-                        let (seconds, postponable, downtime): (u64, bool, u64) = body.deserialize().unwrap();
-                        push(format!("DisruptionAhead {seconds} postponable={postponable} downtime={downtime}"));
-                    }
-                    Some("PropertiesChanged") => {
-                        let (_, changed, _): (String, std::collections::HashMap<String, zbus::zvariant::OwnedVariant>, Vec<String>) =
-                            body.deserialize().unwrap();
-                        if let Some(state) = changed.get("State") {
-                            let state: String = state.try_clone().unwrap().try_into().unwrap();
-                            push(format!("State {state}"));
-                        }
-                    }
-                    _ => {}
+            let header = message.header();
+            let body = message.body();
+            match header.member().map(|m| m.as_str()) {
+                Some("UpdateAvailable") => {
+                    let (version, advisory, security, _, deadline): (
+                        String,
+                        String,
+                        bool,
+                        String,
+                        i64,
+                    ) = body.deserialize().unwrap();
+                    push(format!(
+                        "UpdateAvailable {version} security={security} deadline={deadline} {advisory}"
+                    ));
                 }
+                Some("DisruptionAhead") => {
+                    let (seconds, postponable, downtime): (u64, bool, u64) =
+                        body.deserialize().unwrap();
+                    push(format!(
+                        "DisruptionAhead {seconds} postponable={postponable} downtime={downtime}"
+                    ));
+                }
+                Some("PropertiesChanged") => {
+                    let (_, changed, _): (
+                        String,
+                        std::collections::HashMap<String, zbus::zvariant::OwnedVariant>,
+                        Vec<String>,
+                    ) = body.deserialize().unwrap();
+                    if let Some(state) = changed.get("State") {
+                        let state: String = state.try_clone().unwrap().try_into().unwrap();
+                        push(format!("State {state}"));
+                    }
+                }
+                _ => {}
             }
-        });
+        }
+    });
+    (seen, stop_tx)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(address: &str) -> zbus::Connection {
+    zbus::connection::Builder::address(address)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Runs `body` on a thread of its own with a connection to `bus`; returns once `body` said it
+/// is ready.
+fn on_bus_thread(
+    bus: &Bus,
+    body: impl AsyncFnOnce(zbus::Connection, std::sync::mpsc::Sender<()>) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let address = bus.address.clone();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        runtime().block_on(async move { body(connect(&address).await, ready_tx).await })
     });
     ready.recv_timeout(Duration::from_secs(20)).unwrap();
-    (seen, stop_tx)
+    thread
 }
 
 /// The end-to-end without MQTT (the release is offered as the daemon will offer what
@@ -907,16 +925,11 @@ impl DaemonWorld {
     /// come only once the daemon holds the name: the test asks the bus at that moment, over a
     /// connection it opened before.
     fn start_daemon(&mut self) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let bus = runtime.block_on(async {
-            let conn = zbus::connection::Builder::address(self.bus.address.as_str())
-                .build()
+            zbus::fdo::DBusProxy::new(&connect(&self.bus.address).await)
                 .await
-                .unwrap();
-            zbus::fdo::DBusProxy::new(&conn).await.unwrap()
+                .unwrap()
         });
         let notify_path = self.device.path("notify.sock");
         let _ = fs::remove_file(&notify_path);
@@ -1036,9 +1049,7 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     assert!(!device.reboot_requested(), "rebooted before the deadline");
 
     set_daemon_time(clock, deadline);
-    wait_for("the reboot command", WAIT, || {
-        device.reboot_requested().then_some(())
-    });
+    wait_for("the reboot command", WAIT, || device.reboot_requested());
     let rebooted_at = fs::metadata(device.path("reboots"))
         .unwrap()
         .modified()
@@ -1108,11 +1119,7 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
         .client
         .publish(&world.device.fleet_topic(), &world.release, true);
     wait_for("writing on MQTT", WAIT, || {
-        world
-            .events()
-            .iter()
-            .any(|e| e["state"] == "writing")
-            .then_some(())
+        world.events().iter().any(|e| e["state"] == "writing")
     });
     let asked = Instant::now();
     let out = agent_cli(&world.bus.address, Who::Root, &["postpone", "1h", "--json"]);
@@ -1161,16 +1168,10 @@ fn the_daemon_answers_a_call_during_a_slot_write() {
             .events()
             .iter()
             .any(|e| e["state"] == "check-requested")
-            .then_some(())
     });
     wait_for("the release read again", WAIT, || {
-        (world
-            .device
-            .logs()
-            .matches("fleet release 2.0 verified")
-            .count()
-            == 2)
-            .then_some(())
+        let logs = world.device.logs();
+        logs.matches("fleet release 2.0 verified").count() == 2
     });
     world.device.stop_daemon();
 }

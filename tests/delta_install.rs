@@ -14,8 +14,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::pattern;
 use common::range_server::{RangeMode, RangeServer};
+use common::{assert_exit, pattern};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::index_build::{self, StoreParams};
@@ -464,11 +464,7 @@ reboot_command = ["true"]
             .arg(&out_path)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_exit(&out, 0, "release create");
         // Serve what release create made (the same image, so the same index and store).
         for name in ["new.img.index", "new.img.store"] {
             fs::copy(self.path("made").join(name), self.r.serve().join(name)).unwrap();

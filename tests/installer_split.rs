@@ -29,13 +29,7 @@ use serde_json::Value;
 fn happy_path(backend: Backend) {
     let mut split = Split::new(backend);
     let release = split.release("2.0", IMAGE_PATH);
-    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "install as nobody: {}\ninstaller:\n{}",
-        text(&out),
-        split.installer_log()
-    );
+    let out = split.install_as_daemon(&release);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("reboot to try it"),
         "{}",
@@ -99,8 +93,7 @@ fn a_compressed_image_is_decompressed_by_the_daemon_and_hashed_by_the_installer(
         .zstd_image(&url, &split.image, &compressed)
         .write(&split.path("release-zstd.json"))
         .unwrap();
-    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
-    assert!(out.status.success(), "install as nobody: {}", text(&out));
+    split.install_as_daemon(&release);
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
     // The daemon's decoder output is what the installer hashed: a zstd stream the daemon
@@ -439,7 +432,7 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     wait_for(
         "the reboot through the installer",
         Duration::from_secs(60),
-        || reboots.exists().then_some(()),
+        || reboots.exists(),
     );
     // The reboot command ran in the installer: as root, in a directory `nobody` cannot write.
     assert_eq!(fs::metadata(&reboots).unwrap().uid(), 0);
@@ -448,7 +441,7 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     wait_for(
         "the events up to the reboot on MQTT",
         Duration::from_secs(15),
-        || (mqtt_states(&split, &sub) == before_reboot).then_some(()),
+        || mqtt_states(&split, &sub) == before_reboot,
     );
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
     assert_eq!(split.slot("A"), slot_a, "the active slot is never written");
@@ -620,13 +613,7 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
     assert!(out.status.success(), "release create: {}", text(&out));
     fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
 
-    let out = split.as_daemon(&["install", release.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "install as nobody: {}\ninstaller:\n{}",
-        text(&out),
-        split.installer_log()
-    );
+    split.install_as_daemon(&release);
     assert_eq!(
         &split.slot("B")[..new.len()],
         &new[..],

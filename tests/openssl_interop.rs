@@ -140,11 +140,7 @@ fn manifest_signed_by_openssl_verifies_with_library_and_binary() {
         .arg(&release_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "update-agent release verify: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "update-agent release verify");
 
     // The control: the same signature over one changed byte is refused by both.
     let mut altered = manifest.clone();
@@ -197,11 +193,7 @@ fn signature_by_update_agent_release_create_verifies_with_openssl() {
         .arg(&release_path)
         .output()
         .unwrap();
-    assert!(
-        create.status.success(),
-        "{}",
-        String::from_utf8_lossy(&create.stderr)
-    );
+    assert_exit(&create, 0, "release create");
 
     let release: Value = serde_json::from_slice(&fs::read(&release_path).unwrap()).unwrap();
     let manifest = STANDARD

@@ -147,7 +147,27 @@ async fn http_image_is_written_checkpointed_and_read_back() {
         written: SIZE as u64,
         total: SIZE as u64
     }));
+    assert_eq!(
+        downloads(&events).last(),
+        Some(&(SIZE as u64, SIZE as u64)),
+        "the bytes downloaded are reported beside the bytes written"
+    );
+    assert_eq!(server.body_bytes(), SIZE as u64);
     assert!(server.seen().iter().all(|s| s.range.is_none()));
+}
+
+/// The `Downloaded` reports: (downloaded, expected).
+fn downloads(events: &[TransferEvent]) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            TransferEvent::Downloaded {
+                downloaded,
+                expected,
+            } => Some((*downloaded, *expected)),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -206,6 +226,12 @@ async fn zstd_image_is_decompressed_and_both_hashes_checked() {
     assert!(
         checkpoints(&events).is_empty(),
         "compressed images are not resumable, so no checkpoints"
+    );
+    let len = compressed.len() as u64;
+    assert_eq!(
+        downloads(&events).last(),
+        Some(&(len, len)),
+        "the compressed bytes are what was downloaded"
     );
 }
 

@@ -84,41 +84,15 @@ impl Scheme for Counter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
     use crate::bootloader::chooser::EnvBootloader;
-    use crate::bootloader::store::EnvStore;
+    use crate::bootloader::store::tests::Memory;
     use crate::bootloader::uboot::render_script;
     use crate::bootloader::{Bootloader, BootloaderKind};
 
-    /// A store that keeps the environment in memory and records every write.
-    #[derive(Default)]
-    struct Recording {
-        vars: Mutex<Vars>,
-        writes: Arc<Mutex<Vec<Change>>>,
-    }
-
-    impl EnvStore for Recording {
-        fn read(&self) -> Result<Vars, BootloaderError> {
-            Ok(self.vars.lock().unwrap().clone())
-        }
-        fn write(&self, change: &Change) -> Result<(), BootloaderError> {
-            let mut vars = self.vars.lock().unwrap();
-            for (name, value) in &change.0 {
-                vars.set(name, value);
-            }
-            self.writes.lock().unwrap().push(change.clone());
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "memory".to_owned()
-        }
-    }
-
     #[test]
     fn each_operation_is_one_script_holding_all_its_variables() {
-        let store = Recording::default();
+        let store = Memory::default();
         let writes = store.writes.clone();
         let take_writes = || -> Vec<String> {
             std::mem::take(&mut *writes.lock().unwrap())

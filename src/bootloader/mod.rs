@@ -264,8 +264,8 @@ pub fn open(config: &crate::config::Config) -> Result<Box<dyn Bootloader>, Bootl
 pub enum BootloaderError {
     #[error("invalid bootloader setting: {0}")]
     Config(String),
-    #[error("\"{name}\" cannot be a slot bootname: {why}")]
-    BadBootname { name: String, why: String },
+    #[error("{0}")]
+    BadBootname(String),
     #[error(
         "slot {name} is not one of the configured slots ({configured}); check `bootloader.slots`"
     )]

@@ -2,35 +2,19 @@
 //! environment, so it is checked before it gets there.
 
 use super::BootloaderError;
-use crate::release::escape_for_log;
+use crate::engine::Bootname;
 
-/// Bootnames are short words such as `A`, `B` or `system0`.
-pub const MAX_BOOTNAME_LEN: usize = 16;
 /// An A/B setup has two slots, A/B/recovery three; more is a configuration mistake.
 pub const MAX_SLOTS: usize = 8;
 /// A boot order longer than this is not kept when the agent rewrites it: the entries past it
 /// are dropped, so a hostile or corrupt order cannot grow the environment.
 pub const MAX_ORDER_ENTRIES: usize = 16;
 
-/// A name the boot scripts can use in a variable name (`BOOT_<name>_LEFT`, `<name>_OK`): ASCII
-/// letters and digits, starting with a letter (in GRUB's script `$0_OK` would be a positional
-/// parameter), at most [`MAX_BOOTNAME_LEN`] characters.
+/// A name the boot scripts can use in a variable name: the rule of [`Bootname`].
 pub fn check_bootname(name: &str) -> Result<(), BootloaderError> {
-    let why = if name.is_empty() {
-        "it is empty".to_owned()
-    } else if name.len() > MAX_BOOTNAME_LEN {
-        format!("it is longer than {MAX_BOOTNAME_LEN} characters")
-    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        "only ASCII letters and digits are allowed".to_owned()
-    } else if !name.as_bytes()[0].is_ascii_alphabetic() {
-        "it must start with a letter".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(BootloaderError::BadBootname {
-        name: escape_for_log(name, 32),
-        why,
-    })
+    Bootname::new(name)
+        .map(drop)
+        .map_err(|e| BootloaderError::BadBootname(e.to_string()))
 }
 
 fn is_bootname(name: &str) -> bool {

@@ -150,7 +150,9 @@ fn first_difference<'a>(vars: &'a Vars, change: &'a Change) -> Option<(&'a str, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
@@ -181,39 +183,40 @@ mod tests {
         assert_eq!(vars.iter().collect::<Vec<_>>(), vec![("A", "1")]);
     }
 
-    /// An in-memory store that counts writes.
-    struct Counting {
-        vars: Mutex<Vars>,
-        writes: Mutex<u32>,
+    /// A store that keeps the environment in memory and records every write.
+    #[derive(Default)]
+    pub(crate) struct Memory {
+        pub vars: Mutex<Vars>,
+        pub writes: Arc<Mutex<Vec<Change>>>,
     }
 
-    impl EnvStore for Counting {
+    impl EnvStore for Memory {
         fn read(&self) -> Result<Vars, BootloaderError> {
             Ok(self.vars.lock().unwrap().clone())
         }
         fn write(&self, change: &Change) -> Result<(), BootloaderError> {
-            *self.writes.lock().unwrap() += 1;
             let mut vars = self.vars.lock().unwrap();
             for (name, value) in &change.0 {
                 vars.set(name, value);
             }
+            self.writes.lock().unwrap().push(change.clone());
             Ok(())
         }
         fn describe(&self) -> String {
-            "memory".into()
+            "memory".to_owned()
         }
     }
 
     #[test]
     fn a_change_already_in_place_is_not_written_again() {
-        let store = Counting {
+        let store = Memory {
             vars: Mutex::new(Vars::parse(b"BOOT_A_LEFT=3\n", "t").unwrap()),
-            writes: Mutex::new(0),
+            ..Memory::default()
         };
         apply(&store, &Change::default().set("BOOT_A_LEFT", "3")).unwrap();
-        assert_eq!(*store.writes.lock().unwrap(), 0);
+        assert_eq!(store.writes.lock().unwrap().len(), 0);
         apply(&store, &Change::default().set("BOOT_A_LEFT", "2")).unwrap();
-        assert_eq!(*store.writes.lock().unwrap(), 1);
+        assert_eq!(store.writes.lock().unwrap().len(), 1);
         assert_eq!(store.read().unwrap().get("BOOT_A_LEFT"), Some("2"));
     }
 

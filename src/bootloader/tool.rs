@@ -215,12 +215,8 @@ mod tests {
 
     #[test]
     fn a_tool_that_hangs_is_killed_with_what_it_started() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        let (tool, args) = sh(&format!(
-            "sleep 300 & echo $! > {}; wait",
-            pidfile.display()
-        ));
+        let hang = crate::system::tests::Hanging::new("");
+        let (tool, args) = sh(&hang.script);
         let started = std::time::Instant::now();
         let err = tool
             .run_within(&args, Duration::from_millis(500))
@@ -231,12 +227,7 @@ mod tests {
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(crate::system::tests::gone(pid), "the tool's child survived");
+        assert!(hang.child_gone(), "the tool's child survived");
     }
 
     #[test]

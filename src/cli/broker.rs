@@ -12,6 +12,19 @@ pub struct BrokerArgs {
     /// mqtts://host[:port] (TLS) or mqtt://host[:port] (plain, development only)
     #[arg(long)]
     broker: String,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+impl BrokerArgs {
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        self.connection.endpoint(&self.broker)
+    }
+}
+
+/// How a tool connects, besides the broker's URL: TLS files, topic prefix, protocol version.
+#[derive(clap::Args, Debug)]
+pub struct Connection {
     /// CA certificate (PEM) the broker's certificate must chain to; needed for mqtts://
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -25,46 +38,30 @@ pub struct BrokerArgs {
     #[arg(long, default_value = DEFAULT_PREFIX)]
     pub prefix: String,
     /// MQTT version to speak: 5 or 3.1.1 (for brokers that speak nothing newer)
-    #[arg(long, default_value = "5", value_parser = parse_protocol)]
+    #[arg(long, default_value = "5", value_parser = |s: &str| s.parse::<Protocol>())]
     pub protocol: Protocol,
 }
 
-fn parse_protocol(text: &str) -> Result<Protocol, String> {
-    text.parse()
-}
-
-impl BrokerArgs {
-    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        endpoint_for(
-            &self.broker,
-            self.ca.as_ref(),
-            self.cert.as_ref().zip(self.key.as_ref()),
-            &self.prefix,
-            self.protocol,
-        )
+impl Connection {
+    /// The endpoint for the broker at `broker`.
+    pub fn endpoint(&self, broker: &str) -> anyhow::Result<Endpoint> {
+        let url = BrokerUrl::parse(broker).map_err(anyhow::Error::msg)?;
+        topics::check_prefix(&self.prefix).map_err(anyhow::Error::msg)?;
+        let tls = match (&self.ca, url.tls) {
+            (Some(ca), true) => Some(TlsFiles {
+                ca: ca.clone(),
+                client: self.cert.clone().zip(self.key.clone()),
+            }),
+            (None, true) => anyhow::bail!("{broker} needs --ca (the broker's CA certificate)"),
+            (Some(_), false) => anyhow::bail!("--ca/--cert/--key need an mqtts:// broker"),
+            (None, false) => None,
+        };
+        Ok(Endpoint {
+            url,
+            tls,
+            protocol: self.protocol,
+        })
     }
-}
-
-/// The endpoint for one broker URL with the tool's TLS files and protocol version.
-pub fn endpoint_for(
-    broker: &str,
-    ca: Option<&PathBuf>,
-    client: Option<(&PathBuf, &PathBuf)>,
-    prefix: &str,
-    protocol: Protocol,
-) -> anyhow::Result<Endpoint> {
-    let url = BrokerUrl::parse(broker).map_err(anyhow::Error::msg)?;
-    topics::check_prefix(prefix).map_err(anyhow::Error::msg)?;
-    let tls = match (ca, url.tls) {
-        (Some(ca), true) => Some(TlsFiles {
-            ca: ca.clone(),
-            client: client.map(|(cert, key)| (cert.clone(), key.clone())),
-        }),
-        (None, true) => anyhow::bail!("{broker} needs --ca (the broker's CA certificate)"),
-        (Some(_), false) => anyhow::bail!("--ca/--cert/--key need an mqtts:// broker"),
-        (None, false) => None,
-    };
-    Ok(Endpoint { url, tls, protocol })
 }
 
 /// A current-thread runtime for a tool.

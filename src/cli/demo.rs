@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -17,6 +18,7 @@ use update_agent::engine::{Event, EventKind};
 use update_agent::mqtt::oneshot::{self, Seen, Watcher};
 use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol, topics};
 use update_agent::reason::ReasonCode;
+use update_agent::release::index_build::{self, StoreParams};
 use update_agent::sim::{self, Act, Gateway, ImageServer, Signer};
 use update_agent::state_store::StateStore;
 
@@ -168,7 +170,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     ));
     detail("what the operator sees on MQTT:");
     feed.until("the reboot request", Duration::from_secs(120), |_| {
-        gateway.reboot_requested()
+        gateway.reboots_requested() == 1
     })
     .await?;
     ensure!(
@@ -196,6 +198,85 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     let mut daemon = Daemon::start(config.clone());
     feed.until("the commit", Duration::from_secs(60), |f| {
         f.states().contains(&EventKind::Committed)
+    })
+    .await?;
+    let slot_b_hash = gateway.slot_hash("B");
+
+    step(
+        "operator",
+        "builds release 3.0, the 2.0 image with three files changed: `release create` writes its block index and block store beside the image; the server answers Range requests",
+    );
+    let delta = DeltaRelease::build(dir, &image).await?;
+    feed.last_downloaded = None;
+    let release_3 = gateway
+        .release("3.0")
+        .security_version(3)
+        .advisory("Updates three files of the demo's web UI.")
+        .downtime(60)
+        .image(&delta.url("rootfs-3.0.img"), &delta.image)
+        .block_index(
+            &delta.url("rootfs-3.0.img.index"),
+            delta.index_sha256,
+            delta.block_size,
+        )
+        .sign();
+    oneshot::publish_retained(&endpoint, &fleet_topic, release_3, Duration::from_secs(10)).await?;
+    detail(&format!(
+        "block index {} KiB, block store {} KiB, image {} MiB",
+        delta.index_len / 1024,
+        delta.store_len / 1024,
+        delta.image.len() / (1024 * 1024)
+    ));
+    detail(
+        "what the operator sees on MQTT (the device rebuilds 3.0 from the blocks it has: a delta update):",
+    );
+    feed.until(
+        "the second reboot request",
+        Duration::from_secs(120),
+        |_| gateway.reboots_requested() == 2,
+    )
+    .await?;
+    ensure!(
+        gateway.slot_hash("B") == slot_b_hash,
+        "slot B changed during the delta install"
+    );
+    let served = delta.server.body_bytes();
+    let image_requests = delta
+        .server
+        .seen()
+        .iter()
+        .filter(|seen| seen.path == "/rootfs-3.0.img")
+        .count();
+    let reported = feed.last_downloaded.unwrap_or(0);
+    ensure!(
+        image_requests == 0
+            && served < delta.image.len() as u64 / 4
+            && (1..=served).contains(&reported),
+        "not a delta: {served} bytes served ({image_requests} requests for the whole image), {reported} bytes downloaded by the device's own count"
+    );
+    detail(&format!(
+        "downloaded {} KiB of a {} KiB image ({} KiB by the device's count on MQTT, in {} requests): {:.1} % saved",
+        served / 1024,
+        delta.image.len() / 1024,
+        reported / 1024,
+        delta.server.seen().len(),
+        100.0 * (1.0 - served as f64 / delta.image.len() as f64)
+    ));
+
+    step(
+        "device",
+        "reboots into slot A (3.0); trial boot, health checks, commit",
+    );
+    daemon.stop().await?;
+    let booted = gateway.try_boot().map_err(anyhow::Error::msg)?;
+    ensure!(booted == "A", "the bootloader booted {booted}, expected A");
+    let mut daemon = Daemon::start(config.clone());
+    feed.until("the second commit", Duration::from_secs(60), |f| {
+        f.states()
+            .iter()
+            .filter(|&&s| s == EventKind::Committed)
+            .count()
+            == 2
     })
     .await?;
 
@@ -232,20 +313,20 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
     ));
     use EventKind::*;
     let states = feed.states();
+    let install = [
+        Accepted, Writing, Written, Activated, Rebooting, TrialBoot, Committed,
+    ];
     ensure!(
-        states
-            == [
-                Accepted, Writing, Written, Activated, Rebooting, TrialBoot, Committed, Refused
-            ],
+        states == [&install[..], &install[..], &[Refused]].concat(),
         "unexpected event sequence on MQTT {states:?}"
     );
     let seqs: Vec<u64> = feed.events.iter().map(|e| e.seq).collect();
     ensure!(
-        seqs == (0..8).collect::<Vec<_>>(),
+        seqs == (0..15).collect::<Vec<_>>(),
         "event sequence numbers {seqs:?}"
     );
     ensure!(
-        state["version"] == "2.0" && state["booted_slot"] == "B" && state["state"] == "idle",
+        state["version"] == "3.0" && state["booted_slot"] == "A" && state["state"] == "idle",
         "unexpected retained state {state}"
     );
     let logged = StateStore::open(&config.device.state_dir)?.events()?;
@@ -253,19 +334,81 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
         logged.iter().map(|e| e.seq).eq(seqs.iter().copied()),
         "the device's own event log differs from what MQTT carried"
     );
-    ensure!(gateway.slot_hash("A") == slot_a_hash, "slot A changed");
+    ensure!(gateway.slot_hash("B") == slot_b_hash, "slot B changed");
     ensure!(
-        gateway.slot("B").get(..image.len()) == Some(&image[..]),
-        "slot B does not hold the image"
+        gateway.slot("A").get(..delta.image.len()) == Some(&delta.image[..]),
+        "slot A does not hold the 3.0 image"
     );
-    detail("slot A (the old system) is byte-identical to before; slot B holds 2.0, committed");
-    detail("the device's event log and the events on MQTT are the same 8 records");
+    detail("slot B (2.0) is byte-identical to before the delta; slot A holds 3.0, committed");
+    detail("the device's event log and the events on MQTT are the same 15 records");
     daemon.stop().await?;
     println!(
-        "demo passed: install over MQTT, trial boot, commit, and a tampered release refused and reported"
+        "demo passed: a full install and a delta update over MQTT, trial boots, commits, and a tampered release refused and reported"
     );
     drop(server);
     Ok(())
+}
+
+/// Release 3.0 as `release create` lays it out: the image, its block index and its block
+/// store side by side, served with Range support (single ranges and multi-range).
+struct DeltaRelease {
+    image: Vec<u8>,
+    index_sha256: [u8; 32],
+    block_size: u64,
+    index_len: u64,
+    store_len: u64,
+    server: ImageServer,
+}
+
+impl DeltaRelease {
+    /// `base` with three "files" rewritten (new bytes, not block-aligned, 8 KiB to 192 KiB).
+    async fn build(dir: &Path, base: &[u8]) -> anyhow::Result<DeltaRelease> {
+        let mut image = base.to_vec();
+        for (seed, at, len) in [
+            (31, 1_000_000, 64 * 1024),
+            (32, 7_340_100, 8 * 1024),
+            (33, base.len() / 2 + 513, 192 * 1024),
+        ] {
+            let at = at.min(image.len() - len);
+            image[at..at + len].copy_from_slice(&sim::pattern(len, seed));
+        }
+        let out = dir.join("release-3.0");
+        fs::create_dir_all(&out)?;
+        let (image_path, index_path, store_path) = (
+            out.join("rootfs-3.0.img"),
+            out.join("rootfs-3.0.img.index"),
+            out.join("rootfs-3.0.img.store"),
+        );
+        fs::write(&image_path, &image)?;
+        let params = StoreParams::default();
+        let built = index_build::build(&image_path, params, &index_path, &store_path)
+            .context("building the block index")?;
+        let (index, store) = (fs::read(&index_path)?, fs::read(&store_path)?);
+        let server = ImageServer::builder(image.clone())
+            .route("/rootfs-3.0.img", Act::Serve)
+            .route(
+                "/rootfs-3.0.img.index",
+                Act::ServeFile(Arc::new(index.clone())),
+            )
+            .route(
+                "/rootfs-3.0.img.store",
+                Act::ServeFile(Arc::new(store.clone())),
+            )
+            .start()
+            .await?;
+        Ok(DeltaRelease {
+            image,
+            index_sha256: built.index_sha256,
+            block_size: u64::from(params.block_size),
+            index_len: index.len() as u64,
+            store_len: store.len() as u64,
+            server,
+        })
+    }
+
+    fn url(&self, name: &str) -> String {
+        self.server.url(&format!("/{name}"))
+    }
 }
 
 /// `update-agent run`, in this process: the same code as the service, stopped like systemd
@@ -304,6 +447,8 @@ struct Feed {
     state: Option<serde_json::Value>,
     events: Vec<Event>,
     last_percent: Option<u64>,
+    /// The bytes downloaded the last progress report said.
+    last_downloaded: Option<u64>,
 }
 
 impl Feed {
@@ -332,6 +477,7 @@ impl Feed {
             state: None,
             events: Vec::new(),
             last_percent: None,
+            last_downloaded: None,
         })
     }
 
@@ -384,15 +530,22 @@ impl Feed {
                     return;
                 };
                 let percent = state["progress"]["percent"].as_u64();
+                let downloaded = state["progress"]["downloaded"].as_u64();
                 if percent.is_some_and(|p| p > 0) && percent != self.last_percent {
+                    let downloaded = downloaded
+                        .map(|d| format!(", {} KiB downloaded", d / 1024))
+                        .unwrap_or_default();
                     mqtt_line(&format!(
-                        "{} state: writing, {}% of {} MiB",
+                        "{} state: writing, {}% of {} MiB written{downloaded}",
                         seen.device,
                         percent.unwrap_or(0),
                         state["progress"]["total"].as_u64().unwrap_or(0) / (1024 * 1024)
                     ));
                 }
                 self.last_percent = percent;
+                if downloaded.is_some() {
+                    self.last_downloaded = downloaded;
+                }
                 self.state = Some(state);
             }
             _ => {}

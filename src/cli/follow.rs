@@ -11,8 +11,15 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use update_agent::fleet::FleetView;
 use update_agent::mqtt::Endpoint;
 use update_agent::mqtt::oneshot::{Seen, Watcher};
+
+/// What a watcher heard from the fleet, into `view`, as of now.
+pub fn observe(view: &mut FleetView, seen: &Seen) {
+    let now = jiff::Timestamp::now();
+    view.observe_as(&seen.device, &seen.leaf, &seen.payload, seen.retained, now);
+}
 
 /// How often the retained state is read again.
 pub const RESYNC: Duration = Duration::from_secs(30);

@@ -18,7 +18,7 @@ use update_agent::mqtt::topics;
 use update_agent::release::escape_for_log;
 
 use super::broker::{BrokerArgs, runtime};
-use super::follow::{Heard, follow};
+use super::follow::{Heard, follow, observe};
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
@@ -54,9 +54,12 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
     if let Some(fleet) = &args.fleet {
         topics::check_segment("--fleet", fleet).map_err(anyhow::Error::msg)?;
     }
-    let shown = format!("{}, {}", endpoint.shown(), args.broker.prefix);
+    let shown = format!("{}, {}", endpoint.shown(), args.broker.connection.prefix);
     runtime()?.block_on(async move {
-        let mut heard = follow(std::slice::from_ref(&endpoint), &args.broker.prefix)?;
+        let mut heard = follow(
+            std::slice::from_ref(&endpoint),
+            &args.broker.connection.prefix,
+        )?;
         let deadline = args
             .timeout
             .map(|s| Instant::now() + Duration::from_secs(s));
@@ -101,13 +104,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
                             }
                         }
                     } else {
-                        view.observe_as(
-                            &seen.device,
-                            &seen.leaf,
-                            &seen.payload,
-                            seen.retained,
-                            Timestamp::now(),
-                        );
+                        observe(&mut view, &seen);
                         dirty = true;
                     }
                 }
@@ -297,7 +294,7 @@ fn list(out: &mut String, title: &str, order: &str, named: &[Named], total: usiz
 /// One line per device (`--devices`).
 fn render_devices(lines: &[DeviceLine]) -> String {
     let mut out = format!(
-        "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
+        "{:<24} {:<12} {:<15} {:<16} {:<34} {}\n",
         "DEVICE", "VERSION", "STATE", "PROGRESS", "LAST EVENT", "ONLINE"
     );
     for line in lines {
@@ -306,12 +303,18 @@ fn render_devices(lines: &[DeviceLine]) -> String {
             Some(false) => "no",
             None => "-",
         };
+        // Written, and downloaded when the device says (a delta downloads far less).
+        let progress = match (line.percent, line.downloaded) {
+            (Some(p), Some(d)) => format!("{p}% {:.1} MB dl", d as f64 / 1e6),
+            (Some(p), None) => format!("{p}%"),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<24} {:<12} {:<15} {:<8} {:<34} {}\n",
+            "{:<24} {:<12} {:<15} {:<16} {:<34} {}\n",
             line.device,
             line.version.as_deref().unwrap_or("-"),
             line.state.as_deref().unwrap_or("-"),
-            line.percent.map(|p| format!("{p}%")).unwrap_or("-".into()),
+            progress,
             line.last_event.as_deref().unwrap_or("-"),
             online
         ));

@@ -33,7 +33,7 @@ pub struct PublishArgs {
 
 pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let endpoint = args.broker.endpoint()?;
-    let prefix = &args.broker.prefix;
+    let prefix = &args.broker.connection.prefix;
     let topic = match (&args.fleet, &args.device) {
         (Some(compatible), _) => {
             topics::check_segment("--fleet", compatible).map_err(anyhow::Error::msg)?;

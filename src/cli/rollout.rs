@@ -23,12 +23,12 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 use tokio::time::Instant;
 use update_agent::fleet::{FleetView, Rules, Summary, Target, halt_reason, parse_percent};
-use update_agent::mqtt::{Endpoint, Protocol, oneshot, topics};
+use update_agent::mqtt::{Endpoint, oneshot, topics};
 use update_agent::release::manifest::Manifest;
 use update_agent::release::{self, Envelope, build::sha256_of, escape_for_log};
 
-use super::broker::{endpoint_for, runtime};
-use super::follow::{Heard, follow};
+use super::broker::{Connection, runtime};
+use super::follow::{Heard, follow, observe};
 use super::metrics_server::{self, Exposed};
 use super::monitor::render;
 
@@ -55,21 +55,8 @@ pub struct FleetArgs {
     /// retained messages are node-local (RabbitMQ)
     #[arg(long = "broker", required = true)]
     brokers: Vec<String>,
-    /// CA certificate (PEM) the brokers' certificates must chain to; needed for mqtts://
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS
-    #[arg(long, requires = "key")]
-    cert: Option<PathBuf>,
-    /// Client private key (PEM) for mutual TLS
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
-    /// Topic prefix the devices use
-    #[arg(long, default_value = topics::DEFAULT_PREFIX)]
-    prefix: String,
-    /// MQTT version to speak: 5 or 3.1.1
-    #[arg(long, default_value = "5", value_parser = |s: &str| s.parse::<Protocol>())]
-    protocol: Protocol,
+    #[command(flatten)]
+    connection: Connection,
     /// The product (compatible string) whose fleet topic carries the release
     #[arg(long)]
     fleet: String,
@@ -80,20 +67,12 @@ impl FleetArgs {
         topics::check_segment("--fleet", &self.fleet).map_err(anyhow::Error::msg)?;
         self.brokers
             .iter()
-            .map(|broker| {
-                endpoint_for(
-                    broker,
-                    self.ca.as_ref(),
-                    self.cert.as_ref().zip(self.key.as_ref()),
-                    &self.prefix,
-                    self.protocol,
-                )
-            })
+            .map(|broker| self.connection.endpoint(broker))
             .collect()
     }
 
     fn topic(&self) -> String {
-        topics::fleet_release(&self.prefix, &self.fleet)
+        topics::fleet_release(&self.connection.prefix, &self.fleet)
     }
 }
 
@@ -207,7 +186,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             .map(Endpoint::shown)
             .collect::<Vec<_>>()
             .join(" "),
-        args.fleet.prefix
+        args.fleet.connection.prefix
     );
     let terminal = std::io::stdout().is_terminal() && !args.json;
     runtime()?.block_on(async move {
@@ -219,7 +198,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
         }
         // Follow first, so that no event of the rollout is missed, and take in the retained
         // state (each device's newest event so far) before the release goes out.
-        let mut heard = follow(&endpoints, &args.fleet.prefix)?;
+        let mut heard = follow(&endpoints, &args.fleet.connection.prefix)?;
         let mut view = FleetView::new(Some(args.fleet.fleet.clone()), Some(target.clone()));
         settle(&mut heard, &mut view, endpoints.len()).await?;
         for endpoint in &endpoints {
@@ -258,7 +237,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 next = heard.recv() => match next {
                     Some(Heard::Message(seen)) => {
-                        view.observe_as(&seen.device, &seen.leaf, &seen.payload, seen.retained, Timestamp::now());
+                        observe(&mut view, &seen);
                         dirty = true;
                     }
                     Some(Heard::Subscribed(_)) => {}
@@ -339,13 +318,7 @@ async fn settle(
                 subscribed.insert(index);
             }
             Ok(Some(Heard::Message(seen))) => {
-                view.observe_as(
-                    &seen.device,
-                    &seen.leaf,
-                    &seen.payload,
-                    seen.retained,
-                    Timestamp::now(),
-                );
+                observe(view, &seen);
             }
             Ok(Some(Heard::Trouble(e))) => eprintln!("rollout: {e}"),
             Ok(None) => anyhow::bail!("the connection tasks stopped"),
@@ -429,7 +402,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             Some(bytes) => Some(target_of(bytes, &topic)?),
             None => None,
         };
-        let mut heard = follow(&endpoints, &args.fleet.prefix)?;
+        let mut heard = follow(&endpoints, &args.fleet.connection.prefix)?;
         let mut view = FleetView::new(Some(args.fleet.fleet.clone()), target.clone());
         settle(&mut heard, &mut view, endpoints.len()).await?;
         let summary = view.summary(&rules, Timestamp::now());

@@ -300,8 +300,12 @@ fn print_status(status: &Status) {
         }
     }
     if let Some(progress) = &status.progress {
+        let downloaded = progress
+            .downloaded
+            .map(|d| format!(", {d} downloaded"))
+            .unwrap_or_default();
         println!(
-            "progress:     {} of {} bytes",
+            "progress:     {} of {} bytes written{downloaded}",
             progress.done, progress.total
         );
     }

@@ -272,7 +272,7 @@ impl Assessor<'_> {
             ),
             "5.3-10" => {
                 if let Some(mqtt) = &c.mqtt
-                    && mqtt.broker.starts_with("mqtt://")
+                    && !mqtt.broker.tls
                 {
                     self.find(
                         "5.3-10",
@@ -693,7 +693,7 @@ fn cryptography(c: &Config, facts: &Facts) -> String {
 fn channel(c: &Config) -> String {
     match &c.mqtt {
         None => "no broker ([mqtt] absent)".into(),
-        Some(mqtt) if mqtt.broker.starts_with("mqtts://") => format!(
+        Some(mqtt) if mqtt.broker.tls => format!(
             "MQTT over TLS 1.2/1.3 (rustls, ring) to {}, only the CA in {} trusted{}",
             mqtt.broker,
             mqtt.ca_file
@@ -822,7 +822,11 @@ fn windows(c: &Config) -> String {
         format!(
             " in the maintenance windows {} ({})",
             windows.join(", "),
-            c.policy.time_zone.as_deref().unwrap_or("system time zone")
+            c.policy
+                .time_zone
+                .as_ref()
+                .and_then(|zone| zone.iana_name())
+                .unwrap_or("system time zone")
         )
     }
 }

@@ -134,7 +134,7 @@ async fn open_when_free(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     tokio::pin!(shutdown);
     let mqtt = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
-    let endpoint = mqtt.endpoint().map_err(DaemonError::Config)?;
+    let endpoint = mqtt.endpoint();
     if !endpoint.url.tls {
         tracing::warn!(
             "the broker connection {} is not encrypted: use mqtts:// outside development",

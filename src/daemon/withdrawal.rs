@@ -212,41 +212,29 @@ mod tests {
             Some(Why::Cleared(Fleet))
         );
 
-        let mut offers = Offers::default();
-        hear(&mut offers, message(Fleet, envelope(b"p"), 0), Some(p));
-        assert_eq!(
-            hear(&mut offers, message(Fleet, envelope(b"older"), 0), Some(p)),
-            Some(Why::Replaced(Fleet))
-        );
+        let after_p = |next: &'static [u8], pending| {
+            let mut offers = Offers::default();
+            hear(&mut offers, message(Fleet, envelope(b"p"), 0), pending);
+            let next = if next.is_empty() {
+                Bytes::new()
+            } else {
+                envelope(next)
+            };
+            hear(&mut offers, message(Fleet, next, 0), pending)
+        };
+        assert_eq!(after_p(b"older", Some(p)), Some(Why::Replaced(Fleet)));
         // Replaced by garbage: replaced too (whoever writes the topic decides what it offers).
         let mut offers = Offers::default();
         hear(&mut offers, message(Fleet, envelope(b"p"), 0), Some(p));
+        let garbage = message(Fleet, Bytes::from_static(b"{}"), 0);
         assert_eq!(
-            hear(
-                &mut offers,
-                message(Fleet, Bytes::from_static(b"{}"), 0),
-                Some(p)
-            ),
+            hear(&mut offers, garbage, Some(p)),
             Some(Why::Replaced(Fleet))
         );
         // Superseded: the engine now has the newer one pending; nothing is withdrawn.
-        let mut offers = Offers::default();
-        hear(&mut offers, message(Fleet, envelope(b"p"), 0), Some(p));
-        assert_eq!(
-            hear(
-                &mut offers,
-                message(Fleet, envelope(b"n"), 0),
-                Some(id(b"n"))
-            ),
-            None
-        );
+        assert_eq!(after_p(b"n", Some(id(b"n"))), None);
         // Nothing pending (installing, or idle): nothing to withdraw.
-        let mut offers = Offers::default();
-        hear(&mut offers, message(Fleet, envelope(b"p"), 0), None);
-        assert_eq!(
-            hear(&mut offers, message(Fleet, Bytes::new(), 0), None),
-            None
-        );
+        assert_eq!(after_p(b"", None), None);
     }
 
     #[test]

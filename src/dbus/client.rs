@@ -27,6 +27,8 @@ pub trait Agent1 {
     #[zbus(property)]
     fn progress(&self) -> zbus::Result<(u64, u64)>;
     #[zbus(property)]
+    fn downloaded(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
     fn booted_slot(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn current_version(&self) -> zbus::Result<String>;
@@ -172,8 +174,12 @@ pub struct Status {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgressOut {
+    /// Bytes written.
     pub done: u64,
     pub total: u64,
+    /// Bytes downloaded, when the agent says (older agents have no such property).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,6 +204,8 @@ pub struct ErrorOut {
 impl Status {
     pub async fn fetch(agent: &Agent1Proxy<'_>) -> zbus::Result<Status> {
         let (done, total) = agent.progress().await?;
+        // An agent before the property answers with an error: no count, not a failure.
+        let downloaded = agent.downloaded().await.ok().filter(|&d| d > 0);
         let pending_version = agent.pending_version().await?;
         let pending = if pending_version.is_empty() {
             None
@@ -218,7 +226,11 @@ impl Status {
         let (reason, message) = agent.last_error().await?;
         Ok(Status {
             state: agent.state().await?,
-            progress: (total > 0).then_some(ProgressOut { done, total }),
+            progress: (total > 0).then_some(ProgressOut {
+                done,
+                total,
+                downloaded,
+            }),
             booted_slot: agent.booted_slot().await?,
             current_version: agent.current_version().await?,
             model: agent.model().await?,

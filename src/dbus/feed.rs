@@ -87,10 +87,11 @@ impl Feed {
         }
         let mut snapshot = Snapshot::of(engine, config);
         // Progress comes from the job, not the engine's state: kept while writing.
-        snapshot.progress = if snapshot.state == "writing" {
-            self.snapshots.borrow().progress
+        (snapshot.progress, snapshot.downloaded) = if snapshot.state == "writing" {
+            let last = self.snapshots.borrow();
+            (last.progress, last.downloaded)
         } else {
-            (0, 0)
+            ((0, 0), 0)
         };
         if let Some(error) = &self.last_error {
             snapshot.last_error = error.clone();
@@ -183,8 +184,10 @@ impl Feed {
     fn progress(&mut self, progress: &Progress) {
         self.snapshots.send_if_modified(|s| {
             let now = (progress.done, progress.total);
-            let changed = s.progress != now;
+            let downloaded = progress.downloaded.unwrap_or(s.downloaded);
+            let changed = s.progress != now || s.downloaded != downloaded;
             s.progress = now;
+            s.downloaded = downloaded;
             changed
         });
     }

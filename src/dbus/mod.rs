@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub state: String,
     /// Bytes written and total while writing; (0, 0) otherwise.
     pub progress: (u64, u64),
+    /// Bytes downloaded for the write so far; 0 otherwise (or before any was counted).
+    pub downloaded: u64,
     pub booted_slot: String,
     pub current_version: String,
     pub pending_version: String,
@@ -126,6 +128,7 @@ impl Snapshot {
 
     pub fn with_progress(mut self, progress: Option<&Progress>) -> Snapshot {
         self.progress = progress.map(|p| (p.done, p.total)).unwrap_or_default();
+        self.downloaded = progress.and_then(|p| p.downloaded).unwrap_or_default();
         self
     }
 }
@@ -389,6 +392,13 @@ impl Agent1 {
         self.snap().progress
     }
 
+    /// Bytes downloaded for the write so far (a delta update's are far fewer than it writes);
+    /// 0 when not writing.
+    #[zbus(property)]
+    fn downloaded(&self) -> u64 {
+        self.snap().downloaded
+    }
+
     #[zbus(property)]
     fn booted_slot(&self) -> String {
         self.snap().booted_slot.clone()
@@ -628,6 +638,7 @@ async fn properties_changed(
     changed!(
         state => state_changed,
         progress => progress_changed,
+        downloaded => downloaded_changed,
         booted_slot => booted_slot_changed,
         current_version => current_version_changed,
         pending_version => pending_version_changed,

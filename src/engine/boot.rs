@@ -34,8 +34,7 @@ impl Engine {
             Phase::Activating { txn } if booted == txn.to_slot => {
                 // The power failed after the bootloader was switched but before that was
                 // persisted, and the bootloader tried the new slot: this is its trial boot.
-                let activated = self.txn_event(EventKind::Activated, &txn, now);
-                out.report(activated);
+                self.report(EventKind::Activated, &txn, now, out);
                 self.enter_trial(txn, boot_id, now, out)
             }
             Phase::RebootScheduled {
@@ -140,72 +139,50 @@ impl Engine {
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let event = self.txn_event(EventKind::TrialBoot, &txn, now);
-        out.report(event);
+        self.report(EventKind::TrialBoot, &txn, now, out);
         self.state.phase = Phase::Trial { txn, boot_id };
         Awaiting::step(Job::CheckHealth)
     }
 
+    /// The new system is healthy: its slot is marked good next.
     pub(super) fn health_checked(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
-        now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        match result {
-            Ok(()) => {
-                let slot = txn.to_slot.clone();
-                self.state.phase = Phase::Committing { txn };
-                out.persist();
-                Awaiting::step(Job::MarkGood { slot })
-            }
-            Err(failure) => self.start_rollback(txn, failure, now, out),
-        }
+        let slot = txn.to_slot.clone();
+        self.state.phase = Phase::Committing { txn };
+        out.persist();
+        Awaiting::step(Job::MarkGood { slot })
     }
 
-    /// The new slot was marked good: committed. Or it could not be: the bootloader would fall
-    /// back when its tries run out, so go back the orderly way instead.
+    /// The new slot was marked good: committed. (Had it failed, the bootloader would fall back
+    /// when its tries run out: `on_job_done` goes back the orderly way instead.)
     pub(super) fn committed(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            return self.start_rollback(txn, failure, now, out);
-        }
         if let Some(record) = self.state.slots.get_mut(&txn.to_slot) {
             record.committed = true;
         }
         self.state.floor = self.state.floor.max(txn.manifest.security_version);
-        let event = self.txn_event(EventKind::Committed, &txn, now);
-        self.state.last = Some(Outcome {
-            txn: txn.id.clone(),
-            version: txn.manifest.version.clone(),
-            result: EventKind::Committed,
-            reason: None,
-            message: None,
-            at: now,
-        });
-        out.report(event);
+        self.report(EventKind::Committed, &txn, now, out);
+        self.state.last = Some(Outcome::of(&txn, EventKind::Committed, None, None, now));
         out.notify(Notice::completed(&txn, EventKind::Committed, None));
         self.state.phase = Phase::Idle;
         None
     }
 
-    fn start_rollback(
+    pub(super) fn start_rollback(
         &mut self,
         txn: Transaction,
         failure: Failure,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let mut event = self.txn_event(EventKind::RollingBack, &txn, now);
-        event.reason = Some(failure.reason);
-        event.message = Some(failure.message.clone());
-        out.report(event);
+        self.report_failure(EventKind::RollingBack, &txn, &failure, now, out);
         let slot = txn.to_slot.clone();
         self.state.phase = Phase::RollingBack {
             txn,
@@ -226,12 +203,9 @@ impl Engine {
         out: &mut Outputs,
     ) -> Option<Awaiting> {
         if let Err(failure) = result {
-            let mut event = self.txn_event(EventKind::RollingBack, &txn, now);
-            event.reason = Some(failure.reason);
-            event.message = Some(failure.message);
             // The event took a sequence number: it is persisted before it is reported, or the
             // next boot would give the same number to another event.
-            out.report(event);
+            self.report_failure(EventKind::RollingBack, &txn, &failure, now, out);
         }
         self.state.phase = Phase::RollingBack {
             txn,

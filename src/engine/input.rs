@@ -31,10 +31,12 @@ pub enum Input {
     /// The job is handed back as it was asked for; an answer to any other job than the one the
     /// engine waits for is stale and ignored.
     JobDone(Job, Result<(), Failure>),
-    /// Bytes of the image written so far, during [`Job::Write`].
+    /// Bytes of the image written so far, during [`Job::Write`], and the bytes downloaded for
+    /// it so far once the transfer counted any.
     WriteProgress {
         written: u64,
         total: u64,
+        downloaded: Option<u64>,
     },
     /// `durable` bytes were written, synced and hashed; a restart may resume from there.
     WriteCheckpoint {

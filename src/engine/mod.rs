@@ -235,8 +235,12 @@ impl Engine {
                 None
             }
             Input::JobDone(job, result) => self.on_job_done(job, result, now, &mut out),
-            Input::WriteProgress { written, total } => {
-                self.on_progress(written, total, now, &mut out);
+            Input::WriteProgress {
+                written,
+                total,
+                downloaded,
+            } => {
+                self.on_progress(written, total, downloaded, now, &mut out);
                 None
             }
             Input::WriteCheckpoint { durable } => {
@@ -283,6 +287,11 @@ impl Engine {
 
     /// The answer to the job the engine waits for leads on; any other answer is stale (a job
     /// of an earlier run, or answered twice) and ignored.
+    ///
+    /// A step of the transaction is done: the phase it was asked for in goes on. The phase is
+    /// taken out of the state and each handler stores its successor. What a failed step leads
+    /// to is decided here: before the new slot was activated the transaction fails; once it
+    /// booted, it rolls back.
     fn on_job_done(
         &mut self,
         job: Job,
@@ -292,41 +301,42 @@ impl Engine {
     ) -> Option<Awaiting> {
         let awaited = self.awaiting.take_if(|awaited| awaited.job == job)?;
         match awaited.then {
-            Then::Step => self.step_done(job, result, now, out),
-            Then::Nothing => None,
-            Then::KeepBooted(slot) => Awaiting::then(Job::MarkGood { slot }, Then::Nothing),
+            Then::Step => {}
+            Then::Nothing => return None,
+            Then::KeepBooted(slot) => return Awaiting::then(Job::MarkGood { slot }, Then::Nothing),
             Then::AnswerMark { good } => {
                 let (Job::MarkGood { slot } | Job::MarkBad { slot }) = job else {
                     unreachable!("a user's mark is a mark-good or mark-bad job")
                 };
                 self.user_mark_done(good, slot, result, now, out);
-                None
+                return None;
             }
         }
-    }
-
-    /// A step of the transaction is done: the phase it was asked for in goes on. The phase is
-    /// taken out of the state and each handler stores its successor.
-    fn step_done(
-        &mut self,
-        job: Job,
-        result: Result<(), Failure>,
-        now: Timestamp,
-        out: &mut Outputs,
-    ) -> Option<Awaiting> {
-        match (std::mem::take(&mut self.state.phase), job) {
-            (Phase::Writing { txn, durable }, Job::PrepareTarget { .. }) => {
-                self.target_prepared(txn, durable, result, now, out)
+        match (std::mem::take(&mut self.state.phase), job, result) {
+            (Phase::Writing { txn, .. }, Job::PrepareTarget { .. } | Job::Write { .. }, Err(f)) => {
+                self.finish_failed(txn, EventKind::Failed, f, now, out);
+                None
             }
-            (Phase::Writing { txn, .. }, Job::Write { .. }) => self.written(txn, result, now, out),
-            (Phase::Activating { txn }, Job::Activate { .. }) => {
-                self.activated(txn, result, now, out)
+            (Phase::Activating { txn }, Job::Activate { .. }, Err(failure)) => {
+                // The slot may be half-activated: make it unbootable again before giving up.
+                let slot = txn.to_slot.clone();
+                self.finish_failed(txn, EventKind::Failed, failure, now, out);
+                Awaiting::then(Job::MarkBad { slot }, Then::Nothing)
             }
-            (Phase::Trial { txn, .. }, Job::CheckHealth) => {
-                self.health_checked(txn, result, now, out)
+            (Phase::Trial { txn, .. }, Job::CheckHealth, Err(failure))
+            | (Phase::Committing { txn }, Job::MarkGood { .. }, Err(failure)) => {
+                self.start_rollback(txn, failure, now, out)
             }
-            (Phase::Committing { txn }, Job::MarkGood { .. }) => {
-                self.committed(txn, result, now, out)
+            (Phase::Writing { txn, durable }, Job::PrepareTarget { .. }, Ok(())) => {
+                self.target_prepared(txn, durable, now, out)
+            }
+            (Phase::Writing { txn, .. }, Job::Write { .. }, Ok(())) => self.written(txn, now, out),
+            (Phase::Activating { txn }, Job::Activate { .. }, Ok(())) => {
+                self.activated(txn, now, out)
+            }
+            (Phase::Trial { txn, .. }, Job::CheckHealth, Ok(())) => self.health_checked(txn, out),
+            (Phase::Committing { txn }, Job::MarkGood { .. }, Ok(())) => {
+                self.committed(txn, now, out)
             }
             (
                 Phase::RollingBack {
@@ -335,10 +345,11 @@ impl Engine {
                     message,
                 },
                 Job::MarkBad { .. },
+                result,
             ) => self.marked_bad_for_rollback(txn, (reason, message), result, now, out),
             // A step's job is only asked for in its phase, and the phase only moves on with
             // the step's answer: this does not happen. Keep the phase as it is.
-            (phase, job) => {
+            (phase, job, _) => {
                 debug_assert!(false, "{job:?} answered in phase {}", phase.name());
                 self.state.phase = phase;
                 None
@@ -346,8 +357,42 @@ impl Engine {
         }
     }
 
-    fn txn_event(&mut self, kind: EventKind, txn: &Transaction, now: Timestamp) -> Event {
-        self.event(kind, now, Some(txn), |_| {})
+    /// Reports an event of `txn`.
+    fn report(&mut self, kind: EventKind, txn: &Transaction, now: Timestamp, out: &mut Outputs) {
+        let event = self.event(kind, now, Some(txn), |_| {});
+        out.report(event);
+    }
+
+    /// Reports an event of `txn` that says what went wrong.
+    fn report_failure(
+        &mut self,
+        kind: EventKind,
+        txn: &Transaction,
+        failure: &Failure,
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let event = self.event(kind, now, Some(txn), |e| {
+            e.reason = Some(failure.reason);
+            e.message = Some(failure.message.clone());
+        });
+        out.report(event);
+    }
+
+    /// Reports an event of `txn` that says what it waits for (`pending`, `reboot-scheduled`).
+    fn report_wait(
+        &mut self,
+        kind: EventKind,
+        txn: &Transaction,
+        (why, until): (policy::Wait, Option<Timestamp>),
+        now: Timestamp,
+        out: &mut Outputs,
+    ) {
+        let event = self.event(kind, now, Some(txn), |e| {
+            e.waiting = Some(why);
+            e.until = until;
+        });
+        out.report(event);
     }
 
     /// A new event, with the next sequence number (the caller reports it, which persists).

@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::release::escape_for_log;
 
-/// The name the bootloader knows a slot by (`A`, `B`, `system0`): 1 to
-/// [`Bootname::MAX_LEN`] ASCII letters, digits or `_`. The bootloader backends check their
-/// own, stricter rule on top before a name reaches an environment.
+/// The name the bootloader knows a slot by (`A`, `B`, `system0`), and the only text of ours
+/// that goes into a bootloader environment: a word the boot scripts can use in a variable name
+/// (`BOOT_<name>_LEFT`, `<name>_OK`). 1 to [`Bootname::MAX_LEN`] ASCII letters and digits,
+/// starting with a letter (in GRUB's script `$0_OK` would be a positional parameter). The one
+/// rule for the configuration, `state.json`, the bootloader environments and the kernel's
+/// command line.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Bootname(String);
@@ -28,17 +31,22 @@ impl Bootname {
 
     pub fn new(name: impl Into<String>) -> Result<Bootname, BadName> {
         let name = name.into();
-        let valid = !name.is_empty()
-            && name.len() <= Bootname::MAX_LEN
-            && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
-        if !valid {
-            return Err(BadName(format!(
-                "slot bootname \"{}\" must be 1 to {} letters, digits or '_'",
-                escape_for_log(&name, 32),
-                Bootname::MAX_LEN
-            )));
-        }
-        Ok(Bootname(name))
+        let why = if name.is_empty() {
+            "it is empty"
+        } else if name.len() > Bootname::MAX_LEN {
+            "it is too long"
+        } else if !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            "it has a character other than an ASCII letter or digit"
+        } else if !name.as_bytes()[0].is_ascii_alphabetic() {
+            "it does not start with a letter"
+        } else {
+            return Ok(Bootname(name));
+        };
+        Err(BadName(format!(
+            "slot bootname \"{}\" must be 1 to {} ASCII letters and digits, starting with a letter: {why}",
+            escape_for_log(&name, 32),
+            Bootname::MAX_LEN
+        )))
     }
 
     pub fn as_str(&self) -> &str {
@@ -146,12 +154,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_bootname_is_one_to_sixteen_letters_digits_or_underscores() {
-        for good in ["A", "B", "system0", "rootfs_a", "0", "ABCDEFGHIJKLMNOP"] {
+    fn a_bootname_is_one_to_sixteen_letters_and_digits_starting_with_a_letter() {
+        for good in ["A", "B", "system0", "rootfs1", "ABCDEFGHIJKLMNOP"] {
             assert_eq!(Bootname::new(good).unwrap().as_str(), good);
         }
         for bad in [
             "",
+            "0",
+            "A_B",
+            "rootfs_a",
             "ABCDEFGHIJKLMNOPQ",
             "A B",
             "A\nBOOT_B_LEFT=9",
@@ -161,7 +172,10 @@ mod tests {
             "Ä",
         ] {
             let err = Bootname::new(bad).unwrap_err().to_string();
-            assert!(err.contains("must be 1 to 16 letters"), "{bad:?}: {err}");
+            assert!(
+                err.contains("must be 1 to 16 ASCII letters"),
+                "{bad:?}: {err}"
+            );
             assert!(!err.contains('\n'), "the name is escaped: {err}");
         }
     }

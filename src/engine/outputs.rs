@@ -99,22 +99,7 @@ mod tests {
     use crate::engine::EventKind;
 
     fn event(seq: u64) -> Event {
-        Event {
-            seq,
-            at: Timestamp::UNIX_EPOCH,
-            kind: EventKind::Resumed,
-            txn: None,
-            release_id: None,
-            from_version: None,
-            to_version: None,
-            slot: None,
-            reason: None,
-            message: None,
-            waiting: None,
-            until: None,
-            clamped: None,
-            created: None,
-        }
+        Event::about(seq, Timestamp::UNIX_EPOCH, EventKind::Resumed, None)
     }
 
     fn disruption(seconds: u64) -> Notice {

@@ -167,6 +167,27 @@ pub struct Outcome {
     pub at: Timestamp,
 }
 
+impl Outcome {
+    /// How `txn` ended, at `at`.
+    pub fn of(
+        txn: &Transaction,
+        result: EventKind,
+        reason: Option<ReasonCode>,
+        message: Option<String>,
+        at: Timestamp,
+    ) -> Outcome {
+        let (txn, version) = (txn.id.clone(), txn.manifest.version.clone());
+        Outcome {
+            txn,
+            version,
+            result,
+            reason,
+            message,
+            at,
+        }
+    }
+}
+
 /// What an event records: a step of a transaction (as operators see it), a refusal, or a
 /// user's decision. On the wire (events, `state.json`) it is the event's `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,12 +306,7 @@ pub struct Event {
 
 impl Event {
     /// An event with sequence number `seq`, about `txn` if it is about a transaction.
-    pub(super) fn about(
-        seq: u64,
-        at: Timestamp,
-        kind: EventKind,
-        txn: Option<&Transaction>,
-    ) -> Event {
+    pub fn about(seq: u64, at: Timestamp, kind: EventKind, txn: Option<&Transaction>) -> Event {
         Event {
             seq,
             at,
@@ -325,6 +341,12 @@ impl EventKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub txn: String,
+    /// Bytes of the image written to the slot (a delta counts reused blocks too).
     pub done: u64,
     pub total: u64,
+    /// Bytes downloaded for this write so far (compressed, as they came; a delta's block index
+    /// and store ranges), once the transfer counted any; a delta downloads far fewer than it
+    /// writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<u64>,
 }

@@ -73,6 +73,18 @@ impl Harness {
         Harness::restore(PersistentState::default())
     }
 
+    /// A new engine that saw the factory boot in slot A (and asked to mark it good).
+    fn booted() -> Harness {
+        let mut h = Harness::new();
+        h.feed(boot(BOOT_1, "A"));
+        h
+    }
+
+    /// The agent restarted: a new engine from the state persisted last.
+    fn restarted(&self) -> Harness {
+        Harness::restore(self.persisted.last().unwrap().clone())
+    }
+
     fn restore(state: PersistentState) -> Harness {
         Harness::with_policy(PolicyConfig::default(), state)
     }
@@ -98,6 +110,11 @@ impl Harness {
     fn feed(&mut self, input: Input) -> Vec<Job> {
         self.now += SignedDuration::from_secs(1);
         self.feed_now(input)
+    }
+
+    /// A release arrives, verified.
+    fn offer(&mut self, release: VerifiedRelease) -> Vec<Job> {
+        self.feed(Input::ReleaseVerified(Box::new(release)))
     }
 
     /// Feeds one input at `at` (the fake clock jumps there).
@@ -144,13 +161,8 @@ impl Harness {
 
     /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
     fn install_until_reboot(&mut self, release: VerifiedRelease) {
-        let jobs = self.feed(Input::ReleaseVerified(Box::new(release)));
-        assert_eq!(
-            jobs,
-            vec![Job::PrepareTarget {
-                slot: bootname("B")
-            }]
-        );
+        let jobs = self.offer(release);
+        assert_eq!(jobs, vec![prepare("B")]);
         let jobs = self.answer(Ok(()));
         assert!(matches!(&jobs[..], [Job::Write { slot, resume_from: 0, .. }] if slot == "B"));
         assert!(
@@ -158,12 +170,7 @@ impl Harness {
                 .is_empty()
         );
         let jobs = self.answer(Ok(()));
-        assert_eq!(
-            jobs,
-            vec![Job::Activate {
-                slot: bootname("B")
-            }]
-        );
+        assert_eq!(jobs, vec![activate("B")]);
         let jobs = self.answer(Ok(()));
         assert_eq!(jobs, vec![Job::Reboot]);
     }
@@ -205,23 +212,13 @@ mod rollout;
 #[test]
 fn install_reboot_trial_commit() {
     let mut h = Harness::new();
-    assert_eq!(
-        h.feed(boot(BOOT_1, "A")),
-        vec![Job::MarkGood {
-            slot: bootname("A")
-        }]
-    );
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![mark_good("A")]);
     assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Job::CheckHealth]);
     let jobs = h.answer(Ok(()));
-    assert_eq!(
-        jobs,
-        vec![Job::MarkGood {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(jobs, vec![mark_good("B")]);
     assert!(h.answer(Ok(())).is_empty());
     use EventKind::*;
     assert_eq!(
@@ -241,21 +238,17 @@ fn install_reboot_trial_commit() {
 
 #[test]
 fn state_is_persisted_before_every_irreversible_job() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     let actions = h
         .engine
         .handle(Input::ReleaseVerified(Box::new(release("2.0", 1))), h.now);
     let persist = actions.iter().position(|a| *a == Action::Persist).unwrap();
-    let prepare = actions
+    let run = actions
         .iter()
         .position(|a| matches!(a, Action::Run(Job::PrepareTarget { .. })))
         .unwrap();
-    assert!(persist < prepare);
-    let prepare = Job::PrepareTarget {
-        slot: bootname("B"),
-    };
-    let actions = h.engine.handle(Input::JobDone(prepare, Ok(())), h.now);
+    assert!(persist < run);
+    let actions = h.engine.handle(Input::JobDone(prepare("B"), Ok(())), h.now);
     let Some(Action::Run(write)) = actions.last().cloned() else {
         panic!("{actions:?}")
     };
@@ -265,28 +258,21 @@ fn state_is_persisted_before_every_irreversible_job() {
         actions.last(),
         Some(Action::Run(Job::Activate { .. }))
     ));
-    let activate = Job::Activate {
-        slot: bootname("B"),
-    };
-    let actions = h.engine.handle(Input::JobDone(activate, Ok(())), h.now);
+    let actions = h
+        .engine
+        .handle(Input::JobDone(activate("B"), Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
     assert_eq!(actions.last(), Some(&Action::Run(Job::Reboot)));
 }
 
 #[test]
 fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     let rel = release("2.0", 1);
     h.install_until_reboot(rel.clone());
     // The new slot never came up healthy: the bootloader went back to A.
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(
-        jobs,
-        vec![Job::MarkBad {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(jobs, vec![mark_bad("B")]);
     let last = h.events.last().unwrap();
     assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::FellBack));
@@ -296,15 +282,10 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
         "a rolled-back release must not raise the floor"
     );
     // Then A, which came back, gets back the try its boot spent.
-    assert_eq!(
-        h.answer(Ok(())),
-        vec![Job::MarkGood {
-            slot: bootname("A")
-        }]
-    );
+    assert_eq!(h.answer(Ok(())), vec![mark_good("A")]);
     assert!(h.answer(Ok(())).is_empty());
     // The same release, delivered again, is refused and not installed.
-    let jobs = h.feed(Input::ReleaseVerified(Box::new(rel)));
+    let jobs = h.offer(rel);
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
     assert_eq!(last.kind, EventKind::Refused);
@@ -313,38 +294,22 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
 
 #[test]
 fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
     let jobs = h.answer(Err(failure));
-    assert_eq!(
-        jobs,
-        vec![Job::MarkBad {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(jobs, vec![mark_bad("B")]);
     assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
     let jobs = h.feed(boot("boot-3", "A"));
-    assert_eq!(
-        jobs,
-        vec![Job::MarkBad {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(jobs, vec![mark_bad("B")]);
     let last = h.events.last().unwrap();
     assert_eq!(last.kind, EventKind::RolledBack);
     assert_eq!(last.reason, Some(ReasonCode::HealthCheckFailed));
     assert_eq!(last.message.as_deref(), Some("unit app.service is failed"));
     // Even when marking B bad failed, A is kept.
     let failure = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
-    assert_eq!(
-        h.answer(Err(failure)),
-        vec![Job::MarkGood {
-            slot: bootname("A")
-        }]
-    );
+    assert_eq!(h.answer(Err(failure)), vec![mark_good("A")]);
     assert!(h.answer(Ok(())).is_empty());
 }
 
@@ -354,12 +319,7 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
 #[test]
 fn every_boot_in_idle_marks_the_booted_slot_good() {
     let mut h = Harness::new();
-    assert_eq!(
-        h.feed(boot(BOOT_1, "A")),
-        vec![Job::MarkGood {
-            slot: bootname("A")
-        }]
-    );
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![mark_good("A")]);
     assert!(h.answer(Ok(())).is_empty());
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
@@ -367,12 +327,7 @@ fn every_boot_in_idle_marks_the_booted_slot_good() {
     assert!(h.answer(Ok(())).is_empty());
     let count = h.events.len();
     for boot_id in ["boot-3", "boot-4", "boot-5"] {
-        assert_eq!(
-            h.feed(boot(boot_id, "B")),
-            vec![Job::MarkGood {
-                slot: bootname("B")
-            }]
-        );
+        assert_eq!(h.feed(boot(boot_id, "B")), vec![mark_good("B")]);
         assert!(h.answer(Ok(())).is_empty());
     }
     assert_eq!(h.events.len(), count, "an ordinary boot is not an event");
@@ -381,25 +336,20 @@ fn every_boot_in_idle_marks_the_booted_slot_good() {
 
 #[test]
 fn restart_during_write_resumes_from_the_durable_checkpoint() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    let mut h = Harness::booted();
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
     h.feed(Input::WriteCheckpoint { durable: 1024 });
     h.feed(Input::WriteProgress {
         written: 3000,
         total: 4096,
+        downloaded: None,
     });
     // Power cut: only what was persisted survives.
     let saved = h.persisted.last().unwrap().clone();
     let mut h = Harness::restore(saved);
     let jobs = h.feed(boot(BOOT_2, "A"));
-    assert_eq!(
-        jobs,
-        vec![Job::PrepareTarget {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(jobs, vec![prepare("B")]);
     let jobs = h.answer(Ok(()));
     assert!(matches!(
         &jobs[..],
@@ -412,38 +362,30 @@ fn restart_during_write_resumes_from_the_durable_checkpoint() {
 
 #[test]
 fn restart_while_reboot_pending_in_the_same_boot_asks_for_the_reboot_again() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    let mut h = h.restarted();
     assert_eq!(h.feed(boot(BOOT_1, "A")), vec![Job::Reboot]);
 }
 
 #[test]
 fn restart_after_activation_was_persisted_activates_again() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    let mut h = Harness::booted();
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
     h.answer(Ok(()));
-    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
-    assert_eq!(
-        h.feed(boot(BOOT_1, "A")),
-        vec![Job::Activate {
-            slot: bootname("B")
-        }]
-    );
+    let mut h = h.restarted();
+    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![activate("B")]);
 }
 
 #[test]
 fn booting_the_new_slot_while_activating_is_its_trial_boot() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    let mut h = Harness::booted();
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
     h.answer(Ok(()));
     // Cut after the bootloader switched, before RebootPending was persisted; B came up.
-    let mut h = Harness::restore(h.persisted.last().unwrap().clone());
+    let mut h = h.restarted();
     let actions = h.engine.handle(boot(BOOT_2, "B"), h.now);
     let kinds: Vec<_> = actions
         .iter()
@@ -463,9 +405,8 @@ fn booting_the_new_slot_while_activating_is_its_trial_boot() {
 
 #[test]
 fn failed_write_ends_the_transaction_with_its_reason() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    let mut h = Harness::booted();
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
     let jobs = h.answer(Err(Failure::new(ReasonCode::SlotIo, "short write")));
     assert!(jobs.is_empty());
@@ -481,39 +422,33 @@ fn failed_write_ends_the_transaction_with_its_reason() {
 
 #[test]
 fn a_second_release_during_a_transaction_is_refused_as_busy_and_the_same_one_ignored() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     let first = release("2.0", 1);
-    h.feed(Input::ReleaseVerified(Box::new(first.clone())));
+    h.offer(first.clone());
     let count = h.events.len();
-    assert!(h.feed(Input::ReleaseVerified(Box::new(first))).is_empty());
+    assert!(h.offer(first).is_empty());
     assert_eq!(h.events.len(), count, "a repeated delivery is not news");
-    assert!(
-        h.feed(Input::ReleaseVerified(Box::new(release("3.0", 1))))
-            .is_empty()
-    );
+    assert!(h.offer(release("3.0", 1)).is_empty());
     assert_eq!(h.events.last().unwrap().reason, Some(ReasonCode::Busy));
 }
 
 #[test]
 fn the_running_release_delivered_again_is_ignored() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     let rel = release("2.0", 1);
     h.install_until_reboot(rel.clone());
     h.feed(boot(BOOT_2, "B"));
     h.answer(Ok(()));
     h.answer(Ok(()));
     let count = h.events.len();
-    assert!(h.feed(Input::ReleaseVerified(Box::new(rel))).is_empty());
+    assert!(h.offer(rel).is_empty());
     assert_eq!(h.events.len(), count);
 }
 
 #[test]
 fn progress_is_rate_limited_by_injected_time() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    let mut h = Harness::booted();
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
     let now = h.now;
     let mut reports = 0;
@@ -524,16 +459,31 @@ fn progress_is_rate_limited_by_injected_time() {
             Input::WriteProgress {
                 written: i,
                 total: 4096,
+                downloaded: Some(i / 2),
             },
             at,
         );
-        reports += actions
-            .iter()
-            .filter(|a| matches!(a, Action::ReportProgress(_)))
-            .count();
+        for action in &actions {
+            if let Action::ReportProgress(progress) = action {
+                reports += 1;
+                assert_eq!(
+                    (progress.done, progress.downloaded),
+                    (i, Some(i / 2)),
+                    "the report carries the bytes written and downloaded it was given"
+                );
+            }
+        }
     }
     assert!((5..=6).contains(&reports), "got {reports} progress reports");
 }
+
+/// `mark_good("A")`, `mark_bad`, `prepare`, `activate`: the job of that kind for that slot.
+macro_rules! slot_jobs {
+    ($($name:ident: $variant:ident),*) => {
+        $(fn $name(slot: &str) -> Job { Job::$variant { slot: bootname(slot) } })*
+    };
+}
+slot_jobs!(mark_good: MarkGood, mark_bad: MarkBad, prepare: PrepareTarget, activate: Activate);
 
 fn bootname(name: &str) -> Bootname {
     Bootname::new(name).unwrap()
@@ -551,16 +501,13 @@ fn boot(boot_id: &str, booted: &str) -> Input {
 /// next event (`rolled-back`) was reported with the same number.
 #[test]
 fn a_sequence_number_is_persisted_before_its_event_is_reported() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
     h.answer(Err(failure));
     let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
-    let mark_bad = Job::MarkBad {
-        slot: bootname("B"),
-    };
+    let mark_bad = mark_bad("B");
     let actions = h
         .engine
         .handle(Input::JobDone(mark_bad, Err(failed)), h.now);
@@ -607,15 +554,12 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
 /// persisted with it and reported again, with the same seq, at the next boot.
 #[test]
 fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     h.answer(Ok(()));
     // Commit: the state is persisted, then the agent dies before it reports `committed`.
-    let mark_good = Job::MarkGood {
-        slot: bootname("B"),
-    };
+    let mark_good = mark_good("B");
     let actions = h.engine.handle(Input::JobDone(mark_good, Ok(())), h.now);
     assert_eq!(actions.first(), Some(&Action::Persist));
     let Some(Action::Report(committed)) = actions.get(1).cloned() else {
@@ -650,8 +594,7 @@ fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() 
 
 #[test]
 fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     let saved = h.persisted.last().unwrap().clone();
     let next_seq = saved.next_seq;
@@ -669,8 +612,7 @@ fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
 
 #[test]
 fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
@@ -694,8 +636,7 @@ fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
 /// once BOOT_x_LEFT ran out.
 #[test]
 fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     h.answer(Ok(()));
@@ -729,31 +670,17 @@ mod wire;
 /// the job asked for is still answered afterwards.
 #[test]
 fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.answer(Ok(()));
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.offer(release("2.0", 1));
     h.answer(Ok(()));
-    assert_eq!(
-        h.answer(Ok(())),
-        vec![Job::Activate {
-            slot: bootname("B")
-        }]
-    );
+    assert_eq!(h.answer(Ok(())), vec![activate("B")]);
     let count = (h.events.len(), h.persisted.len());
     for stale in [
-        Job::MarkGood {
-            slot: bootname("A"),
-        },
-        Job::MarkBad {
-            slot: bootname("B"),
-        },
-        Job::PrepareTarget {
-            slot: bootname("B"),
-        },
-        Job::Activate {
-            slot: bootname("A"),
-        },
+        mark_good("A"),
+        mark_bad("B"),
+        prepare("B"),
+        activate("A"),
         Job::CheckHealth,
     ] {
         let failed = Failure::new(ReasonCode::BootloaderFailed, "not asked for");
@@ -767,8 +694,7 @@ fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
 
 #[test]
 fn a_failed_reboot_is_reported_and_the_reboot_stays_due() {
-    let mut h = Harness::new();
-    h.feed(boot(BOOT_1, "A"));
+    let mut h = Harness::booted();
     h.answer(Ok(()));
     h.install_until_reboot(release("2.0", 5));
     let failure = Failure::new(ReasonCode::RebootFailed, "`systemctl reboot` exited 1");

@@ -123,8 +123,7 @@ impl Engine {
             });
             out.report(event);
         }
-        let accepted = self.txn_event(EventKind::Accepted, &txn, now);
-        out.report(accepted);
+        self.report(EventKind::Accepted, &txn, now, out);
         out.notify(Notice::update_available(&txn));
         let decision = if user_now {
             Decision::Now
@@ -134,11 +133,7 @@ impl Engine {
         match decision {
             Decision::Now => self.start_writing(txn, out),
             Decision::Wait { why, until } => {
-                let pending = self.event(EventKind::Pending, now, Some(&txn), |e| {
-                    e.waiting = Some(why);
-                    e.until = until;
-                });
-                out.report(pending);
+                self.report_wait(EventKind::Pending, &txn, (why, until), now, out);
                 self.state.phase = Phase::Pending {
                     txn,
                     waiting: why,
@@ -165,18 +160,12 @@ impl Engine {
         &mut self,
         txn: Transaction,
         durable: u64,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return None;
-        }
         // A slot record describes the content; while it is rewritten, it describes nothing.
         self.state.slots.remove(&txn.to_slot);
-        let event = self.txn_event(EventKind::Writing, &txn, now);
-        out.report(event);
+        self.report(EventKind::Writing, &txn, now, out);
         let job = Job::Write {
             slot: txn.to_slot.clone(),
             image: Box::new(txn.manifest.images[&txn.class].clone()),
@@ -190,6 +179,7 @@ impl Engine {
         &mut self,
         written: u64,
         total: u64,
+        downloaded: Option<u64>,
         now: Timestamp,
         out: &mut Outputs,
     ) {
@@ -205,6 +195,7 @@ impl Engine {
                 txn: txn.id.clone(),
                 done: written,
                 total,
+                downloaded,
             });
         }
     }
@@ -219,14 +210,9 @@ impl Engine {
     pub(super) fn written(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return None;
-        }
         let image = &txn.manifest.images[&txn.class];
         self.state.slots.insert(
             txn.to_slot.clone(),
@@ -239,8 +225,7 @@ impl Engine {
                 committed: false,
             },
         );
-        let event = self.txn_event(EventKind::Written, &txn, now);
-        out.report(event);
+        self.report(EventKind::Written, &txn, now, out);
         let slot = txn.to_slot.clone();
         self.state.phase = Phase::Activating { txn };
         Awaiting::step(Job::Activate { slot })
@@ -249,31 +234,19 @@ impl Engine {
     pub(super) fn activated(
         &mut self,
         txn: Transaction,
-        result: Result<(), Failure>,
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        if let Err(failure) = result {
-            // The slot may be half-activated: make it unbootable again before giving up.
-            let slot = txn.to_slot.clone();
-            self.finish_failed(txn, EventKind::Failed, failure, now, out);
-            return Awaiting::then(Job::MarkBad { slot }, Then::Nothing);
-        }
         let Some((boot_id, _)) = self.boot.clone() else {
             // Activation is only asked for after a boot was observed.
             self.state.phase = Phase::Activating { txn };
             return None;
         };
-        let activated = self.txn_event(EventKind::Activated, &txn, now);
-        out.report(activated);
+        self.report(EventKind::Activated, &txn, now, out);
         match self.reboot_decision(&txn, now) {
             Decision::Now => self.reboot_now(txn, boot_id, now, out),
             Decision::Wait { why, until } => {
-                let scheduled = self.event(EventKind::RebootScheduled, now, Some(&txn), |e| {
-                    e.waiting = Some(why);
-                    e.until = until;
-                });
-                out.report(scheduled);
+                self.report_wait(EventKind::RebootScheduled, &txn, (why, until), now, out);
                 self.state.phase = Phase::RebootScheduled {
                     txn,
                     boot_id_at_activation: boot_id,
@@ -295,8 +268,7 @@ impl Engine {
         now: Timestamp,
         out: &mut Outputs,
     ) -> Option<Awaiting> {
-        let rebooting = self.txn_event(EventKind::Rebooting, &txn, now);
-        out.report(rebooting);
+        self.report(EventKind::Rebooting, &txn, now, out);
         out.warn(Notice::DisruptionAhead {
             txn: txn.id.clone(),
             seconds: 0,
@@ -319,20 +291,11 @@ impl Engine {
         now: Timestamp,
         out: &mut Outputs,
     ) {
-        let mut event = self.txn_event(result, &txn, now);
-        event.reason = Some(failure.reason);
-        event.message = Some(failure.message.clone());
+        self.report_failure(result, &txn, &failure, now, out);
         self.state.slots.remove(&txn.to_slot);
-        self.state.last = Some(Outcome {
-            txn: txn.id.clone(),
-            version: txn.manifest.version.clone(),
-            result,
-            reason: Some(failure.reason),
-            message: Some(failure.message),
-            at: now,
-        });
+        let (reason, message) = (Some(failure.reason), Some(failure.message));
+        self.state.last = Some(Outcome::of(&txn, result, reason, message, now));
         self.state.phase = Phase::Idle;
-        out.report(event);
         out.notify(Notice::completed(&txn, result, Some(failure.reason)));
     }
 
@@ -390,14 +353,8 @@ impl Engine {
                 txn.manifest.version
             ));
         });
-        self.state.last = Some(Outcome {
-            txn: txn.id.clone(),
-            version: txn.manifest.version.clone(),
-            result: EventKind::Withdrawn,
-            reason: None,
-            message: event.message.clone(),
-            at: now,
-        });
+        let message = event.message.clone();
+        self.state.last = Some(Outcome::of(&txn, EventKind::Withdrawn, None, message, now));
         out.report(event);
     }
 }

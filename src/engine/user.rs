@@ -86,8 +86,7 @@ impl Engine {
         match std::mem::take(&mut self.state.phase) {
             Phase::Pending { mut txn, .. } => {
                 txn.user_now = true;
-                let event = self.txn_event(EventKind::InstallNow, &txn, now);
-                out.report(event);
+                self.report(EventKind::InstallNow, &txn, now, out);
                 out.answer(Answer::Done);
                 self.start_writing(txn, out)
             }
@@ -97,8 +96,7 @@ impl Engine {
                 ..
             } => {
                 txn.user_now = true;
-                let event = self.txn_event(EventKind::InstallNow, &txn, now);
-                out.report(event);
+                self.report(EventKind::InstallNow, &txn, now, out);
                 out.answer(Answer::Done);
                 self.reboot_now(txn, boot_id_at_activation, now, out)
             }

@@ -255,6 +255,9 @@ struct Device {
     version: Option<String>,
     phase: Option<String>,
     percent: Option<u8>,
+    /// Bytes downloaded for the write in progress, when the device says (agents before it
+    /// do not).
+    downloaded: Option<u64>,
     /// The retained state's newest event: (seq, state, at).
     state_last_event: Option<(u64, String, Option<Timestamp>)>,
     /// The release the retained state says is being installed.
@@ -441,6 +444,10 @@ impl FleetView {
             .as_ref()
             .and_then(|p| p.get("percent")?.as_u64())
             .map(|p| p.min(100) as u8);
+        device.downloaded = doc
+            .progress
+            .as_ref()
+            .and_then(|p| p.get("downloaded")?.as_u64());
         device.pending_release = doc
             .pending
             .as_ref()
@@ -720,6 +727,7 @@ impl FleetView {
                 version: d.version.clone(),
                 state: d.phase.clone(),
                 percent: d.percent,
+                downloaded: d.downloaded,
                 last_event: d
                     .state_last_event
                     .as_ref()
@@ -741,6 +749,10 @@ pub struct DeviceLine {
     pub version: Option<String>,
     pub state: Option<String>,
     pub percent: Option<u8>,
+    /// Bytes downloaded for the write in progress, when the device says (a delta's are far
+    /// fewer than the bytes written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<u64>,
     pub last_event: Option<String>,
     pub online: Option<bool>,
     pub stage: Option<Stage>,

@@ -418,3 +418,32 @@ fn a_live_state_does_not_make_the_event_it_names_a_duplicate() {
     assert_eq!(summary.events.duplicates, 0);
     assert_eq!(summary.events.missing, 0);
 }
+
+#[test]
+fn a_device_writing_by_delta_shows_the_bytes_it_downloaded() {
+    let mut view = FleetView::new(Some("acme".into()), None);
+    let writing = |progress: serde_json::Value| {
+        serde_json::to_vec(&json!({
+            "format": 1, "device": "x", "compatible": "acme", "version": "1.0",
+            "state": "writing", "last_event": null, "pending": null, "progress": progress,
+        }))
+        .unwrap()
+    };
+    let progress = json!({"txn": "1-ab", "done": 50, "total": 200, "percent": 25});
+    view.observe("gw-full", "state", &writing(progress.clone()), t(1));
+    let mut delta = progress;
+    delta["downloaded"] = json!(1_500_000);
+    view.observe("gw-delta", "state", &writing(delta), t(1));
+    let lines = view.devices();
+    let shown: Vec<_> = lines
+        .iter()
+        .map(|l| (l.device.as_str(), l.percent, l.downloaded))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("gw-delta", Some(25), Some(1_500_000)),
+            ("gw-full", Some(25), None)
+        ]
+    );
+}

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
@@ -129,12 +130,14 @@ impl RemoteInstaller {
             resume_from,
         };
         let (control, start, ours) = self.open_write(op).await?;
-        let producer = send_image(image, start, settings, File::from(ours));
-        self.converse(control, producer, events).await
+        let count = crate::transfer::DownloadCount::default();
+        let producer = send_image(image, start, settings, File::from(ours), &count);
+        self.converse(control, producer, &count, events).await
     }
 
     /// A delta: the installer reads the slots and asks for the store's ranges it lacks; this
-    /// side sends the index and those ranges (`transfer::serve_delta`).
+    /// side sends the index and those ranges (`transfer::serve_delta`), and counts the bytes it
+    /// downloads for the progress reports (the installer sees only what it was sent).
     async fn write_delta(
         &self,
         slot: &str,
@@ -150,14 +153,21 @@ impl RemoteInstaller {
             ranges_per_request: offer.ranges_per_request as u32,
         };
         let (control, _, ours) = self.open_write(op).await?;
+        let count = crate::transfer::DownloadCount::default();
         let producer = async {
-            crate::transfer::serve_delta(offer, UnixStream::from(ours), work_dir, settings.max_rate)
-                .await
-                .map(|downloaded| {
-                    tracing::info!("delta: {downloaded} bytes downloaded for the installer");
-                })
+            crate::transfer::serve_delta(
+                offer,
+                UnixStream::from(ours),
+                work_dir,
+                settings.max_rate,
+                &count,
+            )
+            .await
+            .map(|downloaded| {
+                tracing::info!("delta: {downloaded} bytes downloaded for the installer");
+            })
         };
-        self.converse(control, producer, events).await
+        self.converse(control, producer, &count, events).await
     }
 
     /// Sends a write request with one end of a new socket pair and waits for `ready` (the
@@ -194,13 +204,31 @@ impl RemoteInstaller {
     }
 
     /// Runs `producer` (what feeds the image stream) while passing the installer's replies on
-    /// to `events`, until the installer's last word.
+    /// to `events`, until the installer's last word. The bytes the producer downloaded
+    /// (`count`) go to `events` too, every progress interval while they change and before each
+    /// of the installer's progress reports: the installer sees only what it is sent.
     async fn converse(
         &self,
         control: UnixStream,
         producer: impl std::future::Future<Output = Result<(), TransferError>>,
+        count: &crate::transfer::DownloadCount,
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
+        let mut reported = None;
+        let mut report_download =
+            |events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send)| {
+                let downloaded = count.downloaded.load(Ordering::Relaxed);
+                if reported == Some(downloaded) {
+                    return Ok(());
+                }
+                reported = Some(downloaded);
+                events(TransferEvent::Downloaded {
+                    downloaded,
+                    expected: count.expected.load(Ordering::Relaxed),
+                })
+                .map_err(cancelled)
+            };
+        let mut ticks = tokio::time::interval(crate::transfer::PROGRESS_INTERVAL);
         let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
         let (replies_tx, mut replies) = tokio::sync::mpsc::channel::<Result<Reply, FrameError>>(16);
         let long = self.long;
@@ -222,7 +250,13 @@ impl RemoteInstaller {
         let mut produced: Option<Result<(), TransferError>> = None;
         let answer = loop {
             tokio::select! {
-                result = &mut producer, if produced.is_none() => produced = Some(result),
+                result = &mut producer, if produced.is_none() => {
+                    produced = Some(result);
+                    report_download(events)?;
+                }
+                _ = ticks.tick(), if produced.is_none() => {
+                    report_download(events)?;
+                }
                 reply = replies.recv() => {
                     let event = match reply {
                         None => break Err(self.unavailable(&"the installer closed the connection")),
@@ -232,6 +266,7 @@ impl RemoteInstaller {
                             break Err(refused(reason, &message));
                         }
                         Some(Ok(Reply::Progress { written, total })) => {
+                            report_download(events)?;
                             TransferEvent::Progress { written, total }
                         }
                         Some(Ok(Reply::Checkpoint { durable })) => {
@@ -242,9 +277,7 @@ impl RemoteInstaller {
                             break Err(self.unavailable(&"a second `ready`"));
                         }
                     };
-                    events(event).map_err(|source| {
-                        WriteError::Transfer(TransferError::Cancelled { source })
-                    })?;
+                    events(event).map_err(cancelled)?;
                 }
             }
         };
@@ -339,6 +372,10 @@ fn refused(reason: ReasonCode, message: &str) -> Failure {
             crate::release::escape_for_log(message, 1024)
         ),
     )
+}
+
+fn cancelled(source: io::Error) -> WriteError {
+    WriteError::Transfer(TransferError::Cancelled { source })
 }
 
 #[cfg(test)]

@@ -87,8 +87,10 @@ impl<'de> serde::Deserialize<'de> for Protocol {
 /// The daemon keeps at most a dozen in flight (8 events, state, online, a subscription).
 pub const MAX_INFLIGHT: u16 = 32;
 
-/// `mqtt://host[:port]` or `mqtts://host[:port]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `mqtt://host[:port]` or `mqtts://host[:port]`; parsed as a config is read, written back
+/// with its port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
@@ -128,6 +130,30 @@ impl BrokerUrl {
     }
 }
 
+impl TryFrom<String> for BrokerUrl {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<BrokerUrl, String> {
+        BrokerUrl::parse(&text)
+    }
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        match self.host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => write!(f, "{scheme}://[{}]:{}", self.host, self.port),
+            Err(_) => write!(f, "{scheme}://{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl serde::Serialize for BrokerUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// Where, as whom and in which protocol version to connect.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -153,8 +179,7 @@ pub enum MqttError {
 
 impl Endpoint {
     pub fn shown(&self) -> String {
-        let scheme = if self.url.tls { "mqtts" } else { "mqtt" };
-        format!("{scheme}://{}:{}", self.url.host, self.url.port)
+        self.url.to_string()
     }
 }
 

@@ -18,6 +18,25 @@ pub fn tool_client_id(tool: &str) -> String {
     )
 }
 
+/// A tool's connection: its own client id, a small request queue (a tool's messages arrive on
+/// the event loop).
+fn tool_client(endpoint: &Endpoint, tool: &str) -> Result<(Client, EventLoop), MqttError> {
+    client::new(
+        endpoint,
+        &tool_client_id(tool),
+        Duration::from_secs(30),
+        None,
+        8,
+    )
+}
+
+fn connect_failed(endpoint: &Endpoint, detail: String) -> MqttError {
+    MqttError::Connect {
+        url: endpoint.shown(),
+        detail,
+    }
+}
+
 /// Publishes `payload` retained at QoS 1 and returns once the broker acknowledged it.
 /// An empty payload clears the retained message.
 pub async fn publish_retained(
@@ -26,17 +45,8 @@ pub async fn publish_retained(
     payload: Vec<u8>,
     timeout: Duration,
 ) -> Result<(), MqttError> {
-    let (client, mut eventloop) = client::new(
-        endpoint,
-        &tool_client_id("update-agent-publish"),
-        Duration::from_secs(30),
-        None,
-        8,
-    )?;
-    let failed = |detail: String| MqttError::Connect {
-        url: endpoint.shown(),
-        detail,
-    };
+    let (client, mut eventloop) = tool_client(endpoint, "update-agent-publish")?;
+    let failed = |detail| connect_failed(endpoint, detail);
     client.publish(topic, payload, true).await.map_err(failed)?;
     let acked = tokio::time::timeout(timeout, async {
         loop {
@@ -106,13 +116,7 @@ pub struct Watcher {
 impl Watcher {
     pub fn new(endpoint: &Endpoint, prefix: &str) -> Result<Watcher, MqttError> {
         // The queue holds the subscription only; a fleet's messages arrive on the event loop.
-        let (client, eventloop) = client::new(
-            endpoint,
-            &tool_client_id("update-agent-monitor"),
-            Duration::from_secs(30),
-            None,
-            8,
-        )?;
+        let (client, eventloop) = tool_client(endpoint, "update-agent-monitor")?;
         Ok(Watcher {
             prefix: prefix.to_string(),
             broker: endpoint.shown(),
@@ -190,17 +194,8 @@ pub async fn read_retained(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Option<Bytes>, MqttError> {
-    let (client, mut eventloop) = client::new(
-        endpoint,
-        &tool_client_id("update-agent-read"),
-        Duration::from_secs(30),
-        None,
-        8,
-    )?;
-    let failed = |detail: String| MqttError::Connect {
-        url: endpoint.shown(),
-        detail,
-    };
+    let (client, mut eventloop) = tool_client(endpoint, "update-agent-read")?;
+    let failed = |detail| connect_failed(endpoint, detail);
     let read = async {
         loop {
             match eventloop.poll().await.map_err(|d| failed(d.detail))? {

@@ -62,9 +62,14 @@ pub struct SlotState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressState {
     pub txn: String,
+    /// Bytes of the image written to the slot.
     pub done: u64,
     pub total: u64,
     pub percent: u8,
+    /// Bytes downloaded for the write so far (compressed, as they came; a delta update's are
+    /// far fewer than `done`). Added within format 1: absent from older agents' documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloaded: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +278,7 @@ impl DeviceState {
             done: progress.done,
             total: progress.total,
             percent,
+            downloaded: progress.downloaded,
         });
     }
 
@@ -308,6 +314,7 @@ mod tests {
             txn: "1-ab".into(),
             done: 50,
             total: 200,
+            downloaded: Some(20),
         });
         let json: serde_json::Value = serde_json::from_slice(&state.to_json()).unwrap();
         for field in [
@@ -333,6 +340,8 @@ mod tests {
         assert_eq!(json["version"], "1.0");
         assert_eq!(json["state"], "idle");
         assert_eq!(json["progress"]["percent"], 25);
+        assert_eq!(json["progress"]["done"], 50);
+        assert_eq!(json["progress"]["downloaded"], 20);
         assert_eq!(json["policy"]["floor"], 3);
         assert_eq!(json["support_end"], "2031-12-31");
         assert_eq!(json["conformance"]["weakened"][0], "5.3-10");

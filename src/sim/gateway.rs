@@ -29,7 +29,7 @@ use crate::config::{
     Config, DBus, Device, Health, Install, InstallerConfig, Mqtt, Policy, Slot, SlotClass, System,
     Trust,
 };
-use crate::mqtt::topics;
+use crate::mqtt::{BrokerUrl, topics};
 
 /// The device id of a simulated gateway on MQTT.
 pub const DEVICE_ID: &str = "gw-0001";
@@ -57,7 +57,7 @@ pub struct GatewayBuilder {
     slot_b: Vec<u8>,
     b_bootable: bool,
     signer: Signer,
-    mqtt: Option<String>,
+    mqtt: Option<BrokerUrl>,
     dbus: Option<String>,
     split: bool,
     reboot_script: String,
@@ -128,7 +128,7 @@ impl GatewayBuilder {
     /// `update-agent run` talks to `broker` as [`DEVICE_ID`], with short keepalive and
     /// reconnect times.
     pub fn mqtt(mut self, broker: &str) -> Self {
-        self.mqtt = Some(broker.into());
+        self.mqtt = Some(BrokerUrl::parse(broker).expect("a broker URL"));
         self
     }
 

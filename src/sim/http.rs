@@ -1,5 +1,6 @@
 //! The image server: HTTP/1.1 (or HTTPS) on 127.0.0.1, one blob of data served on the paths a
-//! test names, each path behaving in one chosen way ([`Act`]): honestly, with `Range` (single
+//! test names (or other bytes on a path of their own, [`Act::ServeFile`]: a release directory's
+//! index and store), each path behaving in one chosen way ([`Act`]): honestly, with `Range` (single
 //! ranges, and multi-range `multipart/byteranges` replies unless switched off), or with a fault
 //! a broken or hostile server shows. Every request is logged ([`Seen`]); a [`Throttle`] slows the
 //! bodies down so that an install takes long enough to interrupt.
@@ -11,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 pub enum Act {
     /// Serves the data, honouring `Range` with 206.
     Serve,
+    /// Serves these bytes as [`Act::Serve`] serves the data: a release directory's other files
+    /// (a block index, a block store) beside its image.
+    ServeFile(Arc<Vec<u8>>),
     /// Serves these bytes instead, with their Content-Length.
     Body(Vec<u8>),
     /// Ignores Range: always 200 with everything.
@@ -124,6 +129,7 @@ impl ServerBuilder {
             throttle: self.throttle,
             multipart: self.multipart,
             seen: Mutex::new(Vec::new()),
+            body_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), tls.clone()));
         Ok(ImageServer {
@@ -172,6 +178,8 @@ struct Shared {
     throttle: Option<Throttle>,
     multipart: bool,
     seen: Mutex<Vec<Seen>>,
+    /// Bytes of response bodies sent, all paths together.
+    body_bytes: AtomicU64,
 }
 
 enum Stop {
@@ -232,6 +240,12 @@ impl ImageServer {
     /// Every request so far, oldest first.
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Bytes of response bodies sent so far (multipart framing included): what the clients
+    /// downloaded.
+    pub fn body_bytes(&self) -> u64 {
+        self.shared.body_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -335,10 +349,15 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         Some(act) => act,
         None => Act::Status(404),
     };
-    let data = &shared.data[..];
+    let (act, data) = match act {
+        Act::ServeFile(file) => (Act::Serve, file),
+        act => (act, shared.data.clone()),
+    };
+    let data = &data[..];
     let mut out = Writer {
         stream,
         throttle: shared.throttle,
+        sent: &shared.body_bytes,
     };
     match act {
         Act::Serve => match ranges(range.as_deref(), data.len()) {
@@ -396,7 +415,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(Ending::Reset);
         }
-        Act::First { .. } => unreachable!("resolved above"),
+        Act::First { .. } | Act::ServeFile(_) => unreachable!("resolved above"),
         Act::Status(status) => {
             out.head(&format!("{status} Oops\r\nContent-Length: 5"))
                 .await?;
@@ -416,6 +435,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
 struct Writer<'a, S> {
     stream: &'a mut S,
     throttle: Option<Throttle>,
+    sent: &'a AtomicU64,
 }
 
 impl<S: AsyncWrite + Unpin> Writer<'_, S> {
@@ -434,10 +454,15 @@ impl<S: AsyncWrite + Unpin> Writer<'_, S> {
 
     async fn body(&mut self, body: &[u8]) -> io::Result<()> {
         match self.throttle {
-            None => self.stream.write_all(body).await,
+            None => {
+                self.stream.write_all(body).await?;
+                self.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
             Some(Throttle { chunk, pause }) => {
                 for piece in body.chunks(chunk.max(1)) {
                     self.stream.write_all(piece).await?;
+                    self.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
                     self.stream.flush().await?;
                     tokio::time::sleep(pause).await;
                 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::tools::require;
+use super::tools::{assert_exit, require};
 use super::wait_for;
 
 /// A port nobody listens on right now.
@@ -83,11 +83,16 @@ impl Mosquitto {
 
     /// The same in a temporary directory of its own.
     pub fn plain_temp() -> Mosquitto {
+        Mosquitto::temp("allow_anonymous true")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines, in a temporary directory of its own.
+    pub fn temp(extra: &str) -> Mosquitto {
         let dir = tempfile::Builder::new()
             .prefix("sim-mosquitto-")
             .tempdir()
             .unwrap();
-        let mut broker = Mosquitto::plain(dir.path());
+        let mut broker = Mosquitto::start(dir.path(), extra);
         broker._dir = Some(dir);
         broker
     }
@@ -133,6 +138,11 @@ impl Mosquitto {
             terminate(&child);
             let _ = child.wait();
         }
+    }
+
+    /// The running broker's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {
@@ -194,11 +204,7 @@ impl ClientArgs {
             .args(["-q", "1", "-r", "-n", "-t", topic])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "mosquitto_pub -n failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_exit(&out, 0, "mosquitto_pub -n");
     }
 
     /// One message from a file (binary-safe), QoS 1.
@@ -214,11 +220,7 @@ impl ClientArgs {
             command.arg("-r");
         }
         let out = command.output().unwrap();
-        assert!(
-            out.status.success(),
-            "mosquitto_pub failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_exit(&out, 0, "mosquitto_pub");
     }
 
     /// One message per line of `lines`, in one connection (`mosquitto_pub -l`).

@@ -13,7 +13,7 @@ use crate::keys::{self, KeyId};
 use crate::release::Envelope;
 use crate::release::build::{sha256_of, sign_manifest};
 use crate::release::manifest::{
-    Compression, Disruption, FORMAT, Image, Manifest, Rollout, Severity,
+    ChunkIndexRef, Compression, Disruption, FORMAT, Image, Manifest, Rollout, Severity,
 };
 
 /// A release signing key.
@@ -125,6 +125,23 @@ impl ReleaseBuilder<'_> {
     pub fn image(mut self, url: &str, image: &[u8]) -> Self {
         let entry = Image::uncompressed(url, image.len() as u64, sha256_of(image));
         self.manifest.images.insert("rootfs".into(), entry);
+        self
+    }
+
+    /// The `rootfs` image's block index (as `release create` writes it beside the image): at
+    /// `url`, whose SHA-256 is `index_sha256`, of `block_size`-byte blocks. Set after
+    /// [`ReleaseBuilder::image`].
+    pub fn block_index(mut self, url: &str, index_sha256: [u8; 32], block_size: u64) -> Self {
+        let entry = self
+            .manifest
+            .images
+            .get_mut("rootfs")
+            .expect("block_index() comes after image()");
+        entry.chunks = Some(ChunkIndexRef {
+            url: url.into(),
+            sha256: hex::encode(index_sha256),
+            chunk_size: block_size,
+        });
         self
     }
 

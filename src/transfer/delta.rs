@@ -32,12 +32,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use hyper::header::{CONTENT_RANGE, CONTENT_TYPE};
 use url::Url;
 
 use super::error::{TransferError, chain, esc};
+use super::http::{HttpClient, Response, ResponseBody};
 use super::readback::{Check, Readback};
-use super::source::{self, HttpOptions};
+use super::source::HttpOptions;
 use super::writer::{self, WRITE_BUFFER};
 use super::{
     Plan, RateLimit, Reporter, TransferEvent, WriteRequest, Written, call, finish_read_back,
@@ -483,69 +484,11 @@ async fn fetch_index(
     let mut download = tempfile::tempfile_in(&settings.work_dir).map_err(|e| {
         TransferError::slot_io(&settings.work_dir, "make a file for the block index", e)
     })?;
-    let shown = esc(url.as_str());
-    let bytes = match url.scheme() {
-        "file" => {
-            let path = url
-                .to_file_path()
-                .map_err(|()| TransferError::UnsupportedUrl {
-                    url: shown.clone(),
-                    detail: "a file url must name an absolute local path".into(),
-                })?;
-            let mut source = File::open(&path).map_err(|e| TransferError::Download {
-                url: shown.clone(),
-                detail: format!("cannot open: {e}"),
-            })?;
-            let copied = io::copy(&mut io::Read::take(&mut source, cap + 1), &mut download)
-                .map_err(|e| TransferError::Download {
-                    url: shown.clone(),
-                    detail: format!("cannot read: {e}"),
-                })?;
-            check_cap(copied, cap, &shown)?;
-            copied
-        }
-        "http" | "https" => {
-            let client = source::client(url, &shown, http)?;
-            let response = send(
-                client.get(url.clone()).header(ACCEPT_ENCODING, "identity"),
-                &shown,
-                http.stall_timeout,
-            )
-            .await?;
-            if response.status().as_u16() != 200 {
-                return Err(TransferError::HttpStatus {
-                    url: shown,
-                    status: response.status().as_u16(),
-                }
-                .into());
-            }
-            let mut body = Body {
-                response,
-                shown: shown.clone(),
-                stall: http.stall_timeout,
-                received: 0,
-            };
-            let mut copied = 0u64;
-            while let Some(chunk) = body.next().await? {
-                copied += chunk.len() as u64;
-                check_cap(copied, cap, &shown)?;
-                io::Write::write_all(&mut download, &chunk).map_err(|e| {
-                    TransferError::slot_io(&settings.work_dir, "write the block index", e)
-                })?;
-            }
-            copied
-        }
-        other => {
-            return Err(TransferError::UnsupportedUrl {
-                url: shown,
-                detail: format!(
-                    "the scheme {:?} is not one of https, http, file",
-                    esc(other)
-                ),
-            }
-            .into());
-        }
-    };
+    let bytes = download_whole(url, http, cap, &mut |chunk| {
+        io::Write::write_all(&mut download, chunk)
+            .map_err(|e| TransferError::slot_io(&settings.work_dir, "write the block index", e))
+    })
+    .await?;
     let image = image.clone();
     let chunks = chunks.clone();
     let work_dir = settings.work_dir.clone();
@@ -586,32 +529,43 @@ fn check_cap(copied: u64, cap: u64, shown: &str) -> Result<(), TransferError> {
     Ok(())
 }
 
+/// A GET of `url` (with `range` as its `Range` header), answered within the stall timeout.
 async fn send(
-    request: reqwest::RequestBuilder,
+    client: &HttpClient,
+    url: &Url,
+    range: Option<&str>,
     shown: &str,
     stall: Duration,
-) -> Result<reqwest::Response, TransferError> {
-    tokio::time::timeout(stall, request.send())
+) -> Result<Response, TransferError> {
+    tokio::time::timeout(stall, client.get(url, range))
         .await
         .map_err(|_| TransferError::Stall {
             url: shown.to_string(),
             after: stall,
             received: 0,
         })?
-        .map_err(|e| source::request_error(e, shown))
 }
 
 /// A response body read chunk by chunk, each within the stall timeout.
 struct Body {
-    response: reqwest::Response,
+    body: ResponseBody,
     shown: String,
     stall: Duration,
     received: u64,
 }
 
 impl Body {
+    fn new(body: ResponseBody, shown: &str, stall: Duration) -> Body {
+        Body {
+            body,
+            shown: shown.to_string(),
+            stall,
+            received: 0,
+        }
+    }
+
     async fn next(&mut self) -> Result<Option<bytes::Bytes>, TransferError> {
-        let chunk = tokio::time::timeout(self.stall, self.response.chunk())
+        let chunk = tokio::time::timeout(self.stall, self.body.chunk())
             .await
             .map_err(|_| TransferError::Stall {
                 url: self.shown.clone(),
@@ -623,7 +577,7 @@ impl Body {
                 detail: format!(
                     "connection lost after {} bytes: {}",
                     self.received,
-                    chain(&e.without_url())
+                    chain(&e)
                 ),
             })?;
         if let Some(chunk) = &chunk {
@@ -1360,13 +1314,25 @@ pub async fn offer_delta(
     })
 }
 
+/// What the daemon's side of a write under the split downloaded so far and expects to in all
+/// ([`serve_delta`]: the index, then the store's ranges the installer asked for;
+/// [`super::send_image`]: the image as it comes), for its progress reports while it runs: the
+/// installer sees only what it is sent.
+#[derive(Debug, Default)]
+pub struct DownloadCount {
+    pub downloaded: AtomicU64,
+    pub expected: AtomicU64,
+}
+
 /// The daemon's side, once the installer took the request: sends the index, reads the ranges
-/// the installer asks for, fetches them and sends their bytes. Returns the bytes downloaded.
+/// the installer asks for, fetches them and sends their bytes, counting them in `progress`.
+/// Returns the bytes downloaded.
 pub async fn serve_delta(
     offer: DeltaOffer,
     stream: std::os::unix::net::UnixStream,
     work_dir: &Path,
     max_rate: Option<u64>,
+    progress: &DownloadCount,
 ) -> Result<u64, TransferError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let shown = "the installer's stream";
@@ -1382,6 +1348,8 @@ pub async fn serve_delta(
         store,
         ..
     } = offer;
+    progress.downloaded.store(index_len, Ordering::Relaxed);
+    progress.expected.store(index_len, Ordering::Relaxed);
     stream
         .write_all(&index_len.to_le_bytes())
         .await
@@ -1425,10 +1393,15 @@ pub async fn serve_delta(
         .map_err(|e| TransferError::slot_io(work_dir, "make a spool file", e))?;
     let mut rate = RateLimit::new(max_rate);
     let mut downloaded = index_len;
+    progress.expected.store(
+        index_len + requests.iter().map(Request::bytes).sum::<u64>(),
+        Ordering::Relaxed,
+    );
     for request in &requests {
         store
             .fetch(request, &spool, &mut |n| {
                 downloaded += n;
+                progress.downloaded.store(downloaded, Ordering::Relaxed);
                 n
             })
             .await?;
@@ -1450,7 +1423,9 @@ pub async fn serve_delta(
     Ok(downloaded)
 }
 
-/// Downloads a whole (small) file, at most `cap` bytes, handing each chunk on.
+/// Downloads a whole (small) file, at most `cap` bytes, handing each chunk on: the block index,
+/// for the install here and for the daemon's offer under the split. Over http(s), anything but
+/// a 200 answer is refused.
 async fn download_whole(
     url: &Url,
     http: &HttpOptions<'_>,
@@ -1466,34 +1441,40 @@ async fn download_whole(
                     url: shown.clone(),
                     detail: "a file url must name an absolute local path".into(),
                 })?;
-            let bytes = std::fs::read(&path).map_err(|e| TransferError::Download {
+            let mut source = File::open(&path).map_err(|e| TransferError::Download {
                 url: shown.clone(),
-                detail: format!("cannot read: {e}"),
+                detail: format!("cannot open: {e}"),
             })?;
-            check_cap(bytes.len() as u64, cap, &shown)?;
-            each(&bytes)?;
-            Ok(bytes.len() as u64)
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut copied = 0u64;
+            loop {
+                let n = match io::Read::read(&mut source, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(TransferError::Download {
+                            url: shown,
+                            detail: format!("cannot read: {e}"),
+                        });
+                    }
+                };
+                copied += n as u64;
+                check_cap(copied, cap, &shown)?;
+                each(&buf[..n])?;
+            }
+            Ok(copied)
         }
         "http" | "https" => {
-            let client = source::client(url, &shown, http)?;
-            let response = send(
-                client.get(url.clone()).header(ACCEPT_ENCODING, "identity"),
-                &shown,
-                http.stall_timeout,
-            )
-            .await?;
-            if response.status().as_u16() != 200 {
+            let client = HttpClient::new(http.connect_timeout, http.extra_roots);
+            let response = send(&client, url, None, &shown, http.stall_timeout).await?;
+            if response.status != 200 {
                 return Err(TransferError::HttpStatus {
                     url: shown,
-                    status: response.status().as_u16(),
+                    status: response.status,
                 });
             }
-            let mut body = Body {
-                response,
-                shown: shown.clone(),
-                stall: http.stall_timeout,
-                received: 0,
-            };
+            let mut body = Body::new(response.body, &shown, http.stall_timeout);
             while let Some(chunk) = body.next().await? {
                 check_cap(body.received, cap, &shown)?;
                 each(&chunk)?;
@@ -1525,7 +1506,9 @@ enum RangeSupport {
 struct Store {
     url: Url,
     shown: String,
-    client: Option<reqwest::Client>,
+    /// `None` for a `file://` store. Clones share its kept connection: the requests of an
+    /// install, hundreds of small ranges, go over one connection and one TLS handshake.
+    client: Option<HttpClient>,
     stall: Duration,
 }
 
@@ -1533,7 +1516,7 @@ impl Store {
     fn new(url: &Url, http: &HttpOptions<'_>) -> Result<Store, TransferError> {
         let shown = esc(url.as_str());
         let client = match url.scheme() {
-            "http" | "https" => Some(source::client(url, &shown, http)?),
+            "http" | "https" => Some(HttpClient::new(http.connect_timeout, http.extra_roots)),
             "file" => None,
             other => {
                 return Err(TransferError::UnsupportedUrl {
@@ -1563,29 +1546,20 @@ impl Store {
         let Some(client) = &self.client else {
             return Ok(RangeSupport::Multi);
         };
-        let get = |range: &str| {
-            client
-                .get(self.url.clone())
-                .header(ACCEPT_ENCODING, "identity")
-                .header(RANGE, range.to_string())
-        };
+        let get =
+            |range: &'static str| send(client, &self.url, Some(range), &self.shown, self.stall);
         if store_size >= 3 {
-            let response = send(get("bytes=0-0,2-2"), &self.shown, self.stall).await?;
-            let status = response.status().as_u16();
+            let response = get("bytes=0-0,2-2").await?;
+            let status = response.status;
             let multipart = response
-                .headers()
+                .headers
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/byteranges"));
             match status {
                 206 if multipart => {
                     // Two bytes and their part headers: read (and counted), at most 4 KiB.
-                    let mut body = Body {
-                        response,
-                        shown: self.shown.clone(),
-                        stall: self.stall,
-                        received: 0,
-                    };
+                    let mut body = Body::new(response.body, &self.shown, self.stall);
                     while body.next().await?.is_some() && body.received <= 4096 {}
                     counted(body.received);
                     return Ok(RangeSupport::Multi);
@@ -1599,10 +1573,13 @@ impl Store {
                 }
             }
         }
-        let response = send(get("bytes=0-0"), &self.shown, self.stall).await?;
-        match response.status().as_u16() {
+        let response = get("bytes=0-0").await?;
+        match response.status {
             206 => {
-                counted(response.content_length().unwrap_or(0).min(1));
+                // One byte, read (and counted) so that its connection is kept for the ranges.
+                let mut body = Body::new(response.body, &self.shown, self.stall);
+                while body.next().await?.is_some() && body.received <= 4096 {}
+                counted(body.received);
                 Ok(RangeSupport::Single)
             }
             200 => Ok(RangeSupport::None("200 with the whole file".into())),
@@ -1625,16 +1602,9 @@ impl Store {
             return self.fetch_file(request, spool, counted);
         };
         let spool_error = |e| TransferError::slot_io(Path::new("the delta spool"), "write", e);
-        let response = send(
-            client
-                .get(self.url.clone())
-                .header(ACCEPT_ENCODING, "identity")
-                .header(RANGE, request.range_header()),
-            &self.shown,
-            self.stall,
-        )
-        .await?;
-        let status = response.status().as_u16();
+        let range = request.range_header();
+        let response = send(client, &self.url, Some(&range), &self.shown, self.stall).await?;
+        let status = response.status;
         if status == 200 {
             return Err(TransferError::RangeUnsupported {
                 url: self.shown.clone(),
@@ -1652,21 +1622,16 @@ impl Store {
         // Everything asked for, the gaps between, and room for part headers.
         let most = last - first + 512 * request.ranges.len() as u64 + 4096;
         let content_type = response
-            .headers()
+            .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let single = response
-            .headers()
+            .headers
             .get(CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_content_range);
-        let mut body = Body {
-            response,
-            shown: self.shown.clone(),
-            stall: self.stall,
-            received: 0,
-        };
+        let mut body = Body::new(response.body, &self.shown, self.stall);
         let mut covered: Vec<(u64, u64)> = Vec::new();
         let boundary = content_type.as_deref().and_then(multipart_boundary);
         match (boundary, single) {

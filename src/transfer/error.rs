@@ -186,8 +186,8 @@ pub(crate) fn esc(text: &str) -> String {
     escape_for_log(text, MAX_LOGGED)
 }
 
-/// An error and its causes on one line, escaped: reqwest and hyper put server-chosen text and
-/// URLs in their messages.
+/// An error and its causes on one line, escaped: hyper's, rustls' and io errors may carry
+/// server-chosen text and URLs.
 pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

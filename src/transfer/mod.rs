@@ -8,7 +8,8 @@
 //! image's hash. Nothing is ever buffered whole: memory stays flat whatever the image size.
 //!
 //! Inside (all private; the API is what this module re-exports):
-//! - `source`: where bytes come from (reqwest with rustls+ring; local files), redirects, ranges.
+//! - `source`: where bytes come from (http(s) or local files), held to the declared size.
+//! - `http`: the HTTP/1.1 client (hyper, rustls+ring): redirects, ranges, kept connections.
 //! - `writer`: the slot side — size checks, resume re-hash, decompress/hash/write/sync.
 //! - `readback`: [`verify_slot`], also for the engine to re-check a slot after a restart.
 //! - `stream`: the same path cut in two for the least-privilege split: [`send_image`] (the
@@ -49,6 +50,7 @@
 
 mod delta;
 mod error;
+mod http;
 mod readback;
 mod source;
 mod stream;
@@ -67,12 +69,12 @@ use url::Url;
 use crate::release::manifest::{Compression, Image};
 
 pub use delta::{
-    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, booted_table_key,
-    offer_delta, receive_delta, serve_delta,
+    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, DownloadCount,
+    booted_table_key, offer_delta, receive_delta, serve_delta,
 };
 pub use error::TransferError;
+pub use http::MAX_REDIRECTS;
 pub use readback::verify_slot;
-pub use source::MAX_REDIRECTS;
 pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
@@ -156,8 +158,10 @@ pub enum TransferEvent {
     /// All bytes are written and their hash matched; what is left of the read-back (which ran
     /// beside the write) is awaited.
     Verifying,
-    /// A delta update: bytes downloaded so far (the block index and the store's ranges) and
-    /// what the plan expects in all. `Progress` still counts the image's bytes in place.
+    /// Bytes downloaded so far in this attempt and what it expects to download in all: a
+    /// delta's block index and store ranges (as its plan expects), or a full download's bytes
+    /// as they come over the network (compressed, for a zstd image). `Progress` still counts
+    /// the image's bytes in place.
     Downloaded { downloaded: u64, expected: u64 },
 }
 
@@ -315,6 +319,11 @@ async fn install_full(
         last_progress: Instant::now(),
     };
     let mut rate = RateLimit::new(req.max_rate);
+    // Bytes as they came over the network (compressed, for a zstd image), for the progress
+    // reports beside the bytes written.
+    let expected_download = plan.transport_size - source.start();
+    let mut downloaded = 0;
+    let mut last_download_note = Instant::now();
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
         loop {
@@ -324,8 +333,19 @@ async fn install_full(
                 return Ok(());
             };
             let len = chunk.len() as u64;
+            downloaded += len;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
+            }
+            if last_download_note.elapsed() >= PROGRESS_INTERVAL {
+                last_download_note = Instant::now();
+                call(
+                    reporter.events,
+                    TransferEvent::Downloaded {
+                        downloaded,
+                        expected: expected_download,
+                    },
+                )?;
             }
             reporter.update(false)?;
             rate.take(len).await;
@@ -359,6 +379,13 @@ async fn install_full(
         }
         (None, Ok(SinkOutcome::Finished)) => reported?,
     }
+    call(
+        reporter.events,
+        TransferEvent::Downloaded {
+            downloaded,
+            expected: expected_download,
+        },
+    )?;
     reporter.progress(true)?;
     finish_read_back(readback, &plan, size, reporter.events).await
 }

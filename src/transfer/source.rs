@@ -1,5 +1,5 @@
-//! Where image bytes come from: `https://` and `http://` through reqwest (rustls with the ring
-//! provider, system roots plus any the caller adds), or a `file://` path.
+//! Where image bytes come from: `https://` and `http://` through the [`super::http`] client, or
+//! a `file://` path.
 //!
 //! A source is opened at an offset (a `Range` request for http) and then yields chunks, each
 //! within the stall timeout. It checks what the transport itself tells about lengths (a
@@ -7,27 +7,23 @@
 //! taken); counting the bytes as they arrive is the caller's job, so the same check covers every
 //! source.
 
-use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_RANGE, HeaderMap, RANGE};
-use reqwest::redirect;
+use hyper::header::{CONTENT_RANGE, HeaderMap};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
 use super::error::{TransferError, chain, esc};
-
-/// Most redirects followed for one request (curl's default is 50; a release URL needs one or two).
-pub const MAX_REDIRECTS: usize = 5;
+use super::http::{HttpClient, ResponseBody};
 
 /// Bytes read from a `file://` source at a time.
 const FILE_CHUNK: usize = 256 * 1024;
 
 /// How to reach an http(s) server.
 pub(crate) struct HttpOptions<'a> {
+    /// For the TCP connection and the TLS handshake together.
     pub connect_timeout: Duration,
     pub stall_timeout: Duration,
     pub extra_roots: &'a [CertificateDer<'static>],
@@ -47,7 +43,7 @@ pub(crate) struct Source {
 }
 
 enum Body {
-    Http(reqwest::Response),
+    Http(ResponseBody),
     File(tokio::fs::File),
 }
 
@@ -82,16 +78,14 @@ impl Source {
     pub(crate) async fn next_chunk(&mut self) -> Result<Option<Bytes>, TransferError> {
         let next = async {
             match &mut self.body {
-                Body::Http(response) => {
-                    response.chunk().await.map_err(|e| TransferError::Download {
-                        url: self.shown.clone(),
-                        detail: format!(
-                            "connection lost after {} bytes: {}",
-                            self.start + self.received,
-                            chain(&e.without_url())
-                        ),
-                    })
-                }
+                Body::Http(body) => body.chunk().await.map_err(|e| TransferError::Download {
+                    url: self.shown.clone(),
+                    detail: format!(
+                        "connection lost after {} bytes: {}",
+                        self.start + self.received,
+                        chain(&e)
+                    ),
+                }),
                 Body::File(file) => {
                     let mut buf = BytesMut::with_capacity(FILE_CHUNK);
                     match file.read_buf(&mut buf).await {
@@ -143,25 +137,19 @@ async fn open_http(
     total: u64,
     options: &HttpOptions<'_>,
 ) -> Result<Source, TransferError> {
-    let client = client(url, &shown, options)?;
-    // identity: the hashes are over the bytes as published; a server-side gzip layer would
-    // only make them disagree.
-    let mut request = client.get(url.clone()).header(ACCEPT_ENCODING, "identity");
-    if start > 0 {
-        request = request.header(RANGE, format!("bytes={start}-"));
-    }
-    let response = tokio::time::timeout(options.stall_timeout, request.send())
+    let client = HttpClient::new(options.connect_timeout, options.extra_roots);
+    let range = (start > 0).then(|| format!("bytes={start}-"));
+    let response = tokio::time::timeout(options.stall_timeout, client.get(url, range.as_deref()))
         .await
         .map_err(|_| TransferError::Stall {
             url: shown.clone(),
             after: options.stall_timeout,
             received: start,
-        })?
-        .map_err(|e| request_error(e, &shown))?;
+        })??;
 
-    let start = match response.status().as_u16() {
+    let start = match response.status {
         206 if start > 0 => {
-            check_content_range(response.headers(), start, total, &shown)?;
+            check_content_range(&response.headers, start, total, &shown)?;
             start
         }
         // A server without range support sends everything: start over rather than fail, the
@@ -171,7 +159,7 @@ async fn open_http(
             return Err(TransferError::HttpStatus { url: shown, status });
         }
     };
-    if let Some(length) = response.content_length() {
+    if let Some(length) = response.body.announced_len() {
         let expected = total - start;
         if length != expected {
             return Err(TransferError::SizeMismatch {
@@ -188,7 +176,7 @@ async fn open_http(
         start,
         received: 0,
         total,
-        body: Body::Http(response),
+        body: Body::Http(response.body),
     })
 }
 
@@ -236,164 +224,6 @@ async fn open_file(
         total,
         body: Body::File(file),
     })
-}
-
-/// A reqwest client that speaks TLS 1.2/1.3 through rustls with the ring provider and verifies
-/// servers against the system's roots plus `extra_roots` — never against nothing.
-pub(crate) fn client(
-    url: &Url,
-    shown: &str,
-    options: &HttpOptions<'_>,
-) -> Result<reqwest::Client, TransferError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TransferError::Download {
-            url: shown.to_string(),
-            detail: format!("cannot set up tls: {e}"),
-        })?;
-    let tls = match rustls_platform_verifier::Verifier::new_with_extra_roots(
-        options.extra_roots.iter().cloned(),
-        provider,
-    ) {
-        // `dangerous()` is only rustls' door to a custom verifier; this one is WebPKI over the
-        // platform's roots, as reqwest itself would build it.
-        Ok(verifier) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth(),
-        Err(e) if url.scheme() == "https" => {
-            return Err(TransferError::Download {
-                url: shown.to_string(),
-                detail: format!(
-                    "no trusted CA certificates ({e}); install the system's CA certificates or configure the update server's CA"
-                ),
-            });
-        }
-        // Plain http needs no roots; an https redirect from it then fails verification.
-        Err(_) => builder
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-    };
-    let mut tls = tls;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .redirect(redirect_policy())
-        .connect_timeout(options.connect_timeout)
-        .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| TransferError::Download {
-            url: shown.to_string(),
-            detail: format!("cannot set up the http client: {}", chain(&e)),
-        })
-}
-
-/// Why a redirect was not followed; found again in the reqwest error's causes.
-#[derive(Debug)]
-enum RedirectRefused {
-    Loop(Url),
-    TooMany,
-    Insecure(Url),
-    Scheme(Url),
-}
-
-impl fmt::Display for RedirectRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RedirectRefused::Loop(url) => write!(f, "redirect loop back to {}", esc(url.as_str())),
-            RedirectRefused::TooMany => write!(f, "more than {MAX_REDIRECTS} redirects"),
-            RedirectRefused::Insecure(url) => {
-                write!(f, "redirect from https to {}", esc(url.as_str()))
-            }
-            RedirectRefused::Scheme(url) => write!(f, "redirect to {}", esc(url.as_str())),
-        }
-    }
-}
-
-impl std::error::Error for RedirectRefused {}
-
-fn redirect_policy() -> redirect::Policy {
-    redirect::Policy::custom(|attempt| {
-        let next = attempt.url().clone();
-        let previous = attempt.previous();
-        if previous.contains(&next) {
-            attempt.error(RedirectRefused::Loop(next))
-        } else if previous.len() > MAX_REDIRECTS {
-            // `previous` starts with the URL first asked for, so this allows MAX_REDIRECTS hops.
-            attempt.error(RedirectRefused::TooMany)
-        } else if next.scheme() != "https" && previous.iter().any(|u| u.scheme() == "https") {
-            // Once the chain was on TLS, leaving it would let anyone on the path serve the rest
-            // (the hash would catch altered bytes, but not a stall or a tracking server).
-            attempt.error(RedirectRefused::Insecure(next))
-        } else if !matches!(next.scheme(), "http" | "https") {
-            attempt.error(RedirectRefused::Scheme(next))
-        } else {
-            attempt.follow()
-        }
-    })
-}
-
-pub(crate) fn request_error(error: reqwest::Error, shown: &str) -> TransferError {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(err) = cause {
-        if let Some(refused) = err.downcast_ref::<RedirectRefused>() {
-            return match refused {
-                RedirectRefused::Insecure(to) => TransferError::InsecureRedirect {
-                    url: shown.to_string(),
-                    to: esc(to.as_str()),
-                },
-                RedirectRefused::Loop(_) | RedirectRefused::TooMany => {
-                    TransferError::RedirectLoop {
-                        url: shown.to_string(),
-                        detail: refused.to_string(),
-                    }
-                }
-                RedirectRefused::Scheme(_) => TransferError::UnsupportedUrl {
-                    url: shown.to_string(),
-                    detail: refused.to_string(),
-                },
-            };
-        }
-        cause = err.source();
-    }
-    if let Some(tls) = tls_cause(&error) {
-        return TransferError::Tls {
-            url: shown.to_string(),
-            detail: esc(&tls.to_string()),
-        };
-    }
-    let what = if error.is_connect() {
-        "cannot connect"
-    } else if error.is_timeout() {
-        "timed out"
-    } else {
-        "request failed"
-    };
-    TransferError::Download {
-        url: shown.to_string(),
-        detail: format!("{what}: {}", chain(&error.without_url())),
-    }
-}
-
-/// The rustls error behind a failed request, if that is what failed. hyper-rustls wraps it in
-/// `io::Error`s, whose `source()` skips the wrapped error, hence the look inside them.
-fn tls_cause(error: &reqwest::Error) -> Option<&rustls::Error> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = cause {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        cause = match err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        };
-    }
-    None
 }
 
 /// Accepts `Content-Range: bytes start-(total-1)/total` (or `/*`): anything else means the

@@ -46,13 +46,15 @@ pub struct FetchSettings {
 }
 
 /// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
-/// compressed image), decompresses it, and writes the image bytes `[start, size)` into `out`.
-/// Returns when all were sent; closing `out` then tells the installer the stream ended.
+/// compressed image), decompresses it, and writes the image bytes `[start, size)` into `out`,
+/// counting the bytes it downloads (compressed, as they came) in `progress`. Returns when all
+/// were sent; closing `out` then tells the installer the stream ended.
 pub async fn send_image(
     image: &Image,
     start: u64,
     settings: &FetchSettings,
     out: File,
+    progress: &super::DownloadCount,
 ) -> Result<(), TransferError> {
     let plan = Plan::new(image)?;
     let size = image.size;
@@ -73,6 +75,11 @@ pub async fn send_image(
     // A server that ignored the range sends the whole image: the installer still expects it
     // from `start`.
     let mut skip = start - source.start();
+    progress.expected.store(
+        plan.transport_size - source.start(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut downloaded = 0;
 
     let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
     let (checkpoints, _) = std::sync::mpsc::channel();
@@ -107,6 +114,10 @@ pub async fn send_image(
                 let _ = queue.send(Msg::End).await;
                 return Ok(());
             };
+            downloaded += chunk.len() as u64;
+            progress
+                .downloaded
+                .store(downloaded, std::sync::atomic::Ordering::Relaxed);
             if skip > 0 {
                 let cut = skip.min(chunk.len() as u64) as usize;
                 skip -= cut as u64;

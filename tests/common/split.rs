@@ -84,6 +84,19 @@ impl Split {
         self.run(args)
     }
 
+    /// `update-agent install RELEASE` as the daemon's user, which must succeed.
+    #[track_caller]
+    pub fn install_as_daemon(&self, release: &Path) -> Output {
+        let out = self.as_daemon(&["install", release.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "install as nobody: {}\ninstaller:\n{}",
+            text(&out),
+            self.installer_log()
+        );
+        out
+    }
+
     /// The daemon role started in the background, its stdout into `log`.
     pub fn spawn_as_daemon(&self, args: &[&str], log: &Path) -> Child {
         self.command(args)

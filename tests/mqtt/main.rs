@@ -7,8 +7,6 @@
 
 #[path = "../common/mod.rs"]
 mod common;
-#[allow(dead_code)]
-mod harness;
 mod rollout;
 mod v311;
 mod withdrawal;
@@ -19,8 +17,9 @@ use std::time::Duration;
 use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
 use common::sim::states;
 use common::sim::{Act, GatewayBuilder, tamper};
-use common::{COMMITTED, Gateway, ImageServer, ROLLED_BACK, require, wait_for};
+use common::{COMMITTED, Gateway, ImageServer, ROLLED_BACK, assert_exit, require, wait_for};
 use serde_json::Value;
+use update_agent::mqtt::Protocol;
 
 const COMPATIBLE: &str = "test-gw";
 const DEVICE: &str = common::sim::gateway::DEVICE_ID;
@@ -83,6 +82,16 @@ fn state(device: &Gateway, client: &ClientArgs) -> Value {
     client.retained_json(&device.topic("state"))
 }
 
+/// Starts the daemon with `client` subscribed to its `leaf` topic and `online`; returns once the
+/// daemon says it is online.
+fn start_online(device: &mut Gateway, client: &ClientArgs, leaf: &str) -> Sub {
+    let online = device.topic("online");
+    let sub = client.subscribe(&[&device.topic(leaf), &online], None);
+    device.start_daemon(&[]);
+    sub.wait_raw(&online, "true", Duration::from_secs(10));
+    sub
+}
+
 /// Stops the daemon as systemd does: it says itself, at once, that it is offline.
 #[track_caller]
 fn stop_and_see_offline(device: &mut Gateway, client: &ClientArgs) {
@@ -95,9 +104,7 @@ fn stop_and_see_offline(device: &mut Gateway, client: &ClientArgs) {
 fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_crash() {
     let (broker, client) = plain_broker();
     let mut device = plain_device(&broker);
-    let sub = client.subscribe(&[&device.topic("online"), &device.topic("state")], None);
-    device.start_daemon(&[]);
-    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
+    let sub = start_online(&mut device, &client, "state");
     let state = wait_for("a state document", Duration::from_secs(5), || {
         sub.payloads(&device.topic("state")).pop()
     });
@@ -136,52 +143,54 @@ fn connects_over_plain_tcp_and_publishes_online_and_state_and_the_will_on_a_cras
     wait_for(
         "the last will (online=false)",
         Duration::from_secs(20),
-        || (client.retained(&device.topic("online")).as_deref() == Some("false")).then_some(()),
+        || client.retained(&device.topic("online")).as_deref() == Some("false"),
     );
 
     // A clean stop says it itself, at once.
     device.start_daemon(&[]);
     wait_for("online=true again", Duration::from_secs(10), || {
-        (client.retained(&device.topic("online")).as_deref() == Some("true")).then_some(())
+        client.retained(&device.topic("online")).as_deref() == Some("true")
     });
     stop_and_see_offline(&mut device, &client);
 }
 
 #[test]
 fn whole_cycle_over_mqtt_retained_release_to_commit() {
-    let (broker, client) = plain_broker();
-    let mut device = plain_device(&broker);
+    whole_cycle(Protocol::V5);
+}
+
+/// `update-agent ARGS` as the operator runs it against `broker`, speaking `protocol`.
+fn tool(broker: &Mosquitto, protocol: Protocol, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"));
+    command
+        .args(args)
+        .args(["--protocol", protocol.as_str(), "--broker", &broker.url()]);
+    command
+}
+
+/// The whole cycle with the agent and the operator's tools speaking `protocol`.
+fn whole_cycle(protocol: Protocol) {
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let mut device = device(&broker.url())
+        .configure(move |c| c.mqtt.as_mut().unwrap().protocol = protocol)
+        .build()
+        .unwrap();
     let image = image();
     let (_server, url) = serve(&image, Duration::ZERO);
-    let release = release(&device, &image, &url);
     // The operator publishes before the device is even up: the retained message waits.
     let release_file = device.path("release.json");
-    fs::write(&release_file, &release).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["release", "publish", "--broker"])
-        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
-        .args(["--fleet", COMPATIBLE])
-        .arg(&release_file)
+    fs::write(&release_file, release(&device, &image, &url)).unwrap();
+    let release_file = release_file.to_str().unwrap();
+    let out = tool(&broker, protocol, &["release", "publish"])
+        .args(["--fleet", COMPATIBLE, release_file])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "update-agent");
     let sub = client.subscribe(&[&device.topic("events")], None);
     // The operator's monitor, as a JSON event stream.
-    let monitor = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args([
-            "monitor",
-            "--json",
-            "--count",
-            "7",
-            "--timeout",
-            "60",
-            "--broker",
-        ])
-        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+    let monitor_args = ["monitor", "--json", "--count", "7", "--timeout", "60"];
+    let monitor = tool(&broker, protocol, &monitor_args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -189,10 +198,9 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
 
     device.start_daemon(&[]);
     wait_for("the reboot request", Duration::from_secs(30), || {
-        device.reboot_requested().then_some(())
+        device.reboot_requested()
     });
-    let booted = device.reboot();
-    assert_eq!(booted, "B");
+    assert_eq!(device.reboot(), "B");
     device.start_daemon(&[]);
     let events = sub.events_until(
         &device.topic("events"),
@@ -202,6 +210,8 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     assert_eq!(states(&events), COMMITTED, "{}", device.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+    let connected = format!("connected to {} (MQTT {})", broker.url(), protocol.as_str());
+    assert!(device.logs().contains(&connected), "{}", device.logs());
     let txn = &events[0]["txn"];
     assert!(events.iter().all(|e| &e["txn"] == txn));
     assert!(
@@ -233,9 +243,7 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     assert_eq!(states(&streamed), states(&events));
     assert!(streamed.iter().all(|e| e["device"] == DEVICE));
     // And as a table, one line per device, from the retained topics.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args(["monitor", "--once", "--devices", "--broker"])
-        .arg(format!("mqtt://127.0.0.1:{}", broker.port))
+    let out = tool(&broker, protocol, &["monitor", "--once", "--devices"])
         .output()
         .unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
@@ -243,6 +251,20 @@ fn whole_cycle_over_mqtt_retained_release_to_commit() {
     for cell in ["2.0", "idle", "#6 committed", "yes"] {
         assert!(row.contains(cell), "{cell} missing in {table}");
     }
+    // The fleet at a glance: counts per version and state.
+    let out = tool(&broker, protocol, &["monitor", "--once"])
+        .output()
+        .unwrap();
+    let view = String::from_utf8(out.stdout).unwrap();
+    assert!(view.contains("1 device: 1 online"), "{view}");
+    let row = view
+        .lines()
+        .find(|l| l.trim_start().starts_with("2.0"))
+        .expect(&view);
+    assert!(
+        row.contains("idle") && row.trim_end().ends_with('1'),
+        "{view}"
+    );
 
     // The retained release came again with the new connection: recognised, nothing happens.
     std::thread::sleep(Duration::from_millis(500));
@@ -288,7 +310,7 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
     // events wait in the outbox.
     device.start_daemon(&[]);
     wait_for("the reboot request", Duration::from_secs(30), || {
-        device.reboot_requested().then_some(())
+        device.reboot_requested()
     });
     assert!(device.outbox_files() > 1, "events wait in the outbox");
     broker.resume();
@@ -323,7 +345,7 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
         device.logs()
     );
     wait_for("an empty outbox", Duration::from_secs(5), || {
-        (device.outbox_files() == 1).then_some(())
+        device.outbox_files() == 1
     });
 }
 
@@ -331,9 +353,7 @@ fn broker_outage_and_agent_restart_mid_install_lose_no_event() {
 fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connected() {
     let (broker, client) = plain_broker();
     let mut device = plain_device(&broker);
-    let sub = client.subscribe(&[&device.topic("events"), &device.topic("online")], None);
-    device.start_daemon(&[]);
-    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
+    let sub = start_online(&mut device, &client, "events");
     let release_topic = device.topic("release");
     let refused = |sub: &Sub| -> Vec<Value> {
         sub.payloads(&device.topic("events"))
@@ -349,25 +369,16 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
     big.resize(70 * 1024, b'A');
     client.publish(&release_topic, &big, false);
     wait_for("too-large", Duration::from_secs(5), || {
-        refused(&sub)
-            .iter()
-            .any(|e| e["reason"] == "too-large")
-            .then_some(())
+        refused(&sub).iter().any(|e| e["reason"] == "too-large")
     });
     client.publish(&release_topic, b"{not json", false);
     wait_for("malformed", Duration::from_secs(5), || {
-        refused(&sub)
-            .iter()
-            .any(|e| e["reason"] == "malformed")
-            .then_some(())
+        refused(&sub).iter().any(|e| e["reason"] == "malformed")
     });
     let good = release(&device, &image(), "http://127.0.0.1:9/none");
     client.publish(&release_topic, &tamper(&good), false);
     wait_for("bad-signature", Duration::from_secs(5), || {
-        refused(&sub)
-            .iter()
-            .any(|e| e["reason"] == "bad-signature")
-            .then_some(())
+        refused(&sub).iter().any(|e| e["reason"] == "bad-signature")
     });
     // The same bad bytes again: recognised, not reported twice.
     client.publish(&release_topic, b"{not json", false);
@@ -385,7 +396,7 @@ fn hostile_input_is_refused_rate_limited_and_bounded_and_the_agent_stays_connect
     wait_for(
         "the rate limit to be reached",
         Duration::from_secs(10),
-        || (refused(&sub).len() >= limit).then_some(()),
+        || refused(&sub).len() >= limit,
     );
     std::thread::sleep(Duration::from_millis(500));
     let reports = refused(&sub);
@@ -477,12 +488,7 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
     wait_for(
         "the refused connection to be logged",
         Duration::from_secs(10),
-        || {
-            wrong
-                .logs()
-                .contains("cannot connect to mqtts://")
-                .then_some(())
-        },
+        || wrong.logs().contains("cannot connect to mqtts://"),
     );
     assert!(
         wrong.daemon_running(),
@@ -496,9 +502,7 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
     wrong.kill_daemon();
 
     let mut device = over_tls(pki.ca());
-    let sub = operator.subscribe(&[&device.topic("events"), &device.topic("online")], None);
-    device.start_daemon(&[]);
-    sub.wait_raw(&device.topic("online"), "true", Duration::from_secs(10));
+    let sub = start_online(&mut device, &operator, "events");
     // The fleet topic: a tampered release is read, refused, and the report is written.
     let (_server, url) = serve(&image(), Duration::ZERO);
     let good = release(&device, &image(), &url);
@@ -510,7 +514,6 @@ fn mutual_tls_with_a_pinned_ca_under_an_acl_that_only_allows_the_device_its_topi
             sub.payloads(&device.topic("events"))
                 .iter()
                 .any(|e| e["reason"] == "bad-signature")
-                .then_some(())
         },
     );
     // The device topic: a good release is installed, reported all the way to the reboot.
@@ -633,12 +636,12 @@ fn a_rolled_back_release_seen_again_at_each_periodic_check_is_passed_over_quietl
     wait_for(
         "the reboot into the new slot",
         Duration::from_secs(30),
-        || device.reboot_requested().then_some(()),
+        || device.reboot_requested(),
     );
     assert_eq!(device.reboot(), "B");
     device.start_daemon(&[]);
     wait_for("the reboot back", Duration::from_secs(30), || {
-        device.reboot_requested().then_some(())
+        device.reboot_requested()
     });
     assert_eq!(device.reboot(), "A");
     device.start_daemon(&[]);

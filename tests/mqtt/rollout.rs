@@ -4,7 +4,6 @@
 //! finished devices passes its threshold, and the cleared topic keeps the release from devices
 //! that come online afterwards.
 
-use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -13,9 +12,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::*;
-
-const PLAIN: &str = "allow_anonymous true";
+use super::common::sim::mqtt::{Mosquitto, free_port};
+use super::common::{Gateway, assert_exit, wait_for};
+use super::{COMPATIBLE, device, image, serve};
 
 fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_update-agent"))
@@ -34,6 +33,18 @@ fn scrape(port: u16, accept: &str) -> Option<String> {
     Some(response.split_once("\r\n\r\n")?.1.to_string())
 }
 
+/// The lines `output` gives, collected in the background as they come.
+fn collect_lines(output: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
 fn gauge(metrics: &str, line_start: &str) -> Option<f64> {
     metrics
         .lines()
@@ -42,49 +53,39 @@ fn gauge(metrics: &str, line_start: &str) -> Option<f64> {
 
 #[test]
 fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
-    let dir = test_dir();
-    let broker = Mosquitto::start(dir.path(), PLAIN);
-    let client = ClientArgs {
-        port: broker.port,
-        tls: None,
-    };
-    let url = format!("mqtt://127.0.0.1:{}", broker.port);
-    let signer = Signer::new();
-    let image_path = dir.path().join("rootfs-2.0.img");
-    let image = write_image(&image_path);
-    let server = ImageServer::start(image, Duration::ZERO);
-    let release = dir.path().join("release.json");
-    fs::write(&release, signer.release("2.0", &image_path, &server.url)).unwrap();
+    let broker = Mosquitto::plain_temp();
+    let client = broker.client();
+    let url = broker.url();
+    let image = image();
+    let (_server, image_url) = serve(&image, Duration::ZERO);
 
     // gw-1 and gw-2 fail their trial boot; gw-3 and gw-4 are fine; gw-5 and gw-6 are known
     // to the broker (retained state) but offline when the rollout starts.
-    let mut devices: Vec<(String, Device)> = (1..=6)
+    let mut devices: Vec<(String, Gateway)> = (1..=6)
         .map(|n| {
             let id = format!("gw-{n}");
-            let home = dir.path().join(&id);
-            fs::create_dir_all(&home).unwrap();
-            let device = Device::with_id(&home, &signer, &format!("broker = \"{url}\""), &id);
-            if n <= 2 {
-                let config = fs::read_to_string(&device.config).unwrap();
-                fs::write(
-                    &device.config,
-                    config.replace("commands = [[\"true\"]]", "commands = [[\"false\"]]"),
-                )
+            let health: &[&str] = if n <= 2 { &["false"] } else { &["true"] };
+            let device_id = id.clone();
+            let device = device(&url)
+                .health(&[health])
+                .configure(move |c| c.mqtt.as_mut().unwrap().device_id = device_id)
+                .build()
                 .unwrap();
-            }
             (id, device)
         })
         .collect();
-    for (id, device) in &mut devices {
-        device.start_agent();
+    let release = devices[0].1.path("release.json");
+    std::fs::write(&release, super::release(&devices[0].1, &image, &image_url)).unwrap();
+    for (_, device) in &mut devices {
+        device.start_daemon(&[]);
         wait_for("the retained state", Duration::from_secs(10), || {
-            retained(&client, &topic_of(id, "state"))
+            client.retained(&device.topic("state"))
         });
     }
-    for (id, device) in &mut devices[4..] {
-        assert!(device.stop_agent().success());
+    for (_, device) in &mut devices[4..] {
+        assert!(device.stop_daemon().success());
         assert_eq!(
-            retained(&client, &topic_of(id, "online")).as_deref(),
+            client.retained(&device.topic("online")).as_deref(),
             Some("false")
         );
     }
@@ -100,23 +101,9 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = lines.clone();
-    let stdout = tool.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let stderr_lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = stderr_lines.clone();
-    let stderr = tool.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let logs = |devices: &[(String, Device)]| -> String {
+    let lines = collect_lines(tool.stdout.take().unwrap());
+    let stderr_lines = collect_lines(tool.stderr.take().unwrap());
+    let logs = |devices: &[(String, Gateway)]| -> String {
         let tool = stderr_lines.lock().unwrap().join("\n");
         let agents: String = devices
             .iter()
@@ -130,7 +117,7 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
         wait_for(
             "the reboot into the new slot",
             Duration::from_secs(30),
-            || device.reboot_requested().then_some(()),
+            || device.reboot_requested(),
         );
     }
     let metrics = wait_for(
@@ -163,13 +150,13 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
 
     for (n, (_, device)) in devices[..4].iter_mut().enumerate() {
         assert_eq!(device.reboot(), "B");
-        device.start_agent();
+        device.start_daemon(&[]);
         if n < 2 {
             wait_for("the reboot back", Duration::from_secs(30), || {
-                device.reboot_requested().then_some(())
+                device.reboot_requested()
             });
             assert_eq!(device.reboot(), "A");
-            device.start_agent();
+            device.start_daemon(&[]);
         }
     }
     let status = wait_for("the tool to stop", Duration::from_secs(60), || {
@@ -183,7 +170,7 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
         "{stderr}"
     );
     assert_eq!(
-        retained(&client, &fleet_topic()),
+        client.retained(&devices[0].1.fleet_topic()),
         None,
         "the release is cleared"
     );
@@ -212,16 +199,15 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
     }
 
     // The devices that come online after the halt never see the release.
-    for (id, device) in &mut devices[4..] {
-        device.start_agent();
+    for (_, device) in &mut devices[4..] {
+        device.start_daemon(&[]);
         wait_for("online again", Duration::from_secs(10), || {
-            (retained(&client, &topic_of(id, "online")).as_deref() == Some("true")).then_some(())
+            client.retained(&device.topic("online")).as_deref() == Some("true")
         });
     }
     std::thread::sleep(Duration::from_secs(2));
-    for (id, _) in &devices[4..] {
-        let state: Value =
-            serde_json::from_str(&retained(&client, &topic_of(id, "state")).unwrap()).unwrap();
+    for (id, device) in &devices[4..] {
+        let state = client.retained_json(&device.topic("state"));
         assert_eq!(state["version"], "1.0", "{id}: {state}");
         assert_eq!(state["state"], "idle", "{id}: {state}");
         assert!(state["last_event"].is_null(), "{id}: {state}");
@@ -234,11 +220,7 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit(&out, 0, "update-agent");
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["retained"], false);
     assert_eq!(status["summary"]["devices"], 6);
@@ -253,7 +235,7 @@ fn a_rollout_follows_the_fleet_and_halts_above_its_failure_threshold() {
 }
 
 fn release_id(path: &std::path::Path) -> String {
-    let envelope = update_agent::release::Envelope::parse(&fs::read(path).unwrap()).unwrap();
+    let envelope = update_agent::release::Envelope::parse(&std::fs::read(path).unwrap()).unwrap();
     hex::encode(update_agent::release::build::sha256_of(
         &envelope.manifest_bytes,
     ))

@@ -85,10 +85,7 @@ fn window_across_midnight_is_open_at_night_and_closed_by_day() {
 
     // Through the engine: a release at noon waits for 22:00, then installs.
     let mut h = booted(p, "2026-06-01T12:00:00Z");
-    assert!(
-        h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))))
-            .is_empty()
-    );
+    assert!(h.offer(release("2.0", 1)).is_empty());
     let pending = h.events.last().unwrap();
     assert_eq!(pending.kind, EventKind::Pending);
     assert_eq!(pending.waiting, Some(Wait::Window));
@@ -151,7 +148,7 @@ fn postponing_beyond_the_maximum_is_clamped_to_it() {
         ..policy(&["02:00-04:00"], RebootPolicy::Immediate)
     };
     let mut h = booted(p, "2026-06-01T12:00:00Z");
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.offer(release("2.0", 1));
     let now = h.now + SignedDuration::from_secs(1);
     h.feed(Input::UserPostpone(Postpone::For(
         SignedDuration::from_hours(30 * 24),
@@ -191,9 +188,7 @@ fn postponing_beyond_the_deadline_is_clamped_to_the_deadline_and_the_deadline_in
         policy(&["02:00-04:00"], RebootPolicy::Immediate),
         "2026-06-01T12:00:00Z",
     );
-    h.feed(Input::ReleaseVerified(Box::new(security_release(
-        "2026-06-03T09:00:00Z",
-    ))));
+    h.offer(security_release("2026-06-03T09:00:00Z"));
     h.feed(Input::UserPostpone(Postpone::Until(ts(
         "2026-06-05T00:00:00Z",
     ))));
@@ -238,7 +233,7 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
         assert!(!h.engine.auto_install());
 
         // A plain release: announced (event and notice), never installed.
-        h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+        h.offer(release("2.0", 1));
         let pending = h.events.last().unwrap();
         assert_eq!(
             (pending.kind, pending.waiting, pending.until),
@@ -267,9 +262,7 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
             },
             "2026-06-01T12:00:00Z",
         );
-        h.feed(Input::ReleaseVerified(Box::new(security_release(
-            "2026-06-04T00:00:00Z",
-        ))));
+        h.offer(security_release("2026-06-04T00:00:00Z"));
         let jobs = h.feed_at(ts("2026-06-04T00:00:00Z"), Input::Tick);
         assert_eq!(is_prepare(&jobs), deadline_applies, "{jobs:?}");
     }
@@ -279,7 +272,7 @@ fn auto_install_off_only_notifies_and_the_security_deadline_applies_as_configure
 fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadline() {
     // Not a security release: the activated slot waits for the user.
     let mut h = booted(policy(&[], RebootPolicy::Manual), "2026-06-01T12:00:00Z");
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.offer(release("2.0", 1));
     assert!(write_and_activate(&mut h).is_empty());
     assert_eq!(h.engine.state().phase.name(), "reboot-scheduled");
     assert_eq!(h.events.last().unwrap().waiting, Some(Wait::ManualReboot));
@@ -301,9 +294,7 @@ fn manual_reboot_waits_for_the_user_but_a_security_release_reboots_at_its_deadli
     // A security release: the reboot is due at the deadline, announced `notice` before it.
     let deadline = ts("2026-06-02T03:00:00Z");
     let mut h = booted(policy(&[], RebootPolicy::Manual), "2026-06-01T12:00:00Z");
-    h.feed(Input::ReleaseVerified(Box::new(security_release(
-        "2026-06-02T03:00:00Z",
-    ))));
+    h.offer(security_release("2026-06-02T03:00:00Z"));
     assert!(write_and_activate(&mut h).is_empty());
     let notice_at = deadline - SignedDuration::from_mins(5);
     assert_eq!(h.engine.poll_timeout(), Some(notice_at));
@@ -328,7 +319,7 @@ fn install_now_bypasses_the_window_and_the_reboot_policy() {
         policy(&["02:00-04:00"], RebootPolicy::Window),
         "2026-06-01T12:00:00Z",
     );
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.offer(release("2.0", 1));
     assert!(is_prepare(&h.feed(Input::UserInstallNow)));
     assert_eq!(write_and_activate(&mut h), [Job::Reboot]);
     use EventKind::*;
@@ -476,7 +467,7 @@ fn a_week_of_simulated_time_runs_in_well_under_a_second() {
     let mut ticks = 0;
     let mut boots = 1;
     let mut reboot_told: Option<(Timestamp, Notice)> = None;
-    h.feed(Input::ReleaseVerified(Box::new(release("2.0", 1))));
+    h.offer(release("2.0", 1));
     h.feed(Input::UserPostpone(Postpone::For(
         SignedDuration::from_hours(20),
     )));
@@ -566,10 +557,7 @@ fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
         policy(&["02:00-04:00"], RebootPolicy::Immediate),
         "2026-06-01T12:00:00Z",
     );
-    assert!(
-        h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))))
-            .is_empty()
-    );
+    assert!(h.offer(pending_release("2.0", 2)).is_empty());
     let old_txn = h.events.last().unwrap().txn.clone().unwrap();
     h.feed(Input::UserPostpone(Postpone::For(
         SignedDuration::from_hours(20),
@@ -578,7 +566,7 @@ fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
     assert!(postponed_until.is_some());
     let before = h.events.len();
 
-    let jobs = h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
+    let jobs = h.offer(pending_release("2.1", 3));
     assert!(jobs.is_empty(), "nothing is written outside the window");
     let new: Vec<_> = h.events[before..].to_vec();
     assert_eq!(
@@ -634,16 +622,12 @@ fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_no
         "2026-06-01T12:00:00Z",
     );
     let first = signed_later("2.0", 2, "2026-05-01T00:00:00Z");
-    h.feed(Input::ReleaseVerified(Box::new(first.clone())));
-    h.feed(Input::ReleaseVerified(Box::new(signed_later(
-        "2.0.1",
-        2,
-        "2026-05-02T00:00:00Z",
-    ))));
+    h.offer(first.clone());
+    h.offer(signed_later("2.0.1", 2, "2026-05-02T00:00:00Z"));
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
     assert!(h.states().contains(&EventKind::Superseded));
     // The first one again (a periodic re-check sees both retained releases): refused.
-    h.feed(Input::ReleaseVerified(Box::new(first)));
+    h.offer(first);
     let last = h.events.last().unwrap();
     assert_eq!(
         (last.kind, last.reason),
@@ -658,8 +642,8 @@ fn an_older_release_does_not_supersede_the_pending_one() {
         policy(&["02:00-04:00"], RebootPolicy::Immediate),
         "2026-06-01T12:00:00Z",
     );
-    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
-    let jobs = h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))));
+    h.offer(pending_release("2.1", 3));
+    let jobs = h.offer(pending_release("2.0", 2));
     assert!(jobs.is_empty());
     let last = h.events.last().unwrap();
     assert_eq!(
@@ -676,13 +660,13 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
         policy(&["02:00-04:00"], RebootPolicy::Immediate),
         "2026-06-01T12:00:00Z",
     );
-    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.0", 2))));
+    h.offer(pending_release("2.0", 2));
     // No image for this device's slot class.
     let other_class = release_with("3.0", 4, |m| {
         let image = m.images.remove("rootfs").unwrap();
         m.images.insert("appfs".into(), image);
     });
-    h.feed(Input::ReleaseVerified(Box::new(other_class)));
+    h.offer(other_class);
     let last = h.events.last().unwrap();
     assert_eq!(
         (last.kind, last.reason),
@@ -695,10 +679,8 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
 #[test]
 fn a_newer_release_while_one_is_being_written_is_refused_busy() {
     let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
-    assert!(is_prepare(&h.feed(Input::ReleaseVerified(Box::new(
-        pending_release("2.0", 2)
-    )))));
-    h.feed(Input::ReleaseVerified(Box::new(pending_release("2.1", 3))));
+    assert!(is_prepare(&h.offer(pending_release("2.0", 2))));
+    h.offer(pending_release("2.1", 3));
     let last = h.events.last().unwrap();
     assert_eq!(
         (last.kind, last.reason),

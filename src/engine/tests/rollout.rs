@@ -53,7 +53,7 @@ fn a_device_waits_for_its_moment_and_reports_it() {
         "gw-0001",
     );
     assert!(expected >= ts(WINDOW_START));
-    assert!(h.feed(Input::ReleaseVerified(Box::new(release))).is_empty());
+    assert!(h.offer(release).is_empty());
     assert_eq!(
         h.states()[h.states().len() - 2..],
         [EventKind::Accepted, EventKind::Pending]
@@ -79,7 +79,7 @@ fn a_device_waits_for_its_moment_and_reports_it() {
 #[test]
 fn the_moment_survives_a_restart_and_differs_between_devices() {
     let mut h = device("gw-0001", PolicyConfig::default());
-    h.feed(Input::ReleaseVerified(Box::new(staged(|_| {}))));
+    h.offer(staged(|_| {}));
     let moment = moment_of(&h);
     // After a restart the same device computes the same moment from the persisted release.
     let persisted = h.persisted.last().unwrap().clone();
@@ -91,7 +91,7 @@ fn the_moment_survives_a_restart_and_differs_between_devices() {
     assert_eq!(again.engine.poll_timeout(), Some(moment));
     // Another device draws another moment for the same release.
     let mut other = device("gw-0002", PolicyConfig::default());
-    other.feed(Input::ReleaseVerified(Box::new(staged(|_| {}))));
+    other.offer(staged(|_| {}));
     assert_ne!(moment_of(&other), moment);
 }
 
@@ -111,7 +111,7 @@ fn a_signed_deadline_before_the_moment_wins() {
         })
         .expect("some device's moment is after the first hour of a day-long window");
     let mut h = device(&late, PolicyConfig::default());
-    assert!(h.feed(Input::ReleaseVerified(Box::new(release))).is_empty());
+    assert!(h.offer(release).is_empty());
     let pending = h.events.last().unwrap();
     assert_eq!(pending.waiting, Some(Wait::Rollout));
     assert_eq!(pending.until, Some(deadline));
@@ -123,7 +123,7 @@ fn a_signed_deadline_before_the_moment_wins() {
 #[test]
 fn a_persons_install_now_wins_over_the_moment() {
     let mut h = device("gw-0001", PolicyConfig::default());
-    h.feed(Input::ReleaseVerified(Box::new(staged(|_| {}))));
+    h.offer(staged(|_| {}));
     assert!(moment_of(&h) > h.now);
     assert!(is_prepare(&h.feed(Input::UserInstallNow)));
     assert_eq!(h.events.last().unwrap().kind, EventKind::InstallNow);
@@ -143,7 +143,7 @@ fn after_its_moment_a_device_still_waits_for_its_maintenance_window() {
     };
     let mut h = device("gw-0001", policy);
     let release = staged(|m| m.rollout.as_mut().unwrap().duration = 0);
-    h.feed(Input::ReleaseVerified(Box::new(release)));
+    h.offer(release);
     let pending = h.events.last().unwrap();
     assert_eq!(
         (pending.waiting, pending.until),
@@ -162,9 +162,7 @@ fn after_its_moment_a_device_still_waits_for_its_maintenance_window() {
 #[test]
 fn a_postponement_past_the_moment_holds_the_install() {
     let mut h = device("gw-0001", PolicyConfig::default());
-    h.feed(Input::ReleaseVerified(Box::new(staged(|m| {
-        m.rollout.as_mut().unwrap().duration = 0
-    }))));
+    h.offer(staged(|m| m.rollout.as_mut().unwrap().duration = 0));
     let until = ts("2026-06-02T12:00:00Z");
     h.feed(Input::UserPostpone(Postpone::Until(until)));
     assert!(h.feed_at(ts(WINDOW_START), Input::Tick).is_empty());
@@ -183,9 +181,7 @@ fn a_release_without_a_schedule_installs_at_once_as_before() {
     let mut h = device("gw-0001", PolicyConfig::default());
     let release = release("2.0", 2);
     assert_eq!(release.manifest.format, crate::release::manifest::FORMAT);
-    assert!(is_prepare(
-        &h.feed(Input::ReleaseVerified(Box::new(release)))
-    ));
+    assert!(is_prepare(&h.offer(release)));
     let txn = h.engine.state().phase.transaction().unwrap();
     assert_eq!(h.engine.moment(txn), None);
 }
@@ -195,7 +191,7 @@ fn a_withdrawn_release_is_dropped_while_pending_only() {
     let mut h = device("gw-0001", PolicyConfig::default());
     let release = staged(|_| {});
     let id = release.release_id();
-    h.feed(Input::ReleaseVerified(Box::new(release)));
+    h.offer(release);
     // Another release's withdrawal is not about this one.
     let other = crate::release::ReleaseId::from_digest([1; 32]);
     h.feed(Input::Withdrawn {
@@ -231,16 +227,14 @@ fn a_withdrawn_release_is_dropped_while_pending_only() {
     );
     assert_eq!(h.engine.poll_timeout(), None);
     // Published again (the operator resumed the rollout): accepted again, same moment.
-    h.feed(Input::ReleaseVerified(Box::new(staged(|_| {}))));
+    h.offer(staged(|_| {}));
     assert_eq!(h.events.last().unwrap().kind, EventKind::Pending);
 
     // Once writing started, a withdrawal changes nothing: the install goes on.
     let mut h = device("gw-0001", PolicyConfig::default());
     let release = staged(|m| m.rollout.as_mut().unwrap().start = ts("2026-05-01T00:00:00Z"));
     let id = release.release_id();
-    assert!(is_prepare(
-        &h.feed(Input::ReleaseVerified(Box::new(release)))
-    ));
+    assert!(is_prepare(&h.offer(release)));
     let events = h.events.len();
     let withdrawn = Input::Withdrawn {
         release_id: id,
