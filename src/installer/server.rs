@@ -392,6 +392,20 @@ impl Installer {
 
     /// The installer's own verification, against its own trust anchor: what the daemon says a
     /// release is counts for nothing.
+    /// Records that `slot` now holds `verified`'s image, written and read back by this process:
+    /// in the ledger (what may boot) and in memory (what `activate` need not read back again).
+    fn record_verified(&mut self, slot: &str, verified: &VerifiedRelease) -> Result<(), Refused> {
+        self.ledger
+            .verified(
+                slot,
+                &verified.release_id().to_string(),
+                verified.manifest.security_version,
+            )
+            .map_err(ledger_failed)?;
+        self.written.insert(slot.to_string(), verified.id);
+        Ok(())
+    }
+
     fn verify(&self, release: &str) -> Result<VerifiedRelease, Refused> {
         let policy = Policy {
             threshold: self.config.trust.threshold,
@@ -477,15 +491,7 @@ impl Installer {
             start: slot_stream.start(),
         })
         .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
-        let mut events = |event: TransferEvent| {
-            tell(&match event {
-                TransferEvent::Progress { written, total } => Reply::Progress { written, total },
-                TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
-                TransferEvent::Verifying => Reply::Verifying,
-                // The stream carries the whole image: the installer downloads nothing.
-                TransferEvent::Downloaded { .. } => return Ok(()),
-            })
-        };
+        let mut events = |event: TransferEvent| reply_for(event).map_or(Ok(()), |r| tell(&r));
         if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {
             // Bytes that were refused go. A stream that stopped early (the network, the daemon
             // gone) keeps its checkpoint for the resume: the ledger keeps the slot unverified,
@@ -498,14 +504,7 @@ impl Installer {
             }
             return Err(transfer(e));
         }
-        self.ledger
-            .verified(
-                slot,
-                &verified.release_id().to_string(),
-                verified.manifest.security_version,
-            )
-            .map_err(ledger_failed)?;
-        self.written.insert(slot.to_string(), verified.id);
+        self.record_verified(slot, &verified)?;
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {})",
             verified.release_id(),
@@ -563,14 +562,7 @@ impl Installer {
         };
         tell(&Reply::Ready { start: 0 })
             .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
-        let mut events = |event: TransferEvent| {
-            tell(&match event {
-                TransferEvent::Progress { written, total } => Reply::Progress { written, total },
-                TransferEvent::Checkpoint { durable } => Reply::Checkpoint { durable },
-                TransferEvent::Verifying => Reply::Verifying,
-                TransferEvent::Downloaded { .. } => return Ok(()),
-            })
-        };
+        let mut events = |event: TransferEvent| reply_for(event).map_or(Ok(()), |r| tell(&r));
         let request = crate::transfer::DeltaStreamRequest {
             image,
             slot_path: target.device.clone(),
@@ -585,14 +577,7 @@ impl Installer {
         let (written, stats) =
             crate::transfer::receive_delta(&request, &File::from(image_stream), &mut events)
                 .map_err(transfer)?;
-        self.ledger
-            .verified(
-                slot,
-                &verified.release_id().to_string(),
-                verified.manifest.security_version,
-            )
-            .map_err(ledger_failed)?;
-        self.written.insert(slot.to_string(), verified.id);
+        self.record_verified(slot, &verified)?;
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {}) by delta: {} bytes of the store received in {} requests, {} blocks reused",
             verified.release_id(),
@@ -628,6 +613,18 @@ impl Installer {
         self.local
             .reboot_now()
             .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.message))
+    }
+}
+
+/// What the daemon hears of a write's progress. The installer downloads nothing (the stream
+/// brings it the image or the store's ranges; the daemon counts what it fetched), so it has no
+/// download count to pass on.
+fn reply_for(event: TransferEvent) -> Option<Reply> {
+    match event {
+        TransferEvent::Progress { written, total } => Some(Reply::Progress { written, total }),
+        TransferEvent::Checkpoint { durable } => Some(Reply::Checkpoint { durable }),
+        TransferEvent::Verifying => Some(Reply::Verifying),
+        TransferEvent::Downloaded { .. } => None,
     }
 }
 
