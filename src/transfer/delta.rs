@@ -41,8 +41,8 @@ use super::readback::{Check, Readback};
 use super::source::HttpOptions;
 use super::writer::{self, WRITE_BUFFER};
 use super::{
-    Plan, RateLimit, Reporter, TransferEvent, WriteRequest, Written, call, finish_read_back,
-    join_error,
+    DownloadTally, Plan, RateLimit, Reporter, TransferEvent, WriteRequest, Written, call,
+    finish_read_back, join_error,
 };
 use crate::delta::assemble::{self, AssembleError, FrameSource, LocalSlot, Locals, Write};
 use crate::delta::lookup::{SlotTable, TableBuilder, TableKey};
@@ -220,16 +220,9 @@ pub(crate) async fn install(
         .map_err(|e| TransferError::slot_io(&settings.work_dir, "make a spool file", e))?;
     let frame_count = index.header().frame_count as usize;
     let mut fetched = vec![false; frame_count];
-    let expected_download = index_bytes + summary.download_bytes;
-    let mut downloaded = index_bytes + probed;
-    let mut last_note = Instant::now();
-    call(
-        events,
-        TransferEvent::Downloaded {
-            downloaded,
-            expected: expected_download,
-        },
-    )?;
+    let mut download =
+        DownloadTally::new(index_bytes + probed, index_bytes + summary.download_bytes);
+    download.tell(events)?;
     let requests: Vec<Request> = plan
         .requests()
         .collect::<io::Result<_>>()
@@ -238,7 +231,7 @@ pub(crate) async fn install(
         stats.requests += 1;
         probe_store
             .fetch(request, &spool, &mut |n| {
-                downloaded += n;
+                download.downloaded += n;
                 n
             })
             .await
@@ -252,16 +245,7 @@ pub(crate) async fn install(
                 fetched[frame as usize] = true;
             }
         }
-        if last_note.elapsed() >= super::PROGRESS_INTERVAL {
-            last_note = Instant::now();
-            call(
-                events,
-                TransferEvent::Downloaded {
-                    downloaded,
-                    expected: expected_download,
-                },
-            )?;
-        }
+        download.tell_if_due(events)?;
     }
 
     // 5. The assembly, on a blocking thread; progress and checkpoints come back through the
@@ -340,16 +324,11 @@ pub(crate) async fn install(
     reporter.checkpoints()?;
     stats.assembly = outcome?;
     let extra = extra.load(Ordering::Relaxed);
-    stats.downloaded = downloaded + extra;
+    download.downloaded += extra;
+    stats.downloaded = download.downloaded;
     stats.requests += extra_requests.load(Ordering::Relaxed);
     reporter.progress(true)?;
-    call(
-        reporter.events,
-        TransferEvent::Downloaded {
-            downloaded: stats.downloaded,
-            expected: expected_download,
-        },
-    )?;
+    download.tell(reporter.events)?;
     let written = finish_read_back(readback, &plan_image, size, reporter.events).await?;
     tracing::info!(
         "delta install: {} bytes downloaded (index {}) in {} requests; {} blocks written from the store, {} copied, {} kept, {} zero, {} local copies that did not match fetched again",

@@ -321,9 +321,7 @@ async fn install_full(
     let mut rate = RateLimit::new(req.max_rate);
     // Bytes as they came over the network (compressed, for a zstd image), for the progress
     // reports beside the bytes written.
-    let expected_download = plan.transport_size - source.start();
-    let mut downloaded = 0;
-    let mut last_download_note = Instant::now();
+    let mut download = DownloadTally::new(0, plan.transport_size - source.start());
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
         loop {
@@ -333,20 +331,11 @@ async fn install_full(
                 return Ok(());
             };
             let len = chunk.len() as u64;
-            downloaded += len;
+            download.downloaded += len;
             if queue.send(Msg::Data(chunk)).await.is_err() {
                 return Ok(());
             }
-            if last_download_note.elapsed() >= PROGRESS_INTERVAL {
-                last_download_note = Instant::now();
-                call(
-                    reporter.events,
-                    TransferEvent::Downloaded {
-                        downloaded,
-                        expected: expected_download,
-                    },
-                )?;
-            }
+            download.tell_if_due(reporter.events)?;
             reporter.update(false)?;
             rate.take(len).await;
         }
@@ -379,13 +368,7 @@ async fn install_full(
         }
         (None, Ok(SinkOutcome::Finished)) => reported?,
     }
-    call(
-        reporter.events,
-        TransferEvent::Downloaded {
-            downloaded,
-            expected: expected_download,
-        },
-    )?;
+    download.tell(reporter.events)?;
     reporter.progress(true)?;
     finish_read_back(readback, &plan, size, reporter.events).await
 }
@@ -546,6 +529,50 @@ impl<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>> Reporter<'_, E> {
     fn update(&mut self, now: bool) -> Result<(), TransferError> {
         self.checkpoints()?;
         self.progress(now)
+    }
+}
+
+/// The bytes one download attempt has brought and what it expects in all, told to `events` as
+/// `Downloaded` whenever the caller must (`tell`) and, while bytes flow, at most every
+/// `PROGRESS_INTERVAL` (`tell_if_due`).
+struct DownloadTally {
+    downloaded: u64,
+    expected: u64,
+    last_told: Instant,
+}
+
+impl DownloadTally {
+    fn new(downloaded: u64, expected: u64) -> Self {
+        DownloadTally {
+            downloaded,
+            expected,
+            last_told: Instant::now(),
+        }
+    }
+
+    fn tell<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>>(
+        &mut self,
+        events: &mut E,
+    ) -> Result<(), TransferError> {
+        self.last_told = Instant::now();
+        call(
+            events,
+            TransferEvent::Downloaded {
+                downloaded: self.downloaded,
+                expected: self.expected,
+            },
+        )
+    }
+
+    fn tell_if_due<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>>(
+        &mut self,
+        events: &mut E,
+    ) -> Result<(), TransferError> {
+        if self.last_told.elapsed() >= PROGRESS_INTERVAL {
+            self.tell(events)
+        } else {
+            Ok(())
+        }
     }
 }
 
