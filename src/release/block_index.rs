@@ -1025,7 +1025,8 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn read_full(source: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Fills `buf` from `source` as far as it goes; fewer bytes only at its end.
+pub(crate) fn read_full(source: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match source.read(&mut buf[filled..]) {

@@ -5,7 +5,7 @@
 //! `docs/block-index.md`.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::release::block_index::{
     BODY_WINDOW_LOG, Hash, IndexHeader, MAX_BLOCK_SIZE, MAX_BLOCKS_PER_FRAME, MAX_DICTIONARY_SIZE,
-    MIN_BLOCK_SIZE,
+    MIN_BLOCK_SIZE, read_full,
 };
 
 /// How to build the store.
@@ -237,19 +237,6 @@ fn hash_blocks(
         }
     }
     Ok((hashes, sections, size))
-}
-
-fn read_full(source: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match source.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn read_block(
