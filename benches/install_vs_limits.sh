@@ -11,7 +11,8 @@
 #            `rauc service` on a private system bus, started and stopped by this script; RAUC
 #            checks the bundle's signature but does not read the slot back): a baseline only
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
-# by round (interleaved, the order turned by one each round), the source image warm in the page
+# by round (interleaved; the order turned by one every other round, and every second round run
+# backwards, so neighbours swap places), the source image warm in the page
 # cache, the target a new file. Medians
 # of the rounds; peak RSS from /usr/bin/time (for rauc: the service's VmHWM, one service a round).
 # Targets (issue 15), printed as ratios:
@@ -237,10 +238,18 @@ for mib in $SIZES_MIB; do
         if [[ $cores == one ]]; then pin=(taskset -c 0); parts=1; else pin=(); parts=$NCPU; fi
         for ((round = 1; round <= ROUNDS; round++)); do
             line="  ${mib} MiB, $cores core(s), round $round:"
-            # The order turns each round, so that no tool always runs right after the same one
-            # (a delete of the last one's 2 GiB slot file, its writeback, a warm cache).
-            shift_by=$(((round - 1) % ${#tools[@]}))
+            # The order turns every other round and every second round runs backwards, so that
+            # no tool always runs right after the same one (a delete of the last one's 2 GiB
+            # slot file, its writeback, a warm cache), and two neighbours (agent, agent-base)
+            # each go first as often as the other.
+            shift_by=$((((round - 1) / 2) % ${#tools[@]}))
             order=("${tools[@]:shift_by}" "${tools[@]:0:shift_by}")
+            if ((round % 2 == 0)); then
+                reversed=()
+                for ((k = ${#order[@]} - 1; k >= 0; k--)); do reversed+=("${order[k]}"); done
+                order=("${reversed[@]}")
+            fi
+            line+=" [${order[*]}]"
             for tool in "${order[@]}"; do
                 warm "$image"
                 [[ $tool == rauc ]] && warm "$work/bundle.raucb"

@@ -506,7 +506,7 @@ if mode == "rcvlowat":
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 16 * 1024 * 1024)
     op = {"kind": "write", "slot": "B", "release": open(sys.argv[3]).read(), "resume_from": 0}
-    request = frame({"version": 1, "op": op})
+    request = frame({"version": 2, "op": op})
     s.sendmsg([request[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))])
     s.sendall(request[1:])
     theirs.close()
@@ -520,7 +520,7 @@ if mode == "rcvlowat":
             print("after %.1f" % (time.time() - started), flush=True)
             break
 elif mode == "trickle":
-    for byte in frame({"version": 1, "op": {"kind": "mark-good", "slot": "A"}}):
+    for byte in frame({"version": 2, "op": {"kind": "mark-good", "slot": "A"}}):
         try:
             s.send(bytes([byte]))
         except OSError:
@@ -890,4 +890,110 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
     // The installer this test started, by its pid.
     installer.kill().unwrap();
     installer.wait().unwrap();
+}
+
+/// A full write under the split carries the block index ahead of the image, for the
+/// installer's read-back. A compromised daemon that sends an index the signed manifest does not
+/// name, or the right index with a block of other bytes, gets a refusal, the slot unverified in
+/// the installer's ledger and no activation; the right index with the right bytes is carried
+/// out.
+#[test]
+fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
+    let split = Split::new(Backend::File);
+    split
+        .gateway
+        .signer()
+        .write_key_pair(&split.path("signer"))
+        .unwrap();
+    let serve = split.path("serve");
+    fs::create_dir(&serve).unwrap();
+    // Two releases: the one the installer is asked to write, and another whose index a
+    // compromised daemon sends instead of the right one.
+    let create = |name: &str, image: &[u8], version: &str| {
+        fs::write(serve.join(name), image).unwrap();
+        let release = split.path(&format!("release-{name}.json"));
+        let out = Command::new(BIN)
+            .args(["release", "create", "--key"])
+            .arg(split.path("signer.key"))
+            .arg("--image")
+            .arg(serve.join(name))
+            .args(["--version", version, "--security-version", "3"])
+            .args(["--compatible", COMPATIBLE])
+            .args(["--url", &format!("http://127.0.0.1:1/{name}")])
+            .args(["--store-level", "1", "--out-dir"])
+            .arg(&serve)
+            .arg("--out")
+            .arg(&release)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "release create: {}", text(&out));
+        fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+        release
+    };
+    let good = pattern(300_003, 5);
+    let release = create("good.img", &good, "3.0");
+    let mut other = good.clone();
+    other[20 * 4096 + 9] ^= 0x10;
+    create("other.img", &other, "3.1");
+    let release = release.to_str().unwrap();
+    let (good_img, other_img) = (serve.join("good.img"), serve.join("other.img"));
+    let good_index = serve.join("good.img.index");
+    let other_index = serve.join("other.img.index");
+    let b_not_bootable = || {
+        let order = split.env_var("BOOT_ORDER").unwrap_or_default();
+        assert!(!order.starts_with('B'), "B was activated: {}", split.env_text());
+        assert_eq!(split.ledger()["slots"]["B"]["held"], "unverified");
+        let (out, reply) = ask(
+            &split,
+            &["--op", "activate", "--slot", "B", "--release", release],
+        );
+        assert_refused(&out, &reply, "readback-mismatch");
+    };
+
+    // The other release's index for the right bytes: refused against the signed manifest.
+    let (out, reply) = split.write_request(
+        Some("B"),
+        release,
+        &good_img,
+        &["--index", other_index.to_str().unwrap()],
+    );
+    assert_refused(&out, &reply, "hash-mismatch");
+    assert!(
+        reply["message"].as_str().unwrap().contains("block index"),
+        "{reply}"
+    );
+    b_not_bootable();
+
+    // The right index with a block of other bytes: refused, the head of those bytes wiped.
+    let (out, reply) = split.write_request(
+        Some("B"),
+        release,
+        &other_img,
+        &["--index", good_index.to_str().unwrap()],
+    );
+    assert_refused(&out, &reply, "hash-mismatch");
+    assert!(split.slot("B")[..good.len()].iter().all(|b| *b == 0));
+    b_not_bootable();
+
+    // Right index, right bytes: written, read back against the index, activated.
+    let (out, reply) = split.write_request(
+        Some("B"),
+        release,
+        &good_img,
+        &["--index", good_index.to_str().unwrap()],
+    );
+    assert_done(&out, &reply);
+    assert!(
+        split
+            .installer_log()
+            .contains("checked against the block index"),
+        "{}",
+        split.installer_log()
+    );
+    let (out, reply) = ask(
+        &split,
+        &["--op", "activate", "--slot", "B", "--release", release],
+    );
+    assert_done(&out, &reply);
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
 }

@@ -633,3 +633,92 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
     );
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
 }
+
+/// A full write under the split (the server ignores Range requests, so no delta; the daemon may
+/// fall back) still sends the installer the block index the daemon checked: the installer
+/// checks it against its own verified release and reads the slot back block by block against
+/// it, the whole-image SHA-256 matched in the stream. The same for an image compressed for
+/// transport, which the daemon decompresses.
+#[test]
+fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
+    use common::range_server::{RangeMode, RangeServer};
+    use std::os::unix::fs::PermissionsExt;
+    for compress in [None, Some("zstd")] {
+        let split = Split::with(Backend::File, |gateway| {
+            gateway.configure(|c| c.install.full_download_fallback = true)
+        });
+        split
+            .gateway
+            .signer()
+            .write_key_pair(&split.path("signer"))
+            .unwrap();
+        let new = pattern(300_003, 41);
+        let serve = split.path("serve");
+        fs::create_dir(&serve).unwrap();
+        fs::write(split.path("new.img"), &new).unwrap();
+        let server = RangeServer::start(serve.clone(), RangeMode::Ignore);
+        let served = if compress.is_some() {
+            "new.img.zst"
+        } else {
+            "new.img"
+        };
+        let release = split.path("release-full.json");
+        let mut create = Command::new(BIN);
+        create
+            .args(["release", "create", "--key"])
+            .arg(split.path("signer.key"))
+            .arg("--image")
+            .arg(split.path("new.img"))
+            .args(["--version", "3.0", "--security-version", "3"])
+            .args(["--compatible", COMPATIBLE, "--url", &server.url(served)])
+            .args(["--store-level", "1", "--out-dir"])
+            .arg(&serve)
+            .arg("--out")
+            .arg(&release);
+        if let Some(kind) = compress {
+            create.args(["--compress", kind]);
+        }
+        let out = create.output().unwrap();
+        assert!(out.status.success(), "release create: {}", text(&out));
+        fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+
+        split.install_as_daemon(&release);
+        assert_eq!(
+            &split.slot("B")[..new.len()],
+            &new[..],
+            "{compress:?}: slot B holds the image"
+        );
+        assert_eq!(server.requests_of(served), 1, "{compress:?}: the whole image");
+        let log = split.installer_log();
+        assert!(
+            log.contains("checked against the block index"),
+            "{compress:?}: {log}"
+        );
+        assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+    }
+}
+
+/// Protocol version 2 changed the write stream (the block index ahead of the image): a daemon
+/// of another release is refused with both versions named, before anything is done.
+#[test]
+fn a_daemon_speaking_another_protocol_version_is_refused_clearly() {
+    let split = Split::new(Backend::File);
+    let release = split.release("2.0", IMAGE_PATH);
+    let (slot_before, env_before) = (split.slot("B"), split.env_text());
+    let (out, reply) = split.write_request(
+        Some("B"),
+        &release,
+        split.path("rootfs.img"),
+        &["--protocol-version", "1"],
+    );
+    assert_refused(&out, &reply, "invalid-request");
+    let message = reply["message"].as_str().unwrap();
+    assert!(
+        message.contains("protocol version 1 (this installer speaks 2)")
+            && message.contains("different releases"),
+        "{reply}"
+    );
+    // Nothing was done: neither the slot nor the bootloader's environment changed.
+    assert!(split.slot("B") == slot_before, "slot B changed");
+    assert_eq!(split.env_text(), env_before);
+}

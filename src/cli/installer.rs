@@ -65,6 +65,9 @@ pub struct RequestArgs {
     image: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     resume_from: u64,
+    /// The block index to send ahead of the image (write); none by default
+    #[arg(long)]
+    index: Option<PathBuf>,
     #[arg(long, default_value_t = PROTOCOL_VERSION)]
     protocol_version: u32,
 }
@@ -112,6 +115,14 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
                     .map_or_else(|| anyhow::Error::from(e), Into::into)
             })?;
             if let Reply::Ready { start } = reply {
+                let index = match &args.index {
+                    Some(path) => std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                    None => Vec::new(),
+                };
+                let mut head = (index.len() as u64).to_le_bytes().to_vec();
+                head.extend_from_slice(&index);
+                let _ = send_all(&ours, &head);
                 let path = args.image.as_ref().context("a write needs --image")?;
                 let mut image = std::fs::read(path)
                     .with_context(|| format!("cannot read {}", path.display()))?;

@@ -101,20 +101,33 @@ impl RemoteInstaller {
         settings: &FetchSettings,
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
+        // The block index, checked against the manifest here (a bad one falls back, or
+        // fails, before the slot is touched): for a delta, else sent ahead of the whole image
+        // for the installer's read-back, block by block on its pool.
+        let mut index = None;
         if let (Some(work_dir), Some(_)) = (&settings.delta_work_dir, &image.chunks) {
-            match crate::transfer::offer_delta(image, settings, work_dir).await {
+            let offered = match crate::transfer::fetch_checked_index(image, settings, work_dir)
+                .await
+            {
+                Ok(checked) => crate::transfer::offer_delta(checked, settings)
+                    .await
+                    .map_err(|(e, checked)| (e, Some(checked))),
+                Err(e) => Err((e, None)),
+            };
+            match offered {
                 Ok(offer) => {
                     return self
                         .write_delta(slot, release, offer, settings, work_dir, events)
                         .await;
                 }
-                Err(e) if e.is_transient() => return Err(WriteError::Transfer(e)),
-                Err(e) if settings.full_download_fallback => {
+                Err((e, _)) if e.is_transient() => return Err(WriteError::Transfer(e)),
+                Err((e, checked)) if settings.full_download_fallback => {
                     tracing::warn!(
                         "no delta update ({e}); the whole image goes to the installer, as [install] full_download_fallback allows"
                     );
+                    index = checked;
                 }
-                Err(e) => return Err(WriteError::Transfer(e)),
+                Err((e, _)) => return Err(WriteError::Transfer(e)),
             }
         }
         // A zstd decoder cannot restart in the middle of its output: a compressed image is
@@ -131,7 +144,7 @@ impl RemoteInstaller {
         };
         let (control, start, ours) = self.open_write(op).await?;
         let count = crate::transfer::DownloadCount::default();
-        let producer = send_image(image, start, settings, File::from(ours), &count);
+        let producer = send_image(image, start, settings, index, File::from(ours), &count);
         self.converse(control, producer, &count, events).await
     }
 

@@ -18,8 +18,9 @@
 //! JSON: a [`Request`] (at most [`MAX_REQUEST`] bytes) from the daemon, then [`Reply`] frames
 //! (each at most [`MAX_REPLY`]) from the installer, the last of them `done` or `refused`. A
 //! `write` request carries one file descriptor (`SCM_RIGHTS`): the receiving end of a socket
-//! pair the daemon sends the raw image bytes into, from the offset the installer's `ready`
-//! names. A `write-delta` request carries one too: over it the daemon sends the block index,
+//! pair the daemon sends into, after the installer's `ready`: the release's block index as the
+//! daemon checked it (8-byte little-endian length, 0 for none, then its bytes), then the raw
+//! image bytes from the offset `ready` names. A `write-delta` request carries one too: over it the daemon sends the block index,
 //! the installer (which alone reads the slots) answers with the store ranges it needs, and the
 //! daemon sends their bytes (`transfer::receive_delta`).
 
@@ -58,7 +59,9 @@ pub fn daemon_user(
     Some((user.uid, Some(user.gid)))
 }
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: a `write` stream opens with the block index (or a length of 0), for the installer's
+/// read-back against it. An installer refuses a request of another version, naming both.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// A request holds at most a release (64 KiB of JSON) and a few names.
 pub const MAX_REQUEST: usize = 256 * 1024;
 /// A reply holds a reason code and a sentence.
@@ -343,7 +346,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused() {
         let (a, b) = UnixStream::pair().unwrap();
-        let body = br#"{"version":1,"op":{"kind":"reboot"},"extra":1}"#;
+        let body = br#"{"version":2,"op":{"kind":"reboot"},"extra":1}"#;
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         send_all(&a, &frame).unwrap();
@@ -358,7 +361,7 @@ mod tests {
     #[test]
     fn a_frame_sent_a_byte_at_a_time_gets_no_more_than_the_deadline() {
         let (a, b) = UnixStream::pair().unwrap();
-        let body = br#"{"version":1,"op":{"kind":"reboot"}}"#;
+        let body = br#"{"version":2,"op":{"kind":"reboot"}}"#;
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         // A slow peer: half the frame now, the rest never.

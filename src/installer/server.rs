@@ -242,7 +242,9 @@ impl Installer {
             Err(Refused::new(
                 ReasonCode::InvalidRequest,
                 format!(
-                    "protocol version {} (this installer speaks {PROTOCOL_VERSION})",
+                    "protocol version {} (this installer speaks {PROTOCOL_VERSION}): the daemon \
+                     and the installer come from different releases of update-agent; install \
+                     the same release of both and restart them",
                     request.version
                 ),
             ))
@@ -417,8 +419,11 @@ impl Installer {
             .map_err(|refusal| Refused::new(refusal.code, refusal.message))
     }
 
-    /// The image the verified release holds for this device's slot class: size and SHA-256.
-    fn image(&self, verified: &VerifiedRelease) -> Result<(u64, [u8; 32]), Refused> {
+    /// The image the verified release holds for this device's slot class, with its SHA-256.
+    fn image(
+        &self,
+        verified: &VerifiedRelease,
+    ) -> Result<(crate::release::manifest::Image, [u8; 32]), Refused> {
         let class = &self.config.slots.class;
         let image = verified.manifest.images.get(class).ok_or_else(|| {
             Refused::new(
@@ -429,7 +434,25 @@ impl Installer {
         let mut sha256 = [0u8; 32];
         hex::decode_to_slice(&image.sha256, &mut sha256)
             .map_err(|_| Refused::new(ReasonCode::Malformed, "image sha256 is not hex"))?;
-        Ok((image.size, sha256))
+        Ok((image.clone(), sha256))
+    }
+
+    /// What every write does before its first byte: the slot checked writable, marked bad
+    /// (the bootloader must never name a slot whose bytes are changing, whatever the daemon did
+    /// or did not ask before) and recorded unverified in the ledger before the first byte
+    /// changes.
+    fn begin_write(&mut self, slot: &str) -> Result<crate::config::Slot, Refused> {
+        let target = self.writable(slot)?;
+        self.local.mark_bad_now(slot).map_err(Refused::from)?;
+        self.written.remove(slot);
+        self.ledger.writing(slot).map_err(ledger_failed)?;
+        Ok(target)
+    }
+
+    /// The installer's own work directory (root's): expanded block indexes, slot tables.
+    fn work_dir(&self) -> std::path::PathBuf {
+        let settings = self.config.installer.as_ref().expect("checked at open");
+        settings.state_dir.join("delta")
     }
 
     /// The slot to write: configured, and neither the booted one nor the device behind `/`.
@@ -458,23 +481,20 @@ impl Installer {
         control: &UnixStream,
     ) -> Result<(), Refused> {
         let verified = self.verify(release)?;
-        let (size, sha256) = self.image(&verified)?;
-        let target = self.writable(slot)?;
-        // The bootloader must never name a slot whose bytes are changing, whatever the daemon
-        // did or did not ask before; and the ledger says so before the first byte changes.
-        self.local.mark_bad_now(slot).map_err(Refused::from)?;
-        self.written.remove(slot);
-        self.ledger.writing(slot).map_err(ledger_failed)?;
+        let (image, sha256) = self.image(&verified)?;
+        let target = self.begin_write(slot)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
         let slot_stream = SlotStream::open(SlotStreamRequest {
             slot_path: target.device.clone(),
             slot_capacity: target.size.unwrap_or(u64::MAX),
-            size,
+            size: image.size,
             sha256,
             resume_from,
             checkpoint_interval: self.config.install.checkpoint_interval,
             stall_timeout: self.config.install.stall_timeout,
             readback_overlap: self.config.install.readback_overlap,
+            image,
+            work_dir: self.work_dir(),
         })
         .map_err(transfer)?;
         let tell = |reply: &Reply| {
@@ -525,26 +545,13 @@ impl Installer {
         control: &UnixStream,
     ) -> Result<(), Refused> {
         let verified = self.verify(release)?;
-        let class = &self.config.slots.class;
-        let image = verified
-            .manifest
-            .images
-            .get(class)
-            .cloned()
-            .ok_or_else(|| {
-                Refused::new(
-                    ReasonCode::Incompatible,
-                    format!("the release has no image for slot class {class}"),
-                )
-            })?;
+        let (image, _) = self.image(&verified)?;
         if image.chunks.is_none() {
             return Err(Refused::new(
                 ReasonCode::InvalidRequest,
                 "a delta of an image without a block index",
             ));
         }
-        let target = self.writable(slot)?;
-        let settings = self.config.installer.clone().expect("checked at open");
         let booted = system::booted_slot(&self.config).ok().and_then(|name| {
             let device = self.config.slot_by_bootname(&name)?.device.clone();
             let key = system::boot_id(&self.config)
@@ -552,9 +559,7 @@ impl Installer {
                 .map(|id| crate::transfer::booted_table_key(id.as_str(), &device));
             Some(crate::transfer::BootedSlot { path: device, key })
         });
-        self.local.mark_bad_now(slot).map_err(Refused::from)?;
-        self.written.remove(slot);
-        self.ledger.writing(slot).map_err(ledger_failed)?;
+        let target = self.begin_write(slot)?;
         let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
         let tell = |reply: &Reply| {
             send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
@@ -569,7 +574,7 @@ impl Installer {
             slot_capacity: target.size.unwrap_or(u64::MAX),
             checkpoint_interval: self.config.install.checkpoint_interval,
             stall_timeout: self.config.install.stall_timeout,
-            work_dir: settings.state_dir.join("delta"),
+            work_dir: self.work_dir(),
             booted,
             ranges_per_request: ranges_per_request as usize,
             readback_overlap: self.config.install.readback_overlap,
@@ -593,10 +598,10 @@ impl Installer {
     /// itself: written and read back by this process, or else read back from the medium now.
     fn activate(&mut self, slot: &str, release: &str) -> Result<(), Refused> {
         let verified = self.verify(release)?;
-        let (size, sha256) = self.image(&verified)?;
+        let (image, sha256) = self.image(&verified)?;
         let target = self.configured(slot)?;
         if self.written.get(slot) != Some(&verified.id) {
-            verify_slot(&target.device, size, &sha256)
+            verify_slot(&target.device, image.size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
         self.ledger

@@ -967,49 +967,11 @@ pub fn receive_delta(
         shown: &shown,
     };
 
-    // The index, bounded by what one for this image can be.
-    let mut len = [0u8; 8];
-    reader.read_exact(&mut len)?;
-    let len = u64::from_le_bytes(len);
-    let cap = index_cap(image.size, chunks.chunk_size);
-    if len > cap {
-        return Err(wire(format!(
-            "an index of {len} bytes, more than one for this image can be ({cap})"
-        )));
-    }
-    let mut download = tempfile::tempfile_in(&req.work_dir)
-        .map_err(|e| TransferError::slot_io(&req.work_dir, "make a file for the index", e))?;
-    let mut left = len;
-    let mut buf = vec![0u8; 64 * 1024];
-    while left > 0 {
-        let n = (left as usize).min(buf.len());
-        reader.read_exact(&mut buf[..n])?;
-        io::Write::write_all(&mut download, &buf[..n])
-            .map_err(|e| TransferError::slot_io(&req.work_dir, "write the index", e))?;
-        left -= n as u64;
-    }
-    stats.index_bytes = len;
-    io::Seek::rewind(&mut download)
-        .map_err(|e| TransferError::slot_io(&req.work_dir, "read the index", e))?;
-    let dest = req
-        .work_dir
-        .join(format!("{}.index", chunks.sha256.to_ascii_lowercase()));
-    let index = match block_index::expand(BufReader::new(download), image, chunks, &dest) {
-        Ok(index) => index,
-        Err(IndexError::Refused(refusal)) => {
-            return Err(TransferError::BlockIndex {
-                url: esc(&chunks.url),
-                refusal,
-            });
-        }
-        Err(IndexError::Io { context, source }) => {
-            return Err(TransferError::slot_io(
-                &req.work_dir,
-                "expand the block index",
-                io::Error::other(format!("{context}: {source}")),
-            ));
-        }
+    let Some((index, len)) = receive_index(&mut reader, image, chunks, &req.work_dir)? else {
+        return Err(wire("a delta without its block index".into()));
     };
+    stats.index_bytes = len;
+    let mut buf = vec![0u8; 64 * 1024];
 
     // The plan, against the slots this process may read.
     let per_request = req.ranges_per_request.clamp(1, MAX_RANGES_PER_REQUEST);
@@ -1153,15 +1115,68 @@ pub fn receive_delta(
     ))
 }
 
+/// Reads a block index from the daemon's stream (its length, 8 bytes little-endian, then its
+/// bytes; a length of 0: no index), bounded by what one for `image` can be, and expands it
+/// into `work_dir` after its SHA-256 matched the one the installer's own verified manifest
+/// names (`block_index::expand`). Returns it and its length on the wire.
+pub(super) fn receive_index(
+    reader: &mut StreamReader<'_>,
+    image: &crate::release::manifest::Image,
+    chunks: &crate::release::manifest::ChunkIndexRef,
+    work_dir: &Path,
+) -> Result<Option<(IndexFile, u64)>, TransferError> {
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len == 0 {
+        return Ok(None);
+    }
+    let cap = index_cap(image.size, chunks.chunk_size);
+    if len > cap {
+        return Err(TransferError::Download {
+            url: reader.shown.to_string(),
+            detail: format!("an index of {len} bytes, more than one for this image can be ({cap})"),
+        });
+    }
+    prepare_work_dir(work_dir)
+        .map_err(|e| TransferError::slot_io(work_dir, "create the work directory", e))?;
+    let mut download = tempfile::tempfile_in(work_dir)
+        .map_err(|e| TransferError::slot_io(work_dir, "make a file for the index", e))?;
+    let mut left = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        reader.read_exact(&mut buf[..n])?;
+        io::Write::write_all(&mut download, &buf[..n])
+            .map_err(|e| TransferError::slot_io(work_dir, "write the index", e))?;
+        left -= n as u64;
+    }
+    io::Seek::rewind(&mut download)
+        .map_err(|e| TransferError::slot_io(work_dir, "read the index", e))?;
+    let dest = work_dir.join(format!("{}.index", chunks.sha256.to_ascii_lowercase()));
+    match block_index::expand(BufReader::new(download), image, chunks, &dest) {
+        Ok(index) => Ok(Some((index, len))),
+        Err(IndexError::Refused(refusal)) => Err(TransferError::BlockIndex {
+            url: esc(&chunks.url),
+            refusal,
+        }),
+        Err(IndexError::Io { context, source }) => Err(TransferError::slot_io(
+            work_dir,
+            "expand the block index",
+            io::Error::other(format!("{context}: {source}")),
+        )),
+    }
+}
+
 /// Reads the stream socket: each wait bounded by the stall timeout, never a blocking read.
-struct StreamReader<'a> {
-    stream: &'a File,
-    stall: Duration,
-    shown: &'a str,
+pub(super) struct StreamReader<'a> {
+    pub(super) stream: &'a File,
+    pub(super) stall: Duration,
+    pub(super) shown: &'a str,
 }
 
 impl StreamReader<'_> {
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransferError> {
+    pub(super) fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransferError> {
         use std::os::fd::AsRawFd;
         let mut filled = 0;
         while filled < buf.len() {
@@ -1199,22 +1214,55 @@ fn index_cap(size: u64, chunk_size: u64) -> u64 {
     block_index::MAX_HEADER_LEN as u64 + raw + raw / 128 + 4096
 }
 
-/// What the daemon found before it asks the installer for a delta.
-pub struct DeltaOffer {
-    index: File,
-    index_len: u64,
-    store: Store,
-    pub ranges_per_request: usize,
+/// A block index the daemon downloaded and found to match the signed manifest's SHA-256, to
+/// send to the installer (which checks it again against its own verified release).
+pub struct CheckedIndex {
+    file: File,
+    len: u64,
+    store_url: Url,
+    store_size: u64,
+}
+
+impl CheckedIndex {
+    /// Sends the index into the installer's stream: its length (8 bytes, little-endian), then
+    /// its bytes; `None` sends the length 0 (no index). Blocking.
+    pub fn send(
+        index: Option<&CheckedIndex>,
+        out: &impl std::os::fd::AsFd,
+    ) -> Result<(), TransferError> {
+        let lost = |e: io::Error| TransferError::Download {
+            url: "the installer's stream".to_string(),
+            detail: format!("the installer's stream broke: {e}"),
+        };
+        let len = index.map_or(0, |index| index.len);
+        crate::socket::send_all(out, &len.to_le_bytes()).map_err(lost)?;
+        let Some(index) = index else { return Ok(()) };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0;
+        while at < len {
+            let n = ((len - at) as usize).min(buf.len());
+            index
+                .file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(|e| TransferError::slot_io(Path::new("the block index"), "read", e))?;
+            crate::socket::send_all(out, &buf[..n]).map_err(lost)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
 }
 
 /// The daemon's side, before the installer is asked: the index downloaded and checked against
-/// the manifest's hash (so that a bad one falls back, or fails, before the slot is touched),
-/// the store's Range support probed.
-pub async fn offer_delta(
+/// the manifest's hash (so that a bad one falls back, or fails, before the slot is touched).
+pub async fn fetch_checked_index(
     image: &crate::release::manifest::Image,
     settings: &super::FetchSettings,
     work_dir: &Path,
-) -> Result<DeltaOffer, TransferError> {
+) -> Result<CheckedIndex, TransferError> {
     use sha2::Digest;
     let chunks = image
         .chunks
@@ -1225,11 +1273,7 @@ pub async fn offer_delta(
         })?;
     prepare_work_dir(work_dir)
         .map_err(|e| TransferError::slot_io(work_dir, "create the work directory", e))?;
-    let http = HttpOptions {
-        connect_timeout: settings.connect_timeout,
-        stall_timeout: settings.stall_timeout,
-        extra_roots: &settings.extra_roots,
-    };
+    let http = http_options(settings);
     let url = parse_url(&chunks.url)?;
     let shown = esc(url.as_str());
     let cap = index_cap(image.size, chunks.chunk_size);
@@ -1271,23 +1315,57 @@ pub async fn offer_delta(
             url: shown.clone(),
             detail: format!("the store's url cannot be made: {e}"),
         })?;
-    let store = Store::new(&store_url, &http)?;
-    let support = store.probe(header.store_size, &mut |n| n).await?;
+    Ok(CheckedIndex {
+        file,
+        len,
+        store_url,
+        store_size: header.store_size,
+    })
+}
+
+fn http_options(settings: &super::FetchSettings) -> HttpOptions<'_> {
+    HttpOptions {
+        connect_timeout: settings.connect_timeout,
+        stall_timeout: settings.stall_timeout,
+        extra_roots: &settings.extra_roots,
+    }
+}
+
+/// What the daemon found before it asks the installer for a delta.
+pub struct DeltaOffer {
+    index: CheckedIndex,
+    store: Store,
+    pub ranges_per_request: usize,
+}
+
+/// The store's Range support probed, for a delta with `index`. Refused: the error and the
+/// index back, for a full write that still sends it to the installer's read-back.
+pub async fn offer_delta(
+    index: CheckedIndex,
+    settings: &super::FetchSettings,
+) -> Result<DeltaOffer, (TransferError, CheckedIndex)> {
+    let http = http_options(settings);
+    let store = match Store::new(&index.store_url, &http) {
+        Ok(store) => store,
+        Err(e) => return Err((e, index)),
+    };
+    let support = match store.probe(index.store_size, &mut |n| n).await {
+        Ok(support) => support,
+        Err(e) => return Err((e, index)),
+    };
     let ranges_per_request = match support {
         RangeSupport::Multi => MULTI_RANGES,
         RangeSupport::Single => 1,
         RangeSupport::None(answer) => {
-            return Err(TransferError::RangeUnsupported {
+            let e = TransferError::RangeUnsupported {
                 url: store.shown.clone(),
                 answer,
-            });
+            };
+            return Err((e, index));
         }
     };
-    io::Seek::rewind(&mut file)
-        .map_err(|e| TransferError::slot_io(work_dir, "read the index", e))?;
     Ok(DeltaOffer {
-        index: file,
-        index_len: len,
+        index,
         store,
         ranges_per_request,
     })
@@ -1319,29 +1397,20 @@ pub async fn serve_delta(
         url: shown.to_string(),
         detail: format!("the installer's stream broke: {e}"),
     };
-    stream.set_nonblocking(true).map_err(lost)?;
-    let mut stream = tokio::net::UnixStream::from_std(stream).map_err(lost)?;
-    let DeltaOffer {
-        index,
-        index_len,
-        store,
-        ..
-    } = offer;
+    let DeltaOffer { index, store, .. } = offer;
+    let index_len = index.len;
+    // The index first, in a blocking write (the installer reads it before it plans).
+    let stream = tokio::task::spawn_blocking(move || {
+        CheckedIndex::send(Some(&index), &stream)?;
+        Ok::<_, TransferError>(stream)
+    })
+    .await
+    .map_err(super::join_error)??;
     progress.downloaded.store(index_len, Ordering::Relaxed);
     progress.expected.store(index_len, Ordering::Relaxed);
-    stream
-        .write_all(&index_len.to_le_bytes())
-        .await
-        .map_err(lost)?;
-    let mut index = tokio::fs::File::from_std(index);
+    stream.set_nonblocking(true).map_err(lost)?;
+    let mut stream = tokio::net::UnixStream::from_std(stream).map_err(lost)?;
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = index.read(&mut buf).await.map_err(lost)?;
-        if n == 0 {
-            break;
-        }
-        stream.write_all(&buf[..n]).await.map_err(lost)?;
-    }
     // The ranges, bounded: no more requests than the index has frames, no more ranges each
     // than the wire allows.
     let count = stream.read_u32_le().await.map_err(lost)? as usize;

@@ -69,8 +69,9 @@ use url::Url;
 use crate::release::manifest::{Compression, Image};
 
 pub use delta::{
-    BootedSlot, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest, DownloadCount,
-    booted_table_key, offer_delta, receive_delta, serve_delta,
+    BootedSlot, CheckedIndex, DeltaOffer, DeltaSettings, DeltaStats, DeltaStreamRequest,
+    DownloadCount, booted_table_key, fetch_checked_index, offer_delta, receive_delta,
+    serve_delta,
 };
 pub use error::TransferError;
 pub use http::MAX_REDIRECTS;

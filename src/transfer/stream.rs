@@ -45,7 +45,8 @@ pub struct FetchSettings {
     pub full_download_fallback: bool,
 }
 
-/// The daemon's side: fetches `image` from `start` (the offset the installer resumes at; 0 for a
+/// The daemon's side: sends the block index it checked (or its absence) for the installer's
+/// read-back, then fetches `image` from `start` (the offset the installer resumes at; 0 for a
 /// compressed image), decompresses it, and writes the image bytes `[start, size)` into `out`,
 /// counting the bytes it downloads (compressed, as they came) in `progress`. Returns when all
 /// were sent; closing `out` then tells the installer the stream ended.
@@ -53,10 +54,17 @@ pub async fn send_image(
     image: &Image,
     start: u64,
     settings: &FetchSettings,
+    index: Option<super::CheckedIndex>,
     out: File,
     progress: &super::DownloadCount,
 ) -> Result<(), TransferError> {
     let plan = Plan::new(image)?;
+    let out = tokio::task::spawn_blocking(move || {
+        super::CheckedIndex::send(index.as_ref(), &out)?;
+        Ok::<_, TransferError>(out)
+    })
+    .await
+    .map_err(join_error)??;
     let size = image.size;
     let start = if plan.zstd.is_some() || start > size {
         0
@@ -163,6 +171,11 @@ pub struct SlotStreamRequest {
     pub stall_timeout: Duration,
     /// Read each region back as soon as it is synced (`[install] readback_overlap`).
     pub readback_overlap: bool,
+    /// The image as the installer's own verified release describes it: its `chunks` name the
+    /// block index the daemon may send ahead of the image's bytes.
+    pub image: Image,
+    /// Where the installer expands that index (root's).
+    pub work_dir: PathBuf,
 }
 
 /// The installer's side: a slot opened for one image, with the hash of the prefix it resumes
@@ -216,13 +229,19 @@ impl SlotStream {
             hasher,
         } = self;
         let shown = "the daemon's stream".to_string();
-        // The read-back runs beside the stream, each region once it is durable. The installer
-        // has no block index here (the daemon sends only the image's bytes): the regions are
-        // hashed in order against the image's SHA-256.
+        // The stream opens with the block index (or its absence); with one, each region read
+        // back is checked block by block on the pool, the whole-image SHA-256 being matched
+        // in the stream; without, the regions are hashed in order against that SHA-256.
+        let check = match receive_block_index(&request, &stream, &shown)? {
+            Some(index) => Check::Blocks(Arc::new(index)),
+            None => Check::Whole(request.sha256),
+        };
+        // The read-back runs beside the stream, each region once it is durable (with the
+        // overlap), else after the last byte.
         let readback = Readback::start(
             &request.slot_path,
             request.size,
-            Check::Whole(request.sha256),
+            check,
             start,
             request.readback_overlap,
         )?;
@@ -335,6 +354,38 @@ impl SlotStream {
             bytes: request.size,
             sha256: request.sha256,
         })
+    }
+}
+
+/// The block index the daemon sends ahead of the image (`transfer::CheckedIndex::send`),
+/// checked against the installer's own verified release; `None` when the daemon sent none. An
+/// index for a release that names none is refused.
+fn receive_block_index(
+    request: &SlotStreamRequest,
+    stream: &File,
+    shown: &str,
+) -> Result<Option<crate::release::block_index::IndexFile>, TransferError> {
+    let mut reader = super::delta::StreamReader {
+        stream,
+        stall: request.stall_timeout,
+        shown,
+    };
+    match &request.image.chunks {
+        Some(chunks) => Ok(
+            super::delta::receive_index(&mut reader, &request.image, chunks, &request.work_dir)?
+                .map(|(index, _)| index),
+        ),
+        None => {
+            let mut len = [0u8; 8];
+            reader.read_exact(&mut len)?;
+            match u64::from_le_bytes(len) {
+                0 => Ok(None),
+                len => Err(TransferError::Download {
+                    url: shown.to_string(),
+                    detail: format!("a block index of {len} bytes for a release that names none"),
+                }),
+            }
+        }
     }
 }
 

@@ -235,6 +235,7 @@ pub(crate) fn run_sink<D: Destination>(
         written,
         checkpoints: config.report_checkpoints.then_some(checkpoints),
         config,
+        timing: SinkTiming::default(),
     };
     while let Some(msg) = queue.blocking_recv() {
         match msg {
@@ -279,6 +280,16 @@ struct SlotWriter<D> {
     next_checkpoint: Option<u64>,
     written: Arc<AtomicU64>,
     checkpoints: Option<std::sync::mpsc::Sender<u64>>,
+    timing: SinkTiming,
+}
+
+/// Where a sink's time went, logged at debug level when it finishes: what the install costs
+/// beside the bare write (`benches/install_vs_limits.sh` compares it with `dd`).
+#[derive(Default)]
+struct SinkTiming {
+    puts: std::time::Duration,
+    syncs: std::time::Duration,
+    sync_count: u32,
 }
 
 impl<D: Destination> SlotWriter<D> {
@@ -340,9 +351,11 @@ impl<D: Destination> SlotWriter<D> {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.destination
             .put(&self.buf, self.flushed)
             .map_err(|e| TransferError::slot_io(&self.config.path, D::PUT, e))?;
+        self.timing.puts += started.elapsed();
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         self.written.store(self.flushed, Ordering::Relaxed);
@@ -365,9 +378,13 @@ impl<D: Destination> SlotWriter<D> {
     }
 
     fn sync(&mut self) -> Result<(), TransferError> {
+        let started = std::time::Instant::now();
         self.destination
             .sync()
-            .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))
+            .map_err(|e| TransferError::slot_io(&self.config.path, "sync", e))?;
+        self.timing.syncs += started.elapsed();
+        self.timing.sync_count += 1;
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), TransferError> {
@@ -386,7 +403,18 @@ impl<D: Destination> SlotWriter<D> {
                 ),
             });
         }
+        let waited = std::time::Instant::now();
         let actual = self.hash.finalize();
+        tracing::debug!(
+            "sink: {} bytes to {}: {:.3} s in {}, {} syncs {:.3} s, {:.3} s waiting for the image hash",
+            self.flushed,
+            self.config.shown,
+            self.timing.puts.as_secs_f64(),
+            D::PUT,
+            self.timing.sync_count,
+            self.timing.syncs.as_secs_f64(),
+            waited.elapsed().as_secs_f64(),
+        );
         if D::CHECKS_HASH && actual != self.config.expected {
             return Err(TransferError::HashMismatch {
                 url: self.config.shown.clone(),
