@@ -722,3 +722,67 @@ fn a_daemon_speaking_another_protocol_version_is_refused_clearly() {
     assert!(split.slot("B") == slot_before, "slot B changed");
     assert_eq!(split.env_text(), env_before);
 }
+
+/// A power cut of the daemon between the block index and the image's first byte (crash point
+/// `index:sent`): the installer sees the stream end, keeps the slot marked bad and unverified,
+/// and the next attempt (boot-check in the same boot) sends the index again and writes it all.
+#[test]
+fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resumes() {
+    use common::range_server::{RangeMode, RangeServer};
+    use std::os::unix::fs::PermissionsExt;
+    let split = Split::with(Backend::File, |gateway| {
+        gateway.configure(|c| c.install.full_download_fallback = true)
+    });
+    split
+        .gateway
+        .signer()
+        .write_key_pair(&split.path("signer"))
+        .unwrap();
+    let new = pattern(2 * 1024 * 1024 + 11, 23);
+    let serve = split.path("serve");
+    fs::create_dir(&serve).unwrap();
+    fs::write(serve.join("new.img"), &new).unwrap();
+    let server = RangeServer::start(serve.clone(), RangeMode::Ignore);
+    let release = split.path("release-cut.json");
+    let out = Command::new(BIN)
+        .args(["release", "create", "--key"])
+        .arg(split.path("signer.key"))
+        .arg("--image")
+        .arg(serve.join("new.img"))
+        .args(["--version", "3.0", "--security-version", "3"])
+        .args(["--compatible", COMPATIBLE, "--url", &server.url("new.img")])
+        .args(["--store-level", "1", "--out-dir"])
+        .arg(&serve)
+        .arg("--out")
+        .arg(&release)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "release create: {}", text(&out));
+    fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let out = split
+        .command(&["install", release.to_str().unwrap()])
+        .env("UPDATE_AGENT_CRASH_AT", "index:sent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "killed by its signal: {}", text(&out));
+    wait_for("the installer to end the write", Duration::from_secs(20), || {
+        split.installer_log().contains("refused write")
+    });
+    assert_eq!(split.ledger()["slots"]["B"]["held"], "unverified");
+    assert!(!split
+        .env_var("BOOT_ORDER")
+        .unwrap_or_default()
+        .starts_with('B'));
+
+    let out = split.as_daemon(&["boot-check", "--no-reboot"]);
+    assert!(out.status.success(), "boot-check: {}", text(&out));
+    assert_eq!(&split.slot("B")[..new.len()], &new[..]);
+    let log = split.installer_log();
+    assert_eq!(
+        log.matches("checked against the block index").count(),
+        2,
+        "both attempts got the index: {log}"
+    );
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+}

@@ -392,22 +392,27 @@ impl Installer {
         })
     }
 
-    /// The installer's own verification, against its own trust anchor: what the daemon says a
-    /// release is counts for nothing.
     /// Records that `slot` now holds `verified`'s image, written and read back by this process:
     /// in the ledger (what may boot) and in memory (what `activate` need not read back again).
     fn record_verified(&mut self, slot: &str, verified: &VerifiedRelease) -> Result<(), Refused> {
+        self.ledger_verified(slot, verified)?;
+        self.written.insert(slot.to_string(), verified.id);
+        Ok(())
+    }
+
+    /// The ledger's record that `slot` holds bytes read back against `verified`.
+    fn ledger_verified(&mut self, slot: &str, verified: &VerifiedRelease) -> Result<(), Refused> {
         self.ledger
             .verified(
                 slot,
                 &verified.release_id().to_string(),
                 verified.manifest.security_version,
             )
-            .map_err(ledger_failed)?;
-        self.written.insert(slot.to_string(), verified.id);
-        Ok(())
+            .map_err(ledger_failed)
     }
 
+    /// The installer's own verification, against its own trust anchor: what the daemon says a
+    /// release is counts for nothing.
     fn verify(&self, release: &str) -> Result<VerifiedRelease, Refused> {
         let policy = Policy {
             threshold: self.config.trust.threshold,
@@ -604,13 +609,7 @@ impl Installer {
             verify_slot(&target.device, image.size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
-        self.ledger
-            .verified(
-                slot,
-                &verified.release_id().to_string(),
-                verified.manifest.security_version,
-            )
-            .map_err(ledger_failed)?;
+        self.ledger_verified(slot, &verified)?;
         self.local.mark_active_now(slot).map_err(Refused::from)
     }
 

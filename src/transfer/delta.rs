@@ -306,13 +306,7 @@ pub(crate) async fn install(
             )
         })
     };
-    let mut reporter = Reporter {
-        events,
-        checkpoints,
-        written,
-        total: size,
-        last_progress: Instant::now(),
-    };
+    let mut reporter = Reporter::new(events, checkpoints, written, size);
     reporter.progress(true)?;
     tokio::pin!(assembly);
     let outcome = loop {
@@ -942,13 +936,7 @@ pub fn receive_delta(
     events: &mut dyn FnMut(TransferEvent) -> io::Result<()>,
 ) -> Result<(Written, DeltaStats), TransferError> {
     let image = &req.image;
-    let chunks = image
-        .chunks
-        .as_ref()
-        .ok_or_else(|| TransferError::BadImage {
-            url: esc(&image.url),
-            detail: "a delta needs the image's block index (chunks)".into(),
-        })?;
+    let chunks = chunks_of(image)?;
     let sha256 = super::decode_sha256(&image.sha256).ok_or_else(|| TransferError::BadImage {
         url: esc(&image.url),
         detail: "sha256 is not 64 hex digits".into(),
@@ -1264,16 +1252,10 @@ pub async fn fetch_checked_index(
     work_dir: &Path,
 ) -> Result<CheckedIndex, TransferError> {
     use sha2::Digest;
-    let chunks = image
-        .chunks
-        .as_ref()
-        .ok_or_else(|| TransferError::BadImage {
-            url: esc(&image.url),
-            detail: "no block index".into(),
-        })?;
+    let chunks = chunks_of(image)?;
     prepare_work_dir(work_dir)
         .map_err(|e| TransferError::slot_io(work_dir, "create the work directory", e))?;
-    let http = http_options(settings);
+    let http = settings.http();
     let url = parse_url(&chunks.url)?;
     let shown = esc(url.as_str());
     let cap = index_cap(image.size, chunks.chunk_size);
@@ -1323,12 +1305,17 @@ pub async fn fetch_checked_index(
     })
 }
 
-fn http_options(settings: &super::FetchSettings) -> HttpOptions<'_> {
-    HttpOptions {
-        connect_timeout: settings.connect_timeout,
-        stall_timeout: settings.stall_timeout,
-        extra_roots: &settings.extra_roots,
-    }
+/// The image's block index reference; an image without one is refused.
+fn chunks_of(
+    image: &crate::release::manifest::Image,
+) -> Result<&crate::release::manifest::ChunkIndexRef, TransferError> {
+    image
+        .chunks
+        .as_ref()
+        .ok_or_else(|| TransferError::BadImage {
+            url: esc(&image.url),
+            detail: "no block index (chunks) for the image".into(),
+        })
 }
 
 /// What the daemon found before it asks the installer for a delta.
@@ -1344,7 +1331,7 @@ pub async fn offer_delta(
     index: CheckedIndex,
     settings: &super::FetchSettings,
 ) -> Result<DeltaOffer, (TransferError, CheckedIndex)> {
-    let http = http_options(settings);
+    let http = settings.http();
     let store = match Store::new(&index.store_url, &http) {
         Ok(store) => store,
         Err(e) => return Err((e, index)),

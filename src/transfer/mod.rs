@@ -312,13 +312,7 @@ async fn install_full(
         })
     };
 
-    let mut reporter = Reporter {
-        events,
-        checkpoints,
-        written,
-        total: size,
-        last_progress: Instant::now(),
-    };
+    let mut reporter = Reporter::new(events, checkpoints, written, size);
     let mut rate = RateLimit::new(req.max_rate);
     // Bytes as they came over the network (compressed, for a zstd image), for the progress
     // reports beside the bytes written.
@@ -503,7 +497,23 @@ struct Reporter<'a, E: ?Sized> {
     last_progress: Instant,
 }
 
-impl<E: ?Sized + FnMut(TransferEvent) -> io::Result<()>> Reporter<'_, E> {
+impl<'a, E: ?Sized + FnMut(TransferEvent) -> io::Result<()>> Reporter<'a, E> {
+    /// Reports the sink's checkpoints and its progress out of `total` bytes to `events`.
+    fn new(
+        events: &'a mut E,
+        checkpoints: std::sync::mpsc::Receiver<u64>,
+        written: Arc<AtomicU64>,
+        total: u64,
+    ) -> Reporter<'a, E> {
+        Reporter {
+            events,
+            checkpoints,
+            written,
+            total,
+            last_progress: Instant::now(),
+        }
+    }
+
     fn checkpoints(&mut self) -> Result<(), TransferError> {
         while let Ok(durable) = self.checkpoints.try_recv() {
             call(self.events, TransferEvent::Checkpoint { durable })?;

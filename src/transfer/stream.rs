@@ -45,6 +45,16 @@ pub struct FetchSettings {
     pub full_download_fallback: bool,
 }
 
+impl FetchSettings {
+    pub(super) fn http(&self) -> HttpOptions<'_> {
+        HttpOptions {
+            connect_timeout: self.connect_timeout,
+            stall_timeout: self.stall_timeout,
+            extra_roots: &self.extra_roots,
+        }
+    }
+}
+
 /// The daemon's side: sends the block index it checked (or its absence) for the installer's
 /// read-back, then fetches `image` from `start` (the offset the installer resumes at; 0 for a
 /// compressed image), decompresses it, and writes the image bytes `[start, size)` into `out`,
@@ -65,6 +75,13 @@ pub async fn send_image(
     })
     .await
     .map_err(join_error)??;
+    // `UPDATE_AGENT_CRASH_AT=index:sent`: a power cut of the daemon between the index and the
+    // image's first byte.
+    #[cfg(feature = "test-hooks")]
+    if std::env::var("UPDATE_AGENT_CRASH_AT").as_deref() == Ok("index:sent") {
+        eprintln!("crash point index:sent: killing the agent with SIGKILL");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
     let size = image.size;
     let start = if plan.zstd.is_some() || start > size {
         0
@@ -74,12 +91,7 @@ pub async fn send_image(
     if start == size {
         return Ok(());
     }
-    let http = HttpOptions {
-        connect_timeout: settings.connect_timeout,
-        stall_timeout: settings.stall_timeout,
-        extra_roots: &settings.extra_roots,
-    };
-    let mut source = Source::open(&plan.url, start, plan.transport_size, &http).await?;
+    let mut source = Source::open(&plan.url, start, plan.transport_size, &settings.http()).await?;
     // A server that ignored the range sends the whole image: the installer still expects it
     // from `start`.
     let mut skip = start - source.start();
@@ -275,13 +287,7 @@ impl SlotStream {
                 })
                 .map_err(|e| TransferError::slot_io(&request.slot_path, "start writing", e))?
         };
-        let mut reporter = Reporter {
-            events,
-            checkpoints,
-            written,
-            total: request.size,
-            last_progress: Instant::now(),
-        };
+        let mut reporter = Reporter::new(events, checkpoints, written, request.size);
         let expected = request.size - start;
         let mut received = 0u64;
         let failure = (|| {
