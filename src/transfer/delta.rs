@@ -1238,10 +1238,6 @@ impl CheckedIndex {
         }
         Ok(())
     }
-
-    pub fn len(&self) -> u64 {
-        self.len
-    }
 }
 
 /// The daemon's side, before the installer is asked: the index downloaded and checked against
