@@ -216,10 +216,16 @@ impl Agent1 {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("the call has no sender".into()))?;
-        let bus = zbus::fdo::DBusProxy::new(conn).await?;
-        let credentials = bus
-            .get_connection_credentials(sender.clone().into())
+        let credentials: zbus::fdo::ConnectionCredentials = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "GetConnectionCredentials",
+                &(sender.as_str(),),
+            )
             .await
+            .and_then(|reply| reply.body().deserialize())
             .map_err(|e| Error::AccessDenied(format!("cannot learn who called: {e}")))?;
         let uid = credentials
             .unix_user_id()
