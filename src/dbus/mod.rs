@@ -19,11 +19,13 @@ pub mod client;
 pub mod feed;
 pub mod host;
 
+use std::collections::HashMap;
+
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use zbus::message::Header;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
-use zbus::{Connection, interface};
+use zbus::{Connection, OwnedVariant, interface};
 
 use crate::config::Config;
 use crate::engine::{Answer, Engine, Input, Notice, Phase, Postpone, Progress};
@@ -216,7 +218,9 @@ impl Agent1 {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("the call has no sender".into()))?;
-        let credentials: zbus::fdo::ConnectionCredentials = conn
+        // Read as a plain dictionary (the one `GetAll` of the CLI also uses): zbus's typed
+        // `ConnectionCredentials` brings a decoder for each of its optional fields.
+        let mut credentials: HashMap<String, OwnedVariant> = conn
             .call_method(
                 Some("org.freedesktop.DBus"),
                 "/org/freedesktop/DBus",
@@ -227,13 +231,16 @@ impl Agent1 {
             .await
             .and_then(|reply| reply.body().deserialize())
             .map_err(|e| Error::AccessDenied(format!("cannot learn who called: {e}")))?;
-        let uid = credentials
-            .unix_user_id()
+        let uid: u32 = credentials
+            .get("UnixUserID")
+            .and_then(|id| id.downcast_ref().ok())
             .ok_or_else(|| Error::AccessDenied("the bus does not say who called".into()))?;
         // The bus gives the caller's groups (SO_PEERGROUPS); an older bus does not, and then
         // the user database's groups of the uid count.
-        let groups: Vec<u32> = match credentials.unix_group_ids() {
-            Some(groups) => groups.clone(),
+        let groups: Vec<u32> = match credentials.remove("UnixGroupIDs") {
+            Some(groups) => Vec::try_from(groups).map_err(|e| {
+                Error::AccessDenied(format!("cannot read the caller's groups: {e}"))
+            })?,
             None => user_groups(uid),
         };
         if self.access.allows(uid, &groups) {
