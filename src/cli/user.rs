@@ -92,16 +92,25 @@ fn fail(err: ClientError, json: bool) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Calls `method` of the running agent with `body` (its arguments as a tuple).
-async fn call<B>(json: bool, method: &str, body: &B) -> Result<zbus::Message, ExitCode>
-where
-    B: serde::Serialize + zbus::DynamicType,
-{
+/// Calls `method` of the running agent with its one argument, if it takes one. Not generic
+/// over the argument: each copy of a call costs kilobytes of the device binary.
+async fn call(
+    json: bool,
+    method: &str,
+    argument: Option<zbus::Variant<'_>>,
+) -> Result<zbus::Message, ExitCode> {
     let agent = client::connect().await.map_err(|e| fail(e, json))?;
-    agent
-        .call(method, body)
-        .await
-        .map_err(|e| fail(ClientError::from_call(e), json))
+    let reply = match argument {
+        None => agent.call(method, &()).await,
+        Some(argument) => {
+            // The value itself as the one argument (`t`, `x`, `b`), not wrapped in a variant.
+            match zbus::Structure::builder().append_field(argument).build() {
+                Ok(arguments) => agent.call(method, &arguments).await,
+                Err(err) => Err(err),
+            }
+        }
+    };
+    reply.map_err(|e| fail(ClientError::from_call(e), json))
 }
 
 pub fn postpone(args: PostponeArgs) -> anyhow::Result<ExitCode> {
@@ -113,8 +122,11 @@ pub fn postpone(args: PostponeArgs) -> anyhow::Result<ExitCode> {
     };
     runtime()?.block_on(async {
         let reply = match request {
-            Postpone::For(d) => call(json, "Postpone", &(d.as_secs().max(0) as u64,)).await,
-            Postpone::Until(t) => call(json, "PostponeUntil", &(t.as_second(),)).await,
+            Postpone::For(d) => {
+                let seconds = d.as_secs().max(0) as u64;
+                call(json, "Postpone", Some(seconds.into())).await
+            }
+            Postpone::Until(t) => call(json, "PostponeUntil", Some(t.as_second().into())).await,
         };
         let reply = match reply {
             Ok(reply) => reply,
@@ -190,7 +202,7 @@ fn parse_time(text: &str) -> anyhow::Result<Timestamp> {
 }
 
 pub fn resume(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "postponement withdrawn", "Resume", &())
+    simple(args.json, "postponement withdrawn", "Resume", None)
 }
 
 pub fn auto(args: AutoArgs) -> anyhow::Result<ExitCode> {
@@ -200,23 +212,25 @@ pub fn auto(args: AutoArgs) -> anyhow::Result<ExitCode> {
     } else {
         "automatic install is off: updates are announced, not installed (security deadlines may still apply)"
     };
-    simple(args.json, done, "SetAutoInstall", &(on,))
+    simple(args.json, done, "SetAutoInstall", Some(on.into()))
 }
 
 pub fn install_now(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "installing now", "InstallNow", &())
+    simple(args.json, "installing now", "InstallNow", None)
 }
 
 pub fn check(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "check for updates requested", "CheckNow", &())
+    simple(args.json, "check for updates requested", "CheckNow", None)
 }
 
-fn simple<B>(json: bool, done: &str, method: &str, body: &B) -> anyhow::Result<ExitCode>
-where
-    B: serde::Serialize + zbus::DynamicType,
-{
+fn simple(
+    json: bool,
+    done: &str,
+    method: &str,
+    argument: Option<zbus::Variant<'_>>,
+) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        if let Err(code) = call(json, method, body).await {
+        if let Err(code) = call(json, method, argument).await {
             return Ok(code);
         }
         if json {
