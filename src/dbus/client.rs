@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use zbus::names::OwnedUniqueName;
 use zbus::{Connection, Message, MessageStream, OwnedVariant, Variant};
 
 use crate::dbus::{BUS_NAME, ERROR_ACCESS_DENIED, ERROR_REFUSED, INTERFACE, OBJECT_PATH};
@@ -57,9 +56,6 @@ pub async fn proxy(conn: &Connection) -> zbus::Result<Agent1Proxy<'static>> {
 /// The running agent, as the CLI calls it.
 pub struct AgentClient {
     conn: Connection,
-    /// The agent's unique name on the bus: its signals are matched by it (zbus cannot match a
-    /// well-known sender name in the process).
-    owner: OwnedUniqueName,
 }
 
 impl AgentClient {
@@ -89,10 +85,13 @@ impl AgentClient {
     }
 
     /// The agent's signals, its `PropertiesChanged` among them, in the order it sent them.
+    /// The bus matches the sender by [`BUS_NAME`], so an agent that restarts under a new unique
+    /// name is still followed (zbus itself cannot check a well-known sender: it only knows the
+    /// unique one in the message).
     pub async fn signals(&self) -> zbus::Result<MessageStream> {
         let rule = zbus::MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
-            .sender(self.owner.as_ref())
+            .sender(BUS_NAME)
             .path(OBJECT_PATH)
             .build()?;
         MessageStream::for_match_rule(rule, &self.conn, None).await
@@ -173,22 +172,21 @@ pub async fn connect() -> Result<AgentClient, ClientError> {
         .build()
         .await
         .map_err(|_| not_running())?;
-    let owner = conn
+    let running: bool = conn
         .call_method(
             Some(DBUS),
             DBUS_PATH,
             Some(DBUS),
-            "GetNameOwner",
+            "NameHasOwner",
             &(BUS_NAME,),
         )
-        .await
-        .map_err(|err| match ClientError::from_call(err) {
-            ClientError::NotRunning { .. } => not_running(),
-            other => other,
-        })?
+        .await?
         .body()
         .deserialize()?;
-    Ok(AgentClient { conn, owner })
+    if !running {
+        return Err(not_running());
+    }
+    Ok(AgentClient { conn })
 }
 
 /// Everything the agent shows, as `update-agent status --json` prints it. Times are RFC 3339.
