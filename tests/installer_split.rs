@@ -688,7 +688,11 @@ fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
             &new[..],
             "{compress:?}: slot B holds the image"
         );
-        assert_eq!(server.requests_of(served), 1, "{compress:?}: the whole image");
+        assert_eq!(
+            server.requests_of(served),
+            1,
+            "{compress:?}: the whole image"
+        );
         let log = split.installer_log();
         assert!(
             log.contains("checked against the block index"),
@@ -765,15 +769,24 @@ fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resume
         .env("UPDATE_AGENT_CRASH_AT", "index:sent")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), None, "killed by its signal: {}", text(&out));
-    wait_for("the installer to end the write", Duration::from_secs(20), || {
-        split.installer_log().contains("refused write")
-    });
+    assert_eq!(
+        out.status.code(),
+        None,
+        "killed by its signal: {}",
+        text(&out)
+    );
+    wait_for(
+        "the installer to end the write",
+        Duration::from_secs(20),
+        || split.installer_log().contains("refused write"),
+    );
     assert_eq!(split.ledger()["slots"]["B"]["held"], "unverified");
-    assert!(!split
-        .env_var("BOOT_ORDER")
-        .unwrap_or_default()
-        .starts_with('B'));
+    assert!(
+        !split
+            .env_var("BOOT_ORDER")
+            .unwrap_or_default()
+            .starts_with('B')
+    );
 
     let out = split.as_daemon(&["boot-check", "--no-reboot"]);
     assert!(out.status.success(), "boot-check: {}", text(&out));

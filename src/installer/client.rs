@@ -106,14 +106,13 @@ impl RemoteInstaller {
         // for the installer's read-back, block by block on its pool.
         let mut index = None;
         if let (Some(work_dir), Some(_)) = (&settings.delta_work_dir, &image.chunks) {
-            let offered = match crate::transfer::fetch_checked_index(image, settings, work_dir)
-                .await
-            {
-                Ok(checked) => crate::transfer::offer_delta(checked, settings)
-                    .await
-                    .map_err(|(e, checked)| (e, Some(checked))),
-                Err(e) => Err((e, None)),
-            };
+            let offered =
+                match crate::transfer::fetch_checked_index(image, settings, work_dir).await {
+                    Ok(checked) => crate::transfer::offer_delta(checked, settings)
+                        .await
+                        .map_err(|(e, checked)| (e, Some(checked))),
+                    Err(e) => Err((e, None)),
+                };
             match offered {
                 Ok(offer) => {
                     return self

@@ -377,10 +377,13 @@ fn receive_block_index(
         shown,
     };
     match &request.image.chunks {
-        Some(chunks) => Ok(
-            super::delta::receive_index(&mut reader, &request.image, chunks, &request.work_dir)?
-                .map(|(index, _)| index),
-        ),
+        Some(chunks) => Ok(super::delta::receive_index(
+            &mut reader,
+            &request.image,
+            chunks,
+            &request.work_dir,
+        )?
+        .map(|(index, _)| index)),
         None => {
             let mut len = [0u8; 8];
             reader.read_exact(&mut len)?;

@@ -442,8 +442,8 @@ enum ImageHash {
     },
 }
 
-/// Chunks queued for the hashing thread.
-const HASH_QUEUE: usize = 8;
+/// Chunks queued for the hashing thread (each still held there after it was written).
+const HASH_QUEUE: usize = 4;
 
 impl ImageHash {
     fn threaded(state: Sha256) -> ImageHash {
