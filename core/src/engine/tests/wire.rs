@@ -22,7 +22,7 @@ macro_rules! wire_names {
 /// Serialises to exactly `"name"`, and `"name"` deserialises to it.
 fn assert_wire_name<T>(value: T, name: &str)
 where
-    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug,
 {
     let quoted = format!("\"{name}\"");
     assert_eq!(serde_json::to_string(&value).unwrap(), quoted, "{value:?}");
@@ -171,7 +171,7 @@ const STATES_WRITTEN_BY_MAIN: &[(&str, &str)] = &[
 
 #[test]
 fn state_files_written_by_main_load_and_are_written_back_unchanged() {
-    let mut phases = std::collections::BTreeSet::new();
+    let mut phases = alloc::collections::BTreeSet::new();
     for (name, text) in STATES_WRITTEN_BY_MAIN {
         let state: PersistentState =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
