@@ -155,6 +155,12 @@ impl Harness {
         jobs
     }
 
+    /// The kind and reason of the last event reported.
+    fn last_event(&self) -> (EventKind, Option<ReasonCode>) {
+        let last = self.events.last().expect("an event was reported");
+        (last.kind, last.reason)
+    }
+
     fn states(&self) -> Vec<EventKind> {
         self.events.iter().map(|e| e.kind).collect()
     }
@@ -287,9 +293,10 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
     // The same release, delivered again, is refused and not installed.
     let jobs = h.offer(rel);
     assert!(jobs.is_empty());
-    let last = h.events.last().unwrap();
-    assert_eq!(last.kind, EventKind::Refused);
-    assert_eq!(last.reason, Some(ReasonCode::PreviouslyRolledBack));
+    assert_eq!(
+        h.last_event(),
+        (EventKind::Refused, Some(ReasonCode::PreviouslyRolledBack))
+    );
 }
 
 #[test]
