@@ -8,9 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{
-    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
-};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, KeypairBytes};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// A PEM key file is a few hundred bytes; anything much larger is not a key.
@@ -93,8 +91,25 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, KeyError> {
     })
 }
 
+/// An SPKI PEM public key as `openssl pkey -pubout` writes it: the label lines around the
+/// base64 of the 44-byte DER (RFC 8410), which is this fixed prefix and the 32 key bytes.
+/// Read by hand rather than with the generic PEM, DER and SPKI decoders, which cost 14 KiB of
+/// the device binary for one fixed layout; anything else is refused.
 pub fn parse_verifying_key(pem: &str) -> Option<VerifyingKey> {
-    VerifyingKey::from_public_key_pem(pem).ok()
+    use base64::Engine;
+    const SPKI_ED25519: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    let body = pem
+        .trim()
+        .strip_prefix("-----BEGIN PUBLIC KEY-----")?
+        .strip_suffix("-----END PUBLIC KEY-----")?;
+    let text: String = body.split(['\r', '\n']).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    let key = der.strip_prefix(&SPKI_ED25519)?;
+    VerifyingKey::from_bytes(key.try_into().ok()?).ok()
 }
 
 pub fn generate_signing_key() -> Result<SigningKey, KeyError> {
@@ -151,6 +166,46 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_key_pem_is_read_as_openssl_writes_it_and_nothing_else() {
+        let key = SigningKey::from_bytes(&[5u8; 32]).verifying_key();
+        let pem = key.to_public_key_pem(LineEnding::LF).unwrap();
+        assert_eq!(parse_verifying_key(&pem), Some(key));
+        assert_eq!(parse_verifying_key(&pem.replace('\n', "\r\n")), Some(key));
+        // The generic decoder agrees on what it is.
+        use ed25519_dalek::pkcs8::DecodePublicKey;
+        assert_eq!(VerifyingKey::from_public_key_pem(&pem).unwrap(), key);
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(&body)
+                .unwrap()
+        };
+        let wrap = |der: &[u8]| {
+            use base64::Engine;
+            let text = base64::engine::general_purpose::STANDARD.encode(der);
+            format!("-----BEGIN PUBLIC KEY-----\n{text}\n-----END PUBLIC KEY-----\n")
+        };
+        assert_eq!(parse_verifying_key(&wrap(&der)), Some(key));
+        // Another algorithm (X25519's OID 1.3.101.110), a short or long key, another label,
+        // text inside the body: refused.
+        let mut x25519 = der.clone();
+        x25519[8] = 0x6e;
+        assert_eq!(parse_verifying_key(&wrap(&x25519)), None);
+        assert_eq!(parse_verifying_key(&wrap(&der[..43])), None);
+        assert_eq!(parse_verifying_key(&wrap(&[&der[..], &[0]].concat())), None);
+        assert_eq!(
+            parse_verifying_key(&pem.replace("PUBLIC KEY", "PRIVATE KEY")),
+            None
+        );
+        assert_eq!(
+            parse_verifying_key(&pem.replace("\n-----END", " x\n-----END")),
+            None
+        );
+        assert_eq!(parse_verifying_key(""), None);
+    }
 
     #[test]
     fn written_pair_loads_back_and_private_key_is_owner_only() {

@@ -3,6 +3,7 @@
 //! without a broker (the daemon, `run`, hosts it with MQTT). The bus is the system bus, or
 //! `DBUS_SYSTEM_BUS_ADDRESS`.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use update_agent::agent::{Agent, RebootMode};
 use update_agent::config::Config;
-use update_agent::dbus::client::{self, Agent1Proxy, ClientError, Status};
+use update_agent::dbus::client::{self, AgentClient, ClientError, Status};
 use update_agent::dbus::host::{Host, Request};
 use update_agent::dbus::{self, Access};
 use update_agent::progress_line::ProgressLine;
@@ -91,14 +92,25 @@ fn fail(err: ClientError, json: bool) -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn call<T>(
+/// Calls `method` of the running agent with its one argument, if it takes one. Not generic
+/// over the argument: each copy of a call costs kilobytes of the device binary.
+async fn call(
     json: bool,
-    what: impl AsyncFnOnce(&Agent1Proxy<'static>) -> zbus::Result<T>,
-) -> Result<T, ExitCode> {
+    method: &str,
+    argument: Option<zbus::Variant<'_>>,
+) -> Result<zbus::Message, ExitCode> {
     let agent = client::connect().await.map_err(|e| fail(e, json))?;
-    what(&agent)
-        .await
-        .map_err(|e| fail(ClientError::from_call(e), json))
+    let reply = match argument {
+        None => agent.call(method, &()).await,
+        Some(argument) => {
+            // The value itself as the one argument (`t`, `x`, `b`), not wrapped in a variant.
+            match zbus::Structure::builder().append_field(argument).build() {
+                Ok(arguments) => agent.call(method, &arguments).await,
+                Err(err) => Err(err),
+            }
+        }
+    };
+    reply.map_err(|e| fail(ClientError::from_call(e), json))
 }
 
 pub fn postpone(args: PostponeArgs) -> anyhow::Result<ExitCode> {
@@ -109,15 +121,18 @@ pub fn postpone(args: PostponeArgs) -> anyhow::Result<ExitCode> {
         _ => anyhow::bail!("give a duration (4h) or --until TIME"),
     };
     runtime()?.block_on(async {
-        let result = call(json, async |agent| match request {
-            Postpone::For(d) => agent.postpone(d.as_secs().max(0) as u64).await,
-            Postpone::Until(t) => agent.postpone_until(t.as_second()).await,
-        })
-        .await;
-        let (until, clamped) = match result {
-            Ok(answer) => answer,
+        let reply = match request {
+            Postpone::For(d) => {
+                let seconds = d.as_secs().max(0) as u64;
+                call(json, "Postpone", Some(seconds.into())).await
+            }
+            Postpone::Until(t) => call(json, "PostponeUntil", Some(t.as_second().into())).await,
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
             Err(code) => return Ok(code),
         };
+        let (until, clamped): (i64, String) = reply.body().deserialize()?;
         let until_text = client::time(until).unwrap_or_default();
         if json {
             let clamped = (!clamped.is_empty()).then_some(clamped.as_str());
@@ -187,9 +202,7 @@ fn parse_time(text: &str) -> anyhow::Result<Timestamp> {
 }
 
 pub fn resume(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "postponement withdrawn", async |a| {
-        a.resume().await
-    })
+    simple(args.json, "postponement withdrawn", "Resume", None)
 }
 
 pub fn auto(args: AutoArgs) -> anyhow::Result<ExitCode> {
@@ -199,26 +212,25 @@ pub fn auto(args: AutoArgs) -> anyhow::Result<ExitCode> {
     } else {
         "automatic install is off: updates are announced, not installed (security deadlines may still apply)"
     };
-    simple(args.json, done, async move |a| a.set_auto_install(on).await)
+    simple(args.json, done, "SetAutoInstall", Some(on.into()))
 }
 
 pub fn install_now(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "installing now", async |a| a.install_now().await)
+    simple(args.json, "installing now", "InstallNow", None)
 }
 
 pub fn check(args: SimpleArgs) -> anyhow::Result<ExitCode> {
-    simple(args.json, "check for updates requested", async |a| {
-        a.check_now().await
-    })
+    simple(args.json, "check for updates requested", "CheckNow", None)
 }
 
 fn simple(
     json: bool,
     done: &str,
-    what: impl AsyncFnOnce(&Agent1Proxy<'static>) -> zbus::Result<()>,
+    method: &str,
+    argument: Option<zbus::Variant<'_>>,
 ) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        if let Err(code) = call(json, what).await {
+        if let Err(code) = call(json, method, argument).await {
             return Ok(code);
         }
         if json {
@@ -382,71 +394,102 @@ impl Follower {
     }
 }
 
-async fn follow_agent(agent: &Agent1Proxy<'static>, json: bool) -> anyhow::Result<()> {
-    // The raw PropertiesChanged signals, not zbus' per-property streams: those keep only the
-    // latest value, so a follower on a busy device would miss a short `writing` state.
-    let properties = zbus::fdo::PropertiesProxy::builder(agent.inner().connection())
-        .destination(agent.inner().destination().to_owned())
-        .path(agent.inner().path().to_owned())
-        .build()
-        .await?;
-    let mut changes = properties.receive_properties_changed().await?;
-    let mut available = agent.receive_update_available().await?;
-    let mut disruption = agent.receive_disruption_ahead().await?;
-    let mut completed = agent.receive_completed().await?;
+async fn follow_agent(agent: &AgentClient, json: bool) -> anyhow::Result<()> {
+    // The raw signals in one stream, not per-property streams: those keep only the latest
+    // value, so a follower on a busy device would miss a short `writing` state.
+    let mut signals = agent.signals().await?;
     let mut follower = Follower {
         json,
         terminal: std::io::stderr().is_terminal() && !json,
         bar: None,
     };
     // Subscribed first, then the current values: a change in between is shown, not lost.
-    let interface = zbus::names::InterfaceName::try_from(dbus::INTERFACE)?;
-    let current = properties.get_all(interface).await?;
+    let current = agent.properties().await?;
     for name in FOLLOWED {
         if let Some(value) = current.get(name) {
             follower.property(name, value)?;
         }
     }
     loop {
-        tokio::select! {
+        let message = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            Some(signal) = changes.next() => {
-                let args = signal.args()?;
-                if args.interface_name().as_str() != dbus::INTERFACE {
-                    continue;
-                }
-                let changed = args.changed_properties();
-                for name in FOLLOWED {
-                    if let Some(value) = changed.get(name) {
-                        follower.property(name, value)?;
+            message = signals.next() => match message {
+                Some(message) => message?,
+                None => break,
+            },
+        };
+        let header = message.header();
+        let body = message.body();
+        let interface = header.interface().map(|i| i.as_str());
+        let line = match (interface, header.member().map(|m| m.as_str())) {
+            (Some(client::PROPERTIES), Some("PropertiesChanged")) => {
+                let (interface, changed, _): (&str, HashMap<&str, zbus::Variant<'_>>, Vec<&str>) =
+                    body.deserialize()?;
+                if interface == dbus::INTERFACE {
+                    for name in FOLLOWED {
+                        if let Some(value) = changed.get(name) {
+                            follower.property(name, value)?;
+                        }
                     }
                 }
+                continue;
             }
-            Some(signal) = available.next() => {
-                let a = signal.args()?;
-                follower.say(if json {
-                    json!({"update_available": {"version": a.version, "advisory": a.advisory, "security": a.security, "severity": a.severity, "deadline": client::time(a.deadline)}}).to_string()
+            (Some(dbus::INTERFACE), Some("UpdateAvailable")) => {
+                let (version, advisory, security, severity, deadline): (
+                    &str,
+                    &str,
+                    bool,
+                    &str,
+                    i64,
+                ) = body.deserialize()?;
+                if json {
+                    json!({"update_available": {"version": version, "advisory": advisory, "security": security, "severity": severity, "deadline": client::time(deadline)}}).to_string()
                 } else {
-                    format!("update available: {} — {}", escape_for_log(&a.version, 64), escape_for_log(&a.advisory, 300))
-                });
+                    format!(
+                        "update available: {} — {}",
+                        escape_for_log(version, 64),
+                        escape_for_log(advisory, 300)
+                    )
+                }
             }
-            Some(signal) = disruption.next() => {
-                let a = signal.args()?;
-                follower.say(if json {
-                    json!({"disruption_ahead": {"seconds": a.seconds, "postponable": a.postponable, "downtime_seconds": a.downtime_seconds}}).to_string()
+            (Some(dbus::INTERFACE), Some("DisruptionAhead")) => {
+                let (seconds, postponable, downtime_seconds): (u64, bool, u64) =
+                    body.deserialize()?;
+                if json {
+                    json!({"disruption_ahead": {"seconds": seconds, "postponable": postponable, "downtime_seconds": downtime_seconds}}).to_string()
                 } else {
-                    format!("reboot in {} s{}", a.seconds, if a.postponable { " (update-agent postpone can still move it)" } else { "" })
-                });
+                    format!(
+                        "reboot in {} s{}",
+                        seconds,
+                        if postponable {
+                            " (update-agent postpone can still move it)"
+                        } else {
+                            ""
+                        }
+                    )
+                }
             }
-            Some(signal) = completed.next() => {
-                let a = signal.args()?;
-                follower.say(if json {
-                    json!({"completed": {"result": a.result, "version": a.version, "reason": a.reason}}).to_string()
+            (Some(dbus::INTERFACE), Some("Completed")) => {
+                let (result, version, reason): (&str, &str, &str) = body.deserialize()?;
+                if json {
+                    json!({"completed": {"result": result, "version": version, "reason": reason}})
+                        .to_string()
                 } else {
-                    format!("{} {}{}", a.result, escape_for_log(&a.version, 64), if a.reason.is_empty() { String::new() } else { format!(" ({})", a.reason) })
-                });
+                    format!(
+                        "{} {}{}",
+                        result,
+                        escape_for_log(version, 64),
+                        if reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({reason})")
+                        }
+                    )
+                }
             }
-        }
+            _ => continue,
+        };
+        follower.say(line);
     }
     if let Some(bar) = follower.bar {
         bar.finish_and_clear();

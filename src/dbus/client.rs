@@ -1,65 +1,31 @@
 //! The client side of `org.updateagent.Agent1`, for the CLI (`update-agent status`, `postpone`,
-//! …) and the tests: a typed proxy, the status as one serialisable record, and the mapping of
-//! D-Bus errors to what a person should read.
+//! …): the agent called with plain D-Bus messages, the status as one serialisable record, and
+//! the mapping of D-Bus errors to what a person should read. The tests also use a typed proxy
+//! (feature `sim`, which turns on zbus's `proxy`): `#[zbus::proxy]` (its property cache, a
+//! stream per signal, the proxy builder) cost 129 KiB of the device binary for a handful of
+//! calls and one `GetAll`.
+
+use std::collections::HashMap;
 
 use serde::Serialize;
-use zbus::Connection;
+use zbus::{Connection, Message, MessageStream, OwnedVariant, Variant};
 
-use crate::dbus::{BUS_NAME, ERROR_ACCESS_DENIED, ERROR_REFUSED};
+use crate::dbus::{BUS_NAME, ERROR_ACCESS_DENIED, ERROR_REFUSED, INTERFACE, OBJECT_PATH};
 
+/// The message bus itself and the standard properties interface.
+const DBUS: &str = "org.freedesktop.DBus";
+const DBUS_PATH: &str = "/org/freedesktop/DBus";
+pub const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+
+#[cfg(feature = "sim")]
 #[zbus::proxy(
     interface = "org.updateagent.Agent1",
     default_service = "org.updateagent.Agent1",
     default_path = "/org/updateagent/Agent1"
 )]
 pub trait Agent1 {
-    fn postpone(&self, seconds: u64) -> zbus::Result<(i64, String)>;
-    fn postpone_until(&self, until: i64) -> zbus::Result<(i64, String)>;
-    fn resume(&self) -> zbus::Result<()>;
-    fn set_auto_install(&self, on: bool) -> zbus::Result<()>;
-    fn install_now(&self) -> zbus::Result<()>;
-    fn check_now(&self) -> zbus::Result<()>;
-    fn mark_good(&self) -> zbus::Result<()>;
-    fn mark_bad(&self) -> zbus::Result<()>;
-
     #[zbus(property)]
     fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn progress(&self) -> zbus::Result<(u64, u64)>;
-    #[zbus(property)]
-    fn downloaded(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn booted_slot(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn current_version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn pending_version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn pending_advisory(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn pending_security(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
-    fn pending_severity(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn pending_deadline(&self) -> zbus::Result<i64>;
-    #[zbus(property)]
-    fn pending_disruption(&self) -> zbus::Result<(bool, u64)>;
-    #[zbus(property)]
-    fn auto_install(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
-    fn postponed_until(&self) -> zbus::Result<i64>;
-    #[zbus(property)]
-    fn waiting(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn reboot_at(&self) -> zbus::Result<i64>;
-    #[zbus(property)]
-    fn last_error(&self) -> zbus::Result<(String, String)>;
-    #[zbus(property)]
-    fn support_end(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn model(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn compatible(&self) -> zbus::Result<String>;
 
     #[zbus(signal)]
     fn update_available(
@@ -79,6 +45,69 @@ pub trait Agent1 {
     ) -> zbus::Result<()>;
     #[zbus(signal)]
     fn completed(&self, result: String, version: String, reason: String) -> zbus::Result<()>;
+}
+
+/// Connects to an agent on `conn` through the typed proxy (tests hand in their own bus).
+#[cfg(feature = "sim")]
+pub async fn proxy(conn: &Connection) -> zbus::Result<Agent1Proxy<'static>> {
+    Agent1Proxy::new(conn).await
+}
+
+/// The running agent, as the CLI calls it.
+pub struct AgentClient {
+    conn: Connection,
+}
+
+impl AgentClient {
+    /// Calls `method` of [`INTERFACE`] with `body` (a tuple of the arguments).
+    pub async fn call<B>(&self, method: &str, body: &B) -> zbus::Result<Message>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+    {
+        self.conn
+            .call_method(Some(BUS_NAME), OBJECT_PATH, Some(INTERFACE), method, body)
+            .await
+    }
+
+    /// Every property of [`INTERFACE`], with one `GetAll`.
+    pub async fn properties(&self) -> zbus::Result<HashMap<String, OwnedVariant>> {
+        self.conn
+            .call_method(
+                Some(BUS_NAME),
+                OBJECT_PATH,
+                Some(PROPERTIES),
+                "GetAll",
+                &(INTERFACE,),
+            )
+            .await?
+            .body()
+            .deserialize()
+    }
+
+    /// The agent's signals, its `PropertiesChanged` among them, in the order it sent them.
+    /// The bus matches the sender by [`BUS_NAME`], so an agent that restarts under a new unique
+    /// name is still followed (zbus itself cannot check a well-known sender: it only knows the
+    /// unique one in the message).
+    pub async fn signals(&self) -> zbus::Result<MessageStream> {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(BUS_NAME)
+            .path(OBJECT_PATH)
+            .build()?;
+        MessageStream::for_match_rule(rule, &self.conn, None).await
+    }
+}
+
+/// The property `name` out of a `GetAll` answer.
+pub fn property<'a, T>(properties: &'a HashMap<String, OwnedVariant>, name: &str) -> zbus::Result<T>
+where
+    T: TryFrom<&'a Variant<'a>>,
+    <T as TryFrom<&'a Variant<'a>>>::Error: Into<zbus::Error>,
+{
+    properties
+        .get(name)
+        .ok_or_else(|| zbus::Error::Failure(format!("the agent has no property {name}")))?
+        .downcast_ref()
 }
 
 /// Why a call to the agent did not work, as a person should read it.
@@ -132,7 +161,7 @@ impl ClientError {
 }
 
 /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` when set) and finds the agent.
-pub async fn connect() -> Result<Agent1Proxy<'static>, ClientError> {
+pub async fn connect() -> Result<AgentClient, ClientError> {
     let address = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
         .map(|a| format!(" at {a}"))
         .unwrap_or_default();
@@ -143,17 +172,21 @@ pub async fn connect() -> Result<Agent1Proxy<'static>, ClientError> {
         .build()
         .await
         .map_err(|_| not_running())?;
-    let bus = zbus::fdo::DBusProxy::new(&conn).await?;
-    let name = zbus::names::BusName::try_from(BUS_NAME)?;
-    if !bus.name_has_owner(name).await.map_err(zbus::Error::from)? {
+    let running: bool = conn
+        .call_method(
+            Some(DBUS),
+            DBUS_PATH,
+            Some(DBUS),
+            "NameHasOwner",
+            &(BUS_NAME,),
+        )
+        .await?
+        .body()
+        .deserialize()?;
+    if !running {
         return Err(not_running());
     }
-    Ok(Agent1Proxy::new(&conn).await?)
-}
-
-/// Connects to an agent on `conn` (tests hand in their own bus).
-pub async fn proxy(conn: &Connection) -> zbus::Result<Agent1Proxy<'static>> {
-    Agent1Proxy::new(conn).await
+    Ok(AgentClient { conn })
 }
 
 /// Everything the agent shows, as `update-agent status --json` prints it. Times are RFC 3339.
@@ -202,42 +235,49 @@ pub struct ErrorOut {
 }
 
 impl Status {
-    pub async fn fetch(agent: &Agent1Proxy<'_>) -> zbus::Result<Status> {
-        let (done, total) = agent.progress().await?;
-        // An agent before the property answers with an error: no count, not a failure.
-        let downloaded = agent.downloaded().await.ok().filter(|&d| d > 0);
-        let pending_version = agent.pending_version().await?;
+    pub async fn fetch(agent: &AgentClient) -> zbus::Result<Status> {
+        Status::from_properties(&agent.properties().await?)
+    }
+
+    /// The status out of the agent's properties (one `GetAll`).
+    pub fn from_properties(p: &HashMap<String, OwnedVariant>) -> zbus::Result<Status> {
+        let text_of = |name| property::<&str>(p, name).map(str::to_owned);
+        let time_of = |name| property::<i64>(p, name).map(time);
+        let (done, total): (u64, u64) = property(p, "Progress")?;
+        // An agent before the property does not have it: no count, not a failure.
+        let downloaded = property::<u64>(p, "Downloaded").ok().filter(|&d| d > 0);
+        let pending_version = text_of("PendingVersion")?;
         let pending = if pending_version.is_empty() {
             None
         } else {
-            let (reboot, downtime_seconds) = agent.pending_disruption().await?;
+            let (reboot, downtime_seconds) = property(p, "PendingDisruption")?;
             Some(PendingOut {
                 version: pending_version,
-                advisory: agent.pending_advisory().await?,
-                security: agent.pending_security().await?,
-                severity: agent.pending_severity().await?,
-                deadline: time(agent.pending_deadline().await?),
+                advisory: text_of("PendingAdvisory")?,
+                security: property(p, "PendingSecurity")?,
+                severity: text_of("PendingSeverity")?,
+                deadline: time_of("PendingDeadline")?,
                 reboot,
                 downtime_seconds,
-                waiting: text(agent.waiting().await?),
-                reboot_at: time(agent.reboot_at().await?),
+                waiting: text(text_of("Waiting")?),
+                reboot_at: time_of("RebootAt")?,
             })
         };
-        let (reason, message) = agent.last_error().await?;
+        let (reason, message): (String, String) = property(p, "LastError")?;
         Ok(Status {
-            state: agent.state().await?,
+            state: text_of("State")?,
             progress: (total > 0).then_some(ProgressOut {
                 done,
                 total,
                 downloaded,
             }),
-            booted_slot: agent.booted_slot().await?,
-            current_version: agent.current_version().await?,
-            model: agent.model().await?,
-            compatible: agent.compatible().await?,
-            support_end: text(agent.support_end().await?),
-            auto_install: agent.auto_install().await?,
-            postponed_until: time(agent.postponed_until().await?),
+            booted_slot: text_of("BootedSlot")?,
+            current_version: text_of("CurrentVersion")?,
+            model: text_of("Model")?,
+            compatible: text_of("Compatible")?,
+            support_end: text(text_of("SupportEnd")?),
+            auto_install: property(p, "AutoInstall")?,
+            postponed_until: time_of("PostponedUntil")?,
             pending,
             last_error: (!reason.is_empty()).then_some(ErrorOut { reason, message }),
         })

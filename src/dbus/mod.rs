@@ -19,11 +19,13 @@ pub mod client;
 pub mod feed;
 pub mod host;
 
+use std::collections::HashMap;
+
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use zbus::message::Header;
 use zbus::object_server::{InterfaceRef, SignalEmitter};
-use zbus::{Connection, interface};
+use zbus::{Connection, OwnedVariant, interface};
 
 use crate::config::Config;
 use crate::engine::{Answer, Engine, Input, Notice, Phase, Postpone, Progress};
@@ -216,18 +218,29 @@ impl Agent1 {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("the call has no sender".into()))?;
-        let bus = zbus::fdo::DBusProxy::new(conn).await?;
-        let credentials = bus
-            .get_connection_credentials(sender.clone().into())
+        // Read as a plain dictionary (the one `GetAll` of the CLI also uses): zbus's typed
+        // `ConnectionCredentials` brings a decoder for each of its optional fields.
+        let mut credentials: HashMap<String, OwnedVariant> = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "GetConnectionCredentials",
+                &(sender.as_str(),),
+            )
             .await
+            .and_then(|reply| reply.body().deserialize())
             .map_err(|e| Error::AccessDenied(format!("cannot learn who called: {e}")))?;
-        let uid = credentials
-            .unix_user_id()
+        let uid: u32 = credentials
+            .get("UnixUserID")
+            .and_then(|id| id.downcast_ref().ok())
             .ok_or_else(|| Error::AccessDenied("the bus does not say who called".into()))?;
         // The bus gives the caller's groups (SO_PEERGROUPS); an older bus does not, and then
         // the user database's groups of the uid count.
-        let groups: Vec<u32> = match credentials.unix_group_ids() {
-            Some(groups) => groups.clone(),
+        let groups: Vec<u32> = match credentials.remove("UnixGroupIDs") {
+            Some(groups) => Vec::try_from(groups).map_err(|e| {
+                Error::AccessDenied(format!("cannot read the caller's groups: {e}"))
+            })?,
             None => user_groups(uid),
         };
         if self.access.allows(uid, &groups) {
@@ -626,38 +639,83 @@ async fn properties_changed(
     old: &Snapshot,
     new: &Snapshot,
 ) -> zbus::Result<()> {
-    let emitter = iface.signal_emitter();
-    let agent = iface.get().await;
+    use zbus::{Structure, Variant};
+    // One `PropertiesChanged` with every property that changed (a pair is a D-Bus struct, as
+    // its getter answers it), rather than zbus's `<property>_changed` one signal each: the
+    // same information in one message, and one encoder instead of twenty.
+    let mut changed: HashMap<&str, Variant<'_>> = HashMap::new();
     macro_rules! changed {
-        ($($field:ident => $method:ident),* $(,)?) => {
+        ($($field:ident => $name:literal),* $(,)?) => {
             $(if old.$field != new.$field {
-                agent.$method(emitter).await?;
+                changed.insert($name, new.$field.variant());
             })*
         };
     }
+    /// A snapshot field as its property's D-Bus value.
+    trait Value {
+        fn variant(&self) -> Variant<'_>;
+    }
+    impl Value for String {
+        fn variant(&self) -> Variant<'_> {
+            Variant::from(self.as_str())
+        }
+    }
+    macro_rules! plain {
+        ($($t:ty),*) => {$(impl Value for $t {
+            fn variant(&self) -> Variant<'_> {
+                Variant::from(*self)
+            }
+        })*};
+    }
+    plain!(bool, u64, i64);
+    impl Value for (u64, u64) {
+        fn variant(&self) -> Variant<'_> {
+            Variant::from(Structure::from(*self))
+        }
+    }
+    impl Value for (bool, u64) {
+        fn variant(&self) -> Variant<'_> {
+            Variant::from(Structure::from(*self))
+        }
+    }
+    impl Value for (String, String) {
+        fn variant(&self) -> Variant<'_> {
+            Variant::from(Structure::from((self.0.as_str(), self.1.as_str())))
+        }
+    }
     changed!(
-        state => state_changed,
-        progress => progress_changed,
-        downloaded => downloaded_changed,
-        booted_slot => booted_slot_changed,
-        current_version => current_version_changed,
-        pending_version => pending_version_changed,
-        pending_advisory => pending_advisory_changed,
-        pending_security => pending_security_changed,
-        pending_severity => pending_severity_changed,
-        pending_deadline => pending_deadline_changed,
-        pending_disruption => pending_disruption_changed,
-        auto_install => auto_install_changed,
-        postponed_until => postponed_until_changed,
-        waiting => waiting_changed,
-        reboot_at => reboot_at_changed,
-        last_error => last_error_changed,
-        support_end => support_end_changed,
-        model => model_changed,
-        compatible => compatible_changed,
-        conformance => conformance_changed,
+        state => "State",
+        progress => "Progress",
+        downloaded => "Downloaded",
+        booted_slot => "BootedSlot",
+        current_version => "CurrentVersion",
+        pending_version => "PendingVersion",
+        pending_advisory => "PendingAdvisory",
+        pending_security => "PendingSecurity",
+        pending_severity => "PendingSeverity",
+        pending_deadline => "PendingDeadline",
+        pending_disruption => "PendingDisruption",
+        auto_install => "AutoInstall",
+        postponed_until => "PostponedUntil",
+        waiting => "Waiting",
+        reboot_at => "RebootAt",
+        last_error => "LastError",
+        support_end => "SupportEnd",
+        model => "Model",
+        compatible => "Compatible",
+        conformance => "Conformance",
     );
-    Ok(())
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let interface = zbus::names::InterfaceName::from_static_str_unchecked(INTERFACE);
+    zbus::fdo::Properties::properties_changed(
+        iface.signal_emitter(),
+        interface,
+        changed,
+        std::borrow::Cow::Borrowed(&[]),
+    )
+    .await
 }
 
 /// The groups of `uid` in the user database (when the bus does not tell the caller's).
