@@ -3,15 +3,15 @@
 //! anything, so the agent insists that it lives on a read-only filesystem and that no one but
 //! root could change it (EN 303 645 5.4).
 
-use std::collections::BTreeMap;
 use std::fs;
+use std::ops::Deref;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 use nix::sys::statvfs::{FsFlags, statvfs};
 
-use crate::keys::{self, KeyError, KeyId};
+use crate::keys::{self, KeyError, TrustedKeys};
 
 /// More keys than this is a mistake (or an attack on start-up time), not a key ring.
 pub const MAX_KEYS: usize = 64;
@@ -25,9 +25,11 @@ pub enum Protection {
     AllowWritable,
 }
 
+/// The trusted keys as loaded from the anchor directory. It derefs to the core's
+/// [`TrustedKeys`], which is what [`crate::release::verify`] takes.
 #[derive(Debug, Clone, Default)]
 pub struct TrustAnchor {
-    keys: BTreeMap<KeyId, VerifyingKey>,
+    keys: TrustedKeys,
     /// What made the anchor unsafe, when it was loaded with [`Protection::AllowWritable`].
     pub warnings: Vec<String>,
 }
@@ -60,7 +62,7 @@ pub enum AnchorError {
 impl TrustAnchor {
     pub fn from_keys(keys: impl IntoIterator<Item = VerifyingKey>) -> TrustAnchor {
         TrustAnchor {
-            keys: keys.into_iter().map(|k| (KeyId::of(&k), k)).collect(),
+            keys: TrustedKeys::from_keys(keys),
             warnings: Vec::new(),
         }
     }
@@ -96,7 +98,7 @@ impl TrustAnchor {
                 source,
             })?;
             let key = keys::load_verifying_key(path)?;
-            anchor.keys.insert(KeyId::of(&key), key);
+            anchor.keys.insert(key);
         }
         if anchor.keys.is_empty() {
             return Err(AnchorError::Empty {
@@ -117,22 +119,13 @@ impl TrustAnchor {
         }
         Ok(anchor)
     }
+}
 
-    pub fn get(&self, id: &KeyId) -> Option<&VerifyingKey> {
-        self.keys.get(id)
-    }
+impl Deref for TrustAnchor {
+    type Target = TrustedKeys;
 
-    /// The ids of the trusted keys, in order.
-    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
-        self.keys.keys()
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+    fn deref(&self) -> &TrustedKeys {
+        &self.keys
     }
 }
 

@@ -1,8 +1,7 @@
 //! Ed25519 keys as files: private keys in PKCS#8 PEM, public keys in SPKI PEM — the files that
 //! `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` write — and the key id that
-//! releases use to name a signer.
+//! releases use to name a signer (the core's `KeyId`, re-exported).
 
-use std::fmt;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,51 +10,11 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, KeypairBytes};
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
 
 /// A PEM key file is a few hundred bytes; anything much larger is not a key.
 const MAX_KEY_FILE: u64 = 16 * 1024;
 
-/// The hex SHA-256 of the raw 32-byte public key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(pub [u8; 32]);
-
-impl KeyId {
-    pub fn of(key: &VerifyingKey) -> KeyId {
-        KeyId(Sha256::digest(key.as_bytes()).into())
-    }
-
-    /// Parses the 64-character lower- or upper-case hex form.
-    pub fn from_hex(text: &str) -> Option<KeyId> {
-        if text.len() != 64 {
-            return None;
-        }
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(text, &mut bytes).ok()?;
-        Some(KeyId(bytes))
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The first 8 bytes in hex: enough for a human to tell keys apart in a log line.
-    pub fn short(&self) -> String {
-        hex::encode(&self.0[..8])
-    }
-}
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({})", self.short())
-    }
-}
+pub use update_agent_core::keys::{KeyId, TrustedKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -246,16 +205,6 @@ mod tests {
             None
         );
         assert_eq!(parse_verifying_key(""), None);
-    }
-
-    #[test]
-    fn key_id_round_trips_through_hex() {
-        let key = SigningKey::from_bytes(&[7u8; 32]);
-        let id = KeyId::of(&key.verifying_key());
-        assert_eq!(KeyId::from_hex(&id.to_hex()), Some(id));
-        assert_eq!(KeyId::from_hex(&id.to_hex().to_uppercase()), Some(id));
-        assert_eq!(KeyId::from_hex("abcd"), None);
-        assert_eq!(KeyId::from_hex(&"zz".repeat(32)), None);
     }
 
     #[test]

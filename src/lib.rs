@@ -1,20 +1,23 @@
 //! update-agent: keeps embedded Linux gateways up to date, safely.
 //!
-//! See `ARCHITECTURE.md` for the bird's-eye view. Layout, one concept a module:
+//! See `ARCHITECTURE.md` for the bird's-eye view. The engine, the release types and the reason
+//! codes live in the workspace's `update-agent-core` crate (`core/`, `no_std`: it cannot do IO)
+//! and are re-exported here under the paths they always had. Layout, one concept a module:
 //!
 //! - [`agent`]: the driver that carries out the engine's actions with the real adapters.
-//! - [`reason`]: stable reason codes for every refusal and failure.
+//! - [`reason`] (the core's): stable reason codes for every refusal and failure.
 //! - [`keys`]: Ed25519 keys in the PEM files openssl writes; key ids.
 //! - [`anchor`]: the read-only trust anchor (a directory of public keys).
 //! - [`health`]: the trial boot's health checks (commands, systemd units, timeout).
-//! - [`release`]: the signed release envelope, the manifest, verification and creation.
+//! - [`release`]: the signed release envelope, the manifest, verification and creation (the
+//!   core's, plus reading release, image and block index files).
 //! - [`state_store`]: the engine's persisted state and the local event log.
 //! - [`system`]: facts about the running system: boot id, booted slot.
 //! - [`config`]: the agent's TOML configuration, parsed strictly.
 //! - [`conformance`]: the agent's own EN 303 645 §5.3 evidence (ICS, IXIT, live checks,
 //!   CycloneDX attestation).
 //! - [`durable`]: atomic file replacement and size-bounded reads.
-//! - [`engine`]: the update state machine, sans IO: inputs and time in, actions out.
+//! - [`engine`] (the core's): the update state machine, sans IO: inputs and time in, actions out.
 //! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
 //!   small host that owns the agent for it until the daemon does.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
@@ -42,7 +45,6 @@ pub mod daemon;
 pub mod dbus;
 pub mod delta;
 pub mod durable;
-pub mod engine;
 #[cfg(feature = "operator")]
 pub mod fleet;
 pub mod health;
@@ -52,7 +54,6 @@ pub mod logging;
 pub mod mqtt;
 pub mod outbox;
 pub mod progress_line;
-pub mod reason;
 pub mod release;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -61,3 +62,5 @@ pub mod socket;
 pub mod state_store;
 pub mod system;
 pub mod transfer;
+
+pub use update_agent_core::{engine, reason};

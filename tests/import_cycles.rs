@@ -1,6 +1,7 @@
-//! No import cycles between the crate's modules: the layering ARCHITECTURE.md describes is
-//! checked, not claimed. The nodes are the top-level modules of `src/` and the submodules of
-//! `cli` (each subcommand); an edge is any `crate::…` path (in a `use` or inline) or, inside
+//! No import cycles between the modules of either crate of the workspace (the agent, `src/`, and
+//! its core, `core/src/`): the layering ARCHITECTURE.md describes is checked, not claimed. Between
+//! the two crates cargo forbids a cycle itself (the core cannot depend on the agent). The nodes
+//! are the top-level modules of a crate's `src/` and the submodules of `cli` (each subcommand); an edge is any `crate::…` path (in a `use` or inline) or, inside
 //! `cli`, a `super::…` path that names another module. Test code (`#[cfg(test)]` items, `tests.rs`
 //! files and `tests/` directories) is left out: a unit test may reach across. A module using
 //! its own parent (a `cli` subcommand using `cli`'s exit codes) is not an edge: the parent
@@ -9,9 +10,9 @@
 //! The test fails naming every cycle (strongly connected set of modules) with the lines that
 //! make its edges.
 //!
-//! The same reading checks that the engine is sans IO: its code (outside tests) names no
-//! runtime, filesystem, socket, process, thread or clock, and no module of this crate but the
-//! release types and the reason codes.
+//! That the engine and the release types do no IO is no longer read from their text: they live
+//! in the core crate, which is `no_std` and whose dependencies are built without std;
+//! [`the_core_crate_cannot_do_io`] checks that this stays so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -279,8 +280,14 @@ fn paths_at(chars: &[char], mut i: usize) -> Vec<Vec<String>> {
     out
 }
 
-fn graph() -> Evidence {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// The crates of the workspace, by the directory that holds their `src/`.
+const CRATES: &[&str] = &[".", "core"];
+
+fn graph(krate: &str) -> Evidence {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(krate)
+        .join("src");
+    let shown_root = Path::new(krate).join("src");
     let mut files = Vec::new();
     sources(&root, &mut files);
     files.sort();
@@ -327,7 +334,7 @@ fn graph() -> Evidence {
                     if to == from || contains(&to, &from) || contains(&from, &to) {
                         continue;
                     }
-                    let place = format!("src/{}:{line}", relative.display());
+                    let place = format!("{}:{line}", shown_root.join(&relative).display());
                     let lines = edges.entry((from.clone(), to)).or_default();
                     if !lines.contains(&place) {
                         lines.push(place);
@@ -406,94 +413,132 @@ fn cycles(edges: &Evidence) -> Vec<Vec<String>> {
 
 #[test]
 fn no_import_cycle_between_modules() {
-    let edges = graph();
-    let found = cycles(&edges);
     let mut report = String::new();
-    for component in &found {
-        report.push_str(&format!("cycle among {}:\n", component.join(", ")));
-        for ((from, to), lines) in &edges {
-            if component.contains(from) && component.contains(to) {
-                report.push_str(&format!("  {from} -> {to}: {}\n", lines.join(" ")));
+    for krate in CRATES {
+        let edges = graph(krate);
+        assert!(edges.len() > 5, "{krate}: only {} edges read", edges.len());
+        for component in &cycles(&edges) {
+            report.push_str(&format!(
+                "cycle in {krate} among {}:\n",
+                component.join(", ")
+            ));
+            for ((from, to), lines) in &edges {
+                if component.contains(from) && component.contains(to) {
+                    report.push_str(&format!("  {from} -> {to}: {}\n", lines.join(" ")));
+                }
             }
         }
     }
-    assert!(found.is_empty(), "import cycles:\n{report}");
+    assert!(report.is_empty(), "import cycles:\n{report}");
 }
 
-/// What the engine's code may not name: IO, a runtime, or a clock (it is handed `now`).
-const NOT_IN_ENGINE: &[&str] = &[
-    "tokio",
-    "std::fs",
-    "std::net",
-    "std::process",
-    "std::thread",
-    "std::os",
-    "std::io",
-    "std::env",
-    "Instant",
-    "SystemTime",
-    "Timestamp::now",
-    "Zoned::now",
-    "nix",
-    "reqwest",
-    "hyper",
-    "rumqttc",
-    "zbus",
+/// The core's dependencies (normal and build), each built without its default features and
+/// without `std`: what the core can call is what `core` and `alloc` allow. A new dependency has
+/// to be added here, with the same care, or this test fails.
+const CORE_MAY_DEPEND_ON: &[&str] = &[
+    "base64",
+    "ed25519-dalek",
+    "hex",
+    "jiff",
+    "serde",
+    "serde_json",
+    "sha2",
+    "thiserror",
+    "url",
 ];
 
-/// The crate's modules the engine may use: the release types it carries and the reason codes.
-const ENGINE_MAY_USE: &[&str] = &["engine", "release", "reason"];
-
+/// The engine and the release types cannot do IO or read a clock, and the compiler, not a
+/// reading of their text, is what stops them: the core crate is `no_std` outside its unit tests
+/// (so `std::fs`, `std::net`, `std::process`, `std::thread`, `std::env` and `std::time` do not
+/// exist in it) and its dependencies are the listed ones, built without `std` (so jiff has no
+/// `Timestamp::now` and no time zone database, url no `socket_addrs`, and tokio, nix or any
+/// other crate with IO is not there at all). CI also builds the core on its own
+/// (`cargo clippy -p update-agent-core`), where no other package turns those features on.
 #[test]
-fn the_engine_does_no_io_and_reads_no_clock() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+fn the_core_crate_cannot_do_io() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_to_string(root.join("core/src/lib.rs")).unwrap();
+    assert!(
+        lib.lines()
+            .any(|line| line.trim() == "#![cfg_attr(not(test), no_std)]"),
+        "core/src/lib.rs must stay `#![cfg_attr(not(test), no_std)]`"
+    );
     let mut files = Vec::new();
-    sources(&root.join("engine"), &mut files);
-    files.sort();
-    assert!(files.len() > 3, "the engine's files: {files:?}");
+    sources(&root.join("core/src"), &mut files);
+    assert!(files.len() > 10, "the core's files: {files:?}");
     let mut found = Vec::new();
-    for file in files {
-        let relative = file.strip_prefix(&root).unwrap().display().to_string();
-        let source = std::fs::read_to_string(&file).unwrap();
-        let code = without_test_items(&code_only(&source));
-        let chars: Vec<char> = code.chars().collect();
+    for file in &files {
+        let code = without_test_items(&code_only(&std::fs::read_to_string(file).unwrap()));
         for (number, line) in code.lines().enumerate() {
-            for name in NOT_IN_ENGINE {
-                let mut from = 0;
-                while let Some(at) = line[from..].find(name) {
-                    let start = from + at;
-                    let end = start + name.len();
-                    let before = line[..start].chars().next_back();
-                    let after = line[end..].chars().next();
-                    if !before.is_some_and(|c| is_ident(c) || c == ':')
-                        && !after.is_some_and(is_ident)
-                    {
-                        found.push(format!("src/{relative}:{}: {name}", number + 1));
-                    }
-                    from = end;
-                }
+            if line.contains("extern crate std") || line.contains("::std::") {
+                found.push(format!(
+                    "{}:{}: {}",
+                    file.display(),
+                    number + 1,
+                    line.trim()
+                ));
             }
-        }
-        let mut i = 0;
-        while let Some(at) = code[i..].find("crate::") {
-            let start = i + at;
-            let char_at = code[..start].chars().count();
-            for path in paths_at(&chars, char_at + "crate::".len()) {
-                if let Some(first) = path.first()
-                    && !ENGINE_MAY_USE.contains(&first.as_str())
-                {
-                    let line = code[..start].lines().count().max(1);
-                    found.push(format!("src/{relative}:{line}: crate::{}", path.join("::")));
-                }
-            }
-            i = start + "crate::".len();
         }
     }
     assert!(
         found.is_empty(),
-        "the engine names IO or a clock:\n{}",
+        "the core links std:\n{}",
         found.join("\n")
     );
+
+    let metadata = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        metadata.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).unwrap();
+    let core = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|package| package["name"] == "update-agent-core")
+        .expect("the workspace has the package update-agent-core");
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for dependency in core["dependencies"].as_array().unwrap() {
+        if dependency["kind"] == "dev" {
+            continue; // the unit tests run with std
+        }
+        checked += 1;
+        let name = dependency["name"].as_str().unwrap();
+        let features: Vec<&str> = dependency["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        if !CORE_MAY_DEPEND_ON.contains(&name) {
+            wrong.push(format!("{name} is not one of the core's dependencies"));
+        }
+        if dependency["uses_default_features"] != false {
+            wrong.push(format!("{name} must have default-features = false (std)"));
+        }
+        if let Some(std) = features
+            .iter()
+            .find(|f| f.contains("std") || f.starts_with("tz"))
+        {
+            wrong.push(format!("{name} has the feature {std}"));
+        }
+    }
+    assert!(wrong.is_empty(), "core/Cargo.toml:\n{}", wrong.join("\n"));
+    assert_eq!(checked, CORE_MAY_DEPEND_ON.len(), "the core's dependencies");
 }
 
 /// The checker finds what it is meant to find: grouped `use` trees, `super::` inside `cli`,

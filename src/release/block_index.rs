@@ -166,13 +166,10 @@ impl IndexHeader {
             ));
         }
         if bytes.len() < FIXED_HEADER_LEN {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "its header is cut short ({} of {FIXED_HEADER_LEN} bytes)",
-                    bytes.len()
-                ),
-            ));
+            return Err(malformed(format!(
+                "its header is cut short ({} of {FIXED_HEADER_LEN} bytes)",
+                bytes.len()
+            )));
         }
         let u16_at = |at: usize| u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap());
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
@@ -192,10 +189,7 @@ impl IndexHeader {
             ));
         }
         if bytes[66..72] != [0; 6] {
-            return Err(refused(
-                ReasonCode::Malformed,
-                "reserved header bytes are not zero",
-            ));
+            return Err(malformed("reserved header bytes are not zero"));
         }
         let header = IndexHeader {
             block_size: u32_at(12),
@@ -212,10 +206,9 @@ impl IndexHeader {
         let name_len = usize::from(u16_at(64));
         header.validate_numbers()?;
         if name_len == 0 || name_len > MAX_STORE_NAME_LEN {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!("the store name is {name_len} bytes long (1 to {MAX_STORE_NAME_LEN})"),
-            ));
+            return Err(malformed(format!(
+                "the store name is {name_len} bytes long (1 to {MAX_STORE_NAME_LEN})"
+            )));
         }
         Ok((header, name_len))
     }
@@ -225,13 +218,13 @@ impl IndexHeader {
         let (mut header, name_len) = IndexHeader::parse_fixed(bytes)?;
         let name = bytes
             .get(FIXED_HEADER_LEN..FIXED_HEADER_LEN + name_len)
-            .ok_or_else(|| refused(ReasonCode::Malformed, "the store name is cut short"))?;
+            .ok_or_else(|| malformed("the store name is cut short"))?;
         header.store_name = check_store_name(name)?;
         Ok(header)
     }
 
     fn validate_numbers(&self) -> Result<(), Refusal> {
-        let malformed = |msg: String| Err(refused(ReasonCode::Malformed, msg));
+        let malformed = |msg: String| Err(malformed(msg));
         if !self.block_size.is_power_of_two()
             || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&self.block_size)
         {
@@ -315,22 +308,16 @@ impl IndexHeader {
     /// manifest names.
     pub fn check_against(&self, image: &Image, chunks: &ChunkIndexRef) -> Result<(), Refusal> {
         if self.image_size != image.size {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "it describes an image of {} bytes, the manifest one of {}",
-                    self.image_size, image.size
-                ),
-            ));
+            return Err(malformed(format!(
+                "it describes an image of {} bytes, the manifest one of {}",
+                self.image_size, image.size
+            )));
         }
         if u64::from(self.block_size) != chunks.chunk_size {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "its block size is {}, the manifest's chunk_size {}",
-                    self.block_size, chunks.chunk_size
-                ),
-            ));
+            return Err(malformed(format!(
+                "its block size is {}, the manifest's chunk_size {}",
+                self.block_size, chunks.chunk_size
+            )));
         }
         Ok(())
     }
@@ -358,8 +345,7 @@ fn check_store_name(name: &[u8]) -> Result<String, Refusal> {
     if ok {
         Ok(String::from_utf8(name.to_vec()).expect("ASCII"))
     } else {
-        Err(refused(
-            ReasonCode::Malformed,
+        Err(malformed(
             "the store name is not a plain file name (letters, digits, '.', '-', '_'; not starting with '.')",
         ))
     }
@@ -367,6 +353,11 @@ fn check_store_name(name: &[u8]) -> Result<String, Refusal> {
 
 fn refused(code: ReasonCode, what: impl AsRef<str>) -> Refusal {
     Refusal::new(code, format!("block index: {}", what.as_ref()))
+}
+
+/// The index is not what it claims to be: the refusal almost every check makes.
+fn malformed(what: impl AsRef<str>) -> Refusal {
+    refused(ReasonCode::Malformed, what)
 }
 
 /// Why an index could not be taken: the index itself is refused (a stable reason), or local IO
@@ -459,26 +450,20 @@ impl IndexFile {
         let n = read_up_to(&file, 0, &mut head).map_err(io_error(context()))?;
         let header = IndexHeader::parse(&head[..n])?;
         if header.body_compressed {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "{} is not expanded (its body is compressed)",
-                    path.display()
-                ),
-            )
+            return Err(malformed(format!(
+                "{} is not expanded (its body is compressed)",
+                path.display()
+            ))
             .into());
         }
         let body_start = header.encoded_len() as u64;
         let len = file.metadata().map_err(io_error(context()))?.len();
         if len != body_start + header.body_size {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "{} is {len} bytes, its header says {}",
-                    path.display(),
-                    body_start + header.body_size
-                ),
-            )
+            return Err(malformed(format!(
+                "{} is {len} bytes, its header says {}",
+                path.display(),
+                body_start + header.body_size
+            ))
             .into());
         }
         let last_len = header.block_len(header.block_count() - 1);
@@ -516,24 +501,20 @@ impl IndexFile {
                 let block = first + k as u64;
                 let section = sections[k];
                 if section > MAX_SECTIONS {
-                    return Err(refused(
-                        ReasonCode::Malformed,
-                        format!("block {block} is in section {section} (0 to {MAX_SECTIONS})"),
-                    )
+                    return Err(malformed(format!(
+                        "block {block} is in section {section} (0 to {MAX_SECTIONS})"
+                    ))
                     .into());
                 }
                 if (section == 0) != self.is_zero(block, &hashes[k]) {
-                    return Err(refused(
-                        ReasonCode::Malformed,
-                        format!(
-                            "block {block} is in section {section}, but its hash says it is {}",
-                            if section == 0 {
-                                "not all zero"
-                            } else {
-                                "all zero"
-                            }
-                        ),
-                    )
+                    return Err(malformed(format!(
+                        "block {block} is in section {section}, but its hash says it is {}",
+                        if section == 0 {
+                            "not all zero"
+                        } else {
+                            "all zero"
+                        }
+                    ))
                     .into());
                 }
                 counts[section as usize] += 1;
@@ -542,13 +523,10 @@ impl IndexFile {
         }
         let stored: u64 = counts[1..].iter().sum();
         if stored != self.header.stored_blocks {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "{stored} blocks are not zero, the header says {} are stored",
-                    self.header.stored_blocks
-                ),
-            )
+            return Err(malformed(format!(
+                "{stored} blocks are not zero, the header says {} are stored",
+                self.header.stored_blocks
+            ))
             .into());
         }
         let (mut start, mut frame) = (0, 0);
@@ -561,13 +539,10 @@ impl IndexFile {
         }
         self.section_counts = counts;
         if frame != self.header.frame_count {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "its sections fill {frame} frames, the header says {}",
-                    self.header.frame_count
-                ),
-            )
+            return Err(malformed(format!(
+                "its sections fill {frame} frames, the header says {}",
+                self.header.frame_count
+            ))
             .into());
         }
         // The last block is the last of its section.
@@ -584,22 +559,19 @@ impl IndexFile {
         for frame in self.frames() {
             let frame = frame.map_err(io_error("frame sizes"))?;
             if frame.size == 0 || frame.size > max {
-                return Err(refused(
-                    ReasonCode::Malformed,
-                    format!("frame {} is {} bytes (1 to {max})", frame.frame, frame.size),
-                )
+                return Err(malformed(format!(
+                    "frame {} is {} bytes (1 to {max})",
+                    frame.frame, frame.size
+                ))
                 .into());
             }
             total += frame.size;
         }
         if total != self.header.store_size {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "the frames add up to {total} bytes, the header says the store has {}",
-                    self.header.store_size
-                ),
-            )
+            return Err(malformed(format!(
+                "the frames add up to {total} bytes, the header says the store has {}",
+                self.header.store_size
+            ))
             .into());
         }
         Ok(())
@@ -889,7 +861,7 @@ pub fn expand(
     let expected: Hash = hex::decode(&chunks.sha256)
         .ok()
         .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| refused(ReasonCode::Malformed, "the manifest's sha256 is not hex"))?;
+        .ok_or_else(|| malformed("the manifest's sha256 is not hex"))?;
     let mut source = HashingReader {
         inner: source,
         hasher: Sha256::new(),
@@ -901,7 +873,7 @@ pub fn expand(
     let (mut header, name_len) = IndexHeader::parse_fixed(&fixed[..n])?;
     let mut name = vec![0u8; name_len];
     if read_full(&mut source, &mut name).map_err(io_error(read_context.clone()))? != name_len {
-        return Err(refused(ReasonCode::Malformed, "the store name is cut short").into());
+        return Err(malformed("the store name is cut short").into());
     }
     header.store_name = check_store_name(&name)?;
     header.check_against(image, chunks)?;
@@ -938,11 +910,7 @@ pub fn expand(
         if copied.is_ok()
             && read_full(&mut rest, &mut [0u8; 1]).map_err(io_error(read_context.clone()))? != 0
         {
-            return Err(refused(
-                ReasonCode::Malformed,
-                "its body holds more than one zstd frame",
-            )
-            .into());
+            return Err(malformed("its body holds more than one zstd frame").into());
         }
         copied
     } else {
@@ -954,22 +922,18 @@ pub fn expand(
             if header.body_compressed && e.kind() != io::ErrorKind::Interrupted =>
         {
             // The zstd decoder reports a bad frame as an IO error: it is the index that is bad.
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!(
-                    "its body is not a valid zstd frame of {raw_size} bytes ({})",
-                    crate::release::escape_for_log(&e.to_string(), 120)
-                ),
-            )
+            return Err(malformed(format!(
+                "its body is not a valid zstd frame of {raw_size} bytes ({})",
+                crate::release::escape_for_log(&e.to_string(), 120)
+            ))
             .into());
         }
         Err(CopyError::Read(e)) => return Err(io_error(read_context)(e)),
         Err(CopyError::Write(e)) => return Err(io_error(write_context)(e)),
         Err(CopyError::Length(got)) => {
-            return Err(refused(
-                ReasonCode::Malformed,
-                format!("its body holds {got} bytes of entries, the header says {raw_size}"),
-            )
+            return Err(malformed(format!(
+                "its body holds {got} bytes of entries, the header says {raw_size}"
+            ))
             .into());
         }
     }
@@ -978,11 +942,7 @@ pub fn expand(
     // Everything the header announced was read: nothing may follow.
     let mut extra = [0u8; 1];
     if read_full(&mut source, &mut extra).map_err(io_error(read_context))? != 0 {
-        return Err(refused(
-            ReasonCode::Malformed,
-            "bytes follow the body its header announces",
-        )
-        .into());
+        return Err(malformed("bytes follow the body its header announces").into());
     }
     let actual: Hash = source.hasher.finalize().into();
     if actual != expected {

@@ -1,15 +1,13 @@
-//! The operator side of releases: hash an image, write a manifest, sign it, add signatures.
+//! The operator side of releases: hash an image, write a manifest, sign it, add signatures (the
+//! signing itself is the core's, `release::sign`, re-exported here).
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
-use crate::keys::KeyId;
-use crate::release::envelope::SignatureEntry;
-use crate::release::{Envelope, Manifest, Refusal};
+pub use crate::release::sign::{add_signature, sign_manifest};
 
 /// Size, SHA-256 and per-chunk SHA-256 of an image file, read once.
 #[derive(Debug, Clone)]
@@ -84,32 +82,6 @@ impl ChunkHasher {
         }
         self.hashes
     }
-}
-
-/// Serialises and signs a manifest. The manifest is validated first, so the tool cannot produce
-/// a release that every device would refuse as malformed.
-pub fn sign_manifest(manifest: &Manifest, key: &SigningKey) -> Result<Envelope, Refusal> {
-    manifest.validate()?;
-    let mut manifest_bytes =
-        serde_json::to_vec_pretty(manifest).expect("a manifest always serialises");
-    manifest_bytes.push(b'\n');
-    let mut envelope = Envelope {
-        manifest_bytes,
-        signatures: Vec::new(),
-    };
-    add_signature(&mut envelope, key);
-    Ok(envelope)
-}
-
-/// Adds `key`'s signature over the manifest bytes as they are; a key that already signed is
-/// replaced, not listed twice.
-pub fn add_signature(envelope: &mut Envelope, key: &SigningKey) {
-    let keyid = KeyId::of(&key.verifying_key());
-    envelope.signatures.retain(|entry| entry.keyid != keyid);
-    envelope.signatures.push(SignatureEntry {
-        keyid,
-        sig: key.sign(&envelope.manifest_bytes),
-    });
 }
 
 pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {

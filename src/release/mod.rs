@@ -1,90 +1,20 @@
 //! Releases: the signed JSON document that announces one update.
 //!
-//! The wire format (see `docs/wire-formats.md`): `{"manifest": "<base64 of the exact manifest bytes>",
-//! "signatures": [{"keyid": "<hex sha256 of the raw public key>", "sig": "<base64>"}]}`, at most
-//! [`MAX_RELEASE_SIZE`] bytes. Signatures are Ed25519 over the manifest bytes as sent.
+//! The envelope, the manifest, their verification against the trusted keys and the signing are
+//! the core's (`update_agent_core::release`, no IO), re-exported here under the same paths; this
+//! module adds what reads files:
 //!
-//! - [`envelope`]: the bounded outer parse.
-//! - [`manifest`]: the strict inner parse, after signatures were checked.
-//! - [`verify`]: the order of checks that decides whether the device may act on a release.
-//! - [`build`]: the operator side — create and sign.
+//! - [`build`]: the operator side — hash an image file, then create and sign.
 //! - [`block_index`]: the block index of an image (delta downloads, per-block verification).
 //! - [`index_build`]: the operator side of the block index and its store (feature `operator`).
-//! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
+//! - [`read_release_file`]: a release file, read with its size bound.
 
 pub mod block_index;
 pub mod build;
-pub mod envelope;
-mod id;
 #[cfg(feature = "operator")]
 pub mod index_build;
-mod json;
-pub mod manifest;
-pub mod verify;
 
-use std::fmt;
-
-use crate::reason::ReasonCode;
-
-pub use envelope::{Envelope, MAX_RELEASE_SIZE};
-pub use id::{BadReleaseId, ReleaseId};
-pub use manifest::Manifest;
-pub use verify::{Policy, VerifiedRelease, verify};
-
-/// A release the device must not act on: a stable code plus a sentence naming what was wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: ReasonCode,
-    pub message: String,
-}
-
-impl Refusal {
-    pub fn new(code: ReasonCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
-
-impl std::error::Error for Refusal {}
-
-/// Makes a string that came from outside safe to put in a log line or a message: control
-/// characters and non-ASCII are escaped, and the result is cut to at most `max` characters (plus
-/// a final `…` when cut; an escape sequence is never split).
-pub fn escape_for_log(text: &str, max: usize) -> String {
-    let mut out = String::new();
-    let mut len = 0;
-    for c in text.chars() {
-        let escaped: String = if c.is_ascii_graphic() || c == ' ' {
-            c.into()
-        } else {
-            c.escape_default().collect()
-        };
-        if len + escaped.len() > max {
-            out.push('…');
-            break;
-        }
-        len += escaped.len();
-        out.push_str(&escaped);
-    }
-    out
-}
-
-/// A refusal for JSON that serde would not take. serde's message quotes the offending key or
-/// value, which is attacker-controlled: it is escaped and bounded like any outside text.
-pub(crate) fn malformed_json(what: &str, error: &serde_json::Error) -> Refusal {
-    Refusal::new(
-        ReasonCode::Malformed,
-        format!("{what}: {}", escape_for_log(&error.to_string(), 240)),
-    )
-}
+pub use update_agent_core::release::*;
 
 /// Reads a release file, never more than one byte past [`MAX_RELEASE_SIZE`] (so that an oversized
 /// file is refused as `too-large` by [`Envelope::parse`] without being read whole).
@@ -95,20 +25,4 @@ pub fn read_release_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
         .take(MAX_RELEASE_SIZE as u64 + 1)
         .read_to_end(&mut bytes)?;
     Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::escape_for_log;
-
-    #[test]
-    fn escape_for_log_neutralises_newlines_and_bounds_length() {
-        assert_eq!(escape_for_log("a\nb", 10), "a\\nb");
-        assert_eq!(escape_for_log("\u{1b}[31m", 10), "\\u{1b}[31m");
-        assert_eq!(escape_for_log("abcdef", 3), "abc…");
-        assert_eq!(escape_for_log("abc", 3), "abc");
-        // The bound is on the output: escapes count at their escaped length and are not split.
-        assert_eq!(escape_for_log("\u{1b}\u{1b}", 12), "\\u{1b}\\u{1b}");
-        assert_eq!(escape_for_log("\u{1b}\u{1b}", 11), "\\u{1b}…");
-    }
 }

@@ -2,13 +2,14 @@
 //! checked once, where it enters (the configuration, the boot id file, `state.json`), so that
 //! the engine and its callers hold a valid one by type and never check again.
 
-use std::borrow::Borrow;
-use std::fmt;
-use std::ops::Deref;
-use std::str::FromStr;
+use core::borrow::Borrow;
+use core::fmt;
+use core::ops::Deref;
+use core::str::FromStr;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::prelude::*;
 use crate::release::escape_for_log;
 
 /// The name the bootloader knows a slot by (`A`, `B`, `system0`), and the only text of ours
@@ -196,13 +197,15 @@ mod tests {
 
     #[test]
     fn a_bootname_is_a_map_key_in_json() {
-        let map = std::collections::BTreeMap::from([(Bootname::new("B").unwrap(), 1)]);
+        let map = alloc::collections::BTreeMap::from([(Bootname::new("B").unwrap(), 1)]);
         let json = serde_json::to_string(&map).unwrap();
         assert_eq!(json, r#"{"B":1}"#);
-        let back: std::collections::BTreeMap<Bootname, u32> = serde_json::from_str(&json).unwrap();
+        let back: alloc::collections::BTreeMap<Bootname, u32> =
+            serde_json::from_str(&json).unwrap();
         assert_eq!(back["B"], 1);
         assert!(
-            serde_json::from_str::<std::collections::BTreeMap<Bootname, u32>>(r#"{"":1}"#).is_err()
+            serde_json::from_str::<alloc::collections::BTreeMap<Bootname, u32>>(r#"{"":1}"#)
+                .is_err()
         );
     }
 }

@@ -628,9 +628,8 @@ fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_no
     assert!(h.states().contains(&EventKind::Superseded));
     // The first one again (a periodic re-check sees both retained releases): refused.
     h.offer(first);
-    let last = h.events.last().unwrap();
     assert_eq!(
-        (last.kind, last.reason),
+        h.last_event(),
         (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
@@ -645,9 +644,8 @@ fn an_older_release_does_not_supersede_the_pending_one() {
     h.offer(pending_release("2.1", 3));
     let jobs = h.offer(pending_release("2.0", 2));
     assert!(jobs.is_empty());
-    let last = h.events.last().unwrap();
     assert_eq!(
-        (last.kind, last.reason),
+        h.last_event(),
         (EventKind::Refused, Some(ReasonCode::Downgrade))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
@@ -667,9 +665,8 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
         m.images.insert("appfs".into(), image);
     });
     h.offer(other_class);
-    let last = h.events.last().unwrap();
     assert_eq!(
-        (last.kind, last.reason),
+        h.last_event(),
         (EventKind::Refused, Some(ReasonCode::Incompatible))
     );
     assert_eq!(pending_version(&h).as_deref(), Some("2.0"));
@@ -681,9 +678,5 @@ fn a_newer_release_while_one_is_being_written_is_refused_busy() {
     let mut h = booted(policy(&[], RebootPolicy::Immediate), "2026-06-01T12:00:00Z");
     assert!(is_prepare(&h.offer(pending_release("2.0", 2))));
     h.offer(pending_release("2.1", 3));
-    let last = h.events.last().unwrap();
-    assert_eq!(
-        (last.kind, last.reason),
-        (EventKind::Refused, Some(ReasonCode::Busy))
-    );
+    assert_eq!(h.last_event(), (EventKind::Refused, Some(ReasonCode::Busy)));
 }

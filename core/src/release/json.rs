@@ -5,9 +5,10 @@
 //! script, a reviewer's tool) would not see a release or a manifest in those shapes, so the
 //! device must not either. These helpers accept only the documented shape.
 
-use std::fmt;
-use std::marker::PhantomData;
+use core::fmt;
+use core::marker::PhantomData;
 
+use crate::prelude::*;
 use serde::de::value::{MapAccessDeserializer, StringDeserializer};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};

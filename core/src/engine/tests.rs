@@ -1,15 +1,15 @@
 //! Whole transactions driven through the core with a fake clock: no files, no sockets, no sleeps.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
 use super::*;
-use crate::anchor::TrustAnchor;
+use crate::keys::TrustedKeys;
 use crate::reason::ReasonCode;
-use crate::release::build::sign_manifest;
 use crate::release::manifest::{Disruption, FORMAT, Image, Severity};
+use crate::release::sign::sign_manifest;
 use crate::release::{Manifest, Policy, VerifiedRelease, verify};
 
 const BOOT_1: &str = "boot-1";
@@ -47,7 +47,7 @@ fn release_with(
     let mut manifest = manifest;
     edit(&mut manifest);
     let envelope = sign_manifest(&manifest, &key).unwrap();
-    let anchor = TrustAnchor::from_keys([key.verifying_key()]);
+    let anchor = TrustedKeys::from_keys([key.verifying_key()]);
     let policy = Policy {
         threshold: 1,
         compatible: Some("acme-gw".into()),
@@ -153,6 +153,12 @@ impl Harness {
             self.running = Some(job.clone());
         }
         jobs
+    }
+
+    /// The kind and reason of the last event reported.
+    fn last_event(&self) -> (EventKind, Option<ReasonCode>) {
+        let last = self.events.last().expect("an event was reported");
+        (last.kind, last.reason)
     }
 
     fn states(&self) -> Vec<EventKind> {
@@ -287,9 +293,10 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
     // The same release, delivered again, is refused and not installed.
     let jobs = h.offer(rel);
     assert!(jobs.is_empty());
-    let last = h.events.last().unwrap();
-    assert_eq!(last.kind, EventKind::Refused);
-    assert_eq!(last.reason, Some(ReasonCode::PreviouslyRolledBack));
+    assert_eq!(
+        h.last_event(),
+        (EventKind::Refused, Some(ReasonCode::PreviouslyRolledBack))
+    );
 }
 
 #[test]

@@ -7,14 +7,15 @@
 //! that crosses midnight ends on the next day, and a window whose start falls into a DST gap
 //! opens at the first instant after the gap.
 
-use std::fmt;
-use std::str::FromStr;
+use core::fmt;
+use core::str::FromStr;
 
 use jiff::civil::{Date, Time};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
+use crate::prelude::*;
 use crate::release::Manifest;
 
 /// Days looked ahead for the next window: windows repeat daily, so two days always suffice;

@@ -1,11 +1,12 @@
 //! The manifest: the signed part of a release. Parsed strictly — unknown fields, wrong types and
 //! out-of-range values are refused — and only after its signatures were verified.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
 use crate::release::json::{self, Object};
@@ -177,7 +178,7 @@ where
     impl<'de> serde::de::Visitor<'de> for Images {
         type Value = BTreeMap<String, Image>;
 
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
             f.write_str("a map from slot class to image")
         }
 

@@ -49,6 +49,7 @@ mod user;
 
 use jiff::Timestamp;
 
+use crate::prelude::*;
 use crate::release::ReleaseId;
 pub use action::{Action, Answer, Job, Notice};
 pub use input::{Failure, Input, Postpone};
@@ -312,7 +313,7 @@ impl Engine {
                 return None;
             }
         }
-        match (std::mem::take(&mut self.state.phase), job, result) {
+        match (core::mem::take(&mut self.state.phase), job, result) {
             (Phase::Writing { txn, .. }, Job::PrepareTarget { .. } | Job::Write { .. }, Err(f)) => {
                 self.finish_failed(txn, EventKind::Failed, f, now, out);
                 None

@@ -22,11 +22,23 @@ macro_rules! wire_names {
 /// Serialises to exactly `"name"`, and `"name"` deserialises to it.
 fn assert_wire_name<T>(value: T, name: &str)
 where
-    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug,
 {
     let quoted = format!("\"{name}\"");
     assert_eq!(serde_json::to_string(&value).unwrap(), quoted, "{value:?}");
     assert_eq!(serde_json::from_str::<T>(&quoted).unwrap(), value, "{name}");
+}
+
+/// [`assert_wire_name`] for every pair, and `as_str` (the text the CLI, D-Bus and the log
+/// show) spells the same name.
+fn assert_wire_and_text_names<T>(names: Vec<(T, &str)>, as_str: impl Fn(T) -> &'static str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug + Copy,
+{
+    for (value, name) in names {
+        assert_wire_name(value, name);
+        assert_eq!(as_str(value), name);
+    }
 }
 
 #[test]
@@ -57,10 +69,7 @@ fn event_kinds_keep_their_wire_names() {
         MarkedBad => "marked-bad",
         RebootFailed => "reboot-failed",
     });
-    for (kind, name) in names {
-        assert_wire_name(kind, name);
-        assert_eq!(kind.as_str(), name);
-    }
+    assert_wire_and_text_names(names, |kind| kind.as_str());
 }
 
 #[test]
@@ -72,28 +81,19 @@ fn policy_words_keep_their_wire_names() {
         ManualReboot => "manual-reboot",
         Rollout => "rollout",
     });
-    for (wait, name) in waits {
-        assert_wire_name(wait, name);
-        assert_eq!(wait.as_str(), name);
-    }
+    assert_wire_and_text_names(waits, |wait| wait.as_str());
     let clamps = wire_names!(Clamp {
         MaxPostpone => "max-postpone",
         Deadline => "deadline",
     });
-    for (clamp, name) in clamps {
-        assert_wire_name(clamp, name);
-        assert_eq!(clamp.as_str(), name);
-    }
+    assert_wire_and_text_names(clamps, |clamp| clamp.as_str());
     // Also the configuration's words (`[policy] reboot`).
     let reboots = wire_names!(RebootPolicy {
         Immediate => "immediate",
         Window => "window",
         Manual => "manual",
     });
-    for (reboot, name) in reboots {
-        assert_wire_name(reboot, name);
-        assert_eq!(reboot.as_str(), name);
-    }
+    assert_wire_and_text_names(reboots, |reboot| reboot.as_str());
 }
 
 #[test]
@@ -105,10 +105,7 @@ fn manifest_words_keep_their_wire_names() {
         High => "high",
         Critical => "critical",
     });
-    for (severity, name) in severities {
-        assert_wire_name(severity, name);
-        assert_eq!(severity.as_str(), name);
-    }
+    assert_wire_and_text_names(severities, |severity| severity.as_str());
     for (compression, name) in wire_names!(Compression { Zstd => "zstd" }) {
         assert_wire_name(compression, name);
     }
@@ -171,7 +168,7 @@ const STATES_WRITTEN_BY_MAIN: &[(&str, &str)] = &[
 
 #[test]
 fn state_files_written_by_main_load_and_are_written_back_unchanged() {
-    let mut phases = std::collections::BTreeSet::new();
+    let mut phases = alloc::collections::BTreeSet::new();
     for (name, text) in STATES_WRITTEN_BY_MAIN {
         let state: PersistentState =
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));

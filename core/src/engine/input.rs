@@ -4,6 +4,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::action::Job;
 use super::names::{BootId, Bootname};
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::{ReleaseId, VerifiedRelease};
 

@@ -1,7 +1,7 @@
 //! Stable reason codes: the one word that operators (MQTT), users (D-Bus, CLI) and the journal see
 //! for every refusal or failure. The strings are part of the wire format: never rename one.
 
-use std::fmt;
+use core::fmt;
 
 use serde::{Deserialize, Serialize};
 

@@ -7,6 +7,7 @@ use ed25519_dalek::Signature;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyId;
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::Refusal;
 use crate::release::json::{self, Object};

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use super::names::Bootname;
 use super::outputs::Outputs;
 use super::{Answer, Awaiting, Engine, Event, EventKind, Failure, Job, Phase, Postpone, Then};
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 
 impl Engine {
@@ -83,7 +84,7 @@ impl Engine {
     }
 
     pub(super) fn on_install_now(&mut self, now: Timestamp, out: &mut Outputs) -> Option<Awaiting> {
-        match std::mem::take(&mut self.state.phase) {
+        match core::mem::take(&mut self.state.phase) {
             Phase::Pending { mut txn, .. } => {
                 txn.user_now = true;
                 self.report(EventKind::InstallNow, &txn, now, out);

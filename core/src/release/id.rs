@@ -2,9 +2,10 @@
 //! have the same id, whatever their signatures; it is written as 64 lowercase hex digits in
 //! events, `state.json` and file names.
 
-use std::fmt;
-use std::str::FromStr;
+use core::fmt;
+use core::str::FromStr;
 
+use crate::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,13 +1,14 @@
 //! The decision whether the device may act on a release. The order is the point: size, envelope,
 //! signatures by distinct trusted keys, and only then the manifest's contents.
 
-use std::collections::BTreeSet;
+use alloc::collections::BTreeSet;
 
 use jiff::Timestamp;
 use sha2::{Digest, Sha256};
 
-use crate::anchor::TrustAnchor;
 use crate::keys::KeyId;
+use crate::keys::TrustedKeys;
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::{Envelope, Manifest, Refusal, ReleaseId, escape_for_log};
 
@@ -48,11 +49,11 @@ impl VerifiedRelease {
 
 pub fn verify(
     release: &[u8],
-    anchor: &TrustAnchor,
+    keys: &TrustedKeys,
     policy: &Policy,
 ) -> Result<VerifiedRelease, Refusal> {
     let envelope = Envelope::parse(release)?;
-    let signers = check_signatures(&envelope, anchor, policy.threshold)?;
+    let signers = check_signatures(&envelope, keys, policy.threshold)?;
     let manifest = Manifest::parse(&envelope.manifest_bytes)?;
     check_contents(&manifest, policy)?;
     Ok(VerifiedRelease {
@@ -69,14 +70,14 @@ pub fn verify(
 /// reported as such when the threshold is not met.
 fn check_signatures(
     envelope: &Envelope,
-    anchor: &TrustAnchor,
+    keys: &TrustedKeys,
     threshold: usize,
 ) -> Result<Vec<KeyId>, Refusal> {
     let threshold = threshold.max(1);
     let mut valid = BTreeSet::new();
     let mut failed = BTreeSet::new();
     for entry in &envelope.signatures {
-        let Some(key) = anchor.get(&entry.keyid) else {
+        let Some(key) = keys.get(&entry.keyid) else {
             continue;
         };
         if key

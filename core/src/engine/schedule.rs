@@ -79,7 +79,7 @@ impl Engine {
     /// Looks at the policy again (time passed, or the user changed something): a pending
     /// release may start installing, a scheduled reboot may fall due or need announcing.
     pub(super) fn reevaluate(&mut self, now: Timestamp, out: &mut Outputs) -> Option<Awaiting> {
-        match std::mem::take(&mut self.state.phase) {
+        match core::mem::take(&mut self.state.phase) {
             Phase::Pending {
                 txn,
                 waiting,

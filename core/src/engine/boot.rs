@@ -6,6 +6,7 @@ use jiff::Timestamp;
 use super::names::{BootId, Bootname};
 use super::outputs::Outputs;
 use super::{Awaiting, Engine, EventKind, Failure, Job, Notice, Outcome, Phase, Then, Transaction};
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 
 impl Engine {
@@ -20,8 +21,8 @@ impl Engine {
         // The last transition was persisted, but the agent may have stopped before it reported
         // the events: report them again (same seq; receivers drop what they have), then forget
         // them durably so that later boots do not repeat them.
-        out.replay(std::mem::take(&mut self.state.recent_events));
-        match std::mem::take(&mut self.state.phase) {
+        out.replay(core::mem::take(&mut self.state.recent_events));
+        match core::mem::take(&mut self.state.phase) {
             Phase::Writing { txn, .. } if booted == txn.to_slot => {
                 // The target cannot have booted: it was made unbootable before writing.
                 let failure = Failure::new(

@@ -10,6 +10,7 @@ use super::{
     Awaiting, Decision, Engine, EventKind, Failure, Job, Notice, Outcome, Phase, Progress, Then,
     Transaction,
 };
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::VerifiedRelease;
 
@@ -344,7 +345,7 @@ impl Engine {
         if txn.release_id != release_id {
             return;
         }
-        let Phase::Pending { txn, .. } = std::mem::take(&mut self.state.phase) else {
+        let Phase::Pending { txn, .. } = core::mem::take(&mut self.state.phase) else {
             unreachable!("matched above")
         };
         let event = self.event(EventKind::Withdrawn, now, Some(&txn), |e| {

@@ -3,6 +3,7 @@
 
 use super::action::{Action, Answer, Job, Notice};
 use super::state::{Event, Progress};
+use crate::prelude::*;
 
 /// What one input leads to, before it is put in order. The job is not collected here: a
 /// handler returns the one job it asks for, so asking for two is not expressible, and

@@ -6,6 +6,7 @@ use super::input::Failure;
 use super::names::Bootname;
 use super::policy::Clamp;
 use super::state::{Event, EventKind, Progress, Transaction};
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::manifest::{Disruption, Image, Severity};
 

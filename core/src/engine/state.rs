@@ -1,13 +1,14 @@
 //! What the engine remembers across restarts and reboots, and what it reports. All of it is plain
 //! data: the state store writes it atomically, the reporters serialise the events.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::names::{BootId, Bootname};
 use crate::engine::policy::{Clamp, UserChoices, Wait};
+use crate::prelude::*;
 use crate::reason::ReasonCode;
 use crate::release::{Manifest, ReleaseId};
 

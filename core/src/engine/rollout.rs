@@ -37,8 +37,11 @@ fn scale(span: SignedDuration, draw: u64) -> SignedDuration {
 /// The fraction of the window at which this device installs, in [0, 1): `u` of
 /// `start + duration * u`. For tests and for the tools that show a fleet's spread.
 pub fn fraction(release: &ReleaseId, device_id: &str) -> f64 {
-    draw(MOMENT_DOMAIN, release, device_id) as f64 / 2f64.powi(64)
+    draw(MOMENT_DOMAIN, release, device_id) as f64 / TWO_TO_THE_64
 }
+
+/// 2^64, exactly (`f64::powi` is std's, not core's).
+const TWO_TO_THE_64: f64 = 18_446_744_073_709_551_616.0;
 
 /// This device's moment in the rollout window: `start + duration * u`, `u` uniform in [0, 1).
 pub fn moment(rollout: &Rollout, release: &ReleaseId, device_id: &str) -> Timestamp {
