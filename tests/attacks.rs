@@ -900,35 +900,14 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
 #[test]
 fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     let split = Split::new(Backend::File);
-    split
-        .gateway
-        .signer()
-        .write_key_pair(&split.path("signer"))
-        .unwrap();
     let serve = split.path("serve");
     fs::create_dir(&serve).unwrap();
     // Two releases: the one the installer is asked to write, and another whose index a
     // compromised daemon sends instead of the right one.
     let create = |name: &str, image: &[u8], version: &str| {
         fs::write(serve.join(name), image).unwrap();
-        let release = split.path(&format!("release-{name}.json"));
-        let out = Command::new(BIN)
-            .args(["release", "create", "--key"])
-            .arg(split.path("signer.key"))
-            .arg("--image")
-            .arg(serve.join(name))
-            .args(["--version", version, "--security-version", "3"])
-            .args(["--compatible", COMPATIBLE])
-            .args(["--url", &format!("http://127.0.0.1:1/{name}")])
-            .args(["--store-level", "1", "--out-dir"])
-            .arg(&serve)
-            .arg("--out")
-            .arg(&release)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "release create: {}", text(&out));
-        fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
-        release
+        let url = format!("http://127.0.0.1:1/{name}");
+        split.indexed_release(&serve.join(name), version, &url, "1", None, name)
     };
     let good = pattern(300_003, 5);
     let release = create("good.img", &good, "3.0");

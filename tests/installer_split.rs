@@ -581,13 +581,7 @@ fn a_failed_trial_rolls_back_through_the_installer() {
 #[test]
 fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the_rest() {
     use common::range_server::{RangeMode, RangeServer};
-    use std::os::unix::fs::PermissionsExt;
     let split = Split::new(Backend::File);
-    split
-        .gateway
-        .signer()
-        .write_key_pair(&split.path("signer"))
-        .unwrap();
     // The new image: slot A's content with one block changed, and 100 KB more.
     let mut new = split.slot("A")[..200_003].to_vec();
     new[10 * 4096 + 5] ^= 0x55;
@@ -596,22 +590,14 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
     fs::create_dir(&serve).unwrap();
     fs::write(split.path("new.img"), &new).unwrap();
     let server = RangeServer::start(serve.clone(), RangeMode::Multi);
-    let release = split.path("release-delta.json");
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(split.path("new.img"))
-        .args(["--version", "3.0", "--security-version", "3"])
-        .args(["--compatible", COMPATIBLE, "--url", &server.url("new.img")])
-        .args(["--store-level", "3", "--out-dir"])
-        .arg(&serve)
-        .arg("--out")
-        .arg(&release)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
-    fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+    let release = split.indexed_release(
+        &split.path("new.img"),
+        "3.0",
+        &server.url("new.img"),
+        "3",
+        None,
+        "delta",
+    );
 
     split.install_as_daemon(&release);
     assert_eq!(
@@ -642,16 +628,10 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
 #[test]
 fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
     use common::range_server::{RangeMode, RangeServer};
-    use std::os::unix::fs::PermissionsExt;
     for compress in [None, Some("zstd")] {
         let split = Split::with(Backend::File, |gateway| {
             gateway.configure(|c| c.install.full_download_fallback = true)
         });
-        split
-            .gateway
-            .signer()
-            .write_key_pair(&split.path("signer"))
-            .unwrap();
         let new = pattern(300_003, 41);
         let serve = split.path("serve");
         fs::create_dir(&serve).unwrap();
@@ -662,25 +642,14 @@ fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
         } else {
             "new.img"
         };
-        let release = split.path("release-full.json");
-        let mut create = Command::new(BIN);
-        create
-            .args(["release", "create", "--key"])
-            .arg(split.path("signer.key"))
-            .arg("--image")
-            .arg(split.path("new.img"))
-            .args(["--version", "3.0", "--security-version", "3"])
-            .args(["--compatible", COMPATIBLE, "--url", &server.url(served)])
-            .args(["--store-level", "1", "--out-dir"])
-            .arg(&serve)
-            .arg("--out")
-            .arg(&release);
-        if let Some(kind) = compress {
-            create.args(["--compress", kind]);
-        }
-        let out = create.output().unwrap();
-        assert!(out.status.success(), "release create: {}", text(&out));
-        fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+        let release = split.indexed_release(
+            &split.path("new.img"),
+            "3.0",
+            &server.url(served),
+            "1",
+            compress,
+            "full",
+        );
 
         split.install_as_daemon(&release);
         assert_eq!(
@@ -733,36 +702,22 @@ fn a_daemon_speaking_another_protocol_version_is_refused_clearly() {
 #[test]
 fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resumes() {
     use common::range_server::{RangeMode, RangeServer};
-    use std::os::unix::fs::PermissionsExt;
     let split = Split::with(Backend::File, |gateway| {
         gateway.configure(|c| c.install.full_download_fallback = true)
     });
-    split
-        .gateway
-        .signer()
-        .write_key_pair(&split.path("signer"))
-        .unwrap();
     let new = pattern(2 * 1024 * 1024 + 11, 23);
     let serve = split.path("serve");
     fs::create_dir(&serve).unwrap();
     fs::write(serve.join("new.img"), &new).unwrap();
     let server = RangeServer::start(serve.clone(), RangeMode::Ignore);
-    let release = split.path("release-cut.json");
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(split.path("signer.key"))
-        .arg("--image")
-        .arg(serve.join("new.img"))
-        .args(["--version", "3.0", "--security-version", "3"])
-        .args(["--compatible", COMPATIBLE, "--url", &server.url("new.img")])
-        .args(["--store-level", "1", "--out-dir"])
-        .arg(&serve)
-        .arg("--out")
-        .arg(&release)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "release create: {}", text(&out));
-    fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+    let release = split.indexed_release(
+        &serve.join("new.img"),
+        "3.0",
+        &server.url("new.img"),
+        "1",
+        None,
+        "cut",
+    );
 
     let out = split
         .command(&["install", release.to_str().unwrap()])

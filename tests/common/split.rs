@@ -4,8 +4,9 @@
 //! image and wrong bytes on a loopback server and in files beside it.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -127,6 +128,46 @@ impl Split {
             .image(&self.server.url(url_path), &self.image)
             .write(&self.path(&format!("release-{version}.json")))
             .unwrap()
+    }
+
+    /// `release create` of `image` with its block index and store in `serve/` (level
+    /// `store_level`, compressed as `compress` names if given), signed by the gateway's signer,
+    /// written as `release-{name}.json` and readable by the daemon's user.
+    pub fn indexed_release(
+        &self,
+        image: &Path,
+        version: &str,
+        url: &str,
+        store_level: &str,
+        compress: Option<&str>,
+        name: &str,
+    ) -> PathBuf {
+        if !self.path("signer.key").exists() {
+            self.gateway
+                .signer()
+                .write_key_pair(&self.path("signer"))
+                .unwrap();
+        }
+        let release = self.path(&format!("release-{name}.json"));
+        let mut create = Command::new(BIN);
+        create
+            .args(["release", "create", "--key"])
+            .arg(self.path("signer.key"))
+            .arg("--image")
+            .arg(image)
+            .args(["--version", version, "--security-version", "3"])
+            .args(["--compatible", COMPATIBLE, "--url", url])
+            .args(["--store-level", store_level, "--out-dir"])
+            .arg(self.path("serve"))
+            .arg("--out")
+            .arg(&release);
+        if let Some(kind) = compress {
+            create.args(["--compress", kind]);
+        }
+        let out = create.output().unwrap();
+        assert!(out.status.success(), "release create: {}", text(&out));
+        fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
+        release
     }
 
     /// The release with one byte of its signed manifest changed and the signatures kept.
