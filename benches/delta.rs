@@ -446,36 +446,17 @@ fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
         sha256: hex::encode(built.index_sha256),
         chunk_size: u64::from(built.header.block_size),
     });
-    let exe = std::env::current_exe().unwrap();
     let (mut walls, mut cpus, mut peaks, mut downloads) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
         let target = scratch.join("target-slot");
         File::create(&target).unwrap().set_len(size).unwrap();
         let work = scratch.join("work");
         let _ = std::fs::remove_dir_all(&work);
-        let job = scratch.join("job.json");
-        std::fs::write(
-            &job,
-            serde_json::to_vec(&serde_json::json!({
-                "image": image, "target": target, "booted": slot, "work": work,
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        server.clear_log();
-        let started = Instant::now();
-        let out = Command::new(&exe)
-            .args(["--child", "install"])
-            .arg(&job)
-            .output()
-            .unwrap();
-        walls.push(started.elapsed().as_secs_f64());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let job = serde_json::json!({
+            "image": image, "target": target, "booted": slot, "work": work,
+        });
+        let (report, wall) = install_in_child(&scratch.join("job.json"), &job, &server);
+        walls.push(wall);
         assert_eq!(report["delta"], true, "the install took the delta path");
         assert_eq!(sha256_file(&target), sha256_file(&new));
         cpus.push(report["cpu"].as_f64().unwrap());
@@ -521,7 +502,6 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         "case", "how", "download", "req", "wall s", "cpu s", "RSS MiB", "x ideal", "x full"
     );
     let old = dir.join("base.img");
-    let exe = std::env::current_exe().unwrap();
     for case in CASES {
         if only.is_some_and(|o| o != case.new) {
             continue;
@@ -586,39 +566,19 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
             vec![("delta", Vec::new()), ("full", Vec::new())];
         for _ in 0..ROUNDS {
             for (how, results) in rows.iter_mut() {
-                let job = scratch.join("job.json");
                 let target = scratch.join("target-slot");
                 let _ = std::fs::remove_file(&target);
                 File::create(&target).unwrap().set_len(size).unwrap();
                 let image = if *how == "delta" { &image } else { &full_image };
-                std::fs::write(
-                    &job,
-                    serde_json::to_vec(&serde_json::json!({
-                        "image": image,
-                        "target": target,
-                        "booted": old,
-                        "work": scratch.join("work"),
-                    }))
-                    .unwrap(),
-                )
-                .unwrap();
+                let job = serde_json::json!({
+                    "image": image,
+                    "target": target,
+                    "booted": old,
+                    "work": scratch.join("work"),
+                });
                 // A device meets each release once: the index is downloaded every round.
                 let _ = std::fs::remove_dir_all(scratch.join("work"));
-                server.clear_log();
-                let started = Instant::now();
-                let out = Command::new(&exe)
-                    .args(["--child", "install"])
-                    .arg(&job)
-                    .output()
-                    .unwrap();
-                let wall = started.elapsed().as_secs_f64();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let report: serde_json::Value =
-                    serde_json::from_slice(&out.stdout).expect("the child's report");
+                let (report, wall) = install_in_child(&scratch.join("job.json"), &job, &server);
                 let downloaded: u64 = server.log().iter().map(|l| l.body_bytes).sum();
                 let requests = server.log().len() as f64;
                 results.push([
@@ -668,6 +628,32 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
     println!(
         "(download: body bytes the server sent, index and probe included; req: HTTP requests; cpu: the installing process's user+system time; the images are in the page cache)"
     );
+}
+
+/// One install job (image, target, booted slot, work directory) written to `job_path` and run
+/// by a fresh child process of this bench, so that its peak RSS is the install's alone; the
+/// server's request log is cleared first. The child's report and the wall time in seconds.
+fn install_in_child(
+    job_path: &Path,
+    job: &serde_json::Value,
+    server: &range_server::RangeServer,
+) -> (serde_json::Value, f64) {
+    std::fs::write(job_path, serde_json::to_vec(job).unwrap()).unwrap();
+    server.clear_log();
+    let started = Instant::now();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--child", "install"])
+        .arg(job_path)
+        .output()
+        .unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_slice(&out.stdout).expect("the child's report");
+    (report, wall)
 }
 
 fn sha256_file(path: &Path) -> [u8; 32] {
