@@ -954,7 +954,7 @@ impl CrashPoints {
 
     fn point(&self, name: &str) {
         if self.at.as_deref() == Some(name) {
-            crash(name);
+            crate::crash_point::crash(name);
         }
     }
 
@@ -967,7 +967,7 @@ impl CrashPoints {
         if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:"))
             && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
         {
-            crash(&format!("bytes:{limit}"));
+            crate::crash_point::crash(&format!("bytes:{limit}"));
         }
     }
 
@@ -980,16 +980,9 @@ impl CrashPoints {
             .and_then(|at| at.strip_prefix("downloaded:"))
             && limit.parse::<u64>().is_ok_and(|limit| downloaded >= limit)
         {
-            crash(&format!("downloaded:{limit}"));
+            crate::crash_point::crash(&format!("downloaded:{limit}"));
         }
     }
-}
-
-#[cfg(feature = "test-hooks")]
-fn crash(name: &str) -> ! {
-    eprintln!("crash point {name}: killing the agent with SIGKILL");
-    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    unreachable!("SIGKILL cannot be caught");
 }
 
 impl fmt::Display for Stop {

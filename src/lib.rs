@@ -17,6 +17,8 @@
 //! - [`conformance`]: the agent's own EN 303 645 §5.3 evidence (ICS, IXIT, live checks,
 //!   CycloneDX attestation).
 //! - [`durable`]: atomic file replacement and size-bounded reads.
+//! - `crash_point` (feature `test-hooks`: the tests, never a device build): the power cuts the
+//!   tests cause at named points.
 //! - [`engine`] (the core's): the update state machine, sans IO: inputs and time in, actions out.
 //! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
 //!   small host that owns the agent for it until the daemon does.
@@ -41,6 +43,8 @@ pub mod anchor;
 pub mod bootloader;
 pub mod config;
 pub mod conformance;
+#[cfg(feature = "test-hooks")]
+pub mod crash_point;
 pub mod daemon;
 pub mod dbus;
 pub mod delta;

@@ -544,8 +544,7 @@ impl Shared {
         if let Some(limit) = self.crash_at
             && verified >= limit
         {
-            eprintln!("crash point readback:bytes:{limit}: killing the agent with SIGKILL");
-            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            crate::crash_point::crash(&format!("readback:bytes:{limit}"));
         }
         let _ = verified;
     }

@@ -79,8 +79,7 @@ pub async fn send_image(
     // image's first byte.
     #[cfg(feature = "test-hooks")]
     if std::env::var("UPDATE_AGENT_CRASH_AT").as_deref() == Ok("index:sent") {
-        eprintln!("crash point index:sent: killing the agent with SIGKILL");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        crate::crash_point::crash("index:sent");
     }
     let size = image.size;
     let start = if plan.zstd.is_some() || start > size {
