@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::range_server::{RangeMode, RangeServer};
 use super::sim::{Act, GatewayBuilder, User, tamper};
 use super::{BIN, Backend, Gateway, ImageServer, describe as text, pattern, require};
 
@@ -168,6 +169,33 @@ impl Split {
         assert!(out.status.success(), "release create: {}", text(&out));
         fs::set_permissions(&release, fs::Permissions::from_mode(0o644)).unwrap();
         release
+    }
+
+    /// `image` as `new.img`, a loopback server on `serve/` answering Range requests as `mode`
+    /// says, and `indexed_release` of the image at that server's URL for what it serves
+    /// (`new.img`, or `new.img.zst` when compressed).
+    pub fn served_indexed_release(
+        &self,
+        image: &[u8],
+        mode: RangeMode,
+        store_level: &str,
+        compress: Option<&str>,
+        name: &str,
+    ) -> (RangeServer, PathBuf) {
+        let serve = self.path("serve");
+        fs::create_dir(&serve).unwrap();
+        fs::write(self.path("new.img"), image).unwrap();
+        let server = RangeServer::start(serve, mode);
+        let served = compress.map_or("new.img", |_| "new.img.zst");
+        let release = self.indexed_release(
+            &self.path("new.img"),
+            "3.0",
+            &server.url(served),
+            store_level,
+            compress,
+            name,
+        );
+        (server, release)
     }
 
     /// The release with one byte of its signed manifest changed and the signatures kept.
