@@ -383,15 +383,32 @@ fn cut(point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
 
 fn cut_on(loader: Backend, point: &'static str, victim: Victim, outcome: Outcome) -> Cycle {
     run_case(&Case {
-        point: point.to_owned(),
         victim,
         outcome,
         loader,
+        ..install_cut(point.to_owned())
+    })
+}
+
+/// A cut at `point` in the install on the file backend, ending committed, with the download at
+/// full speed, the default checkpoint interval and no read-back overlap; a test changes the rest.
+fn install_cut(point: String) -> Case {
+    Case {
+        point,
+        victim: Install,
+        outcome: Committed,
+        loader: Backend::File,
         throttle: None,
         checkpoint_interval: CHECKPOINT,
         readback_overlap: false,
-    })
+    }
 }
+
+/// The download slowed to 32 KiB every 5 ms: about 160 ms per MiB.
+const SLOW_DOWNLOAD: Throttle = Throttle {
+    chunk: 32 * 1024,
+    pause: Duration::from_millis(5),
+};
 
 /// `#[test] fn NAME()`: a cycle on `loader` cut at `point` in `victim`, ending in `outcome`.
 macro_rules! cut_tests {
@@ -716,18 +733,11 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
     let interval = 2 * MIB;
     let limit = interval + MIB / 2;
     let cycle = run_case(&Case {
-        point: format!("bytes:{limit}"),
-        victim: Install,
-        outcome: Committed,
-        loader: Backend::File,
         // Slow enough that progress (at most every 100 ms) is reported several times while the
         // writer is between 3 and 4 MiB.
-        throttle: Some(Throttle {
-            chunk: 32 * 1024,
-            pause: Duration::from_millis(5),
-        }),
+        throttle: Some(SLOW_DOWNLOAD),
         checkpoint_interval: interval,
-        readback_overlap: false,
+        ..install_cut(format!("bytes:{limit}"))
     });
     let journal = cycle.device.journal();
     let durable = cycle
@@ -767,17 +777,10 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
 #[test]
 fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
     let cycle = run_case(&Case {
-        point: format!("readback:bytes:{CHECKPOINT}"),
-        victim: Install,
-        outcome: Committed,
-        loader: Backend::File,
         // About 160 ms per MiB: the read-back of a region takes a few.
-        throttle: Some(Throttle {
-            chunk: 32 * 1024,
-            pause: Duration::from_millis(5),
-        }),
-        checkpoint_interval: CHECKPOINT,
+        throttle: Some(SLOW_DOWNLOAD),
         readback_overlap: true,
+        ..install_cut(format!("readback:bytes:{CHECKPOINT}"))
     });
     let journal = cycle.device.journal();
     let durable = cycle
@@ -798,13 +801,8 @@ fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
 #[test]
 fn cut_during_the_read_back_behind_the_last_bytes() {
     let cycle = run_case(&Case {
-        point: "readback:bytes:4194304".into(),
-        victim: Install,
-        outcome: Committed,
-        loader: Backend::File,
-        throttle: None,
-        checkpoint_interval: CHECKPOINT,
         readback_overlap: true,
+        ..install_cut("readback:bytes:4194304".into())
     });
     // Still writing: the slot was neither activated nor marked written. Which checkpoint was
     // persisted by then is a race the test leaves open (the download may have queued every
@@ -854,13 +852,8 @@ cut_tests! { Grub:
 /// service does.
 fn committed_slot_keeps_booting(loader: Backend) {
     let case = Case {
-        point: String::new(),
-        victim: Install,
-        outcome: Committed,
         loader,
-        throttle: None,
-        checkpoint_interval: CHECKPOINT,
-        readback_overlap: false,
+        ..install_cut(String::new())
     };
     let mut dev = Device::new(&case);
     dev.run("boot-check", None);
