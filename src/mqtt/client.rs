@@ -257,14 +257,9 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
         E::Incoming(Packet::ConnAck(_)) => Event::Connected,
         E::Incoming(Packet::SubAck(ack)) => Event::Subscribed {
             pkid: ack.pkid,
-            refusals: ack
-                .return_codes
-                .iter()
-                .map(|code| match code {
-                    SubscribeReasonCode::Success(_) => None,
-                    other => Some(format!("{other:?}")),
-                })
-                .collect(),
+            refusals: refusals(&ack.return_codes, |code| {
+                matches!(code, SubscribeReasonCode::Success(_))
+            }),
         },
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: publish.topic,
@@ -292,14 +287,9 @@ fn from_v311(event: rumqttc::Event) -> Event {
         E::Incoming(Packet::ConnAck(_)) => Event::Connected,
         E::Incoming(Packet::SubAck(ack)) => Event::Subscribed {
             pkid: ack.pkid,
-            refusals: ack
-                .return_codes
-                .iter()
-                .map(|code| match code {
-                    SubscribeReasonCode::Success(_) => None,
-                    SubscribeReasonCode::Failure => Some("Failure".to_string()),
-                })
-                .collect(),
+            refusals: refusals(&ack.return_codes, |code| {
+                matches!(code, SubscribeReasonCode::Success(_))
+            }),
         },
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: Bytes::from(publish.topic),
@@ -313,6 +303,18 @@ fn from_v311(event: rumqttc::Event) -> Event {
         E::Outgoing(outgoing) => Event::Sent(outgoing),
         E::Incoming(_) => Event::Other,
     }
+}
+
+/// SUBACK's return codes, one per filter in order: `None` where `granted`, else the code's name
+/// (MQTT 5's reason, or 3.1.1's one `Failure`).
+fn refusals<Code: std::fmt::Debug>(
+    codes: &[Code],
+    granted: fn(&Code) -> bool,
+) -> Vec<Option<String>> {
+    codes
+        .iter()
+        .map(|code| (!granted(code)).then(|| format!("{code:?}")))
+        .collect()
 }
 
 fn down_v5(err: rumqttc::v5::ConnectionError) -> Down {
