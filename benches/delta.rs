@@ -142,10 +142,7 @@ fn main() {
         let new = dir.join(format!("{}.img", case.new));
         let (built, index_file, store_path) = build_cached(&dir, case.new, &new, params);
         let index = expand(&index_file, &new, &built, scratch.path());
-        let sources = Sources {
-            booted: Some(&booted),
-            target: None,
-        };
+        let sources = Sources::booted(&booted);
         let full = zstd_size(&new);
         // Never more than the full download would cost: past it, more requests.
         let budget = Some(full.saturating_sub(built.index_size));
@@ -551,10 +548,7 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         let booted = SlotTable::open(&table).unwrap();
         let p = plan(
             &index,
-            Sources {
-                booted: Some(&booted),
-                target: None,
-            },
+            Sources::booted(&booted),
             PlanOptions::default(),
             scratch,
         )
@@ -768,10 +762,7 @@ fn child(args: &[String]) {
             let booted = SlotTable::open(&table).unwrap();
             let p = plan(
                 &index,
-                Sources {
-                    booted: Some(&booted),
-                    target: None,
-                },
+                Sources::booted(&booted),
                 PlanOptions::default(),
                 scratch,
             )

@@ -215,10 +215,7 @@ fn release_create_serves_a_directory_from_which_a_delta_rebuilds_the_image() {
         .from_slot(&old, old.metadata().unwrap().len(), &[1; 32], &table)
         .unwrap();
     let booted = SlotTable::open(&table).unwrap();
-    let sources = Sources {
-        booted: Some(&booted),
-        target: None,
-    };
+    let sources = Sources::booted(&booted);
     let plan = plan(&index, sources, PlanOptions::default(), &state).unwrap();
     let summary = *plan.summary();
     let new_bytes = fs::read(&r.new).unwrap();

@@ -267,6 +267,16 @@ pub struct Sources<'a> {
     pub target: Option<&'a SlotTable>,
 }
 
+impl<'a> Sources<'a> {
+    /// Only the booted slot's blocks: what a target slot that holds nothing usable offers.
+    pub fn booted(table: &'a SlotTable) -> Sources<'a> {
+        Sources {
+            booted: Some(table),
+            target: None,
+        }
+    }
+}
+
 /// Makes the plan for writing the image `index` describes into the target slot.
 pub fn plan(
     index: &IndexFile,
@@ -887,10 +897,7 @@ mod tests {
         new.extend_from_slice(&block(20_000)[..777]);
         let (index, store) = testing::expanded(dir.path(), &new, BS as u32, 2);
         let booted = table(dir.path(), "booted", &old);
-        let sources = Sources {
-            booted: Some(&booted),
-            target: None,
-        };
+        let sources = Sources::booted(&booted);
         let plan = plan(&index, sources, PlanOptions::default(), dir.path()).unwrap();
         let s = *plan.summary();
         assert_eq!(s.blocks, index.block_count());
@@ -980,10 +987,7 @@ mod tests {
         let booted = table(dir.path(), "booted", &old);
         let plan = plan(
             &index,
-            Sources {
-                booted: Some(&booted),
-                target: None,
-            },
+            Sources::booted(&booted),
             PlanOptions::default(),
             dir.path(),
         )
@@ -1019,10 +1023,7 @@ mod tests {
             .collect();
         let (index, store) = testing::expanded(dir.path(), &new, BS as u32, 1);
         let booted = table(dir.path(), "booted", &old);
-        let sources = Sources {
-            booted: Some(&booted),
-            target: None,
-        };
+        let sources = Sources::booted(&booted);
         for (max_requests, per_request) in [(1000, 1), (10, 1), (3, 1), (2, 16), (1, 1)] {
             let options = PlanOptions {
                 min_gap: 0,
