@@ -111,11 +111,7 @@ pub(crate) async fn install(
     let full_size = plan_image.transport_size;
     prepare_work_dir(&settings.work_dir)
         .map_err(|e| TransferError::slot_io(&settings.work_dir, "create the work directory", e))?;
-    let http = HttpOptions {
-        connect_timeout: req.connect_timeout,
-        stall_timeout: req.stall_timeout,
-        extra_roots: &req.extra_roots,
-    };
+    let http = req.http();
     let mut stats = DeltaStats::default();
     let mut rate = RateLimit::new(req.max_rate);
 

@@ -145,6 +145,14 @@ impl WriteRequest {
             readback_overlap: false,
         }
     }
+
+    fn http(&self) -> HttpOptions<'_> {
+        HttpOptions {
+            connect_timeout: self.connect_timeout,
+            stall_timeout: self.stall_timeout,
+            extra_roots: &self.extra_roots,
+        }
+    }
 }
 
 /// What the caller hears during an install. Returning an error from the handler stops the
@@ -272,11 +280,7 @@ async fn install_full(
         hasher = Sha256::new();
     }
 
-    let http = HttpOptions {
-        connect_timeout: req.connect_timeout,
-        stall_timeout: req.stall_timeout,
-        extra_roots: &req.extra_roots,
-    };
+    let http = req.http();
     let mut source = Source::open(&plan.url, start, plan.transport_size, &http).await?;
     if source.start() != start {
         start = source.start();
