@@ -81,7 +81,7 @@ pub use writer::ZSTD_WINDOW_LOG_MAX;
 use error::esc;
 use readback::{Check, Readback};
 use source::{HttpOptions, Source};
-use writer::{Msg, SinkConfig, SinkOutcome};
+use writer::{Msg, SinkConfig};
 
 /// Default bytes between two `fdatasync` checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 64 * 1024 * 1024;
@@ -356,18 +356,8 @@ async fn install_full(
         Some(failure) if failure.is_transient() => reporter.checkpoints(),
         Some(_) => Ok(()),
     };
-    match (failure, outcome) {
-        // A slot that cannot be written is the bigger problem: it tells the operator more.
-        (_, Err(sink_error)) => return Err(sink_error),
-        (Some(failure), Ok(_)) => return Err(failure),
-        (None, Ok(SinkOutcome::Aborted)) => {
-            return Err(TransferError::Download {
-                url: plan.shown.clone(),
-                detail: "the transfer stopped before its end".into(),
-            });
-        }
-        (None, Ok(SinkOutcome::Finished)) => reported?,
-    }
+    writer::ended(failure, outcome, &plan.shown, "the transfer")?;
+    reported?;
     download.tell(reporter.events)?;
     reporter.progress(true)?;
     finish_read_back(readback, &plan, size, reporter.events).await

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::error::TransferError;
 use super::readback::{Check, Readback};
 use super::source::{HttpOptions, Source};
-use super::writer::{self, Msg, SinkConfig, SinkOutcome};
+use super::writer::{self, Msg, SinkConfig};
 use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
 use crate::release::manifest::Image;
 
@@ -157,15 +157,7 @@ pub async fn send_image(
     drop(queue);
     drop(source);
     let outcome = sink.await.map_err(join_error)?;
-    match (failure, outcome) {
-        (_, Err(sink_error)) => Err(sink_error),
-        (Some(failure), Ok(_)) => Err(failure),
-        (None, Ok(SinkOutcome::Aborted)) => Err(TransferError::Download {
-            url: plan.shown.clone(),
-            detail: "the transfer stopped before its end".into(),
-        }),
-        (None, Ok(SinkOutcome::Finished)) => Ok(()),
-    }
+    writer::ended(failure, outcome, &plan.shown, "the transfer")
 }
 
 /// What the installer writes where: the image as its own verified manifest describes it.
@@ -342,17 +334,8 @@ impl SlotStream {
         };
         // Checkpoints are durable whatever went wrong with the stream.
         let reported = reporter.update(true);
-        match (failure, outcome) {
-            (_, Err(sink_error)) => return Err(sink_error),
-            (Some(failure), Ok(_)) => return Err(failure),
-            (None, Ok(SinkOutcome::Aborted)) => {
-                return Err(TransferError::Download {
-                    url: shown,
-                    detail: "the stream stopped before its end".into(),
-                });
-            }
-            (None, Ok(SinkOutcome::Finished)) => reported?,
-        }
+        writer::ended(failure, outcome, &shown, "the stream")?;
+        reported?;
         call(reporter.events, TransferEvent::Verifying)?;
         readback.finish()?;
         Ok(Written {

@@ -204,6 +204,27 @@ pub(crate) enum SinkOutcome {
     Aborted,
 }
 
+/// How a transfer into a sink ended, from the feeding side's `failure` and the sink's
+/// `outcome`: a slot that cannot be written is the bigger problem (it tells the operator more),
+/// then the feeding side's failure; a sink that stopped early without either tells that `what`
+/// (from `shown`) stopped before its end.
+pub(crate) fn ended(
+    failure: Option<TransferError>,
+    outcome: Result<SinkOutcome, TransferError>,
+    shown: &str,
+    what: &str,
+) -> Result<(), TransferError> {
+    match (failure, outcome) {
+        (_, Err(sink_error)) => Err(sink_error),
+        (Some(failure), Ok(_)) => Err(failure),
+        (None, Ok(SinkOutcome::Aborted)) => Err(TransferError::Download {
+            url: shown.to_owned(),
+            detail: format!("{what} stopped before its end"),
+        }),
+        (None, Ok(SinkOutcome::Finished)) => Ok(()),
+    }
+}
+
 /// Runs the sink until the queue ends. `written` is updated after each write;
 /// `checkpoints` receives each durable offset after its `fdatasync`.
 pub(crate) fn run_sink<D: Destination>(
