@@ -286,6 +286,14 @@ fn assert_only_verified_blocks(slot: &[u8], before: &[u8], new: &[u8]) {
     }
 }
 
+/// Changes the served file `name` after the release was signed.
+fn alter_served(r: &Release, name: &str, change: impl FnOnce(&mut Vec<u8>)) {
+    let path = r.serve().join(name);
+    let mut bytes = fs::read(&path).unwrap();
+    change(&mut bytes);
+    fs::write(&path, &bytes).unwrap();
+}
+
 /// The install's error, whose reason must be one of `reasons`.
 fn failure_of(
     result: Result<Option<DeltaStats>, TransferError>,
@@ -305,12 +313,11 @@ fn a_store_that_does_not_match_the_index_is_refused_block_by_block() {
     let booted = r.dir.path().join("slot-a");
     fs::write(&booted, &r.old).unwrap();
     // The served store changed after signing: a byte in every 512.
-    let store_path = r.serve().join("new.img.store");
-    let mut store = fs::read(&store_path).unwrap();
-    for at in (300..store.len()).step_by(512) {
-        store[at] ^= 0x10;
-    }
-    fs::write(&store_path, &store).unwrap();
+    alter_served(&r, "new.img.store", |store| {
+        for at in (300..store.len()).step_by(512) {
+            store[at] ^= 0x10;
+        }
+    });
 
     let (result, _) = install(&request(&r, &target, Some(&booted), true));
     failure_of(
@@ -327,11 +334,10 @@ fn an_index_that_does_not_match_the_manifest_is_refused_before_the_slot_is_touch
     let r = release(RangeMode::Multi);
     let target = r.dir.path().join("slot-b");
     fs::write(&target, &r.old).unwrap();
-    let index_path = r.serve().join("new.img.index");
-    let mut index = fs::read(&index_path).unwrap();
-    let last = index.len() - 1;
-    index[last] ^= 1;
-    fs::write(&index_path, &index).unwrap();
+    alter_served(&r, "new.img.index", |index| {
+        let last = index.len() - 1;
+        index[last] ^= 1;
+    });
 
     let (result, _) = install(&request(&r, &target, None, false));
     let err = failure_of(result, &[ReasonCode::HashMismatch, ReasonCode::Malformed]);
