@@ -13,9 +13,10 @@ use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::range_server::{RangeMode, RangeServer};
-use common::{assert_exit, pattern};
+use common::{assert_exit, pattern, wait_for};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::index_build::{self, StoreParams};
@@ -566,9 +567,12 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
         stderr.contains("checked against the block index"),
         "the read-back used the index: {stderr}"
     );
-    assert!(
-        dev.r.server.requests_of("new.img") >= 1,
-        "the whole image was downloaded"
+    // The server logs a request once it has sent the body or seen the client go: the SIGKILL
+    // can be seen here before that.
+    wait_for(
+        "the whole image's download in the server's log",
+        Duration::from_secs(10),
+        || dev.r.server.requests_of("new.img") >= 1,
     );
     let status = dev.agent(&["status", "--json"], None);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
