@@ -69,13 +69,20 @@ const ROLLBACK: &[&str] = &[
     "rolled-back",
 ];
 
-#[test]
-fn a_rollout_counts_stages_and_the_failure_rate_among_finished_devices() {
-    let mut view = fleet(20);
-    for i in 0..16 {
+/// `fleet(n)` after the release: the first `committed` devices committed it, the next one
+/// (`gw-{committed}`) rolled back, the rest have not started.
+fn fleet_after_rollout(n: usize, committed: usize) -> FleetView {
+    let mut view = fleet(n);
+    for i in 0..committed {
         run(&mut view, &format!("gw-{i:02}"), COMMIT, t(10));
     }
-    run(&mut view, "gw-16", ROLLBACK, t(10));
+    run(&mut view, &format!("gw-{committed:02}"), ROLLBACK, t(10));
+    view
+}
+
+#[test]
+fn a_rollout_counts_stages_and_the_failure_rate_among_finished_devices() {
+    let mut view = fleet_after_rollout(20, 16);
     run(&mut view, "gw-17", &["accepted", "failed"], t(10));
     run(&mut view, "gw-18", &["accepted", "writing"], t(10));
     let rules = Rules {
@@ -323,11 +330,7 @@ fn the_number_of_devices_tracked_is_bounded() {
 
 #[test]
 fn metrics_in_both_text_formats() {
-    let mut view = fleet(10);
-    for i in 0..9 {
-        run(&mut view, &format!("gw-{i:02}"), COMMIT, t(10));
-    }
-    run(&mut view, "gw-09", ROLLBACK, t(10));
+    let mut view = fleet_after_rollout(10, 9);
     let mut odd = serde_json::from_slice::<Value>(&state("3\"\\x", "idle", None)).unwrap();
     odd["compatible"] = json!("acme");
     view.observe("odd", "state", &serde_json::to_vec(&odd).unwrap(), t(10));
