@@ -113,6 +113,18 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
 
+/// One line per measurement: its median, mean and CPU time per iteration.
+fn print_rows(rows: &[(&str, &Stats)]) {
+    for (name, stats) in rows {
+        println!(
+            "  {name:<28} median {:>8.1} µs   mean {:>8.1} µs   cpu {:>8.1} µs",
+            us(stats.median),
+            us(stats.mean),
+            us(stats.cpu)
+        );
+    }
+}
+
 fn main() {
     if cfg!(debug_assertions) {
         eprintln!("note: debug build; run `cargo bench --bench verify` for meaningful numbers");
@@ -136,14 +148,7 @@ fn main() {
     let full = measure(LIBRARY_ITERATIONS, UsageWho::RUSAGE_SELF, || {
         black_box(verify(black_box(&release), &anchor, &policy).unwrap());
     });
-    for (name, stats) in [("Envelope::parse (baseline)", &parse), ("verify", &full)] {
-        println!(
-            "  {name:<28} median {:>8.1} µs   mean {:>8.1} µs   cpu {:>8.1} µs",
-            us(stats.median),
-            us(stats.mean),
-            us(stats.cpu)
-        );
-    }
+    print_rows(&[("Envelope::parse (baseline)", &parse), ("verify", &full)]);
     println!(
         "  verify / parse: {:.1}x (median)\n",
         ratio(full.median, parse.median)
@@ -181,17 +186,10 @@ fn main() {
                 .arg(&release_path),
         )
     });
-    for (name, stats) in [
+    print_rows(&[
         ("/bin/true (baseline)", &truth),
         ("update-agent release verify", &process),
-    ] {
-        println!(
-            "  {name:<28} median {:>8.1} µs   mean {:>8.1} µs   cpu {:>8.1} µs",
-            us(stats.median),
-            us(stats.mean),
-            us(stats.cpu)
-        );
-    }
+    ]);
     println!(
         "  release verify / true: {:.1}x wall (mean), {:.1}x cpu",
         ratio(process.mean, truth.mean),
