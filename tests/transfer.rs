@@ -119,15 +119,22 @@ async fn expect_failure(slots: &Slots, req: &WriteRequest, reason: ReasonCode) -
     err
 }
 
+/// The test image, a server answering `/img` as `act` says (bound for as long as it must
+/// serve), fresh slots, and a request for the image there.
+async fn serve_img(act: Act) -> (Vec<u8>, ImageServer, Slots, WriteRequest) {
+    let data = pattern(SIZE, 0x2545);
+    let server = ImageServer::serve(data.clone(), vec![("/img", act)]).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+    (data, server, slots, req)
+}
+
 // ------------------------------------------------------------------------------------------
 // Happy paths
 
 #[tokio::test]
 async fn http_image_is_written_checkpointed_and_read_back() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (data, server, slots, req) = serve_img(Act::Serve).await;
 
     let (result, events) = install(&req).await;
     let written = result.unwrap();
@@ -271,14 +278,7 @@ async fn redirects_within_the_limit_are_followed() {
 
 #[tokio::test]
 async fn truncated_body_is_a_download_failure() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(
-        data.clone(),
-        vec![("/img", Act::Truncate { after: SIZE / 2 })],
-    )
-    .await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::Truncate { after: SIZE / 2 }).await;
 
     let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
     assert!(err.is_transient());
@@ -302,12 +302,9 @@ async fn short_close_delimited_body_is_a_size_mismatch() {
 
 #[tokio::test]
 async fn wrong_bytes_are_a_hash_mismatch() {
-    let data = pattern(SIZE, 0x2545);
-    let mut evil = data.clone();
+    let mut evil = pattern(SIZE, 0x2545);
     evil[SIZE / 3] ^= 0x40;
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Body(evil))]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::Body(evil)).await;
 
     let err = expect_failure(&slots, &req, ReasonCode::HashMismatch).await;
     assert!(err.reason().is_tamper_alert());
@@ -315,12 +312,8 @@ async fn wrong_bytes_are_a_hash_mismatch() {
 
 #[tokio::test]
 async fn extra_bytes_without_length_stop_at_the_first_one() {
-    let data = pattern(SIZE, 0x2545);
     let extra = vec![0xEE; 300 * 1024];
-    let server =
-        ImageServer::serve(data.clone(), vec![("/img", Act::CloseDelimited { extra })]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (data, _server, slots, req) = serve_img(Act::CloseDelimited { extra }).await;
 
     expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
     // Whatever was written is a prefix of the image: not one byte of the excess.
@@ -330,14 +323,7 @@ async fn extra_bytes_without_length_stop_at_the_first_one() {
 
 #[tokio::test]
 async fn announced_longer_body_is_refused_before_writing() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(
-        data.clone(),
-        vec![("/img", Act::LongerLength { extra: vec![1; 10] })],
-    )
-    .await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::LongerLength { extra: vec![1; 10] }).await;
 
     expect_failure(&slots, &req, ReasonCode::SizeMismatch).await;
     assert_eq!(slots.slot_bytes(), b"");
@@ -345,11 +331,7 @@ async fn announced_longer_body_is_refused_before_writing() {
 
 #[tokio::test]
 async fn stalled_server_times_out() {
-    let data = pattern(SIZE, 0x2545);
-    let server =
-        ImageServer::serve(data.clone(), vec![("/img", Act::Stall { after: 100_000 })]).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, mut req) = serve_img(Act::Stall { after: 100_000 }).await;
     req.stall_timeout = Duration::from_secs(1);
 
     let begun = Instant::now();
@@ -420,11 +402,7 @@ async fn https_to_http_redirect_is_refused() {
 
 #[tokio::test]
 async fn connection_reset_midway_is_a_download_failure() {
-    let data = pattern(SIZE, 0x2545);
-    let server =
-        ImageServer::serve(data.clone(), vec![("/img", Act::Reset { after: SIZE / 2 })]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::Reset { after: SIZE / 2 }).await;
 
     let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
     assert!(err.is_transient());
@@ -432,10 +410,7 @@ async fn connection_reset_midway_is_a_download_failure() {
 
 #[tokio::test]
 async fn server_error_status_is_reported_with_the_status() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Status(500))]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::Status(500)).await;
 
     let err = expect_failure(&slots, &req, ReasonCode::HttpStatus).await;
     assert!(matches!(err, TransferError::HttpStatus { status: 500, .. }));
@@ -487,11 +462,8 @@ async fn zstd_frame_with_a_huge_window_is_refused() {
 
 #[tokio::test]
 async fn image_larger_than_the_slot_is_refused_before_anything() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (_, server, slots, mut req) = serve_img(Act::Serve).await;
     std::fs::write(&slots.slot, b"old system").unwrap();
-    let mut req = slots.request(image(&server.url("/img"), &data));
     req.slot_capacity = SIZE as u64 - 1;
 
     expect_failure(&slots, &req, ReasonCode::ImageTooLarge).await;
@@ -501,10 +473,7 @@ async fn image_larger_than_the_slot_is_refused_before_anything() {
 
 #[tokio::test]
 async fn missing_slot_is_not_created() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (_, server, slots, mut req) = serve_img(Act::Serve).await;
     req.slot_path = slots.slot.with_file_name("no-such-slot");
 
     let (result, _) = install(&req).await;
@@ -515,10 +484,7 @@ async fn missing_slot_is_not_created() {
 
 #[tokio::test]
 async fn failing_checkpoint_handler_cancels_the_install() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, slots, req) = serve_img(Act::Serve).await;
 
     let result = install_image(&req, &mut |event| match event {
         TransferEvent::Checkpoint { .. } => Err(io::Error::other("state store is full")),
@@ -537,15 +503,8 @@ async fn failing_checkpoint_handler_cancels_the_install() {
 
 #[tokio::test]
 async fn resume_after_a_reset_continues_with_a_range_request() {
-    let data = pattern(SIZE, 0x2545);
     let reset_at = 600 * 1024 + 123;
-    let server = ImageServer::serve(
-        data.clone(),
-        vec![("/img", Act::once(Act::Reset { after: reset_at }))],
-    )
-    .await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (data, server, slots, mut req) = serve_img(Act::once(Act::Reset { after: reset_at })).await;
 
     let (result, events) = install(&req).await;
     assert_eq!(result.unwrap_err().reason(), ReasonCode::DownloadFailed);
@@ -578,12 +537,9 @@ async fn resume_after_a_reset_continues_with_a_range_request() {
 
 #[tokio::test]
 async fn resume_answered_with_200_restarts_from_zero() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::IgnoreRange)]).await;
-    let slots = Slots::new();
+    let (data, server, slots, mut req) = serve_img(Act::IgnoreRange).await;
     // A slot left half-written with garbage by an earlier attempt at some other image.
     std::fs::write(&slots.slot, vec![0x55; SIZE / 2]).unwrap();
-    let mut req = slots.request(image(&server.url("/img"), &data));
     req.resume_from = (SIZE / 2) as u64;
 
     install(&req).await.0.unwrap();
@@ -599,11 +555,8 @@ async fn resume_answered_with_200_restarts_from_zero() {
 
 #[tokio::test]
 async fn resume_from_the_full_size_only_reads_back() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (data, server, slots, mut req) = serve_img(Act::Serve).await;
     std::fs::write(&slots.slot, &data).unwrap();
-    let mut req = slots.request(image(&server.url("/img"), &data));
     req.resume_from = SIZE as u64;
 
     install(&req).await.0.unwrap();
@@ -612,11 +565,8 @@ async fn resume_from_the_full_size_only_reads_back() {
 
 #[tokio::test]
 async fn resume_past_a_truncated_slot_starts_over() {
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (data, server, slots, mut req) = serve_img(Act::Serve).await;
     std::fs::write(&slots.slot, &data[..1000]).unwrap();
-    let mut req = slots.request(image(&server.url("/img"), &data));
     req.resume_from = 500_000;
 
     install(&req).await.0.unwrap();
@@ -714,10 +664,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
         eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
         return;
     };
-    let data = pattern(SIZE, 0x2545);
-    let server = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (data, server, _slots, mut req) = serve_img(Act::Serve).await;
     req.slot_path = device.dev.clone();
     req.slot_capacity = 1 << 40;
 
