@@ -933,13 +933,18 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
         assert_refused(&out, &reply, "readback-mismatch");
     };
 
+    // The installer asked to write `image` into B, the daemon sending `index` ahead of it.
+    let write_b = |image: &std::path::Path, index: &std::path::Path| {
+        split.write_request(
+            Some("B"),
+            release,
+            image,
+            &["--index", index.to_str().unwrap()],
+        )
+    };
+
     // The other release's index for the right bytes: refused against the signed manifest.
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
-        &good_img,
-        &["--index", other_index.to_str().unwrap()],
-    );
+    let (out, reply) = write_b(&good_img, &other_index);
     assert_refused(&out, &reply, "hash-mismatch");
     assert!(
         reply["message"].as_str().unwrap().contains("block index"),
@@ -948,23 +953,13 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     b_not_bootable();
 
     // The right index with a block of other bytes: refused, the head of those bytes wiped.
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
-        &other_img,
-        &["--index", good_index.to_str().unwrap()],
-    );
+    let (out, reply) = write_b(&other_img, &good_index);
     assert_refused(&out, &reply, "hash-mismatch");
     assert!(split.slot("B")[..good.len()].iter().all(|b| *b == 0));
     b_not_bootable();
 
     // Right index, right bytes: written, read back against the index, activated.
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
-        &good_img,
-        &["--index", good_index.to_str().unwrap()],
-    );
+    let (out, reply) = write_b(&good_img, &good_index);
     assert_done(&out, &reply);
     assert!(
         split
