@@ -291,14 +291,17 @@ fn sign_adds_a_second_distinct_signature_for_threshold_2() {
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("below-threshold"), "{}", stderr(&out));
 
+    let sign_with_second = || {
+        run(&[
+            &"release",
+            &"sign",
+            &"--key",
+            &setup.path("second.key"),
+            &setup.path("release.json"),
+        ])
+    };
     let manifest_before = setup.release()["manifest"].clone();
-    let out = run(&[
-        &"release",
-        &"sign",
-        &"--key",
-        &setup.path("second.key"),
-        &setup.path("release.json"),
-    ]);
+    let out = sign_with_second();
     assert_exit(&out, 0);
     let release = setup.release();
     assert_eq!(
@@ -317,13 +320,7 @@ fn sign_adds_a_second_distinct_signature_for_threshold_2() {
     assert_exit(&setup.verify(&["--threshold", "3"]), 1);
 
     // Signing again with the same key replaces its signature rather than counting it twice.
-    let again = run(&[
-        &"release",
-        &"sign",
-        &"--key",
-        &setup.path("second.key"),
-        &setup.path("release.json"),
-    ]);
+    let again = sign_with_second();
     assert_exit(&again, 0);
     assert_eq!(setup.release()["signatures"].as_array().unwrap().len(), 2);
 }
