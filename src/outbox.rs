@@ -244,6 +244,15 @@ mod tests {
         Event::about(seq, Timestamp::UNIX_EPOCH, EventKind::Refused, None)
     }
 
+    /// The outbox of `capacity` in `dir` with the events `seqs` pushed, in order.
+    fn pushed(dir: &Path, capacity: usize, seqs: std::ops::Range<u64>) -> Outbox {
+        let mut outbox = Outbox::open(dir, capacity).unwrap();
+        for seq in seqs {
+            outbox.push(&event(seq), Timestamp::UNIX_EPOCH).unwrap();
+        }
+        outbox
+    }
+
     fn keys(outbox: &Outbox) -> Vec<Key> {
         outbox.pending().map(|(k, _)| k).collect()
     }
@@ -251,10 +260,7 @@ mod tests {
     #[test]
     fn events_survive_a_restart_until_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::open(dir.path(), 10).unwrap();
-        for seq in 0..3 {
-            outbox.push(&event(seq), Timestamp::UNIX_EPOCH).unwrap();
-        }
+        let mut outbox = pushed(dir.path(), 10, 0..3);
         outbox.ack(Key::Event { seq: 1 }).unwrap();
         drop(outbox);
         let outbox = Outbox::open(dir.path(), 10).unwrap();
@@ -270,10 +276,7 @@ mod tests {
     #[test]
     fn overflow_drops_the_oldest_and_says_how_many_first() {
         let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::open(dir.path(), 3).unwrap();
-        for seq in 0..5 {
-            outbox.push(&event(seq), Timestamp::UNIX_EPOCH).unwrap();
-        }
+        let mut outbox = pushed(dir.path(), 3, 0..5);
         let pending = keys(&outbox);
         assert_eq!(pending.len(), 4);
         assert!(matches!(pending[0], Key::Dropped { .. }));
@@ -314,10 +317,7 @@ mod tests {
     #[test]
     fn a_smaller_capacity_on_restart_applies_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::open(dir.path(), 10).unwrap();
-        for seq in 0..6 {
-            outbox.push(&event(seq), Timestamp::UNIX_EPOCH).unwrap();
-        }
+        let outbox = pushed(dir.path(), 10, 0..6);
         std::fs::write(dir.path().join(".tmp-x"), b"half").unwrap();
         drop(outbox);
         let outbox = Outbox::open(dir.path(), 2).unwrap();
