@@ -470,17 +470,23 @@ mod tests {
         Sha256::digest(bytes).into()
     }
 
+    /// `image` written as `slot` in `dir`, and its table built as `table` there (4 KiB blocks).
+    fn table_of_slot(dir: &Path, image: &[u8], key: &Hash) -> std::path::PathBuf {
+        let slot = dir.join("slot");
+        std::fs::write(&slot, image).unwrap();
+        let out = dir.join("table");
+        TableBuilder::new(4096)
+            .from_slot(&File::open(&slot).unwrap(), image.len() as u64, key, &out)
+            .unwrap();
+        out
+    }
+
     #[test]
     fn every_non_zero_block_is_found_by_its_hash_and_zeros_are_left_out() {
         let dir = tempfile::tempdir().unwrap();
         let image = slot_image(40);
-        let slot = dir.path().join("slot");
-        std::fs::write(&slot, &image).unwrap();
-        let out = dir.path().join("table");
         let key = [7u8; 32];
-        TableBuilder::new(4096)
-            .from_slot(&File::open(&slot).unwrap(), image.len() as u64, &key, &out)
-            .unwrap();
+        let out = table_of_slot(dir.path(), &image, &key);
         let table = SlotTable::open(&out).unwrap();
         assert_eq!(table.slot_blocks(), 40);
         // 40 blocks: 6 zero (i % 7 == 3), 5 of 0xff (capped at MAX_COPIES), 29 distinct.
@@ -546,13 +552,8 @@ mod tests {
     fn a_damaged_table_is_refused_not_read() {
         let dir = tempfile::tempdir().unwrap();
         let image = slot_image(50);
-        let slot = dir.path().join("slot");
-        std::fs::write(&slot, &image).unwrap();
-        let out = dir.path().join("table");
         let key = [0u8; 32];
-        TableBuilder::new(4096)
-            .from_slot(&File::open(&slot).unwrap(), image.len() as u64, &key, &out)
-            .unwrap();
+        let out = table_of_slot(dir.path(), &image, &key);
         let good = std::fs::read(&out).unwrap();
         for (what, edit) in [
             ("magic", 0usize),
