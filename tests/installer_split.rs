@@ -117,17 +117,7 @@ fn a_daemon_killed_mid_write_resumes_from_the_installers_checkpoint() {
         .write(&split.path("release-big.json"))
         .unwrap();
     // kill -9 of the daemon role right after it persisted the installer's first checkpoint.
-    let out = split
-        .command(&["install", release.to_str().unwrap()])
-        .env("UPDATE_AGENT_CRASH_AT", "checkpoint:1")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        None,
-        "killed by its signal: {}",
-        text(&out)
-    );
+    split.install_killed_at(&release, "checkpoint:1");
     // The same boot: boot-check finishes the interrupted install through the installer.
     let out = split.as_daemon(&["boot-check", "--no-reboot"]);
     assert!(out.status.success(), "boot-check: {}", text(&out));
@@ -686,17 +676,7 @@ fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resume
     let (_server, release) =
         split.served_indexed_release(&new, RangeMode::Ignore, "1", None, "cut");
 
-    let out = split
-        .command(&["install", release.to_str().unwrap()])
-        .env("UPDATE_AGENT_CRASH_AT", "index:sent")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        None,
-        "killed by its signal: {}",
-        text(&out)
-    );
+    split.install_killed_at(&release, "index:sent");
     wait_for(
         "the installer to end the write",
         Duration::from_secs(20),

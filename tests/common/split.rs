@@ -99,6 +99,23 @@ impl Split {
         out
     }
 
+    /// `update-agent install RELEASE` as the daemon's user with the test hook
+    /// `UPDATE_AGENT_CRASH_AT=point`: it must die of its SIGKILL there (a power cut of the daemon).
+    #[track_caller]
+    pub fn install_killed_at(&self, release: &Path, point: &str) {
+        let out = self
+            .command(&["install", release.to_str().unwrap()])
+            .env("UPDATE_AGENT_CRASH_AT", point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            None,
+            "killed by its signal: {}",
+            text(&out)
+        );
+    }
+
     /// The daemon role started in the background, its stdout into `log`.
     pub fn spawn_as_daemon(&self, args: &[&str], log: &Path) -> Child {
         self.command(args)
