@@ -70,6 +70,18 @@ const CASES: &[Case] = &[
     },
 ];
 
+/// The table of the slot image `slot`, hashed from it as a device does, written to `out`.
+fn build_table(slot: &Path, block_size: u32, out: &Path) {
+    TableBuilder::new(block_size)
+        .from_slot(
+            &File::open(slot).unwrap(),
+            std::fs::metadata(slot).unwrap().len(),
+            &[0; 32],
+            out,
+        )
+        .unwrap();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -107,14 +119,7 @@ fn main() {
     let old = dir.join("base.img");
     let table_path = scratch.path().join("booted.table");
     let started = Instant::now();
-    TableBuilder::new(params.block_size)
-        .from_slot(
-            &File::open(&old).unwrap(),
-            std::fs::metadata(&old).unwrap().len(),
-            &[0; 32],
-            &table_path,
-        )
-        .unwrap();
+    build_table(&old, params.block_size, &table_path);
     println!(
         "table of the old image (320 MiB, hashed): {:.2} s",
         started.elapsed().as_secs_f64()
@@ -537,14 +542,7 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         // The ideal, from a plan against the booted slot as the install makes it.
         let index = expand(&index_file, &new, &built, scratch);
         let table = scratch.join("ideal.table");
-        TableBuilder::new(params.block_size)
-            .from_slot(
-                &File::open(&old).unwrap(),
-                std::fs::metadata(&old).unwrap().len(),
-                &[0; 32],
-                &table,
-            )
-            .unwrap();
+        build_table(&old, params.block_size, &table);
         let booted = SlotTable::open(&table).unwrap();
         let p = plan(
             &index,
