@@ -451,6 +451,12 @@ reboot_command = ["true"]
         command.output().unwrap()
     }
 
+    /// `update-agent status --json`.
+    fn status(&self) -> serde_json::Value {
+        let out = self.agent(&["status", "--json"], None);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// A release of the new image whose index and store are the ones served.
     fn release(&self) -> PathBuf {
         let out_path = self.path("release.json");
@@ -523,8 +529,7 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
         0,
         "never the whole image"
     );
-    let status = dev.agent(&["status", "--json"], None);
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = dev.status();
     assert_eq!(status["phase"], "reboot-pending", "{status}");
 }
 
@@ -574,8 +579,7 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
         Duration::from_secs(10),
         || dev.r.server.requests_of("new.img") >= 1,
     );
-    let status = dev.agent(&["status", "--json"], None);
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = dev.status();
     assert_eq!(
         status["phase"], "writing",
         "not activated at the cut: {status}"
@@ -589,7 +593,6 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(fs::read(dev.path("slot-b")).unwrap()[..dev.r.new.len()] == dev.r.new[..]);
-    let status = dev.agent(&["status", "--json"], None);
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = dev.status();
     assert_eq!(status["phase"], "reboot-pending", "{status}");
 }
