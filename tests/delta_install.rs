@@ -451,6 +451,18 @@ reboot_command = ["true"]
         command.output().unwrap()
     }
 
+    /// An install run `out` that succeeded, slot B holding the new image.
+    #[track_caller]
+    fn assert_installed(&self, out: &Output) {
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(fs::read(self.path("slot-b")).unwrap()[..self.r.new.len()] == self.r.new[..]);
+    }
+
     /// `update-agent status --json`.
     fn status(&self) -> serde_json::Value {
         let out = self.agent(&["status", "--json"], None);
@@ -512,13 +524,7 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
 
     // The next run takes up the transaction: what was written is kept in place.
     let out = dev.agent(&["install", release], None);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(fs::read(dev.path("slot-b")).unwrap()[..dev.r.new.len()] == dev.r.new[..]);
+    dev.assert_installed(&out);
     let second = dev.r.server.bytes_of("new.img.store");
     assert!(
         second < first,
@@ -586,13 +592,7 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
     );
 
     let out = run(None);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(fs::read(dev.path("slot-b")).unwrap()[..dev.r.new.len()] == dev.r.new[..]);
+    dev.assert_installed(&out);
     let status = dev.status();
     assert_eq!(status["phase"], "reboot-pending", "{status}");
 }
