@@ -2,8 +2,8 @@
 //! temporary directory, with a bus configuration that includes the project's policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`, its group set to `adm`). Callers are the real
 //! `busctl` and the real `update-agent` binary, as root and as `nobody` (through `setpriv`).
-//! Most tests host the service in this process on a fake clock (`dbus::host::Host`, with the
-//! daemon's own `Feed`), so time is injected, never waited for; the last ones run the daemon,
+//! Most tests host the service in this process on a fake clock (the daemon's own loop without a
+//! broker, `daemon::fed::Fed`), so time is injected, never waited for; the last ones run the daemon,
 //! `update-agent run`, as a process with a mosquitto of their own and move its test clock
 //! (`UPDATE_AGENT_TEST_CLOCK_FILE`). The device is a simulated gateway (`update_agent::sim`) with
 //! D-Bus on; the bus is `sim::bus::Bus`.
@@ -29,8 +29,8 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use update_agent::agent::{Agent, RebootMode, Stop};
 use update_agent::config::{Config, Policy};
-use update_agent::dbus::host::{Control, Host, Request};
-use update_agent::dbus::{self, Access, Snapshot};
+use update_agent::daemon::fed::{Control, Fed, Request};
+use update_agent::dbus::{self, Snapshot};
 use update_agent::engine::RebootPolicy;
 
 /// The admin group of the tests: one that exists on every Debian system and that `nobody` is
@@ -158,30 +158,25 @@ fn hosted(policy: BusPolicy) -> (Bus, Device, Service) {
 struct Service {
     clock: Arc<Mutex<Timestamp>>,
     control: Option<Control>,
-    snapshots: tokio::sync::watch::Receiver<Snapshot>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Service {
     fn start(bus: &Bus, device: &Device) -> Service {
         let config = Config::load(device.config_path()).unwrap();
-        let access = Access::from_config(&config);
         let clock = Arc::new(Mutex::new(ts(T0)));
         let now = clock.clone();
         let agent = Agent::open(config, RebootMode::Defer)
             .unwrap()
             .with_clock(Arc::new(move || *now.lock().unwrap()));
-        let (host, handle, control) = Host::new(agent);
-        let snapshots = handle.snapshots.clone();
-        let thread = on_bus_thread(bus, async move |conn, ready| {
-            let _publisher = dbus::serve(&conn, handle, access).await.unwrap();
-            ready.send(()).unwrap();
-            host.run().await.unwrap();
+        let (thread, control) = on_bus_thread(bus, async move |conn, ready| {
+            let (fed, control) = Fed::start(agent, &conn).await.unwrap();
+            ready.send(control).unwrap();
+            fed.run().await.unwrap();
         });
         let service = Service {
             clock,
             control: Some(control),
-            snapshots,
             thread: Some(thread),
         };
         service.wait_state("the first boot", |s| s.booted_slot == "A");
@@ -189,33 +184,33 @@ impl Service {
     }
 
     fn request(&self, request: Request) {
-        self.control
-            .as_ref()
-            .unwrap()
-            .requests
-            .blocking_send(request)
-            .unwrap();
+        self.control().requests.blocking_send(request).unwrap();
     }
 
-    /// Moves the fake clock to `at` and lets the host look at it.
+    /// Moves the fake clock to `at` and lets the daemon's loop look at it.
     fn set_time(&self, at: &str) {
         *self.clock.lock().unwrap() = ts(at);
         self.request(Request::Tick);
     }
 
+    fn control(&self) -> &Control {
+        self.control.as_ref().unwrap()
+    }
+
     fn wait_state(&self, what: &str, ready: impl Fn(&Snapshot) -> bool) -> Snapshot {
-        wait_for(what, WAIT, || ready(&self.snapshots.borrow()));
-        self.snapshots.borrow().clone()
+        let snapshots = &self.control().snapshots;
+        wait_for(what, WAIT, || ready(&snapshots.borrow()));
+        snapshots.borrow().clone()
     }
 
     fn stop(&self) -> Option<Stop> {
-        self.control.as_ref().unwrap().stops.borrow().clone()
+        self.control().stops.borrow().clone()
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        // Dropping the control ends the host, then the thread.
+        // Dropping the control ends the loop, then the thread.
         self.control.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -685,18 +680,18 @@ async fn connect(address: &str) -> zbus::Connection {
 }
 
 /// Runs `body` on a thread of its own with a connection to `bus`; returns once `body` said it
-/// is ready.
-fn on_bus_thread(
+/// is ready, with what it said.
+fn on_bus_thread<T: Send + 'static>(
     bus: &Bus,
-    body: impl AsyncFnOnce(zbus::Connection, std::sync::mpsc::Sender<()>) + Send + 'static,
-) -> std::thread::JoinHandle<()> {
+    body: impl AsyncFnOnce(zbus::Connection, std::sync::mpsc::Sender<T>) + Send + 'static,
+) -> (std::thread::JoinHandle<()>, T) {
     let address = bus.address.clone();
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         runtime().block_on(async move { body(connect(&address).await, ready_tx).await })
     });
-    ready.recv_timeout(Duration::from_secs(20)).unwrap();
-    thread
+    let said = ready.recv_timeout(Duration::from_secs(20)).unwrap();
+    (thread, said)
 }
 
 /// The end-to-end without MQTT (the release is offered as the daemon will offer what
