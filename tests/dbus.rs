@@ -977,24 +977,14 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     let mut world = DaemonWorld::start(window_manual(86_400), Duration::ZERO, t0, deadline);
     let (seen, stop_watching) = watch_signals(&world.bus);
     world.start_daemon();
-    let DaemonWorld {
-        client,
-        device,
-        bus,
-        clock,
-        sub,
-        events_topic,
-        release,
-        ..
-    } = &mut world;
-    let (client, bus, clock, sub, release) = (&*client, &*bus, &*clock, &*sub, &*release);
-    let logs = |device: &Gateway| device.logs();
-    let events = || sub.payloads(events_topic);
-    let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
+    let (bus, clock, device) = (&world.bus, &world.clock, &world.device);
+    let event = |state: &str| world.events().into_iter().rfind(|e| e["state"] == state);
 
-    client.publish(&device.fleet_topic(), release, true);
+    world
+        .client
+        .publish(&device.fleet_topic(), &world.release, true);
     let pending = wait_for("pending on MQTT", WAIT, || event("pending"));
-    assert_eq!(pending["waiting"], "window", "{}", logs(device));
+    assert_eq!(pending["waiting"], "window", "{}", device.logs());
     assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
     // Any local user sees what this configuration weakens (EN 303 645 §5.3): the test
     // device's plain MQTT and its writable anchor.
@@ -1027,14 +1017,19 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     wait_for("waiting for the window", WAIT, || {
         get_property(bus, Who::Nobody, "Waiting") == "s \"window\""
     });
-    assert!(event("writing").is_none(), "{:#?}", events());
+    assert!(event("writing").is_none(), "{:#?}", world.events());
 
     // The next window: the install runs; the reboot waits for the deadline.
     set_daemon_time(clock, at(2, 2));
     let scheduled = wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
         event("reboot-scheduled")
     });
-    assert_eq!(scheduled["until"], deadline.to_string(), "{}", logs(device));
+    assert_eq!(
+        scheduled["until"],
+        deadline.to_string(),
+        "{}",
+        device.logs()
+    );
     set_daemon_time(clock, deadline - jiff::SignedDuration::from_mins(5));
     wait_for("the disruption notice", WAIT, || {
         seen_lines(&seen)
@@ -1080,13 +1075,13 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     );
 
     // The operators' record: one transaction, in order, with increasing sequence numbers.
-    let events = events();
+    let events = world.events();
     let states = states(&events);
-    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", logs(device));
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", device.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
-    device.stop_daemon();
+    world.device.stop_daemon();
 }
 
 /// The daemon answers a D-Bus call while it writes a slot (taken between two steps of the
