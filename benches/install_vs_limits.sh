@@ -27,8 +27,13 @@
 #   operator's tools (keygen, release create) when BIN has none; default BIN.
 #   BASELINE_BIN=path: another agent (an earlier build) that takes its turn in every round as
 #   the tool "agent-base", so a change is compared under the same load, not across runs.
+#   UNDER=dir: where the images, slots and bundles live (in dir/bench-install; default target).
+#   UNDER=/dev/shm takes the disk out: every tool then runs at what the cores allow, which is
+#   the balance of a gateway whose cores hash slower than its storage writes (O_DIRECT is
+#   refused on tmpfs, so the agent's read-back drops the cache and reads through it).
 # Needs: root (RAUC mounts the bundle on a loop device), rauc, squashfs-tools, dbus, openssl,
-# util-linux (taskset), time. Data lives in target/bench-install/ and is deleted at the end.
+# util-linux (taskset), time. Data lives in target/bench-install/ (or UNDER) and is deleted
+# at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -56,7 +61,7 @@ if [[ $RAUC == 1 ]]; then
 fi
 NCPU=$(nproc)
 
-work=$(realpath -m target/bench-install)
+work=$(realpath -m "${UNDER:-target}/bench-install")
 rm -rf "$work"
 mkdir -p "$work"
 bus_pid=""

@@ -213,7 +213,9 @@ impl Agent {
         })
     }
 
-    /// Reads the time from `clock` instead of the system clock (tests inject time).
+    /// Reads the time from `clock` instead of the system clock: tests inject time. A device
+    /// build has no way to set it.
+    #[cfg(feature = "test-hooks")]
     pub fn with_clock(mut self, clock: Clock) -> Agent {
         self.clock = clock;
         self

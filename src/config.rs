@@ -732,7 +732,7 @@ fn one() -> usize {
     1
 }
 fn default_attempts() -> u32 {
-    3
+    crate::bootloader::DEFAULT_ATTEMPTS
 }
 fn default_fw_printenv() -> PathBuf {
     "/usr/bin/fw_printenv".into()

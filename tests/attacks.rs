@@ -894,9 +894,9 @@ fn the_installer_refuses_a_socket_directory_the_daemon_could_write() {
 
 /// A full write under the split carries the block index ahead of the image, for the
 /// installer's read-back. A compromised daemon that sends an index the signed manifest does not
-/// name, or the right index with a block of other bytes, gets a refusal, the slot unverified in
-/// the installer's ledger and no activation; the right index with the right bytes is carried
-/// out.
+/// name, one longer than any index of the image can be, or the right index with a block of
+/// other bytes, gets a refusal, the slot unverified in the installer's ledger and no
+/// activation; the right index with the right bytes is carried out.
 #[test]
 fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     let split = Split::new(Backend::File);
@@ -956,6 +956,26 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     );
     assert_refused(&out, &reply, "hash-mismatch");
     assert!(split.slot("B")[..good.len()].iter().all(|b| *b == 0));
+    b_not_bootable();
+
+    // More bytes than any index of this image can be: refused as not the signed index (not a
+    // download failure that a retry would repeat), before a byte of the image is taken.
+    let too_long = serve.join("too-long.index");
+    fs::write(&too_long, vec![0u8; 2 * 1024 * 1024]).unwrap();
+    let (out, reply) = split.write_request(
+        Some("B"),
+        release,
+        &good_img,
+        &["--index", too_long.to_str().unwrap()],
+    );
+    assert_refused(&out, &reply, "hash-mismatch");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than one for this image can be"),
+        "{reply}"
+    );
     b_not_bootable();
 
     // Right index, right bytes: written, read back against the index, activated.

@@ -14,11 +14,9 @@ use common::sim::tools::run_ok;
 use common::{Backend, require};
 use update_agent::bootloader::simulator::{FAT_UBOOT_SCRIPT, SHIPPED_UBOOT_SCRIPT, UBootScript};
 use update_agent::bootloader::{
-    Bootloader, BootloaderError, BootloaderKind, BootloaderParams, SlotBootState, from_config,
+    Bootloader, BootloaderError, BootloaderKind, DEFAULT_ATTEMPTS, SlotBootState, from_config,
 };
 use update_agent::config::BootloaderConfig;
-
-const ATTEMPTS: u32 = 3;
 
 /// One device: a backend, and the environment it works on, which the test reads and changes
 /// with the real tools and boots with the boot scripts' simulator.
@@ -28,49 +26,9 @@ struct Rig {
     _dir: tempfile::TempDir,
 }
 
-fn params() -> BootloaderParams {
-    BootloaderParams {
-        attempts: ATTEMPTS,
-        ..BootloaderParams::default()
-    }
-}
-
-/// The backend's settings for `env`, as the agent's config would give them.
-fn settings(env: &BootEnv) -> (BootloaderKind, BootloaderParams) {
-    match env.config() {
-        BootloaderConfig::Uboot {
-            fw_env_config,
-            fw_printenv,
-            fw_setenv,
-            ..
-        } => (
-            BootloaderKind::UBoot,
-            BootloaderParams {
-                fw_printenv,
-                fw_setenv,
-                fw_env_config,
-                ..params()
-            },
-        ),
-        BootloaderConfig::Grub {
-            grubenv,
-            grub_editenv,
-        } => (
-            BootloaderKind::Grub,
-            BootloaderParams {
-                grub_editenv,
-                grubenv,
-                ..params()
-            },
-        ),
-        BootloaderConfig::File { path, .. } => (
-            BootloaderKind::File,
-            BootloaderParams {
-                env_file: Some(path),
-                ..params()
-            },
-        ),
-    }
+/// The slots' bootnames, as the agent's config gives them.
+fn slots() -> [String; 2] {
+    ["A".to_owned(), "B".to_owned()]
 }
 
 impl Rig {
@@ -83,9 +41,8 @@ impl Rig {
     }
 
     fn on(dir: tempfile::TempDir, env: BootEnv) -> Rig {
-        let (kind, params) = settings(&env);
         Rig {
-            bl: from_config(kind, &params).unwrap(),
+            bl: from_config(&slots(), &env.config()).unwrap(),
             env,
             _dir: dir,
         }
@@ -133,7 +90,7 @@ impl Rig {
     fn trial_boots(&self) -> usize {
         match self.env.backend() {
             Backend::Grub => 1,
-            _ => ATTEMPTS as usize,
+            _ => self.env.attempts as usize,
         }
     }
 }
@@ -541,11 +498,10 @@ fn grub_missing_grubenv_is_reported_not_created() {
     let editenv = require("grub-editenv", "grub-common");
     let grubenv = dir.path().join("boot/grub/grubenv");
     let bl = from_config(
-        BootloaderKind::Grub,
-        &BootloaderParams {
+        &slots(),
+        &BootloaderConfig::Grub {
             grub_editenv: editenv,
             grubenv: grubenv.clone(),
-            ..params()
         },
     )
     .unwrap();
@@ -562,15 +518,22 @@ fn a_tool_that_reports_success_without_writing_is_caught() {
     let fake = dir.path().join("fw_setenv");
     fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
-    let (kind, params) = settings(&env);
-    let bl = from_config(
-        kind,
-        &BootloaderParams {
-            fw_setenv: fake,
-            ..params
-        },
-    )
-    .unwrap();
+    let BootloaderConfig::Uboot {
+        fw_env_config,
+        attempts,
+        fw_printenv,
+        ..
+    } = env.config()
+    else {
+        unreachable!("a U-Boot environment")
+    };
+    let config = BootloaderConfig::Uboot {
+        fw_env_config,
+        attempts,
+        fw_printenv,
+        fw_setenv: fake,
+    };
+    let bl = from_config(&slots(), &config).unwrap();
     let err = bl.mark_active("B").unwrap_err();
     assert!(matches!(err, BootloaderError::NotApplied { .. }), "{err}");
 }
@@ -596,68 +559,78 @@ fn bad_or_unknown_bootnames_are_refused_before_anything_is_written() {
 fn from_config_refuses_bad_settings_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothere");
-    let mut cases: Vec<(BootloaderKind, BootloaderParams, &str)> = vec![
+    let uboot = |fw_printenv: &str, fw_env_config: Option<PathBuf>| BootloaderConfig::Uboot {
+        fw_env_config,
+        attempts: 3,
+        fw_printenv: fw_printenv.into(),
+        fw_setenv: "/usr/bin/fw_setenv".into(),
+    };
+    let file = |attempts| BootloaderConfig::File {
+        path: missing.clone(),
+        attempts,
+    };
+    let mut cases: Vec<(Vec<String>, BootloaderConfig, &str)> = [
+        (uboot(missing.to_str().unwrap(), None), "libubootenv-tool"),
         (
-            BootloaderKind::UBoot,
-            BootloaderParams {
-                fw_printenv: missing.clone(),
-                ..params()
-            },
-            "libubootenv-tool",
-        ),
-        (
-            BootloaderKind::UBoot,
-            BootloaderParams {
-                fw_env_config: Some(missing.clone()),
-                ..params()
-            },
+            uboot("/usr/bin/fw_printenv", Some(missing.clone())),
             "fw_env_config",
         ),
         (
-            BootloaderKind::Grub,
-            BootloaderParams {
+            BootloaderConfig::Grub {
+                grubenv: missing.clone(),
                 grub_editenv: missing.clone(),
-                ..params()
             },
             "grub-common",
         ),
-        (BootloaderKind::File, params(), "env_file"),
-    ];
-    // The file backend with an environment file named, and one setting wrong.
-    let file = |wrong: fn(&mut BootloaderParams), expected| {
-        let mut params = BootloaderParams {
-            env_file: Some(missing.clone()),
-            ..params()
-        };
-        wrong(&mut params);
-        (BootloaderKind::File, params, expected)
-    };
+        (file(0), "attempts"),
+        (file(10), "attempts"),
+    ]
+    .into_iter()
+    .map(|(config, expected)| (slots().to_vec(), config, expected))
+    .collect();
+    // The file backend with good settings, and the slots wrong.
+    let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     cases.extend([
-        file(|p| p.attempts = 0, "attempts"),
-        file(|p| p.attempts = 10, "attempts"),
-        file(|p| p.slots = vec!["A".into(), "A".into()], "twice"),
-        file(|p| p.slots = vec![], "slots"),
-        file(
-            |p| p.slots = vec!["A".into(), "B;reset".into()],
-            "letters and digits",
-        ),
+        (names(&["A", "A"]), file(3), "twice"),
+        (names(&[]), file(3), "slots"),
+        (names(&["A", "B;reset"]), file(3), "letters and digits"),
     ]);
-    for (kind, params, expected) in cases {
-        let err = from_config(kind, &params).err().expect("refused");
-        assert!(err.to_string().contains(expected), "{kind}: {err}");
+    for (slots, config, expected) in cases {
+        let err = from_config(&slots, &config).err().expect("refused");
+        assert!(
+            err.to_string().contains(expected),
+            "{slots:?} {config:?}: {err}"
+        );
     }
 }
 
 #[test]
-fn params_read_from_toml_with_defaults() {
-    let params: BootloaderParams = toml::from_str(
-        "slots = [\"system0\", \"system1\"]\nfw_env_config = \"/etc/fw_env.config\"\n",
-    )
-    .unwrap();
-    assert_eq!(params.slots, ["system0", "system1"]);
-    assert_eq!(params.attempts, 3);
-    assert_eq!(params.fw_printenv, PathBuf::from("/usr/bin/fw_printenv"));
-    assert!(toml::from_str::<BootloaderParams>("atempts = 3\n").is_err());
+fn settings_read_from_toml_with_defaults() {
+    let config: BootloaderConfig =
+        toml::from_str("backend = \"uboot\"\nfw_env_config = \"/etc/fw_env.config\"\n").unwrap();
+    let BootloaderConfig::Uboot {
+        fw_env_config,
+        attempts,
+        fw_printenv,
+        fw_setenv,
+    } = config
+    else {
+        panic!("not U-Boot: {config:?}");
+    };
+    assert_eq!(fw_env_config, Some(PathBuf::from("/etc/fw_env.config")));
+    assert_eq!(attempts, 3);
+    assert_eq!(fw_printenv, PathBuf::from("/usr/bin/fw_printenv"));
+    assert_eq!(fw_setenv, PathBuf::from("/usr/bin/fw_setenv"));
+    for refused in [
+        "backend = \"uboot\"\natempts = 3\n",
+        // The file backend cannot be chosen without its file.
+        "backend = \"file\"\n",
+    ] {
+        assert!(
+            toml::from_str::<BootloaderConfig>(refused).is_err(),
+            "{refused}"
+        );
+    }
     let kinds: std::collections::BTreeMap<String, BootloaderKind> =
         toml::from_str("a = \"uboot\"\nb = \"grub\"\nc = \"file\"\n").unwrap();
     assert_eq!(
@@ -684,7 +657,7 @@ fn shipped_grub_cfg_is_a_valid_grub_script() {
 
 #[test]
 fn shipped_uboot_scripts_use_the_default_attempts() {
-    let attempts = BootloaderParams::default().attempts;
+    let attempts = DEFAULT_ATTEMPTS;
     for script in [SHIPPED_UBOOT_SCRIPT, FAT_UBOOT_SCRIPT] {
         for slot in ["A", "B"] {
             let line = format!("setenv BOOT_{slot}_LEFT {attempts}");
@@ -698,7 +671,7 @@ fn shipped_uboot_scripts_use_the_default_attempts() {
 /// one of them (see the script's header).
 #[test]
 fn default_attempts_fit_the_fat_scripts_digits() {
-    let attempts = BootloaderParams::default().attempts;
+    let attempts = DEFAULT_ATTEMPTS;
     assert!((1..=15).contains(&attempts));
     assert!(FAT_UBOOT_SCRIPT.contains("for ua_digit in 0 1 2 3 4 5 6 7 8 9 a b c d e f; do"));
 }

@@ -70,10 +70,15 @@ pub use tool::MAX_TOOL_OUTPUT;
 
 use self::chooser::EnvBootloader;
 use self::slots::Slots;
+use crate::config::BootloaderConfig;
 
 /// The most tries a slot may get. Scripts test the counter either as `0x${BOOT_x_LEFT}` or as
 /// plain `${BOOT_x_LEFT}` (decimal); with one digit both read the same.
 pub const MAX_ATTEMPTS: u32 = 9;
+
+/// Tries a freshly activated slot gets when `[bootloader] attempts` is not set; the shipped boot
+/// scripts start an unset counter at the same number.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
 
 /// The operations the agent needs from a bootloader, by slot bootname.
 pub trait Bootloader: Send + Sync {
@@ -127,61 +132,34 @@ impl fmt::Display for BootloaderKind {
     }
 }
 
-/// The `[bootloader]` settings. Only the fields of the chosen kind are used.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BootloaderParams {
-    /// The slots' bootnames, in the order the boot script uses when the environment has none.
-    pub slots: Vec<String>,
-    /// Tries a slot gets from mark-active and mark-good (U-Boot, file), 1 to [`MAX_ATTEMPTS`].
-    /// Must match the default in the board's boot script.
-    pub attempts: u32,
-    pub fw_printenv: PathBuf,
-    pub fw_setenv: PathBuf,
-    /// Passed as `-c`; unset, the tools read `/etc/fw_env.config`.
-    pub fw_env_config: Option<PathBuf>,
-    pub grub_editenv: PathBuf,
-    pub grubenv: PathBuf,
-    /// The environment file of the `file` kind.
-    pub env_file: Option<PathBuf>,
-}
-
-impl Default for BootloaderParams {
-    fn default() -> BootloaderParams {
-        BootloaderParams {
-            slots: vec!["A".to_owned(), "B".to_owned()],
-            attempts: 3,
-            fw_printenv: PathBuf::from("/usr/bin/fw_printenv"),
-            fw_setenv: PathBuf::from("/usr/bin/fw_setenv"),
-            fw_env_config: None,
-            grub_editenv: PathBuf::from("/usr/bin/grub-editenv"),
-            grubenv: PathBuf::from("/boot/grub/grubenv"),
-            env_file: None,
-        }
-    }
-}
-
-/// Chooses and checks the backend once: a missing program or a bad setting is reported here,
-/// at start-up, rather than at the first switch.
+/// Chooses and checks the backend once, for the slots' bootnames (in the order the boot script
+/// uses when the environment has none) and the typed `[bootloader]` settings: a missing program
+/// or a bad setting is reported here, at start-up, rather than at the first switch.
 pub fn from_config(
-    kind: BootloaderKind,
-    params: &BootloaderParams,
+    slots: &[String],
+    config: &BootloaderConfig,
 ) -> Result<Box<dyn Bootloader>, BootloaderError> {
-    let slots = Slots::new(&params.slots)?;
-    if !(1..=MAX_ATTEMPTS).contains(&params.attempts) {
-        return Err(BootloaderError::Config(format!(
-            "`bootloader.attempts` is {}; it must be 1 to {MAX_ATTEMPTS} (the boot scripts read one digit)",
-            params.attempts
-        )));
-    }
-    let counter = counter::Counter {
-        attempts: params.attempts,
+    let slots = Slots::new(slots)?;
+    let counter = |attempts: u32| {
+        if (1..=MAX_ATTEMPTS).contains(&attempts) {
+            Ok(counter::Counter { attempts })
+        } else {
+            Err(BootloaderError::Config(format!(
+                "`bootloader.attempts` is {attempts}; it must be 1 to {MAX_ATTEMPTS} (the boot scripts read one digit)"
+            )))
+        }
     };
-    Ok(match kind {
-        BootloaderKind::UBoot => {
-            tool::require_program(&params.fw_printenv, "fw_printenv", "libubootenv-tool")?;
-            tool::require_program(&params.fw_setenv, "fw_setenv", "libubootenv-tool")?;
-            if let Some(config) = &params.fw_env_config
+    Ok(match config {
+        BootloaderConfig::Uboot {
+            fw_env_config,
+            attempts,
+            fw_printenv,
+            fw_setenv,
+        } => {
+            let counter = counter(*attempts)?;
+            tool::require_program(fw_printenv, "fw_printenv", "libubootenv-tool")?;
+            tool::require_program(fw_setenv, "fw_setenv", "libubootenv-tool")?;
+            if let Some(config) = fw_env_config
                 && !config.is_file()
             {
                 return Err(BootloaderError::Config(format!(
@@ -190,29 +168,30 @@ pub fn from_config(
                 )));
             }
             let store = uboot::UBootEnv::new(
-                params.fw_printenv.clone(),
-                params.fw_setenv.clone(),
-                params.fw_env_config.as_deref(),
+                fw_printenv.clone(),
+                fw_setenv.clone(),
+                fw_env_config.as_deref(),
             );
+            let kind = BootloaderKind::UBoot;
             Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
         }
-        BootloaderKind::Grub => {
-            tool::require_program(&params.grub_editenv, "grub_editenv", "grub-common")?;
-            let store = grub::GrubEnv::new(params.grub_editenv.clone(), params.grubenv.clone());
+        BootloaderConfig::Grub {
+            grubenv,
+            grub_editenv,
+        } => {
+            tool::require_program(grub_editenv, "grub_editenv", "grub-common")?;
+            let store = grub::GrubEnv::new(grub_editenv.clone(), grubenv.clone());
             Box::new(EnvBootloader::new(
-                kind,
+                BootloaderKind::Grub,
                 grub::OkTry,
                 Box::new(store),
                 slots,
             ))
         }
-        BootloaderKind::File => {
-            let Some(path) = &params.env_file else {
-                return Err(BootloaderError::Config(
-                    "bootloader kind \"file\" needs `bootloader.env_file`".to_owned(),
-                ));
-            };
+        BootloaderConfig::File { path, attempts } => {
+            let counter = counter(*attempts)?;
             let store = file::FileEnv { path: path.clone() };
+            let kind = BootloaderKind::File;
             Box::new(EnvBootloader::new(kind, counter, Box::new(store), slots))
         }
     })
@@ -221,42 +200,11 @@ pub fn from_config(
 /// Chooses the bootloader backend once, from the agent's configuration: the slots' bootnames
 /// and the backend's `[bootloader]` settings.
 pub fn open(config: &crate::config::Config) -> Result<Box<dyn Bootloader>, BootloaderError> {
-    use crate::config::BootloaderConfig;
-    let mut params = BootloaderParams {
-        slots: vec![
-            config.slots.a.bootname.to_string(),
-            config.slots.b.bootname.to_string(),
-        ],
-        ..BootloaderParams::default()
-    };
-    let kind = match &config.bootloader {
-        BootloaderConfig::Uboot {
-            fw_env_config,
-            attempts,
-            fw_printenv,
-            fw_setenv,
-        } => {
-            params.fw_env_config = fw_env_config.clone();
-            params.attempts = *attempts;
-            params.fw_printenv = fw_printenv.clone();
-            params.fw_setenv = fw_setenv.clone();
-            BootloaderKind::UBoot
-        }
-        BootloaderConfig::Grub {
-            grubenv,
-            grub_editenv,
-        } => {
-            params.grubenv = grubenv.clone();
-            params.grub_editenv = grub_editenv.clone();
-            BootloaderKind::Grub
-        }
-        BootloaderConfig::File { path, attempts } => {
-            params.env_file = Some(path.clone());
-            params.attempts = *attempts;
-            BootloaderKind::File
-        }
-    };
-    from_config(kind, &params)
+    let slots = [
+        config.slots.a.bootname.to_string(),
+        config.slots.b.bootname.to_string(),
+    ];
+    from_config(&slots, &config.bootloader)
 }
 
 /// Why a bootloader operation failed; each message names the command or file and what to check.

@@ -1121,9 +1121,16 @@ pub(super) fn receive_index(
     }
     let cap = index_cap(image.size, chunks.chunk_size);
     if len > cap {
-        return Err(TransferError::Download {
-            url: reader.shown.to_string(),
-            detail: format!("an index of {len} bytes, more than one for this image can be ({cap})"),
+        // Only a daemon that is not ours sends this: no signed hash can vouch for the bytes, and
+        // a retry would get the same, so it is a refusal, not a transient download failure.
+        return Err(TransferError::BlockIndex {
+            url: esc(&chunks.url),
+            refusal: crate::release::Refusal::new(
+                crate::reason::ReasonCode::HashMismatch,
+                format!(
+                    "the daemon sent {len} bytes as the block index, more than one for this image can be ({cap}), so they are not the index the signed release names"
+                ),
+            ),
         });
     }
     prepare_work_dir(work_dir)

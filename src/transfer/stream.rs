@@ -388,9 +388,15 @@ fn receive_block_index(
             reader.read_exact(&mut len)?;
             match u64::from_le_bytes(len) {
                 0 => Ok(None),
-                len => Err(TransferError::Download {
+                // As for an over-long index: a refusal, since a retry would get the same.
+                len => Err(TransferError::BlockIndex {
                     url: shown.to_string(),
-                    detail: format!("a block index of {len} bytes for a release that names none"),
+                    refusal: crate::release::Refusal::new(
+                        crate::reason::ReasonCode::HashMismatch,
+                        format!(
+                            "the daemon sent a block index of {len} bytes, but the signed release names none"
+                        ),
+                    ),
                 }),
             }
         }
