@@ -497,8 +497,12 @@ impl Daemon<'_> {
                         rebooting = self.operators.after(&mut self.core, stop).await?;
                     }
                 }
+                // The operators' source: the broker's releases and timers, or the owner's
+                // requests; a fed loop ends when its owner lets go of the control.
                 heard = self.operators.next(rebooting) => match heard {
                     Heard::Broker(broker, input) => {
+                        // Once the reboot command ran only the periodic check still comes,
+                        // and it must not clear `rebooting`.
                         rebooting |= broker.act(&mut self.core, input).await?;
                     }
                     Heard::Owner(owner, Some(request)) => owner.act(&mut self.core, request).await?,
