@@ -731,8 +731,12 @@ fn default_keys_dir() -> PathBuf {
 fn one() -> usize {
     1
 }
+/// Tries a freshly activated slot gets when `[bootloader] attempts` is not set; the shipped boot
+/// scripts start an unset counter at the same number.
+pub const DEFAULT_BOOT_ATTEMPTS: u32 = 3;
+
 fn default_attempts() -> u32 {
-    crate::bootloader::DEFAULT_ATTEMPTS
+    DEFAULT_BOOT_ATTEMPTS
 }
 fn default_fw_printenv() -> PathBuf {
     "/usr/bin/fw_printenv".into()

@@ -20,14 +20,15 @@
 //! - `crash_point` (feature `test-hooks`: the tests, never a device build): the power cuts the
 //!   tests cause at named points.
 //! - [`engine`] (the core's): the update state machine, sans IO: inputs and time in, actions out.
-//! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home, and a
-//!   small host that owns the agent for it until the daemon does.
+//! - [`dbus`]: the D-Bus service `org.updateagent.Agent1` (zbus) for the person at home; the
+//!   daemon's loop owns the agent for it.
 //! - [`bootloader`]: U-Boot, GRUB and file backends (RAUC's variables), chosen once at start-up.
 //! - [`mqtt`]: the broker connection (rumqttc, MQTT 5 or 3.1.1, TLS), topics and payloads.
 //! - `fleet` (feature `operator`): the operator's aggregate view of a fleet from what the
 //!   devices publish: states, a rollout's stages and failure rate, stragglers, missing events.
 //! - [`outbox`]: events on disk until the broker acknowledged them; bounded.
-//! - [`daemon`]: `update-agent run`, the service loop around the agent.
+//! - [`daemon`]: `update-agent run`, the service loop around the agent (the only one: fed by
+//!   the broker, or without one by `dbus-serve` and the tests).
 //! - [`logging`]: journald or stderr, stable MESSAGE_IDs for failures.
 //! - [`delta`]: delta updates on the device: local block tables and the fetch planner.
 //! - [`slot_control`]: who writes slots, changes the bootloader and reboots: this process

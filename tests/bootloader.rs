@@ -14,9 +14,9 @@ use common::sim::tools::run_ok;
 use common::{Backend, require};
 use update_agent::bootloader::simulator::{FAT_UBOOT_SCRIPT, SHIPPED_UBOOT_SCRIPT, UBootScript};
 use update_agent::bootloader::{
-    Bootloader, BootloaderError, BootloaderKind, DEFAULT_ATTEMPTS, SlotBootState, from_config,
+    Bootloader, BootloaderError, BootloaderKind, SlotBootState, from_config,
 };
-use update_agent::config::BootloaderConfig;
+use update_agent::config::{BootloaderConfig, DEFAULT_BOOT_ATTEMPTS};
 
 /// One device: a backend, and the environment it works on, which the test reads and changes
 /// with the real tools and boots with the boot scripts' simulator.
@@ -657,7 +657,7 @@ fn shipped_grub_cfg_is_a_valid_grub_script() {
 
 #[test]
 fn shipped_uboot_scripts_use_the_default_attempts() {
-    let attempts = DEFAULT_ATTEMPTS;
+    let attempts = DEFAULT_BOOT_ATTEMPTS;
     for script in [SHIPPED_UBOOT_SCRIPT, FAT_UBOOT_SCRIPT] {
         for slot in ["A", "B"] {
             let line = format!("setenv BOOT_{slot}_LEFT {attempts}");
@@ -671,7 +671,7 @@ fn shipped_uboot_scripts_use_the_default_attempts() {
 /// one of them (see the script's header).
 #[test]
 fn default_attempts_fit_the_fat_scripts_digits() {
-    let attempts = DEFAULT_ATTEMPTS;
+    let attempts = DEFAULT_BOOT_ATTEMPTS;
     assert!((1..=15).contains(&attempts));
     assert!(FAT_UBOOT_SCRIPT.contains("for ua_digit in 0 1 2 3 4 5 6 7 8 9 a b c d e f; do"));
 }

@@ -2,8 +2,8 @@
 //! temporary directory, with a bus configuration that includes the project's policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`, its group set to `adm`). Callers are the real
 //! `busctl` and the real `update-agent` binary, as root and as `nobody` (through `setpriv`).
-//! Most tests host the service in this process on a fake clock (`dbus::host::Host`, with the
-//! daemon's own `Feed`), so time is injected, never waited for; the last ones run the daemon,
+//! Most tests host the service in this process on a fake clock (the daemon's own loop without a
+//! broker, `daemon::fed::Fed`), so time is injected, never waited for; the last ones run the daemon,
 //! `update-agent run`, as a process with a mosquitto of their own and move its test clock
 //! (`UPDATE_AGENT_TEST_CLOCK_FILE`). The device is a simulated gateway (`update_agent::sim`) with
 //! D-Bus on; the bus is `sim::bus::Bus`.
@@ -29,8 +29,8 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use update_agent::agent::{Agent, RebootMode, Stop};
 use update_agent::config::{Config, Policy};
-use update_agent::dbus::host::{Control, Host, Request};
-use update_agent::dbus::{self, Access, Snapshot};
+use update_agent::daemon::fed::{Control, Fed, Request};
+use update_agent::dbus::{self, Snapshot};
 use update_agent::engine::RebootPolicy;
 
 /// The admin group of the tests: one that exists on every Debian system and that `nobody` is
@@ -158,30 +158,25 @@ fn hosted(policy: BusPolicy) -> (Bus, Device, Service) {
 struct Service {
     clock: Arc<Mutex<Timestamp>>,
     control: Option<Control>,
-    snapshots: tokio::sync::watch::Receiver<Snapshot>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Service {
     fn start(bus: &Bus, device: &Device) -> Service {
         let config = Config::load(device.config_path()).unwrap();
-        let access = Access::from_config(&config);
         let clock = Arc::new(Mutex::new(ts(T0)));
         let now = clock.clone();
         let agent = Agent::open(config, RebootMode::Defer)
             .unwrap()
             .with_clock(Arc::new(move || *now.lock().unwrap()));
-        let (host, handle, control) = Host::new(agent);
-        let snapshots = handle.snapshots.clone();
-        let thread = on_bus_thread(bus, async move |conn, ready| {
-            let _publisher = dbus::serve(&conn, handle, access).await.unwrap();
-            ready.send(()).unwrap();
-            host.run().await.unwrap();
+        let (thread, control) = on_bus_thread(bus, async move |conn, ready| {
+            let (fed, control) = Fed::start(agent, &conn).await.unwrap();
+            ready.send(control).unwrap();
+            fed.run().await.unwrap();
         });
         let service = Service {
             clock,
             control: Some(control),
-            snapshots,
             thread: Some(thread),
         };
         service.wait_state("the first boot", |s| s.booted_slot == "A");
@@ -189,33 +184,33 @@ impl Service {
     }
 
     fn request(&self, request: Request) {
-        self.control
-            .as_ref()
-            .unwrap()
-            .requests
-            .blocking_send(request)
-            .unwrap();
+        self.control().requests.blocking_send(request).unwrap();
     }
 
-    /// Moves the fake clock to `at` and lets the host look at it.
+    /// Moves the fake clock to `at` and lets the daemon's loop look at it.
     fn set_time(&self, at: &str) {
         *self.clock.lock().unwrap() = ts(at);
         self.request(Request::Tick);
     }
 
+    fn control(&self) -> &Control {
+        self.control.as_ref().unwrap()
+    }
+
     fn wait_state(&self, what: &str, ready: impl Fn(&Snapshot) -> bool) -> Snapshot {
-        wait_for(what, WAIT, || ready(&self.snapshots.borrow()));
-        self.snapshots.borrow().clone()
+        let snapshots = &self.control().snapshots;
+        wait_for(what, WAIT, || ready(&snapshots.borrow()));
+        snapshots.borrow().clone()
     }
 
     fn stop(&self) -> Option<Stop> {
-        self.control.as_ref().unwrap().stops.borrow().clone()
+        self.control().stops.borrow().clone()
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        // Dropping the control ends the host, then the thread.
+        // Dropping the control ends the loop, then the thread.
         self.control.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -685,18 +680,18 @@ async fn connect(address: &str) -> zbus::Connection {
 }
 
 /// Runs `body` on a thread of its own with a connection to `bus`; returns once `body` said it
-/// is ready.
-fn on_bus_thread(
+/// is ready, with what it said.
+fn on_bus_thread<T: Send + 'static>(
     bus: &Bus,
-    body: impl AsyncFnOnce(zbus::Connection, std::sync::mpsc::Sender<()>) + Send + 'static,
-) -> std::thread::JoinHandle<()> {
+    body: impl AsyncFnOnce(zbus::Connection, std::sync::mpsc::Sender<T>) + Send + 'static,
+) -> (std::thread::JoinHandle<()>, T) {
     let address = bus.address.clone();
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         runtime().block_on(async move { body(connect(&address).await, ready_tx).await })
     });
-    ready.recv_timeout(Duration::from_secs(20)).unwrap();
-    thread
+    let said = ready.recv_timeout(Duration::from_secs(20)).unwrap();
+    (thread, said)
 }
 
 /// The end-to-end without MQTT (the release is offered as the daemon will offer what
@@ -982,24 +977,14 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     let mut world = DaemonWorld::start(window_manual(86_400), Duration::ZERO, t0, deadline);
     let (seen, stop_watching) = watch_signals(&world.bus);
     world.start_daemon();
-    let DaemonWorld {
-        client,
-        device,
-        bus,
-        clock,
-        sub,
-        events_topic,
-        release,
-        ..
-    } = &mut world;
-    let (client, bus, clock, sub, release) = (&*client, &*bus, &*clock, &*sub, &*release);
-    let logs = |device: &Gateway| device.logs();
-    let events = || sub.payloads(events_topic);
-    let event = |state: &str| events().into_iter().rfind(|e| e["state"] == state);
+    let (bus, clock, device) = (&world.bus, &world.clock, &world.device);
+    let event = |state: &str| world.events().into_iter().rfind(|e| e["state"] == state);
 
-    client.publish(&device.fleet_topic(), release, true);
+    world
+        .client
+        .publish(&device.fleet_topic(), &world.release, true);
     let pending = wait_for("pending on MQTT", WAIT, || event("pending"));
-    assert_eq!(pending["waiting"], "window", "{}", logs(device));
+    assert_eq!(pending["waiting"], "window", "{}", device.logs());
     assert_eq!(get_property(bus, Who::Nobody, "State"), "s \"pending\"");
     // Any local user sees what this configuration weakens (EN 303 645 §5.3): the test
     // device's plain MQTT and its writable anchor.
@@ -1032,14 +1017,19 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     wait_for("waiting for the window", WAIT, || {
         get_property(bus, Who::Nobody, "Waiting") == "s \"window\""
     });
-    assert!(event("writing").is_none(), "{:#?}", events());
+    assert!(event("writing").is_none(), "{:#?}", world.events());
 
     // The next window: the install runs; the reboot waits for the deadline.
     set_daemon_time(clock, at(2, 2));
     let scheduled = wait_for("reboot-scheduled on MQTT", Duration::from_secs(60), || {
         event("reboot-scheduled")
     });
-    assert_eq!(scheduled["until"], deadline.to_string(), "{}", logs(device));
+    assert_eq!(
+        scheduled["until"],
+        deadline.to_string(),
+        "{}",
+        device.logs()
+    );
     set_daemon_time(clock, deadline - jiff::SignedDuration::from_mins(5));
     wait_for("the disruption notice", WAIT, || {
         seen_lines(&seen)
@@ -1085,13 +1075,13 @@ fn end_to_end_over_mqtt_and_dbus_with_the_daemon_as_a_process() {
     );
 
     // The operators' record: one transaction, in order, with increasing sequence numbers.
-    let events = events();
+    let events = world.events();
     let states = states(&events);
-    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", logs(device));
+    assert_eq!(states, POSTPONED_TO_THE_WINDOW, "{}", device.logs());
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(event("writing").unwrap()["at"], at(2, 2).to_string());
-    device.stop_daemon();
+    world.device.stop_daemon();
 }
 
 /// The daemon answers a D-Bus call while it writes a slot (taken between two steps of the

@@ -76,10 +76,6 @@ use crate::config::BootloaderConfig;
 /// plain `${BOOT_x_LEFT}` (decimal); with one digit both read the same.
 pub const MAX_ATTEMPTS: u32 = 9;
 
-/// Tries a freshly activated slot gets when `[bootloader] attempts` is not set; the shipped boot
-/// scripts start an unset counter at the same number.
-pub const DEFAULT_ATTEMPTS: u32 = 3;
-
 /// The operations the agent needs from a bootloader, by slot bootname.
 pub trait Bootloader: Send + Sync {
     fn kind(&self) -> BootloaderKind;

@@ -14,9 +14,9 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use update_agent::agent::{Agent, RebootMode};
 use update_agent::config::Config;
+use update_agent::daemon::fed::{Fed, Request};
+use update_agent::dbus;
 use update_agent::dbus::client::{self, AgentClient, ClientError, Status};
-use update_agent::dbus::host::{Host, Request};
-use update_agent::dbus::{self, Access};
 use update_agent::progress_line::ProgressLine;
 use update_agent::release::escape_for_log;
 
@@ -501,7 +501,6 @@ async fn follow_agent(agent: &AgentClient, json: bool) -> anyhow::Result<()> {
 /// trying it by hand. A release given with `--release` is offered at start.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let access = Access::from_config(&config);
     let mode = if args.reboot {
         RebootMode::Run
     } else {
@@ -516,12 +515,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     runtime()?.block_on(async {
         let agent = Agent::open(config, mode)?;
-        let (host, handle, control) = Host::new(agent);
         let conn = zbus::connection::Builder::system()
             .build()
             .await
             .context("cannot connect to the system bus")?;
-        let _publisher = dbus::serve(&conn, handle, access)
+        let (fed, control) = Fed::start(agent, &conn)
             .await
             .with_context(|| format!("cannot serve {} on the system bus", dbus::BUS_NAME))?;
         if let Some(bytes) = release {
@@ -530,7 +528,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            result = host.run() => result?,
+            result = fed.run() => result?,
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }

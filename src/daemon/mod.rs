@@ -6,7 +6,14 @@
 //! hosts the D-Bus service (`[dbus] enabled`): the user's calls are inputs of the same loop,
 //! and what the driver does reaches the service through a [`Feed`]. All update logic stays in
 //! the engine.
+//!
+//! This loop is the only owner of the engine in a long-running process. Its operators' source
+//! is the broker (`run`) or, without one, whoever holds a [`fed::Control`] (the hidden
+//! `dbus-serve`, and the tests that host the service in-process on a fake clock): the same
+//! loop, the same D-Bus side, releases offered through the control instead of MQTT, and a
+//! reboot the engine asks for told back on the control instead of run.
 
+pub mod fed;
 pub mod intake;
 pub mod notify;
 pub mod report;
@@ -152,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         mqtt.device_id,
         endpoint.shown()
     );
+    #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
     let Some(mut agent) = open_when_free(&config, &mut shutdown).await? else {
         tracing::info!("stopping");
         return Ok(());
@@ -236,20 +244,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })
     });
     let mut daemon = Daemon {
-        agent: &mut agent,
-        reporter,
-        link: &link,
-        outbox,
-        store,
-        intake: Intake::default(),
-        offers: Offers::default(),
-        check_grace: None,
-        recheck: mqtt.recheck_interval,
-        user,
-        check_asked: false,
+        core: Core {
+            agent,
+            user,
+            check_asked: false,
+        },
+        operators: Operators::Mqtt(Box::new(Broker {
+            reporter,
+            link: &link,
+            outbox,
+            store,
+            intake: Intake::default(),
+            offers: Offers::default(),
+            check_grace: None,
+            recheck: mqtt.recheck_interval,
+            next_check: Instant::now(),
+            reboot_retry: None,
+            reboot_backoff: REBOOT_RETRY_MIN,
+        })),
         longest_sleep,
-        reboot_retry: None,
-        reboot_backoff: REBOOT_RETRY_MIN,
     };
     let result = tokio::select! {
         result = daemon.serve() => result,
@@ -298,14 +311,24 @@ impl UserSide {
             .build()
             .await
             .map_err(failed("connect to"))?;
+        let user = UserSide::serve(connection, agent, conformance)
+            .await
+            .map_err(failed("serve org.updateagent.Agent1 on"))?;
+        tracing::info!("D-Bus service {} on the system bus", dbus::BUS_NAME);
+        Ok(user)
+    }
+
+    /// Serves the object on `connection` and takes the name.
+    async fn serve(
+        connection: zbus::Connection,
+        agent: &Agent,
+        conformance: &crate::mqtt::payload::ConformanceSummary,
+    ) -> zbus::Result<UserSide> {
         let (mut feed, handle) = Feed::new(agent.engine(), agent.config());
         feed.set_conformance(conformance);
         let access = Access::from_config(agent.config());
         // The task that sends signals and PropertiesChanged ends with the feed.
-        let signals = dbus::serve(&connection, handle, access)
-            .await
-            .map_err(failed("serve org.updateagent.Agent1 on"))?;
-        tracing::info!("D-Bus service {} on the system bus", dbus::BUS_NAME);
+        let signals = dbus::serve(&connection, handle, access).await?;
         Ok(UserSide {
             feed,
             _signals: signals,
@@ -343,8 +366,40 @@ async fn next_call(user: &mut Option<UserSide>) -> Input {
     }
 }
 
+/// The one loop around the engine: inputs from the user (D-Bus), from the operators' source
+/// and from the policy's timer, one at a time.
 struct Daemon<'a> {
-    agent: &'a mut Agent,
+    core: Core,
+    operators: Operators<'a>,
+    longest_sleep: Duration,
+}
+
+/// The engine and the user's side of it, whichever source the operators' releases come from.
+struct Core {
+    agent: Agent,
+    user: Option<UserSide>,
+    /// The user asked for a check during the last input (`Action::Check`).
+    check_asked: bool,
+}
+
+/// Where the releases come from and who, besides the user, hears what the driver does.
+enum Operators<'a> {
+    /// `update-agent run`: the broker's release topics; the outbox and the retained state.
+    Mqtt(Box<Broker<'a>>),
+    /// `dbus-serve` and the tests: the owner of a [`fed::Control`] offers releases.
+    Fed(fed::Owner),
+}
+
+/// What the operators' source brought, with the source, to act on it.
+enum Heard<'o, 'a> {
+    Broker(&'o mut Broker<'a>, BrokerInput),
+    /// `None`: the owner let go of its control.
+    Owner(&'o mut fed::Owner, Option<fed::Request>),
+}
+
+/// The broker's side of the daemon: the link, the outbox and the state reported, and what
+/// the release topics hold.
+struct Broker<'a> {
     reporter: Reporter,
     link: &'a Link,
     outbox: Arc<Mutex<Outbox>>,
@@ -355,19 +410,29 @@ struct Daemon<'a> {
     /// When the topics must have answered the latest subscription.
     check_grace: Option<Instant>,
     recheck: Duration,
-    user: Option<UserSide>,
-    /// The user asked for a check during the last input (`Action::Check`).
-    check_asked: bool,
-    longest_sleep: Duration,
+    /// When the retained releases are looked at again.
+    next_check: Instant,
     /// A reboot whose command failed: the slot and when to try again, and the next back-off.
     reboot_retry: Option<(String, Instant)>,
     reboot_backoff: Duration,
 }
 
-/// Everyone who hears what the driver does: the operators (outbox, retained state) and, when
-/// the service runs, the user (D-Bus).
+/// What the broker's side waits for.
+enum BrokerInput {
+    /// Messages on the release topics, with the number of the latest subscription.
+    Releases(u64, Vec<Received>),
+    /// The topics' time to answer the latest subscription is over.
+    CheckGrace,
+    /// The time to run a failed reboot command again.
+    RebootRetry,
+    /// The periodic look at the retained releases.
+    Recheck,
+}
+
+/// Everyone who hears what the driver does: the operators (outbox, retained state) when they
+/// are on MQTT and, when the service runs, the user (D-Bus).
 struct Audience<'a> {
-    reporter: &'a mut Reporter,
+    reporter: Option<&'a mut Reporter>,
     feed: Option<&'a mut Feed>,
     check_asked: &'a mut bool,
 }
@@ -377,7 +442,9 @@ impl Observer for Audience<'_> {
         if let Output::Check = output {
             *self.check_asked = true;
         }
-        self.reporter.observe(output);
+        if let Some(reporter) = self.reporter.as_deref_mut() {
+            reporter.observe(output);
+        }
         if let Some(feed) = self.feed.as_deref_mut() {
             feed.observe(output);
         }
@@ -393,16 +460,17 @@ impl Daemon<'_> {
         // First finish whatever this boot means: resume an install, run the trial, commit.
         let (agent, mut audience) = self.audience();
         let stop = agent.observe_boot(&mut audience).await?;
-        self.refresh();
-        let mut rebooting = self.after(stop).await?;
-        let mut next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
-        let link = self.link;
+        let mut rebooting = self.settle(stop).await?;
+        if let Operators::Mqtt(broker) = &mut self.operators {
+            broker.schedule_recheck();
+        }
         let mut last_tick = None;
         loop {
             // The policy's next moment (a maintenance window opens, a postponement or deadline
             // ends, a scheduled reboot is due): the engine never reads a clock, so the daemon
             // wakes it with a tick then.
-            let policy_wake = self.agent.poll_timeout().map(|at| {
+            let agent = &self.core.agent;
+            let policy_wake = agent.poll_timeout().map(|at| {
                 // A moment the engine was already woken for and still names (nothing it can do
                 // yet) is looked at again a little later instead of in a busy loop.
                 let at = if last_tick == Some(at) {
@@ -410,60 +478,177 @@ impl Daemon<'_> {
                 } else {
                     at
                 };
-                instant_of(at, self.agent.now(), self.longest_sleep)
+                instant_of(at, agent.now(), self.longest_sleep)
             });
             tokio::select! {
                 () = sleep_until_some(policy_wake), if !rebooting => {
-                    last_tick = self.agent.poll_timeout();
+                    last_tick = self.core.agent.poll_timeout();
                     let (agent, mut audience) = self.audience();
                     let stop = agent.tick(&mut audience).await?;
-                    self.refresh();
-                    rebooting = self.after(stop).await?;
+                    rebooting = self.settle(stop).await?;
                 }
                 // Calls are answered also once the reboot command ran (the engine refuses
                 // what no longer applies), so no caller waits for a timeout.
-                input = next_call(&mut self.user) => {
+                input = next_call(&mut self.core.user) => {
                     let (agent, mut audience) = self.audience();
                     let stop = agent.handle(input, &mut audience).await?;
-                    self.refresh();
+                    self.operators.refresh(&mut self.core);
                     if !rebooting {
-                        rebooting = self.after(stop).await?;
+                        rebooting = self.operators.after(&mut self.core, stop).await?;
                     }
                 }
-                (check, messages) = link.inbox.next(), if !rebooting => {
-                    if self.offers.checked(check) {
-                        self.check_grace = Some(Instant::now() + CHECK_GRACE);
+                // The operators' source: the broker's releases and timers, or the owner's
+                // requests; a fed loop ends when its owner lets go of the control.
+                heard = self.operators.next(rebooting) => match heard {
+                    Heard::Broker(broker, input) => {
+                        // Once the reboot command ran only the periodic check still comes,
+                        // and it must not clear `rebooting`.
+                        rebooting |= broker.act(&mut self.core, input).await?;
                     }
-                    for message in messages {
-                        let stop = self.receive(message).await?;
-                        rebooting = self.after(stop).await?;
-                        if rebooting {
-                            break;
-                        }
-                    }
-                }
-                () = sleep_until_some(self.check_grace), if !rebooting => {
-                    self.check_answered().await?;
-                }
-                () = sleep_until_some(self.reboot_retry.as_ref().map(|(_, at)| *at)), if !rebooting => {
-                    if let Some((slot, _)) = self.reboot_retry.take() {
-                        rebooting = self.after(Stop::RebootNeeded { slot }).await?;
-                    }
-                }
-                () = tokio::time::sleep_until(next_check) => {
-                    next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
-                    tracing::info!("periodic check of the retained releases");
-                    self.check_releases();
-                }
+                    Heard::Owner(owner, Some(request)) => owner.act(&mut self.core, request).await?,
+                    Heard::Owner(_, None) => return Ok(()),
+                },
             }
         }
+    }
+
+    /// The driver and who hears what it does, borrowed side by side.
+    fn audience(&mut self) -> (&mut Agent, Audience<'_>) {
+        let reporter = self.operators.reporter();
+        self.core.audience(reporter)
+    }
+
+    /// After an input: the whole state out, then what follows where the engine stopped; true
+    /// once the reboot command ran.
+    async fn settle(&mut self, stop: Stop) -> Result<bool, DaemonError> {
+        self.operators.refresh(&mut self.core);
+        self.operators.after(&mut self.core, stop).await
+    }
+}
+
+impl Core {
+    /// The driver and who hears what it does: the user and `reporter`.
+    fn audience<'b>(
+        &'b mut self,
+        reporter: Option<&'b mut Reporter>,
+    ) -> (&'b mut Agent, Audience<'b>) {
+        let audience = Audience {
+            reporter,
+            feed: self.user.as_mut().map(|user| &mut user.feed),
+            check_asked: &mut self.check_asked,
+        };
+        (&mut self.agent, audience)
+    }
+
+    /// After each input, the user's part: the whole state to the service. True when the user
+    /// asked for a check during the input.
+    fn publish(&mut self) -> bool {
+        if let Some(user) = self.user.as_mut() {
+            user.feed.publish(self.agent.engine(), self.agent.config());
+        }
+        std::mem::take(&mut self.check_asked)
+    }
+}
+
+impl<'a> Operators<'a> {
+    fn reporter(&mut self) -> Option<&mut Reporter> {
+        match self {
+            Operators::Mqtt(broker) => Some(&mut broker.reporter),
+            Operators::Fed(_) => None,
+        }
+    }
+
+    /// Waits for the source's next input. While the reboot command runs, the broker's
+    /// releases and timers wait (the periodic check excepted).
+    async fn next(&mut self, rebooting: bool) -> Heard<'_, 'a> {
+        match self {
+            Operators::Mqtt(broker) => {
+                let input = broker.next(rebooting).await;
+                Heard::Broker(broker, input)
+            }
+            Operators::Fed(owner) => {
+                let request = owner.next().await;
+                Heard::Owner(owner, request)
+            }
+        }
+    }
+
+    /// After each input: the whole state to the operators and to the service; a check the user
+    /// asked for runs.
+    fn refresh(&mut self, core: &mut Core) {
+        match self {
+            Operators::Mqtt(broker) => broker.refresh(core),
+            Operators::Fed(owner) => owner.refresh(core),
+        }
+    }
+
+    /// Acts on where the engine stopped; true once the reboot command ran.
+    async fn after(&mut self, core: &mut Core, stop: Stop) -> Result<bool, DaemonError> {
+        match self {
+            Operators::Mqtt(broker) => broker.after(core, stop).await,
+            Operators::Fed(owner) => {
+                owner.stopped(stop);
+                Ok(false)
+            }
+        }
+    }
+}
+
+impl Broker<'_> {
+    async fn next(&mut self, rebooting: bool) -> BrokerInput {
+        let reboot_retry = self.reboot_retry.as_ref().map(|(_, at)| *at);
+        tokio::select! {
+            (check, messages) = self.link.inbox.next(), if !rebooting => {
+                BrokerInput::Releases(check, messages)
+            }
+            () = sleep_until_some(self.check_grace), if !rebooting => BrokerInput::CheckGrace,
+            () = sleep_until_some(reboot_retry), if !rebooting => BrokerInput::RebootRetry,
+            () = tokio::time::sleep_until(self.next_check) => BrokerInput::Recheck,
+        }
+    }
+
+    /// Acts on one input; true once the reboot command ran.
+    async fn act(&mut self, core: &mut Core, input: BrokerInput) -> Result<bool, DaemonError> {
+        match input {
+            BrokerInput::Releases(check, messages) => {
+                if self.offers.checked(check) {
+                    self.check_grace = Some(Instant::now() + CHECK_GRACE);
+                }
+                for message in messages {
+                    let stop = self.receive(core, message).await?;
+                    if self.after(core, stop).await? {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            BrokerInput::CheckGrace => {
+                self.check_answered(core).await?;
+                Ok(false)
+            }
+            BrokerInput::RebootRetry => match self.reboot_retry.take() {
+                Some((slot, _)) => self.after(core, Stop::RebootNeeded { slot }).await,
+                None => Ok(false),
+            },
+            BrokerInput::Recheck => {
+                self.schedule_recheck();
+                tracing::info!("periodic check of the retained releases");
+                self.check_releases();
+                Ok(false)
+            }
+        }
+    }
+
+    /// The next periodic check, jittered so that a fleet spreads out.
+    fn schedule_recheck(&mut self) {
+        self.next_check = Instant::now() + jittered(self.recheck, RECHECK_JITTER, random_unit());
     }
 
     /// One message on a release topic: the release is taken (below); then, if the topic held
     /// the pending release and now holds something else that did not supersede it (an empty
     /// message: a halt), the pending release is withdrawn and the replacement looked at on its
     /// own.
-    async fn receive(&mut self, message: Received) -> Result<Stop, DaemonError> {
+    async fn receive(&mut self, core: &mut Core, message: Received) -> Result<Stop, DaemonError> {
         let source = message.source;
         let was = self.offers.holds(source);
         self.offers.heard(&message);
@@ -472,13 +657,13 @@ impl Daemon<'_> {
         if cleared {
             tracing::info!("the {} release topic was cleared", source.as_str());
         } else {
-            stop = self.take(source, &message.payload).await?;
+            stop = self.take(core, source, &message.payload).await?;
         }
-        let pending = self.pending_release();
+        let pending = pending_release(&core.agent);
         if let Some(why) = self.offers.after_message(source, was, cleared, pending) {
-            self.withdraw(why).await?;
+            self.withdraw(core, why).await?;
             if !cleared {
-                stop = self.take(source, &message.payload).await?;
+                stop = self.take(core, source, &message.payload).await?;
             }
         }
         Ok(stop)
@@ -486,7 +671,7 @@ impl Daemon<'_> {
 
     /// The grace after a subscription ended: a pending release that no topic answered
     /// with is no longer offered (cleared while this device was offline).
-    async fn check_answered(&mut self) -> Result<(), DaemonError> {
+    async fn check_answered(&mut self, core: &mut Core) -> Result<(), DaemonError> {
         if self.link.inbox.has_unread() {
             // Answers wait to be taken (the daemon was busy): take them first.
             self.check_grace = Some(Instant::now() + Duration::from_secs(1));
@@ -499,23 +684,15 @@ impl Daemon<'_> {
             // subscription (logged): nothing can be concluded; the next one is checked anew.
             return Ok(());
         }
-        if let Some(why) = self.offers.after_check(self.pending_release()) {
-            self.withdraw(why).await?;
+        if let Some(why) = self.offers.after_check(pending_release(&core.agent)) {
+            self.withdraw(core, why).await?;
         }
         Ok(())
     }
 
-    /// The release pending now (accepted, nothing written), unless a person asked for it.
-    fn pending_release(&self) -> Option<crate::release::ReleaseId> {
-        match &self.agent.engine().state().phase {
-            crate::engine::Phase::Pending { txn, .. } if !txn.user_now => Some(txn.release_id),
-            _ => None,
-        }
-    }
-
     /// Drops the pending release (`withdrawn`); it is looked at anew if offered again.
-    async fn withdraw(&mut self, why: Why) -> Result<(), DaemonError> {
-        let Some(release_id) = self.pending_release() else {
+    async fn withdraw(&mut self, core: &mut Core, why: Why) -> Result<(), DaemonError> {
+        let Some(release_id) = pending_release(&core.agent) else {
             return Ok(());
         };
         tracing::info!(
@@ -526,22 +703,27 @@ impl Daemon<'_> {
             release_id,
             why: why.to_string(),
         };
-        let (agent, mut audience) = self.audience();
+        let (agent, mut audience) = core.audience(Some(&mut self.reporter));
         agent.handle(input, &mut audience).await?;
-        self.refresh();
+        self.refresh(core);
         self.intake.forget_offered();
         Ok(())
     }
 
     /// One received release: recognised repeat, verified and offered, or refused and reported
     /// within the rate limit.
-    async fn take(&mut self, source: ReleaseSource, payload: &[u8]) -> Result<Stop, DaemonError> {
+    async fn take(
+        &mut self,
+        core: &mut Core,
+        source: ReleaseSource,
+        payload: &[u8],
+    ) -> Result<Stop, DaemonError> {
         let (digest, seen) = self.intake.look(payload);
         if seen {
             tracing::debug!("{} release seen before; nothing to do", source.as_str());
             return Ok(Stop::Idle);
         }
-        match self.agent.verify(payload) {
+        match core.agent.verify(payload) {
             Ok(verified) => {
                 if !self
                     .intake
@@ -551,7 +733,7 @@ impl Daemon<'_> {
                 }
                 // The engine would refuse it (`previously-rolled-back`) and report that at
                 // every re-check; the rollback itself was reported when it happened.
-                if self
+                if core
                     .agent
                     .engine()
                     .rolled_back_before(&verified.release_id())
@@ -568,9 +750,9 @@ impl Daemon<'_> {
                     source.as_str(),
                     escape_for_log(&verified.manifest.version, 64)
                 );
-                let (agent, mut audience) = self.audience();
+                let (agent, mut audience) = core.audience(Some(&mut self.reporter));
                 let stop = agent.offer_verified(verified, &mut audience).await?;
-                self.refresh();
+                self.refresh(core);
                 Ok(stop)
             }
             Err(mut refusal) => {
@@ -582,9 +764,9 @@ impl Daemon<'_> {
                                 " ({suppressed} more refused release(s) were not reported: rate limit)"
                             ));
                         }
-                        let (agent, mut audience) = self.audience();
+                        let (agent, mut audience) = core.audience(Some(&mut self.reporter));
                         agent.report_refusal(&refusal, &mut audience).await?;
-                        self.refresh();
+                        self.refresh(core);
                     }
                     Allowance::Suppress { summary } => {
                         if let Some(count) = summary {
@@ -601,24 +783,11 @@ impl Daemon<'_> {
         }
     }
 
-    /// The driver and who hears what it does, borrowed side by side.
-    fn audience(&mut self) -> (&mut Agent, Audience<'_>) {
-        let audience = Audience {
-            reporter: &mut self.reporter,
-            feed: self.user.as_mut().map(|user| &mut user.feed),
-            check_asked: &mut self.check_asked,
-        };
-        (&mut *self.agent, audience)
-    }
-
     /// After each input: the whole state to the operators and to the service; a check the user
     /// asked for runs.
-    fn refresh(&mut self) {
-        self.reporter.refresh(self.agent.engine());
-        if let Some(user) = self.user.as_mut() {
-            user.feed.publish(self.agent.engine(), self.agent.config());
-        }
-        if std::mem::take(&mut self.check_asked) {
+    fn refresh(&mut self, core: &mut Core) {
+        self.reporter.refresh(core.agent.engine());
+        if core.publish() {
             tracing::info!("check for releases asked for over D-Bus");
             self.check_releases();
         }
@@ -632,18 +801,18 @@ impl Daemon<'_> {
     }
 
     /// Acts on where the engine stopped; true once the reboot command ran.
-    async fn after(&mut self, stop: Stop) -> Result<bool, DaemonError> {
+    async fn after(&mut self, core: &mut Core, stop: Stop) -> Result<bool, DaemonError> {
         let Stop::RebootNeeded { slot } = stop else {
             return Ok(false);
         };
         // The user first (DisruptionAhead is on the bus before the device goes down), then
         // the operators.
-        if let Some(user) = self.user.as_mut() {
+        if let Some(user) = core.user.as_mut() {
             user.feed.flushed(SIGNAL_FLUSH).await;
         }
         self.flush(REBOOT_FLUSH).await;
         tracing::info!("rebooting to slot {slot}");
-        match self.agent.reboot() {
+        match core.agent.reboot() {
             Ok(()) => {
                 self.reboot_retry = None;
                 self.reboot_backoff = REBOOT_RETRY_MIN;
@@ -658,9 +827,9 @@ impl Daemon<'_> {
                     "{err}; trying again in {} s",
                     wait.as_secs()
                 );
-                let (agent, mut audience) = self.audience();
+                let (agent, mut audience) = core.audience(Some(&mut self.reporter));
                 agent.report_reboot_failed(&err, &mut audience).await?;
-                self.refresh();
+                self.refresh(core);
                 self.reboot_retry = Some((slot, Instant::now() + wait));
                 self.reboot_backoff = (wait * 2).min(REBOOT_RETRY_MAX);
                 Ok(false)
@@ -704,5 +873,13 @@ impl Daemon<'_> {
             }
             Err(e) => tracing::error!(message_id = message_id::STORAGE_FAILED, "outbox: {e}"),
         }
+    }
+}
+
+/// The release pending now (accepted, nothing written), unless a person asked for it.
+fn pending_release(agent: &Agent) -> Option<crate::release::ReleaseId> {
+    match &agent.engine().state().phase {
+        crate::engine::Phase::Pending { txn, .. } if !txn.user_now => Some(txn.release_id),
+        _ => None,
     }
 }

@@ -1,5 +1,5 @@
-//! What the engine's owner (the daemon, or [`super::host::Host`]) feeds the service: the one
-//! place that turns the driver's output into D-Bus updates. As an [`Observer`] it answers the
+//! What the engine's owner (the daemon's loop, with a broker or without) feeds the service: the
+//! one place that turns the driver's output into D-Bus updates. As an [`Observer`] it answers the
 //! caller of the input being handled, sends notices (signals) and keeps the properties current
 //! during a long job; [`Feed::publish`] takes the whole snapshot after each input.
 

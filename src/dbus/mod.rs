@@ -1,12 +1,12 @@
 //! The D-Bus adapter: `org.updateagent.Agent1` on the system bus, for the person who lives with
 //! the device (EN 303 645 5.3-6, 5.3-11/12). Only this module knows the D-Bus types and names.
 //!
-//! The service owns no engine. Whatever owns it (the daemon; [`host`] in the tests and
-//! `dbus-serve`) hands over a [`Handle`]: a channel for user requests, a `watch` of
-//! [`Snapshot`]s (the properties, and `PropertiesChanged` for what changed between two
-//! snapshots) and a broadcast of the engine's [`Notice`]s (the signals):
+//! The service owns no engine. The daemon's loop owns it (fed by the broker, or without one by
+//! `dbus-serve` and the tests: `daemon::fed`) and hands over a [`Handle`]: a channel for user
+//! requests, a `watch` of [`Snapshot`]s (the properties, and `PropertiesChanged` for what
+//! changed between two snapshots) and a broadcast of the engine's [`Notice`]s (the signals):
 //! `dbus::serve(&connection, handle, access)`. [`feed::Feed`] makes all three from the driver's
-//! output, for every owner alike.
+//! output.
 //!
 //! Authorisation has two layers. The bus policy file
 //! (`systemd/dbus/org.updateagent.Agent1.conf`) lets only root and the admin group send the
@@ -17,7 +17,6 @@
 
 pub mod client;
 pub mod feed;
-pub mod host;
 
 use std::collections::HashMap;
 
