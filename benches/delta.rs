@@ -35,7 +35,7 @@ mod range_server;
 
 use sha2::{Digest, Sha256};
 use update_agent::delta::lookup::{SlotTable, TableBuilder};
-use update_agent::delta::plan::{PlanOptions, Sources, plan};
+use update_agent::delta::plan::{Plan, PlanOptions, Sources, plan};
 use update_agent::release::block_index::{self, IndexFile};
 use update_agent::release::index_build::{self, BuiltIndex, StoreParams};
 use update_agent::release::manifest::{ChunkIndexRef, Image};
@@ -80,6 +80,18 @@ fn build_table(slot: &Path, block_size: u32, out: &Path) {
             out,
         )
         .unwrap();
+}
+
+/// The plan of `index` with the default options against the booted slot's table at `table`.
+fn plan_against_booted(index: &IndexFile, table: &Path, scratch: &Path) -> Plan {
+    let booted = SlotTable::open(table).unwrap();
+    plan(
+        index,
+        Sources::booted(&booted),
+        PlanOptions::default(),
+        scratch,
+    )
+    .unwrap()
 }
 
 fn main() {
@@ -543,16 +555,9 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         let index = expand(&index_file, &new, &built, scratch);
         let table = scratch.join("ideal.table");
         build_table(&old, params.block_size, &table);
-        let booted = SlotTable::open(&table).unwrap();
-        let p = plan(
-            &index,
-            Sources::booted(&booted),
-            PlanOptions::default(),
-            scratch,
-        )
-        .unwrap();
+        let p = plan_against_booted(&index, &table, scratch);
         let ideal = ideal_bytes(&new, &index, &p);
-        drop((index, booted, p));
+        drop((index, p));
 
         let mut rows: Vec<(&str, Vec<[f64; 5]>)> =
             vec![("delta", Vec::new()), ("full", Vec::new())];
@@ -757,14 +762,7 @@ fn child(args: &[String]) {
             // The slot's own index against the table of the slot: every block is found.
             let index = IndexFile::open(&scratch.join("new.index")).unwrap();
             let table = scratch.join("child-from-slot.table");
-            let booted = SlotTable::open(&table).unwrap();
-            let p = plan(
-                &index,
-                Sources::booted(&booted),
-                PlanOptions::default(),
-                scratch,
-            )
-            .unwrap();
+            let p = plan_against_booted(&index, &table, scratch);
             assert_eq!(p.summary().fetched_blocks, 0);
         }
         other => panic!("unknown child {other}"),
