@@ -947,7 +947,8 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     );
     b_not_bootable();
 
-    // The right index with a block of other bytes: refused, the head of those bytes wiped.
+    // The right index with a block of other bytes: refused, the head of those bytes wiped. With
+    // an index the read-back is the one hash pass, so it is the block's check that refuses.
     let (out, reply) = split.write_request(
         Some("B"),
         release,
@@ -955,6 +956,13 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
         &["--index", good_index.to_str().unwrap()],
     );
     assert_refused(&out, &reply, "hash-mismatch");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("block 20 (bytes 81920..86016) does not match the signed block index"),
+        "{reply}"
+    );
     assert!(split.slot("B")[..good.len()].iter().all(|b| *b == 0));
     b_not_bootable();
 

@@ -283,6 +283,12 @@ async fn install_full(
         hasher = Sha256::new();
     }
 
+    // With a block index the read-back is the image's one hash pass; without, the stream is
+    // hashed too, so that bytes that came wrong are told from bytes the storage lost.
+    let in_stream = match &check {
+        Check::Blocks(_) => None,
+        Check::Whole(_) => Some(plan.sha256),
+    };
     // The read-back runs beside the download: each region is read back once it is durable.
     let readback = Readback::start(&req.slot_path, size, check, start, req.readback_overlap)?;
     let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
@@ -295,7 +301,7 @@ async fn install_full(
             size,
             start,
             hasher,
-            expected: plan.sha256,
+            expected: in_stream,
             checkpoint_interval: req.checkpoint_interval,
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,

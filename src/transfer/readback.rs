@@ -197,7 +197,9 @@ pub(crate) enum Check {
     /// The image's SHA-256: the regions are hashed in order, one thread reading and one hashing.
     Whole([u8; 32]),
     /// Every block against its entry of the release's signed block index, the regions spread
-    /// over a pool of threads. The whole-image SHA-256 is the caller's to match (in the stream).
+    /// over a pool of threads. This is the image's one hash pass: the signed manifest names the
+    /// index's SHA-256, and the index binds the image's size and every block of it, so a slot
+    /// whose every block matches holds the signed image; the stream does not hash it again.
     Blocks(Arc<IndexFile>),
 }
 
@@ -628,10 +630,13 @@ impl Shared {
                 };
                 if !good {
                     let start = number * block_size as u64;
-                    return self.fail(self.mismatch(format!(
-                        "block {number} (bytes {start}..{}) does not match the signed block index",
-                        start + block.len() as u64
-                    )));
+                    return self.fail(TransferError::BlockMismatch {
+                        path: self.path.clone(),
+                        detail: format!(
+                            "block {number} (bytes {start}..{}) does not match the signed block index",
+                            start + block.len() as u64
+                        ),
+                    });
                 }
             }
             self.matched(len);
@@ -725,9 +730,14 @@ mod tests {
             let err = overlapped(blocks, &image, &bad).unwrap_err();
             let block = at / 4096;
             assert!(
-                matches!(&err, TransferError::ReadbackMismatch { detail, .. }
+                matches!(&err, TransferError::BlockMismatch { detail, .. }
                     if detail.contains(&format!("block {block} "))),
                 "{what}: {err}"
+            );
+            assert_eq!(
+                err.reason(),
+                crate::reason::ReasonCode::HashMismatch,
+                "{what}"
             );
         }
         let err = overlapped(blocks, &image, &image[..image.len() - 10]).unwrap_err();

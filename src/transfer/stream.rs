@@ -109,7 +109,8 @@ pub async fn send_image(
             size,
             start,
             hasher: Sha256::new(),
-            expected: plan.sha256,
+            // The installer hashes what it is sent; the daemon's sink never does.
+            expected: None,
             checkpoint_interval: 0,
             report_checkpoints: false,
             zstd: plan.zstd,
@@ -241,11 +242,12 @@ impl SlotStream {
         } = self;
         let shown = "the daemon's stream".to_string();
         // The stream opens with the block index (or its absence); with one, each region read
-        // back is checked block by block on the pool, the whole-image SHA-256 being matched
-        // in the stream; without, the regions are hashed in order against that SHA-256.
-        let check = match receive_block_index(&request, &stream, &shown)? {
-            Some(index) => Check::Blocks(Arc::new(index)),
-            None => Check::Whole(request.sha256),
+        // back is checked block by block on the pool, the one hash pass over the image;
+        // without, the stream is hashed against the image's SHA-256 and the regions read back
+        // in order against it too.
+        let (check, in_stream) = match receive_block_index(&request, &stream, &shown)? {
+            Some(index) => (Check::Blocks(Arc::new(index)), None),
+            None => (Check::Whole(request.sha256), Some(request.sha256)),
         };
         // The read-back runs beside the stream, each region once it is durable (with the
         // overlap), else after the last byte.
@@ -266,7 +268,7 @@ impl SlotStream {
                 size: request.size,
                 start,
                 hasher,
-                expected: request.sha256,
+                expected: in_stream,
                 checkpoint_interval: request.checkpoint_interval,
                 report_checkpoints: true,
                 zstd: None,
