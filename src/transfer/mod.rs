@@ -347,8 +347,9 @@ async fn install_full(
     drop(queue);
     drop(source);
 
-    // A read-back failure waits for the sink: bytes the source got wrong fail the image's hash
-    // there, which tells more than the read-back can (it only sees that the slot differs).
+    // A read-back failure waits for the sink: without an index, bytes the source got wrong fail
+    // the image's hash there, which tells more than the read-back can (it only sees that the
+    // slot differs).
     let outcome = sink.await.map_err(join_error)?;
     // Checkpoints the sink made are durable whatever went wrong on the network: hand them over so
     // the next attempt resumes from the furthest one. Not after a lasting failure (the server's
