@@ -79,7 +79,7 @@ pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
 use error::esc;
-use readback::{Check, Readback};
+use readback::{Check, Origin, Readback};
 use source::{HttpOptions, Source};
 use writer::{Msg, SinkConfig, SinkOutcome};
 
@@ -286,7 +286,7 @@ async fn install_full(
     // With a block index the read-back is the image's one hash pass; without, the stream is
     // hashed too, so that bytes that came wrong are told from bytes the storage lost.
     let in_stream = match &check {
-        Check::Blocks(_) => None,
+        Check::Blocks(..) => None,
         Check::Whole(_) => Some(plan.sha256),
     };
     // The read-back runs beside the download: each region is read back once it is durable.
@@ -383,7 +383,7 @@ fn readback_check(req: &WriteRequest, sha256: [u8; 32]) -> Check {
     if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks)
         && let Some(index) = delta::expanded_index(&settings.work_dir, &req.image, chunks)
     {
-        return Check::Blocks(Arc::new(index));
+        return Check::Blocks(Arc::new(index), Origin::AsReceived);
     }
     Check::Whole(sha256)
 }

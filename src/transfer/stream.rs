@@ -21,7 +21,7 @@ use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 use super::error::TransferError;
-use super::readback::{Check, Readback};
+use super::readback::{Check, Origin, Readback};
 use super::source::{HttpOptions, Source};
 use super::writer::{self, Msg, SinkConfig, SinkOutcome};
 use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
@@ -246,7 +246,7 @@ impl SlotStream {
         // without, the stream is hashed against the image's SHA-256 and the regions read back
         // in order against it too.
         let (check, in_stream) = match receive_block_index(&request, &stream, &shown)? {
-            Some(index) => (Check::Blocks(Arc::new(index)), None),
+            Some(index) => (Check::Blocks(Arc::new(index), Origin::AsReceived), None),
             None => (Check::Whole(request.sha256), Some(request.sha256)),
         };
         // The read-back runs beside the stream, each region once it is durable (with the
