@@ -11,6 +11,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -933,35 +934,24 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
         assert_refused(&out, &reply, "readback-mismatch");
     };
 
+    // A write of `image` with `index` ahead of it: refused hash-mismatch, saying `why`.
+    let refused = |image: &Path, index: &Path, why: &str| {
+        let index = ["--index", index.to_str().unwrap()];
+        let (out, reply) = split.write_request(Some("B"), release, image, &index);
+        assert_refused(&out, &reply, "hash-mismatch");
+        assert!(reply["message"].as_str().unwrap().contains(why), "{reply}");
+    };
+
     // The other release's index for the right bytes: refused against the signed manifest.
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
-        &good_img,
-        &["--index", other_index.to_str().unwrap()],
-    );
-    assert_refused(&out, &reply, "hash-mismatch");
-    assert!(
-        reply["message"].as_str().unwrap().contains("block index"),
-        "{reply}"
-    );
+    refused(&good_img, &other_index, "block index");
     b_not_bootable();
 
     // The right index with a block of other bytes: refused, the head of those bytes wiped. With
     // an index the read-back is the one hash pass, so it is the block's check that refuses.
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
+    refused(
         &other_img,
-        &["--index", good_index.to_str().unwrap()],
-    );
-    assert_refused(&out, &reply, "hash-mismatch");
-    assert!(
-        reply["message"]
-            .as_str()
-            .unwrap()
-            .contains("block 20 (bytes 81920..86016) does not match the signed block index"),
-        "{reply}"
+        &good_index,
+        "block 20 (bytes 81920..86016) does not match the signed block index",
     );
     assert!(split.slot("B")[..good.len()].iter().all(|b| *b == 0));
     b_not_bootable();
@@ -970,20 +960,7 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     // download failure that a retry would repeat), before a byte of the image is taken.
     let too_long = serve.join("too-long.index");
     fs::write(&too_long, vec![0u8; 2 * 1024 * 1024]).unwrap();
-    let (out, reply) = split.write_request(
-        Some("B"),
-        release,
-        &good_img,
-        &["--index", too_long.to_str().unwrap()],
-    );
-    assert_refused(&out, &reply, "hash-mismatch");
-    assert!(
-        reply["message"]
-            .as_str()
-            .unwrap()
-            .contains("more than one for this image can be"),
-        "{reply}"
-    );
+    refused(&good_img, &too_long, "more than one for this image can be");
     b_not_bootable();
 
     // Right index, right bytes: written, read back against the index, activated.
