@@ -18,8 +18,9 @@
 //!    flat), then the image is assembled in ascending block order ([`crate::delta::assemble`]):
 //!    a block reaches the slot only after its SHA-256 matched the signed index. A local copy that
 //!    does not match is fetched with a request of its own.
-//! 5. Checkpoints (`fdatasync`) at the configured interval; the read-back past the page cache
-//!    against the image's SHA-256 runs beside the assembly, each region once it is synced.
+//! 5. Checkpoints (`fdatasync`) at the configured interval; the read-back past the page cache,
+//!    block by block against the index on the read-back's pool, runs beside the assembly, each
+//!    region once it is synced.
 //!
 //! Resuming needs nothing from the checkpoint: a new attempt hashes the target slot again, and
 //! every block an earlier attempt wrote is then found in place and kept.
@@ -37,7 +38,7 @@ use url::Url;
 
 use super::error::{TransferError, chain, esc};
 use super::http::{HttpClient, Response, ResponseBody};
-use super::readback::{Check, Readback};
+use super::readback::{Check, Origin, Readback};
 use super::source::HttpOptions;
 use super::writer::{self, WRITE_BUFFER};
 use super::{
@@ -248,12 +249,12 @@ pub(crate) async fn install(
     // reporter.
     let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
     let written = Arc::new(AtomicU64::new(0));
-    // The read-back beside the assembly, each region once synced: against the image's SHA-256
-    // (a delta has no in-stream hash of the whole image to pair the block index with).
+    // The read-back beside the assembly, each region once synced, block by block against the
+    // index on the pool.
     let readback = Readback::start(
         &req.slot_path,
         size,
-        Check::Whole(plan_image.sha256),
+        Check::Blocks(index.clone(), Origin::EachBlockChecked),
         0,
         req.readback_overlap,
     )?;
@@ -954,6 +955,7 @@ pub fn receive_delta(
     let Some((index, len)) = receive_index(&mut reader, image, chunks, &req.work_dir)? else {
         return Err(wire("a delta without its block index".into()));
     };
+    let index = Arc::new(index);
     stats.index_bytes = len;
     let mut buf = vec![0u8; 64 * 1024];
 
@@ -1031,12 +1033,12 @@ pub fn receive_delta(
     };
     let mut last_progress = Instant::now();
     let mut failed: Option<io::Error> = None;
-    // The read-back beside the assembly, each region once synced: against the image's SHA-256
-    // (a delta has no in-stream hash of the whole image to pair the block index with).
+    // The read-back beside the assembly, each region once synced, block by block against the
+    // index on the pool.
     let readback = Readback::start(
         &req.slot_path,
         image.size,
-        Check::Whole(sha256),
+        Check::Blocks(index.clone(), Origin::EachBlockChecked),
         0,
         req.readback_overlap,
     )?;

@@ -88,6 +88,15 @@ pub enum TransferError {
     )]
     ReadbackMismatch { path: PathBuf, detail: String },
 
+    /// A block read back from the slot does not match the signed block index. With an index
+    /// the image is hashed once, in the read-back, so this cannot tell bytes that came wrong
+    /// from bytes the storage did not keep.
+    #[error(
+        "slot {}: {detail}; the bytes there are not the signed image (altered or damaged on the way, or not kept by the storage), the slot must not be booted (a retry downloads it again)",
+        .path.display()
+    )]
+    BlockMismatch { path: PathBuf, detail: String },
+
     #[error("cannot decompress {url}: {detail}")]
     Decompress { url: String, detail: String },
 
@@ -135,6 +144,7 @@ impl TransferError {
             TransferError::HashMismatch { .. } => ReasonCode::HashMismatch,
             TransferError::ImageTooLarge { .. } => ReasonCode::ImageTooLarge,
             TransferError::ReadbackMismatch { .. } => ReasonCode::ReadbackMismatch,
+            TransferError::BlockMismatch { .. } => ReasonCode::HashMismatch,
             TransferError::Decompress { .. } => ReasonCode::DecompressFailed,
             TransferError::SlotIo { .. } => ReasonCode::SlotIo,
             TransferError::Cancelled { .. } => ReasonCode::Cancelled,

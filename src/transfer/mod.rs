@@ -79,7 +79,7 @@ pub use stream::{FetchSettings, SlotStream, SlotStreamRequest, send_image};
 pub use writer::ZSTD_WINDOW_LOG_MAX;
 
 use error::esc;
-use readback::{Check, Readback};
+use readback::{Check, Origin, Readback};
 use source::{HttpOptions, Source};
 use writer::{Msg, SinkConfig};
 
@@ -287,6 +287,12 @@ async fn install_full(
         hasher = Sha256::new();
     }
 
+    // With a block index the read-back is the image's one hash pass; without, the stream is
+    // hashed too, so that bytes that came wrong are told from bytes the storage lost.
+    let in_stream = match &check {
+        Check::Blocks(..) => None,
+        Check::Whole(_) => Some(plan.sha256),
+    };
     // The read-back runs beside the download: each region is read back once it is durable.
     let readback = Readback::start(&req.slot_path, size, check, start, req.readback_overlap)?;
     let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
@@ -299,7 +305,7 @@ async fn install_full(
             size,
             start,
             hasher,
-            expected: plan.sha256,
+            expected: in_stream,
             checkpoint_interval: req.checkpoint_interval,
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,
@@ -345,8 +351,9 @@ async fn install_full(
     drop(queue);
     drop(source);
 
-    // A read-back failure waits for the sink: bytes the source got wrong fail the image's hash
-    // there, which tells more than the read-back can (it only sees that the slot differs).
+    // A read-back failure waits for the sink: without an index, bytes the source got wrong fail
+    // the image's hash there, which tells more than the read-back can (it only sees that the
+    // slot differs).
     let outcome = sink.await.map_err(join_error)?;
     // Checkpoints the sink made are durable whatever went wrong on the network: hand them over so
     // the next attempt resumes from the furthest one. Not after a lasting failure (the server's
@@ -370,7 +377,7 @@ fn readback_check(req: &WriteRequest, sha256: [u8; 32]) -> Check {
     if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks)
         && let Some(index) = delta::expanded_index(&settings.work_dir, &req.image, chunks)
     {
-        return Check::Blocks(Arc::new(index));
+        return Check::Blocks(Arc::new(index), Origin::AsReceived);
     }
     Check::Whole(sha256)
 }

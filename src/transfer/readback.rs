@@ -197,8 +197,22 @@ pub(crate) enum Check {
     /// The image's SHA-256: the regions are hashed in order, one thread reading and one hashing.
     Whole([u8; 32]),
     /// Every block against its entry of the release's signed block index, the regions spread
-    /// over a pool of threads. The whole-image SHA-256 is the caller's to match (in the stream).
-    Blocks(Arc<IndexFile>),
+    /// over a pool of threads. This is the image's one hash pass: the signed manifest names the
+    /// index's SHA-256, and the index binds the image's size and every block of it, so a slot
+    /// whose every block matches holds the signed image; the stream does not hash it again.
+    Blocks(Arc<IndexFile>, Origin),
+}
+
+/// How the bytes checked against the block index reached the slot: what a block that differs
+/// then means.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin {
+    /// As they came (a full download): nothing hashed them before they were written, so a block
+    /// that differs came wrong or was not kept (`hash-mismatch`).
+    AsReceived,
+    /// Each block matched the index before it was written (a delta's assembly), so a block that
+    /// differs is the storage's doing (`readback-mismatch`).
+    EachBlockChecked,
 }
 
 /// Bytes one thread reads and checks at a time during an install (a multiple of every block
@@ -303,7 +317,7 @@ impl Readback {
         };
         let granule = match &check {
             Check::Whole(_) => ALIGN as u64,
-            Check::Blocks(index) => u64::from(index.header().block_size),
+            Check::Blocks(index, _) => u64::from(index.header().block_size),
         };
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -358,7 +372,7 @@ impl Readback {
                     Box::new(move || hasher.hash_in_order(&sha256, &full_rx, &free_tx)),
                 )?);
             }
-            Check::Blocks(index) => {
+            Check::Blocks(index, origin) => {
                 let threads = std::thread::available_parallelism()
                     .map_or(1, |n| n.get())
                     .clamp(MIN_THREADS, MAX_THREADS);
@@ -370,7 +384,7 @@ impl Readback {
                     let index = index.clone();
                     readback.workers.push(spawn(
                         "readback-blocks",
-                        Box::new(move || worker.check_blocks(&index)),
+                        Box::new(move || worker.check_blocks(&index, origin)),
                     )?);
                 }
             }
@@ -599,7 +613,7 @@ impl Shared {
     }
 
     /// [`Check::Blocks`]: one thread of the pool, taking regions until none is left.
-    fn check_blocks(&self, index: &IndexFile) {
+    fn check_blocks(&self, index: &IndexFile, origin: Origin) {
         let block_size = index.header().block_size as usize;
         let mut buf = AlignedBuf::with_len(self.piece);
         let mut hashes = vec![[0u8; 32]; self.piece / block_size];
@@ -628,10 +642,17 @@ impl Shared {
                 };
                 if !good {
                     let start = number * block_size as u64;
-                    return self.fail(self.mismatch(format!(
+                    let detail = format!(
                         "block {number} (bytes {start}..{}) does not match the signed block index",
                         start + block.len() as u64
-                    )));
+                    );
+                    return self.fail(match origin {
+                        Origin::AsReceived => TransferError::BlockMismatch {
+                            path: self.path.clone(),
+                            detail,
+                        },
+                        Origin::EachBlockChecked => self.mismatch(detail),
+                    });
                 }
             }
             self.matched(len);
@@ -712,8 +733,24 @@ mod tests {
         let (index, _) =
             crate::release::block_index::testing::expanded(dir.path(), &image, 4096, 4);
         let index = Arc::new(index);
-        let blocks = || Check::Blocks(index.clone());
+        let blocks = || Check::Blocks(index.clone(), Origin::AsReceived);
         overlapped(blocks, &image, &image).unwrap();
+        // After a delta's assembly, whose blocks each matched before they were written, a block
+        // that differs is the storage's.
+        let checked = || Check::Blocks(index.clone(), Origin::EachBlockChecked);
+        let mut bad = image.clone();
+        bad[3 * PIECE + 5] ^= 0x40;
+        let err = overlapped(checked, &image, &bad).unwrap_err();
+        assert_eq!(
+            err.reason(),
+            crate::reason::ReasonCode::ReadbackMismatch,
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("does not match the signed block index"),
+            "{err}"
+        );
 
         for (at, what) in [
             (3 * PIECE + 5, "a changed byte"),
@@ -725,9 +762,14 @@ mod tests {
             let err = overlapped(blocks, &image, &bad).unwrap_err();
             let block = at / 4096;
             assert!(
-                matches!(&err, TransferError::ReadbackMismatch { detail, .. }
+                matches!(&err, TransferError::BlockMismatch { detail, .. }
                     if detail.contains(&format!("block {block} "))),
                 "{what}: {err}"
+            );
+            assert_eq!(
+                err.reason(),
+                crate::reason::ReasonCode::HashMismatch,
+                "{what}"
             );
         }
         let err = overlapped(blocks, &image, &image[..image.len() - 10]).unwrap_err();

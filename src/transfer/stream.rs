@@ -21,7 +21,7 @@ use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 use super::error::TransferError;
-use super::readback::{Check, Readback};
+use super::readback::{Check, Origin, Readback};
 use super::source::{HttpOptions, Source};
 use super::writer::{self, Msg, SinkConfig};
 use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
@@ -109,7 +109,8 @@ pub async fn send_image(
             size,
             start,
             hasher: Sha256::new(),
-            expected: plan.sha256,
+            // The installer hashes what it is sent; the daemon's sink never does.
+            expected: None,
             checkpoint_interval: 0,
             report_checkpoints: false,
             zstd: plan.zstd,
@@ -233,11 +234,12 @@ impl SlotStream {
         } = self;
         let shown = "the daemon's stream".to_string();
         // The stream opens with the block index (or its absence); with one, each region read
-        // back is checked block by block on the pool, the whole-image SHA-256 being matched
-        // in the stream; without, the regions are hashed in order against that SHA-256.
-        let check = match receive_block_index(&request, &stream, &shown)? {
-            Some(index) => Check::Blocks(Arc::new(index)),
-            None => Check::Whole(request.sha256),
+        // back is checked block by block on the pool, the one hash pass over the image;
+        // without, the stream is hashed against the image's SHA-256 and the regions read back
+        // in order against it too.
+        let (check, in_stream) = match receive_block_index(&request, &stream, &shown)? {
+            Some(index) => (Check::Blocks(Arc::new(index), Origin::AsReceived), None),
+            None => (Check::Whole(request.sha256), Some(request.sha256)),
         };
         // The read-back runs beside the stream, each region once it is durable (with the
         // overlap), else after the last byte.
@@ -258,7 +260,7 @@ impl SlotStream {
                 size: request.size,
                 start,
                 hasher,
-                expected: request.sha256,
+                expected: in_stream,
                 checkpoint_interval: request.checkpoint_interval,
                 report_checkpoints: true,
                 zstd: None,
