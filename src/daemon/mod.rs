@@ -50,8 +50,13 @@ use withdrawal::{CHECK_GRACE, Offers, Why};
 const REBOOT_FLUSH: Duration = Duration::from_secs(10);
 /// How long it waits for the D-Bus signals (the user told of the reboot) before a reboot.
 const SIGNAL_FLUSH: Duration = Duration::from_secs(2);
-/// The longest the policy timer sleeps: a far-future moment is looked at again daily anyway.
-const MAX_POLICY_SLEEP: Duration = Duration::from_secs(24 * 3600);
+/// The longest the policy timer sleeps. Its moments are wall-clock times, and a gateway without
+/// a battery-backed clock boots with a wrong one that NTP later moves, by years at once: a sleep
+/// measured before that jump would act on a maintenance window or the end of a postponement
+/// late by as much as it lasts. Waking once a minute bounds that (and only while the engine
+/// names a moment ahead). Not tested against a real jump: that would set the test machine's
+/// clock; the tests' clock file is polled instead (`test_clock::POLL`).
+const MAX_POLICY_SLEEP: Duration = Duration::from_secs(60);
 /// How soon the policy timer looks again at a moment that brought nothing the last time.
 const POLICY_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// How long a clean shutdown waits for the broker to take `online=false`.
@@ -482,7 +487,10 @@ impl Daemon<'_> {
             });
             tokio::select! {
                 () = sleep_until_some(policy_wake), if !rebooting => {
-                    last_tick = self.core.agent.poll_timeout();
+                    // Only a moment that was due counts as woken for: a sleep cut short by
+                    // the longest sleep ends before it, and must not put it off.
+                    let agent = &self.core.agent;
+                    last_tick = agent.poll_timeout().filter(|at| *at <= agent.now());
                     let (agent, mut audience) = self.audience();
                     let stop = agent.tick(&mut audience).await?;
                     rebooting = self.settle(stop).await?;
