@@ -920,12 +920,7 @@ fn item1_a_daemon_cannot_get_bytes_past_the_block_index_of_a_full_write() {
     let good_index = serve.join("good.img.index");
     let other_index = serve.join("other.img.index");
     let b_not_bootable = || {
-        let order = split.env_var("BOOT_ORDER").unwrap_or_default();
-        assert!(
-            !order.starts_with('B'),
-            "B was activated: {}",
-            split.env_text()
-        );
+        split.assert_b_not_first();
         assert_eq!(split.ledger()["slots"]["B"]["held"], "unverified");
         let (out, reply) = ask(
             &split,

@@ -298,12 +298,7 @@ fn image_bytes_that_do_not_match_the_manifest_are_refused_and_not_activated() {
     let wrong = split.path("wrong.img");
     // Activating B puts it first in the order with a fresh try budget.
     let b_not_activated = || {
-        let order = split.env_var("BOOT_ORDER").unwrap_or_default();
-        assert!(
-            !order.starts_with('B'),
-            "B was activated: {}",
-            split.env_text()
-        );
+        split.assert_b_not_first();
         assert_eq!(split.env_var("BOOT_B_LEFT").as_deref(), Some("0"));
     };
     let (out, reply) = split.write_request(None, &release, &wrong, &[]);
@@ -683,12 +678,7 @@ fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resume
         || split.installer_log().contains("refused write"),
     );
     assert_eq!(split.ledger()["slots"]["B"]["held"], "unverified");
-    assert!(
-        !split
-            .env_var("BOOT_ORDER")
-            .unwrap_or_default()
-            .starts_with('B')
-    );
+    split.assert_b_not_first();
 
     let out = split.as_daemon(&["boot-check", "--no-reboot"]);
     assert!(out.status.success(), "boot-check: {}", text(&out));

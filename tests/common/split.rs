@@ -251,6 +251,17 @@ impl Split {
         self.env.text()
     }
 
+    /// Slot B is not first in the boot order: nothing activated it.
+    #[track_caller]
+    pub fn assert_b_not_first(&self) {
+        let order = self.env_var("BOOT_ORDER").unwrap_or_default();
+        assert!(
+            !order.starts_with('B'),
+            "B was activated: {}",
+            self.env_text()
+        );
+    }
+
     pub fn env_var(&self, name: &str) -> Option<String> {
         self.env.get(name)
     }
