@@ -138,7 +138,8 @@ pub(crate) struct SinkConfig {
     pub start: u64,
     pub hasher: Sha256,
     /// The image's SHA-256 to match in the stream; `None` when the read-back checks every block
-    /// against the signed block index instead (each byte is then hashed once, there).
+    /// against the signed block index instead (each byte is then hashed once, there), or when
+    /// the stream goes to the installer, which hashes what it is sent.
     pub expected: Option<[u8; 32]>,
     /// 0: no intermediate syncs.
     pub checkpoint_interval: u64,
@@ -156,8 +157,6 @@ pub(crate) struct SinkConfig {
 pub(crate) trait Destination: Send {
     /// What [`Destination::put`] does, for messages (`cannot write …`).
     const PUT: &'static str;
-    /// Whether the image hash is checked here.
-    const CHECKS_HASH: bool;
     /// Takes `bytes`, whose place in the slot is offset `at`.
     fn put(&mut self, bytes: &[u8], at: u64) -> io::Result<()>;
     /// Makes everything put so far durable.
@@ -169,7 +168,6 @@ pub(crate) struct SlotFile(pub File);
 
 impl Destination for SlotFile {
     const PUT: &'static str = "write";
-    const CHECKS_HASH: bool = true;
 
     fn put(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
         self.0.write_all_at(bytes, at)
@@ -187,7 +185,6 @@ pub(crate) struct InstallerStream(pub File);
 
 impl Destination for InstallerStream {
     const PUT: &'static str = "send to";
-    const CHECKS_HASH: bool = false;
 
     fn put(&mut self, bytes: &[u8], _at: u64) -> io::Result<()> {
         crate::socket::send_all(&self.0, bytes)
@@ -242,7 +239,7 @@ pub(crate) fn run_sink<D: Destination>(
     };
     let state = std::mem::take(&mut config.hasher);
     let hash = match unzstd {
-        _ if !D::CHECKS_HASH || config.expected.is_none() => ImageHash::Off,
+        _ if config.expected.is_none() => ImageHash::Off,
         // Decompressed output lives in a reused buffer: nothing to share with another thread,
         // and the decoder is the slow part anyway.
         Some(_) => ImageHash::Inline(state),
@@ -439,7 +436,6 @@ impl<D: Destination> SlotWriter<D> {
             waited.elapsed().as_secs_f64(),
         );
         if let Some(expected) = self.config.expected
-            && D::CHECKS_HASH
             && actual != expected
         {
             return Err(TransferError::HashMismatch {
