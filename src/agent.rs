@@ -949,7 +949,7 @@ impl CrashPoints {
 impl CrashPoints {
     fn from_env() -> CrashPoints {
         CrashPoints {
-            at: std::env::var("UPDATE_AGENT_CRASH_AT").ok(),
+            at: crate::crash_point::requested(),
             checkpoints: AtomicU64::new(0),
         }
     }

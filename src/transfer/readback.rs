@@ -338,8 +338,7 @@ impl Readback {
             }),
             wake: Condvar::new(),
             #[cfg(feature = "test-hooks")]
-            crash_at: std::env::var("UPDATE_AGENT_CRASH_AT")
-                .ok()
+            crash_at: crate::crash_point::requested()
                 .and_then(|at| at.strip_prefix("readback:bytes:")?.parse().ok()),
         });
         let mut readback = Readback {
