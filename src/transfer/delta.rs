@@ -943,8 +943,6 @@ pub fn receive_delta(
         url: shown.clone(),
         detail,
     };
-    prepare_work_dir(&req.work_dir)
-        .map_err(|e| TransferError::slot_io(&req.work_dir, "create the work directory", e))?;
     let mut stats = DeltaStats::default();
     let mut reader = StreamReader {
         stream,
@@ -1217,9 +1215,23 @@ pub struct CheckedIndex {
 }
 
 impl CheckedIndex {
-    /// Sends the index into the installer's stream: its length (8 bytes, little-endian), then
-    /// its bytes; `None` sends the length 0 (no index). Blocking.
-    pub fn send(
+    /// Sends `index` ahead of the image into the installer's stream `out`, on a blocking thread
+    /// (the installer reads it before anything else), and gives `out` back.
+    pub async fn send<S: std::os::fd::AsFd + Send + 'static>(
+        index: Option<CheckedIndex>,
+        out: S,
+    ) -> Result<S, TransferError> {
+        tokio::task::spawn_blocking(move || {
+            CheckedIndex::write_to(index.as_ref(), &out)?;
+            Ok(out)
+        })
+        .await
+        .map_err(super::join_error)?
+    }
+
+    /// The index's length (8 bytes, little-endian), then its bytes; `None` writes the length 0
+    /// (no index). Blocking.
+    fn write_to(
         index: Option<&CheckedIndex>,
         out: &impl std::os::fd::AsFd,
     ) -> Result<(), TransferError> {
@@ -1387,13 +1399,8 @@ pub async fn serve_delta(
     };
     let DeltaOffer { index, store, .. } = offer;
     let index_len = index.len;
-    // The index first, in a blocking write (the installer reads it before it plans).
-    let stream = tokio::task::spawn_blocking(move || {
-        CheckedIndex::send(Some(&index), &stream)?;
-        Ok::<_, TransferError>(stream)
-    })
-    .await
-    .map_err(super::join_error)??;
+    // The index first (the installer reads it before it plans).
+    let stream = CheckedIndex::send(Some(index), stream).await?;
     progress.downloaded.store(index_len, Ordering::Relaxed);
     progress.expected.store(index_len, Ordering::Relaxed);
     stream.set_nonblocking(true).map_err(lost)?;

@@ -69,18 +69,11 @@ pub async fn send_image(
     progress: &super::DownloadCount,
 ) -> Result<(), TransferError> {
     let plan = Plan::new(image)?;
-    let out = tokio::task::spawn_blocking(move || {
-        super::CheckedIndex::send(index.as_ref(), &out)?;
-        Ok::<_, TransferError>(out)
-    })
-    .await
-    .map_err(join_error)??;
+    let out = super::CheckedIndex::send(index, out).await?;
     // `UPDATE_AGENT_CRASH_AT=index:sent`: a power cut of the daemon between the index and the
     // image's first byte.
     #[cfg(feature = "test-hooks")]
-    if std::env::var("UPDATE_AGENT_CRASH_AT").as_deref() == Ok("index:sent") {
-        crate::crash_point::crash("index:sent");
-    }
+    crate::crash_point::at("index:sent");
     let size = image.size;
     let start = if plan.zstd.is_some() || start > size {
         0
