@@ -43,6 +43,17 @@ pub enum RebootMode {
     Defer,
 }
 
+impl RebootMode {
+    /// `Run` when the command line lets the agent reboot, else `Defer`.
+    pub fn run_if(allowed: bool) -> RebootMode {
+        if allowed {
+            RebootMode::Run
+        } else {
+            RebootMode::Defer
+        }
+    }
+}
+
 /// What the driver tells its observer: the engine's actions other than jobs, in the engine's
 /// order, as they are carried out.
 #[derive(Debug, Clone, Copy)]
@@ -662,10 +673,7 @@ impl Agent {
         }
         let mut request = self.write_request(slot, signed_image, resume_from)?;
         let fetch = FetchSettings {
-            stall_timeout: request.stall_timeout,
-            connect_timeout: request.connect_timeout,
-            extra_roots: request.extra_roots.clone(),
-            max_rate: request.max_rate,
+            server: request.server.clone(),
             delta_work_dir: self
                 .config
                 .install
@@ -780,8 +788,8 @@ impl Agent {
         let mut request = WriteRequest::new(image, target.device.clone(), slot_capacity(target));
         request.resume_from = resume_from;
         request.checkpoint_interval = self.config.install.checkpoint_interval;
-        request.stall_timeout = self.config.install.stall_timeout;
-        request.max_rate = self.config.install.max_rate;
+        request.server.stall_timeout = self.config.install.stall_timeout;
+        request.server.max_rate = self.config.install.max_rate;
         request.readback_overlap = self.config.install.readback_overlap;
         // A delta reads the local slots: this request is for when this process owns them (no
         // split); under the split the installer reads them and the daemon fetches what it asks

@@ -41,11 +41,7 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
     let bytes = release::read_release_file(&args.release)
         .with_context(|| format!("cannot read {}", args.release.display()))?;
-    let mode = if args.reboot {
-        RebootMode::Run
-    } else {
-        RebootMode::Defer
-    };
+    let mode = RebootMode::run_if(args.reboot);
     let mut agent = Agent::open(config, mode)?;
     let mut narrator = Narrator::new();
     runtime()?.block_on(async {
@@ -62,11 +58,7 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
 
 pub fn boot_check(args: BootCheckArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let mode = if args.no_reboot {
-        RebootMode::Defer
-    } else {
-        RebootMode::Run
-    };
+    let mode = RebootMode::run_if(!args.no_reboot);
     let mut agent = Agent::open(config, mode)?;
     let mut narrator = Narrator::new();
     runtime()?.block_on(async {

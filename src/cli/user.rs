@@ -501,11 +501,7 @@ async fn follow_agent(agent: &AgentClient, json: bool) -> anyhow::Result<()> {
 /// trying it by hand. A release given with `--release` is offered at start.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let mode = if args.reboot {
-        RebootMode::Run
-    } else {
-        RebootMode::Defer
-    };
+    let mode = RebootMode::run_if(args.reboot);
     let release = match &args.release {
         Some(path) => Some(
             update_agent::release::read_release_file(path)
