@@ -65,8 +65,8 @@ impl Slots {
     fn request(&self, image: Image) -> WriteRequest {
         let mut req = WriteRequest::new(image, &self.slot, 4 * SIZE as u64);
         req.checkpoint_interval = CHECKPOINT;
-        req.stall_timeout = Duration::from_secs(5);
-        req.connect_timeout = Duration::from_secs(5);
+        req.server.stall_timeout = Duration::from_secs(5);
+        req.server.connect_timeout = Duration::from_secs(5);
         req
     }
 
@@ -198,7 +198,7 @@ async fn https_image_is_written_with_an_extra_root() {
     let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&server.url("/img"), &data));
-    req.extra_roots = vec![cert];
+    req.server.extra_roots = vec![cert];
 
     let (result, _) = install(&req).await;
 
@@ -276,12 +276,19 @@ async fn redirects_within_the_limit_are_followed() {
 // ------------------------------------------------------------------------------------------
 // Hostile servers
 
+/// A body that ends early, whether the server closes cleanly (truncated) or resets the
+/// connection, is a download failure worth retrying.
 #[tokio::test]
-async fn truncated_body_is_a_download_failure() {
-    let (_, _server, slots, req) = serve_img(Act::Truncate { after: SIZE / 2 }).await;
+async fn body_cut_midway_is_a_transient_download_failure() {
+    for act in [
+        Act::Truncate { after: SIZE / 2 },
+        Act::Reset { after: SIZE / 2 },
+    ] {
+        let (_, _server, slots, req) = serve_img(act).await;
 
-    let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
-    assert!(err.is_transient());
+        let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
+        assert!(err.is_transient());
+    }
 }
 
 #[tokio::test]
@@ -332,7 +339,7 @@ async fn announced_longer_body_is_refused_before_writing() {
 #[tokio::test]
 async fn stalled_server_times_out() {
     let (_, _server, slots, mut req) = serve_img(Act::Stall { after: 100_000 }).await;
-    req.stall_timeout = Duration::from_secs(1);
+    req.server.stall_timeout = Duration::from_secs(1);
 
     let begun = Instant::now();
     let (result, events) = install(&req).await;
@@ -389,7 +396,7 @@ async fn https_to_http_redirect_is_refused() {
     let (secure, cert) = https(data.clone(), "/img", Act::Redirect(plain.url("/img"))).await;
     let slots = Slots::new();
     let mut req = slots.request(image(&secure.url("/img"), &data));
-    req.extra_roots = vec![cert];
+    req.server.extra_roots = vec![cert];
 
     let err = expect_failure(&slots, &req, ReasonCode::InsecureRedirect).await;
     assert!(err.to_string().contains(&plain.url("/img")), "{err}");
@@ -398,14 +405,6 @@ async fn https_to_http_redirect_is_refused() {
         "the plain-http server was contacted"
     );
     assert_eq!(slots.slot_bytes(), b"");
-}
-
-#[tokio::test]
-async fn connection_reset_midway_is_a_download_failure() {
-    let (_, _server, slots, req) = serve_img(Act::Reset { after: SIZE / 2 }).await;
-
-    let err = expect_failure(&slots, &req, ReasonCode::DownloadFailed).await;
-    assert!(err.is_transient());
 }
 
 #[tokio::test]
