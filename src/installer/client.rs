@@ -171,7 +171,7 @@ impl RemoteInstaller {
                 offer,
                 UnixStream::from(ours),
                 work_dir,
-                settings.max_rate,
+                settings.server.max_rate,
                 &count,
             )
             .await

@@ -112,9 +112,9 @@ pub(crate) async fn install(
     let full_size = plan_image.transport_size;
     prepare_work_dir(&settings.work_dir)
         .map_err(|e| TransferError::slot_io(&settings.work_dir, "create the work directory", e))?;
-    let http = req.http();
+    let http = req.server.http();
     let mut stats = DeltaStats::default();
-    let mut rate = RateLimit::new(req.max_rate);
+    let mut rate = RateLimit::new(req.server.max_rate);
 
     // 1. The index.
     let index_url = parse_url(&chunks.url)?;
@@ -1268,7 +1268,7 @@ pub async fn fetch_checked_index(
     let chunks = chunks_of(image)?;
     prepare_work_dir(work_dir)
         .map_err(|e| TransferError::slot_io(work_dir, "create the work directory", e))?;
-    let http = settings.http();
+    let http = settings.server.http();
     let url = parse_url(&chunks.url)?;
     let shown = esc(url.as_str());
     let cap = index_cap(image.size, chunks.chunk_size);
@@ -1344,7 +1344,7 @@ pub async fn offer_delta(
     index: CheckedIndex,
     settings: &super::FetchSettings,
 ) -> Result<DeltaOffer, (TransferError, CheckedIndex)> {
-    let http = settings.http();
+    let http = settings.server.http();
     let store = match Store::new(&index.store_url, &http) {
         Ok(store) => store,
         Err(e) => return Err((e, index)),

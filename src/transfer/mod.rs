@@ -113,13 +113,7 @@ pub struct WriteRequest {
     pub resume_from: u64,
     /// Bytes between checkpoints (an `fdatasync` each); 0 for none but the last.
     pub checkpoint_interval: u64,
-    /// Longest wait for the next byte (or the response headers).
-    pub stall_timeout: Duration,
-    pub connect_timeout: Duration,
-    /// CA certificates trusted besides the system's, e.g. a private update server's CA.
-    pub extra_roots: Vec<CertificateDer<'static>>,
-    /// Bandwidth cap for downloads, bytes per second.
-    pub max_rate: Option<u64>,
+    pub server: ServerAccess,
     /// Delta updates: when set and the image has a block index, reuse local blocks and fetch
     /// only the others.
     pub delta: Option<DeltaSettings>,
@@ -137,15 +131,39 @@ impl WriteRequest {
             slot_capacity,
             resume_from: 0,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
-            stall_timeout: DEFAULT_STALL_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            extra_roots: Vec::new(),
-            max_rate: None,
+            server: ServerAccess::default(),
             delta: None,
             readback_overlap: false,
         }
     }
+}
 
+/// How the image's server is reached: the same for an install in this process
+/// ([`WriteRequest`]) and for the daemon's side of the split ([`FetchSettings`]).
+#[derive(Debug, Clone)]
+pub struct ServerAccess {
+    /// Longest wait for the next byte (or the response headers).
+    pub stall_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// CA certificates trusted besides the system's, e.g. a private update server's CA.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Bandwidth cap for downloads, bytes per second.
+    pub max_rate: Option<u64>,
+}
+
+impl Default for ServerAccess {
+    /// The default timeouts, the system's roots only, no bandwidth cap.
+    fn default() -> ServerAccess {
+        ServerAccess {
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            extra_roots: Vec::new(),
+            max_rate: None,
+        }
+    }
+}
+
+impl ServerAccess {
     fn http(&self) -> HttpOptions<'_> {
         HttpOptions {
             connect_timeout: self.connect_timeout,
@@ -280,7 +298,7 @@ async fn install_full(
         hasher = Sha256::new();
     }
 
-    let http = req.http();
+    let http = req.server.http();
     let mut source = Source::open(&plan.url, start, plan.transport_size, &http).await?;
     if source.start() != start {
         start = source.start();
@@ -324,7 +342,7 @@ async fn install_full(
     };
 
     let mut reporter = Reporter::new(events, checkpoints, written, size);
-    let mut rate = RateLimit::new(req.max_rate);
+    let mut rate = RateLimit::new(req.server.max_rate);
     // Bytes as they came over the network (compressed, for a zstd image), for the progress
     // reports beside the bytes written.
     let mut download = DownloadTally::new(0, plan.transport_size - source.start());

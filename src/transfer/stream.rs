@@ -17,14 +17,13 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 use super::error::TransferError;
 use super::readback::{Check, Origin, Readback};
-use super::source::{HttpOptions, Source};
+use super::source::Source;
 use super::writer::{self, Msg, SinkConfig};
-use super::{Plan, QUEUE_CHUNKS, Reporter, TransferEvent, Written, call, join_error};
+use super::{Plan, QUEUE_CHUNKS, Reporter, ServerAccess, TransferEvent, Written, call, join_error};
 use crate::release::manifest::Image;
 
 /// Bytes read from the stream at a time.
@@ -33,26 +32,12 @@ const STREAM_CHUNK: usize = 256 * 1024;
 /// How the daemon reaches the image's server.
 #[derive(Debug, Clone)]
 pub struct FetchSettings {
-    pub stall_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub extra_roots: Vec<CertificateDer<'static>>,
-    /// Bandwidth cap, bytes per second.
-    pub max_rate: Option<u64>,
+    pub server: ServerAccess,
     /// Delta updates under the split: where the daemon keeps the index and its spool (`None`:
     /// the whole image is sent).
     pub delta_work_dir: Option<PathBuf>,
     /// A delta that is not possible sends the whole image instead of failing.
     pub full_download_fallback: bool,
-}
-
-impl FetchSettings {
-    pub(super) fn http(&self) -> HttpOptions<'_> {
-        HttpOptions {
-            connect_timeout: self.connect_timeout,
-            stall_timeout: self.stall_timeout,
-            extra_roots: &self.extra_roots,
-        }
-    }
 }
 
 /// The daemon's side: sends the block index it checked (or its absence) for the installer's
@@ -83,7 +68,13 @@ pub async fn send_image(
     if start == size {
         return Ok(());
     }
-    let mut source = Source::open(&plan.url, start, plan.transport_size, &settings.http()).await?;
+    let mut source = Source::open(
+        &plan.url,
+        start,
+        plan.transport_size,
+        &settings.server.http(),
+    )
+    .await?;
     // A server that ignored the range sends the whole image: the installer still expects it
     // from `start`.
     let mut skip = start - source.start();
@@ -120,7 +111,7 @@ pub async fn send_image(
             )
         })
     };
-    let mut rate = super::RateLimit::new(settings.max_rate);
+    let mut rate = super::RateLimit::new(settings.server.max_rate);
     let failure = async {
         loop {
             let Some(mut chunk) = source.next_chunk().await? else {
