@@ -360,12 +360,7 @@ impl Agent {
         observer: &mut dyn Observer,
     ) -> Result<(), AgentError> {
         if refusal.code.is_tamper_alert() {
-            tracing::error!(
-                message_id = crate::logging::message_id::TAMPER_ALERT,
-                reason = %refusal.code,
-                "TAMPER ALERT: {}",
-                refusal.message
-            );
+            crate::logging::tamper_alert(refusal.code, format_args!("{}", refusal.message));
         }
         self.drive(
             Input::ReleaseRefused {

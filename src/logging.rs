@@ -31,6 +31,16 @@ pub mod message_id {
     pub const DAEMON_FAILED: &str = "b1d3f5a7c9e04b2d8f6a4c2e0b8d6f4a";
 }
 
+/// Logs a refusal that may be tampering: an error with [`message_id::TAMPER_ALERT`] and its
+/// reason code, worded `TAMPER ALERT: …` wherever it is found (the agent or the installer).
+pub fn tamper_alert(reason: crate::reason::ReasonCode, detail: std::fmt::Arguments<'_>) {
+    tracing::error!(
+        message_id = message_id::TAMPER_ALERT,
+        reason = %reason,
+        "TAMPER ALERT: {detail}"
+    );
+}
+
 /// Where diagnostics go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogTarget {

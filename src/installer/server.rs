@@ -262,11 +262,9 @@ impl Installer {
             }
             Err(refused) => {
                 if refused.reason.is_tamper_alert() {
-                    tracing::error!(
-                        message_id = crate::logging::message_id::TAMPER_ALERT,
-                        reason = %refused.reason,
-                        "TAMPER ALERT: installer refused {op} for uid {uid}: {}",
-                        refused.message
+                    crate::logging::tamper_alert(
+                        refused.reason,
+                        format_args!("installer refused {op} for uid {uid}: {}", refused.message),
                     );
                 } else {
                     tracing::warn!(
