@@ -165,6 +165,14 @@ impl Harness {
         self.events.iter().map(|e| e.kind).collect()
     }
 
+    /// Offers `release` and answers its prepare and its write with success: the jobs asked for
+    /// next (the activation).
+    fn write_until_activation(&mut self, release: VerifiedRelease) -> Vec<Job> {
+        self.offer(release);
+        self.answer(Ok(()));
+        self.answer(Ok(()))
+    }
+
     /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
     fn install_until_reboot(&mut self, release: VerifiedRelease) {
         let jobs = self.offer(release);
@@ -378,9 +386,7 @@ fn restart_while_reboot_pending_in_the_same_boot_asks_for_the_reboot_again() {
 #[test]
 fn restart_after_activation_was_persisted_activates_again() {
     let mut h = Harness::booted();
-    h.offer(release("2.0", 1));
-    h.answer(Ok(()));
-    h.answer(Ok(()));
+    h.write_until_activation(release("2.0", 1));
     let mut h = h.restarted();
     assert_eq!(h.feed(boot(BOOT_1, "A")), vec![activate("B")]);
 }
@@ -388,9 +394,7 @@ fn restart_after_activation_was_persisted_activates_again() {
 #[test]
 fn booting_the_new_slot_while_activating_is_its_trial_boot() {
     let mut h = Harness::booted();
-    h.offer(release("2.0", 1));
-    h.answer(Ok(()));
-    h.answer(Ok(()));
+    h.write_until_activation(release("2.0", 1));
     // Cut after the bootloader switched, before RebootPending was persisted; B came up.
     let mut h = h.restarted();
     let actions = h.engine.handle(boot(BOOT_2, "B"), h.now);
@@ -679,9 +683,10 @@ mod wire;
 fn an_answer_to_another_job_than_the_one_asked_for_is_ignored() {
     let mut h = Harness::booted();
     h.answer(Ok(()));
-    h.offer(release("2.0", 1));
-    h.answer(Ok(()));
-    assert_eq!(h.answer(Ok(())), vec![activate("B")]);
+    assert_eq!(
+        h.write_until_activation(release("2.0", 1)),
+        vec![activate("B")]
+    );
     let count = (h.events.len(), h.persisted.len());
     for stale in [
         mark_good("A"),

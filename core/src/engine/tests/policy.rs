@@ -34,6 +34,15 @@ fn booted(policy: PolicyConfig, now: &str) -> Harness {
     h
 }
 
+/// Booted at noon with a 02:00-04:00 install window: a release accepted now waits for the
+/// night, pending.
+fn at_noon_before_the_window() -> Harness {
+    booted(
+        policy(&["02:00-04:00"], RebootPolicy::Immediate),
+        "2026-06-01T12:00:00Z",
+    )
+}
+
 fn security_release(deadline: &str) -> VerifiedRelease {
     let deadline = ts(deadline);
     release_with("2.0", 2, |m| {
@@ -184,10 +193,7 @@ fn postponing_beyond_the_maximum_is_clamped_to_it() {
 
 #[test]
 fn postponing_beyond_the_deadline_is_clamped_to_the_deadline_and_the_deadline_installs() {
-    let mut h = booted(
-        policy(&["02:00-04:00"], RebootPolicy::Immediate),
-        "2026-06-01T12:00:00Z",
-    );
+    let mut h = at_noon_before_the_window();
     h.offer(security_release("2026-06-03T09:00:00Z"));
     h.feed(Input::UserPostpone(Postpone::Until(ts(
         "2026-06-05T00:00:00Z",
@@ -551,12 +557,15 @@ fn pending_version(h: &Harness) -> Option<String> {
     }
 }
 
+/// The release offered last was refused for `reason`, and `version` is still the one pending.
+fn assert_refused_and_still_pending(h: &Harness, reason: ReasonCode, version: &str) {
+    assert_eq!(h.last_event(), (EventKind::Refused, Some(reason)));
+    assert_eq!(pending_version(h).as_deref(), Some(version));
+}
+
 #[test]
 fn a_newer_release_supersedes_a_pending_one_and_the_postponement_still_holds() {
-    let mut h = booted(
-        policy(&["02:00-04:00"], RebootPolicy::Immediate),
-        "2026-06-01T12:00:00Z",
-    );
+    let mut h = at_noon_before_the_window();
     assert!(h.offer(pending_release("2.0", 2)).is_empty());
     let old_txn = h.events.last().unwrap().txn.clone().unwrap();
     h.feed(Input::UserPostpone(Postpone::For(
@@ -617,10 +626,7 @@ fn signed_later(version: &str, security_version: u64, created: &str) -> Verified
 
 #[test]
 fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_not_come_back() {
-    let mut h = booted(
-        policy(&["02:00-04:00"], RebootPolicy::Immediate),
-        "2026-06-01T12:00:00Z",
-    );
+    let mut h = at_noon_before_the_window();
     let first = signed_later("2.0", 2, "2026-05-01T00:00:00Z");
     h.offer(first.clone());
     h.offer(signed_later("2.0.1", 2, "2026-05-02T00:00:00Z"));
@@ -628,36 +634,22 @@ fn the_same_security_version_signed_later_supersedes_and_the_earlier_one_does_no
     assert!(h.states().contains(&EventKind::Superseded));
     // The first one again (a periodic re-check sees both retained releases): refused.
     h.offer(first);
-    assert_eq!(
-        h.last_event(),
-        (EventKind::Refused, Some(ReasonCode::Downgrade))
-    );
-    assert_eq!(pending_version(&h).as_deref(), Some("2.0.1"));
+    assert_refused_and_still_pending(&h, ReasonCode::Downgrade, "2.0.1");
 }
 
 #[test]
 fn an_older_release_does_not_supersede_the_pending_one() {
-    let mut h = booted(
-        policy(&["02:00-04:00"], RebootPolicy::Immediate),
-        "2026-06-01T12:00:00Z",
-    );
+    let mut h = at_noon_before_the_window();
     h.offer(pending_release("2.1", 3));
     let jobs = h.offer(pending_release("2.0", 2));
     assert!(jobs.is_empty());
-    assert_eq!(
-        h.last_event(),
-        (EventKind::Refused, Some(ReasonCode::Downgrade))
-    );
-    assert_eq!(pending_version(&h).as_deref(), Some("2.1"));
+    assert_refused_and_still_pending(&h, ReasonCode::Downgrade, "2.1");
     assert!(!h.states().contains(&EventKind::Superseded));
 }
 
 #[test]
 fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
-    let mut h = booted(
-        policy(&["02:00-04:00"], RebootPolicy::Immediate),
-        "2026-06-01T12:00:00Z",
-    );
+    let mut h = at_noon_before_the_window();
     h.offer(pending_release("2.0", 2));
     // No image for this device's slot class.
     let other_class = release_with("3.0", 4, |m| {
@@ -665,11 +657,7 @@ fn a_newer_release_that_the_engine_refuses_leaves_the_pending_one() {
         m.images.insert("appfs".into(), image);
     });
     h.offer(other_class);
-    assert_eq!(
-        h.last_event(),
-        (EventKind::Refused, Some(ReasonCode::Incompatible))
-    );
-    assert_eq!(pending_version(&h).as_deref(), Some("2.0"));
+    assert_refused_and_still_pending(&h, ReasonCode::Incompatible, "2.0");
     assert!(!h.states().contains(&EventKind::Superseded));
 }
 
