@@ -173,6 +173,14 @@ impl Harness {
         self.answer(Ok(()))
     }
 
+    /// After [`Harness::install_until_reboot`]: boots the new slot B and answers its health
+    /// check with a failure (`unit app.service is failed`); the jobs asked for next.
+    fn fail_the_trial_boot(&mut self) -> Vec<Job> {
+        self.feed(boot(BOOT_2, "B"));
+        let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
+        self.answer(Err(failure))
+    }
+
     /// Runs from `ReleaseVerified` to the reboot request, answering every job with success.
     fn install_until_reboot(&mut self, release: VerifiedRelease) {
         let jobs = self.offer(release);
@@ -311,9 +319,7 @@ fn bootloader_fallback_is_reported_as_rolled_back_and_not_retried() {
 fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
     let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    let jobs = h.answer(Err(failure));
+    let jobs = h.fail_the_trial_boot();
     assert_eq!(jobs, vec![mark_bad("B")]);
     assert_eq!(h.answer(Ok(())), vec![Job::Reboot]);
     let jobs = h.feed(boot("boot-3", "A"));
@@ -514,9 +520,7 @@ fn boot(boot_id: &str, booted: &str) -> Input {
 fn a_sequence_number_is_persisted_before_its_event_is_reported() {
     let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    h.answer(Err(failure));
+    h.fail_the_trial_boot();
     let failed = Failure::new(ReasonCode::BootloaderFailed, "fw_setenv failed");
     let mark_bad = mark_bad("B");
     let actions = h
@@ -625,9 +629,7 @@ fn a_transition_that_was_not_persisted_is_redone_with_the_same_seq() {
 fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
     let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    let failure = Failure::new(ReasonCode::HealthCheckFailed, "unit app.service is failed");
-    h.answer(Err(failure));
+    h.fail_the_trial_boot();
     let persisted = h.persisted.last().unwrap();
     assert_eq!(persisted.recent_events, h.events[h.events.len() - 1..]);
     let kept = &persisted.recent_events[0];
