@@ -87,6 +87,20 @@ impl Release {
             .unwrap()
             .len()
     }
+
+    /// The inactive slot, B, written with `content`: the install's target.
+    fn target(&self, content: &[u8]) -> PathBuf {
+        let target = self.dir.path().join("slot-b");
+        fs::write(&target, content).unwrap();
+        target
+    }
+
+    /// The booted slot, A, holding the old image.
+    fn booted(&self) -> PathBuf {
+        let booted = self.dir.path().join("slot-a");
+        fs::write(&booted, &self.old).unwrap();
+        booted
+    }
 }
 
 fn release(mode: RangeMode) -> Release {
@@ -176,11 +190,9 @@ fn store_ranges(r: &Release) -> Vec<String> {
 #[test]
 fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_requests() {
     let r = release(RangeMode::Multi);
-    let booted = r.dir.path().join("slot-a");
-    let target = r.dir.path().join("slot-b");
-    fs::write(&booted, &r.old).unwrap();
+    let booted = r.booted();
     // The inactive slot holds nothing of use.
-    fs::write(&target, vec![0xffu8; BLOCKS * BS]).unwrap();
+    let target = r.target(&vec![0xffu8; BLOCKS * BS]);
     let booted_before = fs::read(&booted).unwrap();
 
     let (result, events) = install(&request(&r, &target, Some(&booted), false));
@@ -232,9 +244,8 @@ fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_
 #[test]
 fn the_inactive_slot_is_reused_with_single_range_requests() {
     let r = release(RangeMode::Single);
-    let target = r.dir.path().join("slot-b");
     // The inactive slot holds the old release (the one before the booted one, say).
-    fs::write(&target, &r.old).unwrap();
+    let target = r.target(&r.old);
 
     let (result, _) = install(&request(&r, &target, None, false));
     let stats = result.unwrap().expect("a delta");
@@ -258,10 +269,8 @@ fn the_inactive_slot_is_reused_with_single_range_requests() {
 #[test]
 fn a_server_that_ignores_range_is_refused_unless_the_full_download_is_allowed() {
     let r = release(RangeMode::Ignore);
-    let booted = r.dir.path().join("slot-a");
-    let target = r.dir.path().join("slot-b");
-    fs::write(&booted, &r.old).unwrap();
-    fs::write(&target, &r.old).unwrap();
+    let booted = r.booted();
+    let target = r.target(&r.old);
 
     let (result, _) = install(&request(&r, &target, Some(&booted), false));
     let err = result.unwrap_err();
@@ -308,11 +317,9 @@ fn failure_of(
 #[test]
 fn a_store_that_does_not_match_the_index_is_refused_block_by_block() {
     let r = release(RangeMode::Multi);
-    let target = r.dir.path().join("slot-b");
     let before = vec![0xffu8; BLOCKS * BS];
-    fs::write(&target, &before).unwrap();
-    let booted = r.dir.path().join("slot-a");
-    fs::write(&booted, &r.old).unwrap();
+    let target = r.target(&before);
+    let booted = r.booted();
     // The served store changed after signing: a byte in every 512.
     alter_served(&r, "new.img.store", |store| {
         for at in (300..store.len()).step_by(512) {
@@ -333,8 +340,7 @@ fn a_store_that_does_not_match_the_index_is_refused_block_by_block() {
 #[test]
 fn an_index_that_does_not_match_the_manifest_is_refused_before_the_slot_is_touched() {
     let r = release(RangeMode::Multi);
-    let target = r.dir.path().join("slot-b");
-    fs::write(&target, &r.old).unwrap();
+    let target = r.target(&r.old);
     alter_served(&r, "new.img.index", |index| {
         let last = index.len() - 1;
         index[last] ^= 1;
