@@ -726,13 +726,10 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
             }
         })
     };
+    let followed_any = |part: &str| followed.lock().unwrap().iter().any(|l| l.contains(part));
     // The first lines are the status and the properties' current values: subscribed.
     wait_for("status --follow to start", WAIT, || {
-        followed
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("\"state\":\"idle\"}"))
+        followed_any("\"state\":\"idle\"}")
     });
 
     service.request(Request::Offer(device.release.clone()));
@@ -792,11 +789,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     });
     let _ = stop_watching.blocking_send(());
     wait_for("status --follow to see the reboot notice", WAIT, || {
-        followed
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("\"seconds\":0"))
+        followed_any("\"seconds\":0")
     });
     // Interrupted like a person would (Ctrl-C), by the pid of the child this test started.
     nix::sys::signal::kill(
