@@ -50,6 +50,13 @@ struct Device {
     image: Vec<u8>,
 }
 
+/// See [`Device::untouched`].
+struct Untouched {
+    a: String,
+    b: String,
+    env: String,
+}
+
 derefs_to_gateway!(Device);
 
 fn stdout(out: &Output) -> String {
@@ -120,6 +127,23 @@ impl Device {
 
     fn release_at(&self, version: &str, security_version: u64) -> PathBuf {
         self.release_by(self.signer(), version, security_version, IMAGE_PATH)
+    }
+
+    /// Both slots' contents and the bootloader environment, for [`Device::assert_untouched`].
+    fn untouched(&self) -> Untouched {
+        Untouched {
+            a: self.slot_hash("A"),
+            b: self.slot_hash("B"),
+            env: self.env.summary(),
+        }
+    }
+
+    /// A refused release wrote neither slot and switched nothing since `before`.
+    #[track_caller]
+    fn assert_untouched(&self, before: &Untouched) {
+        assert_eq!(self.slot_hash("A"), before.a, "slot A was written");
+        assert_eq!(self.slot_hash("B"), before.b, "slot B was written");
+        assert_eq!(self.env.summary(), before.env, "the environment changed");
     }
 
     /// `slot` is first in the order with its full budget: activated or marked good.
@@ -385,8 +409,7 @@ fn health_check_fails(backend: Backend) {
     assert_eq!(dev.slot_hash("A"), a_before);
 
     // The same release once more: refused, nothing downloaded or written, nothing switched.
-    let b_before = dev.slot_hash("B");
-    let env_before = dev.env.summary();
+    let before = dev.untouched();
     let fetches = dev.server.seen().len();
     let out = dev.install(&release);
     assert_exit(&out, 1, "install of a release that rolled back");
@@ -399,14 +422,12 @@ fn health_check_fails(backend: Backend) {
     assert_eq!(last["state"], "refused", "{last}");
     assert_eq!(last["reason"], "previously-rolled-back", "{last}");
     assert_event_log_well_formed(&dev.events());
-    assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
-    assert_eq!(dev.env.summary(), env_before, "the environment changed");
+    dev.assert_untouched(&before);
     assert_eq!(
         dev.server.seen().len(),
         fetches,
         "the image was fetched again"
     );
-    assert_eq!(dev.slot_hash("A"), a_before);
     assert_eq!(dev.reboots_requested(), 1);
 }
 
@@ -469,9 +490,7 @@ fn new_slot_never_comes_up(backend: Backend) {
 /// refused before anything is fetched, written or switched, and both logged.
 fn tampered_release(backend: Backend) {
     let dev = Device::new(backend);
-    let a_before = dev.slot_hash("A");
-    let b_before = dev.slot_hash("B");
-    let env_before = dev.env.summary();
+    let before = dev.untouched();
 
     // One byte of the signed manifest changed, the signature kept; and a key it does not trust.
     let genuine = dev.release_at("2026.06.1", 5);
@@ -495,9 +514,7 @@ fn tampered_release(backend: Backend) {
     assert_eq!(states(&events), ["refused", "refused"]);
     assert_event_log_well_formed(&events);
 
-    assert_eq!(dev.slot_hash("B"), b_before, "slot B was written");
-    assert_eq!(dev.slot_hash("A"), a_before, "slot A was written");
-    assert_eq!(dev.env.summary(), env_before, "the environment changed");
+    dev.assert_untouched(&before);
     assert!(dev.server.seen().is_empty(), "an image was fetched");
     assert_eq!(dev.reboots_requested(), 0);
     let status = dev.status_json();
@@ -536,9 +553,7 @@ fn downgrade(backend: Backend) {
     assert_eq!(dev.status_json()["floor"], 5);
 
     // A now is the inactive slot: the one a downgrade would overwrite.
-    let a_before = dev.slot_hash("A");
-    let b_before = dev.slot_hash("B");
-    let env_before = dev.env.summary();
+    let before = dev.untouched();
     let older = dev.release_at("2026.05.3", 4);
     let out = dev.install(&older);
     assert_exit(&out, 1, "install of a downgrade");
@@ -548,13 +563,7 @@ fn downgrade(backend: Backend) {
     assert_eq!(last["reason"], "downgrade", "{last}");
     assert_event_log_well_formed(&dev.events());
 
-    assert_eq!(
-        dev.slot_hash("A"),
-        a_before,
-        "the inactive slot was written"
-    );
-    assert_eq!(dev.slot_hash("B"), b_before, "the booted slot was written");
-    assert_eq!(dev.env.summary(), env_before, "the environment changed");
+    dev.assert_untouched(&before);
     let status = dev.status_json();
     assert_eq!(status["floor"], 5, "{status:#}");
     assert_eq!(status["booted"], "B", "{status:#}");
