@@ -32,6 +32,16 @@ fn assert_done(out: &Output, reply: &Value) {
     assert_eq!(reply["kind"], "done", "{}", text(out));
 }
 
+/// The command stopped before doing anything (exit code 2), naming each of `parts` on stderr.
+#[track_caller]
+fn assert_stopped_saying(out: &Output, parts: &[&str]) {
+    assert_eq!(out.status.code(), Some(2), "{}", text(out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    for part in parts {
+        assert!(said.contains(part), "{said}");
+    }
+}
+
 /// Item 1 of the attack on `0bedbaf`: as the daemon's user, through the installer socket, write
 /// slot B with a valid signed release but other bytes (refused `hash-mismatch`, but the bytes
 /// stayed), then `mark-good B`, `mark-bad A`, `reboot`. All were answered `done` and the
@@ -234,23 +244,17 @@ fn item2_root_refuses_a_state_directory_another_user_can_write() {
     forge_writing_state(&split, &release, &evil);
     chown_tree(&split.path("state"), DAEMON_UID);
     let out = boot_check_as_root(&split);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("belongs to uid 65534 (nobody)"), "{said}");
-    assert!(said.contains("chown -R 0:0"), "{said}");
+    assert_stopped_saying(&out, &["belongs to uid 65534 (nobody)", "chown -R 0:0"]);
     assert_eq!((split.slot("B"), split.env_text()), before.clone());
 
     // Root's, but writable by everyone.
     chown_tree(&split.path("state"), 0);
     fs::set_permissions(split.path("state"), fs::Permissions::from_mode(0o777)).unwrap();
     let out = boot_check_as_root(&split);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("writable by group or others (mode 0777)"),
-        "{said}"
+    assert_stopped_saying(
+        &out,
+        &["writable by group or others (mode 0777)", "chmod 0700"],
     );
-    assert!(said.contains("chmod 0700"), "{said}");
     assert_eq!((split.slot("B"), split.env_text()), before);
 }
 
@@ -348,11 +352,14 @@ fn item4_the_wrong_user_is_refused_before_touching_the_state() {
         .command_as(&User::Current, &["install", release.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("daemon_user, uid 65534 (nobody)"), "{said}");
-    assert!(said.contains("not as uid 0 (root)"), "{said}");
-    assert!(said.contains("runuser -u nobody -- update-agent"), "{said}");
+    assert_stopped_saying(
+        &out,
+        &[
+            "daemon_user, uid 65534 (nobody)",
+            "not as uid 0 (root)",
+            "runuser -u nobody -- update-agent",
+        ],
+    );
     assert_eq!(
         owned_by(&state, 0),
         Vec::<String>::new(),
@@ -375,15 +382,15 @@ fn item4_the_wrong_user_is_refused_before_touching_the_state() {
     fs::create_dir_all(state.join("releases")).unwrap();
     fs::copy(&release, state.join("releases/forgotten.json")).unwrap();
     let out = split.as_daemon(&["boot-check"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("belong to another user than uid 65534 (nobody)"),
-        "{said}"
-    );
-    assert!(said.contains("state.json (uid 0 (root))"), "{said}");
     let fix = format!("chown -R 65534:65534 {}", state.display());
-    assert!(said.contains(&fix), "{said}");
+    assert_stopped_saying(
+        &out,
+        &[
+            "belong to another user than uid 65534 (nobody)",
+            "state.json (uid 0 (root))",
+            &fix,
+        ],
+    );
     // The fix it names, then the daemon's user carries on.
     let out = Command::new("sh").arg("-c").arg(&fix).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -406,10 +413,13 @@ fn item3_one_process_owns_the_state_at_a_time() {
     let release = split.release("2.0", IMAGE_PATH);
     let release = release.to_str().unwrap();
     let refused_naming = |out: &Output, holder: &str| {
-        assert_eq!(out.status.code(), Some(2), "{}", text(out));
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert!(said.contains(&format!("is in use by {holder}")), "{said}");
-        assert!(said.contains("update-agent install-now"), "{said}");
+        assert_stopped_saying(
+            out,
+            &[
+                &format!("is in use by {holder}"),
+                "update-agent install-now",
+            ],
+        );
     };
 
     // (a) and (c): the daemon runs.
