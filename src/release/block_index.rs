@@ -717,17 +717,21 @@ impl IndexFile {
     }
 }
 
+/// [`read_full`] from `at` in `file`, with positional reads: the file's cursor, which others
+/// may share, is left alone.
 fn read_up_to(file: &File, at: u64, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], at + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    struct At<'f> {
+        file: &'f File,
+        at: u64,
+    }
+    impl Read for At<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.file.read_at(buf, self.at)?;
+            self.at += n as u64;
+            Ok(n)
         }
     }
-    Ok(filled)
+    read_full(&mut At { file, at }, buf)
 }
 
 /// Iterator over an index's entries, reading [`ITER_ENTRIES`] hashes and sections at a time.
