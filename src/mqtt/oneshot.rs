@@ -72,13 +72,15 @@ pub async fn publish_retained(
         seconds: timeout.as_secs(),
     })?;
     acked?;
-    let _ = client.disconnect().await;
-    // Let the DISCONNECT go out, so the broker does not log a dropped connection.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while eventloop.poll().await.is_ok() {}
-    })
-    .await;
+    disconnect(&client, &mut eventloop, Duration::from_millis(500)).await;
     Ok(())
+}
+
+/// Disconnects, letting the DISCONNECT go out for up to `linger`, so the broker does not log a
+/// dropped connection.
+async fn disconnect(client: &Client, eventloop: &mut EventLoop, linger: Duration) {
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(linger, async { while eventloop.poll().await.is_ok() {} }).await;
 }
 
 /// One message seen by [`Watcher`].
@@ -238,10 +240,6 @@ pub async fn read_retained(
             url: endpoint.shown(),
             seconds: timeout.as_secs(),
         })?;
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
-        while eventloop.poll().await.is_ok() {}
-    })
-    .await;
+    disconnect(&client, &mut eventloop, Duration::from_millis(200)).await;
     result
 }
