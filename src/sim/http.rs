@@ -211,11 +211,7 @@ impl ImageServer {
 
     /// `data` with these routes, on the current runtime.
     pub async fn serve(data: Vec<u8>, routes: Vec<(&str, Act)>) -> ImageServer {
-        routes
-            .into_iter()
-            .fold(ImageServer::builder(data), |b, (path, act)| {
-                b.route(path, act)
-            })
+        ImageServer::with_routes(data, routes)
             .start()
             .await
             .expect("an image server on 127.0.0.1")
@@ -223,13 +219,17 @@ impl ImageServer {
 
     /// `data` with these routes, on a thread of its own.
     pub fn background(data: Vec<u8>, routes: Vec<(&str, Act)>) -> ImageServer {
+        ImageServer::with_routes(data, routes)
+            .start_background()
+            .expect("an image server on 127.0.0.1")
+    }
+
+    fn with_routes(data: Vec<u8>, routes: Vec<(&str, Act)>) -> ServerBuilder {
         routes
             .into_iter()
             .fold(ImageServer::builder(data), |b, (path, act)| {
                 b.route(path, act)
             })
-            .start_background()
-            .expect("an image server on 127.0.0.1")
     }
 
     pub fn url(&self, path: &str) -> String {
