@@ -9,11 +9,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use update_agent::config::Config;
 use update_agent::installer::server::Installer;
 use update_agent::installer::{
-    MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_all, send_frame,
+    MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, image_stream_pair, recv_frame, send_all,
+    send_frame,
 };
 use update_agent::logging::LogTarget;
 
@@ -101,12 +101,7 @@ pub fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = match args.op {
         Kind::Write => {
-            let (ours, theirs) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )?;
+            let (ours, theirs) = image_stream_pair()?;
             let sent = send_frame(&control, &request, Some(theirs.as_fd()), deadline);
             drop(theirs);
             // A refusal may come before the request was all sent: the answer tells why.

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-
 use super::{FrameError, MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame};
 use crate::engine::Failure;
 use crate::reason::ReasonCode;
@@ -190,13 +188,7 @@ impl RemoteInstaller {
         op: Op,
     ) -> Result<(UnixStream, u64, std::os::fd::OwnedFd), WriteError> {
         let unavailable = |e: &dyn std::fmt::Display| WriteError::Installer(self.unavailable(e));
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| unavailable(&e))?;
+        let (ours, theirs) = super::image_stream_pair().map_err(|e| unavailable(&e))?;
         let this = self.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let control = this.send(op, Some(theirs.as_fd()))?;

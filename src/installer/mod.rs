@@ -287,6 +287,18 @@ pub fn recv_frame<T: DeserializeOwned>(
     Ok((message, fd))
 }
 
+/// A new image stream: the end the daemon keeps and the end it passes with a write request.
+/// Close-on-exec, so the installer's children never hold it open.
+pub fn image_stream_pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
 /// Checks that a descriptor the daemon passed is a stream socket (the image stream), not a
 /// file, pipe or device whose reads could block or mean something else.
 pub fn check_stream_socket(fd: &impl AsFd) -> io::Result<()> {
