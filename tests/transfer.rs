@@ -25,15 +25,7 @@ const CHECKPOINT: u64 = 64 * 1024;
 const BOOTED: &[u8] = b"the booted slot: must never change";
 
 fn image(url: &str, data: &[u8]) -> Image {
-    Image {
-        url: url.to_string(),
-        size: data.len() as u64,
-        sha256: sha256_hex(data),
-        compression: None,
-        transport_size: None,
-        transport_sha256: None,
-        chunks: None,
-    }
+    Image::uncompressed(url, data.len() as u64, Sha256::digest(data).into())
 }
 
 fn zstd_image(url: &str, data: &[u8], compressed: &[u8]) -> Image {

@@ -640,15 +640,7 @@ mod tests {
 
     #[test]
     fn install_future_can_be_spawned() {
-        let image = Image {
-            url: "file:///nonexistent".into(),
-            size: 1,
-            sha256: "00".repeat(32),
-            compression: None,
-            transport_size: None,
-            transport_sha256: None,
-            chunks: None,
-        };
+        let image = Image::uncompressed("file:///nonexistent", 1, [0; 32]);
         let req = WriteRequest::new(image, "/nonexistent", 1);
         let mut events = |_| Ok(());
         let future = install_image(&req, &mut events);
