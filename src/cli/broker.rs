@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use update_agent::mqtt::tls::TlsFiles;
 use update_agent::mqtt::topics::{self, DEFAULT_PREFIX};
 use update_agent::mqtt::{BrokerUrl, Endpoint, Protocol};
@@ -62,12 +61,4 @@ impl Connection {
             protocol: self.protocol,
         })
     }
-}
-
-/// A current-thread runtime for a tool.
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
 }

@@ -49,10 +49,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             temp.path().to_owned()
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(demo(&dir, args.slot_mib))?;
+    super::runtime()?.block_on(demo(&dir, args.slot_mib))?;
     Ok(ExitCode::SUCCESS)
 }
 

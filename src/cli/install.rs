@@ -13,7 +13,7 @@ use update_agent::engine::{Event, EventKind, Phase, Progress};
 use update_agent::progress_line::ProgressLine;
 use update_agent::release::{self, escape_for_log};
 
-use super::EXIT_REFUSED;
+use super::{EXIT_REFUSED, runtime};
 
 pub const DEFAULT_CONFIG: &str = "/etc/update-agent/agent.toml";
 
@@ -65,12 +65,6 @@ pub fn boot_check(args: BootCheckArgs) -> anyhow::Result<ExitCode> {
         agent.observe_boot(&mut narrator).await?;
         Ok(finish(&agent, &narrator, Outcome::Reported))
     })
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 /// How a failed or rolled-back transaction shows in the exit code.

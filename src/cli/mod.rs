@@ -39,6 +39,15 @@ pub const EXIT_REFUSED: u8 = 1;
 /// Exit code for everything else that went wrong (usage, IO, configuration).
 pub const EXIT_ERROR: u8 = 2;
 
+/// The current-thread runtime every command's async part runs on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 #[derive(Parser)]
 #[command(
     name = "update-agent",

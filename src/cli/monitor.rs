@@ -17,8 +17,9 @@ use update_agent::mqtt::oneshot::Seen;
 use update_agent::mqtt::topics;
 use update_agent::release::escape_for_log;
 
-use super::broker::{BrokerArgs, runtime};
+use super::broker::BrokerArgs;
 use super::follow::{Heard, follow, observe};
+use super::runtime;
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {

@@ -10,7 +10,8 @@ use update_agent::mqtt::oneshot;
 use update_agent::mqtt::topics;
 use update_agent::release::{self, Envelope};
 
-use super::broker::{BrokerArgs, runtime};
+use super::broker::BrokerArgs;
+use super::runtime;
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["fleet", "device"])))]

@@ -27,10 +27,11 @@ use update_agent::mqtt::{Endpoint, oneshot, topics};
 use update_agent::release::manifest::Manifest;
 use update_agent::release::{self, Envelope, build::sha256_of, escape_for_log};
 
-use super::broker::{Connection, runtime};
+use super::broker::Connection;
 use super::follow::{Heard, follow, observe};
 use super::metrics_server::{self, Exposed};
 use super::monitor::render;
+use super::runtime;
 
 /// Exit code when the tool stopped before the rollout settled (`--timeout`, Ctrl-C).
 pub const EXIT_UNSETTLED: u8 = 3;

@@ -20,10 +20,7 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    super::runtime()?.block_on(async {
         let shutdown = stop_signal()?;
         update_agent::daemon::run(config, shutdown).await?;
         Ok(ExitCode::SUCCESS)

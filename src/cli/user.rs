@@ -21,7 +21,7 @@ use update_agent::progress_line::ProgressLine;
 use update_agent::release::escape_for_log;
 
 use super::install::DEFAULT_CONFIG;
-use super::{EXIT_ERROR, EXIT_REFUSED};
+use super::{EXIT_ERROR, EXIT_REFUSED, runtime};
 
 #[derive(clap::Args)]
 pub struct PostponeArgs {
@@ -65,12 +65,6 @@ pub struct ServeArgs {
     /// Run the reboot command when a reboot is due (default: log that it is due)
     #[arg(long)]
     reboot: bool,
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 /// Prints a client error for a person and picks the exit code: 1 for a refusal, 2 otherwise.
