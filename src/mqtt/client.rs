@@ -65,6 +65,17 @@ impl std::fmt::Display for Down {
     }
 }
 
+/// `$body` with `$inner` bound to the rumqttc value of either version, for the calls that are
+/// spelled the same in both (their types differ, so one generic function cannot take both).
+macro_rules! either {
+    ($value:expr, $Wrapper:ident($inner:ident) => $body:expr) => {
+        match $value {
+            $Wrapper::V5($inner) => $body,
+            $Wrapper::V311($inner) => $body,
+        }
+    };
+}
+
 /// The request side: cheap to clone, usable while the event loop runs elsewhere.
 #[derive(Clone)]
 pub enum Client {
@@ -211,17 +222,11 @@ impl Client {
     }
 
     pub fn try_disconnect(&self) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
-        }
+        either!(self, Client(c) => c.try_disconnect().map_err(|e| e.to_string()))
     }
 
     pub async fn disconnect(&self) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        }
+        either!(self, Client(c) => c.disconnect().await.map_err(|e| e.to_string()))
     }
 }
 
@@ -237,16 +242,10 @@ impl EventLoop {
     /// Forgets every request made for the connection that broke: a new connection starts a
     /// clean session, and whoever made them sends again what still matters.
     pub fn forget_requests(&mut self) {
-        match self {
-            EventLoop::V5(eventloop) => {
-                eventloop.clean();
-                eventloop.pending.clear();
-            }
-            EventLoop::V311(eventloop) => {
-                eventloop.clean();
-                eventloop.pending.clear();
-            }
-        }
+        either!(self, EventLoop(eventloop) => {
+            eventloop.clean();
+            eventloop.pending.clear();
+        })
     }
 }
 
