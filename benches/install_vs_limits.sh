@@ -2,7 +2,9 @@
 # `update-agent install` against this machine's physical limits and against RAUC (issue 15), run
 # by hand (not in CI: it needs root, loop devices, minutes and several GiB under target/):
 #   agent    update-agent install of a signed release (file:// URL, 4 KiB block index) into a
-#            file slot: write, checkpoints, read-back past the page cache, activation
+#            file slot: write, checkpoints, read-back past the page cache, activation. Slot A,
+#            the booted one, holds the release before (other bytes of the same size), as on a
+#            gateway: an agent that hashed it to plan a delta would pay for that here
 #   dd       dd bs=1M conv=fsync of the same image into a file: the write limit
 #   sha-all  openssl dgst -sha256 of the image split into one part per core, in parallel: the
 #            hashing limit (one part on one core)
@@ -116,13 +118,14 @@ EOF
     export DBUS_SYSTEM_BUS_ADDRESS=unix:path=$work/bus.sock
 fi
 
-# A device for one agent install: fresh state, slot A booted, slot B (the target) empty.
+# A device for one agent install: fresh state, slot A booted with the release before (a link
+# to `old`: the agent only reads it), slot B (the target) empty.
 agent_device() {
-    local dev=$1 bytes=$2
+    local dev=$1 bytes=$2 old=$3
     rm -rf "$dev"
     mkdir -p "$dev/keys" "$dev/state"
     cp "$work/signer.pub" "$dev/keys/"
-    : >"$dev/slot-a"
+    ln "$old" "$dev/slot-a"
     : >"$dev/slot-b"
     printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' >"$dev/bootenv"
     echo 6a1c0f3e-0000-4000-8000-000000000001 >"$dev/boot_id"
@@ -223,6 +226,9 @@ for mib in $SIZES_MIB; do
     # (openssl ends on the broken pipe when head has had enough.)
     { openssl enc -aes-128-ctr -nosalt -pass pass:bench -in /dev/zero 2>/dev/null || true; } |
         head -c "$bytes" >"$image"
+    old=$work/before-$mib.img
+    { openssl enc -aes-128-ctr -nosalt -pass pass:before -in /dev/zero 2>/dev/null || true; } |
+        head -c "$bytes" >"$old"
     "$TOOLS_BIN" release create --key "$work/signer.key" --image "$image" --version 2.0 \
         --security-version 1 --compatible bench-gw --url "file://$image" --reboot \
         --out "$work/release-$mib.json" >/dev/null
@@ -266,7 +272,7 @@ for mib in $SIZES_MIB; do
                     sha-all) timed "${pin[@]}" bash -c "$(declare -f sha_split); sha_split '$image' $parts $mib" ;;
                     sha-1) timed taskset -c 0 openssl dgst -sha256 "$image" ;;
                     agent | agent-base)
-                        agent_device "$work/dev" "$bytes"
+                        agent_device "$work/dev" "$bytes" "$old"
                         agent_bin=$BIN
                         [[ $tool == agent-base ]] && agent_bin=$BASELINE_BIN
                         timed "${pin[@]}" "$agent_bin" install --config "$work/dev/agent.toml" "$work/release-$mib.json"
@@ -284,7 +290,7 @@ for mib in $SIZES_MIB; do
             echo "$line"
         done
     done
-    rm -f "$image" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
+    rm -f "$image" "$old" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
 done
 
 echo

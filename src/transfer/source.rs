@@ -9,17 +9,21 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use bytes::Bytes;
 use hyper::header::{CONTENT_RANGE, HeaderMap};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
 use super::error::{TransferError, chain, esc};
 use super::http::{HttpClient, ResponseBody};
 
-/// Bytes read from a `file://` source at a time.
-const FILE_CHUNK: usize = 256 * 1024;
+/// Bytes read from a `file://` source at a time: large enough that the sink writes each chunk as
+/// it is ([`super::writer::DIRECT_WRITE_MIN`]), small enough that the chunks queued between the
+/// two sides stay a few MiB.
+const FILE_CHUNK: usize = super::writer::DIRECT_WRITE_MIN;
 
 /// How to reach an http(s) server.
 pub(crate) struct HttpOptions<'a> {
@@ -44,7 +48,9 @@ pub(crate) struct Source {
 
 enum Body {
     Http(ResponseBody),
-    File(tokio::fs::File),
+    /// Read on a blocking thread straight into the chunk: `tokio::fs` would read into a buffer
+    /// of its own and copy from there, one more pass over every byte.
+    File(Arc<std::fs::File>),
 }
 
 impl Source {
@@ -87,10 +93,20 @@ impl Source {
                     ),
                 }),
                 Body::File(file) => {
-                    let mut buf = BytesMut::with_capacity(FILE_CHUNK);
-                    match file.read_buf(&mut buf).await {
-                        Ok(0) => Ok(None),
-                        Ok(_) => Ok(Some(buf.freeze())),
+                    let file = file.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut chunk = Vec::with_capacity(FILE_CHUNK);
+                        file.as_ref()
+                            .take(FILE_CHUNK as u64)
+                            .read_to_end(&mut chunk)
+                            .map(|_| chunk)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .flatten();
+                    match read {
+                        Ok(chunk) if chunk.is_empty() => Ok(None),
+                        Ok(chunk) => Ok(Some(Bytes::from(chunk))),
                         Err(e) => Err(TransferError::Download {
                             url: self.shown.clone(),
                             detail: format!("cannot read the source file: {e}"),
@@ -197,10 +213,14 @@ async fn open_file(
         url: shown.clone(),
         detail: format!("cannot {what} the source file: {e}"),
     };
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| fail("open", e))?;
-    let meta = file.metadata().await.map_err(|e| fail("inspect", e))?;
+    let (file, meta) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).map_err(|e| ("open", e))?;
+        let meta = file.metadata().map_err(|e| ("inspect", e))?;
+        Ok((file, meta))
+    })
+    .await
+    .map_err(|e| fail("open", std::io::Error::other(e)))?
+    .map_err(|(what, e)| fail(what, e))?;
     // Pipes and devices have no length to compare; their bytes are counted as they come.
     if meta.is_file() && meta.len() != total {
         return Err(TransferError::SizeMismatch {
@@ -212,8 +232,8 @@ async fn open_file(
         });
     }
     if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
+        (&file)
+            .seek(std::io::SeekFrom::Start(start))
             .map_err(|e| fail("seek in", e))?;
     }
     Ok(Source {
@@ -222,7 +242,7 @@ async fn open_file(
         start,
         received: 0,
         total,
-        body: Body::File(file),
+        body: Body::File(Arc::new(file)),
     })
 }
 
