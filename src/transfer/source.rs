@@ -50,7 +50,12 @@ enum Body {
     Http(ResponseBody),
     /// Read on a blocking thread straight into the chunk: `tokio::fs` would read into a buffer
     /// of its own and copy from there, one more pass over every byte.
-    File(Arc<std::fs::File>),
+    File {
+        file: Arc<std::fs::File>,
+        /// A regular file fills each chunk; a pipe or a device gives what it has, so that a
+        /// slow writer is not taken for a stall while a chunk fills.
+        regular: bool,
+    },
 }
 
 impl Source {
@@ -92,14 +97,22 @@ impl Source {
                         chain(&e)
                     ),
                 }),
-                Body::File(file) => {
-                    let file = file.clone();
+                Body::File { file, regular } => {
+                    let (file, regular) = (file.clone(), *regular);
                     let read = tokio::task::spawn_blocking(move || {
-                        let mut chunk = Vec::with_capacity(FILE_CHUNK);
-                        file.as_ref()
-                            .take(FILE_CHUNK as u64)
-                            .read_to_end(&mut chunk)
-                            .map(|_| chunk)
+                        if regular {
+                            // Into the chunk's spare capacity: no pass to zero it first.
+                            let mut chunk = Vec::with_capacity(FILE_CHUNK);
+                            file.as_ref()
+                                .take(FILE_CHUNK as u64)
+                                .read_to_end(&mut chunk)
+                                .map(|_| chunk)
+                        } else {
+                            let mut chunk = vec![0; FILE_CHUNK];
+                            let n = file.as_ref().read(&mut chunk)?;
+                            chunk.truncate(n);
+                            Ok(chunk)
+                        }
                     })
                     .await
                     .map_err(std::io::Error::other)
@@ -242,7 +255,10 @@ async fn open_file(
         start,
         received: 0,
         total,
-        body: Body::File(Arc::new(file)),
+        body: Body::File {
+            file: Arc::new(file),
+            regular: meta.is_file(),
+        },
     })
 }
 
@@ -319,6 +335,47 @@ mod tests {
         assert_eq!(parse_content_range("bytes +1-99/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    /// A pipe as the source: each piece is handed on as it comes, so a writer slower than a
+    /// chunk's worth per stall timeout, but never silent for that long, is not a stall.
+    #[test]
+    fn a_pipe_source_yields_what_it_has_without_waiting_for_a_whole_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("image.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let pieces: [&[u8]; 3] = [b"first piece ", b"second piece ", b"last"];
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let mut pipe = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+                for piece in pieces {
+                    std::io::Write::write_all(&mut pipe, piece).unwrap();
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let received = runtime.block_on(async {
+            let url = Url::from_file_path(&fifo).unwrap();
+            let options = HttpOptions {
+                connect_timeout: Duration::from_secs(5),
+                stall_timeout: Duration::from_secs(1),
+                extra_roots: &[],
+            };
+            let mut source = Source::open(&url, 0, total as u64, &options).await.unwrap();
+            let mut received = Vec::new();
+            while let Some(chunk) = source.next_chunk().await.unwrap() {
+                received.extend_from_slice(&chunk);
+            }
+            received
+        });
+        writer.join().unwrap();
+        assert_eq!(received, pieces.concat());
     }
 
     #[test]
