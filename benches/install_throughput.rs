@@ -7,6 +7,10 @@
 //!    the same run, alternating, three rounds each; medians and their ratio.
 //! 2. Peak RSS (VmHWM) of a child process doing one install, for 128 MiB and 1 GiB images.
 //!
+//! The release has no block index: this is the path of releases without one, where the stream
+//! is hashed and the read-back hashes every byte again. `benches/install_vs_limits.sh` measures
+//! the indexed path (one hash pass, in the read-back) against the machine's limits and RAUC.
+//!
 //! Knobs for finding where time goes: `BENCH_SOURCE=file` (no network), `BENCH_CHECKPOINT_MIB`
 //! (0: no intermediate syncs), `BENCH_RSS=0` (skip the memory part).
 //!

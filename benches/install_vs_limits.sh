@@ -2,7 +2,9 @@
 # `update-agent install` against this machine's physical limits and against RAUC (issue 15), run
 # by hand (not in CI: it needs root, loop devices, minutes and several GiB under target/):
 #   agent    update-agent install of a signed release (file:// URL, 4 KiB block index) into a
-#            file slot: write, checkpoints, read-back past the page cache, activation
+#            file slot: write, checkpoints, read-back past the page cache, activation. Slot A,
+#            the booted one, holds the release before (other bytes of the same size), as on a
+#            gateway: an agent that hashed it to plan a delta would pay for that here
 #   dd       dd bs=1M conv=fsync of the same image into a file: the write limit
 #   sha-all  openssl dgst -sha256 of the image split into one part per core, in parallel: the
 #            hashing limit (one part on one core)
@@ -13,7 +15,11 @@
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
 # by round (interleaved; the order turned by one every other round, and every second round run
 # backwards, so neighbours swap places), the source image warm in the page
-# cache, the target a new file. Medians
+# cache. The target is one file of the image's size that every writing tool writes in place, as
+# a partition is written, refilled with the release before ahead of each turn (untimed): no tool
+# pays for the filesystem allocating blocks, and the memory in use stays the same from round to
+# round (on a VM whose freed memory goes back to the host, reallocating it cost dd up to 15x on
+# tmpfs). Medians
 # of the rounds; peak RSS from /usr/bin/time (for rauc: the service's VmHWM, one service a round).
 # Targets (issue 15), printed as ratios:
 #   all cores: agent <= 1.25 x max(dd, sha-all), agent <= 0.5 x rauc
@@ -27,6 +33,7 @@
 #   operator's tools (keygen, release create) when BIN has none; default BIN.
 #   BASELINE_BIN=path: another agent (an earlier build) that takes its turn in every round as
 #   the tool "agent-base", so a change is compared under the same load, not across runs.
+#   INSTALL_TOML="key = value": added to both agents' [install] table (e.g. readback_overlap).
 #   UNDER=dir: where the images, slots and bundles live (in dir/bench-install; default target).
 #   UNDER=/dev/shm takes the disk out: every tool then runs at what the cores allow, which is
 #   the balance of a gateway whose cores hash slower than its storage writes (O_DIRECT is
@@ -116,14 +123,15 @@ EOF
     export DBUS_SYSTEM_BUS_ADDRESS=unix:path=$work/bus.sock
 fi
 
-# A device for one agent install: fresh state, slot A booted, slot B (the target) empty.
+# A device for one agent install: fresh state, slot A booted with the release before (a link
+# to `old`: the agent only reads it), slot B the shared target.
 agent_device() {
-    local dev=$1 bytes=$2
+    local dev=$1 bytes=$2 old=$3
     rm -rf "$dev"
     mkdir -p "$dev/keys" "$dev/state"
     cp "$work/signer.pub" "$dev/keys/"
-    : >"$dev/slot-a"
-    : >"$dev/slot-b"
+    ln "$old" "$dev/slot-a"
+    ln "$target" "$dev/slot-b"
     printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' >"$dev/bootenv"
     echo 6a1c0f3e-0000-4000-8000-000000000001 >"$dev/boot_id"
     echo "update_agent.slot=A" >"$dev/cmdline"
@@ -145,6 +153,8 @@ b = { device = "$dev/slot-b", bootname = "B", size = $bytes }
 boot_id_path = "$dev/boot_id"
 cmdline_path = "$dev/cmdline"
 reboot_command = ["true"]
+[install]
+${INSTALL_TOML:-}
 EOF
 }
 
@@ -152,8 +162,8 @@ rauc_system() {
     local dev=$1
     rm -rf "$dev"
     mkdir -p "$dev/mnt" "$dev/data"
-    : >"$dev/slot0"
-    : >"$dev/slot1"
+    ln "$old" "$dev/slot0"
+    ln "$target" "$dev/slot1"
     cat >"$dev/system.conf" <<EOF
 [system]
 compatible=bench-gw
@@ -223,6 +233,11 @@ for mib in $SIZES_MIB; do
     # (openssl ends on the broken pipe when head has had enough.)
     { openssl enc -aes-128-ctr -nosalt -pass pass:bench -in /dev/zero 2>/dev/null || true; } |
         head -c "$bytes" >"$image"
+    old=$work/before-$mib.img
+    { openssl enc -aes-128-ctr -nosalt -pass pass:before -in /dev/zero 2>/dev/null || true; } |
+        head -c "$bytes" >"$old"
+    target=$work/target-$mib.img
+    cp "$old" "$target"
     "$TOOLS_BIN" release create --key "$work/signer.key" --image "$image" --version 2.0 \
         --security-version 1 --compatible bench-gw --url "file://$image" --reboot \
         --out "$work/release-$mib.json" >/dev/null
@@ -256,17 +271,17 @@ for mib in $SIZES_MIB; do
             fi
             line+=" [${order[*]}]"
             for tool in "${order[@]}"; do
+                [[ $tool == sha-* ]] ||
+                    dd if="$old" of="$target" bs=1M conv=notrunc,fsync status=none
                 warm "$image"
                 [[ $tool == rauc ]] && warm "$work/bundle.raucb"
                 case $tool in
                     dd)
-                        : >"$work/slot-dd"
-                        timed "${pin[@]}" dd if="$image" of="$work/slot-dd" bs=1M conv=fsync,notrunc status=none
-                        rm -f "$work/slot-dd" ;;
+                        timed "${pin[@]}" dd if="$image" of="$target" bs=1M conv=fsync,notrunc status=none ;;
                     sha-all) timed "${pin[@]}" bash -c "$(declare -f sha_split); sha_split '$image' $parts $mib" ;;
                     sha-1) timed taskset -c 0 openssl dgst -sha256 "$image" ;;
                     agent | agent-base)
-                        agent_device "$work/dev" "$bytes"
+                        agent_device "$work/dev" "$bytes" "$old"
                         agent_bin=$BIN
                         [[ $tool == agent-base ]] && agent_bin=$BASELINE_BIN
                         timed "${pin[@]}" "$agent_bin" install --config "$work/dev/agent.toml" "$work/release-$mib.json"
@@ -284,7 +299,7 @@ for mib in $SIZES_MIB; do
             echo "$line"
         done
     done
-    rm -f "$image" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
+    rm -f "$image" "$old" "$target" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
 done
 
 echo

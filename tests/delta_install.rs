@@ -241,6 +241,45 @@ fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_
     assert!(events.contains(&TransferEvent::Verifying));
 }
 
+/// A local image (`file://`, a USB stick) with a block index: a delta would save nothing, since
+/// reading the file costs no more than reading the booted slot to plan one. The whole image is
+/// written; the booted slot is not hashed (the planner's table of it never appears in the work
+/// directory), and the index is expanded there for the read-back, which checks every block.
+#[test]
+fn a_local_image_is_written_whole_without_hashing_the_booted_slot() {
+    let r = release(RangeMode::Multi);
+    let booted = r.dir.path().join("slot-a");
+    let target = r.dir.path().join("slot-b");
+    fs::write(&booted, &r.old).unwrap();
+    fs::write(&target, b"").unwrap();
+    let mut req = request(&r, &target, Some(&booted), false);
+    let local = |name: &str| format!("file://{}", r.serve().join(name).display());
+    req.image.url = local("new.img");
+    req.image.chunks.as_mut().unwrap().url = local("new.img.index");
+
+    let (result, events) = install(&req);
+    assert!(
+        matches!(result, Ok(None)),
+        "the whole image, not a delta: {result:?}"
+    );
+    assert!(
+        fs::read(&target).unwrap() == r.new,
+        "the slot holds the new image"
+    );
+    assert!(events.contains(&TransferEvent::Verifying));
+    let work = r.dir.path().join("work");
+    assert!(
+        !work.join("booted.table").exists(),
+        "the booted slot was hashed for a plan"
+    );
+    let index = format!("{}.index", req.image.chunks.as_ref().unwrap().sha256);
+    assert!(
+        work.join(&index).exists(),
+        "no expanded index for the read-back"
+    );
+    assert!(r.server.log().is_empty(), "nothing came from the server");
+}
+
 #[test]
 fn the_inactive_slot_is_reused_with_single_range_requests() {
     let r = release(RangeMode::Single);

@@ -633,6 +633,33 @@ fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
     }
 }
 
+/// A local image (`file://`) with a block index under the split: a delta would save nothing, so
+/// the daemon sends the whole image, with the index it checked ahead of it, and the installer
+/// reads the slot back block by block against that index. No fallback needs to be allowed: this
+/// is not a delta that failed.
+#[test]
+fn a_local_indexed_image_under_the_split_is_sent_whole_with_its_index() {
+    let split = Split::new(Backend::File);
+    let mut new = split.slot("A")[..200_003].to_vec();
+    new[10 * 4096 + 5] ^= 0x55;
+    let serve = split.path("serve");
+    fs::create_dir(&serve).unwrap();
+    fs::write(serve.join("new.img"), &new).unwrap();
+    let url = format!("file://{}", serve.join("new.img").display());
+    let release = split.indexed_release(&serve.join("new.img"), "3.0", &url, "3", None, "local");
+
+    split.install_as_daemon(&release);
+    assert_eq!(
+        &split.slot("B")[..new.len()],
+        &new[..],
+        "slot B holds the image"
+    );
+    let log = split.installer_log();
+    assert!(!log.contains("by delta"), "{log}");
+    assert!(log.contains("checked against the block index"), "{log}");
+    assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
+}
+
 /// Protocol version 2 changed the write stream (the block index ahead of the image): a daemon
 /// of another release is refused with both versions named, before anything is done.
 #[test]

@@ -104,27 +104,32 @@ impl RemoteInstaller {
         // for the installer's read-back, block by block on its pool.
         let mut index = None;
         if let (Some(work_dir), Some(_)) = (&settings.delta_work_dir, &image.chunks) {
-            let offered =
-                match crate::transfer::fetch_checked_index(image, settings, work_dir).await {
-                    Ok(checked) => crate::transfer::offer_delta(checked, settings)
-                        .await
-                        .map_err(|(e, checked)| (e, Some(checked))),
-                    Err(e) => Err((e, None)),
-                };
-            match offered {
-                Ok(offer) => {
-                    return self
-                        .write_delta(slot, release, offer, settings, work_dir, events)
-                        .await;
+            match crate::transfer::fetch_checked_index(image, settings, work_dir).await {
+                // Nothing to save on a local file: the whole image goes (`transfer::is_local`).
+                Ok(checked) if crate::transfer::is_local(image) => index = Some(checked),
+                fetched => {
+                    let offered = match fetched {
+                        Ok(checked) => crate::transfer::offer_delta(checked, settings)
+                            .await
+                            .map_err(|(e, checked)| (e, Some(checked))),
+                        Err(e) => Err((e, None)),
+                    };
+                    match offered {
+                        Ok(offer) => {
+                            return self
+                                .write_delta(slot, release, offer, settings, work_dir, events)
+                                .await;
+                        }
+                        Err((e, _)) if e.is_transient() => return Err(WriteError::Transfer(e)),
+                        Err((e, checked)) if settings.full_download_fallback => {
+                            tracing::warn!(
+                                "no delta update ({e}); the whole image goes to the installer, as [install] full_download_fallback allows"
+                            );
+                            index = checked;
+                        }
+                        Err((e, _)) => return Err(WriteError::Transfer(e)),
+                    }
                 }
-                Err((e, _)) if e.is_transient() => return Err(WriteError::Transfer(e)),
-                Err((e, checked)) if settings.full_download_fallback => {
-                    tracing::warn!(
-                        "no delta update ({e}); the whole image goes to the installer, as [install] full_download_fallback allows"
-                    );
-                    index = checked;
-                }
-                Err((e, _)) => return Err(WriteError::Transfer(e)),
             }
         }
         // A zstd decoder cannot restart in the middle of its output: a compressed image is

@@ -80,6 +80,9 @@ pub(crate) enum DeltaFailure {
     Unavailable(TransferError),
     /// The plan would download about as much as the whole image: the whole image is cheaper.
     NotWorthIt(Summary),
+    /// The image is a local file ([`super::is_local`]): the index is expanded for the
+    /// read-back, and no plan is made.
+    LocalImage,
     /// The install failed (the slot may have been written).
     Failed(TransferError),
 }
@@ -130,6 +133,9 @@ pub(crate) async fn install(
         Err(IndexFailure::Transfer(e)) => return Err(DeltaFailure::Unavailable(e)),
     };
     stats.index_bytes = index_bytes;
+    if super::is_local(image) {
+        return Err(DeltaFailure::LocalImage);
+    }
     rate.take(index_bytes).await;
     let store_url =
         index_url
@@ -974,7 +980,9 @@ pub fn receive_delta(
     ) {
         Ok(planned) => planned,
         Err(DeltaFailure::Failed(e) | DeltaFailure::Unavailable(e)) => return Err(e),
-        Err(DeltaFailure::NotWorthIt(_)) => unreachable!("make_plan does not weigh the plan"),
+        Err(DeltaFailure::NotWorthIt(_) | DeltaFailure::LocalImage) => {
+            unreachable!("make_plan neither weighs the plan nor looks at the image's url")
+        }
     };
     stats.summary = *plan.summary();
     let requests: Vec<Request> = plan

@@ -229,6 +229,11 @@ pub async fn install_image_with_stats(
                 );
             }
             Err(delta::DeltaFailure::Unavailable(e)) => return Err(e),
+            Err(delta::DeltaFailure::LocalImage) => {
+                tracing::info!(
+                    "the image is a local file: written whole, without a delta plan; its block index checks the read-back"
+                );
+            }
             Err(delta::DeltaFailure::NotWorthIt(summary)) => {
                 tracing::info!(
                     "a delta would download {} bytes, no less than the whole image: downloading the whole image",
@@ -386,6 +391,13 @@ async fn install_full(
     download.tell(reporter.events)?;
     reporter.progress(true)?;
     finish_read_back(readback, &plan, size, reporter.events).await
+}
+
+/// Whether the image is a local file (`file://`: a USB stick, a download another tool made). A
+/// delta would save nothing for it: reading the file costs no more than reading the booted slot
+/// to plan one, so the whole image is written; its block index still serves the read-back.
+pub fn is_local(image: &Image) -> bool {
+    Url::parse(&image.url).is_ok_and(|url| url.scheme() == "file")
 }
 
 /// How the read-back checks the slot: against the release's block index when an earlier step

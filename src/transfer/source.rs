@@ -9,17 +9,21 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use bytes::Bytes;
 use hyper::header::{CONTENT_RANGE, HeaderMap};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
 use super::error::{TransferError, chain, esc};
 use super::http::{HttpClient, ResponseBody};
 
-/// Bytes read from a `file://` source at a time.
-const FILE_CHUNK: usize = 256 * 1024;
+/// Bytes read from a `file://` source at a time: large enough that the sink writes each chunk as
+/// it is ([`super::writer::DIRECT_WRITE_MIN`]), small enough that the chunks queued between the
+/// two sides stay a few MiB.
+const FILE_CHUNK: usize = super::writer::DIRECT_WRITE_MIN;
 
 /// How to reach an http(s) server.
 pub(crate) struct HttpOptions<'a> {
@@ -44,7 +48,14 @@ pub(crate) struct Source {
 
 enum Body {
     Http(ResponseBody),
-    File(tokio::fs::File),
+    /// Read on a blocking thread straight into the chunk: `tokio::fs` would read into a buffer
+    /// of its own and copy from there, one more pass over every byte.
+    File {
+        file: Arc<std::fs::File>,
+        /// A regular file fills each chunk; a pipe or a device gives what it has, so that a
+        /// slow writer is not taken for a stall while a chunk fills.
+        regular: bool,
+    },
 }
 
 impl Source {
@@ -86,11 +97,29 @@ impl Source {
                         chain(&e)
                     ),
                 }),
-                Body::File(file) => {
-                    let mut buf = BytesMut::with_capacity(FILE_CHUNK);
-                    match file.read_buf(&mut buf).await {
-                        Ok(0) => Ok(None),
-                        Ok(_) => Ok(Some(buf.freeze())),
+                Body::File { file, regular } => {
+                    let (file, regular) = (file.clone(), *regular);
+                    let read = tokio::task::spawn_blocking(move || {
+                        if regular {
+                            // Into the chunk's spare capacity: no pass to zero it first.
+                            let mut chunk = Vec::with_capacity(FILE_CHUNK);
+                            file.as_ref()
+                                .take(FILE_CHUNK as u64)
+                                .read_to_end(&mut chunk)
+                                .map(|_| chunk)
+                        } else {
+                            let mut chunk = vec![0; FILE_CHUNK];
+                            let n = file.as_ref().read(&mut chunk)?;
+                            chunk.truncate(n);
+                            Ok(chunk)
+                        }
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .flatten();
+                    match read {
+                        Ok(chunk) if chunk.is_empty() => Ok(None),
+                        Ok(chunk) => Ok(Some(Bytes::from(chunk))),
                         Err(e) => Err(TransferError::Download {
                             url: self.shown.clone(),
                             detail: format!("cannot read the source file: {e}"),
@@ -197,10 +226,14 @@ async fn open_file(
         url: shown.clone(),
         detail: format!("cannot {what} the source file: {e}"),
     };
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| fail("open", e))?;
-    let meta = file.metadata().await.map_err(|e| fail("inspect", e))?;
+    let (file, meta) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).map_err(|e| ("open", e))?;
+        let meta = file.metadata().map_err(|e| ("inspect", e))?;
+        Ok((file, meta))
+    })
+    .await
+    .map_err(|e| fail("open", std::io::Error::other(e)))?
+    .map_err(|(what, e)| fail(what, e))?;
     // Pipes and devices have no length to compare; their bytes are counted as they come.
     if meta.is_file() && meta.len() != total {
         return Err(TransferError::SizeMismatch {
@@ -212,8 +245,8 @@ async fn open_file(
         });
     }
     if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
+        (&file)
+            .seek(std::io::SeekFrom::Start(start))
             .map_err(|e| fail("seek in", e))?;
     }
     Ok(Source {
@@ -222,7 +255,10 @@ async fn open_file(
         start,
         received: 0,
         total,
-        body: Body::File(file),
+        body: Body::File {
+            file: Arc::new(file),
+            regular: meta.is_file(),
+        },
     })
 }
 
@@ -299,6 +335,47 @@ mod tests {
         assert_eq!(parse_content_range("bytes +1-99/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    /// A pipe as the source: each piece is handed on as it comes, so a writer slower than a
+    /// chunk's worth per stall timeout, but never silent for that long, is not a stall.
+    #[test]
+    fn a_pipe_source_yields_what_it_has_without_waiting_for_a_whole_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("image.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let pieces: [&[u8]; 3] = [b"first piece ", b"second piece ", b"last"];
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                let mut pipe = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+                for piece in pieces {
+                    std::io::Write::write_all(&mut pipe, piece).unwrap();
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let received = runtime.block_on(async {
+            let url = Url::from_file_path(&fifo).unwrap();
+            let options = HttpOptions {
+                connect_timeout: Duration::from_secs(5),
+                stall_timeout: Duration::from_secs(1),
+                extra_roots: &[],
+            };
+            let mut source = Source::open(&url, 0, total as u64, &options).await.unwrap();
+            let mut received = Vec::new();
+            while let Some(chunk) = source.next_chunk().await.unwrap() {
+                received.extend_from_slice(&chunk);
+            }
+            received
+        });
+        writer.join().unwrap();
+        assert_eq!(received, pieces.concat());
     }
 
     #[test]

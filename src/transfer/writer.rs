@@ -24,6 +24,10 @@ use super::readback::ReadbackFeed;
 /// with `dd bs=1M`.
 pub(crate) const WRITE_BUFFER: usize = 1024 * 1024;
 
+/// A chunk at least this large that arrives while the write buffer is empty is written as it is,
+/// without first being copied into the buffer: the kernel still sees large requests.
+pub(crate) const DIRECT_WRITE_MIN: usize = 256 * 1024;
+
 /// Output of one zstd decompression step (zstd blocks are at most 128 KiB).
 const DECODE_BUFFER: usize = 128 * 1024;
 
@@ -347,11 +351,16 @@ impl<D: Destination> SlotWriter<D> {
 
     fn write(&mut self, mut data: &[u8]) -> Result<(), TransferError> {
         while !data.is_empty() {
-            let mut take = (WRITE_BUFFER - self.buf.len()).min(data.len());
+            let mut room = WRITE_BUFFER - self.buf.len();
             if let Some(at) = self.next_checkpoint {
-                take = take.min((at - self.accepted()) as usize);
+                room = room.min((at - self.accepted()) as usize);
             }
-            self.buf.extend_from_slice(&data[..take]);
+            let take = room.min(data.len());
+            if self.buf.is_empty() && (take == room || take >= DIRECT_WRITE_MIN) {
+                self.put(&data[..take])?;
+            } else {
+                self.buf.extend_from_slice(&data[..take]);
+            }
             data = &data[take..];
             let at_checkpoint = self.next_checkpoint == Some(self.accepted());
             if self.buf.len() == WRITE_BUFFER || at_checkpoint {
@@ -371,13 +380,23 @@ impl<D: Destination> SlotWriter<D> {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let buf = std::mem::take(&mut self.buf);
+        let put = self.put(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        put
+    }
+
+    /// Hands `bytes`, which follow everything flushed so far, to the destination. The buffer
+    /// must be empty (flushed) first.
+    fn put(&mut self, bytes: &[u8]) -> Result<(), TransferError> {
+        debug_assert!(self.buf.is_empty());
         let started = std::time::Instant::now();
         self.destination
-            .put(&self.buf, self.flushed)
+            .put(bytes, self.flushed)
             .map_err(|e| TransferError::slot_io(&self.config.path, D::PUT, e))?;
         self.timing.puts += started.elapsed();
-        self.flushed += self.buf.len() as u64;
-        self.buf.clear();
+        self.flushed += bytes.len() as u64;
         self.written.store(self.flushed, Ordering::Relaxed);
         Ok(())
     }
@@ -630,5 +649,136 @@ mod tests {
         assert_eq!(next_multiple(64, 64), Some(128));
         assert_eq!(next_multiple(10, 0), None);
         assert_eq!(next_multiple(u64::MAX - 1, 1 << 40), Some(u64::MAX));
+    }
+
+    /// What a sink handed its destination: each put's offset and bytes, and where it synced.
+    #[derive(Default)]
+    struct Recorded {
+        puts: Vec<(u64, Vec<u8>)>,
+        syncs: Vec<u64>,
+    }
+
+    struct Recording(std::sync::Arc<std::sync::Mutex<Recorded>>);
+
+    impl Destination for Recording {
+        const PUT: &'static str = "record";
+
+        fn put(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
+            self.0.lock().unwrap().puts.push((at, bytes.to_vec()));
+            Ok(())
+        }
+
+        fn sync(&mut self) -> io::Result<()> {
+            let mut recorded = self.0.lock().unwrap();
+            let end = recorded
+                .puts
+                .last()
+                .map_or(0, |(at, b)| at + b.len() as u64);
+            recorded.syncs.push(end);
+            Ok(())
+        }
+    }
+
+    /// Large chunks go out as they are, small ones are gathered first; either way the bytes
+    /// arrive in order, no put is larger than the write buffer or crosses a checkpoint, and each
+    /// sync falls on a checkpoint (or the end).
+    #[test]
+    fn chunks_are_written_in_order_directly_or_gathered_and_synced_at_checkpoints() {
+        const KIB: usize = 1024;
+        let sizes = [
+            100 * KIB,
+            300 * KIB,
+            1536 * KIB,
+            256 * KIB,
+            7,
+            16 * KIB,
+            2048 * KIB,
+            256 * KIB,
+            5,
+        ];
+        let mut image = Vec::new();
+        let chunks: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(n, &len)| {
+                let chunk: Vec<u8> = (0..len).map(|i| (i * 31 + n * 7) as u8).collect();
+                image.extend_from_slice(&chunk);
+                Bytes::from(chunk)
+            })
+            .collect();
+        let interval = 3 * 1024 * KIB as u64;
+        let (queue, queue_rx) = tokio::sync::mpsc::channel(chunks.len() + 1);
+        for chunk in &chunks {
+            queue.try_send(Msg::Data(chunk.clone())).unwrap();
+        }
+        queue.try_send(Msg::End).unwrap();
+        let recorded = std::sync::Arc::new(std::sync::Mutex::new(Recorded::default()));
+        let config = SinkConfig {
+            path: PathBuf::from("recording"),
+            shown: "test".into(),
+            size: image.len() as u64,
+            start: 0,
+            hasher: Sha256::new(),
+            expected: Some(Sha256::digest(&image).into()),
+            checkpoint_interval: interval,
+            report_checkpoints: true,
+            zstd: None,
+            readback: None,
+        };
+        let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
+        let outcome = run_sink(
+            Recording(recorded.clone()),
+            config,
+            queue_rx,
+            Arc::new(AtomicU64::new(0)),
+            checkpoint_tx,
+        )
+        .unwrap();
+        assert!(matches!(outcome, SinkOutcome::Finished));
+
+        let recorded = recorded.lock().unwrap();
+        let mut written = Vec::new();
+        for (at, bytes) in &recorded.puts {
+            assert_eq!(*at, written.len() as u64, "puts follow each other");
+            assert!(bytes.len() <= WRITE_BUFFER, "a put of {}", bytes.len());
+            let next_checkpoint = (at / interval + 1) * interval;
+            assert!(
+                at + bytes.len() as u64 <= next_checkpoint,
+                "a put at {at} crosses a checkpoint"
+            );
+            written.extend_from_slice(bytes);
+        }
+        assert!(written == image, "the bytes arrive as they were sent");
+        let size = image.len() as u64;
+        assert!(
+            recorded
+                .syncs
+                .iter()
+                .all(|&end| end % interval == 0 || end == size),
+            "{:?}",
+            recorded.syncs
+        );
+        assert_eq!(recorded.syncs.len() as u64, size / interval + 1);
+        // The 256 KiB chunk after the 1.5 MiB one (which ends on an empty buffer) is put as it
+        // came: no copy into the buffer, no put merged with its neighbours.
+        let at = (100 + 300 + 1536) as u64 * KIB as u64;
+        assert!(
+            recorded
+                .puts
+                .iter()
+                .any(|(put_at, bytes)| *put_at == at && bytes.len() == 256 * KIB),
+            "{:?}",
+            recorded
+                .puts
+                .iter()
+                .map(|(at, b)| (at, b.len()))
+                .collect::<Vec<_>>()
+        );
+        let reported: Vec<u64> = checkpoints.try_iter().collect();
+        assert_eq!(
+            reported.last(),
+            Some(&size),
+            "the end is reported once the hash matched"
+        );
     }
 }
