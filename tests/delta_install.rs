@@ -248,10 +248,8 @@ fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_
 #[test]
 fn a_local_image_is_written_whole_without_hashing_the_booted_slot() {
     let r = release(RangeMode::Multi);
-    let booted = r.dir.path().join("slot-a");
-    let target = r.dir.path().join("slot-b");
-    fs::write(&booted, &r.old).unwrap();
-    fs::write(&target, b"").unwrap();
+    let booted = r.booted();
+    let target = r.target(b"");
     let mut req = request(&r, &target, Some(&booted), false);
     let local = |name: &str| format!("file://{}", r.serve().join(name).display());
     req.image.url = local("new.img");
