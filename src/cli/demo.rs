@@ -180,13 +180,12 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
         "reboots: the agent stops (online=false), the boot script (simulated) picks the slot",
     );
     daemon.stop().await?;
-    let booted = gateway.try_boot().map_err(anyhow::Error::msg)?;
-    ensure!(booted == "B", "the bootloader booted {booted}, expected B");
+    boot_into(&mut gateway, "B")?;
     feed.until("online=false", Duration::from_secs(10), |f| {
         f.online == Some(false)
     })
     .await?;
-    detail(&format!("bootloader chose slot {booted} (one try used)"));
+    detail("bootloader chose slot B (one try used)");
 
     step(
         "device",
@@ -265,8 +264,7 @@ async fn demo(dir: &Path, slot_mib: u64) -> anyhow::Result<()> {
         "reboots into slot A (3.0); trial boot, health checks, commit",
     );
     daemon.stop().await?;
-    let booted = gateway.try_boot().map_err(anyhow::Error::msg)?;
-    ensure!(booted == "A", "the bootloader booted {booted}, expected A");
+    boot_into(&mut gateway, "A")?;
     let mut daemon = Daemon::start(config.clone());
     feed.until("the second commit", Duration::from_secs(60), |f| {
         f.states()
@@ -548,6 +546,17 @@ impl Feed {
             _ => {}
         }
     }
+}
+
+/// Powers the gateway on (the simulated boot script picks the slot): it must come up in
+/// `expected`.
+fn boot_into(gateway: &mut Gateway, expected: &str) -> anyhow::Result<()> {
+    let booted = gateway.try_boot().map_err(anyhow::Error::msg)?;
+    ensure!(
+        booted == expected,
+        "the bootloader booted {booted}, expected {expected}"
+    );
+    Ok(())
 }
 
 fn mqtt_line(text: &str) {
