@@ -15,8 +15,10 @@
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
 # by round (interleaved; the order turned by one every other round, and every second round run
 # backwards, so neighbours swap places), the source image warm in the page
-# cache. The target is one file of the image's size that every writing tool writes in place, as
-# a partition is written, refilled with the release before ahead of each turn (untimed): no tool
+# cache. The slots are loop devices over files, as a gateway's are partitions (LOOP=0: the files
+# themselves; a regular file serialises an O_DIRECT read with a buffered write of the same file,
+# a block device does not). Slot A holds the release before; the target is written in place by
+# every writing tool and refilled with the release before ahead of each turn (untimed): no tool
 # pays for the filesystem allocating blocks, and the memory in use stays the same from round to
 # round (on a VM whose freed memory goes back to the host, reallocating it cost dd up to 15x on
 # tmpfs). Medians
@@ -36,9 +38,9 @@
 #   INSTALL_TOML="key = value": added to both agents' [install] table (e.g. readback_overlap).
 #   UNDER=dir: where the images, slots and bundles live (in dir/bench-install; default target).
 #   UNDER=/dev/shm takes the disk out: every tool then runs at what the cores allow, which is
-#   the balance of a gateway whose cores hash slower than its storage writes (O_DIRECT is
-#   refused on tmpfs, so the agent's read-back drops the cache and reads through it).
-# Needs: root (RAUC mounts the bundle on a loop device), rauc, squashfs-tools, dbus, openssl,
+#   the balance of a gateway whose cores hash slower than its storage writes (with LOOP=0,
+#   O_DIRECT is refused on tmpfs, so the agent's read-back drops the cache and reads through it).
+# Needs: root (loop devices; RAUC mounts the bundle on one), rauc, squashfs-tools, dbus, openssl,
 # util-linux (taskset), time. Data lives in target/bench-install/ (or UNDER) and is deleted
 # at the end.
 set -euo pipefail
@@ -47,6 +49,7 @@ ROUNDS=${1:-3}
 SIZES_MIB=${SIZES_MIB:-512 2048}
 CORES=${CORES:-all one}
 RAUC=${RAUC:-1}
+LOOP=${LOOP:-1}
 [[ $ROUNDS -ge 3 ]] || { echo "ROUNDS must be at least 3 (medians)" >&2; exit 2; }
 
 if [[ -z "${BIN:-}" ]]; then
@@ -73,11 +76,13 @@ rm -rf "$work"
 mkdir -p "$work"
 bus_pid=""
 service_pid=""
+loops=()
 cleanup() {
-    # Only the processes this script started, by their ids.
+    # Only the processes this script started, by their ids; only the loop devices it attached.
     [[ -n "$service_pid" ]] && kill "$service_pid" 2>/dev/null
     [[ -n "$bus_pid" ]] && kill "$bus_pid" 2>/dev/null
     wait 2>/dev/null || true
+    for loop in "${loops[@]}"; do losetup -d "$loop"; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -130,8 +135,8 @@ agent_device() {
     rm -rf "$dev"
     mkdir -p "$dev/keys" "$dev/state"
     cp "$work/signer.pub" "$dev/keys/"
-    ln "$old" "$dev/slot-a"
-    ln "$target" "$dev/slot-b"
+    ln -s "$old_slot" "$dev/slot-a"
+    ln -s "$target" "$dev/slot-b"
     printf 'BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n' >"$dev/bootenv"
     echo 6a1c0f3e-0000-4000-8000-000000000001 >"$dev/boot_id"
     echo "update_agent.slot=A" >"$dev/cmdline"
@@ -162,8 +167,8 @@ rauc_system() {
     local dev=$1
     rm -rf "$dev"
     mkdir -p "$dev/mnt" "$dev/data"
-    ln "$old" "$dev/slot0"
-    ln "$target" "$dev/slot1"
+    ln -s "$old_slot" "$dev/slot0"
+    ln -s "$target" "$dev/slot1"
     cat >"$dev/system.conf" <<EOF
 [system]
 compatible=bench-gw
@@ -236,8 +241,18 @@ for mib in $SIZES_MIB; do
     old=$work/before-$mib.img
     { openssl enc -aes-128-ctr -nosalt -pass pass:before -in /dev/zero 2>/dev/null || true; } |
         head -c "$bytes" >"$old"
-    target=$work/target-$mib.img
-    cp "$old" "$target"
+    target_file=$work/target-$mib.img
+    cp "$old" "$target_file"
+    # The slots: loop devices over the files (LOOP=0: the files themselves).
+    if [[ $LOOP == 1 ]]; then
+        old_slot=$(losetup --find --show --read-only "$old")
+        loops+=("$old_slot")
+        target=$(losetup --find --show "$target_file")
+        loops+=("$target")
+    else
+        old_slot=$old
+        target=$target_file
+    fi
     "$TOOLS_BIN" release create --key "$work/signer.key" --image "$image" --version 2.0 \
         --security-version 1 --compatible bench-gw --url "file://$image" --reboot \
         --out "$work/release-$mib.json" >/dev/null
@@ -299,7 +314,11 @@ for mib in $SIZES_MIB; do
             echo "$line"
         done
     done
-    rm -f "$image" "$old" "$target" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
+    if [[ $LOOP == 1 ]]; then
+        losetup -d "$old_slot" "$target"
+        loops=()
+    fi
+    rm -f "$image" "$old" "$target_file" "$work/bundle.raucb" "$work/release-$mib.json" "$image.chunks"
 done
 
 echo
