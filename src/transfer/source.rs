@@ -99,16 +99,19 @@ impl Source {
                 }),
                 Body::File { file, regular } => {
                     let (file, regular) = (file.clone(), *regular);
+                    // Allocated here, on the runtime's thread, not on whichever blocking thread
+                    // reads: the chunks then come from one allocator arena instead of one per
+                    // thread, which raised the peak RSS of a 2 GiB install by up to 3 MiB.
+                    let mut chunk = Vec::with_capacity(FILE_CHUNK);
                     let read = tokio::task::spawn_blocking(move || {
                         if regular {
                             // Into the chunk's spare capacity: no pass to zero it first.
-                            let mut chunk = Vec::with_capacity(FILE_CHUNK);
                             file.as_ref()
                                 .take(FILE_CHUNK as u64)
                                 .read_to_end(&mut chunk)
                                 .map(|_| chunk)
                         } else {
-                            let mut chunk = vec![0; FILE_CHUNK];
+                            chunk.resize(FILE_CHUNK, 0);
                             let n = file.as_ref().read(&mut chunk)?;
                             chunk.truncate(n);
                             Ok(chunk)
