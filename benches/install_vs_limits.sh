@@ -15,9 +15,9 @@
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
 # by round (interleaved; the order turned by one every other round, and every second round run
 # backwards, so neighbours swap places), the source image warm in the page
-# cache. The slots are loop devices over files, as a gateway's are partitions (LOOP=0: the files
-# themselves; a regular file serialises an O_DIRECT read with a buffered write of the same file,
-# a block device does not). Slot A holds the release before; the target is written in place by
+# cache. The slots are loop devices over files, as a gateway's are partitions (LOOP=0, the
+# default on tmpfs: the files themselves; a regular file serialises an O_DIRECT read with a
+# buffered write of the same file, a block device does not). Slot A holds the release before; the target is written in place by
 # every writing tool and refilled with the release before ahead of each turn (untimed): no tool
 # pays for the filesystem allocating blocks, and the memory in use stays the same from round to
 # round (on a VM whose freed memory goes back to the host, reallocating it cost dd up to 15x on
@@ -49,7 +49,7 @@ ROUNDS=${1:-3}
 SIZES_MIB=${SIZES_MIB:-512 2048}
 CORES=${CORES:-all one}
 RAUC=${RAUC:-1}
-LOOP=${LOOP:-1}
+LOOP=${LOOP:-auto}
 [[ $ROUNDS -ge 3 ]] || { echo "ROUNDS must be at least 3 (medians)" >&2; exit 2; }
 
 if [[ -z "${BIN:-}" ]]; then
@@ -74,6 +74,12 @@ NCPU=$(nproc)
 work=$(realpath -m "${UNDER:-target}/bench-install")
 rm -rf "$work"
 mkdir -p "$work"
+# A loop device over a tmpfs file keeps every block twice (its own cache and the file's pages);
+# on this VM that churn made 2 GiB rounds vary 5x. So on tmpfs the slots stay files.
+if [[ $LOOP == auto ]]; then
+    LOOP=1
+    [[ $(stat -f -c %T "$work") == tmpfs ]] && LOOP=0
+fi
 bus_pid=""
 service_pid=""
 loops=()
