@@ -304,8 +304,10 @@ pub struct Install {
     #[serde(default = "default_download_jitter", with = "seconds")]
     pub download_jitter: Duration,
     /// Read each checkpointed region back as soon as it is synced, while the rest downloads,
-    /// instead of after the last byte. Off by default: on the machine it was measured on (a
-    /// virtio disk) the reads beside the writes made a 2 GiB install 1.4x slower.
+    /// instead of after the last byte. Off by default: it has not yet been measured to help. On
+    /// a virtio disk it made a 2 GiB install into a file slot 1.4x slower (a regular file
+    /// serialises the reads with the writes), and into a loop device it left the median about
+    /// the same, with some rounds several times slower; eMMC is still to be measured.
     #[serde(default)]
     pub readback_overlap: bool,
 }
