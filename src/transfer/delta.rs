@@ -79,10 +79,11 @@ pub(crate) enum DeltaFailure {
     /// take over when the operator allows it.
     Unavailable(TransferError),
     /// The plan would download about as much as the whole image: the whole image is cheaper.
-    NotWorthIt(Summary),
-    /// The image is a local file ([`super::is_local`]): the index is expanded for the
-    /// read-back, and no plan is made.
-    LocalImage,
+    /// The index, expanded and checked, is for its read-back.
+    NotWorthIt(Summary, Arc<IndexFile>),
+    /// The image is a local file ([`super::is_local`]): no plan is made; the index, expanded
+    /// and checked, is for the read-back of the whole image.
+    LocalImage(Arc<IndexFile>),
     /// The install failed (the slot may have been written).
     Failed(TransferError),
 }
@@ -134,7 +135,7 @@ pub(crate) async fn install(
     };
     stats.index_bytes = index_bytes;
     if super::is_local(image) {
-        return Err(DeltaFailure::LocalImage);
+        return Err(DeltaFailure::LocalImage(Arc::new(index)));
     }
     rate.take(index_bytes).await;
     let store_url =
@@ -215,7 +216,7 @@ pub(crate) async fn install(
         summary.requests,
     );
     if summary.download_bytes + index_bytes >= full_size {
-        return Err(DeltaFailure::NotWorthIt(summary));
+        return Err(DeltaFailure::NotWorthIt(summary, index));
     }
 
     // 4. The ranges, into the spool.
@@ -980,7 +981,7 @@ pub fn receive_delta(
     ) {
         Ok(planned) => planned,
         Err(DeltaFailure::Failed(e) | DeltaFailure::Unavailable(e)) => return Err(e),
-        Err(DeltaFailure::NotWorthIt(_) | DeltaFailure::LocalImage) => {
+        Err(DeltaFailure::NotWorthIt(..) | DeltaFailure::LocalImage(_)) => {
             unreachable!("make_plan neither weighs the plan nor looks at the image's url")
         }
     };

@@ -66,6 +66,7 @@ use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use crate::release::block_index::IndexFile;
 use crate::release::manifest::{Compression, Image};
 
 pub use delta::{
@@ -205,7 +206,9 @@ pub struct Written {
 /// The future is `Send`, so the engine can `tokio::spawn` it as the adapter job.
 ///
 /// The slot is opened only after the image was found to fit, and only `[0, size)` of it is ever
-/// written. On success every byte was hashed on the way in and again read back from the medium.
+/// written. On success every byte was read back from the medium and matched a signed hash: each
+/// block its entry of the block index when the release has one, else the whole image's SHA-256,
+/// which the stream was hashed against too.
 pub async fn install_image(
     req: &WriteRequest,
     events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
@@ -219,6 +222,8 @@ pub async fn install_image_with_stats(
     req: &WriteRequest,
     events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
 ) -> Result<(Written, Option<DeltaStats>), TransferError> {
+    // The block index a delta step expanded and checked without writing, for the read-back.
+    let mut index = None;
     if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks) {
         match delta::install(req, settings, chunks, events).await {
             Ok((written, stats)) => return Ok((written, Some(stats))),
@@ -229,24 +234,29 @@ pub async fn install_image_with_stats(
                 );
             }
             Err(delta::DeltaFailure::Unavailable(e)) => return Err(e),
-            Err(delta::DeltaFailure::LocalImage) => {
+            Err(delta::DeltaFailure::LocalImage(expanded)) => {
                 tracing::info!(
                     "the image is a local file: written whole, without a delta plan; its block index checks the read-back"
                 );
+                index = Some(expanded);
             }
-            Err(delta::DeltaFailure::NotWorthIt(summary)) => {
+            Err(delta::DeltaFailure::NotWorthIt(summary, expanded)) => {
                 tracing::info!(
                     "a delta would download {} bytes, no less than the whole image: downloading the whole image",
                     summary.download_bytes
                 );
+                index = Some(expanded);
             }
         }
     }
-    install_full(req, events).await.map(|w| (w, None))
+    install_full(req, index, events).await.map(|w| (w, None))
 }
 
+/// `index`: the release's block index as the delta step just expanded it; `None` looks for one
+/// an earlier step left ([`readback_check`]).
 async fn install_full(
     req: &WriteRequest,
+    index: Option<Arc<IndexFile>>,
     events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
 ) -> Result<Written, TransferError> {
     let image = &req.image;
@@ -279,9 +289,12 @@ async fn install_full(
     } else {
         file
     };
-    let check = {
-        let (req, sha256) = (req.clone(), plan.sha256);
-        blocking(move || Ok(readback_check(&req, sha256))).await?
+    let check = match index {
+        Some(index) => Check::Blocks(index, Origin::AsReceived),
+        None => {
+            let (req, sha256) = (req.clone(), plan.sha256);
+            blocking(move || Ok(readback_check(&req, sha256))).await?
+        }
     };
     if start == size {
         // Everything was written before; only the read-back is left — unless the bytes are wrong,
@@ -401,7 +414,7 @@ pub fn is_local(image: &Image) -> bool {
 }
 
 /// How the read-back checks the slot: against the release's block index when an earlier step
-/// (the delta planner) has it expanded in the work directory, else against the image's SHA-256.
+/// (a delta attempt) left it expanded in the work directory, else against the image's SHA-256.
 /// Blocking.
 fn readback_check(req: &WriteRequest, sha256: [u8; 32]) -> Check {
     if let (Some(settings), Some(chunks)) = (&req.delta, &req.image.chunks)
