@@ -5,7 +5,11 @@
 #            file slot: write, checkpoints, read-back past the page cache, activation. Slot A,
 #            the booted one, holds the release before (other bytes of the same size), as on a
 #            gateway: an agent that hashed it to plan a delta would pay for that here
-#   dd       dd bs=1M conv=fsync of the same image into a file: the write limit
+#   dd       dd bs=1M conv=fsync of the same image into the target slot: the write limit
+#   rd       dd bs=1M iflag=direct of the whole target slot: a read past the page cache, which
+#            the agent's read-back cannot do faster (printed beside the targets: agent / (dd + rd),
+#            what an install that writes, then reads every byte back, costs on storage that
+#            cannot serve the two at once)
 #   sha-all  openssl dgst -sha256 of the image split into one part per core, in parallel: the
 #            hashing limit (one part on one core)
 #   sha-1    openssl dgst -sha256 of the whole image on one core
@@ -15,9 +19,11 @@
 # For each image size and each core set (all cores; `taskset -c 0`), the tools take turns round
 # by round (interleaved; the order turned by one every other round, and every second round run
 # backwards, so neighbours swap places), the source image warm in the page
-# cache. The slots are loop devices over files, as a gateway's are partitions (LOOP=0, the
-# default on tmpfs: the files themselves; a regular file serialises an O_DIRECT read with a
-# buffered write of the same file, a block device does not). Slot A holds the release before; the target is written in place by
+# cache. The slots are loop devices over files that read and write their file with O_DIRECT, as
+# a gateway's are partitions with no second page cache beneath them (LOOP=dio, the default off
+# tmpfs; LOOP=1: loop devices that go through the file's page cache; LOOP=0, the default on
+# tmpfs: the files themselves; a regular file serialises an O_DIRECT read with a buffered write
+# of the same file, a block device does not). Slot A holds the release before; the target is written in place by
 # every writing tool and refilled with the release before ahead of each turn (untimed): no tool
 # pays for the filesystem allocating blocks, and the memory in use stays the same from round to
 # round (on a VM whose freed memory goes back to the host, reallocating it cost dd up to 15x on
@@ -77,9 +83,10 @@ mkdir -p "$work"
 # A loop device over a tmpfs file keeps every block twice (its own cache and the file's pages);
 # on this VM that churn made 2 GiB rounds vary 5x. So on tmpfs the slots stay files.
 if [[ $LOOP == auto ]]; then
-    LOOP=1
+    LOOP=dio
     [[ $(stat -f -c %T "$work") == tmpfs ]] && LOOP=0
 fi
+[[ $LOOP == 0 || $LOOP == 1 || $LOOP == dio ]] || { echo "LOOP is 0, 1, dio or auto" >&2; exit 2; }
 bus_pid=""
 service_pid=""
 loops=()
@@ -233,7 +240,7 @@ sha_split() {
 }
 
 declare -A results
-tools=(dd sha-all sha-1 agent)
+tools=(dd rd sha-all sha-1 agent)
 [[ -n $BASELINE_BIN ]] && tools+=(agent-base)
 [[ $RAUC == 1 ]] && tools+=(rauc)
 
@@ -250,10 +257,12 @@ for mib in $SIZES_MIB; do
     target_file=$work/target-$mib.img
     cp "$old" "$target_file"
     # The slots: loop devices over the files (LOOP=0: the files themselves).
-    if [[ $LOOP == 1 ]]; then
-        old_slot=$(losetup --find --show --read-only "$old")
+    if [[ $LOOP != 0 ]]; then
+        direct_io=off
+        [[ $LOOP == dio ]] && direct_io=on
+        old_slot=$(losetup --find --show --read-only --direct-io=$direct_io "$old")
         loops+=("$old_slot")
-        target=$(losetup --find --show "$target_file")
+        target=$(losetup --find --show --direct-io=$direct_io "$target_file")
         loops+=("$target")
     else
         old_slot=$old
@@ -292,13 +301,14 @@ for mib in $SIZES_MIB; do
             fi
             line+=" [${order[*]}]"
             for tool in "${order[@]}"; do
-                [[ $tool == sha-* ]] ||
+                [[ $tool == sha-* || $tool == rd ]] ||
                     dd if="$old" of="$target" bs=1M conv=notrunc,fsync status=none
                 warm "$image"
                 [[ $tool == rauc ]] && warm "$work/bundle.raucb"
                 case $tool in
                     dd)
                         timed "${pin[@]}" dd if="$image" of="$target" bs=1M conv=fsync,notrunc status=none ;;
+                    rd) timed "${pin[@]}" dd if="$target" of=/dev/null bs=1M iflag=direct status=none ;;
                     sha-all) timed "${pin[@]}" bash -c "$(declare -f sha_split); sha_split '$image' $parts $mib" ;;
                     sha-1) timed taskset -c 0 openssl dgst -sha256 "$image" ;;
                     agent | agent-base)
@@ -320,7 +330,7 @@ for mib in $SIZES_MIB; do
             echo "$line"
         done
     done
-    if [[ $LOOP == 1 ]]; then
+    if [[ $LOOP != 0 ]]; then
         losetup -d "$old_slot" "$target"
         loops=()
     fi
@@ -366,6 +376,8 @@ for mib in $SIZES_MIB; do
                 echo "${mib} MiB, one core: agent / agent-base = $(awk -v a="$agent" -v b="${results[$mib,$cores,agent-base,med]}" 'BEGIN { printf "%.2f", a / b }')"
             fi
         fi
+        rd=${results[$mib,$cores,rd,med]}
+        echo "${mib} MiB, $cores core(s): agent / (dd + rd) = $(awk -v a="$agent" -v d="$dd" -v r="$rd" 'BEGIN { printf "%.2f", a / (d + r) }') (the write, then a read of the slot past the cache: no target)"
         echo "${mib} MiB, $cores core(s): agent peak RSS $(verdict "$(awk -v k="${results[$mib,$cores,agent,rssmed]}" 'BEGIN { print k / 1024 }')" 16) MiB"
     done
 done

@@ -785,7 +785,11 @@ impl Agent {
         request.checkpoint_interval = self.config.install.checkpoint_interval;
         request.server.stall_timeout = self.config.install.stall_timeout;
         request.server.max_rate = self.config.install.max_rate;
-        request.readback_overlap = self.config.install.readback_overlap;
+        request.readback_overlap = self
+            .config
+            .install
+            .readback_overlap
+            .for_slot(&target.device);
         // A delta reads the local slots: this request is for when this process owns them (no
         // split); under the split the installer reads them and the daemon fetches what it asks
         // for (`FetchSettings::delta_work_dir`).

@@ -142,7 +142,7 @@ impl Device {
             .configure(move |c| {
                 c.device.factory_version = Some("2026.01.0".into());
                 c.install.checkpoint_interval = interval;
-                c.install.readback_overlap = overlap;
+                c.install.readback_overlap = overlap.into();
             })
             .build()
             .unwrap();

@@ -495,7 +495,11 @@ impl Installer {
             resume_from,
             checkpoint_interval: self.config.install.checkpoint_interval,
             stall_timeout: self.config.install.stall_timeout,
-            readback_overlap: self.config.install.readback_overlap,
+            readback_overlap: self
+                .config
+                .install
+                .readback_overlap
+                .for_slot(&target.device),
             image,
             work_dir: self.work_dir(),
         })
@@ -580,7 +584,11 @@ impl Installer {
             work_dir: self.work_dir(),
             booted,
             ranges_per_request: ranges_per_request as usize,
-            readback_overlap: self.config.install.readback_overlap,
+            readback_overlap: self
+                .config
+                .install
+                .readback_overlap
+                .for_slot(&target.device),
         };
         let (written, stats) =
             crate::transfer::receive_delta(&request, &File::from(image_stream), &mut events)

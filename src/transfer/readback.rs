@@ -304,6 +304,9 @@ impl Readback {
         overlap: bool,
     ) -> Result<Readback, TransferError> {
         let durable = durable.min(size);
+        if overlap {
+            tracing::info!("read-back: each region as soon as it is synced, beside the write");
+        }
         let plain =
             File::open(path).map_err(|e| TransferError::slot_io(path, "open for read-back", e))?;
         let direct = match OpenOptions::new()
