@@ -7,6 +7,7 @@
 //! Must run as root (the installer runs as root, the daemon role as `nobody` through `setpriv`);
 //! CI does. Needs `util-linux` (setpriv), `libubootenv-tool` and `grub-common`.
 
+#[macro_use]
 mod common;
 
 use std::fs;
@@ -19,7 +20,7 @@ use common::sim::gateway::{DAEMON_GID, DAEMON_UID, DEVICE_ID};
 use common::sim::mqtt::Mosquitto;
 use common::sim::{User, states};
 use common::split::*;
-use common::{BIN, Backend, describe as text, pattern, require, wait_for};
+use common::{BIN, Backend, describe as text, pattern, wait_for};
 use serde_json::Value;
 use update_agent::mqtt::topics::{DEFAULT_PREFIX, device_topic};
 
@@ -48,7 +49,7 @@ fn assert_stopped_saying(out: &Output, parts: &[&str]) {
 /// bootloader then booted the attacker's bytes. Now the installer's ledger knows B holds bytes
 /// it did not verify: every step that would let the bootloader choose B is refused, the
 /// refused bytes' head is wiped, and the device keeps booting A.
-fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
+fn item1_a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     let mut split = Split::new(backend);
     let release = split.release("2.0", IMAGE_PATH);
     let release = release.to_str().unwrap();
@@ -136,22 +137,9 @@ fn a_compromised_daemon_cannot_get_its_own_bytes_booted(backend: Backend) {
     assert_done(&out, &reply);
 }
 
-#[test]
-fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_the_file_backend() {
-    a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::File);
-}
-
-#[test]
-fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_fw_setenv() {
-    require("fw_setenv", "libubootenv-tool");
-    a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::UBoot);
-}
-
-#[test]
-fn item1_a_compromised_daemon_cannot_boot_its_bytes_with_grub_editenv() {
-    require("grub-editenv", "grub-common");
-    a_compromised_daemon_cannot_get_its_own_bytes_booted(Backend::Grub);
-}
+// `file::`, `uboot::` (fw_setenv) and `grub::` (grub-editenv) tests of it; the simulated
+// gateway names the package of a missing bootloader tool.
+backend_tests!(item1_a_compromised_daemon_cannot_get_its_own_bytes_booted);
 
 /// The manifest inside a signed release, as JSON, and the release id (hex SHA-256 of its bytes).
 fn manifest_of(release: &std::path::Path) -> (Value, String) {
@@ -219,6 +207,19 @@ fn boot_check_as_root(split: &Split) -> Output {
         .unwrap()
 }
 
+/// `boot_check_as_root`, which must succeed with `said` in the stream `pick` takes.
+#[track_caller]
+fn boot_check_as_root_saying(split: &Split, pick: fn(&Output) -> &Vec<u8>, said: &str) -> Output {
+    let out = boot_check_as_root(split);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(pick(&out)).contains(said),
+        "{}",
+        text(&out)
+    );
+    out
+}
+
 fn chown_tree(path: &std::path::Path, uid: u32) {
     let out = Command::new("chown")
         .arg("-R")
@@ -272,12 +273,10 @@ fn item2_a_forged_transaction_is_resumed_only_from_the_signed_release() {
 
     // No signed release kept for the transaction: the resume fails and writes nothing.
     forge_writing_state(&split, &release, &evil);
-    let out = boot_check_as_root(&split);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("install failed — not-ready: signed release"),
-        "{}",
-        text(&out)
+    let out = boot_check_as_root_saying(
+        &split,
+        |out| &out.stdout,
+        "install failed — not-ready: signed release",
     );
     assert_ne!(&split.slot("B")[..IMAGE_LEN], &evil[..], "{}", text(&out));
     assert_eq!(
@@ -300,13 +299,7 @@ fn item2_a_forged_transaction_is_resumed_only_from_the_signed_release() {
         fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    let out = boot_check_as_root(&split);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("TAMPER ALERT"),
-        "{}",
-        text(&out)
-    );
+    let out = boot_check_as_root_saying(&split, |out| &out.stderr, "TAMPER ALERT");
     assert_eq!(
         &split.slot("B")[..IMAGE_LEN],
         &split.image[..],

@@ -43,15 +43,8 @@ fn happy_path(backend: Backend) {
     );
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
 
-    assert_eq!(split.boot(), "B", "the activated slot boots");
-    let out = split.as_daemon(&["boot-check"]);
-    assert!(out.status.success(), "boot-check in B: {}", text(&out));
-    let states = states(&split.events());
-    assert_eq!(
-        states.last().map(String::as_str),
-        Some("committed"),
-        "{states:?}"
-    );
+    split.boot_and_check("B", "the activated slot boots");
+    split.assert_last_event("committed", "");
     assert_eq!(
         split.env_var("BOOT_B_LEFT").as_deref(),
         Some(&*ATTEMPTS.to_string())
@@ -433,9 +426,7 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
     assert!(split.stop_daemon().success());
 
-    assert_eq!(split.boot(), "B", "the activated slot boots");
-    let out = split.as_daemon(&["boot-check"]);
-    assert!(out.status.success(), "boot-check in B: {}", text(&out));
+    split.boot_and_check("B", "the activated slot boots");
     split.start_daemon(&[]);
     let events = wait_for("the commit on MQTT", Duration::from_secs(30), || {
         let events = sub.payloads(&split.topic("events"));
@@ -529,9 +520,7 @@ fn a_failed_trial_rolls_back_through_the_installer() {
         let release = split.release("2.0", IMAGE_PATH);
         let out = split.as_daemon(&["install", release.to_str().unwrap()]);
         assert!(out.status.success(), "{backend:?}: {}", text(&out));
-        assert_eq!(split.boot(), "B", "{backend:?}: the activated slot boots");
-        let out = split.as_daemon(&["boot-check"]);
-        assert!(out.status.success(), "{backend:?}: {}", text(&out));
+        split.boot_and_check("B", &format!("{backend:?}: the activated slot boots"));
         assert!(
             split
                 .installer_log()
@@ -544,15 +533,8 @@ fn a_failed_trial_rolls_back_through_the_installer() {
             "reboot\n",
             "{backend:?}: the rollback's reboot (`install` leaves its own to the caller)"
         );
-        assert_eq!(split.boot(), "A", "{backend:?}: back in the old slot");
-        let out = split.as_daemon(&["boot-check"]);
-        assert!(out.status.success(), "{backend:?}: {}", text(&out));
-        let states = states(&split.events());
-        assert_eq!(
-            states.last().map(String::as_str),
-            Some("rolled-back"),
-            "{backend:?}: {states:?}"
-        );
+        split.boot_and_check("A", &format!("{backend:?}: back in the old slot"));
+        split.assert_last_event("rolled-back", &format!("{backend:?}: "));
         assert_eq!(split.slot("A"), slot_a, "{backend:?}");
         for _ in 0..3 {
             assert_eq!(split.boot(), "A", "{backend:?}: B stays out");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::sim::Act;
-use common::{ImageServer, pattern, sha256_hex};
+use common::{ImageServer, pattern, require, sha256_hex};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::manifest::{Compression, Image};
@@ -121,6 +121,32 @@ async fn serve_img(act: Act) -> (Vec<u8>, ImageServer, Slots, WriteRequest) {
     (data, server, slots, req)
 }
 
+/// `serve_img` over HTTPS with a self-signed certificate for 127.0.0.1, which it returns too.
+async fn serve_img_https(
+    act: Act,
+) -> (
+    Vec<u8>,
+    ImageServer,
+    rustls::pki_types::CertificateDer<'static>,
+    Slots,
+    WriteRequest,
+) {
+    let data = pattern(SIZE, 0x2545);
+    let (server, cert) = https(data.clone(), "/img", act).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+    (data, server, cert, slots, req)
+}
+
+/// The test image and its zstd compression, a server answering `/img.zst` with the latter, and
+/// fresh slots.
+async fn serve_zstd_img() -> (Vec<u8>, Vec<u8>, ImageServer, Slots) {
+    let data = pattern(SIZE, 0x2545);
+    let compressed = zstd::encode_all(&data[..], 3).unwrap();
+    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
+    (data, compressed, server, Slots::new())
+}
+
 // ------------------------------------------------------------------------------------------
 // Happy paths
 
@@ -186,10 +212,7 @@ async fn file_url_image_is_written() {
 
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
-    let data = pattern(SIZE, 0x2545);
-    let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (data, _server, cert, slots, mut req) = serve_img_https(Act::Serve).await;
     req.server.extra_roots = vec![cert];
 
     let (result, _) = install(&req).await;
@@ -200,10 +223,7 @@ async fn https_image_is_written_with_an_extra_root() {
 
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
-    let data = pattern(SIZE, 0x2545);
-    let (server, _cert) = https(data.clone(), "/img", Act::Serve).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_data, _server, _cert, slots, req) = serve_img_https(Act::Serve).await;
 
     let err = expect_failure(&slots, &req, ReasonCode::TlsFailed).await;
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
@@ -212,10 +232,7 @@ async fn https_server_with_an_unknown_certificate_is_refused() {
 
 #[tokio::test]
 async fn zstd_image_is_decompressed_and_both_hashes_checked() {
-    let data = pattern(SIZE, 0x2545);
-    let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (data, compressed, server, slots) = serve_zstd_img().await;
     let req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
 
     let (result, events) = install(&req).await;
@@ -236,10 +253,7 @@ async fn zstd_image_is_decompressed_and_both_hashes_checked() {
 
 #[tokio::test]
 async fn zstd_transport_hash_mismatch_is_refused() {
-    let data = pattern(SIZE, 0x2545);
-    let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (data, compressed, server, slots) = serve_zstd_img().await;
     let mut image = zstd_image(&server.url("/img.zst"), &data, &compressed);
     image.transport_sha256 = Some(sha256_hex(b"something else"));
     let req = slots.request(image);
@@ -383,11 +397,9 @@ async fn too_many_redirects_are_refused() {
 
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
-    let data = pattern(SIZE, 0x2545);
-    let plain = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
-    let (secure, cert) = https(data.clone(), "/img", Act::Redirect(plain.url("/img"))).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&secure.url("/img"), &data));
+    let plain = ImageServer::serve(pattern(SIZE, 0x2545), vec![("/img", Act::Serve)]).await;
+    let (_data, _secure, cert, slots, mut req) =
+        serve_img_https(Act::Redirect(plain.url("/img"))).await;
     req.server.extra_roots = vec![cert];
 
     let err = expect_failure(&slots, &req, ReasonCode::InsecureRedirect).await;
@@ -594,10 +606,7 @@ fn verify_slot_catches_a_changed_byte() {
 #[test]
 fn verify_slot_works_on_tmpfs() {
     let shm = Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("no /dev/shm here: nothing to check");
-        return;
-    }
+    assert!(shm.is_dir(), "this test needs a tmpfs at /dev/shm");
     let dir = tempfile::tempdir_in(shm).unwrap();
     let slot = dir.path().join("slot");
     let data = pattern(SIZE, 0x2545);
@@ -608,7 +617,7 @@ fn verify_slot_works_on_tmpfs() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Block-device slots (loop devices; skipped where they cannot be had)
+// Block-device slots (loop devices: the tests run as root, which can have them)
 
 /// A loop device over a sparse file, detached on drop.
 struct LoopDevice {
@@ -617,26 +626,30 @@ struct LoopDevice {
 }
 
 impl LoopDevice {
-    fn attach(size: u64) -> Option<LoopDevice> {
+    /// Fails the test, saying why, where no loop device can be had.
+    #[track_caller]
+    fn attach(size: u64) -> LoopDevice {
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing.img");
         std::fs::File::create(&backing)
             .unwrap()
             .set_len(size)
             .unwrap();
-        let output = std::process::Command::new("losetup")
+        let output = std::process::Command::new(require("losetup", "mount"))
             .args(["--find", "--show"])
             .arg(&backing)
             .output()
-            .ok()?;
-        if !output.status.success() {
-            return None;
-        }
-        let dev = String::from_utf8(output.stdout).ok()?.trim().to_string();
-        Some(LoopDevice {
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "no loop device (this test must run as root, with /dev/loop-control): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let dev = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        LoopDevice {
             dev: PathBuf::from(dev),
             _dir: dir,
-        })
+        }
     }
 }
 
@@ -651,10 +664,7 @@ impl Drop for LoopDevice {
 
 #[tokio::test]
 async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
-    let Some(device) = LoopDevice::attach(2 * 1024 * 1024) else {
-        eprintln!("no loop device to be had (not root, or no /dev/loop-control): skipped");
-        return;
-    };
+    let device = LoopDevice::attach(2 * 1024 * 1024);
     let (data, server, _slots, mut req) = serve_img(Act::Serve).await;
     req.slot_path = device.dev.clone();
     req.slot_capacity = 1 << 40;
@@ -690,10 +700,7 @@ async fn block_device_slot_is_bounded_by_its_size_and_exclusive() {
 
 #[tokio::test]
 async fn compressed_image_ignores_resume_from() {
-    let data = pattern(SIZE, 0x2545);
-    let compressed = zstd::encode_all(&data[..], 3).unwrap();
-    let server = ImageServer::serve(compressed.clone(), vec![("/img.zst", Act::Serve)]).await;
-    let slots = Slots::new();
+    let (data, compressed, server, slots) = serve_zstd_img().await;
     std::fs::write(&slots.slot, &data[..SIZE / 2]).unwrap();
     let mut req = slots.request(zstd_image(&server.url("/img.zst"), &data, &compressed));
     req.resume_from = (SIZE / 2) as u64;

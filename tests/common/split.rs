@@ -86,6 +86,30 @@ impl Split {
         self.run(args)
     }
 
+    /// Boots the board, which must come up in `slot` (`why` says why), and runs `boot-check`
+    /// there as the daemon's user, as the commit unit does; it must succeed.
+    #[track_caller]
+    pub fn boot_and_check(&mut self, slot: &str, why: &str) {
+        assert_eq!(self.boot(), slot, "{why}");
+        let out = self.as_daemon(&["boot-check"]);
+        assert!(
+            out.status.success(),
+            "{why}: boot-check in {slot}: {}",
+            text(&out)
+        );
+    }
+
+    /// The last event the daemon recorded is `state` (`context` leads the failure message).
+    #[track_caller]
+    pub fn assert_last_event(&self, state: &str, context: &str) {
+        let states = super::sim::states(&self.events());
+        assert_eq!(
+            states.last().map(String::as_str),
+            Some(state),
+            "{context}{states:?}"
+        );
+    }
+
     /// `update-agent install RELEASE` as the daemon's user, which must succeed.
     #[track_caller]
     pub fn install_as_daemon(&self, release: &Path) -> Output {
