@@ -86,6 +86,16 @@ impl Rig {
         self.bl.primary().unwrap()
     }
 
+    /// Activates B and sets `name` to `value` behind the agent's back: reading the primary slot
+    /// must then fail with an error that says `says`.
+    #[track_caller]
+    fn assert_activated_then_refused(&self, name: &str, value: &str, says: &str) {
+        self.bl.mark_active("B").unwrap();
+        self.set(name, value);
+        let err = self.bl.primary().unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+
     /// How many boots a freshly activated slot gets before the script falls back.
     fn trial_boots(&self) -> usize {
         match self.env.backend() {
@@ -410,10 +420,7 @@ scenario_tests!(counters_that_are_not_numbers:
 #[test]
 fn grub_hostile_values_are_clean_errors_or_passed_over() {
     let rig = Rig::grub();
-    rig.bl.mark_active("B").unwrap();
-    rig.set("B_OK", "yes");
-    let err = rig.bl.primary().unwrap_err();
-    assert!(err.to_string().contains("B_OK"), "{err}");
+    rig.assert_activated_then_refused("B_OK", "yes", "B_OK");
     rig.bl.mark_good("B").unwrap();
     assert_eq!(rig.primary().as_deref(), Some("B"));
 
@@ -430,11 +437,8 @@ fn grub_hostile_values_are_clean_errors_or_passed_over() {
 #[test]
 fn uboot_value_imitating_a_variable_is_refused() {
     let rig = Rig::uboot();
-    rig.bl.mark_active("B").unwrap();
     // A newline in some other value makes fw_printenv print a second BOOT_B_LEFT line.
-    rig.set("hostname", "gw\nBOOT_B_LEFT=9");
-    let err = rig.bl.primary().unwrap_err();
-    assert!(err.to_string().contains("listed twice"), "{err}");
+    rig.assert_activated_then_refused("hostname", "gw\nBOOT_B_LEFT=9", "listed twice");
 }
 
 #[test]

@@ -745,11 +745,7 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     assert!(out.status.success(), "{}", text(&out.stderr));
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["postponed_until"], "2026-06-02T12:00:00Z");
-    let postponed = device
-        .events()
-        .into_iter()
-        .rfind(|e| e["state"] == "postponed")
-        .unwrap();
+    let postponed = last_event(&device, "postponed");
     assert_eq!(postponed["until"], "2026-06-02T12:00:00Z");
     assert_eq!(postponed["to_version"], "2.0");
     service.wait_state("waiting for the postponement", |s| s.waiting == "postponed");
@@ -836,16 +832,20 @@ fn end_to_end_postponed_over_dbus_installs_as_time_passes_and_announces_the_rebo
     );
     let states = states(&device.events());
     assert_eq!(states, POSTPONED_TO_THE_WINDOW);
-    let writing = device
-        .events()
-        .into_iter()
-        .find(|e| e["state"] == "writing")
-        .unwrap();
+    let writing = last_event(&device, "writing");
     assert_eq!(writing["at"], "2026-06-03T02:00:00Z");
 }
 
 /// Moves the daemon's test clock (`UPDATE_AGENT_TEST_CLOCK_FILE`): it reads the file at every
 /// look at the time. Replaced atomically, so the daemon never reads half a time.
+/// The last event in `state` the gateway's agent recorded; there must be one.
+#[track_caller]
+fn last_event(gateway: &Gateway, state: &str) -> serde_json::Value {
+    let events = gateway.events();
+    let found = events.iter().rfind(|e| e["state"] == state).cloned();
+    found.unwrap_or_else(|| panic!("no {state:?} event in {events:#?}"))
+}
+
 fn set_daemon_time(file: &Path, at: Timestamp) {
     let next = file.with_extension("next");
     fs::write(&next, at.to_string()).unwrap();

@@ -103,6 +103,14 @@ impl Device {
         self.run(&["boot-check"])
     }
 
+    /// `update-agent ARGS`, which must succeed with `said` on stdout.
+    #[track_caller]
+    fn run_saying(&self, args: &[&str], said: &str) {
+        let out = self.run(args);
+        assert_exit(&out, 0, &args.join(" "));
+        assert!(stdout(&out).contains(said), "{}", stdout(&out));
+    }
+
     /// A release of the device's image signed by `signer` (the device trusts its own), served
     /// at `url_path` on the loopback server.
     fn release_by(
@@ -586,13 +594,7 @@ fn mark_cli(backend: Backend) {
         "a refused mark changed the environment"
     );
 
-    let out = dev.run(&["mark", "good", "booted"]);
-    assert_exit(&out, 0, "mark good booted");
-    assert!(
-        stdout(&out).contains("marked slot A good"),
-        "{}",
-        stdout(&out)
-    );
+    dev.run_saying(&["mark", "good", "booted"], "marked slot A good");
     dev.assert_env_first_and_good("A");
 
     let out = dev.run(&["status"]);
@@ -610,13 +612,7 @@ fn mark_cli(backend: Backend) {
         );
     }
 
-    let out = dev.run(&["mark", "active", "other", "--force"]);
-    assert_exit(&out, 0, "mark active other --force");
-    assert!(
-        stdout(&out).contains("marked slot B active"),
-        "{}",
-        stdout(&out)
-    );
+    dev.run_saying(&["mark", "active", "other", "--force"], "marked slot B active");
     dev.assert_env_first_and_good("B");
     assert!(
         dev.events().is_empty(),
