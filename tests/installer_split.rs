@@ -20,6 +20,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::mqtt_state::committed_state;
 use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
 use common::sim::{User, states, tamper};
 use common::split::*;
@@ -438,14 +439,7 @@ fn the_mqtt_daemon_as_nobody_installs_through_the_installer_and_commits_after_th
     assert_eq!(events[6]["to_version"], "2.0");
     // The retained state: the new version, and the commit boot-check made as its last event
     // (taken over from the outbox, not recorded by this daemon).
-    let state = wait_for("the committed state", Duration::from_secs(10), || {
-        let state = retained_state(&split, &client);
-        (state["version"] == "2.0").then_some(state)
-    });
-    assert_eq!(state["booted_slot"], "B");
-    assert_eq!(state["state"], "idle");
-    assert_eq!(state["slots"]["B"]["committed"], true);
-    assert_eq!(state["last_event"]["state"], "committed", "{state}");
+    let state = committed_state(&split, &client, "2.0", "B");
     assert_eq!(state["last_event"]["seq"], 6, "{state}");
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
     let log = split.installer_log();

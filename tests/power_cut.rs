@@ -422,6 +422,34 @@ macro_rules! cut_tests {
     };
 }
 
+/// `#[test] fn NAME()`: an install on the file bootloader cut at `point` commits, and the
+/// writing phase's `durable` at the cut was `durable` (`None`: not writing yet).
+macro_rules! durable_cut_tests {
+    ($($name:ident => $point:literal, $durable:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let cycle = cut($point, Install, Committed);
+                assert_eq!(cycle.durable_at_crash, $durable, "durable at the cut");
+            }
+        )*
+    };
+}
+
+/// Runs `case`, whose cut must come in the writing phase; returns the cycle, the device's
+/// journal and the writing phase's `durable` at the cut.
+#[track_caller]
+fn cut_while_writing(case: Case) -> (Cycle, String, u64) {
+    let cycle = run_case(&case);
+    let journal = cycle.device.journal();
+    assert!(
+        cycle.durable_at_crash.is_some(),
+        "the cut was not in the writing phase\n{journal}"
+    );
+    let durable = cycle.durable_at_crash.unwrap();
+    (cycle, journal, durable)
+}
+
 fn run_case(case: &Case) -> Cycle {
     let mut dev = Device::new(case);
     assert_eq!(dev.booted(), "A", "the device starts in slot A");
@@ -644,44 +672,18 @@ fn check_resume(dev: &Device, durable: Option<u64>, requests_at_crash: usize) {
 // ------------------------------------------------------------------------------------------
 // The sweep, file bootloader
 
-// Before anything is persisted: nothing survives, the release is offered again.
-#[test]
-fn persist_writing_before() {
-    let cycle = cut("persist:writing:before", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, None, "no transaction was persisted");
-}
-
-// The transaction is persisted, the target not yet marked bad, nothing written.
-#[test]
-fn persist_writing_after() {
-    let cycle = cut("persist:writing:after", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(0));
-}
-
-// Checkpoints: the fdatasync'ed offset is persisted, then the cut.
-#[test]
-fn checkpoint_1() {
-    let cycle = cut("checkpoint:1", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(CHECKPOINT as u64));
-}
-
-#[test]
-fn checkpoint_3() {
-    let cycle = cut("checkpoint:3", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(3 * CHECKPOINT as u64));
-}
-
-// The last checkpoint is the whole image, reported once its hash matched.
-#[test]
-fn checkpoint_5_whole_image() {
-    let cycle = cut("checkpoint:5", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(IMAGE_LEN as u64));
-}
-
-#[test]
-fn readback_before() {
-    let cycle = cut("readback:before", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(IMAGE_LEN as u64));
+durable_cut_tests! {
+    // Before anything is persisted: nothing survives (no transaction), the release is offered
+    // again.
+    persist_writing_before => "persist:writing:before", None;
+    // The transaction is persisted, the target not yet marked bad, nothing written.
+    persist_writing_after => "persist:writing:after", Some(0);
+    // Checkpoints: the fdatasync'ed offset is persisted, then the cut.
+    checkpoint_1 => "checkpoint:1", Some(CHECKPOINT as u64);
+    checkpoint_3 => "checkpoint:3", Some(3 * CHECKPOINT as u64);
+    // The last checkpoint is the whole image, reported once its hash matched.
+    checkpoint_5_whole_image => "checkpoint:5", Some(IMAGE_LEN as u64);
+    readback_before => "readback:before", Some(IMAGE_LEN as u64);
 }
 
 cut_tests! { File:
@@ -732,17 +734,14 @@ cut_tests! { File:
 fn mid_interval_cut_resumes_from_the_checkpoint() {
     let interval = 2 * MIB;
     let limit = interval + MIB / 2;
-    let cycle = run_case(&Case {
+    let (cycle, journal, durable) = cut_while_writing(Case {
         // Slow enough that progress (at most every 100 ms) is reported several times while the
         // writer is between 3 and 4 MiB.
         throttle: Some(SLOW_DOWNLOAD),
         checkpoint_interval: interval,
         ..install_cut(format!("bytes:{limit}"))
     });
-    let journal = cycle.device.journal();
-    let durable = cycle
-        .durable_at_crash
-        .expect("the cut was in the writing phase") as usize;
+    let durable = durable as usize;
     assert_eq!(durable, interval, "the persisted checkpoint\n{journal}");
     // The agent had written past the checkpoint when it died: the cut was mid-interval, and
     // those bytes are what the power cut lost.
@@ -776,16 +775,12 @@ fn mid_interval_cut_resumes_from_the_checkpoint() {
 /// it matched.
 #[test]
 fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
-    let cycle = run_case(&Case {
+    let (cycle, journal, durable) = cut_while_writing(Case {
         // About 160 ms per MiB: the read-back of a region takes a few.
         throttle: Some(SLOW_DOWNLOAD),
         readback_overlap: true,
         ..install_cut(format!("readback:bytes:{CHECKPOINT}"))
     });
-    let journal = cycle.device.journal();
-    let durable = cycle
-        .durable_at_crash
-        .expect("the cut was in the writing phase");
     // The first checkpoint may or may not have been persisted yet when its region's read-back
     // ended (two threads), the second cannot have been.
     assert!(
@@ -800,28 +795,21 @@ fn cut_after_a_region_is_read_back_before_the_next_checkpoint() {
 /// the read-back has matched 4 MiB of the 4 MiB and a bit.
 #[test]
 fn cut_during_the_read_back_behind_the_last_bytes() {
-    let cycle = run_case(&Case {
-        readback_overlap: true,
-        ..install_cut("readback:bytes:4194304".into())
-    });
     // Still writing: the slot was neither activated nor marked written. Which checkpoint was
     // persisted by then is a race the test leaves open (the download may have queued every
     // byte before the first checkpoint reached the state file); the cycle's own checks say
     // the write resumed from it and B was only ever bootable holding the image.
-    assert!(
-        cycle.durable_at_crash.is_some(),
-        "the cut was not in the writing phase\n{}",
-        cycle.device.journal()
-    );
+    cut_while_writing(Case {
+        readback_overlap: true,
+        ..install_cut("readback:bytes:4194304".into())
+    });
 }
 
-/// Without the overlap (the default) the read-back starts after the last byte, once the whole
-/// image's checkpoint is persisted: a cut in it, after 2 MiB were read back, leaves only the
-/// read-back to redo.
-#[test]
-fn cut_during_the_read_back_after_the_last_byte() {
-    let cycle = cut("readback:bytes:2097152", Install, Committed);
-    assert_eq!(cycle.durable_at_crash, Some(IMAGE_LEN as u64));
+durable_cut_tests! {
+    // Without the overlap (the default) the read-back starts after the last byte, once the
+    // whole image's checkpoint is persisted: a cut in it, after 2 MiB were read back, leaves
+    // only the read-back to redo.
+    cut_during_the_read_back_after_the_last_byte => "readback:bytes:2097152", Some(IMAGE_LEN as u64);
 }
 
 // ------------------------------------------------------------------------------------------

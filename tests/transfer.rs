@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::sim::Act;
+use common::sim::tools::run_ok;
 use common::{ImageServer, pattern, require, sha256_hex};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
@@ -635,19 +636,13 @@ impl LoopDevice {
             .unwrap()
             .set_len(size)
             .unwrap();
-        let output = std::process::Command::new(require("losetup", "mount"))
-            .args(["--find", "--show"])
-            .arg(&backing)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "no loop device (this test must run as root, with /dev/loop-control): {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let dev = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        let mut losetup = std::process::Command::new(require("losetup", "mount"));
+        losetup.args(["--find", "--show"]).arg(&backing);
+        let dev = run_ok(&mut losetup).unwrap_or_else(|e| {
+            panic!("no loop device (this test must run as root, with /dev/loop-control): {e}")
+        });
         LoopDevice {
-            dev: PathBuf::from(dev),
+            dev: PathBuf::from(dev.trim()),
             _dir: dir,
         }
     }

@@ -72,5 +72,7 @@ macro_rules! derefs_to_gateway {
     };
 }
 
+pub mod mqtt_state;
+
 /// The least-privilege split (after the macros, which it uses).
 pub mod split;

@@ -14,6 +14,7 @@ mod withdrawal;
 use std::fs;
 use std::time::Duration;
 
+use common::mqtt_state::committed_state;
 use common::sim::mqtt::{ClientArgs, Mosquitto, Sub};
 use common::sim::states;
 use common::sim::{Act, GatewayBuilder, tamper};
@@ -92,6 +93,23 @@ fn start_online(device: &mut Gateway, client: &ClientArgs, leaf: &str) -> Sub {
     device.start_daemon(&[]);
     sub.wait_raw(&online, "true", Duration::from_secs(10));
     sub
+}
+
+/// Publishes `release` retained on the fleet topic, starts the daemon with `client` subscribed to
+/// its events, and returns them up to the reboot request.
+fn fleet_install_until_reboot(
+    device: &mut Gateway,
+    client: &ClientArgs,
+    release: &[u8],
+) -> Vec<Value> {
+    client.publish(&device.fleet_topic(), release, true);
+    let sub = client.subscribe(&[&device.topic("events")], None);
+    device.start_daemon(&[]);
+    sub.events_until(
+        &device.topic("events"),
+        "rebooting",
+        Duration::from_secs(20),
+    )
 }
 
 /// Stops the daemon as systemd does: it says itself, at once, that it is offline.
@@ -224,14 +242,7 @@ fn whole_cycle(protocol: Protocol) {
     assert_eq!(events[6]["to_version"], "2.0");
     assert_eq!(events[6]["from_version"], "1.0");
 
-    let state = wait_for("the committed state", Duration::from_secs(5), || {
-        let state = state(&device, &client);
-        (state["version"] == "2.0").then_some(state)
-    });
-    assert_eq!(state["state"], "idle");
-    assert_eq!(state["booted_slot"], "B");
-    assert_eq!(state["slots"]["B"]["committed"], true);
-    assert_eq!(state["last_event"]["state"], "committed");
+    let state = committed_state(&device, &client, "2.0", "B");
     assert_eq!(state["policy"]["floor"], 2);
     assert!(device.slot("B").starts_with(&image));
 
@@ -581,14 +592,7 @@ fn the_periodic_check_retries_a_release_whose_install_failed() {
         .start_background()
         .unwrap();
     let release = release(&device, &image(), &server.url("/image.img"));
-    client.publish(&device.fleet_topic(), &release, true);
-    let sub = client.subscribe(&[&device.topic("events")], None);
-    device.start_daemon(&[]);
-    let events = sub.events_until(
-        &device.topic("events"),
-        "rebooting",
-        Duration::from_secs(20),
-    );
+    let events = fleet_install_until_reboot(&mut device, &client, &release);
     // The failed attempt, then the retry up to the reboot.
     let retried = [&["accepted", "writing", "failed"][..], UP_TO_THE_REBOOT].concat();
     assert_eq!(states(&events), retried, "{}", device.logs());
@@ -671,14 +675,7 @@ fn the_daemon_wakes_the_policy_at_a_security_deadline() {
         .deadline(deadline)
         .image(&url, &image())
         .sign();
-    client.publish(&device.fleet_topic(), &release, true);
-    let sub = client.subscribe(&[&device.topic("events")], None);
-    device.start_daemon(&[]);
-    let events = sub.events_until(
-        &device.topic("events"),
-        "rebooting",
-        Duration::from_secs(20),
-    );
+    let events = fleet_install_until_reboot(&mut device, &client, &release);
     let seen = states(&events);
     let pending = seen.iter().position(|s| s == "pending");
     let writing = seen.iter().position(|s| s == "writing");
