@@ -683,8 +683,7 @@ mod tests {
 
     #[test]
     fn fallback_without_o_direct_hashes_the_region() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         let data: Vec<u8> = (0..3 * READ_BUFFER + 17).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let size = data.len() as u64 - 5;
@@ -712,8 +711,7 @@ mod tests {
         image: &[u8],
         slot_bytes: &[u8],
     ) -> Result<(), TransferError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         std::fs::write(&path, b"").unwrap();
         let slot = OpenOptions::new().write(true).open(&path).unwrap();
         let readback = Readback::start(&path, image.len() as u64, check(), 0, true)?;
@@ -800,8 +798,7 @@ mod tests {
     fn read_back_waits_for_durable_bytes_and_finish_refuses_a_write_not_all_durable() {
         let image = image();
         let sha256: [u8; 32] = Sha256::digest(&image).into();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         // The whole image is in the file, but only a part was reported durable.
         std::fs::write(&path, &image).unwrap();
         let readback =
