@@ -366,21 +366,12 @@ async fn install_full(
     let mut download = DownloadTally::new(0, plan.transport_size - source.start());
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
-        loop {
-            let Some(chunk) = source.next_chunk().await? else {
-                // The sink may have failed meanwhile; its own error then tells why.
-                let _ = queue.send(Msg::End).await;
-                return Ok(());
-            };
-            let len = chunk.len() as u64;
-            download.downloaded += len;
-            if queue.send(Msg::Data(chunk)).await.is_err() {
-                return Ok(());
-            }
+        pump(&mut source, &queue, &mut rate, |chunk| {
+            download.downloaded += chunk.len() as u64;
             download.tell_if_due(reporter.events)?;
-            reporter.update(false)?;
-            rate.take(len).await;
-        }
+            reporter.update(false)
+        })
+        .await
     }
     .await
     .err();
@@ -502,6 +493,34 @@ fn decode_sha256(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
+}
+
+/// Moves the source's chunks into the sink's queue, no faster than `rate`, until the source
+/// ends (the sink is then told) or the sink stops taking them (its own result says why).
+/// `each` sees every chunk before it is queued: it counts it, may cut bytes off its front
+/// (nothing is queued when none are left), or fails the transfer.
+async fn pump(
+    source: &mut Source,
+    queue: &tokio::sync::mpsc::Sender<Msg>,
+    rate: &mut RateLimit,
+    mut each: impl FnMut(&mut bytes::Bytes) -> Result<(), TransferError>,
+) -> Result<(), TransferError> {
+    loop {
+        let Some(mut chunk) = source.next_chunk().await? else {
+            // The sink may have failed meanwhile; its own error then tells why.
+            let _ = queue.send(Msg::End).await;
+            return Ok(());
+        };
+        each(&mut chunk)?;
+        if chunk.is_empty() {
+            continue;
+        }
+        let len = chunk.len() as u64;
+        if queue.send(Msg::Data(chunk)).await.is_err() {
+            return Ok(());
+        }
+        rate.take(len).await;
+    }
 }
 
 /// A bandwidth cap: after each chunk, waits until the bytes so far fit the rate.

@@ -112,31 +112,16 @@ pub async fn send_image(
         })
     };
     let mut rate = super::RateLimit::new(settings.server.max_rate);
-    let failure = async {
-        loop {
-            let Some(mut chunk) = source.next_chunk().await? else {
-                let _ = queue.send(Msg::End).await;
-                return Ok(());
-            };
-            downloaded += chunk.len() as u64;
-            progress
-                .downloaded
-                .store(downloaded, std::sync::atomic::Ordering::Relaxed);
-            if skip > 0 {
-                let cut = skip.min(chunk.len() as u64) as usize;
-                skip -= cut as u64;
-                let _ = chunk.split_to(cut);
-                if chunk.is_empty() {
-                    continue;
-                }
-            }
-            let len = chunk.len() as u64;
-            if queue.send(Msg::Data(chunk)).await.is_err() {
-                return Ok(());
-            }
-            rate.take(len).await;
-        }
-    }
+    let failure = super::pump(&mut source, &queue, &mut rate, |chunk| {
+        downloaded += chunk.len() as u64;
+        progress
+            .downloaded
+            .store(downloaded, std::sync::atomic::Ordering::Relaxed);
+        let cut = skip.min(chunk.len() as u64);
+        skip -= cut;
+        let _ = chunk.split_to(cut as usize);
+        Ok(())
+    })
     .await
     .err();
     drop(queue);
