@@ -681,6 +681,13 @@ fn read_fully(file: &File, buf: &mut [u8], at: u64, need: usize) -> io::Result<(
 mod tests {
     use super::*;
 
+    fn assert_readback_mismatch(err: &TransferError) {
+        assert!(
+            matches!(err, TransferError::ReadbackMismatch { .. }),
+            "{err}"
+        );
+    }
+
     #[test]
     fn fallback_without_o_direct_hashes_the_region() {
         let (_dir, path) = crate::scratch_path("slot");
@@ -692,7 +699,7 @@ mod tests {
         assert_eq!(read_back_uncached(&path, size).unwrap(), expected);
         assert_eq!(read_back(&path, size).unwrap(), expected);
         let err = read_back_uncached(&path, data.len() as u64 + 1).unwrap_err();
-        assert!(matches!(err, TransferError::ReadbackMismatch { .. }));
+        assert_readback_mismatch(&err);
     }
 
     /// 5 MiB and a bit, of 4 KiB blocks: distinct content, some all-zero blocks, a short end.
@@ -773,10 +780,7 @@ mod tests {
             );
         }
         let err = overlapped(blocks, &image, &image[..image.len() - 10]).unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 
     #[test]
@@ -788,10 +792,7 @@ mod tests {
         let mut bad = image.clone();
         bad[2 * PIECE + 3] ^= 1;
         let err = overlapped(whole, &image, &bad).unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 
     #[test]
@@ -819,9 +820,6 @@ mod tests {
             2 * PIECE as u64
         );
         let err = readback.finish().unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 }

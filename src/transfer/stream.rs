@@ -84,10 +84,13 @@ pub async fn send_image(
     );
     let mut downloaded = 0;
 
-    let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
-    let (checkpoints, _) = std::sync::mpsc::channel();
-    let sink = {
-        let config = SinkConfig {
+    let super::RunningSink {
+        queue,
+        result: sink,
+        ..
+    } = super::start_sink(
+        writer::InstallerStream(out),
+        SinkConfig {
             path: PathBuf::from("the installer's stream"),
             shown: plan.shown.clone(),
             size,
@@ -99,18 +102,8 @@ pub async fn send_image(
             report_checkpoints: false,
             zstd: plan.zstd,
             readback: None,
-        };
-        let written = Arc::new(AtomicU64::new(start));
-        tokio::task::spawn_blocking(move || {
-            writer::run_sink(
-                writer::InstallerStream(out),
-                config,
-                queue_rx,
-                written,
-                checkpoints,
-            )
-        })
-    };
+        },
+    );
     let mut rate = super::RateLimit::new(settings.server.max_rate);
     let failure = super::pump(&mut source, &queue, &mut rate, |chunk| {
         downloaded += chunk.len() as u64;
