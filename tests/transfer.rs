@@ -121,6 +121,21 @@ async fn serve_img(act: Act) -> (Vec<u8>, ImageServer, Slots, WriteRequest) {
     (data, server, slots, req)
 }
 
+/// [`serve_img`] over TLS, with a certificate of its own (returned) that no system trusts.
+async fn serve_img_over_tls() -> (
+    Vec<u8>,
+    ImageServer,
+    rustls::pki_types::CertificateDer<'static>,
+    Slots,
+    WriteRequest,
+) {
+    let data = pattern(SIZE, 0x2545);
+    let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
+    let slots = Slots::new();
+    let req = slots.request(image(&server.url("/img"), &data));
+    (data, server, cert, slots, req)
+}
+
 // ------------------------------------------------------------------------------------------
 // Happy paths
 
@@ -186,10 +201,7 @@ async fn file_url_image_is_written() {
 
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
-    let data = pattern(SIZE, 0x2545);
-    let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
-    let slots = Slots::new();
-    let mut req = slots.request(image(&server.url("/img"), &data));
+    let (data, _server, cert, slots, mut req) = serve_img_over_tls().await;
     req.server.extra_roots = vec![cert];
 
     let (result, _) = install(&req).await;
@@ -200,10 +212,7 @@ async fn https_image_is_written_with_an_extra_root() {
 
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
-    let data = pattern(SIZE, 0x2545);
-    let (server, _cert) = https(data.clone(), "/img", Act::Serve).await;
-    let slots = Slots::new();
-    let req = slots.request(image(&server.url("/img"), &data));
+    let (_, _server, _, slots, req) = serve_img_over_tls().await;
 
     let err = expect_failure(&slots, &req, ReasonCode::TlsFailed).await;
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
