@@ -982,8 +982,7 @@ mod tests {
         let default = Config::parse(&without).unwrap().install.readback_overlap;
         assert_eq!(default, ReadbackOverlap::Auto);
 
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("slot");
+        let (_dir, file) = crate::scratch_path("slot");
         std::fs::write(&file, b"a file slot").unwrap();
         assert!(!ReadbackOverlap::Auto.for_slot(&file));
         assert!(ReadbackOverlap::Always.for_slot(&file));

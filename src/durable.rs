@@ -58,8 +58,7 @@ mod tests {
 
     #[test]
     fn replaces_content_and_sets_mode_and_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
+        let (dir, path) = crate::scratch_path("state.json");
         write_atomically(&path, b"one", 0o600).unwrap();
         write_atomically(&path, b"two", 0o644).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
@@ -72,8 +71,7 @@ mod tests {
 
     #[test]
     fn a_fifo_is_refused_without_blocking() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("fifo");
+        let (_dir, path) = crate::scratch_path("fifo");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let err = read_bounded(&path, 10).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
@@ -82,8 +80,7 @@ mod tests {
 
     #[test]
     fn read_bounded_refuses_larger_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
+        let (_dir, path) = crate::scratch_path("f");
         fs::write(&path, [0u8; 11]).unwrap();
         assert!(read_bounded(&path, 10).is_err());
         assert_eq!(read_bounded(&path, 11).unwrap().len(), 11);

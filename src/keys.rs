@@ -230,8 +230,7 @@ mod tests {
 
     #[test]
     fn key_file_read_is_bounded_and_regular_files_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let big = dir.path().join("big.pub");
+        let (dir, big) = crate::scratch_path("big.pub");
         fs::write(&big, vec![b'A'; MAX_KEY_FILE as usize + 1]).unwrap();
         assert!(matches!(
             load_verifying_key(&big),

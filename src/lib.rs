@@ -68,4 +68,15 @@ pub mod state_store;
 pub mod system;
 pub mod transfer;
 
+/// A file's path in a fresh directory that is removed when the returned guard drops: the
+/// opening of most unit tests that touch the file system.
+#[cfg(test)]
+pub(crate) fn scratch_path(
+    name: impl AsRef<std::path::Path>,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
 pub use update_agent_core::{engine, reason};

@@ -468,25 +468,14 @@ mod tests {
     #[test]
     fn an_event_reported_again_is_logged_once() {
         let dir = tempfile::tempdir().unwrap();
+        let log = |store: &StateStore, seq, kind| store.log_event(&event(seq, kind)).unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.log_event(&event(0, EventKind::Accepted)).unwrap(),
-            Logged::Appended
-        );
-        assert_eq!(
-            store.log_event(&event(1, EventKind::Writing)).unwrap(),
-            Logged::Appended
-        );
+        assert_eq!(log(&store, 0, EventKind::Accepted), Logged::Appended);
+        assert_eq!(log(&store, 1, EventKind::Writing), Logged::Appended);
         // The agent restarts (a new store) and the engine reports its last events again.
         let store = StateStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.log_event(&event(1, EventKind::Writing)).unwrap(),
-            Logged::AlreadyLogged
-        );
-        assert_eq!(
-            store.log_event(&event(2, EventKind::Written)).unwrap(),
-            Logged::Appended
-        );
+        assert_eq!(log(&store, 1, EventKind::Writing), Logged::AlreadyLogged);
+        assert_eq!(log(&store, 2, EventKind::Written), Logged::Appended);
         let seqs: Vec<u64> = store.events().unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
     }

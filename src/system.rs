@@ -236,8 +236,7 @@ pub(crate) mod tests {
 
     impl Hanging {
         pub fn new(then: &str) -> Hanging {
-            let dir = tempfile::tempdir().unwrap();
-            let pidfile = dir.path().join("pid");
+            let (dir, pidfile) = crate::scratch_path("pid");
             let script = format!("sleep 300 & echo $! > {}; wait{then}", pidfile.display());
             Hanging {
                 script,

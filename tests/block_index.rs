@@ -104,31 +104,20 @@ fn make_release() -> Release {
     let out = run(&["keygen", "--out"], &[&key]);
     assert_exit(&out, 0, "keygen");
     let serve = dir.path().join("serve");
-    let out = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(dir.path().join("signer.key"))
-        .arg("--image")
-        .arg(&new)
-        .args([
-            "--version",
-            "2",
-            "--security-version",
-            "2",
-            "--compatible",
-            "gw",
-        ])
-        .args([
-            "--url",
-            "http://updates.example.com/v2/new.img.zst",
-            "--compress",
-            "zstd",
-        ])
-        .arg("--out-dir")
-        .arg(&serve)
-        .arg("--out")
-        .arg(serve.join("release.json"))
-        .output()
-        .unwrap();
+    let out = common::release_create(
+        &dir.path().join("signer.key"),
+        &new,
+        ["2", "2"],
+        "gw",
+        "http://updates.example.com/v2/new.img.zst",
+    )
+    .args(["--compress", "zstd"])
+    .arg("--out-dir")
+    .arg(&serve)
+    .arg("--out")
+    .arg(serve.join("release.json"))
+    .output()
+    .unwrap();
     assert_exit(&out, 0, "release create");
     let release: serde_json::Value =
         serde_json::from_slice(&fs::read(serve.join("release.json")).unwrap()).unwrap();

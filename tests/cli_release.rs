@@ -73,21 +73,15 @@ impl Setup {
     }
 
     fn create(&self, extra: &[&str]) -> Output {
-        let mut command = Command::new(BIN);
+        let mut command = common::release_create(
+            &self.path("signer.key"),
+            &self.path("rootfs.img"),
+            ["2026.06.1", "12"],
+            "acme-gw-1",
+            "https://updates.example.com/rootfs.img",
+        );
         command
-            .args(["release", "create", "--key"])
-            .arg(self.path("signer.key"))
-            .arg("--image")
-            .arg(self.path("rootfs.img"))
             .args([
-                "--version",
-                "2026.06.1",
-                "--security-version",
-                "12",
-                "--compatible",
-                "acme-gw-1",
-                "--url",
-                "https://updates.example.com/rootfs.img",
                 "--advisory",
                 "Fixes CVE-2026-0001",
                 "--security",

@@ -517,20 +517,20 @@ reboot_command = ["true"]
         let out_path = self.path("release.json");
         let image = &self.r.image;
         let chunks = image.chunks.as_ref().unwrap();
-        let out = Command::new(BIN)
-            .args(["release", "create", "--key"])
-            .arg(self.path("signer.key"))
-            .arg("--image")
-            .arg(self.r.serve().join("new.img"))
-            .args(["--version", "2.0", "--security-version", "2"])
-            .args(["--compatible", COMPATIBLE, "--url", &image.url])
-            .args(["--index-url", &chunks.url, "--store-level", "3"])
-            .arg("--out-dir")
-            .arg(self.path("made"))
-            .arg("--out")
-            .arg(&out_path)
-            .output()
-            .unwrap();
+        let out = common::release_create(
+            &self.path("signer.key"),
+            &self.r.serve().join("new.img"),
+            ["2.0", "2"],
+            COMPATIBLE,
+            &image.url,
+        )
+        .args(["--index-url", &chunks.url, "--store-level", "3"])
+        .arg("--out-dir")
+        .arg(self.path("made"))
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
         assert_exit(&out, 0, "release create");
         // Serve what release create made (the same image, so the same index and store).
         for name in ["new.img.index", "new.img.store"] {

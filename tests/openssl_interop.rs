@@ -173,26 +173,17 @@ fn signature_by_update_agent_release_create_verifies_with_openssl() {
     let image = dir.path().join("rootfs.img");
     fs::write(&image, vec![0x5a; 10_000]).unwrap();
     let release_path = dir.path().join("release.json");
-    let create = Command::new(BIN)
-        .args(["release", "create", "--key"])
-        .arg(dir.path().join("signer.key"))
-        .arg("--image")
-        .arg(&image)
-        .args([
-            "--version",
-            "1.0",
-            "--security-version",
-            "1",
-            "--compatible",
-            COMPATIBLE,
-            "--url",
-            "https://updates.example.com/rootfs.img",
-            "--no-chunks",
-            "--out",
-        ])
-        .arg(&release_path)
-        .output()
-        .unwrap();
+    let create = common::release_create(
+        &dir.path().join("signer.key"),
+        &image,
+        ["1.0", "1"],
+        COMPATIBLE,
+        "https://updates.example.com/rootfs.img",
+    )
+    .args(["--no-chunks", "--out"])
+    .arg(&release_path)
+    .output()
+    .unwrap();
     assert_exit(&create, 0, "release create");
 
     let release: Value = serde_json::from_slice(&fs::read(&release_path).unwrap()).unwrap();

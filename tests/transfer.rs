@@ -122,10 +122,8 @@ async fn serve_img(act: Act) -> (Vec<u8>, ImageServer, Slots, WriteRequest) {
     (data, server, slots, req)
 }
 
-/// `serve_img` over HTTPS with a self-signed certificate for 127.0.0.1, which it returns too.
-async fn serve_img_https(
-    act: Act,
-) -> (
+/// [`serve_img`] over TLS, with a certificate of its own (returned) that no system trusts.
+async fn serve_img_over_tls() -> (
     Vec<u8>,
     ImageServer,
     rustls::pki_types::CertificateDer<'static>,
@@ -133,7 +131,7 @@ async fn serve_img_https(
     WriteRequest,
 ) {
     let data = pattern(SIZE, 0x2545);
-    let (server, cert) = https(data.clone(), "/img", act).await;
+    let (server, cert) = https(data.clone(), "/img", Act::Serve).await;
     let slots = Slots::new();
     let req = slots.request(image(&server.url("/img"), &data));
     (data, server, cert, slots, req)
@@ -213,7 +211,7 @@ async fn file_url_image_is_written() {
 
 #[tokio::test]
 async fn https_image_is_written_with_an_extra_root() {
-    let (data, _server, cert, slots, mut req) = serve_img_https(Act::Serve).await;
+    let (data, _server, cert, slots, mut req) = serve_img_over_tls().await;
     req.server.extra_roots = vec![cert];
 
     let (result, _) = install(&req).await;
@@ -224,7 +222,7 @@ async fn https_image_is_written_with_an_extra_root() {
 
 #[tokio::test]
 async fn https_server_with_an_unknown_certificate_is_refused() {
-    let (_data, _server, _cert, slots, req) = serve_img_https(Act::Serve).await;
+    let (_, _server, _, slots, req) = serve_img_over_tls().await;
 
     let err = expect_failure(&slots, &req, ReasonCode::TlsFailed).await;
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
@@ -398,9 +396,11 @@ async fn too_many_redirects_are_refused() {
 
 #[tokio::test]
 async fn https_to_http_redirect_is_refused() {
-    let plain = ImageServer::serve(pattern(SIZE, 0x2545), vec![("/img", Act::Serve)]).await;
-    let (_data, _secure, cert, slots, mut req) =
-        serve_img_https(Act::Redirect(plain.url("/img"))).await;
+    let data = pattern(SIZE, 0x2545);
+    let plain = ImageServer::serve(data.clone(), vec![("/img", Act::Serve)]).await;
+    let (secure, cert) = https(data.clone(), "/img", Act::Redirect(plain.url("/img"))).await;
+    let slots = Slots::new();
+    let mut req = slots.request(image(&secure.url("/img"), &data));
     req.server.extra_roots = vec![cert];
 
     let err = expect_failure(&slots, &req, ReasonCode::InsecureRedirect).await;

@@ -105,8 +105,7 @@ mod tests {
 
     #[test]
     fn oversized_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("boot.env");
+        let (_dir, path) = crate::scratch_path("boot.env");
         fs::write(&path, "X=".to_owned() + &"y".repeat(MAX_ENV_FILE)).unwrap();
         let err = FileEnv { path }.read().unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");

@@ -372,8 +372,7 @@ mod tests {
 
     /// The BOOT_* variables of a file environment after one boot, and the slot that booted.
     fn boot_with(script: UBootScript, env: &[(&str, &str)]) -> (Result<String, String>, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("boot.env");
+        let (_dir, path) = crate::scratch_path("boot.env");
         let text: String = env.iter().map(|(n, v)| format!("{n}={v}\n")).collect();
         fs::write(&path, text).unwrap();
         let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], 3)
@@ -461,8 +460,7 @@ mod tests {
     /// The FAT script's file holds its three variables and nothing else, whatever was there.
     #[test]
     fn the_fat_script_stores_only_its_variables() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("boot.env");
+        let (_dir, path) = crate::scratch_path("boot.env");
         fs::write(&path, "bootcmd=evil\nBOOT_ORDER=B A\nBOOT_B_LEFT=3\n").unwrap();
         let sim = BootSim::new(SimEnv::File { path: path.clone() }, &["A", "B"], 3)
             .with_uboot_script(UBootScript::EnvInFat(FAT_UBOOT_SCRIPT.into()));

@@ -75,8 +75,7 @@ mod tests {
 
     #[test]
     fn messages_reach_a_path_socket_and_an_abstract_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
+        let (_dir, path) = crate::scratch_path("notify");
         let listener = UnixDatagram::bind(&path).unwrap();
         let notifier = Notifier {
             target: Some(Target::Path(path)),

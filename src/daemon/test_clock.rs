@@ -56,8 +56,7 @@ mod tests {
 
     #[test]
     fn reads_the_time_from_the_file_each_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("now");
+        let (_dir, path) = crate::scratch_path("now");
         std::fs::write(&path, "2026-06-01T12:00:00Z\n").unwrap();
         assert_eq!(read(&path), "2026-06-01T12:00:00Z".parse().unwrap());
         std::fs::write(&path, "2026-06-03T02:00:00Z").unwrap();
@@ -66,8 +65,7 @@ mod tests {
 
     #[test]
     fn an_unreadable_file_falls_back_to_the_system_clock() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("now");
+        let (_dir, path) = crate::scratch_path("now");
         std::fs::write(&path, "not a time").unwrap();
         let before = Timestamp::now();
         let now = read(&path);

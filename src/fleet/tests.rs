@@ -43,31 +43,23 @@ fn fleet(n: usize) -> FleetView {
     view
 }
 
-fn run(view: &mut FleetView, id: &str, states: &[&str], at: Timestamp) {
-    for (i, state) in states.iter().enumerate() {
+fn run(view: &mut FleetView, id: &str, states: &[&[&str]], at: Timestamp) {
+    for (i, state) in states.concat().iter().enumerate() {
         view.observe(id, "events", &event(5 + i as u64, state, RELEASE), at);
     }
 }
 
-const COMMIT: &[&str] = &[
+/// A device's events up to and through its trial boot, then how the trial ended.
+const TRIAL: &[&str] = &[
     "accepted",
     "writing",
     "written",
     "activated",
     "rebooting",
     "trial-boot",
-    "committed",
 ];
-const ROLLBACK: &[&str] = &[
-    "accepted",
-    "writing",
-    "written",
-    "activated",
-    "rebooting",
-    "trial-boot",
-    "rolling-back",
-    "rolled-back",
-];
+const COMMIT: &[&[&str]] = &[TRIAL, &["committed"]];
+const ROLLBACK: &[&[&str]] = &[TRIAL, &["rolling-back", "rolled-back"]];
 
 /// `fleet(n)` after the release: the first `committed` devices committed it, the next one
 /// (`gw-{committed}`) rolled back, the rest have not started.
@@ -83,8 +75,8 @@ fn fleet_after_rollout(n: usize, committed: usize) -> FleetView {
 #[test]
 fn a_rollout_counts_stages_and_the_failure_rate_among_finished_devices() {
     let mut view = fleet_after_rollout(20, 16);
-    run(&mut view, "gw-17", &["accepted", "failed"], t(10));
-    run(&mut view, "gw-18", &["accepted", "writing"], t(10));
+    run(&mut view, "gw-17", &[&["accepted", "failed"]], t(10));
+    run(&mut view, "gw-18", &[&["accepted", "writing"]], t(10));
     let rules = Rules {
         halt_at: Some(0.05),
         min_finished: 10,
@@ -134,8 +126,8 @@ fn a_rollout_counts_stages_and_the_failure_rate_among_finished_devices() {
 fn the_rollout_is_settled_when_no_device_waits_or_installs() {
     let mut view = fleet(3);
     run(&mut view, "gw-00", COMMIT, t(10));
-    run(&mut view, "gw-01", &["refused"], t(10));
-    run(&mut view, "gw-02", &["accepted", "withdrawn"], t(10));
+    run(&mut view, "gw-01", &[&["refused"]], t(10));
+    run(&mut view, "gw-02", &[&["accepted", "withdrawn"]], t(10));
     let summary = view.summary(&Rules::default(), t(20));
     let rollout = summary.rollout.unwrap();
     assert!(rollout.settled, "{rollout:?}");
@@ -208,7 +200,7 @@ fn endless_gaps_stay_bounded() {
 fn stragglers_are_offline_or_quiet_devices_that_have_not_settled() {
     let mut view = fleet(4);
     run(&mut view, "gw-00", COMMIT, t(10));
-    run(&mut view, "gw-01", &["accepted", "writing"], t(10));
+    run(&mut view, "gw-01", &[&["accepted", "writing"]], t(10));
     view.observe("gw-02", "online", b"false", t(10));
     let rules = Rules {
         straggler_after: SignedDuration::from_secs(300),
@@ -387,8 +379,8 @@ fn percentages() {
 #[test]
 fn the_retained_state_settles_devices_whose_last_events_were_lost() {
     let mut view = fleet(2);
-    run(&mut view, "gw-00", &["accepted", "writing"], t(10));
-    run(&mut view, "gw-01", &["accepted", "writing"], t(10));
+    run(&mut view, "gw-00", &[&["accepted", "writing"]], t(10));
+    run(&mut view, "gw-01", &[&["accepted", "writing"]], t(10));
     // gw-00's later events are lost; its state, re-read, shows 2.0 committed.
     view.observe("gw-00", "state", &state("2.0", "idle", Some(11)), t(30));
     // gw-01 rolled back; its state says so (after the release was created).

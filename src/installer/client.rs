@@ -413,8 +413,7 @@ mod tests {
     /// with `installer-unavailable` instead of holding the daemon.
     #[test]
     fn a_silent_installer_fails_the_call_at_its_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("installer.sock");
+        let (_dir, path) = crate::scratch_path("installer.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let held = std::thread::spawn(move || {
             let mut kept = Vec::new();

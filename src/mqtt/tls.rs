@@ -105,8 +105,7 @@ mod tests {
 
     #[test]
     fn a_group_readable_key_is_refused_with_the_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("device.key");
+        let (_dir, key) = crate::scratch_path("device.key");
         std::fs::write(
             &key,
             "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
@@ -119,8 +118,7 @@ mod tests {
 
     #[test]
     fn a_ca_file_without_certificates_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.pem");
+        let (_dir, ca) = crate::scratch_path("ca.pem");
         std::fs::write(&ca, "not pem").unwrap();
         let files = TlsFiles { ca, client: None };
         let err = client_config(&files).unwrap_err().to_string();

@@ -331,11 +331,14 @@ async fn install_full(
     };
     // The read-back runs beside the download: each region is read back once it is durable.
     let readback = Readback::start(&req.slot_path, size, check, start, req.readback_overlap)?;
-    let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
-    let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
-    let written = Arc::new(AtomicU64::new(start));
-    let sink = {
-        let config = SinkConfig {
+    let RunningSink {
+        queue,
+        checkpoints,
+        written,
+        result: sink,
+    } = start_sink(
+        writer::SlotFile(file),
+        SinkConfig {
             path: req.slot_path.clone(),
             shown: plan.shown.clone(),
             size,
@@ -346,18 +349,8 @@ async fn install_full(
             report_checkpoints: plan.zstd.is_none(),
             zstd: plan.zstd,
             readback: Some(readback.feed()),
-        };
-        let written = written.clone();
-        tokio::task::spawn_blocking(move || {
-            writer::run_sink(
-                writer::SlotFile(file),
-                config,
-                queue_rx,
-                written,
-                checkpoint_tx,
-            )
-        })
-    };
+        },
+    );
 
     let mut reporter = Reporter::new(events, checkpoints, written, size);
     let mut rate = RateLimit::new(req.server.max_rate);
@@ -366,21 +359,12 @@ async fn install_full(
     let mut download = DownloadTally::new(0, plan.transport_size - source.start());
     let failure: Option<TransferError> = async {
         reporter.progress(true)?;
-        loop {
-            let Some(chunk) = source.next_chunk().await? else {
-                // The sink may have failed meanwhile; its own error then tells why.
-                let _ = queue.send(Msg::End).await;
-                return Ok(());
-            };
-            let len = chunk.len() as u64;
-            download.downloaded += len;
-            if queue.send(Msg::Data(chunk)).await.is_err() {
-                return Ok(());
-            }
+        pump(&mut source, &queue, &mut rate, |chunk| {
+            download.downloaded += chunk.len() as u64;
             download.tell_if_due(reporter.events)?;
-            reporter.update(false)?;
-            rate.take(len).await;
-        }
+            reporter.update(false)
+        })
+        .await
     }
     .await
     .err();
@@ -502,6 +486,64 @@ fn decode_sha256(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
+}
+
+/// A sink running on a blocking thread.
+struct RunningSink {
+    /// What feeds it.
+    queue: tokio::sync::mpsc::Sender<Msg>,
+    /// The offsets it made durable, each after its `fdatasync`.
+    checkpoints: std::sync::mpsc::Receiver<u64>,
+    /// The bytes it has written so far.
+    written: Arc<AtomicU64>,
+    result: tokio::task::JoinHandle<Result<writer::SinkOutcome, TransferError>>,
+}
+
+/// Starts `config`'s sink into `destination` on a blocking thread.
+fn start_sink<D: writer::Destination + 'static>(destination: D, config: SinkConfig) -> RunningSink {
+    let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
+    let (checkpoint_tx, checkpoints) = std::sync::mpsc::channel();
+    let written = Arc::new(AtomicU64::new(config.start));
+    let result = {
+        let written = written.clone();
+        tokio::task::spawn_blocking(move || {
+            writer::run_sink(destination, config, queue_rx, written, checkpoint_tx)
+        })
+    };
+    RunningSink {
+        queue,
+        checkpoints,
+        written,
+        result,
+    }
+}
+
+/// Moves the source's chunks into the sink's queue, no faster than `rate`, until the source
+/// ends (the sink is then told) or the sink stops taking them (its own result says why).
+/// `each` sees every chunk before it is queued: it counts it, may cut bytes off its front
+/// (nothing is queued when none are left), or fails the transfer.
+async fn pump(
+    source: &mut Source,
+    queue: &tokio::sync::mpsc::Sender<Msg>,
+    rate: &mut RateLimit,
+    mut each: impl FnMut(&mut bytes::Bytes) -> Result<(), TransferError>,
+) -> Result<(), TransferError> {
+    loop {
+        let Some(mut chunk) = source.next_chunk().await? else {
+            // The sink may have failed meanwhile; its own error then tells why.
+            let _ = queue.send(Msg::End).await;
+            return Ok(());
+        };
+        each(&mut chunk)?;
+        if chunk.is_empty() {
+            continue;
+        }
+        let len = chunk.len() as u64;
+        if queue.send(Msg::Data(chunk)).await.is_err() {
+            return Ok(());
+        }
+        rate.take(len).await;
+    }
 }
 
 /// A bandwidth cap: after each chunk, waits until the bytes so far fit the rate.

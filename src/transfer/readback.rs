@@ -681,10 +681,16 @@ fn read_fully(file: &File, buf: &mut [u8], at: u64, need: usize) -> io::Result<(
 mod tests {
     use super::*;
 
+    fn assert_readback_mismatch(err: &TransferError) {
+        assert!(
+            matches!(err, TransferError::ReadbackMismatch { .. }),
+            "{err}"
+        );
+    }
+
     #[test]
     fn fallback_without_o_direct_hashes_the_region() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         let data: Vec<u8> = (0..3 * READ_BUFFER + 17).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let size = data.len() as u64 - 5;
@@ -693,7 +699,7 @@ mod tests {
         assert_eq!(read_back_uncached(&path, size).unwrap(), expected);
         assert_eq!(read_back(&path, size).unwrap(), expected);
         let err = read_back_uncached(&path, data.len() as u64 + 1).unwrap_err();
-        assert!(matches!(err, TransferError::ReadbackMismatch { .. }));
+        assert_readback_mismatch(&err);
     }
 
     /// 5 MiB and a bit, of 4 KiB blocks: distinct content, some all-zero blocks, a short end.
@@ -712,8 +718,7 @@ mod tests {
         image: &[u8],
         slot_bytes: &[u8],
     ) -> Result<(), TransferError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         std::fs::write(&path, b"").unwrap();
         let slot = OpenOptions::new().write(true).open(&path).unwrap();
         let readback = Readback::start(&path, image.len() as u64, check(), 0, true)?;
@@ -775,10 +780,7 @@ mod tests {
             );
         }
         let err = overlapped(blocks, &image, &image[..image.len() - 10]).unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 
     #[test]
@@ -790,18 +792,14 @@ mod tests {
         let mut bad = image.clone();
         bad[2 * PIECE + 3] ^= 1;
         let err = overlapped(whole, &image, &bad).unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 
     #[test]
     fn read_back_waits_for_durable_bytes_and_finish_refuses_a_write_not_all_durable() {
         let image = image();
         let sha256: [u8; 32] = Sha256::digest(&image).into();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("slot");
+        let (_dir, path) = crate::scratch_path("slot");
         // The whole image is in the file, but only a part was reported durable.
         std::fs::write(&path, &image).unwrap();
         let readback =
@@ -822,9 +820,6 @@ mod tests {
             2 * PIECE as u64
         );
         let err = readback.finish().unwrap_err();
-        assert!(
-            matches!(err, TransferError::ReadbackMismatch { .. }),
-            "{err}"
-        );
+        assert_readback_mismatch(&err);
     }
 }

@@ -344,8 +344,7 @@ mod tests {
     /// chunk's worth per stall timeout, but never silent for that long, is not a stall.
     #[test]
     fn a_pipe_source_yields_what_it_has_without_waiting_for_a_whole_chunk() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("image.fifo");
+        let (_dir, fifo) = crate::scratch_path("image.fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let pieces: [&[u8]; 3] = [b"first piece ", b"second piece ", b"last"];
         let total: usize = pieces.iter().map(|p| p.len()).sum();

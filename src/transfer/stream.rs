@@ -84,10 +84,13 @@ pub async fn send_image(
     );
     let mut downloaded = 0;
 
-    let (queue, queue_rx) = tokio::sync::mpsc::channel(QUEUE_CHUNKS);
-    let (checkpoints, _) = std::sync::mpsc::channel();
-    let sink = {
-        let config = SinkConfig {
+    let super::RunningSink {
+        queue,
+        result: sink,
+        ..
+    } = super::start_sink(
+        writer::InstallerStream(out),
+        SinkConfig {
             path: PathBuf::from("the installer's stream"),
             shown: plan.shown.clone(),
             size,
@@ -99,44 +102,19 @@ pub async fn send_image(
             report_checkpoints: false,
             zstd: plan.zstd,
             readback: None,
-        };
-        let written = Arc::new(AtomicU64::new(start));
-        tokio::task::spawn_blocking(move || {
-            writer::run_sink(
-                writer::InstallerStream(out),
-                config,
-                queue_rx,
-                written,
-                checkpoints,
-            )
-        })
-    };
+        },
+    );
     let mut rate = super::RateLimit::new(settings.server.max_rate);
-    let failure = async {
-        loop {
-            let Some(mut chunk) = source.next_chunk().await? else {
-                let _ = queue.send(Msg::End).await;
-                return Ok(());
-            };
-            downloaded += chunk.len() as u64;
-            progress
-                .downloaded
-                .store(downloaded, std::sync::atomic::Ordering::Relaxed);
-            if skip > 0 {
-                let cut = skip.min(chunk.len() as u64) as usize;
-                skip -= cut as u64;
-                let _ = chunk.split_to(cut);
-                if chunk.is_empty() {
-                    continue;
-                }
-            }
-            let len = chunk.len() as u64;
-            if queue.send(Msg::Data(chunk)).await.is_err() {
-                return Ok(());
-            }
-            rate.take(len).await;
-        }
-    }
+    let failure = super::pump(&mut source, &queue, &mut rate, |chunk| {
+        downloaded += chunk.len() as u64;
+        progress
+            .downloaded
+            .store(downloaded, std::sync::atomic::Ordering::Relaxed);
+        let cut = skip.min(chunk.len() as u64);
+        skip -= cut;
+        let _ = chunk.split_to(cut as usize);
+        Ok(())
+    })
     .await
     .err();
     drop(queue);

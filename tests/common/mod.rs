@@ -14,6 +14,27 @@ pub use update_agent::sim::{self, Backend, Gateway, ImageServer, pattern, sha256
 /// The agent's binary, as cargo built it for the tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_update-agent");
 
+/// `update-agent release create` of `image`, signed with the key at `signer_key`, version
+/// `version` (security version `security_version`) for `compatible` devices, at `url`; the
+/// caller adds the rest (`--out`, options).
+pub fn release_create(
+    signer_key: &std::path::Path,
+    image: &std::path::Path,
+    [version, security_version]: [&str; 2],
+    compatible: &str,
+    url: &str,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args(["release", "create", "--key"])
+        .arg(signer_key)
+        .arg("--image")
+        .arg(image)
+        .args(["--version", version, "--security-version", security_version])
+        .args(["--compatible", compatible, "--url", url]);
+    command
+}
+
 /// A simulated gateway whose agent is [`BIN`].
 pub fn gateway() -> sim::GatewayBuilder {
     Gateway::builder().binary(BIN)
