@@ -78,15 +78,7 @@ fn happy_path(backend: Backend) {
 fn a_compressed_image_is_decompressed_by_the_daemon_and_hashed_by_the_installer() {
     let split = Split::new(Backend::File);
     let compressed = zstd::encode_all(&split.image[..], 3).unwrap();
-    fs::write(split.path("rootfs.img.zst"), &compressed).unwrap();
-    let url = format!("file://{}", split.path("rootfs.img.zst").display());
-    let release = split
-        .gateway
-        .release("2.0")
-        .security_version(2)
-        .zstd_image(&url, &split.image, &compressed)
-        .write(&split.path("release-zstd.json"))
-        .unwrap();
+    let release = split.file_release("2.0", 2, "rootfs.img.zst", &compressed, Some(&split.image));
     split.install_as_daemon(&release);
     assert_eq!(&split.slot("B")[..IMAGE_LEN], &split.image[..]);
     assert_eq!(split.env_var("BOOT_ORDER").as_deref(), Some("B A"));
@@ -101,15 +93,7 @@ fn a_daemon_killed_mid_write_resumes_from_the_installers_checkpoint() {
     let split = Split::new(Backend::File);
     // Three checkpoints' worth (1 MiB each) and a bit.
     let big = pattern(3 * 1024 * 1024 + 4099, 7);
-    fs::write(split.path("big.img"), &big).unwrap();
-    let url = format!("file://{}", split.path("big.img").display());
-    let release = split
-        .gateway
-        .release("3.0")
-        .security_version(3)
-        .image(&url, &big)
-        .write(&split.path("release-big.json"))
-        .unwrap();
+    let release = split.file_release("3.0", 3, "big.img", &big, None);
     // kill -9 of the daemon role right after it persisted the installer's first checkpoint.
     split.install_killed_at(&release, "checkpoint:1");
     // The same boot: boot-check finishes the interrupted install through the installer.

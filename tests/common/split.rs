@@ -172,6 +172,31 @@ impl Split {
             .unwrap()
     }
 
+    /// A release of the file `name` beside the gateway, written to hold `stored`: the image
+    /// itself, or with `zstd_of` the zstd compression of that image.
+    pub fn file_release(
+        &self,
+        version: &str,
+        security_version: u64,
+        name: &str,
+        stored: &[u8],
+        zstd_of: Option<&[u8]>,
+    ) -> PathBuf {
+        fs::write(self.path(name), stored).unwrap();
+        let url = format!("file://{}", self.path(name).display());
+        let release = self
+            .gateway
+            .release(version)
+            .security_version(security_version);
+        let release = match zstd_of {
+            Some(image) => release.zstd_image(&url, image, stored),
+            None => release.image(&url, stored),
+        };
+        release
+            .write(&self.path(&format!("release-{version}.json")))
+            .unwrap()
+    }
+
     /// `release create` of `image` with its block index and store in `serve/` (level
     /// `store_level`, compressed as `compress` names if given), signed by the gateway's signer,
     /// written as `release-{name}.json` and readable by the daemon's user.
