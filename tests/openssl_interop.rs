@@ -155,21 +155,22 @@ fn manifest_signed_by_openssl_verifies_with_library_and_binary() {
     );
 }
 
-/// `update-agent keygen --out prefix`, which must succeed.
-fn keygen(prefix: &Path) {
+/// `update-agent keygen --out DIR/name` in a fresh directory DIR, which must succeed: the key
+/// pair is `name.key` and `name.pub` there.
+fn keygen_in_scratch(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["keygen", "--out"])
-        .arg(prefix)
+        .arg(dir.path().join(name))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
+    dir
 }
 
 #[test]
 fn signature_by_update_agent_release_create_verifies_with_openssl() {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = dir.path().join("signer");
-    keygen(&prefix);
+    let dir = keygen_in_scratch("signer");
     let image = dir.path().join("rootfs.img");
     fs::write(&image, vec![0x5a; 10_000]).unwrap();
     let release_path = dir.path().join("release.json");
@@ -231,9 +232,7 @@ fn signature_by_update_agent_release_create_verifies_with_openssl() {
 
 #[test]
 fn key_made_by_update_agent_keygen_is_read_by_openssl() {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = dir.path().join("k");
-    keygen(&prefix);
+    let dir = keygen_in_scratch("k");
     let private = dir.path().join("k.key");
     let public = dir.path().join("k.pub");
     ok(

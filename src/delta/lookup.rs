@@ -470,23 +470,24 @@ mod tests {
         Sha256::digest(bytes).into()
     }
 
-    /// `image` written as `slot` in `dir`, and its table built as `table` there (4 KiB blocks).
-    fn table_of_slot(dir: &Path, image: &[u8], key: &Hash) -> std::path::PathBuf {
-        let slot = dir.join("slot");
+    /// `image` written as `slot` in a fresh directory, and its table built as `table` there
+    /// (4 KiB blocks).
+    fn table_of_slot(image: &[u8], key: &Hash) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot");
         std::fs::write(&slot, image).unwrap();
-        let out = dir.join("table");
+        let out = dir.path().join("table");
         TableBuilder::new(4096)
             .from_slot(&File::open(&slot).unwrap(), image.len() as u64, key, &out)
             .unwrap();
-        out
+        (dir, out)
     }
 
     #[test]
     fn every_non_zero_block_is_found_by_its_hash_and_zeros_are_left_out() {
-        let dir = tempfile::tempdir().unwrap();
         let image = slot_image(40);
         let key = [7u8; 32];
-        let out = table_of_slot(dir.path(), &image, &key);
+        let (dir, out) = table_of_slot(&image, &key);
         let table = SlotTable::open(&out).unwrap();
         assert_eq!(table.slot_blocks(), 40);
         // 40 blocks: 6 zero (i % 7 == 3), 5 of 0xff (capped at MAX_COPIES), 29 distinct.
@@ -550,10 +551,9 @@ mod tests {
 
     #[test]
     fn a_damaged_table_is_refused_not_read() {
-        let dir = tempfile::tempdir().unwrap();
         let image = slot_image(50);
         let key = [0u8; 32];
-        let out = table_of_slot(dir.path(), &image, &key);
+        let (_dir, out) = table_of_slot(&image, &key);
         let good = std::fs::read(&out).unwrap();
         for (what, edit) in [
             ("magic", 0usize),

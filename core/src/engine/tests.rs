@@ -80,6 +80,15 @@ impl Harness {
         h
     }
 
+    /// A new engine that saw the factory boot in slot A, asked to mark it good, and was told
+    /// it is (which asks for nothing more).
+    fn booted_and_marked_good() -> Harness {
+        let mut h = Harness::new();
+        assert_eq!(h.feed(boot(BOOT_1, "A")), vec![mark_good("A")]);
+        assert!(h.answer(Ok(())).is_empty());
+        h
+    }
+
     /// The agent restarted: a new engine from the state persisted last.
     fn restarted(&self) -> Harness {
         Harness::restore(self.persisted.last().unwrap().clone())
@@ -233,9 +242,7 @@ mod rollout;
 
 #[test]
 fn install_reboot_trial_commit() {
-    let mut h = Harness::new();
-    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![mark_good("A")]);
-    assert!(h.answer(Ok(())).is_empty());
+    let mut h = Harness::booted_and_marked_good();
     h.install_until_reboot(release("2.0", 5));
     let jobs = h.feed(boot(BOOT_2, "B"));
     assert_eq!(jobs, vec![Job::CheckHealth]);
@@ -339,9 +346,7 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
 /// `stays_in_the_running_slot_across_reboots`).
 #[test]
 fn every_boot_in_idle_marks_the_booted_slot_good() {
-    let mut h = Harness::new();
-    assert_eq!(h.feed(boot(BOOT_1, "A")), vec![mark_good("A")]);
-    assert!(h.answer(Ok(())).is_empty());
+    let mut h = Harness::booted_and_marked_good();
     h.install_until_reboot(release("2.0", 1));
     h.feed(boot(BOOT_2, "B"));
     h.answer(Ok(()));

@@ -74,6 +74,11 @@ fn write_and_activate(h: &mut Harness) -> Vec<Job> {
     h.answer(Ok(()))
 }
 
+/// From `at`, the next moment `p`'s windows allow is `expected` (`at` itself inside one).
+fn assert_next_window(p: &PolicyConfig, at: &str, expected: &str) {
+    assert_eq!(p.next_window_start(ts(at)), Some(ts(expected)), "from {at}");
+}
+
 #[test]
 fn window_across_midnight_is_open_at_night_and_closed_by_day() {
     let p = policy(&["22:00-02:00"], RebootPolicy::Window);
@@ -82,15 +87,9 @@ fn window_across_midnight_is_open_at_night_and_closed_by_day() {
     assert!(p.in_window(ts("2026-06-01T22:00:00Z")));
     assert!(!p.in_window(ts("2026-06-02T02:00:00Z")));
     assert!(!p.in_window(ts("2026-06-01T12:00:00Z")));
-    assert_eq!(
-        p.next_window_start(ts("2026-06-01T12:00:00Z")),
-        Some(ts("2026-06-01T22:00:00Z"))
-    );
+    assert_next_window(&p, "2026-06-01T12:00:00Z", "2026-06-01T22:00:00Z");
     // Inside the window (after midnight, opened the day before), now is the time.
-    assert_eq!(
-        p.next_window_start(ts("2026-06-02T01:00:00Z")),
-        Some(ts("2026-06-02T01:00:00Z"))
-    );
+    assert_next_window(&p, "2026-06-02T01:00:00Z", "2026-06-02T01:00:00Z");
 
     // Through the engine: a release at noon waits for 22:00, then installs.
     let mut h = booted(p, "2026-06-01T12:00:00Z");
@@ -119,24 +118,15 @@ fn window_keeps_local_time_across_dst_changes_in_berlin() {
         ..policy(&["01:00-03:00"], RebootPolicy::Window)
     };
     // Before the change, 01:00 CET is 00:00 UTC.
-    assert_eq!(
-        p.next_window_start(ts("2026-03-28T12:00:00Z")),
-        Some(ts("2026-03-29T00:00:00Z"))
-    );
+    assert_next_window(&p, "2026-03-28T12:00:00Z", "2026-03-29T00:00:00Z");
     // On the day of the change the window ends at 03:00 CEST = 01:00 UTC: one hour long. A
     // fixed +01:00 offset would call 01:30 UTC "02:30, inside".
     assert!(p.in_window(ts("2026-03-29T00:59:59Z")));
     assert!(!p.in_window(ts("2026-03-29T01:30:00Z")));
     // After the change, 01:00 CEST is 23:00 UTC the evening before.
-    assert_eq!(
-        p.next_window_start(ts("2026-03-29T12:00:00Z")),
-        Some(ts("2026-03-29T23:00:00Z"))
-    );
+    assert_next_window(&p, "2026-03-29T12:00:00Z", "2026-03-29T23:00:00Z");
     // Autumn: 01:00 CEST = 23:00 UTC; 03:00 CET = 02:00 UTC: the window lasts three hours.
-    assert_eq!(
-        p.next_window_start(ts("2026-10-24T12:00:00Z")),
-        Some(ts("2026-10-24T23:00:00Z"))
-    );
+    assert_next_window(&p, "2026-10-24T12:00:00Z", "2026-10-24T23:00:00Z");
     assert!(p.in_window(ts("2026-10-25T01:30:00Z")));
     assert!(!p.in_window(ts("2026-10-25T02:00:00Z")));
     // A window starting inside the spring gap (02:30 does not exist) opens right after it.
