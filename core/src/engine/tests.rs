@@ -183,6 +183,13 @@ impl Harness {
     }
 
     /// After [`Harness::install_until_reboot`]: boots the new slot B and answers its health
+    /// check with success; the jobs asked for next.
+    fn pass_the_trial_boot(&mut self) -> Vec<Job> {
+        self.feed(boot(BOOT_2, "B"));
+        self.answer(Ok(()))
+    }
+
+    /// After [`Harness::install_until_reboot`]: boots the new slot B and answers its health
     /// check with a failure (`unit app.service is failed`); the jobs asked for next.
     fn fail_the_trial_boot(&mut self) -> Vec<Job> {
         self.feed(boot(BOOT_2, "B"));
@@ -348,8 +355,7 @@ fn failed_health_check_marks_bad_reboots_and_reports_rolled_back() {
 fn every_boot_in_idle_marks_the_booted_slot_good() {
     let mut h = Harness::booted_and_marked_good();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    h.answer(Ok(()));
+    h.pass_the_trial_boot();
     assert!(h.answer(Ok(())).is_empty());
     let count = h.events.len();
     for boot_id in ["boot-3", "boot-4", "boot-5"] {
@@ -459,8 +465,7 @@ fn the_running_release_delivered_again_is_ignored() {
     let mut h = Harness::booted();
     let rel = release("2.0", 1);
     h.install_until_reboot(rel.clone());
-    h.feed(boot(BOOT_2, "B"));
-    h.answer(Ok(()));
+    h.pass_the_trial_boot();
     h.answer(Ok(()));
     let count = h.events.len();
     assert!(h.offer(rel).is_empty());
@@ -576,8 +581,7 @@ fn a_sequence_number_is_persisted_before_its_event_is_reported() {
 fn events_persisted_but_not_reported_before_a_power_cut_are_reported_after_it() {
     let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    h.answer(Ok(()));
+    h.pass_the_trial_boot();
     // Commit: the state is persisted, then the agent dies before it reports `committed`.
     let mark_good = mark_good("B");
     let actions = h.engine.handle(Input::JobDone(mark_good, Ok(())), h.now);
@@ -656,8 +660,7 @@ fn every_reported_event_is_kept_for_a_report_again_with_its_reason() {
 fn idle_boot_mark_good_survives_a_failed_write_and_skips_unknown_slots() {
     let mut h = Harness::booted();
     h.install_until_reboot(release("2.0", 1));
-    h.feed(boot(BOOT_2, "B"));
-    h.answer(Ok(()));
+    h.pass_the_trial_boot();
     h.answer(Ok(()));
     assert_eq!(h.engine.state().phase, Phase::Idle);
     for (i, slot) in ["B", "B", "A"].into_iter().enumerate() {
