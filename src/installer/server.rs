@@ -409,9 +409,19 @@ impl Installer {
             .map_err(ledger_failed)
     }
 
-    /// The installer's own verification, against its own trust anchor: what the daemon says a
-    /// release is counts for nothing.
-    fn verify(&self, release: &str) -> Result<VerifiedRelease, Refused> {
+    /// The installer's own verification, against its own trust anchor (what the daemon says a
+    /// release is counts for nothing), and the image the release holds for this device, with
+    /// its SHA-256.
+    fn verify(
+        &self,
+        release: &str,
+    ) -> Result<(VerifiedRelease, crate::release::manifest::Image, [u8; 32]), Refused> {
+        let verified = self.verify_release(release)?;
+        let (image, sha256) = self.image(&verified)?;
+        Ok((verified, image, sha256))
+    }
+
+    fn verify_release(&self, release: &str) -> Result<VerifiedRelease, Refused> {
         let policy = Policy {
             threshold: self.config.trust.threshold,
             compatible: Some(self.config.device.compatible.clone()),
@@ -483,10 +493,8 @@ impl Installer {
         image_stream: OwnedFd,
         control: &UnixStream,
     ) -> Result<(), Refused> {
-        let verified = self.verify(release)?;
-        let (image, sha256) = self.image(&verified)?;
+        let (verified, image, sha256) = self.verify(release)?;
         let target = self.begin_write(slot)?;
-        let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
         let slot_stream = SlotStream::open(SlotStreamRequest {
             slot_path: target.device.clone(),
             slot_capacity: target.size.unwrap_or(u64::MAX),
@@ -503,22 +511,16 @@ impl Installer {
             image,
             work_dir: self.work_dir(),
         })
-        .map_err(transfer)?;
-        let tell = |reply: &Reply| {
-            send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
+        .map_err(transfer_refused)?;
+        let replies = WriteReplies(control);
         if slot_stream.start() > 0 {
             tracing::info!(
                 "installer: write of slot {slot} resumes at byte {} (re-hashed)",
                 slot_stream.start()
             );
         }
-        tell(&Reply::Ready {
-            start: slot_stream.start(),
-        })
-        .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
-        let mut events = |event: TransferEvent| reply_for(event).map_or(Ok(()), |r| tell(&r));
+        replies.ready(slot_stream.start())?;
+        let mut events = |event| replies.progress(event);
         if let Err(e) = slot_stream.run(File::from(image_stream), &mut events) {
             // Bytes that were refused go. A stream that stopped early (the network, the daemon
             // gone) keeps its checkpoint for the resume: the ledger keeps the slot unverified,
@@ -529,7 +531,7 @@ impl Installer {
             ) {
                 wipe_head(&target.device, slot);
             }
-            return Err(transfer(e));
+            return Err(transfer_refused(e));
         }
         self.record_verified(slot, &verified)?;
         tracing::info!(
@@ -551,8 +553,7 @@ impl Installer {
         image_stream: OwnedFd,
         control: &UnixStream,
     ) -> Result<(), Refused> {
-        let verified = self.verify(release)?;
-        let (image, _) = self.image(&verified)?;
+        let (verified, image, _) = self.verify(release)?;
         if image.chunks.is_none() {
             return Err(Refused::new(
                 ReasonCode::InvalidRequest,
@@ -567,14 +568,9 @@ impl Installer {
             Some(crate::transfer::BootedSlot { path: device, key })
         });
         let target = self.begin_write(slot)?;
-        let transfer = |e: crate::transfer::TransferError| Refused::new(e.reason(), e.to_string());
-        let tell = |reply: &Reply| {
-            send_frame(control, reply, None, Instant::now() + REQUEST_TIMEOUT)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        };
-        tell(&Reply::Ready { start: 0 })
-            .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))?;
-        let mut events = |event: TransferEvent| reply_for(event).map_or(Ok(()), |r| tell(&r));
+        let replies = WriteReplies(control);
+        replies.ready(0)?;
+        let mut events = |event| replies.progress(event);
         let request = crate::transfer::DeltaStreamRequest {
             image,
             slot_path: target.device.clone(),
@@ -592,7 +588,7 @@ impl Installer {
         };
         let (written, stats) =
             crate::transfer::receive_delta(&request, &File::from(image_stream), &mut events)
-                .map_err(transfer)?;
+                .map_err(transfer_refused)?;
         self.record_verified(slot, &verified)?;
         tracing::info!(
             "installer: slot {slot} holds release {} (sha256 {}) by delta: {} bytes of the store received in {} requests, {} blocks reused",
@@ -608,8 +604,7 @@ impl Installer {
     /// Activates `slot` only when it holds the image of a release this installer verified
     /// itself: written and read back by this process, or else read back from the medium now.
     fn activate(&mut self, slot: &str, release: &str) -> Result<(), Refused> {
-        let verified = self.verify(release)?;
-        let (image, sha256) = self.image(&verified)?;
+        let (verified, image, sha256) = self.verify(release)?;
         let target = self.configured(slot)?;
         if self.written.get(slot) != Some(&verified.id) {
             verify_slot(&target.device, image.size, &sha256)
@@ -624,6 +619,31 @@ impl Installer {
             .reboot_now()
             .map_err(|e| Refused::new(ReasonCode::RebootFailed, e.message))
     }
+}
+
+/// The daemon's side of a write: the installer's replies go back on the request's connection.
+struct WriteReplies<'a>(&'a UnixStream);
+
+impl WriteReplies<'_> {
+    fn send(&self, reply: &Reply) -> std::io::Result<()> {
+        send_frame(self.0, reply, None, Instant::now() + REQUEST_TIMEOUT)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Asks the daemon for the image's bytes from `start` on.
+    fn ready(&self, start: u64) -> Result<(), Refused> {
+        self.send(&Reply::Ready { start })
+            .map_err(|e| Refused::new(ReasonCode::Cancelled, e.to_string()))
+    }
+
+    /// Passes the write's progress on, as the daemon hears it ([`reply_for`]).
+    fn progress(&self, event: TransferEvent) -> std::io::Result<()> {
+        reply_for(event).map_or(Ok(()), |reply| self.send(&reply))
+    }
+}
+
+fn transfer_refused(e: crate::transfer::TransferError) -> Refused {
+    Refused::new(e.reason(), e.to_string())
 }
 
 /// What the daemon hears of a write's progress. The installer downloads nothing (the stream
