@@ -1487,12 +1487,7 @@ async fn download_whole(
     let shown = esc(url.as_str());
     match url.scheme() {
         "file" => {
-            let path = url
-                .to_file_path()
-                .map_err(|()| TransferError::UnsupportedUrl {
-                    url: shown.clone(),
-                    detail: "a file url must name an absolute local path".into(),
-                })?;
+            let path = super::source::local_path(url, &shown)?;
             let mut source = File::open(&path).map_err(|e| TransferError::Download {
                 url: shown.clone(),
                 detail: format!("cannot open: {e}"),
@@ -1739,13 +1734,7 @@ impl Store {
         spool: &File,
         counted: &mut (dyn FnMut(u64) -> u64 + Send),
     ) -> Result<(), TransferError> {
-        let path = self
-            .url
-            .to_file_path()
-            .map_err(|()| TransferError::UnsupportedUrl {
-                url: self.shown.clone(),
-                detail: "a file url must name an absolute local path".into(),
-            })?;
+        let path = super::source::local_path(&self.url, &self.shown)?;
         let file = File::open(&path).map_err(|e| TransferError::Download {
             url: self.shown.clone(),
             detail: format!("cannot open: {e}"),

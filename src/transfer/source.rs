@@ -219,12 +219,7 @@ async fn open_file(
     total: u64,
     stall_timeout: Duration,
 ) -> Result<Source, TransferError> {
-    let path = url
-        .to_file_path()
-        .map_err(|()| TransferError::UnsupportedUrl {
-            url: shown.clone(),
-            detail: "a file url must name an absolute local path (file:///...)".into(),
-        })?;
+    let path = local_path(url, &shown)?;
     let fail = |what: &str, e: std::io::Error| TransferError::Download {
         url: shown.clone(),
         detail: format!("cannot {what} the source file: {e}"),
@@ -320,6 +315,15 @@ fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
         n => Some(number(n)?),
     };
     (first <= last).then_some((first, last, length))
+}
+
+/// The local path a `file://` url names (`shown`: the url as it may be shown).
+pub(crate) fn local_path(url: &Url, shown: &str) -> Result<std::path::PathBuf, TransferError> {
+    url.to_file_path()
+        .map_err(|()| TransferError::UnsupportedUrl {
+            url: shown.to_string(),
+            detail: "a file url must name an absolute local path (file:///...)".into(),
+        })
 }
 
 #[cfg(test)]
