@@ -771,15 +771,7 @@ impl Agent {
         // Defence in depth: the engine never targets the booted slot, and the device behind
         // the target must not be the one the running system was booted from either.
         let booted = self.engine.booted().map(|b| b.as_str()).unwrap_or_default();
-        if slot == booted || system::holds_root(&target.device) {
-            return Err(Failure::new(
-                ReasonCode::SlotIo,
-                format!(
-                    "refusing to write {}: it is the booted slot",
-                    target.device.display()
-                ),
-            ));
-        }
+        system::refuse_running_system(slot, booted, &target.device)?;
         let mut request = WriteRequest::new(image, target.device.clone(), slot_capacity(target));
         request.resume_from = resume_from;
         request.checkpoint_interval = self.config.install.checkpoint_interval;

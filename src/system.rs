@@ -173,9 +173,38 @@ pub fn holds_root(device: &Path) -> bool {
     dev.file_type().is_block_device() && dev.rdev() == root.dev()
 }
 
+/// Refuses to write `slot` (at `device`) when it is the `booted` slot or the device behind `/`:
+/// whoever writes slots checks this last, whatever asked for the write.
+pub fn refuse_running_system(
+    slot: &str,
+    booted: &str,
+    device: &Path,
+) -> Result<(), crate::engine::Failure> {
+    if slot == booted || holds_root(device) {
+        return Err(crate::engine::Failure::new(
+            crate::reason::ReasonCode::BootedSlot,
+            format!(
+                "slot {slot} ({}) is the booted slot; it is never written",
+                device.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_booted_slot_is_refused_by_name_and_another_slot_is_not() {
+        let (_dir, file) = crate::scratch_path("slot-b");
+        std::fs::write(&file, b"").unwrap();
+        let refused = refuse_running_system("A", "A", &file).unwrap_err();
+        assert_eq!(refused.reason, crate::reason::ReasonCode::BootedSlot);
+        assert!(refused.message.contains("slot A"), "{}", refused.message);
+        refuse_running_system("B", "A", &file).unwrap();
+    }
 
     #[test]
     fn cmdline_names_the_slot_ours_or_raucs() {

@@ -473,15 +473,7 @@ impl Installer {
         let target = self.configured(slot)?.clone();
         let booted = system::booted_slot(&self.config)
             .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
-        if booted == slot || system::holds_root(&target.device) {
-            return Err(Refused::new(
-                ReasonCode::BootedSlot,
-                format!(
-                    "slot {slot} ({}) is the booted slot; it is never written",
-                    target.device.display()
-                ),
-            ));
-        }
+        system::refuse_running_system(slot, &booted, &target.device)?;
         Ok(target)
     }
 
