@@ -107,17 +107,22 @@ pub fn assemble(
     let block_size = header.block_size;
     let dictionary = index.dictionary().map_err(AssembleError::Local)?;
     // zstd takes any bytes as a raw-content dictionary; one it refuses is the index's fault.
-    let mut decoder = FrameDecoder::new(&dictionary).map_err(|e| {
+    let decoder = FrameDecoder::new(&dictionary).map_err(|e| {
         AssembleError::Refused(Refusal::new(
             ReasonCode::Malformed,
             format!("block index: its dictionary is not usable ({e})"),
         ))
     })?;
+    let mut stored = StoredBlocks {
+        index,
+        frames,
+        decoder,
+        decoded: None,
+        frames_decoded: 0,
+    };
     let mut stats = AssemblyStats::default();
     let zeros = vec![0u8; block_size as usize];
     let mut local = vec![0u8; block_size as usize];
-    // The last decoded frame: its number and bytes.
-    let mut decoded: Option<(u64, Vec<u8>)> = None;
     let mut hashes = vec![[0u8; 32]; 1];
 
     for step in plan.steps() {
@@ -143,17 +148,7 @@ pub fn assemble(
                 }
                 Action::Fetch { ordinal } => {
                     stats.fetched_blocks += 1;
-                    let bytes = stored_block(
-                        index,
-                        frames,
-                        &mut decoder,
-                        &mut decoded,
-                        ordinal + k,
-                        &mut stats.frames_decoded,
-                    )?;
-                    if !verified(&bytes) {
-                        return Err(mismatch(block));
-                    }
+                    let bytes = stored.checked(ordinal + k, block, verified)?;
                     write(sink, Write::Bytes(&bytes))?;
                     continue;
                 }
@@ -188,21 +183,12 @@ pub fn assemble(
                 write(sink, Write::Bytes(&local[..len]))?;
             } else {
                 stats.fallback_blocks += 1;
-                let bytes = stored_block(
-                    index,
-                    frames,
-                    &mut decoder,
-                    &mut decoded,
-                    ordinal,
-                    &mut stats.frames_decoded,
-                )?;
-                if !verified(&bytes) {
-                    return Err(mismatch(block));
-                }
+                let bytes = stored.checked(ordinal, block, verified)?;
                 write(sink, Write::Bytes(&bytes))?;
             }
         }
     }
+    stats.frames_decoded = stored.frames_decoded;
     Ok(stats)
 }
 
@@ -215,29 +201,50 @@ fn mismatch(block: u64) -> AssembleError {
     ))
 }
 
-/// Stored block `ordinal`, from its frame (decoded once for consecutive blocks).
-fn stored_block(
-    index: &IndexFile,
-    frames: &mut dyn FrameSource,
-    decoder: &mut FrameDecoder<'_>,
-    decoded: &mut Option<(u64, Vec<u8>)>,
-    ordinal: u64,
-    frames_decoded: &mut u64,
-) -> Result<Vec<u8>, AssembleError> {
-    let frame = index.frame_of(ordinal);
-    if decoded.as_ref().is_none_or(|(f, _)| *f != frame) {
-        let compressed = frames
-            .compressed(frame)
-            .map_err(|source| AssembleError::Fetch { frame, source })?;
-        let mut out = Vec::new();
-        decoder
-            .decode(&compressed, index.frame_len(frame), &mut out)
-            .map_err(AssembleError::Refused)?;
-        *decoded = Some((frame, out));
-        *frames_decoded += 1;
+/// The block store's blocks, each from its frame (decoded once for consecutive blocks).
+struct StoredBlocks<'a, 'd> {
+    index: &'a IndexFile,
+    frames: &'a mut dyn FrameSource,
+    decoder: FrameDecoder<'d>,
+    /// The last decoded frame: its number and bytes.
+    decoded: Option<(u64, Vec<u8>)>,
+    frames_decoded: u64,
+}
+
+impl StoredBlocks<'_, '_> {
+    /// Stored block `ordinal`, as the image's block `block`: refused unless `verified` (its
+    /// SHA-256 is the one the signed index gives).
+    fn checked(
+        &mut self,
+        ordinal: u64,
+        block: u64,
+        verified: impl Fn(&[u8]) -> bool,
+    ) -> Result<Vec<u8>, AssembleError> {
+        let bytes = self.block(ordinal)?;
+        if !verified(&bytes) {
+            return Err(mismatch(block));
+        }
+        Ok(bytes)
     }
-    let (_, bytes) = decoded.as_ref().expect("decoded above");
-    let first = index.frame_blocks(frame).start;
-    let at: usize = (first..ordinal).map(|o| index.stored_len(o)).sum();
-    Ok(bytes[at..at + index.stored_len(ordinal)].to_vec())
+
+    fn block(&mut self, ordinal: u64) -> Result<Vec<u8>, AssembleError> {
+        let index = self.index;
+        let frame = index.frame_of(ordinal);
+        if self.decoded.as_ref().is_none_or(|(f, _)| *f != frame) {
+            let compressed = self
+                .frames
+                .compressed(frame)
+                .map_err(|source| AssembleError::Fetch { frame, source })?;
+            let mut out = Vec::new();
+            self.decoder
+                .decode(&compressed, index.frame_len(frame), &mut out)
+                .map_err(AssembleError::Refused)?;
+            self.decoded = Some((frame, out));
+            self.frames_decoded += 1;
+        }
+        let (_, bytes) = self.decoded.as_ref().expect("decoded above");
+        let first = index.frame_blocks(frame).start;
+        let at: usize = (first..ordinal).map(|o| index.stored_len(o)).sum();
+        Ok(bytes[at..at + index.stored_len(ordinal)].to_vec())
+    }
 }
