@@ -486,24 +486,20 @@ fn the_core_crate_cannot_do_io() {
         found.join("\n")
     );
 
-    let metadata = std::process::Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .arg("--manifest-path")
-        .arg(root.join("Cargo.toml"))
-        .output()
-        .expect("run cargo metadata");
-    assert!(
-        metadata.status.success(),
-        "cargo metadata: {}",
-        String::from_utf8_lossy(&metadata.stderr)
-    );
-    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout).unwrap();
+    let metadata = update_agent::sim::tools::run_ok(
+        std::process::Command::new(env!("CARGO"))
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--no-deps",
+                "--offline",
+            ])
+            .arg("--manifest-path")
+            .arg(root.join("Cargo.toml")),
+    )
+    .unwrap();
+    let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
     let core = metadata["packages"]
         .as_array()
         .unwrap()
