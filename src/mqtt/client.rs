@@ -254,12 +254,9 @@ fn from_v5(event: rumqttc::v5::Event) -> Event {
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
     match event {
         E::Incoming(Packet::ConnAck(_)) => Event::Connected,
-        E::Incoming(Packet::SubAck(ack)) => Event::Subscribed {
-            pkid: ack.pkid,
-            refusals: refusals(&ack.return_codes, |code| {
-                matches!(code, SubscribeReasonCode::Success(_))
-            }),
-        },
+        E::Incoming(Packet::SubAck(ack)) => subscribed(ack.pkid, &ack.return_codes, |code| {
+            matches!(code, SubscribeReasonCode::Success(_))
+        }),
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: publish.topic,
             payload: publish.payload,
@@ -284,12 +281,9 @@ fn from_v311(event: rumqttc::Event) -> Event {
     use rumqttc::{Event as E, Packet, SubscribeReasonCode};
     match event {
         E::Incoming(Packet::ConnAck(_)) => Event::Connected,
-        E::Incoming(Packet::SubAck(ack)) => Event::Subscribed {
-            pkid: ack.pkid,
-            refusals: refusals(&ack.return_codes, |code| {
-                matches!(code, SubscribeReasonCode::Success(_))
-            }),
-        },
+        E::Incoming(Packet::SubAck(ack)) => subscribed(ack.pkid, &ack.return_codes, |code| {
+            matches!(code, SubscribeReasonCode::Success(_))
+        }),
         E::Incoming(Packet::Publish(publish)) => Event::Message {
             topic: Bytes::from(publish.topic),
             payload: publish.payload,
@@ -304,16 +298,20 @@ fn from_v311(event: rumqttc::Event) -> Event {
     }
 }
 
-/// SUBACK's return codes, one per filter in order: `None` where `granted`, else the code's name
-/// (MQTT 5's reason, or 3.1.1's one `Failure`).
-fn refusals<Code: std::fmt::Debug>(
+/// A SUBACK, either version: its return codes, one per filter in order, become `None` where
+/// `granted`, else the code's name (MQTT 5's reason, or 3.1.1's one `Failure`).
+fn subscribed<Code: std::fmt::Debug>(
+    pkid: u16,
     codes: &[Code],
     granted: fn(&Code) -> bool,
-) -> Vec<Option<String>> {
-    codes
-        .iter()
-        .map(|code| (!granted(code)).then(|| format!("{code:?}")))
-        .collect()
+) -> Event {
+    Event::Subscribed {
+        pkid,
+        refusals: codes
+            .iter()
+            .map(|code| (!granted(code)).then(|| format!("{code:?}")))
+            .collect(),
+    }
 }
 
 fn down_v5(err: rumqttc::v5::ConnectionError) -> Down {
