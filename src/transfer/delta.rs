@@ -153,7 +153,7 @@ pub(crate) async fn install(
     let booted = settings.booted.clone();
     let index = Arc::new(index);
     let probe_store = Store::new(&store_url, &http)?;
-    let planned = {
+    let mut planned = {
         let index = index.clone();
         tokio::task::spawn_blocking(move || {
             make_plan(&index, &target_path, capacity, booted, &work_dir, size, 1)
@@ -161,15 +161,10 @@ pub(crate) async fn install(
         .await
         .map_err(join_error)??
     };
-    let Planned {
-        target,
-        booted,
-        mut plan,
-    } = planned;
 
     // The server's Range support decides how ranges go into requests: re-plan for it.
     let mut probed = 0;
-    if plan.summary().fetched_blocks > 0 {
+    if planned.plan.summary().fetched_blocks > 0 {
         let support = probe_store
             .probe(index.header().store_size, &mut |n| {
                 probed += n;
@@ -187,8 +182,9 @@ pub(crate) async fn install(
             RangeSupport::Multi => {
                 let index = index.clone();
                 let work_dir = settings.work_dir.clone();
-                let (booted_table, target_table) = (booted.table.clone(), target.table.clone());
-                plan = tokio::task::spawn_blocking(move || {
+                let (booted_table, target_table) =
+                    (planned.booted.table.clone(), planned.target.table.clone());
+                planned.plan = tokio::task::spawn_blocking(move || {
                     let sources = Sources {
                         booted: booted_table.as_deref(),
                         target: target_table.as_deref(),
@@ -202,7 +198,7 @@ pub(crate) async fn install(
             RangeSupport::Single => {}
         }
     }
-    let summary = *plan.summary();
+    let summary = *planned.plan.summary();
     stats.summary = summary;
     tracing::info!(
         "delta plan: {} blocks: {} zero, {} kept, {} from the booted slot, {} moved in the target slot, {} fetched ({} bytes in {} requests; the whole image is {full_size} bytes)",
@@ -227,7 +223,8 @@ pub(crate) async fn install(
     let mut download =
         DownloadTally::new(index_bytes + probed, index_bytes + summary.download_bytes);
     download.tell(events)?;
-    let requests: Vec<Request> = plan
+    let requests: Vec<Request> = planned
+        .plan
         .requests()
         .collect::<io::Result<_>>()
         .map_err(|e| TransferError::slot_io(&settings.work_dir, "read the plan", e))?;
@@ -297,9 +294,7 @@ pub(crate) async fn install(
             };
             assemble_into_slot(
                 &index,
-                &plan,
-                &target.file,
-                booted.file.as_ref(),
+                &planned,
                 &mut frames,
                 SinkParams {
                     path: &path,
@@ -575,6 +570,8 @@ struct Booted {
     table: Option<Arc<SlotTable>>,
 }
 
+/// What the assembly works on: the target slot, the booted one (when readable) and the plan
+/// over them.
 struct Planned {
     target: Opened,
     booted: Booted,
@@ -785,13 +782,12 @@ struct SinkParams<'a> {
 /// What was written stays on failure (synced): a resume finds it in place.
 fn assemble_into_slot(
     index: &IndexFile,
-    plan: &planner::Plan,
-    target: &File,
-    booted: Option<&File>,
+    planned: &Planned,
     frames: &mut SpoolFrames,
     params: SinkParams<'_>,
     notify: &mut dyn FnMut(SinkNote),
 ) -> Result<assemble::AssemblyStats, TransferError> {
+    let target = &planned.target.file;
     let mut sink = SlotSink {
         file: target,
         path: params.path,
@@ -806,10 +802,10 @@ fn assemble_into_slot(
         error: None,
     };
     let locals = Locals {
-        booted: booted.map(|f| f as &dyn LocalSlot),
+        booted: planned.booted.file.as_ref().map(|f| f as &dyn LocalSlot),
         target: Some(target as &dyn LocalSlot),
     };
-    let result = assemble::assemble(plan, index, locals, frames, &mut |block, write| {
+    let result = assemble::assemble(&planned.plan, index, locals, frames, &mut |block, write| {
         sink.put(block, write)
     });
     match result {
@@ -966,11 +962,7 @@ pub fn receive_delta(
 
     // The plan, against the slots this process may read.
     let per_request = req.ranges_per_request.clamp(1, MAX_RANGES_PER_REQUEST);
-    let Planned {
-        target,
-        booted,
-        plan,
-    } = match make_plan(
+    let planned = match make_plan(
         &index,
         &req.slot_path,
         req.slot_capacity,
@@ -985,8 +977,9 @@ pub fn receive_delta(
             unreachable!("make_plan neither weighs the plan nor looks at the image's url")
         }
     };
-    stats.summary = *plan.summary();
-    let requests: Vec<Request> = plan
+    stats.summary = *planned.plan.summary();
+    let requests: Vec<Request> = planned
+        .plan
         .requests()
         .collect::<io::Result<_>>()
         .map_err(|e| TransferError::slot_io(&req.work_dir, "read the plan", e))?;
@@ -1075,9 +1068,7 @@ pub fn receive_delta(
     };
     let assembled = assemble_into_slot(
         &index,
-        &plan,
-        &target.file,
-        booted.file.as_ref(),
+        &planned,
         &mut frames,
         SinkParams {
             path: &req.slot_path,
