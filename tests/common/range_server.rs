@@ -1,7 +1,7 @@
 //! A static file server on 127.0.0.1 for the delta tests: serves a directory, answering Range
 //! requests as nginx does (one range: 206; several: 206 `multipart/byteranges`), as S3 does (one
 //! range: 206; several: 200 with the whole file), or not at all (200 with the whole file). It
-//! logs every request with the bytes of body it sent.
+//! logs every request, in the order the requests arrived, with the bytes of body it sent.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,6 +27,9 @@ pub struct Logged {
 pub struct RangeServer {
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<Logged>>>,
+    /// Where `log()` starts: entries are never removed, so an answer still being sent when the
+    /// log is cleared updates its own entry, not a later request's.
+    log_start: Mutex<usize>,
     mode: Arc<Mutex<RangeMode>>,
     stop: Arc<AtomicBool>,
 }
@@ -56,6 +59,7 @@ impl RangeServer {
         RangeServer {
             addr,
             log,
+            log_start: Mutex::new(0),
             mode,
             stop,
         }
@@ -70,11 +74,12 @@ impl RangeServer {
     }
 
     pub fn log(&self) -> Vec<Logged> {
-        self.log.lock().unwrap().clone()
+        let start = *self.log_start.lock().unwrap();
+        self.log.lock().unwrap()[start..].to_vec()
     }
 
     pub fn clear_log(&self) {
-        self.log.lock().unwrap().clear();
+        *self.log_start.lock().unwrap() = self.log.lock().unwrap().len();
     }
 
     /// Body bytes sent for `name`.
@@ -152,6 +157,18 @@ fn serve(
             range = Some(value.trim().to_string());
         }
     }
+    // Logged on arrival, not when answered: a whole-file answer to a client that hung up may
+    // end after the client's next request, and the tests read the log as the client's order.
+    let entry = {
+        let mut log = log.lock().unwrap();
+        log.push(Logged {
+            path: path.clone(),
+            range: range.clone(),
+            status: 0,
+            body_bytes: 0,
+        });
+        log.len() - 1
+    };
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stream);
     let file = root.join(path.trim_start_matches('/'));
     let Ok(data) = std::fs::File::open(&file).and_then(Served::open) else {
@@ -159,12 +176,7 @@ fn serve(
             out,
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
-        log.lock().unwrap().push(Logged {
-            path,
-            range,
-            status: 404,
-            body_bytes: 0,
-        });
+        record(log, entry, 404, 0);
         return out.flush();
     };
     let len = data.len;
@@ -213,13 +225,15 @@ fn serve(
             (200, sent)
         }
     };
-    log.lock().unwrap().push(Logged {
-        path,
-        range,
-        status,
-        body_bytes,
-    });
+    record(log, entry, status, body_bytes);
     out.flush()
+}
+
+/// The answer to the request logged at `entry`.
+fn record(log: &Mutex<Vec<Logged>>, entry: usize, status: u16, body_bytes: u64) {
+    let logged = &mut log.lock().unwrap()[entry];
+    logged.status = status;
+    logged.body_bytes = body_bytes;
 }
 
 /// A served file, read by position: a range costs its own bytes, not the file's.
