@@ -54,6 +54,17 @@ impl RebootMode {
     }
 }
 
+/// When an accepted release installs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installs {
+    /// When the policy lets it: automatic install, maintenance windows, postponement (a
+    /// release the fleet offered).
+    AsThePolicyAllows,
+    /// Now, as the user asked (`update-agent install`): the policy's windows, postponement and
+    /// automatic-install setting do not hold it back.
+    Now,
+}
+
 /// What the driver tells its observer: the engine's actions other than jobs, in the engine's
 /// order, as they are carried out.
 #[derive(Debug, Clone, Copy)]
@@ -286,31 +297,12 @@ impl Agent {
         release::verify(release, &self.anchor, &self.policy())
     }
 
-    /// Verifies a release and, when the device may act on it, accepts it: it installs when the
-    /// policy lets it (automatic install, windows, postponement). A refusal is reported like
-    /// every other outcome and returned.
-    pub async fn offer_release(
+    /// Verifies a release and, when the device may act on it, accepts it, to install when
+    /// `when` says. A refusal is reported like every other outcome and returned.
+    pub async fn accept_release(
         &mut self,
         release: &[u8],
-        observer: &mut dyn Observer,
-    ) -> Result<Result<Stop, Refusal>, AgentError> {
-        self.accept_release(release, false, observer).await
-    }
-
-    /// Verifies a release and installs it now, as the user asked (`update-agent install`): the
-    /// policy's windows, postponement and automatic-install setting do not hold it back.
-    pub async fn install_release(
-        &mut self,
-        release: &[u8],
-        observer: &mut dyn Observer,
-    ) -> Result<Result<Stop, Refusal>, AgentError> {
-        self.accept_release(release, true, observer).await
-    }
-
-    async fn accept_release(
-        &mut self,
-        release: &[u8],
-        user_now: bool,
+        when: Installs,
         observer: &mut dyn Observer,
     ) -> Result<Result<Stop, Refusal>, AgentError> {
         match self.verify(release) {
@@ -323,10 +315,9 @@ impl Agent {
                     refusal: None,
                 };
                 let verified = Box::new(verified);
-                let input = if user_now {
-                    Input::UserInstall(verified)
-                } else {
-                    Input::ReleaseVerified(verified)
+                let input = match when {
+                    Installs::Now => Input::UserInstall(verified),
+                    Installs::AsThePolicyAllows => Input::ReleaseVerified(verified),
                 };
                 let stop = self.drive(input, &mut noted).await?;
                 Ok(match noted.refusal {

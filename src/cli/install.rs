@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use update_agent::agent::{Agent, Observer, Output, RebootMode};
+use update_agent::agent::{Agent, Installs, Observer, Output, RebootMode};
 use update_agent::config::Config;
 use update_agent::engine::{Event, EventKind, Phase, Progress};
 use update_agent::progress_line::ProgressLine;
@@ -48,7 +48,10 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
         agent.observe_boot(&mut narrator).await?;
         // The person at the console asked for this install: "install now", past any
         // maintenance window, postponement or automatic-install setting.
-        if let Err(refusal) = agent.install_release(&bytes, &mut narrator).await? {
+        if let Err(refusal) = agent
+            .accept_release(&bytes, Installs::Now, &mut narrator)
+            .await?
+        {
             eprintln!("refused: {refusal}");
             return Ok(ExitCode::from(EXIT_REFUSED));
         }

@@ -7,7 +7,7 @@
 use tokio::sync::{mpsc, watch};
 
 use super::{Core, Daemon, DaemonError, MAX_POLICY_SLEEP, Operators, UserSide};
-use crate::agent::{Agent, Stop};
+use crate::agent::{Agent, Installs, Stop};
 
 /// Requests waiting for the loop before the owner waits.
 const REQUEST_QUEUE: usize = 16;
@@ -92,7 +92,10 @@ impl Owner {
     ) -> Result<(), DaemonError> {
         let (agent, mut audience) = core.audience(None);
         let stop = match request {
-            Request::Offer(bytes) => match agent.offer_release(&bytes, &mut audience).await? {
+            Request::Offer(bytes) => match agent
+                .accept_release(&bytes, Installs::AsThePolicyAllows, &mut audience)
+                .await?
+            {
                 Ok(stop) => stop,
                 Err(refusal) => {
                     tracing::warn!("release refused: {refusal}");
