@@ -29,21 +29,20 @@ where
     assert_eq!(serde_json::from_str::<T>(&quoted).unwrap(), value, "{name}");
 }
 
-/// [`assert_wire_name`] for every pair, and `as_str` (the text the CLI, D-Bus and the log
-/// show) spells the same name.
-fn assert_wire_and_text_names<T>(names: Vec<(T, &str)>, as_str: impl Fn(T) -> &'static str)
-where
-    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + core::fmt::Debug + Copy,
-{
-    for (value, name) in names {
-        assert_wire_name(value, name);
-        assert_eq!(as_str(value), name);
-    }
+/// [`wire_names!`] of an enum with `as_str`: each pair passes [`assert_wire_name`], and
+/// `as_str` (the text the CLI, D-Bus and the log show) spells the same name.
+macro_rules! assert_wire_and_text_names {
+    ($ty:ident { $($listed:tt)* }) => {
+        for (value, name) in wire_names!($ty { $($listed)* }) {
+            assert_wire_name(value, name);
+            assert_eq!(value.as_str(), name);
+        }
+    };
 }
 
 #[test]
 fn event_kinds_keep_their_wire_names() {
-    let names = wire_names!(EventKind {
+    assert_wire_and_text_names!(EventKind {
         Refused => "refused",
         Accepted => "accepted",
         Writing => "writing",
@@ -69,43 +68,38 @@ fn event_kinds_keep_their_wire_names() {
         MarkedBad => "marked-bad",
         RebootFailed => "reboot-failed",
     });
-    assert_wire_and_text_names(names, |kind| kind.as_str());
 }
 
 #[test]
 fn policy_words_keep_their_wire_names() {
-    let waits = wire_names!(Wait {
+    assert_wire_and_text_names!(Wait {
         Window => "window",
         Postponed => "postponed",
         AutoInstallOff => "auto-install-off",
         ManualReboot => "manual-reboot",
         Rollout => "rollout",
     });
-    assert_wire_and_text_names(waits, |wait| wait.as_str());
-    let clamps = wire_names!(Clamp {
+    assert_wire_and_text_names!(Clamp {
         MaxPostpone => "max-postpone",
         Deadline => "deadline",
     });
-    assert_wire_and_text_names(clamps, |clamp| clamp.as_str());
     // Also the configuration's words (`[policy] reboot`).
-    let reboots = wire_names!(RebootPolicy {
+    assert_wire_and_text_names!(RebootPolicy {
         Immediate => "immediate",
         Window => "window",
         Manual => "manual",
     });
-    assert_wire_and_text_names(reboots, |reboot| reboot.as_str());
 }
 
 #[test]
 fn manifest_words_keep_their_wire_names() {
-    let severities = wire_names!(Severity {
+    assert_wire_and_text_names!(Severity {
         None => "none",
         Low => "low",
         Medium => "medium",
         High => "high",
         Critical => "critical",
     });
-    assert_wire_and_text_names(severities, |severity| severity.as_str());
     for (compression, name) in wire_names!(Compression { Zstd => "zstd" }) {
         assert_wire_name(compression, name);
     }
