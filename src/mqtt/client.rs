@@ -20,6 +20,21 @@ pub struct Will {
     pub payload: Bytes,
 }
 
+/// Retained, at QoS 1, as in 3.1.1 (no will properties).
+impl From<Will> for rumqttc::v5::mqttbytes::v5::LastWill {
+    fn from(will: Will) -> Self {
+        let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+        Self::new(will.topic, will.payload, qos, true, None)
+    }
+}
+
+/// Retained, at QoS 1.
+impl From<Will> for rumqttc::LastWill {
+    fn from(will: Will) -> Self {
+        Self::new(will.topic, will.payload, rumqttc::QoS::AtLeastOnce, true)
+    }
+}
+
 /// What happened on the connection, the same for both protocol versions.
 #[derive(Debug)]
 pub enum Event {
@@ -74,6 +89,19 @@ macro_rules! either {
             $Wrapper::V311($inner) => $body,
         }
     };
+    // `$packets` names the version's packet types (`QoS`, ...) in `$body`.
+    ($value:expr, $Wrapper:ident($inner:ident), $packets:ident => $body:expr) => {
+        match $value {
+            $Wrapper::V5($inner) => {
+                use rumqttc::v5::mqttbytes as $packets;
+                $body
+            }
+            $Wrapper::V311($inner) => {
+                use rumqttc::mqttbytes as $packets;
+                $body
+            }
+        }
+    };
 }
 
 /// The request side: cheap to clone, usable while the event loop runs elsewhere.
@@ -111,7 +139,6 @@ pub fn new(
     let port = endpoint.url.port;
     Ok(match endpoint.protocol {
         Protocol::V5 => {
-            use rumqttc::v5::mqttbytes::{QoS, v5::LastWill};
             let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
             options.set_keep_alive(keepalive);
             options.set_clean_start(true);
@@ -120,13 +147,7 @@ pub fn new(
             options.set_outgoing_inflight_upper_limit(MAX_INFLIGHT);
             options.set_connection_timeout(10);
             if let Some(will) = will {
-                options.set_last_will(LastWill::new(
-                    will.topic,
-                    will.payload,
-                    QoS::AtLeastOnce,
-                    true,
-                    None,
-                ));
+                options.set_last_will(will.into());
             }
             if let Some(transport) = transport {
                 options.set_transport(transport);
@@ -135,7 +156,6 @@ pub fn new(
             (Client::V5(client), EventLoop::V5(Box::new(eventloop)))
         }
         Protocol::V311 => {
-            use rumqttc::{LastWill, NetworkOptions, QoS};
             let mut options = rumqttc::MqttOptions::new(client_id, host, port);
             options.set_keep_alive(keepalive);
             options.set_clean_session(true);
@@ -145,18 +165,13 @@ pub fn new(
             options.set_max_packet_size(max, max);
             options.set_inflight(MAX_INFLIGHT);
             if let Some(will) = will {
-                options.set_last_will(LastWill::new(
-                    will.topic,
-                    will.payload,
-                    QoS::AtLeastOnce,
-                    true,
-                ));
+                options.set_last_will(will.into());
             }
             if let Some(transport) = transport {
                 options.set_transport(transport);
             }
             let (client, mut eventloop) = rumqttc::AsyncClient::new(options, queue);
-            let mut network = NetworkOptions::new();
+            let mut network = rumqttc::NetworkOptions::new();
             network.set_connection_timeout(10);
             eventloop.set_network_options(network);
             (Client::V311(client), EventLoop::V311(Box::new(eventloop)))
@@ -167,38 +182,17 @@ pub fn new(
 impl Client {
     /// Queues a QoS 1 publish without waiting; fails when the request queue is full.
     pub fn try_publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c
-                .try_publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    retain,
-                    payload,
-                )
-                .map_err(|e| e.to_string()),
-            Client::V311(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-                .map_err(|e| e.to_string()),
-        }
+        either!(self, Client(c), packets => c
+            .try_publish(topic, packets::QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| e.to_string()))
     }
 
     /// Queues a QoS 1 publish, waiting for room in the request queue.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c
-                .publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    retain,
-                    payload,
-                )
-                .await
-                .map_err(|e| e.to_string()),
-            Client::V311(c) => c
-                .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
-                .await
-                .map_err(|e| e.to_string()),
-        }
+        either!(self, Client(c), packets => c
+            .publish(topic, packets::QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|e| e.to_string()))
     }
 
     /// Queues one SUBSCRIBE for `filters`, all at QoS 1.
