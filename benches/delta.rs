@@ -15,7 +15,7 @@
 //!
 //! 3. Per case, the install itself on loopback (`INSTALL=0` skips it): a child process runs the
 //!    product's `transfer::install_image` against a static file server on 127.0.0.1 that answers
-//!    multi-range requests (tests/common/range_server.rs), the old image as the booted slot and
+//!    multi-range requests (the simulated gateway's image server, `update_agent::sim::ImageServer`), the old image as the booted slot and
 //!    an empty inactive slot; beside it the full download of the whole image at zstd -19 into
 //!    the same slot. Bytes downloaded (counted by the server), HTTP requests, wall time, the
 //!    child's CPU time and peak RSS; medians of 3 rounds, interleaved.
@@ -29,16 +29,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[path = "../tests/common/range_server.rs"]
-#[allow(dead_code)]
-mod range_server;
-
 use sha2::{Digest, Sha256};
 use update_agent::delta::lookup::{SlotTable, TableBuilder};
 use update_agent::delta::plan::{Plan, PlanOptions, Sources, plan};
 use update_agent::release::block_index::{self, IndexFile};
 use update_agent::release::index_build::{self, BuiltIndex, StoreParams};
 use update_agent::release::manifest::{ChunkIndexRef, Image};
+use update_agent::sim::ImageServer;
 
 const ROUNDS: usize = 3;
 
@@ -453,10 +450,10 @@ fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
         started.elapsed().as_secs_f64()
     );
     let size = std::fs::metadata(&new).unwrap().len();
-    let server = range_server::RangeServer::start(serve.clone(), range_server::RangeMode::Multi);
-    let mut image = Image::uncompressed(server.url("changed.img"), size, sha256_file(&new));
+    let server = serve_directory(&serve);
+    let mut image = Image::uncompressed(server.url("/changed.img"), size, sha256_file(&new));
     image.chunks = Some(ChunkIndexRef {
-        url: server.url("changed.img.index"),
+        url: server.url("/changed.img.index"),
         sha256: hex::encode(built.index_sha256),
         chunk_size: u64::from(built.header.block_size),
     });
@@ -475,7 +472,7 @@ fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
         assert_eq!(sha256_file(&target), sha256_file(&new));
         cpus.push(report["cpu"].as_f64().unwrap());
         peaks.push(report["rss_kib"].as_f64().unwrap() / 1024.0);
-        downloads.push(server.log().iter().map(|l| l.body_bytes).sum::<u64>() as f64);
+        downloads.push(server.seen().iter().map(|s| s.body_bytes).sum::<u64>() as f64);
         std::fs::remove_file(&target).unwrap();
     }
     let median = |v: &mut Vec<f64>| {
@@ -531,13 +528,12 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         std::fs::hard_link(&index_file, serve.join(format!("{name}.index"))).unwrap();
         std::fs::hard_link(&store_path, serve.join(format!("{name}.store"))).unwrap();
         std::fs::hard_link(&full_zst, serve.join(format!("{name}.zst"))).unwrap();
-        let server =
-            range_server::RangeServer::start(serve.clone(), range_server::RangeMode::Multi);
+        let server = serve_directory(&serve);
         let size = std::fs::metadata(&new).unwrap().len();
         let sha256: [u8; 32] = sha256_file(&new);
         let zst_len = std::fs::metadata(&full_zst).unwrap().len();
         let mut image = Image {
-            url: server.url(&format!("{name}.zst")),
+            url: server.url(&format!("/{name}.zst")),
             size,
             sha256: hex::encode(sha256),
             compression: Some(update_agent::release::manifest::Compression::Zstd),
@@ -547,7 +543,7 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         };
         let full_image = image.clone();
         image.chunks = Some(ChunkIndexRef {
-            url: server.url(&format!("{name}.index")),
+            url: server.url(&format!("/{name}.index")),
             sha256: hex::encode(built.index_sha256),
             chunk_size: u64::from(built.header.block_size),
         });
@@ -576,8 +572,8 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
                 // A device meets each release once: the index is downloaded every round.
                 let _ = std::fs::remove_dir_all(scratch.join("work"));
                 let (report, wall) = install_in_child(&scratch.join("job.json"), &job, &server);
-                let downloaded: u64 = server.log().iter().map(|l| l.body_bytes).sum();
-                let requests = server.log().len() as f64;
+                let downloaded: u64 = server.seen().iter().map(|s| s.body_bytes).sum::<u64>();
+                let requests = server.seen().len() as f64;
                 results.push([
                     downloaded as f64,
                     requests,
@@ -627,16 +623,24 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
     );
 }
 
+/// The files of `dir` on 127.0.0.1, answering multi-range requests, on a thread of its own.
+fn serve_directory(dir: &Path) -> ImageServer {
+    ImageServer::builder(Vec::new())
+        .directory(dir)
+        .start_background()
+        .expect("an image server on 127.0.0.1")
+}
+
 /// One install job (image, target, booted slot, work directory) written to `job_path` and run
 /// by a fresh child process of this bench, so that its peak RSS is the install's alone; the
 /// server's request log is cleared first. The child's report and the wall time in seconds.
 fn install_in_child(
     job_path: &Path,
     job: &serde_json::Value,
-    server: &range_server::RangeServer,
+    server: &ImageServer,
 ) -> (serde_json::Value, f64) {
     std::fs::write(job_path, serde_json::to_vec(job).unwrap()).unwrap();
-    server.clear_log();
+    server.forget_seen();
     let started = Instant::now();
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--child", "install"])

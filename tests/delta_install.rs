@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::range_server::{RangeMode, RangeServer};
-use common::{assert_exit, pattern, wait_for};
+use common::sim::RangeAnswers;
+use common::{ImageServer, assert_exit, pattern, wait_for};
 use sha2::{Digest, Sha256};
 use update_agent::reason::ReasonCode;
 use update_agent::release::index_build::{self, StoreParams};
@@ -65,7 +65,7 @@ fn new_image(old: &[u8]) -> Vec<u8> {
 
 struct Release {
     dir: tempfile::TempDir,
-    server: RangeServer,
+    server: ImageServer,
     image: Image,
     new: Vec<u8>,
     old: Vec<u8>,
@@ -103,7 +103,7 @@ impl Release {
     }
 }
 
-fn release(mode: RangeMode) -> Release {
+fn release(mode: RangeAnswers) -> Release {
     let dir = tempfile::tempdir().unwrap();
     let serve = dir.path().join("serve");
     fs::create_dir(&serve).unwrap();
@@ -121,14 +121,18 @@ fn release(mode: RangeMode) -> Release {
         &serve.join("new.img.store"),
     )
     .unwrap();
-    let server = RangeServer::start(serve, mode);
+    let server = ImageServer::builder(Vec::new())
+        .directory(serve)
+        .range_answers(mode)
+        .start_background()
+        .expect("an image server on 127.0.0.1");
     let mut image = Image::uncompressed(
-        server.url("new.img"),
+        server.url("/new.img"),
         new.len() as u64,
         Sha256::digest(&new).into(),
     );
     image.chunks = Some(ChunkIndexRef {
-        url: server.url("new.img.index"),
+        url: server.url("/new.img.index"),
         sha256: hex::encode(built.index_sha256),
         chunk_size: BS as u64,
     });
@@ -180,7 +184,7 @@ fn install(
 
 fn store_ranges(r: &Release) -> Vec<String> {
     r.server
-        .log()
+        .seen()
         .into_iter()
         .filter(|l| l.path == "/new.img.store")
         .filter_map(|l| l.range)
@@ -189,7 +193,7 @@ fn store_ranges(r: &Release) -> Vec<String> {
 
 #[test]
 fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_requests() {
-    let r = release(RangeMode::Multi);
+    let r = release(RangeAnswers::Multipart);
     let booted = r.booted();
     // The inactive slot holds nothing of use.
     let target = r.target(&vec![0xffu8; BLOCKS * BS]);
@@ -208,8 +212,8 @@ fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_
     );
 
     // Nothing of the full image; the store only for the blocks found nowhere.
-    assert_eq!(r.server.requests_of("new.img"), 0);
-    let store = r.server.bytes_of("new.img.store");
+    assert_eq!(r.server.requests_of("/new.img"), 0);
+    let store = r.server.bytes_of("/new.img.store");
     assert!(stats.summary.copied_from_booted > 1000, "{stats:?}");
     assert_eq!(stats.assembly.fallback_blocks, 0, "{stats:?}");
     assert!(
@@ -247,7 +251,7 @@ fn the_booted_slot_is_reused_and_only_missing_blocks_are_fetched_in_multi_range_
 /// directory), and the index is expanded there for the read-back, which checks every block.
 #[test]
 fn a_local_image_is_written_whole_without_hashing_the_booted_slot() {
-    let r = release(RangeMode::Multi);
+    let r = release(RangeAnswers::Multipart);
     let booted = r.booted();
     let target = r.target(b"");
     let mut req = request(&r, &target, Some(&booted), false);
@@ -275,12 +279,12 @@ fn a_local_image_is_written_whole_without_hashing_the_booted_slot() {
         work.join(&index).exists(),
         "no expanded index for the read-back"
     );
-    assert!(r.server.log().is_empty(), "nothing came from the server");
+    assert!(r.server.seen().is_empty(), "nothing came from the server");
 }
 
 #[test]
 fn the_inactive_slot_is_reused_with_single_range_requests() {
-    let r = release(RangeMode::Single);
+    let r = release(RangeAnswers::SingleOnly);
     // The inactive slot holds the old release (the one before the booted one, say).
     let target = r.target(&r.old);
 
@@ -300,12 +304,12 @@ fn the_inactive_slot_is_reused_with_single_range_requests() {
         "{ranges:?}"
     );
     // (S3's answer to the multi-range probe, the whole store, is dropped after its head.)
-    assert!(r.server.ranged_bytes_of("new.img.store") * 2 < r.store_len());
+    assert!(r.server.ranged_bytes_of("/new.img.store") * 2 < r.store_len());
 }
 
 #[test]
 fn a_server_that_ignores_range_is_refused_unless_the_full_download_is_allowed() {
-    let r = release(RangeMode::Ignore);
+    let r = release(RangeAnswers::Never);
     let booted = r.booted();
     let target = r.target(&r.old);
 
@@ -314,12 +318,12 @@ fn a_server_that_ignores_range_is_refused_unless_the_full_download_is_allowed() 
     assert_eq!(err.reason(), ReasonCode::RangeUnsupported, "{err}");
     assert!(err.to_string().contains("full_download_fallback"), "{err}");
     assert!(fs::read(&target).unwrap() == r.old, "nothing was written");
-    assert_eq!(r.server.requests_of("new.img"), 0, "no full download");
+    assert_eq!(r.server.requests_of("/new.img"), 0, "no full download");
 
     let (result, _) = install(&request(&r, &target, Some(&booted), true));
     assert!(result.unwrap().is_none(), "the whole image, as allowed");
     assert!(fs::read(&target).unwrap() == r.new);
-    assert_eq!(r.server.bytes_of("new.img"), r.new.len() as u64);
+    assert_eq!(r.server.bytes_of("/new.img"), r.new.len() as u64);
 }
 
 /// Every block of the slot is what it was before, or the new image's block at that place.
@@ -353,7 +357,7 @@ fn failure_of(
 
 #[test]
 fn a_store_that_does_not_match_the_index_is_refused_block_by_block() {
-    let r = release(RangeMode::Multi);
+    let r = release(RangeAnswers::Multipart);
     let before = vec![0xffu8; BLOCKS * BS];
     let target = r.target(&before);
     let booted = r.booted();
@@ -370,13 +374,13 @@ fn a_store_that_does_not_match_the_index_is_refused_block_by_block() {
         &[ReasonCode::HashMismatch, ReasonCode::DecompressFailed],
     );
     // Not silently replaced by a full download either: the store's bytes are wrong, not absent.
-    assert_eq!(r.server.requests_of("new.img"), 0);
+    assert_eq!(r.server.requests_of("/new.img"), 0);
     assert_only_verified_blocks(&fs::read(&target).unwrap(), &before, &r.new);
 }
 
 #[test]
 fn an_index_that_does_not_match_the_manifest_is_refused_before_the_slot_is_touched() {
-    let r = release(RangeMode::Multi);
+    let r = release(RangeAnswers::Multipart);
     let target = r.target(&r.old);
     alter_served(&r, "new.img.index", |index| {
         let last = index.len() - 1;
@@ -387,8 +391,8 @@ fn an_index_that_does_not_match_the_manifest_is_refused_before_the_slot_is_touch
     let err = failure_of(result, &[ReasonCode::HashMismatch, ReasonCode::Malformed]);
     assert!(err.to_string().contains("block index"), "{err}");
     assert!(fs::read(&target).unwrap() == r.old);
-    assert_eq!(r.server.requests_of("new.img.store"), 0);
-    assert_eq!(r.server.requests_of("new.img"), 0);
+    assert_eq!(r.server.requests_of("/new.img.store"), 0);
+    assert_eq!(r.server.requests_of("/new.img"), 0);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -407,12 +411,12 @@ struct Device {
 
 impl Device {
     fn new() -> Device {
-        Device::with(RangeMode::Multi, "")
+        Device::with(RangeAnswers::Multipart, "")
     }
 
     /// A device whose image server answers Range as `mode` says, with `install` added to the
     /// configuration's `[install]` table.
-    fn with(mode: RangeMode, install: &str) -> Device {
+    fn with(mode: RangeAnswers, install: &str) -> Device {
         let r = release(mode);
         let path = |name: &str| r.dir.path().join(name);
         let out = Command::new(BIN)
@@ -555,7 +559,7 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
         "the crash point fired: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let first = dev.r.server.bytes_of("new.img.store");
+    let first = dev.r.server.bytes_of("/new.img.store");
     assert!(first > 0);
     let slot = fs::read(dev.path("slot-b")).unwrap();
     assert_only_verified_blocks(&slot, &vec![0u8; BLOCKS * BS], &dev.r.new);
@@ -563,18 +567,18 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
         slot[..4 * 1024 * 1024] == dev.r.new[..4 * 1024 * 1024],
         "the first four MiB were written before the cut"
     );
-    dev.r.server.clear_log();
+    dev.r.server.forget_seen();
 
     // The next run takes up the transaction: what was written is kept in place.
     let out = dev.agent(&["install", release], None);
     dev.assert_installed(&out);
-    let second = dev.r.server.bytes_of("new.img.store");
+    let second = dev.r.server.bytes_of("/new.img.store");
     assert!(
         second < first,
         "the resume fetched {second} bytes of the store, the first run {first}"
     );
     assert_eq!(
-        dev.r.server.requests_of("new.img"),
+        dev.r.server.requests_of("/new.img"),
         0,
         "never the whole image"
     );
@@ -590,7 +594,7 @@ fn an_agent_killed_during_a_delta_resumes_and_fetches_only_what_it_had_not_writt
 #[test]
 fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_survives_a_cut() {
     let dev = Device::with(
-        RangeMode::Ignore,
+        RangeAnswers::Never,
         "full_download_fallback = true\nreadback_overlap = true",
     );
     let release = dev.release();
@@ -626,7 +630,7 @@ fn a_whole_download_of_an_indexed_release_is_read_back_against_the_index_and_sur
     wait_for(
         "the whole image's download in the server's log",
         Duration::from_secs(10),
-        || dev.r.server.requests_of("new.img") >= 1,
+        || dev.r.server.requests_of("/new.img") >= 1,
     );
     let status = dev.status();
     assert_eq!(

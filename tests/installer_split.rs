@@ -525,14 +525,14 @@ fn a_failed_trial_rolls_back_through_the_installer() {
 /// daemon fetches them from a static server with Range support and never touches a slot.
 #[test]
 fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the_rest() {
-    use common::range_server::RangeMode;
+    use common::sim::RangeAnswers;
     let split = Split::new(Backend::File);
     // The new image: slot A's content with one block changed, and 100 KB more.
     let mut new = split.slot("A")[..200_003].to_vec();
     new[10 * 4096 + 5] ^= 0x55;
     new.extend_from_slice(&pattern(100_000, 77));
     let (server, release) =
-        split.served_indexed_release(&new, RangeMode::Multi, "3", None, "delta");
+        split.served_indexed_release(&new, RangeAnswers::Multipart, "3", None, "delta");
     let serve = split.path("serve");
 
     split.install_as_daemon(&release);
@@ -541,9 +541,9 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
         &new[..],
         "slot B holds the image"
     );
-    assert_eq!(server.requests_of("new.img"), 0, "never the whole image");
+    assert_eq!(server.requests_of("/new.img"), 0, "never the whole image");
     let store = fs::metadata(serve.join("new.img.store")).unwrap().len();
-    let fetched = server.ranged_bytes_of("new.img.store");
+    let fetched = server.ranged_bytes_of("/new.img.store");
     assert!(
         fetched > 0 && fetched * 2 < store,
         "{fetched} of the store's {store} bytes"
@@ -563,15 +563,15 @@ fn a_delta_under_the_split_reads_the_slots_in_the_installer_and_fetches_only_the
 /// transport, which the daemon decompresses.
 #[test]
 fn a_full_write_under_the_split_is_read_back_against_the_block_index() {
-    use common::range_server::RangeMode;
+    use common::sim::RangeAnswers;
     for compress in [None, Some("zstd")] {
         let split = Split::with(Backend::File, |gateway| {
             gateway.configure(|c| c.install.full_download_fallback = true)
         });
         let new = pattern(300_003, 41);
         let (server, release) =
-            split.served_indexed_release(&new, RangeMode::Ignore, "1", compress, "full");
-        let served = compress.map_or("new.img", |_| "new.img.zst");
+            split.served_indexed_release(&new, RangeAnswers::Never, "1", compress, "full");
+        let served = compress.map_or("/new.img", |_| "/new.img.zst");
 
         split.install_as_daemon(&release);
         assert_eq!(
@@ -650,13 +650,13 @@ fn a_daemon_speaking_another_protocol_version_is_refused_clearly() {
 /// and the next attempt (boot-check in the same boot) sends the index again and writes it all.
 #[test]
 fn a_daemon_killed_after_sending_the_index_leaves_the_slot_unverified_and_resumes() {
-    use common::range_server::RangeMode;
+    use common::sim::RangeAnswers;
     let split = Split::with(Backend::File, |gateway| {
         gateway.configure(|c| c.install.full_download_fallback = true)
     });
     let new = pattern(2 * 1024 * 1024 + 11, 23);
     let (_server, release) =
-        split.served_indexed_release(&new, RangeMode::Ignore, "1", None, "cut");
+        split.served_indexed_release(&new, RangeAnswers::Never, "1", None, "cut");
 
     split.install_killed_at(&release, "index:sent");
     wait_for(

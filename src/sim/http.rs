@@ -1,9 +1,11 @@
 //! The image server: HTTP/1.1 (or HTTPS) on 127.0.0.1, one blob of data served on the paths a
 //! test names (or other bytes on a path of their own, [`Act::ServeFile`]: a release directory's
-//! index and store), each path behaving in one chosen way ([`Act`]): honestly, with `Range` (single
-//! ranges, and multi-range `multipart/byteranges` replies unless switched off), or with a fault
-//! a broken or hostile server shows. Every request is logged ([`Seen`]); a [`Throttle`] slows the
-//! bodies down so that an install takes long enough to interrupt.
+//! index and store; or the files of a directory, [`ServerBuilder::directory`]), each path
+//! behaving in one chosen way ([`Act`]): honestly, with `Range` answered as the server-wide
+//! [`RangeAnswers`] say (as nginx does, as S3 does, or not at all), or with a fault a broken or
+//! hostile server shows. Every request is logged in the order it arrived, with the status and
+//! the body bytes that went out ([`Seen`]); a [`Throttle`] slows the bodies down so that an
+//! install takes long enough to interrupt.
 //!
 //! It runs on the caller's tokio runtime ([`ServerBuilder::start`], the demo and async tests), or
 //! on a thread of its own for tests that block ([`ServerBuilder::start_background`]). Each
@@ -12,6 +14,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,11 +74,26 @@ impl Act {
     }
 }
 
-/// One request as the server saw it.
+/// One request as the server saw it, and its answer so far.
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub path: String,
     pub range: Option<String>,
+    /// The answer's status; 0 until its head is sent (none is, for a head too long).
+    pub status: u16,
+    /// Body bytes sent (multipart framing included), up to the client's hang-up.
+    pub body_bytes: u64,
+}
+
+/// How `Range` requests to [`Act::Serve`] are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeAnswers {
+    /// One range: 206; several: 206 `multipart/byteranges` (nginx, Apache).
+    Multipart,
+    /// One range: 206; several: 200 with the whole body (S3 and some CDNs).
+    SingleOnly,
+    /// Always 200 with the whole body.
+    Never,
 }
 
 /// Bodies go out `chunk` bytes at a time with `pause` after each.
@@ -89,7 +107,8 @@ pub struct ServerBuilder {
     data: Arc<Vec<u8>>,
     routes: HashMap<String, Act>,
     throttle: Option<Throttle>,
-    multipart: bool,
+    range_answers: RangeAnswers,
+    directory: Option<PathBuf>,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -105,10 +124,16 @@ impl ServerBuilder {
         self
     }
 
-    /// Whether a request for several ranges gets them as `multipart/byteranges` (the default)
-    /// or, as some servers and CDNs do, the whole body with 200.
-    pub fn multipart(mut self, on: bool) -> ServerBuilder {
-        self.multipart = on;
+    /// How `Range` is answered ([`RangeAnswers::Multipart`] unless set).
+    pub fn range_answers(mut self, answers: RangeAnswers) -> ServerBuilder {
+        self.range_answers = answers;
+        self
+    }
+
+    /// A path without a route is the file of that name in `dir` ([`Act::Serve`]d as it is
+    /// when asked for: it may be written after the server starts), or 404.
+    pub fn directory(mut self, dir: impl Into<PathBuf>) -> ServerBuilder {
+        self.directory = Some(dir.into());
         self
     }
 
@@ -127,8 +152,10 @@ impl ServerBuilder {
             data: self.data,
             routes: self.routes,
             throttle: self.throttle,
-            multipart: self.multipart,
+            range_answers: self.range_answers,
+            directory: self.directory,
             seen: Mutex::new(Vec::new()),
+            seen_from: Mutex::new(0),
             body_bytes: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), tls.clone()));
@@ -176,8 +203,13 @@ struct Shared {
     data: Arc<Vec<u8>>,
     routes: HashMap<String, Act>,
     throttle: Option<Throttle>,
-    multipart: bool,
+    range_answers: RangeAnswers,
+    directory: Option<PathBuf>,
+    /// Never shrinks: an answer still going out updates its own entry after a
+    /// [`ImageServer::forget_seen`].
     seen: Mutex<Vec<Seen>>,
+    /// Where [`ImageServer::seen`] starts.
+    seen_from: Mutex<usize>,
     /// Bytes of response bodies sent, all paths together.
     body_bytes: AtomicU64,
 }
@@ -204,7 +236,8 @@ impl ImageServer {
             data: Arc::new(data),
             routes: HashMap::new(),
             throttle: None,
-            multipart: true,
+            range_answers: RangeAnswers::Multipart,
+            directory: None,
             tls: None,
         }
     }
@@ -237,9 +270,39 @@ impl ImageServer {
         format!("{scheme}://{}{path}", self.addr)
     }
 
-    /// Every request so far, oldest first.
+    /// Every request so far (since [`ImageServer::forget_seen`]), in the order they arrived.
     pub fn seen(&self) -> Vec<Seen> {
-        self.shared.seen.lock().unwrap().clone()
+        let from = *self.shared.seen_from.lock().unwrap();
+        self.shared.seen.lock().unwrap()[from..].to_vec()
+    }
+
+    /// [`ImageServer::seen`] starts again with the next request.
+    pub fn forget_seen(&self) {
+        *self.shared.seen_from.lock().unwrap() = self.shared.seen.lock().unwrap().len();
+    }
+
+    /// How many requests for `path` were seen.
+    pub fn requests_of(&self, path: &str) -> usize {
+        self.seen().iter().filter(|s| s.path == path).count()
+    }
+
+    /// Body bytes sent for `path`.
+    pub fn bytes_of(&self, path: &str) -> u64 {
+        self.seen()
+            .iter()
+            .filter(|s| s.path == path)
+            .map(|s| s.body_bytes)
+            .sum()
+    }
+
+    /// Body bytes of `206` answers for `path`: the ranges, without what a `200` sent before the
+    /// client hung up.
+    pub fn ranged_bytes_of(&self, path: &str) -> u64 {
+        self.seen()
+            .iter()
+            .filter(|s| s.path == path && s.status == 206)
+            .map(|s| s.body_bytes)
+            .sum()
     }
 
     /// Bytes of response bodies sent so far (multipart framing included): what the clients
@@ -334,88 +397,71 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
         name.eq_ignore_ascii_case("range")
             .then(|| value.trim().to_owned())
     });
-    let earlier = {
+    let (entry, earlier) = {
         let mut seen = shared.seen.lock().unwrap();
         let earlier = seen.iter().filter(|s| s.path == path).count();
         seen.push(Seen {
             path: path.clone(),
             range: range.clone(),
+            status: 0,
+            body_bytes: 0,
         });
-        earlier
+        (seen.len() - 1, earlier)
     };
-    let act = match shared.routes.get(&path).cloned() {
+    let route = shared.routes.get(&path).cloned();
+    let file = match route {
+        None => in_directory(shared.directory.as_deref(), &path)?,
+        Some(_) => None,
+    };
+    let act = match route {
         Some(Act::First { times, act }) if earlier < times => *act,
         Some(Act::First { .. }) => Act::Serve,
         Some(act) => act,
+        None if file.is_some() => Act::Serve,
         None => Act::Status(404),
     };
-    let (act, data) = match act {
-        Act::ServeFile(file) => (Act::Serve, file),
-        act => (act, shared.data.clone()),
-    };
-    let data = &data[..];
     let mut out = Writer {
         stream,
         throttle: shared.throttle,
-        sent: &shared.body_bytes,
+        shared,
+        entry,
+    };
+    let range = range.filter(|_| shared.range_answers != RangeAnswers::Never);
+    let data = &shared.data[..];
+    let served = match (&act, &file) {
+        (Act::ServeFile(bytes), _) => Content::Bytes(bytes),
+        (_, Some((file, len))) => Content::File(file, *len),
+        _ => Content::Bytes(data),
     };
     match act {
-        Act::Serve => match ranges(range.as_deref(), data.len()) {
-            Ranges::Whole => out.ok(data, data.len()).await?,
-            Ranges::Unsatisfiable => {
-                out.head(&format!(
-                    "416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0",
-                    data.len()
-                ))
-                .await?
-            }
-            Ranges::Some(list) if list.len() == 1 => {
-                let (start, end) = list[0];
-                out.head(&format!(
-                    "206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{}",
-                    end + 1 - start,
-                    data.len()
-                ))
-                .await?;
-                out.body(&data[start..=end]).await?;
-            }
-            Ranges::Some(_) if !shared.multipart => out.ok(data, data.len()).await?,
-            Ranges::Some(list) => {
-                let body = multipart(data, &list);
-                out.head(&format!(
-                    "206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}",
-                    body.len()
-                ))
-                .await?;
-                out.body(&body).await?;
-            }
-        },
-        Act::Body(body) => out.ok(&body, body.len()).await?,
-        Act::IgnoreRange => out.ok(data, data.len()).await?,
-        Act::Truncate { after } => out.ok(&data[..after], data.len()).await?,
+        Act::Serve | Act::ServeFile(_) => serve(&mut out, served, range.as_deref()).await?,
+        Act::Body(body) => out.ok(Content::Bytes(&body), body.len()).await?,
+        Act::IgnoreRange => out.ok(Content::Bytes(data), data.len()).await?,
+        Act::Truncate { after } => out.ok(Content::Bytes(&data[..after]), data.len()).await?,
         Act::CloseDelimited { extra } => {
             out.head("200 OK").await?;
             out.body(data).await?;
             out.body(&extra).await?;
         }
         Act::LongerLength { extra } => {
-            out.ok(data, data.len() + extra.len()).await?;
+            out.ok(Content::Bytes(data), data.len() + extra.len())
+                .await?;
             out.body(&extra).await?;
         }
         Act::Stall { after } => {
-            out.ok(&data[..after], data.len()).await?;
+            out.ok(Content::Bytes(&data[..after]), data.len()).await?;
             out.stream.flush().await?;
             // Far longer than any stall timeout in the tests; the runtime ends with the test.
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         Act::Reset { after } => {
-            out.ok(&data[..after], data.len()).await?;
+            out.ok(Content::Bytes(&data[..after]), data.len()).await?;
             out.stream.flush().await?;
             // Let the client read what was sent: an RST drops data still unread in its buffer.
             tokio::time::sleep(Duration::from_millis(300)).await;
             return Ok(Ending::Reset);
         }
-        Act::First { .. } | Act::ServeFile(_) => unreachable!("resolved above"),
+        Act::First { .. } => unreachable!("resolved above"),
         Act::Status(status) => {
             out.head(&format!("{status} Oops\r\nContent-Length: 5"))
                 .await?;
@@ -432,43 +478,156 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Ending::Close)
 }
 
+/// The honest answer: the whole content, or the ranges asked for as the server answers them.
+async fn serve<S: AsyncWrite + Unpin>(
+    out: &mut Writer<'_, S>,
+    content: Content<'_>,
+    range: Option<&str>,
+) -> io::Result<()> {
+    let len = content.len();
+    match ranges(range, len) {
+        Ranges::Whole => out.ok(content, len).await,
+        Ranges::Unsatisfiable => {
+            out.head(&format!(
+                "416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0"
+            ))
+            .await
+        }
+        Ranges::Some(list) if list.len() == 1 => {
+            let (start, end) = list[0];
+            out.head(&format!(
+                "206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{len}",
+                end + 1 - start,
+            ))
+            .await?;
+            out.part(content, start, end + 1).await
+        }
+        Ranges::Some(_) if out.shared.range_answers == RangeAnswers::SingleOnly => {
+            out.ok(content, len).await
+        }
+        Ranges::Some(list) => {
+            let body = multipart(content, &list)?;
+            out.head(&format!(
+                "206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}",
+                body.len()
+            ))
+            .await?;
+            out.body(&body).await
+        }
+    }
+}
+
+/// What [`serve`] sends: bytes in memory, or a file of the served directory, read by position
+/// (a range costs its own bytes, not the file's: the benchmarks serve images of gigabytes).
+#[derive(Clone, Copy)]
+enum Content<'a> {
+    Bytes(&'a [u8]),
+    File(&'a std::fs::File, usize),
+}
+
+impl Content<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Content::Bytes(bytes) => bytes.len(),
+            Content::File(_, len) => *len,
+        }
+    }
+
+    /// Bytes `[start, end)` into `into`.
+    fn read(&self, start: usize, end: usize, into: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Content::Bytes(bytes) => into.extend_from_slice(&bytes[start..end]),
+            Content::File(file, _) => {
+                use std::os::unix::fs::FileExt;
+                let at = into.len();
+                into.resize(at + end - start, 0);
+                file.read_exact_at(&mut into[at..], start as u64)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The file `path` names directly in the served directory, and its length (`None`: there is
+/// none).
+fn in_directory(
+    directory: Option<&Path>,
+    path: &str,
+) -> io::Result<Option<(std::fs::File, usize)>> {
+    let name = path.strip_prefix('/').unwrap_or("");
+    let directly_below = !(name.is_empty() || name.contains('/') || name == "..");
+    let file = directory
+        .filter(|_| directly_below)
+        .and_then(|dir| std::fs::File::open(dir.join(name)).ok());
+    let Some(file) = file else { return Ok(None) };
+    let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+    Ok(Some((file, len)))
+}
+
+/// Unthrottled bodies go out in pieces of this size, each counted as it goes (a client may hang
+/// up in the middle).
+const PIECE: usize = 64 * 1024;
+
 struct Writer<'a, S> {
     stream: &'a mut S,
     throttle: Option<Throttle>,
-    sent: &'a AtomicU64,
+    shared: &'a Shared,
+    /// The request's entry in `shared.seen`.
+    entry: usize,
 }
 
 impl<S: AsyncWrite + Unpin> Writer<'_, S> {
     /// The status line and these header lines, then `Connection: close` and the blank line.
     async fn head(&mut self, status_and_headers: &str) -> io::Result<()> {
+        let status = status_and_headers
+            .split(' ')
+            .next()
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        self.shared.seen.lock().unwrap()[self.entry].status = status;
         let head = format!("HTTP/1.1 {status_and_headers}\r\nConnection: close\r\n\r\n");
         self.stream.write_all(head.as_bytes()).await
     }
 
+    fn count(&self, sent: usize) {
+        self.shared
+            .body_bytes
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.shared.seen.lock().unwrap()[self.entry].body_bytes += sent as u64;
+    }
+
     /// 200 announcing `length` bytes, then `body` (which may be shorter or longer).
-    async fn ok(&mut self, body: &[u8], length: usize) -> io::Result<()> {
+    async fn ok(&mut self, body: Content<'_>, length: usize) -> io::Result<()> {
         self.head(&format!("200 OK\r\nContent-Length: {length}"))
             .await?;
-        self.body(body).await
+        self.part(body, 0, body.len()).await
+    }
+
+    /// Bytes `[start, end)` of `content`, a piece at a time.
+    async fn part(&mut self, content: Content<'_>, start: usize, end: usize) -> io::Result<()> {
+        if let Content::Bytes(bytes) = content {
+            return self.body(&bytes[start..end]).await;
+        }
+        let mut piece = Vec::with_capacity(PIECE);
+        for at in (start..end).step_by(PIECE) {
+            piece.clear();
+            content.read(at, end.min(at + PIECE), &mut piece)?;
+            self.body(&piece).await?;
+        }
+        Ok(())
     }
 
     async fn body(&mut self, body: &[u8]) -> io::Result<()> {
-        match self.throttle {
-            None => {
-                self.stream.write_all(body).await?;
-                self.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
-                Ok(())
-            }
-            Some(Throttle { chunk, pause }) => {
-                for piece in body.chunks(chunk.max(1)) {
-                    self.stream.write_all(piece).await?;
-                    self.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
-                    self.stream.flush().await?;
-                    tokio::time::sleep(pause).await;
-                }
-                Ok(())
+        let piece_size = self.throttle.map_or(PIECE, |t| t.chunk.max(1));
+        for piece in body.chunks(piece_size) {
+            self.stream.write_all(piece).await?;
+            self.count(piece.len());
+            if let Some(Throttle { pause, .. }) = self.throttle {
+                self.stream.flush().await?;
+                tokio::time::sleep(pause).await;
             }
         }
+        Ok(())
     }
 }
 
@@ -521,21 +680,21 @@ fn ranges(header: Option<&str>, len: usize) -> Ranges {
 }
 
 /// A `multipart/byteranges` body with one part per range.
-fn multipart(data: &[u8], list: &[(usize, usize)]) -> Vec<u8> {
+fn multipart(content: Content<'_>, list: &[(usize, usize)]) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     for &(first, last) in list {
         body.extend_from_slice(
             format!(
                 "--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {first}-{last}/{}\r\n\r\n",
-                data.len()
+                content.len()
             )
             .as_bytes(),
         );
-        body.extend_from_slice(&data[first..=last]);
+        content.read(first, last + 1, &mut body)?;
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -555,6 +714,67 @@ mod tests {
         assert_eq!(ranges(Some("items=1-2"), 10), Ranges::Whole);
     }
 
+    /// One GET with an optional Range header; the whole answer, as text.
+    fn get(server: &ImageServer, path: &str, range: Option<&str>) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        let range = range.map_or(String::new(), |r| format!("Range: {r}\r\n"));
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n{range}\r\n").unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[test]
+    fn a_directory_is_served_by_position_with_range_answered_as_chosen_and_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.img"), b"0123456789").unwrap();
+        std::fs::write(dir.path().join("secret"), b"no").unwrap();
+        let start = |answers| {
+            ImageServer::builder(Vec::new())
+                .directory(dir.path())
+                .range_answers(answers)
+                .start_background()
+                .unwrap()
+        };
+
+        let nginx = start(RangeAnswers::Multipart);
+        let one = get(&nginx, "/f.img", Some("bytes=2-4"));
+        assert!(
+            one.starts_with("HTTP/1.1 206 ") && one.ends_with("\r\n\r\n234"),
+            "{one}"
+        );
+        let two = get(&nginx, "/f.img", Some("bytes=0-1,8-"));
+        assert!(two.contains("multipart/byteranges"), "{two}");
+        assert!(two.contains("bytes 8-9/10\r\n\r\n89\r\n"), "{two}");
+        assert!(get(&nginx, "/../secret", None).starts_with("HTTP/1.1 404 "));
+        assert!(get(&nginx, "/missing", None).starts_with("HTTP/1.1 404 "));
+        let seen = nginx.seen();
+        let answers: Vec<_> = seen.iter().map(|s| (s.status, s.body_bytes)).collect();
+        let multipart_len = two.split_once("\r\n\r\n").unwrap().1.len() as u64;
+        assert_eq!(
+            answers,
+            [(206, 3), (206, multipart_len), (404, 5), (404, 5)]
+        );
+        assert_eq!(nginx.requests_of("/f.img"), 2);
+        assert_eq!(nginx.ranged_bytes_of("/f.img"), 3 + multipart_len);
+        nginx.forget_seen();
+        assert!(nginx.seen().is_empty());
+        get(&nginx, "/f.img", None);
+        assert_eq!(nginx.bytes_of("/f.img"), 10, "{:?}", nginx.seen());
+
+        let s3 = start(RangeAnswers::SingleOnly);
+        assert!(get(&s3, "/f.img", Some("bytes=2-4")).ends_with("\r\n\r\n234"));
+        let whole = get(&s3, "/f.img", Some("bytes=0-1,8-"));
+        assert!(whole.starts_with("HTTP/1.1 200 ") && whole.ends_with("\r\n\r\n0123456789"));
+        assert_eq!(s3.ranged_bytes_of("/f.img"), 3);
+
+        let plain = start(RangeAnswers::Never);
+        let whole = get(&plain, "/f.img", Some("bytes=2-4"));
+        assert!(whole.starts_with("HTTP/1.1 200 ") && whole.ends_with("\r\n\r\n0123456789"));
+        assert_eq!(plain.bytes_of("/f.img"), 10);
+    }
+
     #[test]
     fn several_ranges_are_parts_of_a_multipart_body() {
         let data: Vec<u8> = (0..10).collect();
@@ -562,7 +782,7 @@ mod tests {
             ranges(Some("bytes=0-1, 8-"), 10),
             Ranges::Some(vec![(0, 1), (8, 9)])
         );
-        let body = multipart(&data, &[(0, 1), (8, 9)]);
+        let body = multipart(Content::Bytes(&data), &[(0, 1), (8, 9)]).unwrap();
         let text = String::from_utf8_lossy(&body);
         assert!(text.starts_with(&format!("--{BOUNDARY}\r\n")), "{text}");
         assert!(

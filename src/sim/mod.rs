@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 pub use bootenv::{Backend, BootEnv};
 pub use gateway::{Gateway, GatewayBuilder};
-pub use http::{Act, ImageServer, Seen, Throttle};
+pub use http::{Act, ImageServer, RangeAnswers, Seen, Throttle};
 pub use release::{Signer, tamper};
 pub use tools::User;
 

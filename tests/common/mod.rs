@@ -3,7 +3,6 @@
 //! Each test crate that says `mod common;` uses only part of it.
 #![allow(dead_code, unused_imports)] // each test crate uses a different part
 
-pub mod range_server;
 mod releases;
 pub use releases::*;
 

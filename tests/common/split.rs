@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::range_server::{RangeMode, RangeServer};
-use super::sim::{Act, GatewayBuilder, User, tamper};
+use super::sim::{Act, GatewayBuilder, RangeAnswers, User, tamper};
 use super::{BIN, Backend, Gateway, ImageServer, describe as text, pattern, require};
 
 pub const COMPATIBLE: &str = "acme-gw-split";
@@ -243,16 +242,20 @@ impl Split {
     pub fn served_indexed_release(
         &self,
         image: &[u8],
-        mode: RangeMode,
+        mode: RangeAnswers,
         store_level: &str,
         compress: Option<&str>,
         name: &str,
-    ) -> (RangeServer, PathBuf) {
+    ) -> (ImageServer, PathBuf) {
         let serve = self.path("serve");
         fs::create_dir(&serve).unwrap();
         fs::write(self.path("new.img"), image).unwrap();
-        let server = RangeServer::start(serve, mode);
-        let served = compress.map_or("new.img", |_| "new.img.zst");
+        let server = ImageServer::builder(Vec::new())
+            .directory(serve)
+            .range_answers(mode)
+            .start_background()
+            .expect("an image server on 127.0.0.1");
+        let served = compress.map_or("/new.img", |_| "/new.img.zst");
         let release = self.indexed_release(
             &self.path("new.img"),
             "3.0",
