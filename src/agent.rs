@@ -18,8 +18,8 @@ use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader;
 use crate::config::Config;
 use crate::engine::{
-    Action, Answer, Engine, Event, EventKind, Failure, Input, Job, Notice, PersistentState, Phase,
-    Progress, SlotPair,
+    Action, Answer, Bootname, Engine, Event, EventKind, Failure, Input, Job, Notice,
+    PersistentState, Phase, Progress, SlotPair,
 };
 use crate::health;
 use crate::installer::RemoteInstaller;
@@ -510,7 +510,7 @@ impl Agent {
     async fn bootloader_op(
         &mut self,
         name: &str,
-        slot: &str,
+        slot: &Bootname,
         change: BootChange,
     ) -> Result<(), Failure> {
         self.crash.point(&format!("bootloader:{name}:before"));
@@ -533,7 +533,7 @@ impl Agent {
 
     /// The slot is activated only when it holds the image of the transaction's signed release,
     /// verified again now, never on the state's word.
-    async fn activate(&mut self, slot: &str) -> Result<(), Failure> {
+    async fn activate(&mut self, slot: &Bootname) -> Result<(), Failure> {
         let (signed, verified) = self.transaction_release()?;
         let image = self.signed_image(&verified)?;
         let release = Release {
@@ -641,7 +641,7 @@ impl Agent {
 
     async fn write(
         &mut self,
-        slot: &str,
+        slot: &Bootname,
         image: crate::release::manifest::Image,
         resume_from: u64,
         observer: &mut dyn Observer,
@@ -752,7 +752,7 @@ impl Agent {
 
     fn write_request(
         &self,
-        slot: &str,
+        slot: &Bootname,
         image: crate::release::manifest::Image,
         resume_from: u64,
     ) -> Result<WriteRequest, Failure> {

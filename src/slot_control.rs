@@ -15,7 +15,7 @@ use std::pin::Pin;
 
 use crate::bootloader::{self, Bootloader, BootloaderError};
 use crate::config::{Config, SlotClass};
-use crate::engine::Failure;
+use crate::engine::{Bootname, Failure};
 use crate::reason::ReasonCode;
 use crate::release::ReleaseId;
 use crate::release::manifest::Image;
@@ -78,15 +78,15 @@ pub struct RebootError {
 /// The privileged operations the engine's jobs need, by slot bootname.
 pub trait SlotControl: Send + Sync {
     /// The bootloader never tries `slot` (before its bytes change, or after a failed trial).
-    fn mark_bad<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>>;
+    fn mark_bad<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>>;
 
     /// `slot` is committed: the bootloader keeps booting it.
-    fn mark_good<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>>;
+    fn mark_good<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>>;
 
     /// Names `slot` for the next boot (one try), only once it holds `release`'s image.
     fn activate<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
     ) -> Pending<'a, Result<(), Failure>>;
 
@@ -95,7 +95,7 @@ pub trait SlotControl: Send + Sync {
     /// the fetching and the writing are two processes (the installer's daemon side).
     fn write<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
         fetch: &'a FetchSettings,
@@ -128,15 +128,15 @@ impl Local {
         })
     }
 
-    pub fn mark_bad_now(&self, slot: &str) -> Result<(), Failure> {
+    pub fn mark_bad_now(&self, slot: &Bootname) -> Result<(), Failure> {
         self.bootloader.mark_bad(slot).map_err(bootloader_failed)
     }
 
-    pub fn mark_good_now(&self, slot: &str) -> Result<(), Failure> {
+    pub fn mark_good_now(&self, slot: &Bootname) -> Result<(), Failure> {
         self.bootloader.mark_good(slot).map_err(bootloader_failed)
     }
 
-    pub fn mark_active_now(&self, slot: &str) -> Result<(), Failure> {
+    pub fn mark_active_now(&self, slot: &Bootname) -> Result<(), Failure> {
         self.bootloader.mark_active(slot).map_err(bootloader_failed)
     }
 
@@ -151,7 +151,7 @@ impl Local {
 
     /// The slot must hold `release`'s image: written and read back by this control, or read
     /// back now.
-    async fn check_holds(&self, slot: &str, release: Release<'_>) -> Result<(), Failure> {
+    async fn check_holds(&self, slot: &Bootname, release: Release<'_>) -> Result<(), Failure> {
         if self.written.as_ref() == Some(&(slot.to_string(), release.id)) {
             return Ok(());
         }
@@ -178,17 +178,17 @@ fn bootloader_failed(err: BootloaderError) -> Failure {
 }
 
 impl SlotControl for Local {
-    fn mark_bad<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
+    fn mark_bad<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>> {
         Box::pin(async move { self.mark_bad_now(slot) })
     }
 
-    fn mark_good<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
+    fn mark_good<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>> {
         Box::pin(async move { self.mark_good_now(slot) })
     }
 
     fn activate<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
     ) -> Pending<'a, Result<(), Failure>> {
         Box::pin(async move {
@@ -199,7 +199,7 @@ impl SlotControl for Local {
 
     fn write<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
         _fetch: &'a FetchSettings,

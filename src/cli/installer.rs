@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use update_agent::config::Config;
+use update_agent::engine::Bootname;
 use update_agent::installer::server::Installer;
 use update_agent::installer::{
     MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, image_stream_pair, recv_frame, send_all,
@@ -56,7 +57,7 @@ pub struct RequestArgs {
     #[arg(long, value_enum)]
     op: Kind,
     #[arg(long, default_value = "B")]
-    slot: String,
+    slot: Bootname,
     /// The signed release (write, activate)
     #[arg(long)]
     release: Option<PathBuf>,

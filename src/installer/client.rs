@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{FrameError, MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame};
-use crate::engine::Failure;
+use crate::engine::{Bootname, Failure};
 use crate::reason::ReasonCode;
 use crate::release::manifest::Image;
 use crate::slot_control::{Events, Pending, RebootError, Release, SlotControl, WriteError};
@@ -92,7 +92,7 @@ impl RemoteInstaller {
     /// `fdatasync`) and the start of the read-back reach `events`.
     pub async fn write_image(
         &self,
-        slot: &str,
+        slot: &Bootname,
         release: &str,
         image: &Image,
         resume_from: u64,
@@ -140,7 +140,7 @@ impl RemoteInstaller {
             resume_from
         };
         let op = Op::Write {
-            slot: slot.to_string(),
+            slot: slot.clone(),
             release: release.to_string(),
             resume_from,
         };
@@ -155,7 +155,7 @@ impl RemoteInstaller {
     /// downloads for the progress reports (the installer sees only what it was sent).
     async fn write_delta(
         &self,
-        slot: &str,
+        slot: &Bootname,
         release: &str,
         offer: crate::transfer::DeltaOffer,
         settings: &FetchSettings,
@@ -163,7 +163,7 @@ impl RemoteInstaller {
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
         let op = Op::WriteDelta {
-            slot: slot.to_string(),
+            slot: slot.clone(),
             release: release.to_string(),
             ranges_per_request: offer.ranges_per_request as u32,
         };
@@ -306,33 +306,29 @@ impl RemoteInstaller {
 /// The daemon's control: every operation is a request to the installer, which verifies the
 /// release itself and keeps its own ledger of what each slot holds.
 impl SlotControl for RemoteInstaller {
-    fn mark_bad<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
-        Box::pin(self.ask(Op::MarkBad {
-            slot: slot.to_string(),
-        }))
+    fn mark_bad<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>> {
+        Box::pin(self.ask(Op::MarkBad { slot: slot.clone() }))
     }
 
-    fn mark_good<'a>(&'a mut self, slot: &'a str) -> Pending<'a, Result<(), Failure>> {
-        Box::pin(self.ask(Op::MarkGood {
-            slot: slot.to_string(),
-        }))
+    fn mark_good<'a>(&'a mut self, slot: &'a Bootname) -> Pending<'a, Result<(), Failure>> {
+        Box::pin(self.ask(Op::MarkGood { slot: slot.clone() }))
     }
 
     /// The installer reads the slot back against the release it verifies itself.
     fn activate<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
     ) -> Pending<'a, Result<(), Failure>> {
         Box::pin(self.ask(Op::Activate {
-            slot: slot.to_string(),
+            slot: slot.clone(),
             release: release.signed.to_string(),
         }))
     }
 
     fn write<'a>(
         &'a mut self,
-        slot: &'a str,
+        slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
         fetch: &'a FetchSettings,
@@ -428,9 +424,11 @@ mod tests {
             ..RemoteInstaller::new(&path)
         };
         for op in [
-            Op::MarkGood { slot: "A".into() },
+            Op::MarkGood {
+                slot: Bootname::new("A").unwrap(),
+            },
             Op::Activate {
-                slot: "B".into(),
+                slot: Bootname::new("B").unwrap(),
                 release: "{}".into(),
             },
         ] {

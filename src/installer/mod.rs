@@ -36,6 +36,7 @@ use nix::poll::PollFlags;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::engine::Bootname;
 use crate::reason::ReasonCode;
 use crate::socket::{send_all_within, wait_ready};
 
@@ -74,24 +75,25 @@ pub struct Request {
     pub op: Op,
 }
 
-/// What the daemon asks for. Slots are bootnames; a release is the signed envelope as received.
+/// What the daemon asks for. Slots are bootnames (a request naming anything else does not parse);
+/// a release is the signed envelope as received.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Op {
     MarkBad {
-        slot: String,
+        slot: Bootname,
     },
     MarkGood {
-        slot: String,
+        slot: Bootname,
     },
     /// Read `slot` back, and if it holds the release's image, tell the bootloader to try it.
     Activate {
-        slot: String,
+        slot: Bootname,
         release: String,
     },
     /// Write the release's image into `slot` from the stream passed with the request.
     Write {
-        slot: String,
+        slot: Bootname,
         release: String,
         resume_from: u64,
     },
@@ -100,7 +102,7 @@ pub enum Op {
     /// store's ranges it finds in no local slot, the daemon sends their bytes.
     /// `ranges_per_request`: what the daemon found the server to answer (1: single ranges).
     WriteDelta {
-        slot: String,
+        slot: Bootname,
         release: String,
         ranges_per_request: u32,
     },
@@ -335,7 +337,7 @@ mod tests {
         let request = Request {
             version: PROTOCOL_VERSION,
             op: Op::Write {
-                slot: "B".into(),
+                slot: Bootname::new("B").unwrap(),
                 release: "{}".into(),
                 resume_from: 7,
             },
@@ -357,13 +359,41 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
+        let result = receive(br#"{"version":2,"op":{"kind":"reboot"},"extra":1}"#);
+        assert!(matches!(result, Err(FrameError::Malformed(_))));
+    }
+
+    /// A slot is a bootname from the first byte the installer parses: a path, a word the boot
+    /// scripts would misread or an empty name never reaches a lookup, a log line or a message
+    /// unchecked.
+    #[test]
+    fn a_slot_that_is_not_a_bootname_is_malformed() {
+        for slot in ["../../dev/sda", "B;reboot", "", "1A", "B\\u001b[2J"] {
+            let body = format!(r#"{{"version":2,"op":{{"kind":"mark-good","slot":"{slot}"}}}}"#);
+            match receive(body.as_bytes()) {
+                Err(FrameError::Malformed(why)) => {
+                    assert!(why.contains("slot bootname"), "{slot}: {why}");
+                    assert!(!why.contains('\u{1b}'), "{slot}: escaped: {why}");
+                }
+                other => panic!("{slot}: {other:?}"),
+            }
+        }
+        let good = receive(br#"{"version":2,"op":{"kind":"mark-good","slot":"system0"}}"#);
+        assert_eq!(
+            good.unwrap().0.op,
+            Op::MarkGood {
+                slot: Bootname::new("system0").unwrap()
+            }
+        );
+    }
+
+    /// `body` framed, sent and received as a request.
+    fn receive(body: &[u8]) -> Result<(Request, Option<OwnedFd>), FrameError> {
         let (a, b) = UnixStream::pair().unwrap();
-        let body = br#"{"version":2,"op":{"kind":"reboot"},"extra":1}"#;
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         send_all(&a, &frame).unwrap();
-        let result: Result<(Request, _), _> = recv_frame(&b, MAX_REQUEST, soon());
-        assert!(matches!(result, Err(FrameError::Malformed(_))));
+        recv_frame(&b, MAX_REQUEST, soon())
     }
 
     fn soon() -> Instant {

@@ -18,6 +18,7 @@ use super::{
 use crate::anchor::{AnchorError, TrustAnchor};
 use crate::bootloader::BootloaderError;
 use crate::config::{Config, InstallerConfig};
+use crate::engine::Bootname;
 use crate::reason::ReasonCode;
 use crate::release::{self, Policy, VerifiedRelease};
 use crate::slot_control::Local;
@@ -353,10 +354,10 @@ impl Installer {
     /// to: verified bytes, or the running system. Otherwise the boot scripts' last resort
     /// (U-Boot: an emptied `BOOT_ORDER` reads as "A B" with every counter reset; GRUB: entry 0
     /// when no slot is OK) could start bytes the installer never verified.
-    fn may_mark_bad(&self, slot: &str, booted: Option<&str>) -> Result<(), Refused> {
+    fn may_mark_bad(&self, slot: &Bootname, booted: Option<&str>) -> Result<(), Refused> {
         let mut why = Vec::new();
         for other in [&self.config.slots.a, &self.config.slots.b] {
-            if other.bootname == slot {
+            if other.bootname == *slot {
                 continue;
             }
             match self.ledger.may_fall_back_to(
@@ -378,7 +379,7 @@ impl Installer {
         ))
     }
 
-    fn configured(&self, slot: &str) -> Result<&crate::config::Slot, Refused> {
+    fn configured(&self, slot: &Bootname) -> Result<&crate::config::Slot, Refused> {
         self.config.slot_by_bootname(slot).ok_or_else(|| {
             Refused::new(
                 ReasonCode::InvalidRequest,
@@ -392,14 +393,22 @@ impl Installer {
 
     /// Records that `slot` now holds `verified`'s image, written and read back by this process:
     /// in the ledger (what may boot) and in memory (what `activate` need not read back again).
-    fn record_verified(&mut self, slot: &str, verified: &VerifiedRelease) -> Result<(), Refused> {
+    fn record_verified(
+        &mut self,
+        slot: &Bootname,
+        verified: &VerifiedRelease,
+    ) -> Result<(), Refused> {
         self.ledger_verified(slot, verified)?;
         self.written.insert(slot.to_string(), verified.id);
         Ok(())
     }
 
     /// The ledger's record that `slot` holds bytes read back against `verified`.
-    fn ledger_verified(&mut self, slot: &str, verified: &VerifiedRelease) -> Result<(), Refused> {
+    fn ledger_verified(
+        &mut self,
+        slot: &Bootname,
+        verified: &VerifiedRelease,
+    ) -> Result<(), Refused> {
         self.ledger
             .verified(
                 slot,
@@ -454,10 +463,10 @@ impl Installer {
     /// (the bootloader must never name a slot whose bytes are changing, whatever the daemon did
     /// or did not ask before) and recorded unverified in the ledger before the first byte
     /// changes.
-    fn begin_write(&mut self, slot: &str) -> Result<crate::config::Slot, Refused> {
+    fn begin_write(&mut self, slot: &Bootname) -> Result<crate::config::Slot, Refused> {
         let target = self.writable(slot)?;
         self.local.mark_bad_now(slot).map_err(Refused::from)?;
-        self.written.remove(slot);
+        self.written.remove(slot.as_str());
         self.ledger.writing(slot).map_err(ledger_failed)?;
         Ok(target)
     }
@@ -469,7 +478,7 @@ impl Installer {
     }
 
     /// The slot to write: configured, and neither the booted one nor the device behind `/`.
-    fn writable(&self, slot: &str) -> Result<crate::config::Slot, Refused> {
+    fn writable(&self, slot: &Bootname) -> Result<crate::config::Slot, Refused> {
         let target = self.configured(slot)?.clone();
         let booted = system::booted_slot(&self.config)
             .map_err(|e| Refused::new(ReasonCode::NotReady, e.to_string()))?;
@@ -479,7 +488,7 @@ impl Installer {
 
     fn write(
         &mut self,
-        slot: &str,
+        slot: &Bootname,
         release: &str,
         resume_from: u64,
         image_stream: OwnedFd,
@@ -539,7 +548,7 @@ impl Installer {
     /// is checked against the index its own verified release binds, and the slot read back.
     fn write_delta(
         &mut self,
-        slot: &str,
+        slot: &Bootname,
         release: &str,
         ranges_per_request: u32,
         image_stream: OwnedFd,
@@ -595,10 +604,10 @@ impl Installer {
 
     /// Activates `slot` only when it holds the image of a release this installer verified
     /// itself: written and read back by this process, or else read back from the medium now.
-    fn activate(&mut self, slot: &str, release: &str) -> Result<(), Refused> {
+    fn activate(&mut self, slot: &Bootname, release: &str) -> Result<(), Refused> {
         let (verified, image, sha256) = self.verify(release)?;
         let target = self.configured(slot)?;
-        if self.written.get(slot) != Some(&verified.id) {
+        if self.written.get(slot.as_str()) != Some(&verified.id) {
             verify_slot(&target.device, image.size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
@@ -659,7 +668,7 @@ fn ledger_failed(e: std::io::Error) -> Refused {
 
 /// Overwrites the head of a slot whose new bytes were refused (see [`WIPED_HEAD`]) and syncs
 /// it. Best effort: the slot is marked bad and recorded unverified either way.
-fn wipe_head(device: &std::path::Path, slot: &str) {
+fn wipe_head(device: &std::path::Path, slot: &Bootname) {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileExt;
     let result = std::fs::OpenOptions::new()
