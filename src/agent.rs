@@ -28,7 +28,7 @@ use crate::release::{self, Policy, Refusal, VerifiedRelease};
 use crate::slot_control::{Local, RebootError, Release, SlotControl};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{FetchSettings, TransferEvent, WriteRequest};
+use crate::transfer::{TransferEvent, WriteRequest};
 
 /// How often a transient download failure (reset, stall) is retried, resuming from the last
 /// checkpoint, before the transaction fails.
@@ -658,15 +658,6 @@ impl Agent {
             self.download_jitter().await;
         }
         let mut request = self.write_request(slot, signed_image, resume_from)?;
-        let fetch = FetchSettings {
-            server: request.server.clone(),
-            delta_work_dir: self
-                .config
-                .install
-                .delta
-                .then(|| self.config.device.state_dir.join("delta")),
-            full_download_fallback: self.config.install.full_download_fallback,
-        };
         let mut attempt = 1;
         loop {
             let result = {
@@ -732,7 +723,7 @@ impl Agent {
                     image: &request.image,
                 };
                 self.control
-                    .write(slot, release, &request, &fetch, &mut on_event)
+                    .write(slot, release, &request, &mut on_event)
                     .await
             };
             match result {

@@ -20,7 +20,7 @@ use crate::reason::ReasonCode;
 use crate::release::ReleaseId;
 use crate::release::manifest::Image;
 use crate::system;
-use crate::transfer::{self, FetchSettings, TransferError, TransferEvent, WriteRequest};
+use crate::transfer::{self, TransferError, TransferEvent, WriteRequest};
 
 /// A control's answer, to be awaited (the trait is used as `dyn SlotControl`).
 pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -91,14 +91,13 @@ pub trait SlotControl: Send + Sync {
     ) -> Pending<'a, Result<(), Failure>>;
 
     /// Fetches `request.image` and writes it into `slot` (the device `request` names), resuming
-    /// at `request.resume_from`, then reads it back. `fetch` is how the image is fetched where
-    /// the fetching and the writing are two processes (the installer's daemon side).
+    /// at `request.resume_from`, then reads it back. Where the fetching and the writing are two
+    /// processes, this side fetches as [`WriteRequest::fetch_settings`] says.
     fn write<'a>(
         &'a mut self,
         slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
-        fetch: &'a FetchSettings,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>>;
 
@@ -202,7 +201,6 @@ impl SlotControl for Local {
         slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
-        _fetch: &'a FetchSettings,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>> {
         Box::pin(async move {

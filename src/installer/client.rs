@@ -331,17 +331,14 @@ impl SlotControl for RemoteInstaller {
         slot: &'a Bootname,
         release: Release<'a>,
         request: &'a WriteRequest,
-        fetch: &'a FetchSettings,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>> {
-        Box::pin(self.write_image(
-            slot,
-            release.signed,
-            &request.image,
-            request.resume_from,
-            fetch,
-            events,
-        ))
+        Box::pin(async move {
+            let fetch = request.fetch_settings();
+            let (image, start) = (&request.image, request.resume_from);
+            self.write_image(slot, release.signed, image, start, &fetch, events)
+                .await
+        })
     }
 
     fn reboot(&self) -> Result<(), RebootError> {

@@ -137,6 +137,19 @@ impl WriteRequest {
             readback_overlap: false,
         }
     }
+
+    /// What the daemon's side of the split needs of this request to fetch its image (the
+    /// installer owns the slots, so their paths and the booted slot stay out).
+    pub fn fetch_settings(&self) -> FetchSettings {
+        FetchSettings {
+            server: self.server.clone(),
+            delta_work_dir: self.delta.as_ref().map(|delta| delta.work_dir.clone()),
+            full_download_fallback: self
+                .delta
+                .as_ref()
+                .is_some_and(|delta| delta.full_download_fallback),
+        }
+    }
 }
 
 /// How the image's server is reached: the same for an install in this process
