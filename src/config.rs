@@ -278,6 +278,14 @@ pub struct Slot {
     pub size: Option<u64>,
 }
 
+impl Slot {
+    /// What a write may fill: a file slot's configured size (it may grow up to it); for a block
+    /// device no bound here, the writer reads the device's own size.
+    pub fn capacity(&self) -> u64 {
+        self.size.unwrap_or(u64::MAX)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Install {

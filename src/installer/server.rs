@@ -498,7 +498,7 @@ impl Installer {
         let target = self.begin_write(slot)?;
         let slot_stream = SlotStream::open(SlotStreamRequest {
             slot_path: target.device.clone(),
-            slot_capacity: target.size.unwrap_or(u64::MAX),
+            slot_capacity: target.capacity(),
             size: image.size,
             sha256,
             resume_from,
@@ -575,7 +575,7 @@ impl Installer {
         let request = crate::transfer::DeltaStreamRequest {
             image,
             slot_path: target.device.clone(),
-            slot_capacity: target.size.unwrap_or(u64::MAX),
+            slot_capacity: target.capacity(),
             checkpoint_interval: self.config.install.checkpoint_interval,
             stall_timeout: self.config.install.stall_timeout,
             work_dir: self.work_dir(),

@@ -8,9 +8,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-#[cfg(feature = "test-hooks")]
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use jiff::Timestamp;
 
@@ -28,11 +25,12 @@ use crate::release::{self, Policy, Refusal, VerifiedRelease};
 use crate::slot_control::{Local, RebootError, Release, SlotControl};
 use crate::state_store::{Logged, StateStore, StoreError};
 use crate::system::{self, SystemError};
-use crate::transfer::{TransferEvent, WriteRequest};
 
-/// How often a transient download failure (reset, stall) is retried, resuming from the last
-/// checkpoint, before the transaction fails.
-const TRANSFER_ATTEMPTS: u32 = 3;
+mod crash_points;
+mod releases;
+mod write;
+
+use crash_points::CrashPoints;
 
 /// Whether the driver may reboot the device when the engine asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,30 +171,6 @@ fn device_id(config: &Config) -> String {
 }
 
 impl Agent {
-    /// Before a download starts from its first byte: this device's share of
-    /// `install.download_jitter`, unless a person asked for the install (they wait for it).
-    async fn download_jitter(&self) {
-        let Some(txn) = self.engine.state().phase.transaction() else {
-            return;
-        };
-        let bound = jiff::SignedDuration::try_from(self.config.install.download_jitter)
-            .unwrap_or(jiff::SignedDuration::ZERO);
-        if txn.user_now || bound.is_zero() {
-            return;
-        }
-        let wait = crate::engine::rollout::download_jitter(
-            &txn.release_id,
-            self.engine.device_id(),
-            bound,
-        );
-        tracing::info!(
-            "download of {} starts in {:.1} s (this device's share of install.download_jitter)",
-            txn.id,
-            wait.as_secs_f64()
-        );
-        tokio::time::sleep(std::time::Duration::try_from(wait).unwrap_or_default()).await;
-    }
-
     pub fn open(config: Config, reboot: RebootMode) -> Result<Agent, AgentError> {
         let anchor = config.trust.anchor()?;
         // Before anything in the state directory is created or read.
@@ -544,251 +518,6 @@ impl Agent {
         self.control.activate(slot, release).await
     }
 
-    /// Keeps the signed release, by release id, next to the state: an install resumed after a
-    /// restart is carried out from these bytes, verified again (the state's copy of the
-    /// manifest is not signed), and the privileged installer is handed them at write and at
-    /// activation. Only the current transaction's and this one are kept.
-    fn remember_release(&self, verified: &VerifiedRelease) {
-        let dir = self.releases_dir();
-        let keep = self
-            .engine
-            .state()
-            .phase
-            .transaction()
-            .map(|txn| format!("{}.json", txn.release_id));
-        let name = format!("{}.json", verified.release_id());
-        let result = std::fs::create_dir_all(&dir).and_then(|()| {
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                let file = entry.file_name();
-                if Some(file.to_string_lossy().as_ref()) != keep.as_deref() && file != *name {
-                    std::fs::remove_file(entry.path())?;
-                }
-            }
-            crate::durable::write_atomically(&dir.join(&name), &verified.signed, 0o600)
-        });
-        if let Err(err) = result {
-            // The write or activation of this release then fails with the reason below.
-            tracing::error!("cannot keep release {name} for the installer: {err}");
-        }
-    }
-
-    fn releases_dir(&self) -> std::path::PathBuf {
-        self.config.device.state_dir.join("releases")
-    }
-
-    /// The signed release of the transaction in progress, as kept by `remember_release`.
-    fn current_release(&self) -> Result<String, Failure> {
-        let missing = |detail: String| Failure::new(ReasonCode::NotReady, detail);
-        let txn = self
-            .engine
-            .state()
-            .phase
-            .transaction()
-            .ok_or_else(|| missing("no transaction in progress".into()))?;
-        let path = self.releases_dir().join(format!("{}.json", txn.release_id));
-        let bytes = crate::durable::read_bounded(&path, release::MAX_RELEASE_SIZE as u64)
-            .map_err(|e| missing(format!("signed release {}: {e}", path.display())))?;
-        String::from_utf8(bytes).map_err(|_| missing(format!("{} is not text", path.display())))
-    }
-
-    /// The transaction's signed release as kept by `remember_release`, verified again against
-    /// the trust anchor and the policy now, and checked to be the transaction's: what a resumed
-    /// install writes and activates comes from these bytes only.
-    fn transaction_release(&self) -> Result<(String, VerifiedRelease), Failure> {
-        let signed = self.current_release()?;
-        let txn_id = self
-            .engine
-            .state()
-            .phase
-            .transaction()
-            .map(|txn| txn.release_id);
-        let verified = self.verify(signed.as_bytes()).map_err(|refusal| {
-            Failure::new(
-                refusal.code,
-                format!(
-                    "the transaction's signed release does not verify: {}",
-                    refusal.message
-                ),
-            )
-        })?;
-        if txn_id != Some(verified.release_id()) {
-            return Err(Failure::new(
-                ReasonCode::Malformed,
-                format!(
-                    "the signed release kept for the transaction (release {}) is release {}",
-                    txn_id.map_or_else(|| "none".to_string(), |id| id.to_string()),
-                    verified.release_id()
-                ),
-            ));
-        }
-        Ok((signed, verified))
-    }
-
-    /// The image the verified release holds for this device's slot class.
-    fn signed_image(
-        &self,
-        verified: &VerifiedRelease,
-    ) -> Result<crate::release::manifest::Image, Failure> {
-        let class = &self.config.slots.class;
-        verified.manifest.images.get(class).cloned().ok_or_else(|| {
-            Failure::new(
-                ReasonCode::Incompatible,
-                format!("the release has no image for slot class {class}"),
-            )
-        })
-    }
-
-    async fn write(
-        &mut self,
-        slot: &Bootname,
-        image: crate::release::manifest::Image,
-        resume_from: u64,
-        observer: &mut dyn Observer,
-    ) -> Result<(), Failure> {
-        let (signed, verified) = self.transaction_release()?;
-        let signed_image = self.signed_image(&verified)?;
-        if signed_image != image {
-            tracing::error!(
-                message_id = crate::logging::message_id::TAMPER_ALERT,
-                "TAMPER ALERT: the image in the saved state differs from the transaction's signed release; writing the signed release's"
-            );
-        }
-        if resume_from == 0 {
-            self.download_jitter().await;
-        }
-        let mut request = self.write_request(slot, signed_image, resume_from)?;
-        let mut attempt = 1;
-        loop {
-            let result = {
-                let engine = &mut self.engine;
-                let store = &self.store;
-                let crash = &self.crash;
-                let clock = &self.clock;
-                // Progress carries both counts: bytes written (`Progress`) and downloaded
-                // (`Downloaded`, which for a delta also comes while nothing is written yet: the
-                // ranges are fetched first).
-                let (mut written_so_far, mut total_so_far) =
-                    (request.resume_from, request.image.size);
-                let mut downloaded_so_far = None;
-                let mut on_event = |event: TransferEvent| -> std::io::Result<()> {
-                    let input = match event {
-                        TransferEvent::Progress { written, total } => {
-                            crash.bytes_written(written);
-                            (written_so_far, total_so_far) = (written, total);
-                            Input::WriteProgress {
-                                written,
-                                total,
-                                downloaded: downloaded_so_far,
-                            }
-                        }
-                        TransferEvent::Checkpoint { durable } => Input::WriteCheckpoint { durable },
-                        TransferEvent::Verifying => {
-                            crash.point("readback:before");
-                            return Ok(());
-                        }
-                        TransferEvent::Downloaded {
-                            downloaded,
-                            expected,
-                        } => {
-                            crash.bytes_downloaded(downloaded);
-                            tracing::debug!("{downloaded} of {expected} bytes downloaded");
-                            downloaded_so_far = Some(downloaded);
-                            Input::WriteProgress {
-                                written: written_so_far,
-                                total: total_so_far,
-                                downloaded: downloaded_so_far,
-                            }
-                        }
-                    };
-                    for action in engine.handle(input, clock()) {
-                        if record_during_write(action, engine, store, observer)? {
-                            crash.checkpoint_persisted();
-                        }
-                    }
-                    // User requests during a write only record choices (postpone, automatic
-                    // install, install now, check); none starts a job.
-                    while let Some(input) = observer.interjection() {
-                        for action in engine.handle(input, clock()) {
-                            if record_during_write(action, engine, store, observer)? {
-                                observer.observe(Output::Persisted(engine.state()));
-                            }
-                        }
-                    }
-                    Ok(())
-                };
-                let release = Release {
-                    signed: &signed,
-                    id: verified.release_id(),
-                    image: &request.image,
-                };
-                self.control
-                    .write(slot, release, &request, &mut on_event)
-                    .await
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(err) if err.is_transient() && attempt < TRANSFER_ATTEMPTS => {
-                    tracing::warn!("write interrupted (attempt {attempt}): {err}; resuming");
-                    attempt += 1;
-                    if let Phase::Writing { durable, .. } = self.engine.state().phase {
-                        request.resume_from = durable;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-                }
-                Err(err) => return Err(err.into_failure()),
-            }
-        }
-    }
-
-    fn write_request(
-        &self,
-        slot: &Bootname,
-        image: crate::release::manifest::Image,
-        resume_from: u64,
-    ) -> Result<WriteRequest, Failure> {
-        let target = self.config.slot_by_bootname(slot).ok_or_else(|| {
-            Failure::new(ReasonCode::SlotIo, format!("slot {slot} is not configured"))
-        })?;
-        // Defence in depth: the engine never targets the booted slot, and the device behind
-        // the target must not be the one the running system was booted from either.
-        let booted = self.engine.booted().map(|b| b.as_str()).unwrap_or_default();
-        system::refuse_running_system(slot, booted, &target.device)?;
-        let mut request = WriteRequest::new(image, target.device.clone(), slot_capacity(target));
-        request.resume_from = resume_from;
-        request.checkpoint_interval = self.config.install.checkpoint_interval;
-        request.server.stall_timeout = self.config.install.stall_timeout;
-        request.server.max_rate = self.config.install.max_rate;
-        request.readback_overlap = self
-            .config
-            .install
-            .readback_overlap
-            .for_slot(&target.device);
-        // A delta reads the local slots: this request is for when this process owns them (no
-        // split); under the split the installer reads them and the daemon fetches what it asks
-        // for (`FetchSettings::delta_work_dir`).
-        if self.config.install.delta {
-            let booted = self
-                .config
-                .slot_by_bootname(booted)
-                .filter(|_| !booted.is_empty())
-                .map(|slot| crate::transfer::BootedSlot {
-                    path: slot.device.clone(),
-                    // A booted slot does not change under the running system: its table holds
-                    // for this boot (and only proposes candidates, each checked before use).
-                    key: system::boot_id(&self.config)
-                        .ok()
-                        .map(|id| crate::transfer::booted_table_key(id.as_str(), &slot.device)),
-                });
-            request.delta = Some(crate::transfer::DeltaSettings {
-                work_dir: self.config.device.state_dir.join("delta"),
-                booted,
-                full_download_fallback: self.config.install.full_download_fallback,
-            });
-        }
-        Ok(request)
-    }
-
     /// Reports that the reboot the engine asked for failed (`reboot-failed`, an event for the
     /// operators and the user); the transaction still waits for its reboot.
     pub async fn report_reboot_failed(
@@ -841,34 +570,6 @@ impl Observer for NoteRefusal<'_> {
     }
 }
 
-/// Carries out what the engine asks for in the middle of a slot write, where only records and
-/// reports can come (from progress, checkpoints, or a user's choice); true when the state was
-/// persisted. Anything that would start a job is logged, not run.
-fn record_during_write(
-    action: Action,
-    engine: &Engine,
-    store: &StateStore,
-    observer: &mut dyn Observer,
-) -> std::io::Result<bool> {
-    match action {
-        Action::Persist => {
-            store.save(engine.state()).map_err(std::io::Error::other)?;
-            return Ok(true);
-        }
-        Action::ReportProgress(progress) => observer.observe(Output::Progress(&progress)),
-        Action::Report(event) => {
-            // The write itself reports no transition; keep any such event rather than drop it.
-            let _ = store.log_event(&event);
-            observer.observe(Output::Event(&event));
-        }
-        Action::Answer(answer) => observer.observe(Output::Answer(&answer)),
-        Action::Notify(notice) => observer.observe(Output::Notice(&notice)),
-        Action::Check => observer.observe(Output::Check),
-        other => tracing::error!("engine asked for {other:?} during a write"),
-    }
-    Ok(false)
-}
-
 /// With the split, the agent must run as the installer's daemon user: as anyone else it would
 /// leave files in the state directory the daemon cannot use (root's 0600 `state.json`), and
 /// the installer would refuse it anyway.
@@ -888,84 +589,6 @@ fn check_daemon_user(installer: &crate::config::InstallerConfig) -> Result<(), A
         actual: crate::state_store::describe_uid(euid.as_raw()),
         name,
     })
-}
-
-/// A file slot's capacity is configured (it may grow up to it); a block device's is its size,
-/// which the writer reads from the device.
-fn slot_capacity(slot: &crate::config::Slot) -> u64 {
-    slot.size.unwrap_or(u64::MAX)
-}
-
-/// Power-cut simulation for tests: `UPDATE_AGENT_CRASH_AT=<point>` makes the process kill itself
-/// with SIGKILL — a real `kill -9`, nothing cleaned up — when it reaches that point. Points are
-/// named after what happens next (`persist:writing:after`, `bootloader:activate:before`,
-/// `checkpoint:2`, `bytes:1048576`, …; the list is in tests/power_cut.rs). Without the variable
-/// every check is a comparison against `None`. Only in builds with the `test-hooks` feature
-/// (the tests'); elsewhere every point is an empty function.
-#[cfg(feature = "test-hooks")]
-struct CrashPoints {
-    at: Option<String>,
-    checkpoints: AtomicU64,
-}
-
-#[cfg(not(feature = "test-hooks"))]
-struct CrashPoints;
-
-#[cfg(not(feature = "test-hooks"))]
-impl CrashPoints {
-    fn from_env() -> CrashPoints {
-        CrashPoints
-    }
-
-    fn point(&self, _name: &str) {}
-
-    fn checkpoint_persisted(&self) {}
-
-    fn bytes_written(&self, _written: u64) {}
-
-    fn bytes_downloaded(&self, _downloaded: u64) {}
-}
-
-#[cfg(feature = "test-hooks")]
-impl CrashPoints {
-    fn from_env() -> CrashPoints {
-        CrashPoints {
-            at: crate::crash_point::requested(),
-            checkpoints: AtomicU64::new(0),
-        }
-    }
-
-    fn point(&self, name: &str) {
-        if self.at.as_deref() == Some(name) {
-            crate::crash_point::crash(name);
-        }
-    }
-
-    fn checkpoint_persisted(&self) {
-        let count = self.checkpoints.fetch_add(1, Ordering::Relaxed) + 1;
-        self.point(&format!("checkpoint:{count}"));
-    }
-
-    fn bytes_written(&self, written: u64) {
-        if let Some(limit) = self.at.as_deref().and_then(|at| at.strip_prefix("bytes:"))
-            && limit.parse::<u64>().is_ok_and(|limit| written >= limit)
-        {
-            crate::crash_point::crash(&format!("bytes:{limit}"));
-        }
-    }
-
-    /// `downloaded:N`: the download reached N bytes (a delta's index and store ranges, or a
-    /// full download's bytes as they came).
-    fn bytes_downloaded(&self, downloaded: u64) {
-        if let Some(limit) = self
-            .at
-            .as_deref()
-            .and_then(|at| at.strip_prefix("downloaded:"))
-            && limit.parse::<u64>().is_ok_and(|limit| downloaded >= limit)
-        {
-            crate::crash_point::crash(&format!("downloaded:{limit}"));
-        }
-    }
 }
 
 impl fmt::Display for Stop {
