@@ -38,6 +38,15 @@ pub struct Release<'a> {
     pub image: &'a Image,
 }
 
+/// A slot write the driver asks for: the slot by bootname, the transaction's release, and how
+/// to fetch and write its image (the slot's device, resume point, server, delta).
+#[derive(Clone, Copy)]
+pub struct SlotWrite<'a> {
+    pub slot: &'a Bootname,
+    pub release: Release<'a>,
+    pub request: &'a WriteRequest,
+}
+
 /// How a slot write failed: this side's transfer (network, decompression, the slot) or the
 /// installer's side (its refusal, or the conversation broken off).
 #[derive(Debug, thiserror::Error)]
@@ -90,14 +99,12 @@ pub trait SlotControl: Send + Sync {
         release: Release<'a>,
     ) -> Pending<'a, Result<(), Failure>>;
 
-    /// Fetches `request.image` and writes it into `slot` (the device `request` names), resuming
-    /// at `request.resume_from`, then reads it back. Where the fetching and the writing are two
-    /// processes, this side fetches as [`WriteRequest::fetch_settings`] says.
+    /// Fetches the request's image and writes it into the slot (the device the request names),
+    /// resuming at `request.resume_from`, then reads it back. Where the fetching and the
+    /// writing are two processes, this side fetches as [`WriteRequest::fetch_settings`] says.
     fn write<'a>(
         &'a mut self,
-        slot: &'a Bootname,
-        release: Release<'a>,
-        request: &'a WriteRequest,
+        write: SlotWrite<'a>,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>>;
 
@@ -112,7 +119,7 @@ pub struct Local {
     reboot_command: Vec<String>,
     /// The slot this control wrote and read back, with the release: activating it needs no
     /// second read-back. Forgotten when a write starts.
-    written: Option<(String, ReleaseId)>,
+    written: Option<(Bootname, ReleaseId)>,
 }
 
 impl Local {
@@ -151,7 +158,7 @@ impl Local {
     /// The slot must hold `release`'s image: written and read back by this control, or read
     /// back now.
     async fn check_holds(&self, slot: &Bootname, release: Release<'_>) -> Result<(), Failure> {
-        if self.written.as_ref() == Some(&(slot.to_string(), release.id)) {
+        if matches!(&self.written, Some((written, id)) if written == slot && *id == release.id) {
             return Ok(());
         }
         let target = [&self.slots.a, &self.slots.b]
@@ -198,17 +205,15 @@ impl SlotControl for Local {
 
     fn write<'a>(
         &'a mut self,
-        slot: &'a Bootname,
-        release: Release<'a>,
-        request: &'a WriteRequest,
+        write: SlotWrite<'a>,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>> {
         Box::pin(async move {
             self.written = None;
-            transfer::install_image(request, events)
+            transfer::install_image(write.request, events)
                 .await
                 .map_err(WriteError::Transfer)?;
-            self.written = Some((slot.to_string(), release.id));
+            self.written = Some((write.slot.clone(), write.release.id));
             Ok(())
         })
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::engine::{Action, Bootname, Engine, Failure, Input, Phase};
 use crate::reason::ReasonCode;
-use crate::slot_control::Release;
+use crate::slot_control::{Release, SlotWrite};
 use crate::state_store::StateStore;
 use crate::system;
 use crate::transfer::{TransferEvent, WriteRequest};
@@ -121,14 +121,16 @@ impl Agent {
                     }
                     Ok(())
                 };
-                let release = Release {
-                    signed: &signed,
-                    id: verified.release_id(),
-                    image: &request.image,
+                let write = SlotWrite {
+                    slot,
+                    release: Release {
+                        signed: &signed,
+                        id: verified.release_id(),
+                        image: &request.image,
+                    },
+                    request: &request,
                 };
-                self.control
-                    .write(slot, release, &request, &mut on_event)
-                    .await
+                self.control.write(write, &mut on_event).await
             };
             match result {
                 Ok(()) => return Ok(()),

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use super::{FrameError, MAX_REPLY, Op, PROTOCOL_VERSION, Reply, Request, recv_frame, send_frame};
 use crate::engine::{Bootname, Failure};
 use crate::reason::ReasonCode;
-use crate::release::manifest::Image;
-use crate::slot_control::{Events, Pending, RebootError, Release, SlotControl, WriteError};
-use crate::transfer::{FetchSettings, TransferError, TransferEvent, WriteRequest, send_image};
+use crate::slot_control::{
+    Events, Pending, RebootError, Release, SlotControl, SlotWrite, WriteError,
+};
+use crate::transfer::{FetchSettings, TransferError, TransferEvent, send_image};
 
 /// Longest wait for the answer to a bootloader change or a reboot (the installer bounds its
 /// bootloader tools and reboot command well below this), and for a request to be taken.
@@ -86,19 +87,19 @@ impl RemoteInstaller {
         )
     }
 
-    /// Has the installer write `release`'s image into `slot`: the installer re-hashes the slot up
-    /// to `resume_from` and names where the stream starts; this side fetches and decompresses
-    /// from there and sends the image bytes. Progress, checkpoints (the installer's, after its
-    /// `fdatasync`) and the start of the read-back reach `events`.
+    /// Has the installer write the release's image into the slot: the installer re-hashes the
+    /// slot up to `resume_from` and names where the stream starts; this side fetches (as
+    /// [`crate::transfer::WriteRequest::fetch_settings`] says) and decompresses from there and
+    /// sends the image bytes. Progress, checkpoints (the installer's, after its `fdatasync`)
+    /// and the start of the read-back reach `events`.
     pub async fn write_image(
         &self,
-        slot: &Bootname,
-        release: &str,
-        image: &Image,
-        resume_from: u64,
-        settings: &FetchSettings,
+        write: SlotWrite<'_>,
         events: &mut (dyn FnMut(TransferEvent) -> io::Result<()> + Send),
     ) -> Result<(), WriteError> {
+        let (slot, release) = (write.slot, write.release.signed);
+        let (image, resume_from) = (&write.request.image, write.request.resume_from);
+        let settings = &write.request.fetch_settings();
         // The block index, checked against the manifest here (a bad one falls back, or
         // fails, before the slot is touched): for a delta, else sent ahead of the whole image
         // for the installer's read-back, block by block on its pool.
@@ -328,17 +329,10 @@ impl SlotControl for RemoteInstaller {
 
     fn write<'a>(
         &'a mut self,
-        slot: &'a Bootname,
-        release: Release<'a>,
-        request: &'a WriteRequest,
+        write: SlotWrite<'a>,
         events: Events<'a>,
     ) -> Pending<'a, Result<(), WriteError>> {
-        Box::pin(async move {
-            let fetch = request.fetch_settings();
-            let (image, start) = (&request.image, request.resume_from);
-            self.write_image(slot, release.signed, image, start, &fetch, events)
-                .await
-        })
+        Box::pin(self.write_image(write, events))
     }
 
     fn reboot(&self) -> Result<(), RebootError> {
