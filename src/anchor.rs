@@ -26,7 +26,7 @@ pub enum Protection {
 }
 
 /// The trusted keys as loaded from the anchor directory. It derefs to the core's
-/// [`TrustedKeys`], which is what [`crate::release::verify`] takes.
+/// [`TrustedKeys`], which is what [`crate::release::verify()`] takes.
 #[derive(Debug, Clone, Default)]
 pub struct TrustAnchor {
     keys: TrustedKeys,

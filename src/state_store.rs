@@ -240,7 +240,7 @@ fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, std::fs::Metadata)>, StoreError>
 
 impl StateStore {
     /// The agent's store: creates the directory (0700) if need be and refuses one that anyone
-    /// but the user this process runs as could change (see [`check_private`]).
+    /// but the user this process runs as could change (see `check_private`).
     pub fn open(dir: &Path) -> Result<StateStore, StoreError> {
         std::fs::DirBuilder::new()
             .recursive(true)

@@ -51,7 +51,7 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// The public keys whose signatures count, by key id: what [`crate::release::verify`] checks
+/// The public keys whose signatures count, by key id: what [`crate::release::verify()`] checks
 /// a release against. The agent loads them from its trust anchor.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {

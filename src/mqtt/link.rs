@@ -75,7 +75,7 @@ pub struct Status {
 pub struct Received {
     pub source: ReleaseSource,
     pub payload: Bytes,
-    /// The number of the subscription it came after (see [`Inbox::checked`]).
+    /// The number of the subscription it came after (see `Inbox::checked`).
     pub check: u64,
 }
 

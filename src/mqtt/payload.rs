@@ -1,7 +1,7 @@
 //! What the agent publishes, as JSON (version 1 of the payloads under `update-agent/v1`).
 //!
 //! - `state` (retained): one [`DeviceState`] document, replaced on every change.
-//! - `events` (QoS 1): one [`Event`](crate::engine::Event) record per transition, exactly as
+//! - `events` (QoS 1): one [`crate::engine::Event`] record per transition, exactly as
 //!   the engine made it (`seq`, `at`, `state`, `txn`, versions, `reason`, `message`), or a
 //!   [`Dropped`](crate::outbox::Dropped) record when the outbox overflowed while the broker was unreachable.
 //! - `online` (retained): `true` once connected and subscribed; the last will sets `false`.

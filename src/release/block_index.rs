@@ -734,7 +734,7 @@ fn read_up_to(file: &File, at: u64, buf: &mut [u8]) -> io::Result<usize> {
     read_full(&mut At { file, at }, buf)
 }
 
-/// Iterator over an index's entries, reading [`ITER_ENTRIES`] hashes and sections at a time.
+/// Iterator over an index's entries, reading `ITER_ENTRIES` hashes and sections at a time.
 pub struct Entries<'a> {
     index: &'a IndexFile,
     next: u64,

@@ -29,7 +29,7 @@ use crate::release::manifest::Image;
 /// Bytes read from the stream at a time.
 const STREAM_CHUNK: usize = 256 * 1024;
 
-/// How the daemon reaches the image's server ([`WriteRequest::fetch_settings`]).
+/// How the daemon reaches the image's server ([`super::WriteRequest::fetch_settings`]).
 #[derive(Debug, Clone)]
 pub struct FetchSettings {
     pub server: ServerAccess,

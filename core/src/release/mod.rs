@@ -6,7 +6,7 @@
 //!
 //! - [`envelope`]: the bounded outer parse.
 //! - [`manifest`]: the strict inner parse, after signatures were checked.
-//! - [`verify`]: the order of checks that decides whether the device may act on a release.
+//! - [`verify`](mod@verify): the order of checks that decides whether the device may act on a release.
 //! - [`sign`]: the operator side of the envelope — serialise a manifest and sign it.
 //! - [`ReleaseId`]: a release's identity, the hash of its manifest bytes.
 //!
