@@ -71,6 +71,9 @@ pub mod transfer;
 /// A file's path in a fresh directory that is removed when the returned guard drops: the
 /// opening of most unit tests that touch the file system.
 #[cfg(test)]
+mod wire_names;
+
+#[cfg(test)]
 pub(crate) fn scratch_path(
     name: impl AsRef<std::path::Path>,
 ) -> (tempfile::TempDir, std::path::PathBuf) {

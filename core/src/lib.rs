@@ -26,6 +26,24 @@ pub mod keys;
 pub mod reason;
 pub mod release;
 
+/// The pinned wire name of every variant of a serde enum of unit variants, for the tests of the
+/// wire formats (this crate's and the agent's): `wire_names!(Severity { Low => "low", ... })`
+/// is the array of `(variant, name)` pairs. A variant left out does not compile (the match has
+/// no wildcard), so a new variant gets its name pinned too.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! wire_names {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {{
+        #[allow(dead_code)]
+        fn every_variant_is_listed(value: $ty) {
+            match value {
+                $($ty::$variant => {}),*
+            }
+        }
+        [$(($ty::$variant, $name)),*]
+    }};
+}
+
 /// What `std`'s prelude would have given every module: the `alloc` types and macros.
 mod prelude {
     pub use alloc::borrow::ToOwned;

@@ -25,7 +25,7 @@
 //! daemon sends their bytes (`transfer::receive_delta`).
 
 pub mod client;
-mod ledger;
+pub(crate) mod ledger;
 pub mod server;
 
 use std::io::{self, IoSlice, IoSliceMut};

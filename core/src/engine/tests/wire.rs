@@ -4,20 +4,7 @@
 
 use super::*;
 use crate::release::manifest::Compression;
-
-/// The pinned wire name of every variant of a serde enum of unit variants. A variant left out
-/// does not compile (the match has no wildcard), so a new variant gets its name pinned too.
-macro_rules! wire_names {
-    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {{
-        #[allow(dead_code)]
-        fn every_variant_is_listed(value: $ty) {
-            match value {
-                $($ty::$variant => {}),*
-            }
-        }
-        vec![$(($ty::$variant, $name)),*]
-    }};
-}
+use crate::wire_names;
 
 /// Serialises to exactly `"name"`, and `"name"` deserialises to it.
 fn assert_wire_name<T>(value: T, name: &str)
