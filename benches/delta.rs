@@ -15,9 +15,9 @@
 //!
 //! 3. Per case, the install itself on loopback (`INSTALL=0` skips it): a child process runs the
 //!    product's `transfer::install_image` against a static file server on 127.0.0.1 that answers
-//!    multi-range requests (the simulated gateway's image server, `update_agent::sim::ImageServer`), the old image as the booted slot and
-//!    an empty inactive slot; beside it the full download of the whole image at zstd -19 into
-//!    the same slot. Bytes downloaded (counted by the server), HTTP requests, wall time, the
+//!    multi-range requests (the simulated gateway's image server, `sim::ImageServer`), the old
+//!    image as the booted slot and an empty inactive slot; beside it the full download of the
+//!    whole image at zstd -19 into the same slot. Bytes downloaded (counted by the server), HTTP requests, wall time, the
 //!    child's CPU time and peak RSS; medians of 3 rounds, interleaved.
 //!
 //! Built stores are cached under target/delta-bench/build/ (a level-19 store of a 320 MiB image
@@ -35,7 +35,7 @@ use update_agent::delta::plan::{Plan, PlanOptions, Sources, plan};
 use update_agent::release::block_index::{self, IndexFile};
 use update_agent::release::index_build::{self, BuiltIndex, StoreParams};
 use update_agent::release::manifest::{ChunkIndexRef, Image};
-use update_agent::sim::ImageServer;
+use update_agent::sim::{ImageServer, RangeAnswers};
 
 const ROUNDS: usize = 3;
 
@@ -450,7 +450,7 @@ fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
         started.elapsed().as_secs_f64()
     );
     let size = std::fs::metadata(&new).unwrap().len();
-    let server = serve_directory(&serve);
+    let server = ImageServer::serve_directory(&serve, RangeAnswers::Multipart);
     let mut image = Image::uncompressed(server.url("/changed.img"), size, sha256_file(&new));
     image.chunks = Some(ChunkIndexRef {
         url: server.url("/changed.img.index"),
@@ -472,7 +472,7 @@ fn install_into_slot(scratch: &Path, slot: &Path, slot_mib: u64) {
         assert_eq!(sha256_file(&target), sha256_file(&new));
         cpus.push(report["cpu"].as_f64().unwrap());
         peaks.push(report["rss_kib"].as_f64().unwrap() / 1024.0);
-        downloads.push(server.seen().iter().map(|s| s.body_bytes).sum::<u64>() as f64);
+        downloads.push(server.body_bytes() as f64);
         std::fs::remove_file(&target).unwrap();
     }
     let median = |v: &mut Vec<f64>| {
@@ -528,7 +528,7 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
         std::fs::hard_link(&index_file, serve.join(format!("{name}.index"))).unwrap();
         std::fs::hard_link(&store_path, serve.join(format!("{name}.store"))).unwrap();
         std::fs::hard_link(&full_zst, serve.join(format!("{name}.zst"))).unwrap();
-        let server = serve_directory(&serve);
+        let server = ImageServer::serve_directory(&serve, RangeAnswers::Multipart);
         let size = std::fs::metadata(&new).unwrap().len();
         let sha256: [u8; 32] = sha256_file(&new);
         let zst_len = std::fs::metadata(&full_zst).unwrap().len();
@@ -572,7 +572,7 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
                 // A device meets each release once: the index is downloaded every round.
                 let _ = std::fs::remove_dir_all(scratch.join("work"));
                 let (report, wall) = install_in_child(&scratch.join("job.json"), &job, &server);
-                let downloaded: u64 = server.seen().iter().map(|s| s.body_bytes).sum::<u64>();
+                let downloaded: u64 = server.body_bytes();
                 let requests = server.seen().len() as f64;
                 results.push([
                     downloaded as f64,
@@ -621,14 +621,6 @@ fn install_part(dir: &Path, scratch: &Path, only: Option<&str>, params: StorePar
     println!(
         "(download: body bytes the server sent, index and probe included; req: HTTP requests; cpu: the installing process's user+system time; the images are in the page cache)"
     );
-}
-
-/// The files of `dir` on 127.0.0.1, answering multi-range requests, on a thread of its own.
-fn serve_directory(dir: &Path) -> ImageServer {
-    ImageServer::builder(Vec::new())
-        .directory(dir)
-        .start_background()
-        .expect("an image server on 127.0.0.1")
 }
 
 /// One install job (image, target, booted slot, work directory) written to `job_path` and run

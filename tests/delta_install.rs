@@ -121,11 +121,7 @@ fn release(mode: RangeAnswers) -> Release {
         &serve.join("new.img.store"),
     )
     .unwrap();
-    let server = ImageServer::builder(Vec::new())
-        .directory(serve)
-        .range_answers(mode)
-        .start_background()
-        .expect("an image server on 127.0.0.1");
+    let server = ImageServer::serve_directory(serve, mode);
     let mut image = Image::uncompressed(
         server.url("/new.img"),
         new.len() as u64,

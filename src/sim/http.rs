@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,9 +153,7 @@ impl ServerBuilder {
             throttle: self.throttle,
             range_answers: self.range_answers,
             directory: self.directory,
-            seen: Mutex::new(Vec::new()),
-            seen_from: Mutex::new(0),
-            body_bytes: AtomicU64::new(0),
+            log: Mutex::default(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone(), tls.clone()));
         Ok(ImageServer {
@@ -205,13 +202,16 @@ struct Shared {
     throttle: Option<Throttle>,
     range_answers: RangeAnswers,
     directory: Option<PathBuf>,
-    /// Never shrinks: an answer still going out updates its own entry after a
-    /// [`ImageServer::forget_seen`].
-    seen: Mutex<Vec<Seen>>,
+    log: Mutex<RequestLog>,
+}
+
+/// Every request, in the order they arrived. Entries are never removed: an answer still going
+/// out updates its own entry after an [`ImageServer::forget_seen`].
+#[derive(Default)]
+struct RequestLog {
+    entries: Vec<Seen>,
     /// Where [`ImageServer::seen`] starts.
-    seen_from: Mutex<usize>,
-    /// Bytes of response bodies sent, all paths together.
-    body_bytes: AtomicU64,
+    from: usize,
 }
 
 enum Stop {
@@ -257,6 +257,15 @@ impl ImageServer {
             .expect("an image server on 127.0.0.1")
     }
 
+    /// The files of `dir`, Range answered as `answers` say, on a thread of its own.
+    pub fn serve_directory(dir: impl Into<PathBuf>, answers: RangeAnswers) -> ImageServer {
+        ImageServer::builder(Vec::new())
+            .directory(dir)
+            .range_answers(answers)
+            .start_background()
+            .expect("an image server on 127.0.0.1")
+    }
+
     fn with_routes(data: Vec<u8>, routes: Vec<(&str, Act)>) -> ServerBuilder {
         routes
             .into_iter()
@@ -272,13 +281,14 @@ impl ImageServer {
 
     /// Every request so far (since [`ImageServer::forget_seen`]), in the order they arrived.
     pub fn seen(&self) -> Vec<Seen> {
-        let from = *self.shared.seen_from.lock().unwrap();
-        self.shared.seen.lock().unwrap()[from..].to_vec()
+        let log = self.shared.log.lock().unwrap();
+        log.entries[log.from..].to_vec()
     }
 
     /// [`ImageServer::seen`] starts again with the next request.
     pub fn forget_seen(&self) {
-        *self.shared.seen_from.lock().unwrap() = self.shared.seen.lock().unwrap().len();
+        let mut log = self.shared.log.lock().unwrap();
+        log.from = log.entries.len();
     }
 
     /// How many requests for `path` were seen.
@@ -305,10 +315,10 @@ impl ImageServer {
             .sum()
     }
 
-    /// Bytes of response bodies sent so far (multipart framing included): what the clients
-    /// downloaded.
+    /// Bytes of response bodies sent so far (since [`ImageServer::forget_seen`]; multipart
+    /// framing included): what the clients downloaded.
     pub fn body_bytes(&self) -> u64 {
-        self.shared.body_bytes.load(Ordering::Relaxed)
+        self.seen().iter().map(|s| s.body_bytes).sum()
     }
 }
 
@@ -398,7 +408,7 @@ async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
             .then(|| value.trim().to_owned())
     });
     let (entry, earlier) = {
-        let mut seen = shared.seen.lock().unwrap();
+        let seen = &mut shared.log.lock().unwrap().entries;
         let earlier = seen.iter().filter(|s| s.path == path).count();
         seen.push(Seen {
             path: path.clone(),
@@ -572,7 +582,7 @@ struct Writer<'a, S> {
     stream: &'a mut S,
     throttle: Option<Throttle>,
     shared: &'a Shared,
-    /// The request's entry in `shared.seen`.
+    /// The request's entry in `shared.log`.
     entry: usize,
 }
 
@@ -584,16 +594,13 @@ impl<S: AsyncWrite + Unpin> Writer<'_, S> {
             .next()
             .and_then(|code| code.parse().ok())
             .unwrap_or(0);
-        self.shared.seen.lock().unwrap()[self.entry].status = status;
+        self.shared.log.lock().unwrap().entries[self.entry].status = status;
         let head = format!("HTTP/1.1 {status_and_headers}\r\nConnection: close\r\n\r\n");
         self.stream.write_all(head.as_bytes()).await
     }
 
     fn count(&self, sent: usize) {
-        self.shared
-            .body_bytes
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        self.shared.seen.lock().unwrap()[self.entry].body_bytes += sent as u64;
+        self.shared.log.lock().unwrap().entries[self.entry].body_bytes += sent as u64;
     }
 
     /// 200 announcing `length` bytes, then `body` (which may be shorter or longer).

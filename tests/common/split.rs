@@ -250,11 +250,7 @@ impl Split {
         let serve = self.path("serve");
         fs::create_dir(&serve).unwrap();
         fs::write(self.path("new.img"), image).unwrap();
-        let server = ImageServer::builder(Vec::new())
-            .directory(serve)
-            .range_answers(mode)
-            .start_background()
-            .expect("an image server on 127.0.0.1");
+        let server = ImageServer::serve_directory(serve, mode);
         let served = compress.map_or("/new.img", |_| "/new.img.zst");
         let release = self.indexed_release(
             &self.path("new.img"),
