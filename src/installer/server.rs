@@ -98,7 +98,7 @@ pub struct Installer {
     ledger: Ledger,
     /// Slots this process wrote and read back, with the release id: activating one of those
     /// needs no second read-back. Forgotten when a write to the slot starts.
-    written: std::collections::BTreeMap<String, [u8; 32]>,
+    written: std::collections::BTreeMap<Bootname, [u8; 32]>,
 }
 
 /// How much of a slot's head is overwritten with zeros after a write whose bytes were refused:
@@ -399,7 +399,7 @@ impl Installer {
         verified: &VerifiedRelease,
     ) -> Result<(), Refused> {
         self.ledger_verified(slot, verified)?;
-        self.written.insert(slot.to_string(), verified.id);
+        self.written.insert(slot.clone(), verified.id);
         Ok(())
     }
 
@@ -466,7 +466,7 @@ impl Installer {
     fn begin_write(&mut self, slot: &Bootname) -> Result<crate::config::Slot, Refused> {
         let target = self.writable(slot)?;
         self.local.mark_bad_now(slot).map_err(Refused::from)?;
-        self.written.remove(slot.as_str());
+        self.written.remove(slot);
         self.ledger.writing(slot).map_err(ledger_failed)?;
         Ok(target)
     }
@@ -607,7 +607,7 @@ impl Installer {
     fn activate(&mut self, slot: &Bootname, release: &str) -> Result<(), Refused> {
         let (verified, image, sha256) = self.verify(release)?;
         let target = self.configured(slot)?;
-        if self.written.get(slot.as_str()) != Some(&verified.id) {
+        if self.written.get(slot) != Some(&verified.id) {
             verify_slot(&target.device, image.size, &sha256)
                 .map_err(|e| Refused::new(e.reason(), e.to_string()))?;
         }
