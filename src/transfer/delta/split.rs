@@ -363,8 +363,8 @@ pub async fn offer_delta(
 
 /// What the daemon's side of a write under the split downloaded so far and expects to in all
 /// ([`serve_delta`]: the index, then the store's ranges the installer asked for;
-/// [`crate::transfer::send_image`]: the image as it comes), for its progress reports while it runs: the
-/// installer sees only what it is sent.
+/// [`crate::transfer::send_image`]: the image as it comes), for its progress reports while it
+/// runs: the installer sees only what it is sent.
 #[derive(Debug, Default)]
 pub struct DownloadCount {
     pub downloaded: AtomicU64,
